@@ -1,0 +1,41 @@
+# The two commands a newcomer runs: `make bench` (the main job) and `make test`.
+# Each creates the virtualenv, installs the pinned dependencies and builds the extension first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+INSTALLED := $(VENV)/.installed
+BUILT := $(VENV)/.built
+SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h') setup.py pyproject.toml
+
+.PHONY: all test bench lint build clean
+
+all: test
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(INSTALLED): requirements/test.txt | $(PY)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet -r requirements/test.txt
+	touch $@
+
+# --no-build-isolation: build against the torch installed above, never a second copy.
+$(BUILT): $(INSTALLED) $(SOURCES)
+	$(PIP) install --quiet --no-build-isolation --no-deps -e .
+	touch $@
+
+build: $(BUILT)
+
+test: $(BUILT)
+	$(PY) -m ruff check rmt_kernels tests bench setup.py
+	$(PY) -m pytest tests -q
+
+bench: $(BUILT)
+	$(PY) -m bench
+
+lint: $(INSTALLED)
+	$(PY) -m ruff check rmt_kernels tests bench setup.py
+
+clean:
+	rm -rf build $(VENV) rmt_kernels/*.so *.egg-info

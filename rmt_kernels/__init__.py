@@ -1,0 +1,12 @@
+"""rmt-kernels: fast random-matrix-theory denoising and fused kernels for DP fine-tuning.
+
+Importing the package loads the C++ extension, which registers the ``torch.ops.rmt`` library
+(schemas and CPU kernels); :mod:`rmt_kernels.ops` adds the fake (meta) implementations and the
+CUDA kernels built from Triton.
+"""
+
+from rmt_kernels import _C  # noqa: F401  (registers torch.ops.rmt.*)
+from rmt_kernels.ops import denoise, denoise_many
+
+__all__ = ["denoise", "denoise_many"]
+__version__ = "0.1.0"

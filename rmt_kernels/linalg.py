@@ -1,0 +1,55 @@
+"""GEMM-based dense helpers for the device (Triton) path of the range finder.
+
+On a GPU, Householder QR and the SVD of a tall matrix are slow launches of cuSOLVER; Gram
+matrices of a thin sketch are one small GEMM each. The Gram matrices are formed in float64
+(k x k, cheap), which keeps CholeskyQR accurate for condition numbers far beyond what float32
+data can carry.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Relative shift added to the Gram matrix: far above float64 rounding, far below anything that
+# float32 data can resolve. It lets Cholesky succeed on rank-deficient sketches (an exactly
+# low-rank or zero gradient), whose null directions then come out as ~zero columns.
+GRAM_SHIFT = 1e-12
+# Absolute floor of the shift, so an all-zero sketch gives a zero basis instead of a NaN.
+GRAM_SHIFT_FLOOR = 1e-300
+
+
+def _cholesky_qr_step(y: torch.Tensor) -> torch.Tensor:
+    y64 = y.double()
+    gram = y64.mT @ y64
+    trace = gram.diagonal(dim1=-2, dim2=-1).sum(-1)
+    shift = (GRAM_SHIFT * trace + GRAM_SHIFT_FLOOR)[..., None, None]
+    eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+    # cholesky_ex does not synchronise with the host; the shift makes it succeed on finite input.
+    lower = torch.linalg.cholesky_ex(gram + shift * eye).L
+    lower_inv = torch.linalg.solve_triangular(lower, eye.expand_as(lower), upper=False)
+    return y @ lower_inv.mT.to(y.dtype)
+
+
+def cholesky_qr2(y: torch.Tensor) -> torch.Tensor:
+    """Orthonormal basis (..., p, k) of the columns of ``y`` by shifted CholeskyQR, twice.
+
+    The second pass restores orthogonality lost to rounding in the first (Fukaya et al., 2014).
+    Directions of ``y`` with singular values below ~1e-6 of its Frobenius norm come out as
+    (near-)zero columns rather than noise, which is what the range finder wants.
+    """
+    return _cholesky_qr_step(_cholesky_qr_step(y))
+
+
+def gram_svd(bt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Singular values (descending) and right singular vectors of ``bt^T`` from its Gram matrix.
+
+    For ``bt`` (..., q, k) returns ``s`` (..., k) and ``u`` (..., k, k) with
+    ``bt^T = u diag(s) v^T``. Squaring in float64 keeps values down to ~1e-8 of the largest.
+    """
+    bt64 = bt.double()
+    # NaN/Inf in the input must not reach the eigensolver; the caller raises on them after its
+    # one host synchronisation.
+    gram = torch.nan_to_num(bt64.mT @ bt64, nan=0.0, posinf=0.0, neginf=0.0)
+    evals, evecs = torch.linalg.eigh(gram)
+    s = evals.flip(-1).clamp_min(0.0).sqrt()
+    return s.to(bt.dtype), evecs.flip(-1).to(bt.dtype)

@@ -1,0 +1,40 @@
+"""Builds the C++ extension ``rmt_kernels._C`` (op schemas and CPU kernels).
+
+Switches (environment variables):
+  DEBUG=1    build with -O0 -g and assertions, for gdb and sanitizers.
+  USE_CPP=0  skip the extension (the package then has no CPU kernels; for docs builds only).
+
+Install torch first and build without build isolation (``pip install --no-build-isolation -e .``)
+so the extension links against the torch that will import it; the Makefile does this.
+"""
+
+import glob
+import os
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _extensions():
+    if os.environ.get("USE_CPP", "1") == "0":
+        return [], {}
+    from torch.utils.cpp_extension import BuildExtension, CppExtension
+
+    debug = os.environ.get("DEBUG", "0") == "1"
+    sources = sorted(
+        os.path.relpath(p, ROOT)
+        for p in glob.glob(os.path.join(ROOT, "csrc", "**", "*.cpp"), recursive=True)
+    )
+    flags = ["-O0", "-g"] if debug else ["-O3", "-DNDEBUG"]
+    ext = CppExtension(
+        name="rmt_kernels._C",
+        sources=sources,
+        include_dirs=[os.path.join(ROOT, "csrc")],
+        extra_compile_args={"cxx": [*flags, "-std=c++17", "-Wall", "-Wno-unused-function"]},
+    )
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _extensions()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)
