@@ -12,7 +12,7 @@ import torch
 
 # Relative shift added to the Gram matrix: far above float64 rounding, far below anything that
 # float32 data can resolve. It lets Cholesky succeed on rank-deficient sketches (an exactly
-# low-rank or zero gradient), whose null directions then come out as ~zero columns.
+# low-rank or zero gradient).
 GRAM_SHIFT = 1e-12
 # Absolute floor of the shift, so an all-zero sketch gives a zero basis instead of a NaN.
 GRAM_SHIFT_FLOOR = 1e-300
@@ -27,15 +27,16 @@ def _cholesky_qr_step(y: torch.Tensor) -> torch.Tensor:
     # cholesky_ex does not synchronise with the host; the shift makes it succeed on finite input.
     lower = torch.linalg.cholesky_ex(gram + shift * eye).L
     lower_inv = torch.linalg.solve_triangular(lower, eye.expand_as(lower), upper=False)
-    return y @ lower_inv.mT.to(y.dtype)
+    # Applied in float64 so that tiny (or zero) columns are not pushed past float32's range.
+    return (y64 @ lower_inv.mT).to(y.dtype)
 
 
 def cholesky_qr2(y: torch.Tensor) -> torch.Tensor:
     """Orthonormal basis (..., p, k) of the columns of ``y`` by shifted CholeskyQR, twice.
 
     The second pass restores orthogonality lost to rounding in the first (Fukaya et al., 2014).
-    Directions of ``y`` with singular values below ~1e-6 of its Frobenius norm come out as
-    (near-)zero columns rather than noise, which is what the range finder wants.
+    The shift lets Cholesky succeed on rank-deficient ``y``: float32 rounding directions are
+    normalised like any other (harmless extra basis vectors), and an all-zero ``y`` gives zeros.
     """
     return _cholesky_qr_step(_cholesky_qr_step(y))
 

@@ -134,7 +134,7 @@ def _denoise_fake(
     seed: int = 0,
 ) -> torch.Tensor:
     check_denoise_arguments(grad, sigma, shrinker, kappa, rank, oversample, niter, norm)
-    return grad.new_empty(grad.shape, memory_format=torch.contiguous_format)
+    return torch.empty(grad.shape, dtype=grad.dtype, device=grad.device)
 
 
 @torch.library.register_kernel("rmt::denoise", "cuda")

@@ -66,11 +66,13 @@ def shrink_singular_values(
             shrunk = x
         else:
             shrunk = (x**4 - math.sqrt(beta) * x * y - beta).clamp_min(0.0) / (x * x * y)
-    above = y > 1.0 + math.sqrt(beta)
+    above = s > kappa * bulk_edge(p, q, sigma)
     return torch.where(above, shrunk * noise_scale, torch.zeros_like(shrunk))
 
 
-def target_norm(grad_sq_norm: torch.Tensor, m: int, n: int, sigma: float, norm: str) -> torch.Tensor:
+def target_norm(
+    grad_sq_norm: torch.Tensor, m: int, n: int, sigma: float, norm: str
+) -> torch.Tensor:
     """Frobenius norm the estimate is rescaled to, from the noisy matrix's squared norm.
 
     ``preserve`` keeps the noisy norm; ``debiased`` removes the noise's expected share,

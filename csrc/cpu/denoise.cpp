@@ -106,7 +106,6 @@ at::Tensor denoise_cpu(const at::Tensor& grad, double sigma, c10::string_view sh
   check_arguments(grad, sigma, kappa, rank, oversample, niter);
   const Shrinker shrinker = parse_shrinker(shrinker_name);
   const NormCorrection norm = parse_norm(norm_name);
-  TORCH_CHECK_VALUE(at::isfinite(grad).all().item<bool>(), "denoise: grad contains NaN or Inf");
 
   const bool batched = grad.dim() == 3;
   at::Tensor a = (batched ? grad : grad.unsqueeze(0)).to(at::kFloat);
@@ -125,10 +124,16 @@ at::Tensor denoise_cpu(const at::Tensor& grad, double sigma, c10::string_view sh
   for (;;) {
     width = std::min(k + oversample, p);
     const at::Tensor omega = at::randn({q, width}, gen, a.options());
-    basis = orthonormal_basis(at::matmul(a, omega));
+    const at::Tensor sketch = at::matmul(a, omega);
+    // A NaN or Inf anywhere in grad reaches its row of the sketch: checking the (p x width)
+    // sketch costs a fraction of a pass over grad, and it keeps LAPACK away from NaN.
+    TORCH_CHECK_VALUE(at::isfinite(sketch).all().item<bool>(), "denoise: grad contains NaN or Inf");
+    basis = orthonormal_basis(sketch);
+    // Subspace iteration, orthonormalised once per application of A A^T: the sketch's
+    // condition number grows by at most (s_1 / s_width)^2 per step, which Householder QR
+    // absorbs, and it halves the QR calls.
     for (int64_t i = 0; i < niter; ++i) {
-      const at::Tensor z = orthonormal_basis(at::matmul(a.transpose(1, 2), basis));
-      basis = orthonormal_basis(at::matmul(a, z));
+      basis = orthonormal_basis(at::matmul(a, at::matmul(a.transpose(1, 2), basis)));
     }
     // B^T = A^T Q (q x width); its SVD V S U_b^T gives A ~ (Q U_b) S V^T.
     const at::Tensor bt = at::matmul(a.transpose(1, 2), basis);

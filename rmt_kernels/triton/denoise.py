@@ -40,7 +40,7 @@ def denoise_triton(
     transposed = a.shape[1] > a.shape[2]
     if transposed:
         a = a.transpose(1, 2)
-    b, p, q = a.shape
+    _b, p, q = a.shape
     a32 = a.float()  # a view for float32 input; GEMMs take any strides
     beta = p / q
     noise_scale = kappa * sigma * math.sqrt(q)
@@ -53,7 +53,8 @@ def denoise_triton(
         finite = torch.isfinite(y).all()  # NaN/Inf anywhere in grad reaches its row of y
         basis = cholesky_qr2(torch.nan_to_num(y, nan=0.0, posinf=0.0, neginf=0.0))
         for _ in range(niter):
-            basis = cholesky_qr2(a32 @ cholesky_qr2(a32.mT @ basis))
+            # Orthonormalised once per application of A A^T (as the CPU kernel does).
+            basis = cholesky_qr2(a32 @ (a32.mT @ basis))
         bt = a32.mT @ basis  # B^T = A^T Q, (b, q, width)
         s, ub = gram_svd(bt)
         settled = (s[:, k - 1] <= threshold).all()

@@ -1,0 +1,1 @@
+"""Benchmarks of rmt-kernels: ``python -m bench`` (what ``make bench`` runs)."""

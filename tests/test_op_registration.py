@@ -1,0 +1,46 @@
+"""The op as torch sees it: schema, fake impl, tracing with torch.compile and export."""
+
+import pytest
+import torch
+
+import rmt_kernels
+from tests.helpers import planted
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"shrinker": "hard", "rank": 2, "norm": "debiased"}, {"kappa": 0.8, "seed": 3}],
+)
+@pytest.mark.parametrize("shape", [(20, 30), (30, 20), (2, 20, 30)])
+def test_opcheck(shape, options):
+    grad = planted(shape[-2], shape[-1], 2, batch=shape[0] if len(shape) == 3 else None)[0]
+    torch.library.opcheck(torch.ops.rmt.denoise.default, (grad, 0.1), options)
+
+
+def test_opcheck_low_precision_and_strided():
+    grad = planted(40, 30, 2)[0].bfloat16().t()
+    torch.library.opcheck(torch.ops.rmt.denoise.default, (grad, 0.1), {})
+
+
+def test_fake_impl_gives_shape_and_dtype():
+    grad = torch.empty(3, 40, 70, dtype=torch.bfloat16, device="meta")
+    out = torch.ops.rmt.denoise(grad, 0.1)
+    assert out.shape == grad.shape and out.dtype == grad.dtype and out.is_contiguous()
+
+
+def test_compiled_function_calls_the_op():
+    def step(g: torch.Tensor) -> torch.Tensor:
+        return 0.5 * torch.ops.rmt.denoise(g * 2.0, 0.2, shrinker="operator")
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    grad = planted(48, 64, 2)[0]
+    torch.testing.assert_close(compiled(grad), step(grad))
+
+
+def test_export_keeps_the_op():
+    class Denoise(torch.nn.Module):
+        def forward(self, g):
+            return rmt_kernels.denoise(g, 0.1, rank=2)
+
+    program = torch.export.export(Denoise(), (torch.randn(16, 24),))
+    assert "rmt.denoise" in str(program.graph)

@@ -1,0 +1,162 @@
+"""The Triton kernels of denoise, run on the CPU under TRITON_INTERPRET=1 (on a GPU machine they
+run compiled on CUDA), against the reference on small, awkward shapes."""
+
+import pytest
+import torch
+
+from rmt_kernels.linalg import cholesky_qr2, gram_svd
+from rmt_kernels.reference import denoise_exact
+from rmt_kernels.shrinkage import SHRINKERS, norm_correction_factor, shrink_singular_values
+from tests.helpers import planted, rel_err
+
+pytestmark = pytest.mark.triton
+triton = pytest.importorskip("triton")
+
+from rmt_kernels.triton.denoise import denoise_triton  # noqa: E402
+from rmt_kernels.triton.reconstruct import shrink_reconstruct  # noqa: E402
+from rmt_kernels.triton.sketch import gaussian_sketch  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize(
+    ("b", "p", "q", "width"), [(1, 5, 7, 3), (2, 70, 45, 16), (1, 33, 100, 20)]
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gaussian_sketch_is_a_product_with_one_gaussian_matrix(b, p, q, width, dtype):
+    a = torch.randn(b, p, q, device=DEVICE).to(dtype)
+    # Sketching the identity returns the test matrix itself.
+    omega = gaussian_sketch(torch.eye(q, device=DEVICE)[None], width, seed=11)[0]
+    got = gaussian_sketch(a, width, seed=11)
+    torch.testing.assert_close(got, a.float() @ omega, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got, gaussian_sketch(a, width, seed=11))
+    assert not torch.equal(got, gaussian_sketch(a, width, seed=12))
+
+
+def test_gaussian_test_matrix_is_standard_normal():
+    # 64 x 64 = 4096 draws: the mean's std is 1/64 and the variance's std is sqrt(2/4096); the
+    # bounds are 6 standard deviations (a false failure is rarer than 1e-8).
+    omega = gaussian_sketch(torch.eye(64, device=DEVICE)[None], 64, seed=3)[0].double()
+    assert abs(omega.mean().item()) < 6 / 64
+    assert abs(omega.var().item() - 1) < 6 * (2 / 4096) ** 0.5
+
+
+def test_gaussian_sketch_reads_strided_input():
+    a = torch.randn(50, 40, device=DEVICE).t()[None]  # (1, 40, 50), column-major
+    torch.testing.assert_close(
+        gaussian_sketch(a, 16, seed=0), gaussian_sketch(a.contiguous(), 16, seed=0)
+    )
+
+
+@pytest.mark.parametrize("shrinker", SHRINKERS)
+@pytest.mark.parametrize("norm", [False, True])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_shrink_reconstruct_matches_torch(shrinker, norm, transposed):
+    b, p, q, k = 2, 37, 53, 10
+    gen = torch.Generator().manual_seed(5)
+    left = torch.linalg.qr(torch.randn(b, p, k, generator=gen))[0]
+    v = torch.linalg.qr(torch.randn(b, q, k, generator=gen))[0]
+    sigma = 0.05
+    s = torch.linspace(3.0, 0.2, k).expand(b, k) * sigma * (p**0.5 + q**0.5)
+    s = s.contiguous()
+    target = torch.tensor([1.5, 0.7]) if norm else None
+    out = torch.empty(b, q, p) if transposed else torch.empty(b, p, q)
+    view = out.transpose(1, 2) if transposed else out
+    shrink_reconstruct(
+        left.to(DEVICE),
+        (v * s[:, None, :]).to(DEVICE),
+        s.to(DEVICE),
+        view.to(DEVICE) if DEVICE != "cpu" else view,
+        noise_scale=sigma * q**0.5,
+        beta=p / q,
+        shrinker=shrinker,
+        keep=7,
+        target=target.to(DEVICE) if target is not None else None,
+    )
+    eta = shrink_singular_values(s, p, q, sigma, shrinker)
+    eta[:, 7:] = 0
+    if norm:
+        eta = eta * norm_correction_factor(eta, target)[:, None]
+    expect = (left * eta[:, None, :]) @ v.mT
+    torch.testing.assert_close(view.cpu(), expect, rtol=1e-4, atol=1e-5)
+
+
+def test_cholesky_qr2_is_orthonormal_even_when_rank_deficient():
+    y = torch.randn(3, 80, 12)
+    basis = cholesky_qr2(y)
+    torch.testing.assert_close(basis.mT @ basis, torch.eye(12).expand(3, 12, 12), atol=1e-5, rtol=0)
+    low = torch.randn(80, 3) @ torch.randn(3, 12)  # rank 3, up to float32 rounding
+    basis = cholesky_qr2(low)
+    assert torch.isfinite(basis).all()
+    # It spans the columns of `low` and is a true orthonormal basis (rounding directions
+    # included), never a skewed one that would bias the core SVD.
+    torch.testing.assert_close(basis @ (basis.mT @ low), low, atol=1e-4, rtol=0)
+    torch.testing.assert_close(basis.mT @ basis, torch.eye(12), atol=1e-4, rtol=0)
+    assert torch.count_nonzero(cholesky_qr2(torch.zeros(20, 4))) == 0
+
+
+def test_gram_svd_matches_svd():
+    bt = torch.randn(2, 60, 9)
+    s, u = gram_svd(bt)
+    torch.testing.assert_close(s, torch.linalg.svdvals(bt), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close((bt @ u).norm(dim=1), s, rtol=1e-5, atol=1e-6)
+
+
+SHAPES = [(30, 30), (33, 47), (47, 33), (1, 40), (40, 1), (70, 19)]
+
+
+@pytest.mark.parametrize(("m", "n"), SHAPES)
+@pytest.mark.parametrize("shrinker", SHRINKERS)
+def test_denoise_triton_matches_exact(m, n, shrinker):
+    noisy, _ = planted(m, n, min(2, m, n))
+    out = denoise_triton(noisy.to(DEVICE), 0.1, shrinker=shrinker)
+    assert out.shape == noisy.shape and out.is_contiguous()
+    assert rel_err(out.cpu(), denoise_exact(noisy, 0.1, shrinker=shrinker)) < 0.02
+
+
+@pytest.mark.parametrize("norm", ["preserve", "debiased"])
+def test_denoise_triton_norm_correction_batched(norm):
+    noisy, _clean = planted(40, 56, 3, batch=3)
+    out = denoise_triton(noisy.to(DEVICE), 0.1, norm=norm).cpu()
+    assert rel_err(out, denoise_exact(noisy, 0.1, norm=norm)) < 0.02
+
+
+def test_denoise_triton_adaptive_rank_grows_and_fixed_rank_limits():
+    noisy, _ = planted(60, 80, 12, seed=2)  # 12 > initial rank 8
+    out = denoise_triton(noisy.to(DEVICE), 0.1).cpu().double()
+    values = torch.linalg.svdvals(out)
+    assert int((values > 1e-3 * values[0]).sum()) == 12
+    out = denoise_triton(noisy.to(DEVICE), 0.1, rank=3).cpu().double()
+    values = torch.linalg.svdvals(out)
+    assert int((values > 1e-3 * values[0]).sum()) == 3
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_denoise_triton_low_precision_and_strided(dtype):
+    noisy, _ = planted(48, 36, 2)
+    view = noisy.to(dtype).t()  # (36, 48), non-contiguous, low precision
+    out = denoise_triton(view.to(DEVICE), 0.1)
+    assert out.dtype == dtype and out.shape == view.shape
+    expect = denoise_exact(view.float(), 0.1)
+    assert rel_err(out.cpu(), expect) < 0.02
+
+
+def test_denoise_triton_pure_noise_and_zero_take_the_fast_path():
+    noise = 0.1 * torch.randn(50, 64)
+    assert denoise_triton(noise.to(DEVICE), 0.1).norm() <= 0.05 * noise.norm()
+    assert torch.count_nonzero(denoise_triton(torch.zeros(20, 30, device=DEVICE), 0.1)) == 0
+
+
+def test_denoise_triton_is_deterministic_by_seed():
+    noisy, _ = planted(40, 50, 3, strength=(1.2, 2.0))
+    first = denoise_triton(noisy.to(DEVICE), 0.1, seed=9)
+    assert torch.equal(first, denoise_triton(noisy.to(DEVICE), 0.1, seed=9))
+
+
+def test_denoise_triton_agrees_with_the_cpu_kernel():
+    import rmt_kernels
+
+    noisy, _ = planted(64, 90, 4)
+    assert (
+        rel_err(denoise_triton(noisy.to(DEVICE), 0.1).cpu(), rmt_kernels.denoise(noisy, 0.1)) < 0.02
+    )
