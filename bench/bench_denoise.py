@@ -48,7 +48,10 @@ def _record(benchmark, estimates, clean, noisy):
 def test_ours_denoise_many(benchmark, workload):
     noisy, clean = workload
     out = benchmark.pedantic(
-        rmt_kernels.denoise_many, args=(noisy, SIGMA), kwargs={"niter": NITER}, rounds=7,
+        rmt_kernels.denoise_many,
+        args=(noisy, SIGMA),
+        kwargs={"niter": NITER},
+        rounds=7,
         warmup_rounds=1,
     )
     kept = max(int((torch.linalg.svdvals(o) > 1e-3 * SIGMA).sum()) for o in out)

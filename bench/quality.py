@@ -7,7 +7,9 @@ import torch
 
 def relative_error(estimates: list[torch.Tensor], clean: list[torch.Tensor]) -> float:
     """||estimate - clean|| / ||clean|| over the concatenation of all matrices."""
-    num = sum((e.double() - c.double()).square().sum() for e, c in zip(estimates, clean, strict=True))
+    num = sum(
+        (e.double() - c.double()).square().sum() for e, c in zip(estimates, clean, strict=True)
+    )
     den = sum(c.double().square().sum() for c in clean)
     return float((num / den).sqrt())
 

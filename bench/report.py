@@ -20,9 +20,7 @@ def machine_description() -> str:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    device = (
-        torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU: {cpu}"
-    )
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU: {cpu}"
     return (
         f"{datetime.date.today().isoformat()}, {device}, {torch.get_num_threads()} threads, "
         f"torch {torch.__version__}, Python {platform.python_version()}"

@@ -85,6 +85,9 @@ def denoise_many(
 ) -> list[torch.Tensor]:
     """Denoise a model's worth of matrices, grouping equal shapes into batched launches.
 
+    On a GPU, matrices of equal shape, dtype and sigma are stacked into one batched call. On the
+    CPU they are denoised one by one: the BLAS work is the same and stacking would copy them.
+
     Args:
         grads: 2-D matrices of any mix of shapes, dtypes and devices.
         sigmas: one per-entry noise std for all of them, or one per matrix.
@@ -110,9 +113,12 @@ def denoise_many(
             raise ValueError(f"denoise_many: grads[{i}] must be a 2-D matrix, got {shape}")
         groups.setdefault((tuple(g.shape), g.dtype, g.device, s), []).append(i)
     out: list[torch.Tensor | None] = [None] * len(grads)
-    for (_, _, _, sigma), indices in groups.items():
-        if len(indices) == 1:
-            out[indices[0]] = denoise(grads[indices[0]], sigma, **options)
+    for (_, _, device, sigma), indices in groups.items():
+        # On the CPU a batched call does the same BLAS work as separate calls, and stacking
+        # would copy every gradient: only devices, where launches cost, get batched.
+        if len(indices) == 1 or device.type == "cpu":
+            for i in indices:
+                out[i] = denoise(grads[i], sigma, **options)
             continue
         batch = denoise(torch.stack([grads[i] for i in indices]), sigma, **options)
         for i, estimate in zip(indices, batch.unbind(0), strict=True):

@@ -148,3 +148,18 @@ def test_never_writes_to_or_aliases_its_input():
     out = rmt_kernels.denoise(noisy, 0.1)
     assert torch.equal(noisy, before)
     assert out.data_ptr() != noisy.data_ptr()
+
+
+
+# Where the sketch spans the whole column space every niter is exact; otherwise power iterations
+# are what make a sketch of a noisy matrix accurate (without them the flat noise bulk swamps it).
+@pytest.mark.parametrize(
+    ("niter", "m", "n", "tolerance"),
+    [(i, 12, 30, 1e-4) for i in (0, 1, 3)]
+    + [(i, 30, 12, 1e-4) for i in (0, 1, 3)]
+    + [(1, *(80, 120), 0.05), (3, *(80, 120), 0.02)],
+)
+def test_every_niter_matches_exact(niter, m, n, tolerance):
+    noisy, _ = planted(m, n, 3, strength=(3.0, 6.0))
+    out = rmt_kernels.denoise(noisy, 0.1, niter=niter)
+    assert rel_err(out, denoise_exact(noisy, 0.1)) < tolerance

@@ -22,17 +22,28 @@ def test_matches_per_matrix_results_in_order():
         assert rel_err(out, denoise_exact(g, 0.1)) < 0.02
 
 
-def test_groups_equal_shapes_into_one_call(monkeypatch):
+@pytest.mark.parametrize("device_type", ["cpu", "cuda"])
+def test_groups_equal_shapes_into_one_call_on_devices(monkeypatch, device_type):
+    # Pretend the matrices live on `device_type` by grouping on a fake device attribute: the
+    # spy records what denoise_many would launch.
     calls = []
-    real = rmt_kernels.ops.denoise
 
     def spy(grad, sigma, **kw):
         calls.append(tuple(grad.shape))
-        return real(grad, sigma, **kw)
+        return torch.zeros_like(grad)
 
+    class OnDevice(torch.Tensor):
+        @property
+        def device(self):
+            return torch.device(device_type)
+
+    grads = [g.as_subclass(OnDevice) for g in _model_like()]
     monkeypatch.setattr(rmt_kernels.ops, "denoise", spy)
-    rmt_kernels.denoise_many(_model_like(), 0.1)
-    assert sorted(calls) == sorted([(3, 48, 48), (2, 96, 48), (48, 96), (2, 48)])
+    rmt_kernels.denoise_many(grads, 0.1)
+    if device_type == "cpu":
+        assert len(calls) == len(grads)
+    else:
+        assert sorted(calls) == sorted([(3, 48, 48), (2, 96, 48), (48, 96), (2, 48)])
 
 
 def test_per_matrix_sigmas_and_options():

@@ -160,3 +160,18 @@ def test_denoise_triton_agrees_with_the_cpu_kernel():
     assert (
         rel_err(denoise_triton(noisy.to(DEVICE), 0.1).cpu(), rmt_kernels.denoise(noisy, 0.1)) < 0.02
     )
+
+
+
+# Where the sketch spans the whole column space every niter is exact; otherwise power iterations
+# are what make a sketch of a noisy matrix accurate (without them the flat noise bulk swamps it).
+@pytest.mark.parametrize(
+    ("niter", "m", "n", "tolerance"),
+    [(i, 12, 30, 1e-4) for i in (0, 1, 3)]
+    + [(i, 30, 12, 1e-4) for i in (0, 1, 3)]
+    + [(1, *(50, 70), 0.05), (3, *(50, 70), 0.02)],
+)
+def test_denoise_triton_every_niter_matches_exact(niter, m, n, tolerance):
+    noisy, _ = planted(m, n, 3, strength=(3.0, 6.0))
+    out = denoise_triton(noisy.to(DEVICE), 0.1, niter=niter).cpu()
+    assert rel_err(out, denoise_exact(noisy, 0.1)) < tolerance

@@ -12,7 +12,7 @@ import math
 import torch
 
 from rmt_kernels._checks import check_denoise_arguments
-from rmt_kernels.linalg import cholesky_qr2, gram_svd
+from rmt_kernels.linalg import cholesky_qr2, gram_svd, project_on_right_sketch
 from rmt_kernels.shrinkage import target_norm
 from rmt_kernels.triton.reconstruct import shrink_reconstruct
 from rmt_kernels.triton.sketch import gaussian_sketch
@@ -49,14 +49,20 @@ def denoise_triton(
     k = rank if rank > 0 else min(INITIAL_RANK, p)
     while True:
         width = min(k + oversample, p)
+        # The range finder of csrc/cpu/denoise.cpp: y_0 = A Omega, z_{i+1} = A^T orth(y_i),
+        # y_{i+1} = A z_{i+1}; then A ~ (A W) W^T with W = orth(z).
         y = gaussian_sketch(a, width, seed)
         finite = torch.isfinite(y).all()  # NaN/Inf anywhere in grad reaches its row of y
-        basis = cholesky_qr2(torch.nan_to_num(y, nan=0.0, posinf=0.0, neginf=0.0))
+        y = torch.nan_to_num(y, nan=0.0, posinf=0.0, neginf=0.0)
+        if niter == 0:  # left finish A ~ Q (A^T Q)^T, as in the CPU kernel
+            basis = cholesky_qr2(y)
+            z = a32.mT @ basis
+            y = basis @ (z.mT @ z)
         for _ in range(niter):
-            # Orthonormalised once per application of A A^T (as the CPU kernel does).
-            basis = cholesky_qr2(a32 @ (a32.mT @ basis))
-        bt = a32.mT @ basis  # B^T = A^T Q, (b, q, width)
-        s, ub = gram_svd(bt)
+            z = a32.mT @ cholesky_qr2(y)
+            y = a32 @ z
+        c, w = project_on_right_sketch(z, y)
+        s, v = gram_svd(c)
         settled = (s[:, k - 1] <= threshold).all()
         anything_above = (s[:, 0] > threshold).any()
         finite_ok, settled_ok, anything = torch.stack([finite, settled, anything_above]).tolist()
@@ -73,9 +79,10 @@ def denoise_triton(
     if norm != "none":
         target = target_norm(a32.double().square().sum((1, 2)), p, q, sigma, norm).float()
     out3 = out if batched else out.unsqueeze(0)
+    # c = U S V^T: A ~ (c V) diag(1/S) (W V)^T; the kernel divides the S back out.
     shrink_reconstruct(
-        basis @ ub,
-        bt @ ub,
+        c @ v,
+        w @ v,
         s.contiguous(),
         out3.transpose(1, 2) if transposed else out3,
         noise_scale=noise_scale,

@@ -1,7 +1,8 @@
 """Shrinkage and reconstruction in one pass: ``out = left @ diag(w) @ right^T``.
 
-``left = Q U_b`` (b, p, k) and ``right = A^T Q U_b`` (b, q, k) come from the range finder; the
-columns of ``right`` have norms equal to the singular values ``s``. The kernel shrinks ``s``
+``left`` (b, p, k) and ``right`` (b, q, k) come from the range finder: one has orthonormal
+columns and the other's columns have norms equal to the singular values ``s``, so the estimate
+``U diag(eta) V^T`` is ``left diag(eta / s) right^T``. The kernel shrinks ``s``
 (mirroring rmt_kernels/shrinkage.py), applies the rank limit and the norm correction, and
 writes the estimate straight into the output in its dtype and orientation.
 """
@@ -93,7 +94,7 @@ def _shrink_reconstruct_kernel(
         ks = k0 + tl.arange(0, BLOCK_K)
         s = tl.load(s_base + ks, mask=ks < K, other=1.0)
         eta = _shrink(s, noise_scale, beta, SHRINKER)
-        # right's columns carry s, so divide it out: out = left diag(eta / s) right^T.
+        # One factor's columns carry s: out = left diag(eta / s) right^T.
         weight = tl.where((ks < KEEP) & (eta > 0.0), eta * factor / s, 0.0)
         left = tl.load(
             left_ptr + pid_b * stride_lb + rows[:, None] * stride_lp + ks[None, :] * stride_lk,
@@ -129,8 +130,9 @@ def shrink_reconstruct(
     """Write ``left diag(w) right^T`` into ``out`` (b, p, q), any dtype and strides.
 
     Args:
-        left: (b, p, k) float32, ``Q U_b``.
-        right: (b, q, k) float32, ``A^T Q U_b`` (column norms equal ``s``).
+        left: (b, p, k) float32.
+        right: (b, q, k) float32; one of the two has orthonormal columns, the other columns of
+            norms ``s``.
         s: (b, k) float32 singular values, descending.
         out: destination view (b, p, q); pass a transposed view to write the other orientation.
         noise_scale: ``kappa * sigma * sqrt(q)``; beta: p / q.
