@@ -41,33 +41,11 @@ def cholesky_qr2(y: torch.Tensor) -> torch.Tensor:
     return _cholesky_qr_step(_cholesky_qr_step(y))
 
 
-# Directions of the right sketch below this fraction of its largest squared singular value are
-# float32 rounding, not signal: they are dropped instead of being blown up to unit length.
-GRAM_FLOOR = 1e-12
-
-
 def _finite_gram(x: torch.Tensor) -> torch.Tensor:
     x64 = x.double()
     # NaN/Inf must not reach the eigensolver; callers raise on them after their one host
     # synchronisation.
     return torch.nan_to_num(x64.mT @ x64, nan=0.0, posinf=0.0, neginf=0.0)
-
-
-def project_on_right_sketch(z: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-projection finish of the range finder: ``A ~ C W^T``.
-
-    Given ``z`` (..., q, k) spanning the right sketch and ``y = A z`` (..., p, k), returns
-    ``C = A W`` and ``W``, an orthonormal basis of z's columns, from the float64 Gram matrix of
-    ``z`` (SVQB), so no further product with A is needed. Mirrors csrc/cpu/denoise.cpp.
-    """
-    evals, evecs = torch.linalg.eigh(_finite_gram(z))
-    largest = evals.amax(-1, keepdim=True)
-    keep = (evals > GRAM_FLOOR * largest) & (largest > 0)
-    inv_sqrt = torch.where(keep, evals.clamp_min(1e-300).rsqrt(), 0.0)
-    transform = evecs * inv_sqrt.unsqueeze(-2)
-    w = (z.double() @ transform).to(z.dtype)
-    c = (y.double() @ transform).to(y.dtype)
-    return c, w
 
 
 def gram_svd(c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -72,26 +72,6 @@ at::Tensor orthonormal_basis(const at::Tensor& y) {
   return std::get<0>(at::linalg_qr(y, "reduced"));
 }
 
-// Directions of the right sketch below this fraction of its largest squared singular value are
-// float32 rounding, not signal: they are dropped instead of being blown up to unit length.
-constexpr double kGramFloor = 1e-12;
-
-// Right-projection finish of the range finder. With z (b, q, k) spanning the right sketch and
-// y = A z, returns C = A W and W, where W is an orthonormal basis of z's columns: A ~ C W^T.
-// Both come from the float64 Gram matrix of z (SVQB), so no further product with A is needed.
-std::pair<at::Tensor, at::Tensor> project_on_right_sketch(const at::Tensor& z, const at::Tensor& y) {
-  const at::Tensor z64 = z.to(at::kDouble);
-  auto [evals, evecs] = at::linalg_eigh(at::matmul(z64.transpose(1, 2), z64));
-  const at::Tensor largest = evals.amax(-1, /*keepdim=*/true);
-  const at::Tensor keep = (evals > kGramFloor * largest) & (largest > 0);
-  const at::Tensor inv_sqrt =
-      at::where(keep, evals.clamp_min(1e-300).rsqrt(), at::zeros_like(evals));
-  const at::Tensor transform = evecs * inv_sqrt.unsqueeze(1);
-  const at::Tensor w = at::matmul(z64, transform).to(at::kFloat);
-  const at::Tensor c = at::matmul(y.to(at::kDouble), transform).to(at::kFloat);
-  return {c, w};
-}
-
 // Shrunk singular values; zero at or below the threshold kappa * bulk edge. noise_scale is
 // kappa * sigma * sqrt(q): the shrinkers are evaluated at the kappa-scaled noise level, so they
 // stay continuous (zero) at the threshold for every kappa.
@@ -140,37 +120,29 @@ at::Tensor denoise_cpu(const at::Tensor& grad, double sigma, c10::string_view sh
   auto gen = at::make_generator<at::CPUGeneratorImpl>(static_cast<uint64_t>(seed));
   int64_t k = rank > 0 ? rank : std::min(kInitialRank, p);
   int64_t width = 0;
-  at::Tensor left, s, right;
+  at::Tensor basis, core_left, s, right;
   for (;;) {
     width = std::min(k + oversample, p);
-    // Range finder (Halko, Martinsson & Tropp 2011, subspace iteration) finished on the right:
-    // y_0 = A Omega, z_{i+1} = A^T orth(y_i), y_{i+1} = A z_{i+1}; then A ~ (A W) W^T with
-    // W = orth(z). The last product y = A z doubles as A W, which saves the B = Q^T A product
-    // of the usual left finish at the price of half a power step.
+    // Range finder (Halko, Martinsson & Tropp 2011): Q = orth((A A^T)^niter A Omega), then the
+    // SVD of the small B = Q^T A.
     const at::Tensor omega = at::randn({q, width}, gen, a.options());
-    at::Tensor y = at::matmul(a, omega);
-    // A NaN or Inf anywhere in grad reaches its row of y: checking the (p x width) sketch costs
-    // a fraction of a pass over grad, and keeps LAPACK away from NaN.
-    TORCH_CHECK_VALUE(at::isfinite(y).all().item<bool>(), "denoise: grad contains NaN or Inf");
-    at::Tensor z;
-    if (niter == 0) {
-      // Without power iterations, the left finish: A ~ Q Q^T A = Q z^T with z = A^T Q, which
-      // is exact once the sketch spans the column space. Feeding y = Q z^T z to the right
-      // finish below yields exactly that.
-      const at::Tensor basis = orthonormal_basis(y);
-      z = at::matmul(a.transpose(1, 2), basis);
-      y = at::matmul(basis, at::matmul(z.transpose(1, 2), z));
-    }
+    const at::Tensor sketch = at::matmul(a, omega);
+    // A NaN or Inf anywhere in grad reaches its row of the sketch: checking the (p x width)
+    // sketch costs a fraction of a pass over grad, and keeps LAPACK away from NaN.
+    TORCH_CHECK_VALUE(at::isfinite(sketch).all().item<bool>(), "denoise: grad contains NaN or Inf");
+    basis = orthonormal_basis(sketch);
+    // Orthonormalised once per application of A A^T rather than after each product: the
+    // condition number grows by at most (s_1 / s_width)^2 per step, which Householder QR
+    // absorbs, and it halves the QR calls.
     for (int64_t i = 0; i < niter; ++i) {
-      z = at::matmul(a.transpose(1, 2), orthonormal_basis(y));
-      y = at::matmul(a, z);
+      basis = orthonormal_basis(at::matmul(a, at::matmul(a.transpose(1, 2), basis)));
     }
-    auto [c, w] = project_on_right_sketch(z, y);
-    // C = U S V_c^T, so A ~ U S (W V_c)^T.
-    auto [u, values, vh] = at::linalg_svd(c, /*full_matrices=*/false);
-    left = u;
+    // B^T = A^T Q (q x width); its SVD V S U_b^T gives A ~ (Q U_b) S V^T.
+    const at::Tensor bt = at::matmul(a.transpose(1, 2), basis);
+    auto [v, values, ub_t] = at::linalg_svd(bt, /*full_matrices=*/false);
+    right = v;
     s = values;
-    right = at::matmul(w, vh.transpose(1, 2));
+    core_left = ub_t.transpose(1, 2);
     if (rank > 0 || width == p) break;
     // Adaptive rank: done once the k-th value of every matrix is at or below the threshold,
     // so every component above it is inside the sketch with `oversample` columns to spare.
@@ -193,13 +165,18 @@ at::Tensor denoise_cpu(const at::Tensor& grad, double sigma, c10::string_view sh
     eta = eta * factor.unsqueeze(1).to(at::kFloat);
   }
 
+  // Only components up to the last one kept in any matrix are reconstructed.
+  const at::Tensor kept_columns = (eta > 0).any(0).nonzero();
+  const int64_t kept = kept_columns.numel() == 0 ? 0 : kept_columns.max().item<int64_t>() + 1;
   // Fast path for the common DP case: nothing above the edge, so no reconstruction.
-  if (!(eta > 0).any().item<bool>()) {
+  if (kept == 0) {
     return at::zeros(grad.sizes(), grad.options().memory_format(at::MemoryFormat::Contiguous));
   }
-  left = left * eta.unsqueeze(1);  // (b, p, width)
-  at::Tensor out = transposed ? at::matmul(right, left.transpose(1, 2))
-                              : at::matmul(left, right.transpose(1, 2));
+  const at::Tensor left = at::matmul(
+      basis, core_left.narrow(2, 0, kept) * eta.narrow(1, 0, kept).unsqueeze(1));  // (b, p, kept)
+  const at::Tensor right_kept = right.narrow(2, 0, kept);
+  at::Tensor out = transposed ? at::matmul(right_kept, left.transpose(1, 2))
+                              : at::matmul(left, right_kept.transpose(1, 2));
   if (!batched) out = out.squeeze(0);
   return out.to(grad.scalar_type()).contiguous();
 }

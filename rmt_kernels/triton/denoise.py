@@ -12,7 +12,7 @@ import math
 import torch
 
 from rmt_kernels._checks import check_denoise_arguments
-from rmt_kernels.linalg import cholesky_qr2, gram_svd, project_on_right_sketch
+from rmt_kernels.linalg import cholesky_qr2, gram_svd
 from rmt_kernels.shrinkage import target_norm
 from rmt_kernels.triton.reconstruct import shrink_reconstruct
 from rmt_kernels.triton.sketch import gaussian_sketch
@@ -49,23 +49,18 @@ def denoise_triton(
     k = rank if rank > 0 else min(INITIAL_RANK, p)
     while True:
         width = min(k + oversample, p)
-        # The range finder of csrc/cpu/denoise.cpp: y_0 = A Omega, z_{i+1} = A^T orth(y_i),
-        # y_{i+1} = A z_{i+1}; then A ~ (A W) W^T with W = orth(z).
+        # The range finder of csrc/cpu/denoise.cpp: Q = orth((A A^T)^niter A Omega), then
+        # the SVD of B = Q^T A, here from the Gram matrix of B^T.
         y = gaussian_sketch(a, width, seed)
         finite = torch.isfinite(y).all()  # NaN/Inf anywhere in grad reaches its row of y
-        y = torch.nan_to_num(y, nan=0.0, posinf=0.0, neginf=0.0)
-        if niter == 0:  # left finish A ~ Q (A^T Q)^T, as in the CPU kernel
-            basis = cholesky_qr2(y)
-            z = a32.mT @ basis
-            y = basis @ (z.mT @ z)
+        basis = cholesky_qr2(torch.nan_to_num(y, nan=0.0, posinf=0.0, neginf=0.0))
         for _ in range(niter):
-            z = a32.mT @ cholesky_qr2(y)
-            y = a32 @ z
-        c, w = project_on_right_sketch(z, y)
-        s, v = gram_svd(c)
+            basis = cholesky_qr2(a32 @ (a32.mT @ basis))
+        bt = a32.mT @ basis
+        s, ub = gram_svd(bt)
         settled = (s[:, k - 1] <= threshold).all()
-        anything_above = (s[:, 0] > threshold).any()
-        finite_ok, settled_ok, anything = torch.stack([finite, settled, anything_above]).tolist()
+        above = (s > threshold).sum(1).max()
+        finite_ok, settled_ok, above_count = torch.stack([finite, settled, above]).tolist()
         if not finite_ok:
             raise ValueError("denoise: grad contains NaN or Inf")
         if rank > 0 or width == p or settled_ok:
@@ -73,22 +68,26 @@ def denoise_triton(
         k = min(2 * k, p)
 
     out = torch.empty(grad.shape, dtype=grad.dtype, device=grad.device)
-    if not anything:  # fast path: nothing above the edge, no reconstruction
+    if above_count == 0:  # fast path: nothing above the edge, no reconstruction
         return out.zero_()
+    # Only the components above the threshold in some matrix are reconstructed.
+    kept = min(above_count, rank) if rank > 0 else above_count
+    basis_u, s = basis @ ub[..., :kept], s[:, :kept].contiguous()
+    right = bt @ ub[..., :kept]
     target = None
     if norm != "none":
         target = target_norm(a32.double().square().sum((1, 2)), p, q, sigma, norm).float()
     out3 = out if batched else out.unsqueeze(0)
-    # c = U S V^T: A ~ (c V) diag(1/S) (W V)^T; the kernel divides the S back out.
+    # A ~ (Q U_b) diag(1/S) (B^T U_b)^T; the kernel shrinks S and divides it back out.
     shrink_reconstruct(
-        c @ v,
-        w @ v,
-        s.contiguous(),
+        basis_u,
+        right,
+        s,
         out3.transpose(1, 2) if transposed else out3,
         noise_scale=noise_scale,
         beta=beta,
         shrinker=shrinker,
-        keep=rank if rank > 0 else width,
+        keep=kept,
         target=target,
     )
     return out
