@@ -8,7 +8,7 @@ INSTALLED := $(VENV)/.installed
 BUILT := $(VENV)/.built
 SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h') setup.py pyproject.toml
 
-.PHONY: all test bench lint build clean
+.PHONY: all test bench lint build clean gpu-wheels
 
 all: test
 
@@ -39,3 +39,8 @@ lint: $(INSTALLED)
 
 clean:
 	rm -rf build $(VENV) rmt_kernels/*.so *.egg-info
+
+# Pure-Python test dependencies for the GPU machine, which has no package registry.
+gpu-wheels: $(INSTALLED)
+	$(PIP) download --quiet --no-deps --only-binary=:all: -d bench/gpu/wheels \
+		pytest==9.2.0 pluggy iniconfig packaging pygments pytest-benchmark==5.3.1 py-cpuinfo expecttest==0.3.0

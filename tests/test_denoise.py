@@ -150,7 +150,6 @@ def test_never_writes_to_or_aliases_its_input():
     assert out.data_ptr() != noisy.data_ptr()
 
 
-
 # Where the sketch spans the whole column space every niter is exact; otherwise power iterations
 # are what make a sketch of a noisy matrix accurate (without them the flat noise bulk swamps it).
 @pytest.mark.parametrize(

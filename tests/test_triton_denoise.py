@@ -162,7 +162,6 @@ def test_denoise_triton_agrees_with_the_cpu_kernel():
     )
 
 
-
 # Where the sketch spans the whole column space every niter is exact; otherwise power iterations
 # are what make a sketch of a noisy matrix accurate (without them the flat noise bulk swamps it).
 @pytest.mark.parametrize(
@@ -175,3 +174,12 @@ def test_denoise_triton_every_niter_matches_exact(niter, m, n, tolerance):
     noisy, _ = planted(m, n, 3, strength=(3.0, 6.0))
     out = denoise_triton(noisy.to(DEVICE), 0.1, niter=niter).cpu()
     assert rel_err(out, denoise_exact(noisy, 0.1)) < tolerance
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (bench/gpu/run.sh runs it)")
+def test_the_op_dispatches_to_triton_on_cuda():
+    noisy, _ = planted(96, 64, 3)
+    out = torch.ops.rmt.denoise(noisy.cuda(), 0.1)
+    assert out.is_cuda
+    assert rel_err(out.cpu(), denoise_exact(noisy, 0.1)) < 0.02
+    torch.library.opcheck(torch.ops.rmt.denoise.default, (noisy.cuda(), 0.1), {})

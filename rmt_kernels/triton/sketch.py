@@ -80,4 +80,3 @@ def gaussian_sketch(a: torch.Tensor, width: int, seed: int) -> torch.Tensor:
         BLOCK_L=BLOCK_L,
     )
     return y
-
