@@ -67,11 +67,17 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize(("grad", "sigma", "options", "error", "words"), CASES)
+@pytest.mark.parametrize(
+    ("path", "grad", "sigma", "options", "error", "words"),
+    [
+        (path, *case)
+        for path in PATHS
+        for case in CASES
+        # The reference has no range finder, so no oversample or niter to check.
+        if not (path == "reference" and {"oversample", "niter"} & set(case[2]))
+    ],
+)
 def test_bad_input_is_named(path, grad, sigma, options, error, words):
-    if path == "reference" and ("oversample" in options or "niter" in options):
-        pytest.skip("the reference has no range finder")
     with pytest.raises(error, match=words):
         PATHS[path](grad, sigma, **options)
 
