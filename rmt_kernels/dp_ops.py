@@ -602,9 +602,7 @@ def layernorm_sq_norms_device(x: torch.Tensor, dy: torch.Tensor, eps: float) -> 
     return _layernorm_per_example(x, dy, eps).square().sum(1)
 
 
-def layernorm_clipped_noisy_sum_device(
-    x, dy, scale, eps, noise_std, seed, offset
-) -> torch.Tensor:
+def layernorm_clipped_noisy_sum_device(x, dy, scale, eps, noise_std, seed, offset) -> torch.Tensor:
     """Device implementation of :func:`layernorm_clipped_noisy_sum`."""
     op = "layernorm_clipped_noisy_sum"
     check_layernorm(op, x, dy, eps)

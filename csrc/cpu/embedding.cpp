@@ -47,7 +47,7 @@ at::Tensor embedding_sq_norms_cpu(const at::Tensor& ids, const at::Tensor& dy) {
   const at::Tensor ids2 = ids.dim() == 1 ? ids.unsqueeze(1) : ids;
   const at::Tensor dy3 = dp::as_sequence(dy);
   const int64_t B = dy3.size(0), T = dy3.size(1), d = dy3.size(2);
-  if (T == 1) return dy3.squeeze(1).square().sum(1, false, at::kFloat);
+  if (T == 1) return dy3.squeeze(1).to(at::kFloat).square().sum(1);
   if (T <= kEmbeddingGramMaxT) {
     at::Tensor out = at::empty({B}, dy.options().dtype(at::kFloat));
     const int64_t block = std::clamp<int64_t>(dp::kBlockBytes / (8 * T * T), 1, B);

@@ -30,8 +30,8 @@ at::Tensor linear_sq_norms_cpu(const at::Tensor& x, const at::Tensor& dy) {
   const at::Tensor x3 = dp::as_sequence(x), dy3 = dp::as_sequence(dy);
   const int64_t B = x3.size(0), T = x3.size(1), d_in = x3.size(2), d_out = dy3.size(2);
   if (T == 1) {  // rank-one per-example gradients: ||dy x^T||^2 = ||dy||^2 ||x||^2
-    return x3.squeeze(1).square().sum(1, false, at::kFloat) *
-           dy3.squeeze(1).square().sum(1, false, at::kFloat);
+    return x3.squeeze(1).to(at::kFloat).square().sum(1) *
+           dy3.squeeze(1).to(at::kFloat).square().sum(1);
   }
   at::Tensor out = at::empty({B}, x.options().dtype(at::kFloat));
   const bool gram = use_gram_route(T, d_in, d_out);
