@@ -54,8 +54,9 @@ __all__ = [
 # Bytes of intermediates (Gram matrices or per-example gradients) one block of examples may hold
 # in the norm computation; the same budget as csrc/cpu/dp_common.h.
 BLOCK_BYTES = 32 << 20
-# Longest sequence for which the embedding norms take the Gram route (csrc/cpu/embedding.cpp).
-EMBEDDING_GRAM_MAX_T = 64
+# Longest sequence for which the embedding norms take the Gram route; crossover measured on a
+# 2-core CPU at d = 768 (csrc/cpu/embedding.cpp has the numbers).
+EMBEDDING_GRAM_MAX_T = 256
 # Width of the counter range of one (step, parameter): every parameter has < 2^32 elements.
 OFFSET_STRIDE = 1 << 32
 

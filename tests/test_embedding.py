@@ -10,8 +10,8 @@ from rmt_kernels import dp_ops
 from rmt_kernels.reference_dp import clipped_sum, per_example_grads, per_example_sq_norms
 
 # (B, T or None, vocabulary, d). A vocabulary of 5 forces many repeated tokens per example;
-# T = 100 > EMBEDDING_GRAM_MAX_T takes the sort-and-segment route.
-SHAPES = [(3, 7, 5, 4), (1, 9, 50, 3), (4, 1, 6, 5), (5, None, 4, 3), (3, 100, 5, 6)]
+# T = 300 > EMBEDDING_GRAM_MAX_T takes the sort-and-segment route.
+SHAPES = [(3, 7, 5, 4), (1, 9, 50, 3), (4, 1, 6, 5), (5, None, 4, 3), (3, 300, 5, 6)]
 
 
 def _inputs(B, T, V, d, dtype=torch.float32):
@@ -46,9 +46,9 @@ def test_repeated_token_norm_adds_up():
 
 
 def test_gram_blocks_cover_every_example():
-    # T = 64: 8 T^2 bytes per example, 32 MiB budget -> blocks of 1024; 1100 examples need two.
-    ids, dy = _inputs(1100, 64, 7, 2)
-    rows = torch.zeros(1100, 7, 2, dtype=torch.float64)
+    # T = 128: 8 T^2 bytes per example, 32 MiB budget -> blocks of 256; 300 examples need two.
+    ids, dy = _inputs(300, 128, 7, 2)
+    rows = torch.zeros(300, 7, 2, dtype=torch.float64)
     rows.scatter_add_(1, ids[..., None].expand(-1, -1, 2), dy.double())
     _close(rmt_kernels.embedding_sq_norms(ids, dy), rows.square().sum((1, 2)))
 

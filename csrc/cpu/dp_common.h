@@ -84,9 +84,7 @@ inline void add_noise_(at::Tensor& out, double noise_std, int64_t seed, int64_t 
   const uint64_t key = static_cast<uint64_t>(seed);
   const uint64_t base = static_cast<uint64_t>(offset);
   at::parallel_for(0, out.numel(), kNoiseGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t k = begin; k < end; ++k) {
-      data[k] += std_f * philox::randn(key, base + static_cast<uint64_t>(k));
-    }
+    philox::add_randn(data + begin, end - begin, key, base + static_cast<uint64_t>(begin), std_f);
   });
 }
 
