@@ -27,6 +27,9 @@ def _extensions():
         for p in glob.glob(os.path.join(ROOT, "csrc", "**", "*.cpp"), recursive=True)
     )
     flags = ["-O0", "-g"] if debug else ["-O3", "-DNDEBUG"]
+    # No errno from math functions: lets sqrt vectorise in the Philox noise loop (philox.cpp);
+    # nothing here reads errno.
+    flags.append("-fno-math-errno")
     ext = CppExtension(
         name="rmt_kernels._C",
         sources=sources,

@@ -10,6 +10,28 @@ TORCH_LIBRARY(rmt, m) {
   m.def(
       "denoise(Tensor grad, float sigma, *, str shrinker=\"frobenius\", float kappa=1.0, "
       "int rank=-1, int oversample=8, int niter=2, str norm=\"none\", int seed=0) -> Tensor");
+
+  // Fused DP-SGD gradient ops (book-keeping clipping): per-example squared gradient norms without
+  // per-example gradients, and the clipped sum with counter-based Philox noise in one pass.
+  // Noise element k (row-major) uses Philox counter offset + k under key seed; see
+  // rmt_kernels.dp_ops for the meaning of every argument and how to pick offsets.
+  m.def("linear_sq_norms(Tensor x, Tensor dy) -> Tensor");
+  m.def(
+      "linear_clipped_noisy_sum(Tensor x, Tensor dy, Tensor scale, float noise_std, int seed, "
+      "int offset) -> Tensor");
+  m.def("bias_sq_norms(Tensor dy) -> Tensor");
+  m.def(
+      "bias_clipped_noisy_sum(Tensor dy, Tensor scale, float noise_std, int seed, int offset) "
+      "-> Tensor");
+  m.def("embedding_sq_norms(Tensor ids, Tensor dy) -> Tensor");
+  m.def(
+      "embedding_clipped_noisy_sum(Tensor ids, Tensor dy, Tensor scale, int num_embeddings, "
+      "float noise_std, int seed, int offset) -> Tensor");
+  m.def("layernorm_sq_norms(Tensor x, Tensor dy, float eps) -> Tensor");
+  m.def(
+      "layernorm_clipped_noisy_sum(Tensor x, Tensor dy, Tensor scale, float eps, "
+      "float noise_std, int seed, int offset) -> Tensor");
+  m.def("add_gaussian_noise(Tensor x, float noise_std, int seed, int offset) -> Tensor");
 }
 
 // `import rmt_kernels._C` loads this shared library, which runs the registrations above.

@@ -6,6 +6,7 @@ CUDA kernels built from Triton.
 """
 
 from rmt_kernels import _C  # noqa: F401  (registers torch.ops.rmt.*)
+from rmt_kernels.dp_ops import *  # noqa: F403  (the fused DP ops, dp_ops.__all__)
 from rmt_kernels.ops import denoise, denoise_many
 
 __all__ = ["denoise", "denoise_many"]

@@ -1,0 +1,97 @@
+// Shared pieces of the fused DP gradient ops (linear.cpp, embedding.cpp, layernorm.cpp):
+// argument checks that name the argument, and the noise "epilogue" that adds counter-based
+// Philox noise to a freshly computed clipped sum in place, so it is written once.
+//
+// The messages match rmt_kernels/_dp_checks.py (fake and Triton paths) word for word.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#include "cpu/philox.h"
+
+namespace rmt {
+namespace dp {
+
+// Per-example blocks of the norm computation hold at most this many bytes of intermediates
+// (Gram matrices or per-example gradients): small enough to stay in the last-level cache's
+// neighbourhood and far below any per-batch allocation, large enough for efficient bmm calls.
+constexpr int64_t kBlockBytes = int64_t{32} << 20;
+// Elements of noise per parallel task: amortises the thread hand-off over ~0.1 ms of Philox.
+constexpr int64_t kNoiseGrain = int64_t{1} << 14;
+
+inline void check_float(const char* op, const char* name, const at::Tensor& t) {
+  const auto dtype = t.scalar_type();
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, op, ": ",
+      name, " must be float32, bfloat16 or float16, got ", dtype);
+}
+
+// x (B, d_in) or (B, T, d_in) and dy (B, d_out) or (B, T, d_out), non-empty, same B and T.
+inline void check_activations(const char* op, const char* x_name, const at::Tensor& x,
+    const at::Tensor& dy) {
+  TORCH_CHECK_VALUE(x.dim() == 2 || x.dim() == 3, op, ": ", x_name,
+      " must have 2 (B, d) or 3 (B, T, d) dimensions, got ", x.dim());
+  TORCH_CHECK_VALUE(dy.dim() == x.dim(), op, ": dy must have as many dimensions as ", x_name,
+      " (", x.dim(), "), got ", dy.dim());
+  TORCH_CHECK_VALUE(x.size(0) > 0, op, ": empty batch: ", x_name, " has shape ", x.sizes());
+  TORCH_CHECK_VALUE(dy.size(0) == x.size(0), op, ": dy must have the batch size of ", x_name,
+      " (", x.size(0), "), got ", dy.size(0));
+  if (x.dim() == 3) {
+    TORCH_CHECK_VALUE(dy.size(1) == x.size(1), op, ": dy must have the sequence length of ",
+        x_name, " (", x.size(1), "), got ", dy.size(1));
+  }
+  for (int64_t d = 0; d < x.dim(); ++d) {
+    TORCH_CHECK_VALUE(x.size(d) > 0, op, ": ", x_name, " must not have an empty dimension, got ",
+        x.sizes());
+    TORCH_CHECK_VALUE(dy.size(d) > 0, op, ": dy must not have an empty dimension, got ",
+        dy.sizes());
+  }
+}
+
+// One clip factor per example, finite and >= 0 (a negative one would flip an example's
+// contribution; an infinite one would void the sensitivity bound).
+inline void check_scale(const char* op, const at::Tensor& scale, int64_t batch) {
+  TORCH_CHECK_VALUE(scale.dim() == 1, op, ": scale must be 1-D (one clip factor per example), got ",
+      scale.dim(), " dimensions");
+  TORCH_CHECK_VALUE(scale.size(0) == batch, op, ": scale must have one entry per example (",
+      batch, "), got ", scale.size(0));
+  check_float(op, "scale", scale);
+  TORCH_CHECK_VALUE((at::isfinite(scale) & (scale >= 0)).all().item<bool>(), op,
+      ": scale must be finite and >= 0 in every entry");
+}
+
+// noise_std finite >= 0; seed and offset >= 0; counters offset .. offset + numel - 1 fit in
+// int64, so no element counter wraps around onto another call's stream.
+inline void check_noise(const char* op, double noise_std, int64_t seed, int64_t offset,
+    int64_t numel) {
+  TORCH_CHECK_VALUE(std::isfinite(noise_std) && noise_std >= 0, op,
+      ": noise_std must be a finite number >= 0, got ", noise_std);
+  TORCH_CHECK_VALUE(seed >= 0, op, ": seed must be >= 0, got ", seed);
+  TORCH_CHECK_VALUE(offset >= 0 && offset <= std::numeric_limits<int64_t>::max() - numel, op,
+      ": offset must be >= 0 and offset + numel (", numel, ") must fit in int64, got ", offset);
+}
+
+// The epilogue: out[k] += noise_std * randn(seed, offset + k) over the contiguous float32 `out`.
+inline void add_noise_(at::Tensor& out, double noise_std, int64_t seed, int64_t offset) {
+  TORCH_INTERNAL_ASSERT(out.is_contiguous() && out.scalar_type() == at::kFloat);
+  if (noise_std == 0.0) return;  // exactly the clipped sum
+  float* data = out.data_ptr<float>();
+  const float std_f = static_cast<float>(noise_std);
+  const uint64_t key = static_cast<uint64_t>(seed);
+  const uint64_t base = static_cast<uint64_t>(offset);
+  at::parallel_for(0, out.numel(), kNoiseGrain, [&](int64_t begin, int64_t end) {
+    philox::add_randn(data + begin, end - begin, key, base + static_cast<uint64_t>(begin), std_f);
+  });
+}
+
+// (B, d) -> (B, 1, d), so every kernel works on (B, T, d).
+inline at::Tensor as_sequence(const at::Tensor& t) {
+  return t.dim() == 2 ? t.unsqueeze(1) : t;
+}
+
+}  // namespace dp
+}  // namespace rmt

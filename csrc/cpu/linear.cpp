@@ -1,0 +1,124 @@
+// CPU kernels of the book-keeping DP ops for nn.Linear (weight and bias) and of the plain noise op.
+//
+// Per-example weight gradient of example b: G_b = dy_b^T x_b (d_out x d_in), summed over t.
+// Norms never form all B of them; the clipped sum is ONE GEMM over the B*T rows with the smaller
+// operand row-scaled, and the noise is added in place right after (the CPU "epilogue").
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "cpu/dp_common.h"
+
+namespace rmt {
+namespace {
+
+// Route rule (also in rmt_kernels/dp_ops.py): per example the Gram ("ghost") route costs
+// T^2 (d_in + d_out) multiply-adds (x x^T and dy dy^T), the per-example route T d_in d_out
+// (dy^T x). Take the Gram route when it is cheaper: T (d_in + d_out) <= d_in d_out. For the
+// RoBERTa shapes at T <= 128 that is always the Gram route; long sequences on thin layers go
+// per-example.
+bool use_gram_route(int64_t T, int64_t d_in, int64_t d_out) {
+  return T * (d_in + d_out) <= d_in * d_out;
+}
+
+at::Tensor linear_sq_norms_cpu(const at::Tensor& x, const at::Tensor& dy) {
+  constexpr const char* op = "linear_sq_norms";
+  dp::check_activations(op, "x", x, dy);
+  dp::check_float(op, "x", x);
+  dp::check_float(op, "dy", dy);
+  const at::Tensor x3 = dp::as_sequence(x), dy3 = dp::as_sequence(dy);
+  const int64_t B = x3.size(0), T = x3.size(1), d_in = x3.size(2), d_out = dy3.size(2);
+  if (T == 1) {  // rank-one per-example gradients: ||dy x^T||^2 = ||dy||^2 ||x||^2
+    return x3.squeeze(1).to(at::kFloat).square().sum(1) *
+           dy3.squeeze(1).to(at::kFloat).square().sum(1);
+  }
+  at::Tensor out = at::empty({B}, x.options().dtype(at::kFloat));
+  const bool gram = use_gram_route(T, d_in, d_out);
+  const int64_t per_example_bytes = 4 * (gram ? 2 * T * T : d_in * d_out);
+  const int64_t block = std::clamp<int64_t>(dp::kBlockBytes / per_example_bytes, 1, B);
+  for (int64_t b0 = 0; b0 < B; b0 += block) {
+    const int64_t n = std::min(block, B - b0);
+    const at::Tensor xb = x3.narrow(0, b0, n).to(at::kFloat);
+    const at::Tensor dyb = dy3.narrow(0, b0, n).to(at::kFloat);
+    if (gram) {
+      at::Tensor gx = at::bmm(xb, xb.transpose(1, 2));
+      gx.mul_(at::bmm(dyb, dyb.transpose(1, 2)));
+      out.narrow(0, b0, n).copy_(gx.sum({1, 2}));
+    } else {
+      out.narrow(0, b0, n).copy_(at::bmm(dyb.transpose(1, 2), xb).square().sum({1, 2}));
+    }
+  }
+  return out;
+}
+
+at::Tensor linear_clipped_noisy_sum_cpu(const at::Tensor& x, const at::Tensor& dy,
+    const at::Tensor& scale, double noise_std, int64_t seed, int64_t offset) {
+  constexpr const char* op = "linear_clipped_noisy_sum";
+  dp::check_activations(op, "x", x, dy);
+  dp::check_float(op, "x", x);
+  dp::check_float(op, "dy", dy);
+  const int64_t B = x.size(0), d_in = x.size(-1), d_out = dy.size(-1);
+  dp::check_scale(op, scale, B);
+  dp::check_noise(op, noise_std, seed, offset, d_out * d_in);
+  const at::Tensor x3 = dp::as_sequence(x), dy3 = dp::as_sequence(dy);
+  const int64_t rows = B * x3.size(1);
+  const at::Tensor s = scale.to(at::kFloat).view({B, 1, 1});
+  // Row-scale whichever operand is narrower: the scaled copy is the only extra traffic.
+  at::Tensor xs = x3.to(at::kFloat), dys = dy3.to(at::kFloat);
+  if (d_out <= d_in) {
+    dys = dys * s;
+  } else {
+    xs = xs * s;
+  }
+  at::Tensor out = at::mm(dys.reshape({rows, d_out}).t(), xs.reshape({rows, d_in}));
+  dp::add_noise_(out, noise_std, seed, offset);
+  return out;
+}
+
+// Bias (and any parameter whose per-example gradient is sum_t dy_t): tiny, so per-example
+// vectors (B, d) are fine.
+at::Tensor bias_sq_norms_cpu(const at::Tensor& dy) {
+  constexpr const char* op = "bias_sq_norms";
+  dp::check_activations(op, "dy", dy, dy);
+  dp::check_float(op, "dy", dy);
+  return dp::as_sequence(dy).sum(1, false, at::kFloat).square().sum(1);
+}
+
+at::Tensor bias_clipped_noisy_sum_cpu(const at::Tensor& dy, const at::Tensor& scale,
+    double noise_std, int64_t seed, int64_t offset) {
+  constexpr const char* op = "bias_clipped_noisy_sum";
+  dp::check_activations(op, "dy", dy, dy);
+  dp::check_float(op, "dy", dy);
+  dp::check_scale(op, scale, dy.size(0));
+  dp::check_noise(op, noise_std, seed, offset, dy.size(-1));
+  const at::Tensor per_example = dp::as_sequence(dy).sum(1, false, at::kFloat);  // (B, d)
+  at::Tensor out = at::mv(per_example.t(), scale.to(at::kFloat)).contiguous();
+  dp::add_noise_(out, noise_std, seed, offset);
+  return out;
+}
+
+// Noise for a gradient computed elsewhere (a custom layer rule): float32 copy of x + noise,
+// element k of the row-major flattening using counter offset + k.
+at::Tensor add_gaussian_noise_cpu(const at::Tensor& x, double noise_std, int64_t seed,
+    int64_t offset) {
+  constexpr const char* op = "add_gaussian_noise";
+  dp::check_float(op, "x", x);
+  dp::check_noise(op, noise_std, seed, offset, x.numel());
+  at::Tensor out = x.to(at::kFloat, /*non_blocking=*/false, /*copy=*/true,
+      at::MemoryFormat::Contiguous);
+  dp::add_noise_(out, noise_std, seed, offset);
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(rmt, CPU, m) {
+  m.impl("linear_sq_norms", &linear_sq_norms_cpu);
+  m.impl("linear_clipped_noisy_sum", &linear_clipped_noisy_sum_cpu);
+  m.impl("bias_sq_norms", &bias_sq_norms_cpu);
+  m.impl("bias_clipped_noisy_sum", &bias_clipped_noisy_sum_cpu);
+  m.impl("add_gaussian_noise", &add_gaussian_noise_cpu);
+}
+
+}  // namespace rmt

@@ -1,0 +1,636 @@
+"""Fused DP-SGD gradient ops (book-keeping clipping, Bu et al.): per-example squared gradient
+norms without per-example gradients, and the clipped sum with Gaussian noise in one pass.
+
+Layers, plainly stacked: C++ schema (csrc/rmt.cpp) -> CPU kernel (csrc/cpu/{linear,embedding,
+layernorm}.cpp) or CUDA kernel (Triton launchers in rmt_kernels/triton/, registered below) -> the
+documented functions here. Fake (meta) implementations sit beside them for tracing.
+
+Noise. Every op that adds noise takes ``(noise_std, seed, offset)``: element k of its output in
+row-major order (element (i, j) of a (d_out, d_in) weight gradient: k = i * d_in + j) receives
+``noise_std * randn(seed, offset + k)``, where ``randn`` is Triton's ``tl.randn``: Philox4x32-10
+with the 64-bit ``seed`` as key and the 64-bit counter ``offset + k``, Box-Muller on its first two
+words. The CPU kernels implement the same stream (csrc/cpu/philox.h): Philox words and uniforms are
+bit-identical; the normals agree to a few float32 ulps (logf/cosf of different math libraries).
+Two calls share no noise when their counter ranges ``[offset, offset + numel)`` are disjoint or
+their seeds differ. :func:`noise_offset` gives (step, parameter) a 2^32-wide range of its own;
+keep ``seed`` fixed (and secret in secure mode) for a run and never reuse an offset with it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from rmt_kernels._dp_checks import (
+    check_activations,
+    check_float,
+    check_ids,
+    check_layernorm,
+    check_noise,
+    check_scale_metadata,
+    check_scale_values,
+)
+
+__all__ = [
+    "LayerRule",
+    "add_gaussian_noise",
+    "bias_clipped_noisy_sum",
+    "bias_sq_norms",
+    "clip_scales",
+    "embedding_clipped_noisy_sum",
+    "embedding_sq_norms",
+    "get_layer_rule",
+    "layernorm_clipped_noisy_sum",
+    "layernorm_sq_norms",
+    "linear_clipped_noisy_sum",
+    "linear_sq_norms",
+    "noise_offset",
+    "register_layer_rule",
+]
+
+# Bytes of intermediates (Gram matrices or per-example gradients) one block of examples may hold
+# in the norm computation; the same budget as csrc/cpu/dp_common.h.
+BLOCK_BYTES = 32 << 20
+# Longest sequence for which the embedding norms take the Gram route; crossover measured on a
+# 2-core CPU at d = 768 (csrc/cpu/embedding.cpp has the numbers).
+EMBEDDING_GRAM_MAX_T = 256
+# Width of the counter range of one (step, parameter): every parameter has < 2^32 elements.
+OFFSET_STRIDE = 1 << 32
+
+
+def use_gram_route(T: int, d_in: int, d_out: int) -> bool:
+    """Whether the Linear norms take the Gram ("ghost") route.
+
+    Per example the Gram route costs T^2 (d_in + d_out) multiply-adds, the per-example route
+    T d_in d_out; take the cheaper one. Same rule as csrc/cpu/linear.cpp.
+    """
+    return T * (d_in + d_out) <= d_in * d_out
+
+
+def noise_offset(step: int, param_index: int, num_params: int) -> int:
+    """Counter offset of parameter ``param_index`` (of ``num_params``) at ``step``.
+
+    Ranges of 2^32 counters, one per (step, parameter) in step-major order, so no two
+    (step, parameter) pairs ever share a counter under one seed. Raises ValueError if the
+    parameter index is out of range or the offset would leave int64 (about 2^31 / num_params
+    steps).
+    """
+    if not 0 <= param_index < num_params:
+        raise ValueError(
+            f"noise_offset: param_index must be in [0, num_params = {num_params}), "
+            f"got {param_index}"
+        )
+    if step < 0:
+        raise ValueError(f"noise_offset: step must be >= 0, got {step}")
+    offset = (step * num_params + param_index) * OFFSET_STRIDE
+    if offset + OFFSET_STRIDE > 2**63 - 1:
+        raise ValueError(f"noise_offset: step {step} leaves the int64 counter space")
+    return offset
+
+
+def clip_scales(sq_norms: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
+    """Per-example clip factors ``min(1, C / (norm + 1e-6))`` from total squared norms (B,).
+
+    ``scale_b * norm_b < C`` for every example (the 1e-6 keeps a zero norm finite), so removing
+    one example moves the clipped sum by less than ``C``.
+    """
+    if not (max_grad_norm > 0):
+        raise ValueError(f"clip_scales: max_grad_norm must be > 0, got {max_grad_norm}")
+    return (max_grad_norm / (sq_norms.float().sqrt() + 1e-6)).clamp(max=1.0)
+
+
+# --------------------------------------------------------------------------------------------
+# Public functions
+# --------------------------------------------------------------------------------------------
+
+
+def linear_sq_norms(x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+    """Squared Frobenius norms of the per-example weight gradients of an ``nn.Linear``.
+
+    Example b's weight gradient is ``sum_t dy[b, t]^T x[b, t]`` (d_out x d_in). Per call the
+    cheaper route is chosen (:func:`use_gram_route`): the Gram route
+    ``sum_{t,s} (x_t . x_s)(dy_t . dy_s)`` or explicit per-example products, in blocks of examples
+    bounded by :data:`BLOCK_BYTES`; neither all B gradients nor a B x T x T tensor is ever held.
+
+    Args:
+        x: layer input (B, d_in) or (B, T, d_in); float32, bfloat16 or float16.
+        dy: gradient of the layer output (B, d_out) or (B, T, d_out), same B and T. Padding
+            positions contribute nothing when their dy (or x) rows are zero.
+
+    Returns:
+        float32 (B,).
+
+    Raises:
+        ValueError / TypeError naming the argument: wrong ndim, mismatched B or T, empty
+        dimension or batch, non-float dtype.
+    """
+    return torch.ops.rmt.linear_sq_norms(x, dy)
+
+
+def linear_clipped_noisy_sum(
+    x: torch.Tensor,
+    dy: torch.Tensor,
+    scale: torch.Tensor,
+    noise_std: float,
+    seed: int,
+    offset: int,
+) -> torch.Tensor:
+    """Clipped, noised sum of the per-example weight gradients of an ``nn.Linear``, one pass.
+
+    ``sum_b scale[b] * sum_t dy[b, t]^T x[b, t] + N(0, noise_std^2)``: one GEMM over the B*T rows
+    with row-scaled operands, noise added as the output is written (element (i, j) uses Philox
+    counter ``offset + i * d_in + j`` under ``seed``; see the module docstring).
+
+    Args:
+        x, dy: as in :func:`linear_sq_norms`.
+        scale: (B,) clip factors, finite and >= 0 (e.g. :func:`clip_scales`).
+        noise_std: std of the noise on the sum (``noise_multiplier * max_grad_norm``); 0 gives the
+            exact clipped sum.
+        seed: Philox key, >= 0.
+        offset: first Philox counter, >= 0; see :func:`noise_offset`.
+
+    Returns:
+        float32 (d_out, d_in), contiguous.
+
+    Raises:
+        ValueError / TypeError naming the argument: as :func:`linear_sq_norms`, plus scale of the
+        wrong shape, negative or non-finite; noise_std < 0 or not finite; negative seed or offset.
+    """
+    return torch.ops.rmt.linear_clipped_noisy_sum(
+        x, dy, scale, float(noise_std), int(seed), int(offset)
+    )
+
+
+def bias_sq_norms(dy: torch.Tensor) -> torch.Tensor:
+    """Squared norms of the per-example gradients ``sum_t dy[b, t]`` of a bias (Linear, LayerNorm).
+
+    Args:
+        dy: output gradient (B, d) or (B, T, d), float.
+
+    Returns:
+        float32 (B,).
+    """
+    return torch.ops.rmt.bias_sq_norms(dy)
+
+
+def bias_clipped_noisy_sum(
+    dy: torch.Tensor, scale: torch.Tensor, noise_std: float, seed: int, offset: int
+) -> torch.Tensor:
+    """``sum_b scale[b] * sum_t dy[b, t] + N(0, noise_std^2)`` for a bias; float32 (d,).
+
+    Noise element j uses counter ``offset + j``. Arguments as in :func:`linear_clipped_noisy_sum`.
+    """
+    return torch.ops.rmt.bias_clipped_noisy_sum(dy, scale, float(noise_std), int(seed), int(offset))
+
+
+def embedding_sq_norms(ids: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+    """Squared norms of the per-example weight gradients of an ``nn.Embedding``.
+
+    ``||G_b||^2 = sum_{t,s} [ids_t == ids_s] (dy_t . dy_s)``: repeated tokens add up. For
+    T <= :data:`EMBEDDING_GRAM_MAX_T` the Gram route (blocks of examples); beyond, each example's
+    ids are sorted and the dy rows of equal ids summed (no (V, d) matrix per example).
+
+    Args:
+        ids: token ids (B,) or (B, T), int64 or int32.
+        dy: gradient of the embedding output, ids' shape + (d,), float.
+
+    Returns:
+        float32 (B,).
+    """
+    return torch.ops.rmt.embedding_sq_norms(ids, dy)
+
+
+def embedding_clipped_noisy_sum(
+    ids: torch.Tensor,
+    dy: torch.Tensor,
+    scale: torch.Tensor,
+    num_embeddings: int,
+    noise_std: float,
+    seed: int,
+    offset: int,
+) -> torch.Tensor:
+    """Clipped sum of per-example embedding gradients plus noise on every table entry.
+
+    Returns float32 (num_embeddings, d); noise element (v, j) uses counter ``offset + v * d + j``.
+    ids must lie in [0, num_embeddings). Other arguments as in :func:`linear_clipped_noisy_sum`.
+    """
+    return torch.ops.rmt.embedding_clipped_noisy_sum(
+        ids, dy, scale, int(num_embeddings), float(noise_std), int(seed), int(offset)
+    )
+
+
+def layernorm_sq_norms(x: torch.Tensor, dy: torch.Tensor, eps: float) -> torch.Tensor:
+    """Squared norms of the per-example weight gradients of a LayerNorm over the last dim.
+
+    Example b's gradient is ``sum_t dy[b, t] * xhat[b, t]``, ``xhat = (x - mean) / sqrt(var + eps)``
+    recomputed from the layer input ``x`` (what a forward hook sees). The bias is
+    :func:`bias_sq_norms`.
+
+    Args:
+        x: LayerNorm input (B, d) or (B, T, d); dy: output gradient of the same shape.
+        eps: the module's eps, finite and >= 0.
+
+    Returns:
+        float32 (B,).
+    """
+    return torch.ops.rmt.layernorm_sq_norms(x, dy, float(eps))
+
+
+def layernorm_clipped_noisy_sum(
+    x: torch.Tensor,
+    dy: torch.Tensor,
+    scale: torch.Tensor,
+    eps: float,
+    noise_std: float,
+    seed: int,
+    offset: int,
+) -> torch.Tensor:
+    """Clipped, noised sum of LayerNorm weight gradients; float32 (d,), noise j at offset + j."""
+    return torch.ops.rmt.layernorm_clipped_noisy_sum(
+        x, dy, scale, float(eps), float(noise_std), int(seed), int(offset)
+    )
+
+
+def add_gaussian_noise(x: torch.Tensor, noise_std: float, seed: int, offset: int) -> torch.Tensor:
+    """Return float32 ``x + noise_std * randn(seed, offset + k)`` (k: row-major element index).
+
+    For parameters whose clipped sum a custom :class:`LayerRule` computes itself.
+    """
+    return torch.ops.rmt.add_gaussian_noise(x, float(noise_std), int(seed), int(offset))
+
+
+# --------------------------------------------------------------------------------------------
+# Layer rules: how a module type's parameters get per-example norms and noisy clipped sums
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LayerRule:
+    """Book-keeping rule of one module type.
+
+    ``sq_norms(module, input, grad_output)`` returns ``{param_name: (B,) squared norms}`` and
+    ``clipped_noisy_sums(module, input, grad_output, scale, noise_std, seed, offsets)`` returns
+    ``{param_name: noisy clipped sum}`` with ``offsets[param_name]`` the counter offset of each
+    parameter. Every trainable parameter of the module must appear in both: DP-SGD noises them all.
+    """
+
+    sq_norms: Callable[..., dict[str, torch.Tensor]]
+    clipped_noisy_sums: Callable[..., dict[str, torch.Tensor]]
+
+
+_RULES: dict[type[nn.Module], LayerRule] = {}
+
+
+def register_layer_rule(module_type: type[nn.Module], rule: LayerRule) -> None:
+    """Register (or replace) the rule for ``module_type`` (matched exactly, not by subclass)."""
+    _RULES[module_type] = rule
+
+
+def get_layer_rule(module: nn.Module) -> LayerRule:
+    """The rule for ``module``'s type; a module without one is an error, never silently skipped."""
+    rule = _RULES.get(type(module))
+    if rule is None:
+        raise TypeError(
+            f"no DP layer rule for {type(module).__name__}; register one with "
+            "rmt_kernels.register_layer_rule"
+        )
+    return rule
+
+
+def _trainable(module: nn.Module, name: str) -> bool:
+    p = getattr(module, name, None)
+    return isinstance(p, nn.Parameter) and p.requires_grad
+
+
+def _linear_norms(module: nn.Linear, x, dy):
+    out = {}
+    if _trainable(module, "weight"):
+        out["weight"] = linear_sq_norms(x, dy)
+    if _trainable(module, "bias"):
+        out["bias"] = bias_sq_norms(dy)
+    return out
+
+
+def _linear_sums(module: nn.Linear, x, dy, scale, noise_std, seed, offsets):
+    out = {}
+    if _trainable(module, "weight"):
+        out["weight"] = linear_clipped_noisy_sum(x, dy, scale, noise_std, seed, offsets["weight"])
+    if _trainable(module, "bias"):
+        out["bias"] = bias_clipped_noisy_sum(dy, scale, noise_std, seed, offsets["bias"])
+    return out
+
+
+def _embedding_norms(module: nn.Embedding, ids, dy):
+    _check_embedding_module(module)
+    return {"weight": embedding_sq_norms(ids, dy)} if _trainable(module, "weight") else {}
+
+
+def _embedding_sums(module: nn.Embedding, ids, dy, scale, noise_std, seed, offsets):
+    _check_embedding_module(module)
+    if not _trainable(module, "weight"):
+        return {}
+    return {
+        "weight": embedding_clipped_noisy_sum(
+            ids, dy, scale, module.num_embeddings, noise_std, seed, offsets["weight"]
+        )
+    }
+
+
+def _check_embedding_module(module: nn.Embedding) -> None:
+    # padding_idx rows get no gradient in nn.Embedding but would here: refuse rather than differ.
+    if module.padding_idx is not None or module.max_norm is not None or module.sparse:
+        raise ValueError(
+            "embedding rule: padding_idx, max_norm and sparse are not supported; zero the "
+            "padding positions of dy instead"
+        )
+
+
+def _layernorm_norms(module: nn.LayerNorm, x, dy):
+    _check_layernorm_module(module)
+    out = {}
+    if _trainable(module, "weight"):
+        out["weight"] = layernorm_sq_norms(x, dy, module.eps)
+    if _trainable(module, "bias"):
+        out["bias"] = bias_sq_norms(dy)
+    return out
+
+
+def _layernorm_sums(module: nn.LayerNorm, x, dy, scale, noise_std, seed, offsets):
+    _check_layernorm_module(module)
+    out = {}
+    if _trainable(module, "weight"):
+        out["weight"] = layernorm_clipped_noisy_sum(
+            x, dy, scale, module.eps, noise_std, seed, offsets["weight"]
+        )
+    if _trainable(module, "bias"):
+        out["bias"] = bias_clipped_noisy_sum(dy, scale, noise_std, seed, offsets["bias"])
+    return out
+
+
+def _check_layernorm_module(module: nn.LayerNorm) -> None:
+    if len(module.normalized_shape) != 1:
+        raise ValueError(
+            "layernorm rule: only normalisation over the last dimension is supported, got "
+            f"normalized_shape={tuple(module.normalized_shape)}"
+        )
+
+
+register_layer_rule(nn.Linear, LayerRule(_linear_norms, _linear_sums))
+register_layer_rule(nn.Embedding, LayerRule(_embedding_norms, _embedding_sums))
+register_layer_rule(nn.LayerNorm, LayerRule(_layernorm_norms, _layernorm_sums))
+
+
+# --------------------------------------------------------------------------------------------
+# Fake (meta) implementations: shapes and metadata checks only
+# --------------------------------------------------------------------------------------------
+
+
+def _float_empty(like: torch.Tensor, *shape: int) -> torch.Tensor:
+    return like.new_empty(shape, dtype=torch.float32)
+
+
+@torch.library.register_fake("rmt::linear_sq_norms")
+def _linear_sq_norms_fake(x, dy):
+    _check_linear("linear_sq_norms", x, dy)
+    return _float_empty(x, x.shape[0])
+
+
+@torch.library.register_fake("rmt::linear_clipped_noisy_sum")
+def _linear_clipped_noisy_sum_fake(x, dy, scale, noise_std, seed, offset):
+    op = "linear_clipped_noisy_sum"
+    _check_linear(op, x, dy)
+    check_scale_metadata(op, scale, x.shape[0])
+    check_noise(op, noise_std, seed, offset, dy.shape[-1] * x.shape[-1])
+    return _float_empty(x, dy.shape[-1], x.shape[-1])
+
+
+@torch.library.register_fake("rmt::bias_sq_norms")
+def _bias_sq_norms_fake(dy):
+    _check_bias("bias_sq_norms", dy)
+    return _float_empty(dy, dy.shape[0])
+
+
+@torch.library.register_fake("rmt::bias_clipped_noisy_sum")
+def _bias_clipped_noisy_sum_fake(dy, scale, noise_std, seed, offset):
+    op = "bias_clipped_noisy_sum"
+    _check_bias(op, dy)
+    check_scale_metadata(op, scale, dy.shape[0])
+    check_noise(op, noise_std, seed, offset, dy.shape[-1])
+    return _float_empty(dy, dy.shape[-1])
+
+
+@torch.library.register_fake("rmt::embedding_sq_norms")
+def _embedding_sq_norms_fake(ids, dy):
+    check_ids("embedding_sq_norms", ids, dy)
+    return _float_empty(dy, dy.shape[0])
+
+
+@torch.library.register_fake("rmt::embedding_clipped_noisy_sum")
+def _embedding_clipped_noisy_sum_fake(ids, dy, scale, num_embeddings, noise_std, seed, offset):
+    op = "embedding_clipped_noisy_sum"
+    check_ids(op, ids, dy)
+    _check_num_embeddings(op, num_embeddings)
+    check_scale_metadata(op, scale, dy.shape[0])
+    check_noise(op, noise_std, seed, offset, num_embeddings * dy.shape[-1])
+    return _float_empty(dy, num_embeddings, dy.shape[-1])
+
+
+@torch.library.register_fake("rmt::layernorm_sq_norms")
+def _layernorm_sq_norms_fake(x, dy, eps):
+    check_layernorm("layernorm_sq_norms", x, dy, eps)
+    return _float_empty(x, x.shape[0])
+
+
+@torch.library.register_fake("rmt::layernorm_clipped_noisy_sum")
+def _layernorm_clipped_noisy_sum_fake(x, dy, scale, eps, noise_std, seed, offset):
+    op = "layernorm_clipped_noisy_sum"
+    check_layernorm(op, x, dy, eps)
+    check_scale_metadata(op, scale, x.shape[0])
+    check_noise(op, noise_std, seed, offset, x.shape[-1])
+    return _float_empty(x, x.shape[-1])
+
+
+@torch.library.register_fake("rmt::add_gaussian_noise")
+def _add_gaussian_noise_fake(x, noise_std, seed, offset):
+    check_float("add_gaussian_noise", "x", x)
+    check_noise("add_gaussian_noise", noise_std, seed, offset, x.numel())
+    return x.new_empty(x.shape, dtype=torch.float32)
+
+
+def _check_linear(op: str, x: torch.Tensor, dy: torch.Tensor) -> None:
+    check_activations(op, "x", x, dy)
+    check_float(op, "x", x)
+    check_float(op, "dy", dy)
+
+
+def _check_bias(op: str, dy: torch.Tensor) -> None:
+    check_activations(op, "dy", dy, dy)
+    check_float(op, "dy", dy)
+
+
+def _check_num_embeddings(op: str, num_embeddings: int) -> None:
+    if num_embeddings <= 0:
+        raise ValueError(f"{op}: num_embeddings must be > 0, got {num_embeddings}")
+
+
+# --------------------------------------------------------------------------------------------
+# Device (CUDA) implementations: the clipped sums and the noise come from the Triton kernels;
+# the norms are the same blocked bmm algorithm as the C++ kernels, in torch. Written for any
+# device, so the CPU tests run them too (Triton under TRITON_INTERPRET=1).
+# --------------------------------------------------------------------------------------------
+
+
+def _seq(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dim() == 3 else t.unsqueeze(1)
+
+
+def _noise_(out: torch.Tensor, noise_std: float, seed: int, offset: int) -> torch.Tensor:
+    # Imported here so that importing rmt_kernels never needs Triton.
+    from rmt_kernels.triton.dp_noise import add_noise_
+
+    return add_noise_(out, noise_std, seed, offset)
+
+
+def linear_sq_norms_device(x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+    """Device implementation of :func:`linear_sq_norms` (checks included)."""
+    _check_linear("linear_sq_norms", x, dy)
+    x3, dy3 = _seq(x), _seq(dy)
+    B, T, d_in = x3.shape
+    d_out = dy3.shape[2]
+    if T == 1:
+        return x3[:, 0].float().square().sum(1) * dy3[:, 0].float().square().sum(1)
+    gram = use_gram_route(T, d_in, d_out)
+    per_example = 4 * (2 * T * T if gram else d_in * d_out)
+    block = max(1, min(B, BLOCK_BYTES // per_example))
+    out = torch.empty(B, device=x.device, dtype=torch.float32)
+    for b0 in range(0, B, block):
+        xb, dyb = x3[b0 : b0 + block].float(), dy3[b0 : b0 + block].float()
+        if gram:
+            gx = torch.bmm(xb, xb.mT).mul_(torch.bmm(dyb, dyb.mT))
+            out[b0 : b0 + block] = gx.sum((1, 2))
+        else:
+            out[b0 : b0 + block] = torch.bmm(dyb.mT, xb).square().sum((1, 2))
+    return out
+
+
+def linear_clipped_noisy_sum_device(x, dy, scale, noise_std, seed, offset) -> torch.Tensor:
+    """Device implementation of :func:`linear_clipped_noisy_sum`: the fused Triton GEMM."""
+    from rmt_kernels.triton.linear import linear_clipped_noisy_sum_triton
+
+    op = "linear_clipped_noisy_sum"
+    _check_linear(op, x, dy)
+    check_scale_metadata(op, scale, x.shape[0])
+    check_noise(op, noise_std, seed, offset, dy.shape[-1] * x.shape[-1])
+    check_scale_values(op, scale)
+    return linear_clipped_noisy_sum_triton(x, dy, scale, noise_std, seed, offset)
+
+
+def bias_sq_norms_device(dy: torch.Tensor) -> torch.Tensor:
+    """Device implementation of :func:`bias_sq_norms`."""
+    _check_bias("bias_sq_norms", dy)
+    return _seq(dy).float().sum(1).square().sum(1)
+
+
+def bias_clipped_noisy_sum_device(dy, scale, noise_std, seed, offset) -> torch.Tensor:
+    """Device implementation of :func:`bias_clipped_noisy_sum`."""
+    op = "bias_clipped_noisy_sum"
+    _check_bias(op, dy)
+    check_scale_metadata(op, scale, dy.shape[0])
+    check_noise(op, noise_std, seed, offset, dy.shape[-1])
+    check_scale_values(op, scale)
+    out = (_seq(dy).float().sum(1).mT @ scale.float()).contiguous()
+    return _noise_(out, noise_std, seed, offset)
+
+
+def embedding_sq_norms_device(ids: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+    """Device implementation of :func:`embedding_sq_norms`."""
+    check_ids("embedding_sq_norms", ids, dy)
+    ids2 = ids if ids.dim() == 2 else ids.unsqueeze(1)
+    dy3 = _seq(dy)
+    B, T, d = dy3.shape
+    if T == 1:
+        return dy3[:, 0].float().square().sum(1)
+    if T <= EMBEDDING_GRAM_MAX_T:
+        out = torch.empty(B, device=dy.device, dtype=torch.float32)
+        block = max(1, min(B, BLOCK_BYTES // (8 * T * T)))
+        for b0 in range(0, B, block):
+            ib, dyb = ids2[b0 : b0 + block], dy3[b0 : b0 + block].float()
+            g = torch.bmm(dyb, dyb.mT).mul_(ib[:, :, None] == ib[:, None, :])
+            out[b0 : b0 + block] = g.sum((1, 2))
+        return out
+    sorted_ids, perm = ids2.sort(1)
+    rows = dy3.gather(1, perm[:, :, None].expand(B, T, d)).reshape(B * T, d).float()
+    starts = torch.ones(B, T, dtype=torch.bool, device=dy.device)
+    starts[:, 1:] = sorted_ids[:, 1:] != sorted_ids[:, :-1]
+    flat = starts.reshape(-1)
+    segment = flat.cumsum(0) - 1
+    sums = torch.zeros(int(flat.sum()), d, device=dy.device).index_add_(0, segment, rows)
+    example = torch.arange(B, device=dy.device).repeat_interleave(T)[flat]
+    return torch.zeros(B, device=dy.device).index_add_(0, example, sums.square().sum(1))
+
+
+def embedding_clipped_noisy_sum_device(
+    ids, dy, scale, num_embeddings, noise_std, seed, offset
+) -> torch.Tensor:
+    """Device implementation of :func:`embedding_clipped_noisy_sum`."""
+    op = "embedding_clipped_noisy_sum"
+    check_ids(op, ids, dy)
+    _check_num_embeddings(op, num_embeddings)
+    check_scale_metadata(op, scale, dy.shape[0])
+    check_noise(op, noise_std, seed, offset, num_embeddings * dy.shape[-1])
+    if not bool(((ids >= 0) & (ids < num_embeddings)).all()):
+        raise ValueError(f"{op}: ids must lie in [0, num_embeddings = {num_embeddings})")
+    check_scale_values(op, scale)
+    B, d = dy.shape[0], dy.shape[-1]
+    rows = (_seq(dy).float() * scale.float().view(B, 1, 1)).reshape(-1, d)
+    out = torch.zeros(num_embeddings, d, device=dy.device, dtype=torch.float32)
+    out.index_add_(0, ids.reshape(-1), rows)
+    return _noise_(out, noise_std, seed, offset)
+
+
+def _layernorm_per_example(x: torch.Tensor, dy: torch.Tensor, eps: float) -> torch.Tensor:
+    x3 = _seq(x).float()
+    var, mean = torch.var_mean(x3, dim=2, correction=0, keepdim=True)
+    return (_seq(dy).float() * ((x3 - mean) * (var + eps).rsqrt())).sum(1)
+
+
+def layernorm_sq_norms_device(x: torch.Tensor, dy: torch.Tensor, eps: float) -> torch.Tensor:
+    """Device implementation of :func:`layernorm_sq_norms`."""
+    check_layernorm("layernorm_sq_norms", x, dy, eps)
+    return _layernorm_per_example(x, dy, eps).square().sum(1)
+
+
+def layernorm_clipped_noisy_sum_device(x, dy, scale, eps, noise_std, seed, offset) -> torch.Tensor:
+    """Device implementation of :func:`layernorm_clipped_noisy_sum`."""
+    op = "layernorm_clipped_noisy_sum"
+    check_layernorm(op, x, dy, eps)
+    check_scale_metadata(op, scale, x.shape[0])
+    check_noise(op, noise_std, seed, offset, x.shape[-1])
+    check_scale_values(op, scale)
+    out = (_layernorm_per_example(x, dy, eps).mT @ scale.float()).contiguous()
+    return _noise_(out, noise_std, seed, offset)
+
+
+def add_gaussian_noise_device(x, noise_std, seed, offset) -> torch.Tensor:
+    """Device implementation of :func:`add_gaussian_noise`."""
+    check_float("add_gaussian_noise", "x", x)
+    check_noise("add_gaussian_noise", noise_std, seed, offset, x.numel())
+    out = x.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+    return _noise_(out, noise_std, seed, offset)
+
+
+for _name, _impl in [
+    ("linear_sq_norms", linear_sq_norms_device),
+    ("linear_clipped_noisy_sum", linear_clipped_noisy_sum_device),
+    ("bias_sq_norms", bias_sq_norms_device),
+    ("bias_clipped_noisy_sum", bias_clipped_noisy_sum_device),
+    ("embedding_sq_norms", embedding_sq_norms_device),
+    ("embedding_clipped_noisy_sum", embedding_clipped_noisy_sum_device),
+    ("layernorm_sq_norms", layernorm_sq_norms_device),
+    ("layernorm_clipped_noisy_sum", layernorm_clipped_noisy_sum_device),
+    ("add_gaussian_noise", add_gaussian_noise_device),
+]:
+    torch.library.register_kernel(f"rmt::{_name}", "cuda", _impl)

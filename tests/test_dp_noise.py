@@ -1,0 +1,104 @@
+"""The counter-based Philox noise: same stream on the C++ CPU kernels and Triton's tl.randn,
+reproducible by key, distributed as N(0, noise_std^2), independent across keys.
+
+Thresholds, derived so that a false failure (a correct generator failing because of the draw) is
+rarer than 1e-6 for the whole file. With N i.i.d. N(0, s^2) samples:
+  * sample mean: N(0, s^2 / N) exactly, so |mean| / (s / sqrt(N)) > 5.3 has probability
+    2 * (1 - Phi(5.3)) = 1.2e-7;
+  * sample variance: (N - 1) v / s^2 ~ chi^2(N - 1), mean N - 1, std sqrt(2 (N - 1)); at
+    N = 2^20 the chi^2 is normal to well within the 5.3-sigma tail, so |v / s^2 - 1| * sqrt(N / 2)
+    > 5.3 has probability ~1.2e-7;
+  * Kolmogorov-Smirnov: under the null the p-value is uniform, so p < 1e-7 has probability 1e-7;
+  * Pearson correlation of two independent streams: sqrt(N) r -> N(0, 1), so
+    |r| > 5.3 / sqrt(N) has probability ~1.2e-7; three pairs are tested.
+Six such checks in all: a union bound of 6 * 1.2e-7 = 7.2e-7 < 1e-6. (The tests are deterministic
+under their fixed keys; the bound is for a key chosen at random.)
+"""
+
+import itertools
+import math
+
+import pytest
+import scipy.stats
+import torch
+
+import rmt_kernels
+from rmt_kernels import dp_ops
+
+N = 1 << 20
+Z = 5.3
+STD = 0.7
+
+
+def _noise(n, std, seed, offset):
+    return rmt_kernels.add_gaussian_noise(torch.zeros(n), std, seed, offset).double()
+
+
+def test_mean_and_std_match_theory():
+    x = _noise(N, STD, seed=1234, offset=dp_ops.noise_offset(7, 3, 10))
+    assert abs(x.mean().item()) / (STD / math.sqrt(N)) < Z
+    assert abs(x.var().item() / STD**2 - 1.0) * math.sqrt(N / 2) < Z
+
+
+def test_kolmogorov_smirnov_against_the_normal():
+    x = _noise(N, STD, seed=99, offset=2**40)
+    assert scipy.stats.kstest(x.numpy() / STD, "norm").pvalue > 1e-7
+
+
+@pytest.mark.parametrize(
+    ("key_a", "key_b"),
+    [
+        # two offsets (two steps of one parameter), two seeds, two parameters of one step
+        ((5, dp_ops.noise_offset(0, 0, 2)), (5, dp_ops.noise_offset(1, 0, 2))),
+        ((5, 0), (6, 0)),
+        ((5, dp_ops.noise_offset(3, 0, 2)), (5, dp_ops.noise_offset(3, 1, 2))),
+    ],
+)
+def test_streams_of_different_keys_are_uncorrelated(key_a, key_b):
+    a, b = _noise(N, 1.0, *key_a), _noise(N, 1.0, *key_b)
+    r = torch.corrcoef(torch.stack([a, b]))[0, 1].item()
+    assert abs(r) < Z / math.sqrt(N)
+
+
+def test_same_key_same_noise_and_counters_are_element_indices():
+    a = _noise(1000, 1.0, 3, 2**33 + 17)
+    assert torch.equal(a, _noise(1000, 1.0, 3, 2**33 + 17))
+    # Element k uses counter offset + k: a window of a longer call equals a call at offset + 10.
+    torch.testing.assert_close(a[10:], _noise(990, 1.0, 3, 2**33 + 27), rtol=0, atol=0)
+    assert not torch.equal(a, _noise(1000, 1.0, 4, 2**33 + 17))
+    # The noise scales with noise_std and vanishes at 0 (the exact clipped sum).
+    torch.testing.assert_close(_noise(1000, 2.5, 3, 2**33 + 17), 2.5 * a, rtol=1e-6, atol=1e-6)
+    assert torch.equal(_noise(1000, 0.0, 3, 0), torch.zeros(1000, dtype=torch.float64))
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize(
+    ("seed", "offset"),
+    [(0, 0), (1, 1), (2**40 + 3, 2**32 - 100), (123456789, 2**62), (2**63 - 1, 5)],
+)
+def test_cpu_noise_equals_triton_randn(seed, offset):
+    # Philox words and uniforms are bit-identical; the normals pass through logf / cosf of two
+    # math libraries (glibc vs NumPy under the interpreter), hence a few float32 ulps.
+    from rmt_kernels.triton.dp_noise import add_noise_
+
+    n = 5000  # crosses a 2^32 counter boundary for offset 2^32 - 100
+    cpu = rmt_kernels.add_gaussian_noise(torch.zeros(n), 1.0, seed, offset)
+    triton_noise = add_noise_(torch.zeros(n), 1.0, seed, offset)
+    torch.testing.assert_close(cpu, triton_noise, rtol=0, atol=4e-6)
+
+
+def test_noise_offset_ranges_never_overlap():
+    offsets = sorted(dp_ops.noise_offset(s, p, 3) for s in range(4) for p in range(3))
+    assert all(b - a >= dp_ops.OFFSET_STRIDE for a, b in itertools.pairwise(offsets))
+    with pytest.raises(ValueError, match="param_index"):
+        dp_ops.noise_offset(0, 3, 3)
+    with pytest.raises(ValueError, match="int64"):
+        dp_ops.noise_offset(2**31, 0, 1)
+
+
+def test_add_gaussian_noise_checks_and_opcheck():
+    with pytest.raises(ValueError, match="noise_std"):
+        rmt_kernels.add_gaussian_noise(torch.zeros(3), -1.0, 0, 0)
+    with pytest.raises(TypeError, match="x must be float32"):
+        rmt_kernels.add_gaussian_noise(torch.zeros(3, dtype=torch.long), 1.0, 0, 0)
+    torch.library.opcheck(torch.ops.rmt.add_gaussian_noise.default, (torch.randn(4, 5), 1.0, 2, 3))

@@ -1,0 +1,100 @@
+"""Privacy invariants of the fused ops: removing one example moves the pre-noise clipped sum of a
+small model (Linear + bias, Embedding, LayerNorm) by at most C, and every parameter has a rule."""
+
+import pytest
+import torch
+from torch import nn
+
+import rmt_kernels
+from rmt_kernels import dp_ops
+
+C = 1.0
+
+
+def _batch(B, T, adversarial):
+    emb, lin, ln = nn.Embedding(11, 6), nn.Linear(6, 5), nn.LayerNorm(5)
+    ids = torch.randint(0, 11, (B, T))
+    h = torch.randn(B, T, 6)
+    z = torch.randn(B, T, 5)
+    dys = {"emb": torch.randn(B, T, 6), "lin": torch.randn(B, T, 5), "ln": torch.randn(B, T, 5)}
+    if adversarial:  # one example with a gradient ~1e6 times the others'
+        for dy in dys.values():
+            dy[B // 2] *= 1e6
+    layers = [(emb, ids, dys["emb"]), (lin, h, dys["lin"]), (ln, z, dys["ln"])]
+    return layers
+
+
+def _clipped_sums(layers, keep):
+    """Pre-noise clipped sums of the examples in ``keep``, all parameters, flattened."""
+    sub = [(m, x[keep], dy[keep]) for m, x, dy in layers]
+    total = sum(n for m, x, dy in sub for n in dp_ops.get_layer_rule(m).sq_norms(m, x, dy).values())
+    scale = rmt_kernels.clip_scales(total, C)
+    parts = []
+    for i, (m, x, dy) in enumerate(sub):
+        names = [n for n, _ in m.named_parameters()]
+        offsets = {n: dp_ops.noise_offset(0, 2 * i + j, 6) for j, n in enumerate(names)}
+        sums = dp_ops.get_layer_rule(m).clipped_noisy_sums(m, x, dy, scale, 0.0, 0, offsets)
+        assert set(sums) == set(names)  # every trainable parameter is covered
+        parts += [sums[n].double().flatten() for n in names]
+    return torch.cat(parts)
+
+
+@pytest.mark.parametrize("adversarial", [False, True])
+@pytest.mark.parametrize(("B", "T"), [(6, 4), (1, 3), (5, 1)])
+def test_removing_one_example_moves_the_sum_by_at_most_c(B, T, adversarial):
+    layers = _batch(B, T, adversarial)
+    full = _clipped_sums(layers, torch.arange(B))
+    for k in range(B):
+        keep = torch.tensor([b for b in range(B) if b != k], dtype=torch.long)
+        without = torch.zeros_like(full) if len(keep) == 0 else _clipped_sums(layers, keep)
+        # float32 sums of terms up to C each: allow rounding of a few ulps of the sum's scale.
+        assert (full - without).norm().item() <= C * (1 + 1e-4)
+
+
+def test_unknown_layer_is_an_error_and_rules_can_be_registered():
+    class Scale(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gain = nn.Parameter(torch.ones(4))
+
+        def forward(self, x):
+            return x * self.gain
+
+    with pytest.raises(TypeError, match="no DP layer rule for Scale"):
+        dp_ops.get_layer_rule(Scale())
+
+    def norms(m, x, dy):
+        return {"gain": (x * dy).flatten(1, -2).sum(1).square().sum(1)}
+
+    def sums(m, x, dy, scale, noise_std, seed, offsets):
+        g = torch.einsum("b,b...d->d", scale, x * dy)
+        return {"gain": rmt_kernels.add_gaussian_noise(g, noise_std, seed, offsets["gain"])}
+
+    dp_ops.register_layer_rule(Scale, dp_ops.LayerRule(norms, sums))
+    try:
+        m, x, dy = Scale(), torch.randn(3, 2, 4), torch.randn(3, 2, 4)
+        from rmt_kernels.reference_dp import per_example_grads, per_example_sq_norms
+
+        expected = per_example_sq_norms(per_example_grads(m, x, dy))["gain"]
+        got = dp_ops.get_layer_rule(m).sq_norms(m, x, dy)["gain"]
+        torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)
+    finally:
+        dp_ops._RULES.pop(Scale)
+
+
+def test_unsupported_module_options_are_refused():
+    ids, dy = torch.zeros(2, 3, dtype=torch.long), torch.randn(2, 3, 4)
+    with pytest.raises(ValueError, match="padding_idx"):
+        m = nn.Embedding(5, 4, padding_idx=0)
+        dp_ops.get_layer_rule(m).sq_norms(m, ids, dy)
+    with pytest.raises(ValueError, match="last dimension"):
+        m = nn.LayerNorm((3, 4))
+        dp_ops.get_layer_rule(m).sq_norms(m, torch.randn(2, 3, 4), torch.randn(2, 3, 4))
+
+
+def test_clip_scales_bound_every_example():
+    sq = torch.tensor([0.0, 0.25, 1.0, 4.0, 1e12])
+    scale = rmt_kernels.clip_scales(sq, C)
+    assert torch.all(scale * sq.sqrt() <= C) and torch.all(scale <= 1)
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        rmt_kernels.clip_scales(sq, 0.0)
