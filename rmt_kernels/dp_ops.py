@@ -323,9 +323,18 @@ def _linear_sums(module: nn.Linear, x, dy, scale, noise_std, seed, offsets):
     return out
 
 
+def _embedding_grad_output(module: nn.Embedding, ids, dy):
+    # nn.Embedding gives the padding row no gradient: drop the positions that look it up.
+    if module.padding_idx is None:
+        return dy
+    return dy.masked_fill((ids == module.padding_idx).unsqueeze(-1), 0)
+
+
 def _embedding_norms(module: nn.Embedding, ids, dy):
     _check_embedding_module(module)
-    return {"weight": embedding_sq_norms(ids, dy)} if _trainable(module, "weight") else {}
+    if not _trainable(module, "weight"):
+        return {}
+    return {"weight": embedding_sq_norms(ids, _embedding_grad_output(module, ids, dy))}
 
 
 def _embedding_sums(module: nn.Embedding, ids, dy, scale, noise_std, seed, offsets):
@@ -334,18 +343,22 @@ def _embedding_sums(module: nn.Embedding, ids, dy, scale, noise_std, seed, offse
         return {}
     return {
         "weight": embedding_clipped_noisy_sum(
-            ids, dy, scale, module.num_embeddings, noise_std, seed, offsets["weight"]
+            ids,
+            _embedding_grad_output(module, ids, dy),
+            scale,
+            module.num_embeddings,
+            noise_std,
+            seed,
+            offsets["weight"],
         )
     }
 
 
 def _check_embedding_module(module: nn.Embedding) -> None:
-    # padding_idx rows get no gradient in nn.Embedding but would here: refuse rather than differ.
-    if module.padding_idx is not None or module.max_norm is not None or module.sparse:
-        raise ValueError(
-            "embedding rule: padding_idx, max_norm and sparse are not supported; zero the "
-            "padding positions of dy instead"
-        )
+    # max_norm renormalises rows in the forward pass and sparse gradients have no dense sum:
+    # refuse rather than compute something nn.Embedding would not.
+    if module.max_norm is not None or module.sparse:
+        raise ValueError("embedding rule: max_norm and sparse embeddings are not supported")
 
 
 def _layernorm_norms(module: nn.LayerNorm, x, dy):

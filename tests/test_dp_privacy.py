@@ -84,8 +84,8 @@ def test_unknown_layer_is_an_error_and_rules_can_be_registered():
 
 def test_unsupported_module_options_are_refused():
     ids, dy = torch.zeros(2, 3, dtype=torch.long), torch.randn(2, 3, 4)
-    with pytest.raises(ValueError, match="padding_idx"):
-        m = nn.Embedding(5, 4, padding_idx=0)
+    with pytest.raises(ValueError, match="max_norm"):
+        m = nn.Embedding(5, 4, max_norm=1.0)
         dp_ops.get_layer_rule(m).sq_norms(m, ids, dy)
     with pytest.raises(ValueError, match="last dimension"):
         m = nn.LayerNorm((3, 4))
@@ -98,3 +98,25 @@ def test_clip_scales_bound_every_example():
     assert torch.all(scale * sq.sqrt() <= C) and torch.all(scale <= 1)
     with pytest.raises(ValueError, match="max_grad_norm"):
         rmt_kernels.clip_scales(sq, 0.0)
+
+
+def test_embedding_padding_idx_gets_no_gradient_as_in_torch():
+    # RoBERTa looks up its padding token (padding_idx=1) at every padded position.
+    from rmt_kernels.reference_dp import per_example_grads, per_example_sq_norms
+
+    m = nn.Embedding(7, 4, padding_idx=1)
+    ids = torch.tensor([[1, 1, 3, 2], [5, 1, 1, 1], [1, 6, 6, 0]])
+    dy = torch.randn(3, 4, 4)
+    rule = dp_ops.get_layer_rule(m)
+    grads = per_example_grads(m, ids, dy)
+    torch.testing.assert_close(
+        rule.sq_norms(m, ids, dy)["weight"].double(),
+        per_example_sq_norms(grads)["weight"],
+        rtol=1e-5,
+        atol=1e-6,
+    )
+    scale = torch.tensor([1.0, 0.5, 0.25])
+    total = rule.clipped_noisy_sums(m, ids, dy, scale, 0.0, 0, {"weight": 0})["weight"]
+    expected = torch.einsum("b,bij->ij", scale.double(), grads["weight"])
+    torch.testing.assert_close(total.double(), expected, rtol=1e-5, atol=1e-6)
+    assert torch.all(total[1] == 0)

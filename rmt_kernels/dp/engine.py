@@ -1,0 +1,221 @@
+"""The private step: per-example clipping over all parameters, noise once per logical step,
+optional denoising, accounting.
+
+Data flow of one logical step (DESIGN.md): for each physical batch, hooks keep every tracked
+layer's input and output gradient -> per-example squared norms per parameter, summed into one
+total norm per example -> clip factors -> clipped sums. At ``step()``: Gaussian noise of std
+``noise_multiplier * max_grad_norm`` on every coordinate (fused into the last batch's sums) ->
+divide by the expected batch size -> denoise the selected 2-D weights -> ``param.grad`` -> the
+wrapped optimizer -> the accountant.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from rmt_kernels.dp.capture import LayerCapture, TrackedLayer, trainable_layers
+from rmt_kernels.dp_ops import add_gaussian_noise, clip_scales, noise_offset
+from rmt_kernels.ops import denoise_many
+
+DenoiseFilter = Callable[[str, nn.Module, str, nn.Parameter], bool]
+
+
+def denoise_linear_weights(layer_name: str, module: nn.Module, name: str, p: nn.Parameter) -> bool:
+    """Default choice of what to denoise: the 2-D weights of ``nn.Linear`` layers.
+
+    Embedding gradients are row-sparse (only the rows of tokens in the batch), not low-rank, so
+    they are left alone.
+    """
+    return isinstance(module, nn.Linear) and name == "weight" and p.dim() == 2
+
+
+class PrivateEngine:
+    """Book-keeping DP-SGD for a model: clipping, noise, denoising, accounting.
+
+    Usually built by :func:`rmt_kernels.dp.make_private`; see it for the arguments.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        noise_multiplier: float,
+        max_grad_norm: float,
+        expected_batch_size: int,
+        sample_rate: float,
+        accountant,
+        denoise: dict | None = None,
+        denoise_filter: DenoiseFilter = denoise_linear_weights,
+        loss_reduction: str = "mean",
+        seed: int | None = None,
+        secure_mode: bool = False,
+    ) -> None:
+        if not (max_grad_norm > 0 and max_grad_norm < float("inf")):
+            raise ValueError(f"max_grad_norm must be a finite number > 0, got {max_grad_norm}")
+        if not noise_multiplier >= 0:
+            raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier}")
+        if expected_batch_size < 1:
+            raise ValueError(f"expected_batch_size must be >= 1, got {expected_batch_size}")
+        if loss_reduction not in ("mean", "sum"):
+            raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
+        self.model = model
+        self.noise_multiplier = float(noise_multiplier)
+        self.max_grad_norm = float(max_grad_norm)
+        self.expected_batch_size = int(expected_batch_size)
+        self.sample_rate = float(sample_rate)
+        self.accountant = accountant
+        self.denoise_options = dict(denoise) if denoise is not None else None
+        self.loss_reduction = loss_reduction
+        self.secure_mode = secure_mode
+        # The noise key is (seed, step, parameter index). In secure mode the seed comes from the
+        # OS and is never stored anywhere a log or checkpoint could show it.
+        if secure_mode or seed is None:
+            seed = secrets.randbits(62)
+        self._seed = int(seed)
+        self.steps = 0
+
+        self.layers: list[TrackedLayer] = trainable_layers(model)
+        self.params: list[tuple[TrackedLayer, str, nn.Parameter]] = [
+            (layer, name, p) for layer in self.layers for name, p in layer.params.items()
+        ]
+        self._param_index = {id(p): i for i, (_, _, p) in enumerate(self.params)}
+        self._denoised = {
+            id(p)
+            for layer, name, p in self.params
+            if denoise is not None and denoise_filter(layer.name, layer.module, name, p)
+        }
+        self.capture = LayerCapture(self.layers)
+        self._pre_hook = model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
+        self._sums: dict[int, torch.Tensor] = {}
+        self.skip_next_step = False
+
+    def __repr__(self) -> str:  # never show the seed
+        return (
+            f"PrivateEngine(noise_multiplier={self.noise_multiplier}, max_grad_norm="
+            f"{self.max_grad_norm}, expected_batch_size={self.expected_batch_size}, "
+            f"params={len(self.params)}, steps={self.steps})"
+        )
+
+    # ---------------------------------------------------------------------------------------
+    # Physical batches
+    # ---------------------------------------------------------------------------------------
+
+    def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if not torch.is_grad_enabled():
+            return
+        # A new physical batch while the previous one is still held: fold it into the sums
+        # (no noise yet) so that several batches make one logical step.
+        if self.capture.pending():
+            self._accumulate(noise_std=0.0)
+        # The batch size is the leading dimension of the model's first tensor input.
+        first = next(
+            (t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor) and t.dim()),
+            None,
+        )
+        self.capture.batch_size = None if first is None else first.shape[0]
+
+    def _grad_outputs(self, captured):
+        """Output gradients of per-example losses: a mean-reduced loss scaled them by 1/B."""
+        batch = captured[0][1].shape[0]
+        factor = batch if self.loss_reduction == "mean" else 1
+        return [(layer, x, dy * factor if factor != 1 else dy) for layer, x, dy in captured]
+
+    def per_example_sq_norms(self, captured) -> torch.Tensor:
+        """Squared norms (B,) of each example's gradient over ALL trainable parameters."""
+        total = None
+        for layer, x, dy in captured:
+            norms = layer.rule.sq_norms(layer.module, x, dy)
+            missing = set(layer.params) - set(norms)
+            if missing:
+                raise RuntimeError(
+                    f"DP engine: the rule of '{layer.name}' gave no norm for {sorted(missing)}"
+                )
+            for name in layer.params:
+                total = norms[name].float() if total is None else total + norms[name].float()
+        return total
+
+    def _accumulate(self, noise_std: float) -> None:
+        """Fold the held physical batch into the clipped sums, adding noise if asked."""
+        captured = self._grad_outputs(self.capture.take())
+        scale = clip_scales(self.per_example_sq_norms(captured), self.max_grad_norm)
+        for layer, x, dy in captured:
+            offsets = {
+                name: noise_offset(self.steps, self._param_index[id(p)], len(self.params))
+                for name, p in layer.params.items()
+            }
+            sums = layer.rule.clipped_noisy_sums(
+                layer.module, x, dy, scale, noise_std, self._seed, offsets
+            )
+            for name, p in layer.params.items():
+                if name not in sums:
+                    raise RuntimeError(
+                        f"DP engine: the rule of '{layer.name}' gave no sum for '{name}'"
+                    )
+                key = id(p)
+                self._sums[key] = (
+                    sums[name] if key not in self._sums else self._sums[key] + sums[name]
+                )
+
+    # ---------------------------------------------------------------------------------------
+    # Logical step
+    # ---------------------------------------------------------------------------------------
+
+    def sigma(self) -> float:
+        """Per-entry noise std of the averaged gradient: the denoiser's ``sigma``."""
+        return self.noise_multiplier * self.max_grad_norm / self.expected_batch_size
+
+    def privatize(self) -> None:
+        """Turn the held batches into noisy, averaged (and denoised) gradients in ``p.grad``.
+
+        Noise of std ``noise_multiplier * max_grad_norm`` enters every coordinate exactly once:
+        fused into the last physical batch's sums, or added on its own when that batch was
+        already folded in (or was empty).
+        """
+        noise_std = self.noise_multiplier * self.max_grad_norm
+        noised = set()
+        if self.capture.pending():
+            self._accumulate(noise_std=noise_std)
+            noised = set(self._sums)
+        for i, (_, _, p) in enumerate(self.params):
+            key = id(p)
+            if key not in self._sums:  # an empty logical batch: noise alone
+                self._sums[key] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+            if key not in noised and noise_std > 0:
+                offset = noise_offset(self.steps, i, len(self.params))
+                self._sums[key] = add_gaussian_noise(self._sums[key], noise_std, self._seed, offset)
+        grads = {key: s / self.expected_batch_size for key, s in self._sums.items()}
+        self._sums = {}
+        # Denoising reads only the noisy averaged gradient and the public sigma (post-processing).
+        if self._denoised and self.noise_multiplier > 0:
+            keys = [k for k in grads if k in self._denoised]
+            options = dict(self.denoise_options)
+            # The sketch's test matrix only; a fresh one each step, derived from public counters.
+            options["seed"] = options.get("seed", 0) + self.steps
+            denoised = denoise_many([grads[k] for k in keys], self.sigma(), **options)
+            for k, g in zip(keys, denoised, strict=True):
+                grads[k] = g
+        for _, _, p in self.params:
+            p.grad = grads[id(p)].to(p.dtype).view_as(p)
+
+    def step_accounted(self) -> None:
+        """Count one logical step with the accountant."""
+        self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
+        self.steps += 1
+
+    def zero_grad(self) -> None:
+        """Forget held batches and partial sums (the start of a new logical step)."""
+        self.capture.clear()
+        self._sums = {}
+
+    def get_epsilon(self, delta: float) -> float:
+        """Privacy spent so far, at ``delta``, from the accountant."""
+        return float(self.accountant.get_epsilon(delta=delta))
+
+    def detach(self) -> None:
+        """Remove every hook from the model."""
+        self.capture.remove()
+        self._pre_hook.remove()

@@ -1,0 +1,143 @@
+"""``make_private``: a model, an optimizer and a data loader in; their private versions out."""
+
+from __future__ import annotations
+
+from torch import nn
+from torch.utils.data import DataLoader
+
+from rmt_kernels._checks import check_denoise_arguments
+from rmt_kernels.dp.engine import DenoiseFilter, PrivateEngine, denoise_linear_weights
+from rmt_kernels.dp.optimizer import DPOptimizer
+
+ACCOUNTANTS = ("prv", "rdp", "gdp")
+DENOISE_OPTIONS = ("shrinker", "kappa", "rank", "oversample", "niter", "norm", "seed")
+
+
+def _check_denoise_options(denoise: dict | None) -> None:
+    if denoise is None:
+        return
+    if not isinstance(denoise, dict):
+        raise TypeError(f"denoise must be None or a dict of denoise options, got {denoise!r}")
+    unknown = set(denoise) - set(DENOISE_OPTIONS)
+    if unknown:
+        raise ValueError(
+            f"denoise: unknown option(s) {sorted(unknown)}; expected some of {DENOISE_OPTIONS}"
+        )
+    import torch
+
+    options = {
+        "shrinker": "frobenius",
+        "kappa": 1.0,
+        "rank": -1,
+        "oversample": 8,
+        "niter": 2,
+        "norm": "none",
+    }
+    options.update({k: v for k, v in denoise.items() if k != "seed"})
+    # Validated once against a dummy matrix big enough for any rank a layer might use.
+    rank = options["rank"]
+    size = max(2, rank if isinstance(rank, int) else 2)
+    check_denoise_arguments(torch.empty(size, size, device="meta"), 1.0, **options)
+
+
+def make_private(
+    model: nn.Module,
+    optimizer,
+    data_loader: DataLoader,
+    *,
+    target_delta: float,
+    max_grad_norm: float,
+    noise_multiplier: float | None = None,
+    target_epsilon: float | None = None,
+    epochs: int | None = None,
+    denoise: dict | None = None,
+    denoise_filter: DenoiseFilter = denoise_linear_weights,
+    poisson_sampling: bool = True,
+    seed: int | None = None,
+    secure_mode: bool = False,
+    accountant: str = "prv",
+    loss_reduction: str = "mean",
+) -> tuple[nn.Module, DPOptimizer, DataLoader]:
+    """Make a model's training differentially private (DP-SGD with book-keeping clipping).
+
+    Every trainable parameter is covered by a layer rule (Linear, Embedding, LayerNorm, and any
+    registered with :func:`rmt_kernels.register_layer_rule`); a trainable parameter without one
+    is an error naming its module. One forward and one backward per batch: no per-example
+    gradients are materialised.
+
+    Args:
+        model: any module built from covered layers (e.g. Hugging Face RoBERTa or BERT).
+        optimizer: any torch optimizer over the model's trainable parameters.
+        data_loader: the training data; with ``poisson_sampling`` it is replaced by Opacus's
+            Poisson-sampling DPDataLoader (what the accountant's analysis assumes).
+        target_delta: the delta of the (epsilon, delta) guarantee.
+        max_grad_norm: C, the per-example clipping norm over all parameters together.
+        noise_multiplier: sigma (noise std = sigma * C); or give ``target_epsilon``.
+        target_epsilon: calibrate sigma (with Opacus's get_noise_multiplier) to spend this over
+            ``epochs``.
+        epochs: the run length for calibration (required with ``target_epsilon``).
+        denoise: options of :func:`rmt_kernels.denoise` (e.g. ``{"kappa": 1.0, "norm":
+            "debiased"}``), or None for plain DP-SGD. Applied with ``sigma = noise_multiplier *
+            max_grad_norm / expected_batch_size`` to the parameters ``denoise_filter`` selects
+            (by default the 2-D weights of nn.Linear layers). Post-processing: privacy is
+            unchanged.
+        poisson_sampling: sample each logical batch by Poisson sampling (recommended).
+        seed: noise seed (noise key = (seed, step, parameter index)); None draws one from the OS.
+        secure_mode: draw the seed from the OS and never expose it.
+        accountant: "prv" (default), "rdp" or "gdp", Opacus's accountants.
+        loss_reduction: "mean" if the loss averages over the batch, "sum" if it sums.
+
+    Returns:
+        ``(model, optimizer, data_loader)``: the same model with hooks, a :class:`DPOptimizer`
+        (``optimizer.engine`` is the :class:`PrivateEngine`; ``optimizer.get_epsilon(delta)``),
+        and the data loader to iterate.
+    """
+    from opacus.accountants import create_accountant
+    from opacus.accountants.utils import get_noise_multiplier
+    from opacus.data_loader import DPDataLoader
+
+    if not (0 < target_delta < 1):
+        raise ValueError(f"target_delta must be in (0, 1), got {target_delta}")
+    if not (isinstance(max_grad_norm, (int, float)) and 0 < max_grad_norm < float("inf")):
+        raise ValueError(f"max_grad_norm must be a finite number > 0, got {max_grad_norm}")
+    if accountant not in ACCOUNTANTS:
+        raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
+    if (noise_multiplier is None) == (target_epsilon is None):
+        raise ValueError("give exactly one of noise_multiplier and target_epsilon")
+    if target_epsilon is not None and epochs is None:
+        raise ValueError("target_epsilon needs epochs: the calibration depends on the run length")
+    if target_epsilon is not None and not target_epsilon > 0:
+        raise ValueError(f"target_epsilon must be > 0, got {target_epsilon}")
+    if noise_multiplier is not None and not noise_multiplier >= 0:
+        raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier}")
+    _check_denoise_options(denoise)
+    if len(data_loader) == 0:
+        raise ValueError("data_loader is empty")
+
+    dataset_size = len(data_loader.dataset)
+    sample_rate = 1 / len(data_loader)
+    expected_batch_size = max(1, round(sample_rate * dataset_size))
+    if poisson_sampling:
+        data_loader = DPDataLoader.from_data_loader(data_loader)
+    if target_epsilon is not None:
+        noise_multiplier = get_noise_multiplier(
+            target_epsilon=target_epsilon,
+            target_delta=target_delta,
+            sample_rate=sample_rate,
+            epochs=epochs,
+            accountant=accountant,
+        )
+    engine = PrivateEngine(
+        model,
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=max_grad_norm,
+        expected_batch_size=expected_batch_size,
+        sample_rate=sample_rate,
+        accountant=create_accountant(mechanism=accountant),
+        denoise=denoise,
+        denoise_filter=denoise_filter,
+        loss_reduction=loss_reduction,
+        seed=seed,
+        secure_mode=secure_mode,
+    )
+    return model, DPOptimizer(optimizer, engine), data_loader

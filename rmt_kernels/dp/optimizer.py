@@ -1,0 +1,91 @@
+"""The optimizer users step: any torch optimizer, fed private gradients."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from rmt_kernels.dp.engine import PrivateEngine
+
+
+class DPOptimizer(torch.optim.Optimizer):
+    """Wraps a torch optimizer (SGD, Adam, AdamW, any) so that ``step()`` is a DP-SGD step.
+
+    ``step()`` turns the physical batches seen since the last step into one noisy, clipped,
+    averaged (and optionally denoised) gradient, lets the wrapped optimizer use it, and counts
+    the step with the accountant. Gradient accumulation is the ordinary loop: several
+    ``forward``/``backward`` passes, then one ``step()``; Opacus's ``BatchMemoryManager`` works
+    too (it calls :meth:`signal_skip_step`).
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, engine: PrivateEngine) -> None:
+        # Share the wrapped optimizer's state and groups (as Opacus's DPOptimizer does), so
+        # schedulers and state_dict act on it.
+        self.original_optimizer = optimizer
+        self.engine = engine
+        self._skip_next = False
+        self._last_skipped = False
+        tracked = {id(p) for _, _, p in engine.params}
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.requires_grad and id(p) not in tracked:
+                    raise ValueError(
+                        "make_private: the optimizer holds a trainable parameter that is not in "
+                        "the model; DP-SGD could not noise it"
+                    )
+
+    # torch.optim.Optimizer plumbing, delegated.
+    @property
+    def param_groups(self):  # type: ignore[override]
+        return self.original_optimizer.param_groups
+
+    @property
+    def state(self):  # type: ignore[override]
+        return self.original_optimizer.state
+
+    @property
+    def defaults(self):  # type: ignore[override]
+        return self.original_optimizer.defaults
+
+    def state_dict(self):
+        return self.original_optimizer.state_dict()
+
+    def load_state_dict(self, state_dict) -> None:
+        self.original_optimizer.load_state_dict(state_dict)
+
+    def add_param_group(self, param_group) -> None:
+        raise RuntimeError("DPOptimizer: parameters cannot be added after make_private")
+
+    def __repr__(self) -> str:
+        return f"DPOptimizer({self.original_optimizer!r}, {self.engine!r})"
+
+    def signal_skip_step(self, do_skip: bool = True) -> None:
+        """Make the next ``step()`` only accumulate (Opacus's BatchMemoryManager protocol)."""
+        self._skip_next = do_skip
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear gradients; partial sums of a logical step in progress are kept."""
+        self.original_optimizer.zero_grad(set_to_none=set_to_none)
+        if not self._last_skipped:
+            self.engine.zero_grad()
+
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """One DP-SGD step (or, after ``signal_skip_step(True)``, one accumulated batch)."""
+        if closure is not None:
+            with torch.enable_grad():
+                closure()
+        if self._skip_next:
+            if self.engine.capture.pending():
+                self.engine._accumulate(noise_std=0.0)
+            self._last_skipped = True
+            self._skip_next = False
+            return None
+        self._last_skipped = False
+        self.engine.privatize()
+        self.engine.step_accounted()
+        return self.original_optimizer.step()
+
+    def get_epsilon(self, delta: float) -> float:
+        """Privacy spent so far, at ``delta``."""
+        return self.engine.get_epsilon(delta)

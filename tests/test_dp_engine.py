@@ -1,0 +1,355 @@
+"""The native DP-SGD engine (rmt_kernels.dp) on tiny RoBERTa and BERT models."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from rmt_kernels.dp import make_private
+from tests.dp_models import clipped_sum, padded_batch, per_example_grads, tiny_model
+
+pytest.importorskip("transformers")
+pytest.importorskip("opacus")
+
+C = 0.5
+
+
+def _private(model, batch, *, noise=0.0, lr=0.1, **kw):
+    ids, mask, labels = batch
+    loader = DataLoader(TensorDataset(ids, mask, labels), batch_size=len(ids))
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    return make_private(
+        model,
+        opt,
+        loader,
+        target_delta=1e-5,
+        max_grad_norm=C,
+        noise_multiplier=noise,
+        poisson_sampling=False,
+        seed=1234,
+        **kw,
+    )
+
+
+def _backward(model, batch):
+    ids, mask, labels = batch
+    model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+
+
+@pytest.mark.parametrize(
+    ("kind", "attn"), [("roberta", "sdpa"), ("roberta", "eager"), ("bert", "sdpa")]
+)
+def test_one_step_equals_per_example_clipped_sgd(kind, attn):
+    batch = padded_batch()
+    reference = tiny_model(kind, attn)
+    expected = clipped_sum(per_example_grads(reference, *batch), C)
+    model, opt, _ = _private(tiny_model(kind, attn), batch)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    _backward(model, batch)
+    opt.step()
+    for n, p in model.named_parameters():
+        grad = expected[n] / len(batch[0])
+        torch.testing.assert_close(p.grad.double(), grad, rtol=1e-4, atol=1e-6, msg=n)
+        torch.testing.assert_close(
+            p.detach().double(), before[n].double() - 0.1 * grad, rtol=1e-4, atol=1e-6
+        )
+
+
+def test_accumulated_physical_batches_equal_one_logical_batch():
+    batch = padded_batch(batch=8)
+    model, opt, _ = _private(tiny_model(), batch)
+    halves = [tuple(t[:4] for t in batch), tuple(t[4:] for t in batch)]
+    for half in halves:
+        _backward(model, half)
+    opt.step()
+    expected = clipped_sum(per_example_grads(tiny_model(), *batch), C)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad.double(), expected[n] / 8, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def _noise(model_grads, clean):
+    return {n: g.double() - clean[n] for n, g in model_grads.items()}
+
+
+@pytest.mark.parametrize("physical_batches", [1, 2])
+def test_noise_has_std_sigma_c_once_per_step(physical_batches):
+    # Each coordinate of the averaged gradient gets N(0, (sigma C / B)^2), once per logical
+    # step however many physical batches made it. For a parameter with n coordinates the sample
+    # variance has relative std sqrt(2 / n); 6 of those bound a false failure below 1e-8 per
+    # parameter (~40 parameters here), and the mean is bounded the same way.
+    sigma, batch = 2.0, padded_batch(batch=8)
+    clean = {n: g / 8 for n, g in clipped_sum(per_example_grads(tiny_model(), *batch), C).items()}
+    model, opt, _ = _private(tiny_model(), batch, noise=sigma)
+    for part in torch.arange(8).chunk(physical_batches):
+        _backward(model, tuple(t[part] for t in batch))
+    opt.step()
+    std = sigma * C / 8
+    for n, noise in _noise({n: p.grad for n, p in model.named_parameters()}, clean).items():
+        k = noise.numel()
+        assert abs(noise.mean().item()) < 6 * std / math.sqrt(k), n
+        assert abs(noise.var().item() / std**2 - 1) < 6 * math.sqrt(2 / k) + 1e-3, n
+
+
+def test_noise_streams_differ_across_steps_and_parameters_and_repeat_by_seed():
+    batch = padded_batch()
+    grads = []
+    for _ in range(2):
+        model, opt, _ = _private(tiny_model(), batch, noise=1.0, lr=0.0)
+        step_grads = []
+        for _ in range(2):
+            _backward(model, batch)
+            opt.step()
+            step_grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+            opt.zero_grad()
+        grads.append(step_grads)
+    # Same seed, same steps: identical noise (lr = 0 keeps the clean part equal too).
+    for n in grads[0][0]:
+        assert torch.equal(grads[0][0][n], grads[1][0][n])
+    # Two steps of the same batch: the clean part is equal, the noise is not.
+    w = "roberta.encoder.layer.0.attention.self.query.weight"
+    diff = grads[0][0][w] - grads[0][1][w]
+    assert diff.std() > 0.5 * math.sqrt(2) * C / len(batch[0])
+    # Two parameters of one shape at one step: uncorrelated noise.
+    q = grads[0][0][w].flatten() - grads[0][0][w].flatten().mean()
+    k = grads[0][0][w.replace("query", "key")].flatten()
+    k = k - k.mean()
+    r = (q @ k / (q.norm() * k.norm())).item()
+    assert abs(r) < 6 / math.sqrt(q.numel())
+
+
+def test_sensitivity_removing_one_example_moves_the_sum_by_at_most_c():
+    # Adversarial: one example with a huge gradient (a very large embedding row makes it so).
+    for adversarial in (False, True):
+        batch = padded_batch(batch=6, seed=3)
+        model = tiny_model()
+        if adversarial:
+            with torch.no_grad():
+                model.roberta.embeddings.word_embeddings.weight[batch[0][2, 0]] *= 1e4
+        sums = []
+        for keep in (torch.arange(6), torch.tensor([0, 1, 3, 4, 5])):
+            m, opt, _ = _private(model, tuple(t[keep] for t in batch))
+            _backward(m, tuple(t[keep] for t in batch))
+            m_engine = opt.engine
+            opt.step()
+            sums.append(
+                {n: p.grad.double() * m_engine.expected_batch_size for n, p in m.named_parameters()}
+            )
+            m_engine.detach()
+            with torch.no_grad():  # undo the step so the second run starts from the same model
+                for p in m.parameters():
+                    p.add_(0.1 * p.grad)
+        moved = math.sqrt(sum((sums[0][n] - sums[1][n]).square().sum().item() for n in sums[0]))
+        assert moved <= C * (1 + 1e-4)
+
+
+def test_denoise_is_post_processing_of_the_noisy_gradient(monkeypatch):
+    import rmt_kernels.dp.engine as engine_module
+
+    seen = {}
+    real = engine_module.denoise_many
+
+    def spy(grads, sigma, **options):
+        seen["grads"] = [g.clone() for g in grads]
+        seen["sigma"] = sigma
+        seen["options"] = options
+        return real(grads, sigma, **options)
+
+    batch = padded_batch(batch=8)
+    plain, plain_opt, _ = _private(tiny_model(), batch, noise=1.0, lr=0.0)
+    _backward(plain, batch)
+    plain_opt.step()
+    monkeypatch.setattr(engine_module, "denoise_many", spy)
+    model, opt, _ = _private(tiny_model(), batch, noise=1.0, lr=0.0, denoise={"kappa": 0.5})
+    _backward(model, batch)
+    opt.step()
+    linear_weights = [
+        p.grad
+        for n, p in plain.named_parameters()
+        if n.endswith("weight") and p.dim() == 2 and "embeddings" not in n
+    ]
+    # It saw exactly the noisy averaged gradients plain DP-SGD produced, and the public sigma.
+    assert len(seen["grads"]) == len(linear_weights)
+    for a, b in zip(seen["grads"], linear_weights, strict=True):
+        assert torch.equal(a, b)
+    assert seen["sigma"] == pytest.approx(1.0 * C / 8)
+    assert seen["options"]["kappa"] == 0.5
+    # Parameters it does not touch are plain DP-SGD's.
+    for (n, p), (_, q) in zip(model.named_parameters(), plain.named_parameters(), strict=True):
+        if p.dim() == 1 or "embeddings" in n:
+            assert torch.equal(p.grad, q.grad), n
+
+
+def test_accountant_matches_opacus():
+    from opacus.accountants import PRVAccountant
+
+    batch = padded_batch(batch=4)
+    dataset = TensorDataset(*(t.repeat(25, 1) if t.dim() == 2 else t.repeat(25) for t in batch))
+    loader = DataLoader(dataset, batch_size=4)
+    model = tiny_model()
+    model, opt, loader = make_private(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.0),
+        loader,
+        target_delta=1e-5,
+        max_grad_norm=C,
+        noise_multiplier=1.1,
+        seed=0,
+    )
+    steps = 0
+    for ids, mask, labels in loader:
+        if len(ids):
+            model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        steps += 1
+        if steps == 3:
+            break
+    reference = PRVAccountant()
+    for _ in range(3):
+        reference.step(noise_multiplier=1.1, sample_rate=4 / 100)
+    assert opt.get_epsilon(1e-5) == pytest.approx(reference.get_epsilon(delta=1e-5), rel=1e-6)
+
+
+def test_target_epsilon_calibrates_the_noise():
+    from opacus.accountants.utils import get_noise_multiplier
+
+    batch = padded_batch(batch=4)
+    loader = DataLoader(TensorDataset(*batch), batch_size=2)
+    model = tiny_model()
+    _, opt, _ = make_private(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        loader,
+        target_delta=1e-5,
+        max_grad_norm=C,
+        target_epsilon=3.0,
+        epochs=2,
+        accountant="rdp",
+    )
+    expected = get_noise_multiplier(
+        target_epsilon=3.0, target_delta=1e-5, sample_rate=0.5, epochs=2, accountant="rdp"
+    )
+    assert opt.engine.noise_multiplier == pytest.approx(expected)
+
+
+def _loader():
+    return DataLoader(TensorDataset(*padded_batch(batch=4)), batch_size=2)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "words"),
+    [
+        ({"noise_multiplier": 1.0, "max_grad_norm": 0.0}, ValueError, "max_grad_norm"),
+        ({"noise_multiplier": 1.0, "max_grad_norm": float("nan")}, ValueError, "max_grad_norm"),
+        ({"target_epsilon": 1.0, "max_grad_norm": 1.0}, ValueError, "epochs"),
+        (
+            {"noise_multiplier": 1.0, "target_epsilon": 1.0, "max_grad_norm": 1.0, "epochs": 1},
+            ValueError,
+            "exactly one",
+        ),
+        ({"max_grad_norm": 1.0}, ValueError, "exactly one"),
+        ({"noise_multiplier": -1.0, "max_grad_norm": 1.0}, ValueError, "noise_multiplier"),
+        (
+            {"noise_multiplier": 1.0, "max_grad_norm": 1.0, "target_delta": 0.0},
+            ValueError,
+            "target_delta",
+        ),
+        (
+            {"noise_multiplier": 1.0, "max_grad_norm": 1.0, "accountant": "moments"},
+            ValueError,
+            "accountant",
+        ),
+        (
+            {"noise_multiplier": 1.0, "max_grad_norm": 1.0, "denoise": {"kapa": 1.0}},
+            ValueError,
+            "kapa",
+        ),
+        (
+            {"noise_multiplier": 1.0, "max_grad_norm": 1.0, "denoise": {"shrinker": "soft"}},
+            ValueError,
+            "shrinker",
+        ),
+    ],
+)
+def test_bad_arguments(kwargs, error, words):
+    model = tiny_model()
+    kwargs = {"target_delta": 1e-5, **kwargs}
+    with pytest.raises(error, match=words):
+        make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), _loader(), **kwargs)
+
+
+def test_unsupported_trainable_layer_is_named():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Conv1d(1, 1, 3))
+    with pytest.raises(TypeError, match=r"module '1' \(Conv1d\)"):
+        make_private(
+            model,
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            _loader(),
+            target_delta=1e-5,
+            max_grad_norm=1.0,
+            noise_multiplier=1.0,
+        )
+    model[1].requires_grad_(False)  # freezing it is the user's choice
+    make_private(
+        model,
+        torch.optim.SGD(model[0].parameters(), lr=0.1),
+        _loader(),
+        target_delta=1e-5,
+        max_grad_norm=1.0,
+        noise_multiplier=1.0,
+    )
+
+
+def test_secure_mode_never_shows_the_seed():
+    model = tiny_model()
+    _, opt, _ = make_private(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        _loader(),
+        target_delta=1e-5,
+        max_grad_norm=1.0,
+        noise_multiplier=1.0,
+        secure_mode=True,
+        seed=77,
+    )
+    assert opt.engine._seed != 77
+    assert str(opt.engine._seed) not in repr(opt) + repr(opt.engine)
+
+
+@pytest.mark.parametrize("denoise", [None, {"kappa": 0.5, "norm": "preserve"}])
+def test_tiny_model_learns_a_separable_task_privately(denoise):
+    # Label = whether token 5 appears; a 2-layer model learns it in a few private steps.
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    n = 512
+    ids = torch.randint(6, 60, (n, 8), generator=gen)
+    labels = torch.randint(0, 2, (n,), generator=gen)
+    ids[labels == 1, 0] = 5
+    mask = torch.ones_like(ids)
+    loader = DataLoader(TensorDataset(ids, mask, labels), batch_size=128)
+    model = tiny_model()
+    model, opt, loader = make_private(
+        model,
+        torch.optim.Adam(model.parameters(), lr=3e-3),
+        loader,
+        target_delta=1e-5,
+        max_grad_norm=1.0,
+        noise_multiplier=0.5,
+        seed=0,
+        denoise=denoise,
+    )
+    for _ in range(6):
+        for b_ids, b_mask, b_labels in loader:
+            if len(b_ids) == 0:
+                continue
+            model(input_ids=b_ids, attention_mask=b_mask, labels=b_labels).loss.backward()
+            opt.step()
+            opt.zero_grad()
+    with torch.no_grad():
+        accuracy = (
+            (model(input_ids=ids, attention_mask=mask).logits.argmax(-1) == labels).float().mean()
+        )
+    assert accuracy > 0.9
