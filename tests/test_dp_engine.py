@@ -198,13 +198,11 @@ def test_accountant_matches_opacus():
         noise_multiplier=1.1,
         seed=0,
     )
-    steps = 0
-    for ids, mask, labels in loader:
+    for steps, (ids, mask, labels) in enumerate(loader, start=1):
         if len(ids):
             model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
         opt.step()
         opt.zero_grad()
-        steps += 1
         if steps == 3:
             break
     reference = PRVAccountant()

@@ -1,0 +1,188 @@
+"""One DP fine-tuning step, side by side: non-private AdamW, Opacus hooks, Opacus ghost
+clipping, ours, ours + denoise. RoBERTa-base shapes (random init, fewer layers on a CPU), every
+parameter trainable, a batch of SST-2 sentences.
+
+``python -m bench.dp_step [--layers 2] [--batch 16] [--length 64] [--steps 5]``
+
+Each method runs in its own process, so peak memory (the process's resident high-water mark,
+which counts every allocator path) is measured without the others' leftovers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from bench.report import machine_description
+
+METHODS = ["non-private", "opacus hooks", "opacus ghost", "ours", "ours + denoise"]
+NOISE_MULTIPLIER = 1.0
+MAX_GRAD_NORM = 1.0
+# RoBERTa-base's config, so the benchmark needs no files (../shared/models has the same).
+ROBERTA_BASE = dict(
+    vocab_size=50265,
+    hidden_size=768,
+    num_attention_heads=12,
+    intermediate_size=3072,
+    max_position_embeddings=514,
+    type_vocab_size=1,
+    pad_token_id=1,
+    bos_token_id=0,
+    eos_token_id=2,
+    layer_norm_eps=1e-5,
+)
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1])
+    raise RuntimeError(field)
+
+
+def run_method(method: str, layers: int, batch: int, length: int, steps: int) -> dict:
+    """Time ``steps`` steps of ``method`` (after 2 warm-up steps) in this process."""
+    from torch.utils.data import DataLoader, TensorDataset
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    from bench.sst2 import sst2_batch
+
+    torch.manual_seed(0)
+    config = RobertaConfig(**ROBERTA_BASE, num_hidden_layers=layers, num_labels=2)
+    model = RobertaForSequenceClassification(config)
+    ids, mask, labels, source = sst2_batch(batch, length)
+    loader = DataLoader(TensorDataset(ids, mask, labels), batch_size=batch)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    criterion = torch.nn.CrossEntropyLoss()
+
+    if method in ("opacus hooks", "opacus ghost"):
+        from opacus import PrivacyEngine
+
+        engine = PrivacyEngine()
+        kw = dict(
+            module=model,
+            optimizer=optimizer,
+            data_loader=loader,
+            poisson_sampling=False,
+            noise_multiplier=NOISE_MULTIPLIER,
+            max_grad_norm=MAX_GRAD_NORM,
+        )
+        if method == "opacus ghost":
+            model, optimizer, criterion, loader = engine.make_private(
+                **kw, criterion=criterion, grad_sample_mode="ghost"
+            )
+        else:
+            model, optimizer, loader = engine.make_private(**kw)
+    elif method.startswith("ours"):
+        from rmt_kernels.dp import make_private
+
+        model, optimizer, loader = make_private(
+            model,
+            optimizer,
+            loader,
+            target_delta=1e-5,
+            max_grad_norm=MAX_GRAD_NORM,
+            noise_multiplier=NOISE_MULTIPLIER,
+            poisson_sampling=False,
+            seed=0,
+            denoise={} if method == "ours + denoise" else None,
+        )
+
+    def step():
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        loss = criterion(logits, labels)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(2):
+        step()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the high-water mark: the peak below is the steps' own
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return {
+        "method": method,
+        "median_s": statistics.median(times),
+        "peak_mib": _rss_kib("VmHWM:") / 1024,
+        "source": source,
+        "params": sum(p.numel() for p in model.parameters()),
+    }
+
+
+def table(results: list[dict]) -> str:
+    base = next(r for r in results if r["method"] == "non-private")
+    lines = [
+        "| method | median step s | time / non-private | peak RSS MiB | memory / non-private |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r['method']} | {r['median_s']:.3f} | {r['median_s'] / base['median_s']:.2f}x | "
+            f"{r['peak_mib']:.0f} | {r['peak_mib'] / base['peak_mib']:.2f}x |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(prog="python -m bench.dp_step", description=__doc__)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--length", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--method", choices=METHODS, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.method:  # child process
+        print(json.dumps(run_method(args.method, args.layers, args.batch, args.length, args.steps)))
+        return ""
+    results = []
+    for method in METHODS:
+        print(f"dp step: {method} ...", flush=True)
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "bench.dp_step",
+                "--method",
+                method,
+                "--layers",
+                str(args.layers),
+                "--batch",
+                str(args.batch),
+                "--length",
+                str(args.length),
+                "--steps",
+                str(args.steps),
+            ],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).resolve().parents[1],
+            check=False,
+        )
+        if out.returncode != 0:
+            raise RuntimeError(f"{method} failed:\n{out.stderr[-3000:]}")
+        results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    report = (
+        f"### One DP step: RoBERTa-base shapes, {args.layers} encoder layers, "
+        f"{results[0]['params'] / 1e6:.1f}M parameters all trainable, B = {args.batch}, "
+        f"T = {args.length}, {results[0]['source']}\n\n"
+        f"Measured {machine_description()}; median of {args.steps} steps after 2 warm-up steps, "
+        "each method in its own process.\n\n" + table(results) + "\n"
+    )
+    print(report)
+    return report
+
+
+if __name__ == "__main__":
+    main()
