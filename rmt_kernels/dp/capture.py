@@ -89,8 +89,12 @@ class LayerCapture:
             def keep_grad(grad: torch.Tensor) -> None:
                 layer.grad_output = grad.detach()
 
-            if output.requires_grad:
-                output.register_hook(keep_grad)
+            if not output.requires_grad:
+                # The engine turns parameter gradients off during forward (autograd would
+                # compute the non-private sum for nothing), so a layer fed by data alone (the
+                # embeddings) has an output outside the graph: make it the graph's leaf.
+                output.requires_grad_()
+            output.register_hook(keep_grad)
             return output
 
         return hook

@@ -89,7 +89,10 @@ class PrivateEngine:
             if denoise is not None and denoise_filter(layer.name, layer.module, name, p)
         }
         self.capture = LayerCapture(self.layers)
-        self._pre_hook = model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
+        self._hooks = [
+            model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
+            model.register_forward_hook(self._after_forward),
+        ]
         self._sums: dict[int, torch.Tensor] = {}
         self.skip_next_step = False
 
@@ -117,6 +120,15 @@ class PrivateEngine:
             None,
         )
         self.capture.batch_size = None if first is None else first.shape[0]
+        # Autograd need not compute parameter gradients: the layer rules build the private
+        # ones from each layer's input and output gradient, so the graph is built without them
+        # (which saves a weight-gradient GEMM per layer and the dense embedding gradient).
+        for _, _, p in self.params:
+            p.requires_grad_(False)
+
+    def _after_forward(self, module: nn.Module, args: tuple, output) -> None:
+        for _, _, p in self.params:
+            p.requires_grad_(True)
 
     def _grad_outputs(self, captured):
         """Output gradients of per-example losses: a mean-reduced loss scaled them by 1/B."""
@@ -218,4 +230,5 @@ class PrivateEngine:
     def detach(self) -> None:
         """Remove every hook from the model."""
         self.capture.remove()
-        self._pre_hook.remove()
+        for handle in self._hooks:
+            handle.remove()
