@@ -153,7 +153,10 @@ class PrivateEngine:
     def _accumulate(self, noise_std: float) -> None:
         """Fold the held physical batch into the clipped sums, adding noise if asked."""
         captured = self._grad_outputs(self.capture.take())
+        # Dividing by the expected batch size is folded into the clip factors and the noise std
+        # (noise_std arrives already divided), so the sums come out averaged with no extra pass.
         scale = clip_scales(self.per_example_sq_norms(captured), self.max_grad_norm)
+        scale = scale / self.expected_batch_size
         for layer, x, dy in captured:
             offsets = {
                 name: noise_offset(self.steps, self._param_index[id(p)], len(self.params))
@@ -183,11 +186,12 @@ class PrivateEngine:
     def privatize(self) -> None:
         """Turn the held batches into noisy, averaged (and denoised) gradients in ``p.grad``.
 
-        Noise of std ``noise_multiplier * max_grad_norm`` enters every coordinate exactly once:
-        fused into the last physical batch's sums, or added on its own when that batch was
-        already folded in (or was empty).
+        Noise of std ``noise_multiplier * max_grad_norm`` on the sum (``sigma()`` on the
+        average) enters every coordinate exactly once: fused into the last physical batch's
+        sums, or added on its own when that batch was already folded in (or was empty).
         """
-        noise_std = self.noise_multiplier * self.max_grad_norm
+        # Std of the noise on the averaged gradient: noise_multiplier * max_grad_norm on the sum.
+        noise_std = self.sigma()
         noised = set()
         if self.capture.pending():
             self._accumulate(noise_std=noise_std)
@@ -199,8 +203,7 @@ class PrivateEngine:
             if key not in noised and noise_std > 0:
                 offset = noise_offset(self.steps, i, len(self.params))
                 self._sums[key] = add_gaussian_noise(self._sums[key], noise_std, self._seed, offset)
-        grads = {key: s / self.expected_batch_size for key, s in self._sums.items()}
-        self._sums = {}
+        grads, self._sums = self._sums, {}
         # Denoising reads only the noisy averaged gradient and the public sigma (post-processing).
         if self._denoised and self.noise_multiplier > 0:
             keys = [k for k in grads if k in self._denoised]
