@@ -1,12 +1,17 @@
-"""``python -m bench``: run every benchmark side by side and print the comparison tables.
+"""``python -m bench`` (what ``make bench`` runs): every benchmark side by side, as tables.
 
-Results go to bench/out/ (JSON from pytest-benchmark) and the rendered tables to
-bench/results/<device>.md, which is committed when the numbers are worth keeping.
+1. denoise: one model step of denoising on RoBERTa-base's 72 weight shapes (pytest-benchmark);
+2. dp ops: per-example norms + clipped noisy sums per layer shape, ours vs Opacus;
+3. dp step: one DP fine-tuning step, non-private vs Opacus vs ours (each in its own process).
+
+Raw results go to bench/out/; the tables to bench/results/<cpu|gpu>.md, committed when the
+numbers are worth keeping.
 """
 
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 from pathlib import Path
 
@@ -15,44 +20,64 @@ import pytest
 from bench.report import render
 
 HERE = Path(__file__).resolve().parent
+PARTS = ("denoise", "dp-ops", "dp-step")
+
+
+def run_denoise(out_dir: Path) -> str:
+    json_path = out_dir / "denoise.json"
+    code = pytest.main(
+        [
+            str(HERE / "bench_denoise.py"),
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "--benchmark-only",
+            "--benchmark-disable-gc",
+            f"--benchmark-json={json_path}",
+            "--benchmark-columns=median,iqr,rounds",
+        ]
+    )
+    if code != 0:
+        raise SystemExit(f"denoise benchmark failed (pytest exit {code})")
+    return render(json_path)
+
+
+def run_script(module: str, out_file: Path, *args: str) -> str:
+    subprocess.run(
+        [sys.executable, "-m", module, "--out", str(out_file), *args],
+        cwd=HERE.parent,
+        check=True,
+    )
+    return out_file.read_text()
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("-k", default=None, help="only benchmarks matching this expression")
-    parser.add_argument(
-        "--results", default=None, help="markdown file for the tables (default: bench/results/)"
-    )
+    parser.add_argument("--only", choices=PARTS, action="append", help="run only these parts")
+    parser.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
+    parser.add_argument("--results", default=None, help="markdown file for the tables")
     args = parser.parse_args(argv)
+    parts = args.only or list(PARTS)
 
     out_dir = HERE / "out"
     out_dir.mkdir(exist_ok=True)
-    json_path = out_dir / "benchmarks.json"
-    pytest_args = [
-        str(HERE),
-        "-q",
-        "-p",
-        "no:cacheprovider",
-        "-o",
-        "python_files=bench_*.py",
-        "--benchmark-only",
-        "--benchmark-disable-gc",
-        f"--benchmark-json={json_path}",
-        "--benchmark-columns=median,iqr,rounds",
-    ]
-    if args.k:
-        pytest_args += ["-k", args.k]
-    code = pytest.main(pytest_args)
-    if code != 0:
-        return int(code)
-    report = render(json_path)
+    quick = ["--quick"] if args.quick else []
+    sections = []
+    if "denoise" in parts:
+        sections.append(run_denoise(out_dir))
+    if "dp-ops" in parts:
+        sections.append(run_script("bench.bench_dp_ops", out_dir / "dp_ops.md", *quick))
+    if "dp-step" in parts:
+        steps = ["--steps", "3"] if args.quick else []
+        sections.append(run_script("bench.dp_step", out_dir / "dp_step.md", *steps))
+    report = "\n\n".join(sections)
     print("\n" + report)
     import torch
 
     device = "gpu" if torch.cuda.is_available() else "cpu"
     results = Path(args.results) if args.results else HERE / "results" / f"{device}.md"
     results.parent.mkdir(parents=True, exist_ok=True)
-    results.write_text(report)
+    results.write_text(report + "\n")
     print(f"tables written to {results}")
     return 0
 

@@ -141,6 +141,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--length", type=int, default=64)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--out", help="also write the table to this file")
     parser.add_argument("--method", choices=METHODS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.method:  # child process
@@ -181,6 +182,8 @@ def main(argv: list[str] | None = None) -> str:
         "each method in its own process.\n\n" + table(results) + "\n"
     )
     print(report)
+    if args.out:
+        Path(args.out).write_text(report)
     return report
 
 
