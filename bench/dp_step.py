@@ -4,8 +4,9 @@ parameter trainable, a batch of SST-2 sentences.
 
 ``python -m bench.dp_step [--layers 2] [--batch 16] [--length 64] [--steps 5]``
 
-Each method runs in its own process, so peak memory (the process's resident high-water mark,
-which counts every allocator path) is measured without the others' leftovers.
+Each method runs in its own process, so peak memory is measured without the others'
+leftovers: on a CPU the process's resident high-water mark (every allocator path counts), on a
+GPU torch's peak allocated device memory.
 """
 
 from __future__ import annotations
@@ -56,9 +57,11 @@ def run_method(method: str, layers: int, batch: int, length: int, steps: int) ->
     from bench.sst2 import sst2_batch
 
     torch.manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     config = RobertaConfig(**ROBERTA_BASE, num_hidden_layers=layers, num_labels=2)
-    model = RobertaForSequenceClassification(config)
+    model = RobertaForSequenceClassification(config).to(device)
     ids, mask, labels, source = sst2_batch(batch, length)
+    ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
     loader = DataLoader(TensorDataset(ids, mask, labels), batch_size=batch)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     criterion = torch.nn.CrossEntropyLoss()
@@ -103,19 +106,30 @@ def run_method(method: str, layers: int, batch: int, length: int, steps: int) ->
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
     for _ in range(2):
         step()
+    sync()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the high-water mark: the peak below is the steps' own
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
         step()
+        sync()
         times.append(time.perf_counter() - t0)
+    peak = (
+        torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else _rss_kib("VmHWM:") / 1024
+    )
     return {
         "method": method,
         "median_s": statistics.median(times),
-        "peak_mib": _rss_kib("VmHWM:") / 1024,
+        "peak_mib": peak,
         "source": source,
         "params": sum(p.numel() for p in model.parameters()),
     }
@@ -124,7 +138,7 @@ def run_method(method: str, layers: int, batch: int, length: int, steps: int) ->
 def table(results: list[dict]) -> str:
     base = next(r for r in results if r["method"] == "non-private")
     lines = [
-        "| method | median step s | time / non-private | peak RSS MiB | memory / non-private |",
+        "| method | median step s | time / non-private | peak MiB | memory / non-private |",
         "|---|---:|---:|---:|---:|",
     ]
     for r in results:
