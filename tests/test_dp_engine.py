@@ -351,3 +351,25 @@ def test_tiny_model_learns_a_separable_task_privately(denoise):
             (model(input_ids=ids, attention_mask=mask).logits.argmax(-1) == labels).float().mean()
         )
     assert accuracy > 0.9
+
+
+def test_clipped_sum_matches_opacus_on_the_same_batch():
+    from opacus import PrivacyEngine
+
+    batch = padded_batch(batch=8, seed=5)
+    ids, mask, labels = batch
+    loader = DataLoader(TensorDataset(ids, mask, labels), batch_size=8)
+    reference = tiny_model(seed=2)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.0)
+    reference, ref_opt, _ = PrivacyEngine().make_private(
+        module=reference, optimizer=ref_opt, data_loader=loader, noise_multiplier=0.0,
+        max_grad_norm=C, poisson_sampling=False,
+    )
+    reference(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    ref_opt.step()
+    model, opt, _ = _private(tiny_model(seed=2), batch, lr=0.0)
+    _backward(model, batch)
+    opt.step()
+    ours = dict(model.named_parameters())
+    for n, p in reference._module.named_parameters():
+        torch.testing.assert_close(ours[n].grad, p.grad, rtol=1e-4, atol=1e-7, msg=n)
