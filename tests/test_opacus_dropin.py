@@ -27,11 +27,17 @@ pytestmark = [
 ]
 
 from opacus import GradSampleModule, PrivacyEngine  # noqa: E402
+from opacus.distributed import (  # noqa: E402
+    DifferentiallyPrivateDistributedDataParallel as DPDDP,  # noqa: N817  (Opacus's own name)
+)
 from opacus.optimizers import (  # noqa: E402
     DistributedDPOptimizer,
+    DistributedDPOptimizerFastGradientClipping,
     DPOptimizer,
     DPOptimizerFastGradientClipping,
     DPPerLayerOptimizer,
+    FSDPOptimizerFastGradientClipping,
+    SimpleDistributedPerLayerOptimizer,
 )
 from opacus.utils.batch_memory_manager import BatchMemoryManager  # noqa: E402
 
@@ -408,8 +414,15 @@ def test_ghost_clipping(spy):
 def test_unsupported_flavours_raise_naming_them():
     assert denoising_optimizer_class(DPOptimizer) is DenoisingDPOptimizer
     assert denoising_optimizer_class(DPPerLayerOptimizer) is DenoisingDPPerLayerOptimizer
-    with pytest.raises(NotImplementedError, match="DistributedDPOptimizer"):
-        denoising_optimizer_class(DistributedDPOptimizer)
+    assert denoising_optimizer_class(DenoisingDPOptimizer) is DenoisingDPOptimizer
+    with pytest.raises(NotImplementedError, match="FSDPOptimizerFastGradientClipping"):
+        denoising_optimizer_class(FSDPOptimizerFastGradientClipping)
+
+    class CustomNoise(DPOptimizer):  # may add noise its own way: sigma unknown
+        pass
+
+    with pytest.raises(NotImplementedError, match="CustomNoise"):
+        denoising_optimizer_class(CustomNoise)
     model = _model()
     with pytest.raises(NotImplementedError, match="AdaClipDPOptimizer"):
         DenoisingPrivacyEngine().make_private(
@@ -426,6 +439,121 @@ def test_unsupported_flavours_raise_naming_them():
             unclipped_num_std=NOISE,
             denoise={},
         )
+
+
+# (Opacus class, loss_reduction) run by each rank of the distributed test; the ghost case goes
+# through the engine (DPDDP module), the others build the optimizer by hand.
+_DISTRIBUTED_CASES = [
+    (DistributedDPOptimizer, "mean"),
+    (DistributedDPOptimizer, "sum"),
+    (SimpleDistributedPerLayerOptimizer, "mean"),
+    (DistributedDPOptimizerFastGradientClipping, "mean"),
+]
+_WORLD_SIZE = 2
+
+
+def _distributed_step(opacus_class, loss_reduction: str, twin: bool, rank: int):
+    """One step of Opacus's distributed optimizer or its twin; return (model, optimizer)."""
+    x, y = _batches(1, seed=10 + rank)[0]
+    denoise = {"denoise": {"seed": 3}} if twin else {}
+    if opacus_class is DistributedDPOptimizerFastGradientClipping:
+        engine = (DenoisingPrivacyEngine if twin else PrivacyEngine)(accountant="rdp")
+        model = DPDDP(_model())
+        model, optimizer, criterion, _ = engine.make_private(
+            module=model,
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
+            criterion=nn.CrossEntropyLoss(),
+            data_loader=DataLoader(TensorDataset(x, y), batch_size=BATCH),
+            noise_multiplier=NOISE,
+            max_grad_norm=CLIP,
+            grad_sample_mode="ghost",
+            poisson_sampling=False,
+            noise_generator=torch.Generator().manual_seed(123),
+            **denoise,
+        )
+        assert type(optimizer) is (
+            denoising_optimizer_class(opacus_class) if twin else opacus_class
+        )
+    else:
+        model = GradSampleModule(_model(), loss_reduction=loss_reduction)
+        cls = denoising_optimizer_class(opacus_class) if twin else opacus_class
+        max_grad_norm: float | list[float] = CLIP
+        if opacus_class is SimpleDistributedPerLayerOptimizer:
+            max_grad_norm = [CLIP / 2] * len(list(model.parameters()))
+        optimizer = cls(
+            torch.optim.SGD(model.parameters(), lr=0.0),
+            noise_multiplier=NOISE,
+            max_grad_norm=max_grad_norm,
+            expected_batch_size=BATCH,
+            loss_reduction=loss_reduction,
+            generator=torch.Generator().manual_seed(123),
+            **denoise,
+        )
+        criterion = nn.CrossEntropyLoss(reduction=loss_reduction)
+    optimizer.zero_grad()
+    criterion(model(x), y).backward()
+    optimizer.step()
+    return model, optimizer
+
+
+def _distributed_worker(rank: int, init_file: str, out_dir: str) -> None:
+    """One rank: the plain Opacus run and the denoising run of every case, saved for the parent.
+
+    Ranks see different data and only rank 0 adds noise (Opacus's distributed scheme), so the
+    all-reduced gradient differs from every rank's local one: denoising before the all-reduce,
+    or with sigma not divided by world_size, fails the comparison in the parent.
+    """
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=_WORLD_SIZE
+    )
+    spy = _Spy()
+    rmt_kernels.ops.denoise_many = spy
+    results = []
+    try:
+        for opacus_class, loss_reduction in _DISTRIBUTED_CASES:
+            runs = {}
+            for twin in (False, True):
+                calls_before = len(spy.calls)
+                model, optimizer = _distributed_step(opacus_class, loss_reduction, twin, rank)
+                runs[twin] = {
+                    "grads": {n: p.grad.clone() for n, p in model.named_parameters()},
+                    "calls": spy.calls[calls_before:],
+                    "noise_std": NOISE * optimizer.max_grad_norm,
+                    "expected_batch_size": optimizer.expected_batch_size,
+                }
+            results.append(runs)
+    finally:
+        dist.destroy_process_group()
+    torch.save(results, f"{out_dir}/rank{rank}.pt")
+
+
+def test_distributed_denoises_after_the_all_reduce(tmp_path):
+    torch.multiprocessing.spawn(
+        _distributed_worker,
+        args=(str(tmp_path / "init"), str(tmp_path)),
+        nprocs=_WORLD_SIZE,
+    )
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(_WORLD_SIZE)]
+    for case, (_, loss_reduction) in enumerate(_DISTRIBUTED_CASES):
+        for runs in (ranks[r][case] for r in range(_WORLD_SIZE)):
+            plain, ours = runs[False], runs[True]
+            assert plain["calls"] == []
+            (call,) = ours["calls"]
+            std, per_rank_batch = ours["noise_std"], ours["expected_batch_size"]
+            expected = std / (per_rank_batch * _WORLD_SIZE) if loss_reduction == "mean" else std
+            assert call["sigma"] == pytest.approx(expected, rel=1e-12), case
+            matrices = [n for n, g in plain["grads"].items() if g.dim() == 2]
+            for name, seen, out in zip(matrices, call["grads"], call["out"], strict=True):
+                assert torch.equal(seen, plain["grads"][name]), (case, name)
+                assert torch.equal(ours["grads"][name], out), (case, name)
+            for name, grad in plain["grads"].items():
+                if name not in matrices:
+                    assert torch.equal(ours["grads"][name], grad), (case, name)
+        # Same all-reduced input and seed on every rank: the replicas stay in sync.
+        for name, grad in ranks[0][case][True]["grads"].items():
+            assert torch.equal(ranks[1][case][True]["grads"][name], grad), (case, name)
 
 
 def test_import_rmt_kernels_does_not_import_opacus():

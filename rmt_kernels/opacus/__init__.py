@@ -16,9 +16,12 @@ Example:
 
 from rmt_kernels.opacus.optimizers import (
     DENOISE_OPTIONS,
+    DenoisingDistributedDPOptimizer,
+    DenoisingDistributedDPOptimizerFastGradientClipping,
     DenoisingDPOptimizer,
     DenoisingDPOptimizerFastGradientClipping,
     DenoisingDPPerLayerOptimizer,
+    DenoisingSimpleDistributedPerLayerOptimizer,
     denoising_optimizer_class,
     validate_denoise_options,
 )
@@ -29,7 +32,10 @@ __all__ = [
     "DenoisingDPOptimizer",
     "DenoisingDPOptimizerFastGradientClipping",
     "DenoisingDPPerLayerOptimizer",
+    "DenoisingDistributedDPOptimizer",
+    "DenoisingDistributedDPOptimizerFastGradientClipping",
     "DenoisingPrivacyEngine",
+    "DenoisingSimpleDistributedPerLayerOptimizer",
     "denoising_optimizer_class",
     "validate_denoise_options",
 ]

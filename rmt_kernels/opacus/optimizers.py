@@ -43,6 +43,9 @@ __all__ = [
     "DenoisingDPOptimizer",
     "DenoisingDPOptimizerFastGradientClipping",
     "DenoisingDPPerLayerOptimizer",
+    "DenoisingDistributedDPOptimizer",
+    "DenoisingDistributedDPOptimizerFastGradientClipping",
+    "DenoisingSimpleDistributedPerLayerOptimizer",
     "denoising_optimizer_class",
     "validate_denoise_options",
 ]
@@ -112,38 +115,43 @@ def validate_denoise_options(denoise: Mapping[str, Any] | None) -> dict[str, Any
 class _DenoisingMixin:
     """Adds denoising of the 2-D gradients to an Opacus ``DPOptimizer`` subclass.
 
-    Must come before the Opacus class in the bases so its ``scale_grad`` wraps Opacus's.
+    Must come before the Opacus class in the bases so its ``__init__`` and ``scale_grad`` wrap
+    Opacus's.
     """
 
-    # Set by _init_denoise; declared for type checkers.
+    # Set in __init__; declared for type checkers.
     denoise_options: dict[str, Any] | None
     denoise_steps: int
 
-    def _init_denoise(self, denoise: Mapping[str, Any] | None) -> None:
+    def __init__(
+        self, optimizer: Optimizer, *, denoise: Mapping[str, Any] | None = None, **kwargs: Any
+    ) -> None:
+        # Validated before Opacus touches the parameters, so a bad option fails cleanly.
         self.denoise_options = validate_denoise_options(denoise)
         # Steps denoised so far: varies the sketch's test matrix (see _denoise_grads).
         self.denoise_steps = 0
+        super().__init__(optimizer, **kwargs)  # type: ignore[call-arg]
 
     def _noise_std(self) -> float:
         """Std of the noise ``add_noise`` just put on each entry of the clipped sum."""
         return self.noise_multiplier * self.max_grad_norm  # type: ignore[attr-defined]
 
-    def denoise_sigma(self) -> float:
-        """Per-entry noise std of ``p.grad`` after ``scale_grad``: public hyper-parameters only.
+    def _reduction_divisor(self) -> float:
+        """What Opacus divides the noisy sum by before the update (1 for loss_reduction="sum").
 
-        Mirrors Opacus's ``scale_grad``, which divides the noisy sum by ``expected_batch_size *
-        accumulated_iterations`` for ``loss_reduction="mean"`` and leaves it alone for "sum".
-        With BatchMemoryManager (skipped virtual steps) ``accumulated_iterations`` is 1 and
+        Mirrors Opacus's ``scale_grad``: ``expected_batch_size * accumulated_iterations`` for
+        "mean". With BatchMemoryManager (skipped virtual steps) ``accumulated_iterations`` is 1 and
         ``expected_batch_size`` is already the logical batch size; with plain accumulation (several
-        backward passes before one step) it counts the physical batches. Either way the divisor is
-        the one that was applied to the noise, which is all that matters for sigma.
+        backward passes before one step) it counts the physical batches. Either way it is the
+        divisor that was applied to the noise, which is all that matters for sigma.
         """
-        std = self._noise_std()
         if self.loss_reduction == "mean":  # type: ignore[attr-defined]
-            return std / (
-                self.expected_batch_size * self.accumulated_iterations  # type: ignore[attr-defined]
-            )
-        return std
+            return self.expected_batch_size * self.accumulated_iterations  # type: ignore[attr-defined]
+        return 1.0
+
+    def denoise_sigma(self) -> float:
+        """Per-entry noise std of the final ``p.grad``: public hyper-parameters only."""
+        return self._noise_std() / self._reduction_divisor()
 
     def scale_grad(self) -> None:
         """Opacus's scaling, then denoising of the now final noisy gradient.
@@ -195,6 +203,44 @@ class _DenoisingMixin:
                 p.grad = estimate
 
 
+class _DistributedDenoisingMixin(_DenoisingMixin):
+    """Denoising for Opacus's distributed optimizers.
+
+    There, ``pre_step`` leaves each rank with its own clipped sum (noise only on rank 0) and
+    ``step`` all-reduces afterwards (``reduce_gradients``: sum over ranks, then / world_size for
+    "mean"). Only the all-reduced gradient is the released DP gradient with a known noise std, so
+    denoising moves from ``scale_grad`` to after ``reduce_gradients``. Every rank then denoises
+    the same matrix with the same seed.
+    """
+
+    def scale_grad(self) -> None:
+        # Skip _DenoisingMixin.scale_grad: before the all-reduce each rank holds a partial sum.
+        super(_DenoisingMixin, self).scale_grad()  # type: ignore[misc]
+
+    def reduce_gradients(self) -> None:
+        super().reduce_gradients()  # type: ignore[misc]
+        if self.denoise_options is not None:
+            self._denoise_grads()
+
+    def _reduction_divisor(self) -> float:
+        # expected_batch_size is per rank (make_private divides it by world_size), and the
+        # all-reduce of a "mean" gradient divides once more by world_size.
+        divisor = super()._reduction_divisor()
+        if self.loss_reduction == "mean":  # type: ignore[attr-defined]
+            divisor *= self.world_size  # type: ignore[attr-defined]
+        return divisor
+
+
+class _GhostNoiseStd:
+    """Noise std of Opacus's ghost-clipping ``add_noise``."""
+
+    def _noise_std(self) -> float:
+        # Opacus's ghost add_noise uses the adjusted multiplier that adaptive clipping sets (the
+        # accountant keeps the original one); mirror it so sigma is the noise actually added.
+        multiplier = getattr(self, "_adjusted_noise_multiplier", self.noise_multiplier)  # type: ignore[attr-defined]
+        return multiplier * self.max_grad_norm  # type: ignore[attr-defined]
+
+
 class DenoisingDPOptimizer(_DenoisingMixin, DPOptimizer):
     """Opacus's :class:`~opacus.optimizers.DPOptimizer` (flat clipping) that denoises the noisy
     2-D gradients by singular-value shrinkage before the wrapped optimizer's step.
@@ -213,13 +259,6 @@ class DenoisingDPOptimizer(_DenoisingMixin, DPOptimizer):
             loss_reduction, generator, secure_mode).
     """
 
-    def __init__(
-        self, optimizer: Optimizer, *, denoise: Mapping[str, Any] | None = None, **kwargs: Any
-    ) -> None:
-        # Validated before Opacus touches the parameters, so a bad option fails cleanly.
-        self._init_denoise(denoise)
-        super().__init__(optimizer, **kwargs)
-
 
 class DenoisingDPPerLayerOptimizer(_DenoisingMixin, DPPerLayerOptimizer):
     """Opacus's per-layer-clipping optimizer with denoising; see :class:`DenoisingDPOptimizer`.
@@ -229,14 +268,10 @@ class DenoisingDPPerLayerOptimizer(_DenoisingMixin, DPPerLayerOptimizer):
     way as for flat clipping.
     """
 
-    def __init__(
-        self, optimizer: Optimizer, *, denoise: Mapping[str, Any] | None = None, **kwargs: Any
-    ) -> None:
-        self._init_denoise(denoise)
-        super().__init__(optimizer, **kwargs)
 
-
-class DenoisingDPOptimizerFastGradientClipping(_DenoisingMixin, DPOptimizerFastGradientClipping):
+class DenoisingDPOptimizerFastGradientClipping(
+    _GhostNoiseStd, _DenoisingMixin, DPOptimizerFastGradientClipping
+):
     """Opacus's ghost-clipping optimizer (``grad_sample_mode="ghost"``) with denoising; see
     :class:`DenoisingDPOptimizer`.
 
@@ -244,17 +279,22 @@ class DenoisingDPOptimizerFastGradientClipping(_DenoisingMixin, DPOptimizerFastG
     add_noise -> scale_grad -> step_hook tail, so the same override applies.
     """
 
-    def __init__(
-        self, optimizer: Optimizer, *, denoise: Mapping[str, Any] | None = None, **kwargs: Any
-    ) -> None:
-        self._init_denoise(denoise)
-        super().__init__(optimizer, **kwargs)
 
-    def _noise_std(self) -> float:
-        # Opacus's ghost add_noise uses the adjusted multiplier that adaptive clipping sets (the
-        # accountant keeps the original one); mirror it so sigma is the noise actually added.
-        multiplier = getattr(self, "_adjusted_noise_multiplier", self.noise_multiplier)
-        return multiplier * self.max_grad_norm
+class DenoisingDistributedDPOptimizer(_DistributedDenoisingMixin, DistributedDPOptimizer):
+    """Opacus's DistributedDPOptimizer (flat clipping, DPDDP/DDP) with denoising after the
+    all-reduce; see :class:`DenoisingDPOptimizer` and :class:`_DistributedDenoisingMixin`."""
+
+
+class DenoisingSimpleDistributedPerLayerOptimizer(
+    _DistributedDenoisingMixin, SimpleDistributedPerLayerOptimizer
+):
+    """Opacus's distributed per-layer-clipping optimizer with denoising after the all-reduce."""
+
+
+class DenoisingDistributedDPOptimizerFastGradientClipping(
+    _GhostNoiseStd, _DistributedDenoisingMixin, DistributedDPOptimizerFastGradientClipping
+):
+    """Opacus's distributed ghost-clipping optimizer with denoising after the all-reduce."""
 
 
 # Opacus optimizer class -> denoising twin. Checked by exact type: a subclass of one of these may
@@ -263,19 +303,19 @@ _DENOISING_TWINS: dict[type[DPOptimizer], type[DPOptimizer]] = {
     DPOptimizer: DenoisingDPOptimizer,
     DPPerLayerOptimizer: DenoisingDPPerLayerOptimizer,
     DPOptimizerFastGradientClipping: DenoisingDPOptimizerFastGradientClipping,
+    DistributedDPOptimizer: DenoisingDistributedDPOptimizer,
+    SimpleDistributedPerLayerOptimizer: DenoisingSimpleDistributedPerLayerOptimizer,
+    DistributedDPOptimizerFastGradientClipping: (
+        DenoisingDistributedDPOptimizerFastGradientClipping
+    ),
 }
 
 # Why each Opacus flavour we know of has no twin yet, for the error message.
 _UNSUPPORTED: dict[type[DPOptimizer], str] = {
-    DistributedDPOptimizer: (
-        "the noise is added on rank 0 and all-reduced in step() after pre_step, so the "
-        "denoising point and sigma (divided by world_size) differ"
+    FSDPOptimizerFastGradientClipping: (
+        "FSDP shards each 2-D gradient across ranks, and the singular values of a shard are not "
+        "those of the matrix"
     ),
-    SimpleDistributedPerLayerOptimizer: "distributed optimizers all-reduce after pre_step",
-    DistributedDPOptimizerFastGradientClipping: (
-        "distributed optimizers all-reduce after pre_step"
-    ),
-    FSDPOptimizerFastGradientClipping: "FSDP shards the 2-D gradients across ranks",
     AdaClipDPOptimizer: (
         "adaptive clipping adds noise with an adjusted multiplier and a moving clipping bound"
     ),
@@ -286,8 +326,8 @@ def denoising_optimizer_class(opacus_class: type[DPOptimizer]) -> type[DPOptimiz
     """The denoising twin of an Opacus DP optimizer class.
 
     Raises:
-        NotImplementedError: naming the flavour (distributed, FSDP, adaptive clipping, or any
-            class we do not know) and why it is not supported.
+        NotImplementedError: naming the flavour (FSDP ghost clipping, adaptive clipping, or any
+            class we do not know, such as a user subclass) and why it is not supported.
     """
     if opacus_class in _DENOISING_TWINS.values():
         return opacus_class
@@ -296,8 +336,7 @@ def denoising_optimizer_class(opacus_class: type[DPOptimizer]) -> type[DPOptimiz
         reason = _UNSUPPORTED.get(opacus_class, "its noise placement is unknown to rmt_kernels")
         raise NotImplementedError(
             f"rmt_kernels.opacus: denoising is not supported with {opacus_class.__name__}: "
-            f"{reason}. Supported: {', '.join(c.__name__ for c in _DENOISING_TWINS)} "
-            "(clipping='flat' or 'per_layer', grad_sample_mode 'hooks', 'functorch', 'ew' or "
-            "'ghost', not distributed), or pass denoise=None."
+            f"{reason}. Supported: {', '.join(c.__name__ for c in _DENOISING_TWINS)}; "
+            "or pass denoise=None."
         )
     return twin
