@@ -194,7 +194,9 @@ def test_denoise_sees_exactly_opacus_noisy_scaled_grads(
     assert len(spy.calls) == steps
     for step, call in enumerate(spy.calls):
         assert call["sigma"] == pytest.approx(expected_sigma, rel=1e-12)
-        assert call["options"]["seed"] == 5 + step  # a fresh sketch every step
+        # Exactly the user's options, the step's sketch seed and the rank: nothing else reaches
+        # the op (with grads and sigma checked here too, invariant 4 is pinned down).
+        assert call["options"] == {"seed": 5 + step, "rank": -1}
         assert len(call["grads"]) == len(matrices)
         for name, seen, out in zip(matrices, call["grads"], call["out"], strict=True):
             assert torch.equal(seen, plain[step][name]), (step, name)

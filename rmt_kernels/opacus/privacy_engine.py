@@ -51,7 +51,7 @@ class DenoisingPrivacyEngine(PrivacyEngine):
 
     def make_private(  # type: ignore[override]
         self, *, denoise: Mapping[str, Any] | None = _UNSET, **kwargs: Any
-    ):
+    ) -> tuple[Any, ...]:
         """Opacus's ``make_private`` plus ``denoise`` (see the class docstring).
 
         Returns what Opacus returns: (module, optimizer, data_loader), or (module, optimizer,
@@ -73,7 +73,7 @@ class DenoisingPrivacyEngine(PrivacyEngine):
 
     def make_private_with_epsilon(  # type: ignore[override]
         self, *, denoise: Mapping[str, Any] | None = None, **kwargs: Any
-    ):
+    ) -> tuple[Any, ...]:
         """Opacus's ``make_private_with_epsilon`` plus ``denoise``.
 
         The noise multiplier is calibrated for the target epsilon exactly as in Opacus: denoising
