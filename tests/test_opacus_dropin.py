@@ -441,6 +441,8 @@ def test_unsupported_flavours_raise_naming_them():
             unclipped_num_std=NOISE,
             denoise={},
         )
+    # Refused before Opacus attached its hooks to the caller's module.
+    assert all(not m._forward_hooks and not m._backward_hooks for m in model.modules())
 
 
 # (Opacus class, loss_reduction) run by each rank of the distributed test; the ghost case goes
@@ -556,6 +558,28 @@ def test_distributed_denoises_after_the_all_reduce(tmp_path):
         # Same all-reduced input and seed on every rank: the replicas stay in sync.
         for name, grad in ranks[0][case][True]["grads"].items():
             assert torch.equal(ranks[1][case][True]["grads"][name], grad), (case, name)
+
+
+def test_secure_mode_generator_is_passed_through():
+    """In secure mode the twin must draw noise from the engine's secure RNG, like Opacus.
+
+    torchcsprng is not installed here, so the engine's secure RNG is stood in for by hand.
+    """
+    engine = DenoisingPrivacyEngine(accountant="rdp")
+    engine.secure_mode = True
+    engine.secure_rng = torch.Generator().manual_seed(9)
+    model = _model()
+    _, optimizer, _ = engine.make_private(
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=DataLoader(_dataset(64), batch_size=16),
+        noise_multiplier=NOISE,
+        max_grad_norm=CLIP,
+        denoise={},
+    )
+    assert type(optimizer) is DenoisingDPOptimizer
+    assert optimizer.generator is engine.secure_rng
+    assert optimizer.secure_mode is True
 
 
 def test_import_rmt_kernels_does_not_import_opacus():

@@ -14,7 +14,10 @@ from collections.abc import Mapping
 from typing import Any
 
 from opacus import PrivacyEngine
-from opacus.optimizers import DPOptimizer
+from opacus.distributed import DifferentiallyPrivateDistributedDataParallel
+from opacus.optimizers import DPOptimizer, get_optimizer_class
+from torch.distributed._composable.fsdp import FSDPModule
+from torch.nn.parallel import DistributedDataParallel
 
 from rmt_kernels.opacus.optimizers import denoising_optimizer_class, validate_denoise_options
 
@@ -67,6 +70,8 @@ class DenoisingPrivacyEngine(PrivacyEngine):
         if denoise is not _UNSET:
             self._denoise = validate_denoise_options(denoise)
         try:
+            if self._denoise is not None:
+                _check_flavour_early(kwargs)
             return super().make_private(**kwargs)
         finally:
             self._denoise = previous
@@ -107,3 +112,25 @@ class DenoisingPrivacyEngine(PrivacyEngine):
             secure_mode=opacus_optimizer.secure_mode,
             **kwargs,
         )
+
+
+def _check_flavour_early(make_private_kwargs: dict[str, Any]) -> None:
+    """Raise NotImplementedError for a flavour without a denoising twin before Opacus wraps the
+    model (which attaches hooks to the caller's module), not after.
+
+    Repeats Opacus 1.6.0's choice of optimizer class from make_private's arguments. It is only a
+    courtesy: ``_prepare_optimizer`` checks the class Opacus actually built either way.
+    """
+    module = make_private_kwargs.get("module")
+    distributed = isinstance(
+        module, (DifferentiallyPrivateDistributedDataParallel, DistributedDataParallel, FSDPModule)
+    )
+    try:
+        opacus_class = get_optimizer_class(
+            clipping=make_private_kwargs.get("clipping", "flat"),
+            distributed=distributed,
+            grad_sample_mode=make_private_kwargs.get("grad_sample_mode", "hooks"),
+        )
+    except ValueError:
+        return  # a combination Opacus itself rejects, with its own message, a moment later
+    denoising_optimizer_class(opacus_class)
