@@ -170,6 +170,7 @@ class _DenoisingMixin:
         Reads only ``p.grad`` and public hyper-parameters (privacy invariant 4). 1-D (biases,
         norms) and >2-D (convolution kernels) gradients are left exactly as Opacus made them: the
         Marchenko-Pastur model is for matrices, and a reshaped kernel has no reason to be low-rank.
+        Every 2-D gradient is denoised, embedding tables included.
         """
         sigma = self.denoise_sigma()
         if not sigma > 0:
@@ -185,9 +186,10 @@ class _DenoisingMixin:
         if not params:
             return
         options = dict(self.denoise_options or {})
-        # The seed only drives the range finder's Gaussian test matrix, not privacy noise: any
-        # value is private. It changes every step so a component the sketch happens to miss in
-        # one step is not missed in every step; the sequence is reproducible from the base seed.
+        # The seed only drives the range finder's Gaussian test matrix, not privacy noise, so it
+        # needs no secrecy (unlike the noise generator in secure mode). It changes every step so a
+        # component the sketch happens to miss in one step is not missed in every step; the
+        # sequence is reproducible from the base seed.
         options["seed"] = int(options.get("seed", DENOISE_OPTIONS["seed"])) + self.denoise_steps
         self.denoise_steps += 1
         rank = int(options.pop("rank", DENOISE_OPTIONS["rank"]))
@@ -210,7 +212,9 @@ class _DistributedDenoisingMixin(_DenoisingMixin):
     ``step`` all-reduces afterwards (``reduce_gradients``: sum over ranks, then / world_size for
     "mean"). Only the all-reduced gradient is the released DP gradient with a known noise std, so
     denoising moves from ``scale_grad`` to after ``reduce_gradients``. Every rank then denoises
-    the same matrix with the same seed.
+    the same matrix with the same seed, so the replicas stay equal as long as the op is bitwise
+    deterministic on the device (it is on the CPU, tested with two ranks); denoising on rank 0
+    and broadcasting would not need that, at the cost of one more collective per step.
     """
 
     def scale_grad(self) -> None:
