@@ -1,0 +1,41 @@
+"""Drop-in replacements for Opacus's DP optimizers and PrivacyEngine that denoise the noisy 2-D
+gradients by singular-value shrinkage before the optimizer step.
+
+This is the only place in rmt_kernels that imports Opacus, so ``import rmt_kernels`` never needs it.
+Written against opacus==1.6.0 (pinned in requirements/test.txt): the extension points used are
+``DPOptimizer.scale_grad`` (the last thing ``pre_step`` does to ``p.grad`` before the accountant's
+step hook) and ``PrivacyEngine._prepare_optimizer``.
+
+Example:
+    >>> from rmt_kernels.opacus import DenoisingPrivacyEngine
+    >>> engine = DenoisingPrivacyEngine()
+    >>> model, optimizer, loader = engine.make_private(
+    ...     module=model, optimizer=optimizer, data_loader=loader,
+    ...     noise_multiplier=1.0, max_grad_norm=1.0, denoise={"kappa": 1.0, "norm": "preserve"})
+"""
+
+from rmt_kernels.opacus.optimizers import (
+    DENOISE_OPTIONS,
+    DenoisingDistributedDPOptimizer,
+    DenoisingDistributedDPOptimizerFastGradientClipping,
+    DenoisingDPOptimizer,
+    DenoisingDPOptimizerFastGradientClipping,
+    DenoisingDPPerLayerOptimizer,
+    DenoisingSimpleDistributedPerLayerOptimizer,
+    denoising_optimizer_class,
+    validate_denoise_options,
+)
+from rmt_kernels.opacus.privacy_engine import DenoisingPrivacyEngine
+
+__all__ = [
+    "DENOISE_OPTIONS",
+    "DenoisingDPOptimizer",
+    "DenoisingDPOptimizerFastGradientClipping",
+    "DenoisingDPPerLayerOptimizer",
+    "DenoisingDistributedDPOptimizer",
+    "DenoisingDistributedDPOptimizerFastGradientClipping",
+    "DenoisingPrivacyEngine",
+    "DenoisingSimpleDistributedPerLayerOptimizer",
+    "denoising_optimizer_class",
+    "validate_denoise_options",
+]
