@@ -5,6 +5,11 @@ Importing the package loads the C++ extension, which registers the ``torch.ops.r
 CUDA kernels built from Triton.
 """
 
+# torch first: the extension links against libc10/libtorch, which only torch's import loads;
+# without it `import rmt_kernels` (or `from rmt_kernels.opacus import ...`) as a program's first
+# import fails with "libc10.so: cannot open shared object file".
+import torch  # noqa: F401
+
 from rmt_kernels import _C  # noqa: F401  (registers torch.ops.rmt.*)
 from rmt_kernels.dp_ops import *  # noqa: F403  (the fused DP ops, dp_ops.__all__)
 from rmt_kernels.ops import denoise, denoise_many
