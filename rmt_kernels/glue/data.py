@@ -53,9 +53,7 @@ def _label(task: Task, value: str, where: str) -> float | int:
     try:
         return task.labels.index(value)
     except ValueError:
-        raise ValueError(
-            f"{where}: label {value!r} is not one of {list(task.labels)}"
-        ) from None
+        raise ValueError(f"{where}: label {value!r} is not one of {list(task.labels)}") from None
 
 
 def load_local_split(task: Task, split: str, data_dir: str | Path):
@@ -74,9 +72,7 @@ def load_local_split(task: Task, split: str, data_dir: str | Path):
         raise ValueError(f"GLUE data folder {data_dir} does not exist")
     path = data_dir / task.folder / task.files[split]
     if not path.is_file():
-        raise ValueError(
-            f"{task.name}: the {split} split is not available: {path} does not exist"
-        )
+        raise ValueError(f"{task.name}: the {split} split is not available: {path} does not exist")
     rows = _read_tsv(path, task)
     columns = {"text_a": [r[task.text_columns[0]] for r in rows]}
     if len(task.text_columns) == 2:
@@ -166,7 +162,8 @@ def encode(dataset, tokenizer, max_length: int) -> Encoded:
         raise ValueError("the tokenizer has no padding token")
     return Encoded(
         input_ids=encoded["input_ids"],
-        token_type_ids=encoded["token_type_ids"] if "token_type_ids" in encoded.column_names
+        token_type_ids=encoded["token_type_ids"]
+        if "token_type_ids" in encoded.column_names
         else None,
         labels=torch.tensor(labels, dtype=dtype),
         pad_token_id=pad,
