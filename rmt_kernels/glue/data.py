@@ -146,15 +146,24 @@ class Encoded:
         return out
 
 
-def encode(dataset, tokenizer, max_length: int) -> Encoded:
+def encode(dataset, tokenizer, max_length: int, progress: bool = True) -> Encoded:
     """Tokenize a split (``datasets.map``, batched) without padding; truncate to ``max_length``."""
+    import datasets
+
     pairs = "text_b" in dataset.column_names
 
     def tokenize(batch: dict) -> dict:
         texts = (batch["text_a"], batch["text_b"]) if pairs else (batch["text_a"],)
         return tokenizer(*texts, truncation=True, max_length=max_length)
 
-    encoded = dataset.map(tokenize, batched=True, desc="tokenize")
+    shown = datasets.is_progress_bar_enabled()
+    if not progress:
+        datasets.disable_progress_bars()
+    try:
+        encoded = dataset.map(tokenize, batched=True, desc="tokenize")
+    finally:
+        if shown and not progress:
+            datasets.enable_progress_bars()
     labels = encoded["label"]
     dtype = torch.float32 if labels and isinstance(labels[0], float) else torch.long
     pad = tokenizer.pad_token_id

@@ -182,6 +182,16 @@ def _forward(model, batch: dict[str, torch.Tensor], device) -> torch.Tensor:
     return model(**inputs).logits
 
 
+def _shared_positions(model) -> bool:
+    """Whether the model's position embeddings read one (1, T) row of positions shared by the
+    batch (BERT) rather than per-example ones (RoBERTa derives them from each example's padding,
+    so its position embedding has a padding_idx). Opacus's per-sample gradients need a (B, T)
+    input there."""
+    embeddings = getattr(getattr(model, "base_model", None), "embeddings", None)
+    positions = getattr(embeddings, "position_embeddings", None)
+    return isinstance(positions, torch.nn.Embedding) and positions.padding_idx is None
+
+
 @torch.no_grad()
 def evaluate(model, data: Encoded, task: Task, batch_size: int, device) -> dict[str, float]:
     """The task's metrics and the mean loss on ``data``."""
@@ -302,8 +312,8 @@ def train(cfg: TrainConfig) -> dict:
     eval_ds = _subset(load_split(task, "validation", cfg.data_dir), cfg.eval_size, cfg.seed)
     model, tokenizer = build_model(cfg, task)
     model.to(device).train()
-    train_data = encode(train_ds, tokenizer, cfg.max_length)
-    eval_data = encode(eval_ds, tokenizer, cfg.max_length)
+    train_data = encode(train_ds, tokenizer, cfg.max_length, cfg.progress)
+    eval_data = encode(eval_ds, tokenizer, cfg.max_length, cfg.progress)
     n = len(train_data)
     delta = cfg.delta if cfg.delta is not None else 1 / n**1.1
     physical = cfg.physical_batch_size or cfg.batch_size
@@ -365,12 +375,19 @@ def train(cfg: TrainConfig) -> dict:
                 **extra,
             )
 
+    expand_positions = privacy_engine is not None and _shared_positions(_unwrap(model))
+    spent: dict[int, float] = {}
+
     def epsilon() -> float | None:
+        """Privacy spent after ``step`` steps (cached: Opacus's PRV accountant takes ~0.2 s)."""
         if not cfg.dp:
             return None
-        if privacy_engine is not None:
-            return float(privacy_engine.get_epsilon(delta))
-        return optimizer.get_epsilon(delta)
+        if step not in spent:
+            if privacy_engine is not None:
+                spent[step] = float(privacy_engine.get_epsilon(delta))
+            else:
+                spent[step] = optimizer.get_epsilon(delta)
+        return spent[step]
 
     log = {
         "task": task.name,
@@ -408,7 +425,16 @@ def train(cfg: TrainConfig) -> dict:
         for (indices,) in loader:
             start = time.perf_counter()
             batch_loss = _logical_step(
-                model, optimizer, indices, train_data, task, physical, device, cfg, privacy_engine
+                model,
+                optimizer,
+                indices,
+                train_data,
+                task,
+                physical,
+                device,
+                cfg,
+                privacy_engine,
+                expand_positions,
             )
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
@@ -464,7 +490,7 @@ def _unwrap(model):
 
 
 def _logical_step(
-    model, optimizer, indices, data, task, physical, device, cfg, privacy_engine
+    model, optimizer, indices, data, task, physical, device, cfg, privacy_engine, expand_positions
 ) -> float | None:
     """Forward/backward each physical batch of ``indices``, then one optimizer step; the mean
     loss (None for an empty Poisson batch)."""
@@ -478,6 +504,10 @@ def _logical_step(
             p.grad_sample = p.new_zeros((0, *p.shape))
     for j, chunk in enumerate(chunks):
         batch = data.batch(chunk)
+        if expand_positions:
+            batch["position_ids"] = torch.arange(batch["input_ids"].shape[1]).expand_as(
+                batch["input_ids"]
+            )
         logits = _forward(model, batch, device)
         loss = loss_fn(logits, batch["labels"].to(device), task)
         if len(chunk):
