@@ -198,7 +198,19 @@ def train_tiny(tiny, out: Path, *extra) -> dict:
         # rdp: Opacus's PRV accountant takes seconds per calibration on a 2-core machine.
         ("dp", ["--epsilon", 8, "--accountant", "rdp", "--physical-batch-size", 4]),
         ("no-dp", ["--no-dp", "--physical-batch-size", 4]),
-        ("denoise", ["--denoise", "--kappa", 0.5, "--norm", "preserve", "--noise-multiplier", 1]),
+        (
+            "denoise",
+            [
+                "--denoise",
+                "--kappa",
+                0.5,
+                "--norm",
+                "preserve",
+                "--noise-multiplier",
+                1,
+                "--secure-mode",
+            ],
+        ),
         ("opacus", ["--engine", "opacus", "--physical-batch-size", 2, "--noise-multiplier", 1]),
     ],
 )

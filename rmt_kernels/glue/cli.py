@@ -55,6 +55,12 @@ def _add_train(sub) -> None:
     g.add_argument("--delta", type=float, help="default 1/n^1.1 (n = training examples)")
     g.add_argument("--max-grad-norm", type=float, default=1.0, help="clipping norm C")
     g.add_argument("--accountant", choices=("prv", "rdp", "gdp"), default="prv")
+    g.add_argument(
+        "--secure-mode",
+        action="store_true",
+        help="noise seed from the OS, never logged (native engine); without it the noise is "
+        "keyed by --seed, which is fine for experiments but not for releasing a model",
+    )
     g = p.add_argument_group("denoising (post-processing of the noisy gradient)")
     g.add_argument("--denoise", action="store_true", help="shrink the noisy 2-D weight grads")
     g.add_argument("--kappa", type=float, help="threshold at kappa x the bulk edge (default 1)")
@@ -71,7 +77,12 @@ def _add_train(sub) -> None:
     )
     g.add_argument("--epochs", type=float, help="run length in epochs (default 1)")
     g.add_argument("--steps", type=_positive_int, help="run length in optimizer steps")
-    g.add_argument("--lr", type=float, default=5e-4)
+    g.add_argument(
+        "--lr",
+        type=float,
+        default=5e-4,
+        help="default 5e-4 (a DP-SGD value; non-private fine-tuning wants ~5e-5)",
+    )
     g.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw")
     g.add_argument("--weight-decay", type=float, default=0.0)
     g.add_argument("--seed", type=int, default=0, help="init, data order and noise seed")
@@ -132,6 +143,7 @@ def _train_config(args: argparse.Namespace):
         delta=args.delta,
         max_grad_norm=args.max_grad_norm,
         accountant=args.accountant,
+        secure_mode=args.secure_mode,
         batch_size=args.batch_size,
         physical_batch_size=args.physical_batch_size,
         epochs=args.epochs,

@@ -55,6 +55,7 @@ class TrainConfig:
     delta: float | None = None
     max_grad_norm: float = 1.0
     accountant: str = "prv"
+    secure_mode: bool = False
     batch_size: int = 64
     physical_batch_size: int | None = None
     epochs: float | None = None
@@ -107,6 +108,8 @@ class TrainConfig:
             raise ValueError(f"--epsilon must be > 0, got {self.epsilon}")
         if self.delta is not None and not 0 < self.delta < 1:
             raise ValueError(f"--delta must be in (0, 1), got {self.delta}")
+        if self.secure_mode and (not self.dp or self.engine != "native"):
+            raise ValueError("--secure-mode is for DP with --engine native")
         if self.engine == "opacus" and self.denoise and _denoising_privacy_engine() is None:
             raise ValueError(
                 "--engine opacus --denoise needs rmt_kernels.opacus.DenoisingPrivacyEngine, "
@@ -354,7 +357,9 @@ def train(cfg: TrainConfig) -> dict:
                 max_grad_norm=cfg.max_grad_norm,
                 noise_multiplier=noise_multiplier,
                 denoise=denoise,
-                seed=cfg.seed,
+                # The noise key; in secure mode the engine draws it from the OS instead.
+                seed=None if cfg.secure_mode else cfg.seed,
+                secure_mode=cfg.secure_mode,
                 accountant=cfg.accountant,
             )
         else:
