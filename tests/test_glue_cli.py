@@ -135,6 +135,25 @@ def test_hub_failure_says_to_pass_data_dir(monkeypatch):
         load_split(TASKS["rte"], "train", None)
 
 
+def test_hub_columns_become_text_a_text_b_label(monkeypatch):
+    import datasets
+
+    calls = []
+
+    def fake_hub(name, config, split):
+        calls.append((name, config, split))
+        return datasets.Dataset.from_dict(
+            {"premise": ["a"], "hypothesis": ["b"], "label": [2], "idx": [0]}
+        )
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_hub)
+    from rmt_kernels.glue.data import load_split
+
+    ds = load_split(TASKS["mnli"], "validation", None)
+    assert calls == [("nyu-mll/glue", "mnli", "validation_matched")]
+    assert ds.column_names == ["text_a", "text_b", "label"] and ds[0]["text_b"] == "b"
+
+
 # ------------------------------------------------------------------------------------------
 # End to end, on a tiny GLUE folder and a tiny BERT
 # ------------------------------------------------------------------------------------------

@@ -15,6 +15,8 @@ import torch
 from rmt_kernels.glue.tasks import Task
 
 SPLITS = ("train", "validation")
+# The hub's GLUE (the legacy id "glue" redirects here).
+HUB_DATASET = "nyu-mll/glue"
 # The hub's ``glue`` names MNLI's matched dev split differently.
 HUB_SPLITS = {("mnli", "validation"): "validation_matched"}
 
@@ -94,10 +96,10 @@ def load_hub_split(task: Task, split: str):
 
     hub_split = HUB_SPLITS.get((task.name, split), split)
     try:
-        ds = datasets.load_dataset("glue", task.name, split=hub_split)
+        ds = datasets.load_dataset(HUB_DATASET, task.name, split=hub_split)
     except Exception as err:  # offline, no such dataset, ... : all mean "use a local folder"
         raise ValueError(
-            f"could not load GLUE task {task.name!r} ({hub_split}) from the Hugging Face hub "
+            f"could not load GLUE task {task.name!r} ({hub_split}) from the hub's {HUB_DATASET} "
             f"({type(err).__name__}: {str(err)[:200]}); pass --data-dir with a local GLUE folder"
         ) from err
     texts = [c for c in ds.column_names if c not in ("label", "idx")]
