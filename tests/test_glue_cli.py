@@ -177,6 +177,20 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
             picks = torch.randint(0, 3, (3,), generator=gen).tolist()
             lines.append(f"it 's \" {' '.join(words[k] for k in picks)} movie .\t{label}")
         (sst2 / f"{split}.tsv").write_text("\n".join(lines) + "\n")
+    stsb = root / "glue" / "STS-B"
+    stsb.mkdir()
+    header = (
+        "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore"
+    )
+    for split, rows in (("train", 16), ("dev", 8)):
+        lines = [header]
+        for i in range(rows):
+            a, b = WORDS[i % 6], WORDS[(i * 5) % 6]
+            score = 5.0 if a == b else float(i % 5)
+            lines.append(
+                f"{i}\tmain\tx\t2012\t{i:04d}\tnone\tnone\t{a} movie .\t{b} plot .\t{score:.3f}"
+            )
+        (stsb / f"{split}.tsv").write_text("\n".join(lines) + "\n")
     model = root / "tiny-bert"
     model.mkdir()
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
@@ -255,6 +269,24 @@ def test_end_to_end_tiny_run_writes_the_log(tiny, tmp_path, mode, extra):
         else:
             assert log["noise_multiplier"] == 1.0
     assert log["config"]["denoise"] == (mode == "denoise")
+
+
+def test_regression_task_and_frozen_embeddings(tiny, tmp_path):
+    out = tmp_path / "stsb.json"
+    code = run("train", "--task", "stsb", "--data-dir", tiny["glue"], "--init", "random",
+               "--config", tiny["config"], "--steps", 2, "--batch-size", 4, "--quiet",
+               "--noise-multiplier", 1, "--freeze-embeddings", "--output", out)  # fmt: skip
+    assert code == 0
+    log = json.loads(out.read_text())
+    assert log["main_metric"] == "pearson" and {"pearson", "spearman"} <= set(log["evals"][-1])
+    full = train_tiny(tiny, tmp_path / "full.json", "--noise-multiplier", 1)
+    # The embeddings (vocabulary, positions, token types, their LayerNorm) are not trained.
+    assert log["derived"]["trainable_parameters"] < full["derived"]["trainable_parameters"] - 1000
+
+
+def test_secure_mode_is_for_the_native_engine(base, capsys):
+    assert run(*base, "--engine", "opacus", "--secure-mode") == 2
+    assert "--secure-mode is for DP with --engine native" in capsys.readouterr().err
 
 
 def test_empty_poisson_batches_are_noise_only_steps(tiny, tmp_path):

@@ -400,7 +400,8 @@ def train(cfg: TrainConfig) -> dict:
         "epsilon": None,
         "delta": delta if cfg.dp else None,
         "noise_multiplier": noise_multiplier,
-        "config": asdict(cfg),
+        # Denoise options as the op receives them (unset ones take the op's defaults).
+        "config": {**asdict(cfg), "denoise_options": _denoise_options(cfg)},
         "derived": {
             "train_examples": n,
             "eval_examples": len(eval_data),
