@@ -426,6 +426,7 @@ def train(cfg: TrainConfig) -> dict:
 
     bar = tqdm(total=total_steps, desc=f"{task.name}", disable=not cfg.progress, unit="step")
     seconds, samples, losses, step = 0.0, 0, [], 0
+    postfix: dict[str, str] = {}
     eval_batch = physical * EVAL_BATCH_FACTOR
     while step < total_steps:
         for (indices,) in loader:
@@ -450,8 +451,9 @@ def train(cfg: TrainConfig) -> dict:
             if batch_loss is not None:
                 losses.append(batch_loss)
             bar.update(1)
-            postfix = {"loss": f"{batch_loss:.4f}" if batch_loss is not None else "-"}
+            postfix["loss"] = f"{batch_loss:.4f}" if batch_loss is not None else "-"
             postfix["samples/s"] = f"{samples / seconds:.1f}"
+            # Epsilon about 20 times a run: each accountant call costs a fraction of a second.
             if cfg.dp and (step % max(1, total_steps // 20) == 0 or step == total_steps):
                 postfix["eps"] = f"{epsilon():.3g}"
             bar.set_postfix(postfix, refresh=False)
