@@ -1,0 +1,221 @@
+"""``rmt-glue``: fine-tune on a GLUE task with DP-SGD (optionally denoised), evaluate a saved
+model, compare runs' logs.
+
+    rmt-glue train --task sst2 --data-dir ../shared/data/glue --model MODEL_DIR \\
+        --epsilon 8 --batch-size 256 --physical-batch-size 64 --epochs 1 --output run.json
+    rmt-glue evaluate --task sst2 --data-dir ../shared/data/glue --model SAVED_DIR
+    rmt-glue compare dp.json dp-denoise.json --output curves.png
+
+Errors a user can act on (missing data, unknown task, unreachable epsilon, ...) exit with code 2
+and a one-line message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from rmt_kernels.glue.tasks import TASKS
+from rmt_kernels.shrinkage import NORM_CORRECTIONS, SHRINKERS
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser(
+        "train",
+        help="fine-tune on a GLUE task (DP-SGD by default)",
+        description="Fine-tune a sequence classifier on a GLUE task with DP-SGD (our engine or "
+        "Opacus's), optionally denoising the noisy gradients; log evaluations to JSON.",
+    )
+    p.add_argument("--task", required=True, help=f"one of {', '.join(TASKS)}")
+    p.add_argument(
+        "--data-dir",
+        help="a local GLUE folder (SST-2/train.tsv, ...); omitted: the hub's 'glue' dataset",
+    )
+    g = p.add_argument_group("model")
+    g.add_argument("--model", help="model folder or hub name (its tokenizer comes with it)")
+    g.add_argument("--init", choices=("pretrained", "random"), default="pretrained")
+    g.add_argument("--config", help="with --init random: a config folder (with a tokenizer)")
+    g.add_argument("--freeze-embeddings", action="store_true", help="train the rest only")
+    g.add_argument("--max-length", type=_positive_int, default=128, help="tokens (truncation)")
+    g = p.add_argument_group("privacy")
+    g.add_argument("--no-dp", dest="dp", action="store_false", help="non-private reference")
+    g.add_argument("--engine", choices=("native", "opacus"), default="native")
+    eps = g.add_mutually_exclusive_group()
+    eps.add_argument("--epsilon", type=float, help="target epsilon (default 8)")
+    eps.add_argument("--noise-multiplier", type=float, help="sigma, instead of --epsilon")
+    g.add_argument("--delta", type=float, help="default 1/n^1.1 (n = training examples)")
+    g.add_argument("--max-grad-norm", type=float, default=1.0, help="clipping norm C")
+    g.add_argument("--accountant", choices=("prv", "rdp", "gdp"), default="prv")
+    g.add_argument(
+        "--secure-mode",
+        action="store_true",
+        help="noise seed from the OS, never logged (native engine); without it the noise is "
+        "keyed by --seed, which is fine for experiments but not for releasing a model",
+    )
+    g = p.add_argument_group("denoising (post-processing of the noisy gradient)")
+    g.add_argument("--denoise", action="store_true", help="shrink the noisy 2-D weight grads")
+    g.add_argument("--kappa", type=float, help="threshold at kappa x the bulk edge (default 1)")
+    g.add_argument("--shrinker", choices=SHRINKERS, help="default frobenius")
+    g.add_argument("--norm", choices=NORM_CORRECTIONS, help="norm correction (default none)")
+    g.add_argument("--rank", type=int, help="sketch rank (-1: adaptive)")
+    g.add_argument("--niter", type=int, help="power iterations of the sketch")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--batch-size", type=_positive_int, default=64, help="logical batch")
+    g.add_argument(
+        "--physical-batch-size",
+        type=_positive_int,
+        help="examples per forward/backward; must divide --batch-size (default: all of it)",
+    )
+    g.add_argument("--epochs", type=float, help="run length in epochs (default 1)")
+    g.add_argument("--steps", type=_positive_int, help="run length in optimizer steps")
+    g.add_argument(
+        "--lr",
+        type=float,
+        default=5e-4,
+        help="default 5e-4 (a DP-SGD value; non-private fine-tuning wants ~5e-5)",
+    )
+    g.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw")
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--seed", type=int, default=0, help="init, data order and noise seed")
+    g = p.add_argument_group("run")
+    g.add_argument("--train-size", type=_positive_int, help="use a random subset of train")
+    g.add_argument("--eval-size", type=_positive_int, help="use a random subset of validation")
+    g.add_argument("--eval-every", type=int, default=0, help="steps (0: at the end only)")
+    g.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    g.add_argument("--output", help="write the JSON log here")
+    g.add_argument("--save", help="save the fine-tuned model and tokenizer to this folder")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="evaluate a saved model on a task's validation split")
+    p.add_argument("--task", required=True, help=f"one of {', '.join(TASKS)}")
+    p.add_argument("--data-dir", help="a local GLUE folder; omitted: the hub")
+    p.add_argument("--model", required=True, help="folder saved by 'train --save' (or hub name)")
+    p.add_argument("--max-length", type=_positive_int, default=128)
+    p.add_argument("--batch-size", type=_positive_int, default=64)
+    p.add_argument("--eval-size", type=_positive_int)
+    p.add_argument("--device")
+    p.add_argument("--output", help="write the metrics as JSON here")
+
+
+def _add_compare(sub) -> None:
+    p = sub.add_parser("compare", help="plot a metric of several runs vs step and vs time")
+    p.add_argument("logs", nargs="+", help="JSON logs written by 'train --output'")
+    p.add_argument("--output", required=True, help="PNG file to write")
+    p.add_argument("--metric", help="default: the task's main metric")
+    p.add_argument("--labels", nargs="+", help="one legend label per log (default: derived)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rmt-glue", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_train(sub)
+    _add_evaluate(sub)
+    _add_compare(sub)
+    return parser
+
+
+def _train_config(args: argparse.Namespace):
+    from rmt_kernels.glue.train import TrainConfig
+
+    return TrainConfig(
+        task=args.task,
+        data_dir=args.data_dir,
+        model=args.model,
+        init=args.init,
+        config=args.config,
+        dp=args.dp,
+        engine=args.engine,
+        epsilon=args.epsilon,
+        noise_multiplier=args.noise_multiplier,
+        delta=args.delta,
+        max_grad_norm=args.max_grad_norm,
+        accountant=args.accountant,
+        secure_mode=args.secure_mode,
+        batch_size=args.batch_size,
+        physical_batch_size=args.physical_batch_size,
+        epochs=args.epochs,
+        steps=args.steps,
+        lr=args.lr,
+        optimizer=args.optimizer,
+        weight_decay=args.weight_decay,
+        max_length=args.max_length,
+        train_size=args.train_size,
+        eval_size=args.eval_size,
+        eval_every=args.eval_every,
+        seed=args.seed,
+        denoise=args.denoise,
+        denoise_options={
+            "kappa": args.kappa,
+            "shrinker": args.shrinker,
+            "norm": args.norm,
+            "rank": args.rank,
+            "niter": args.niter,
+        },
+        freeze_embeddings=args.freeze_embeddings,
+        device=args.device,
+        output=args.output,
+        save=args.save,
+        progress=not args.quiet,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``rmt-glue``; returns the exit code (2 for a user's error)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    denoise_flags = ("kappa", "shrinker", "norm", "rank", "niter")
+    if args.command == "train" and not args.denoise:
+        given = [f"--{k}" for k in denoise_flags if getattr(args, k) is not None]
+        if given:
+            parser.error(f"{', '.join(given)} only apply with --denoise")
+    if args.command == "train" and args.steps is not None and args.epochs is not None:
+        parser.error("give --steps or --epochs, not both")
+    try:
+        if args.command == "train":
+            from rmt_kernels.glue.train import train
+
+            log = train(_train_config(args))
+            final = log["evals"][-1]
+            print(
+                f"{log['task']}: {log['main_metric']} {final[log['main_metric']]:.4f} after "
+                f"{final['step']} steps"
+                + (f", epsilon {log['epsilon']:.3g} at delta {log['delta']:.3g}" if args.dp else "")
+            )
+        elif args.command == "evaluate":
+            from rmt_kernels.glue.train import evaluate_saved
+
+            result = evaluate_saved(
+                args.task,
+                args.model,
+                args.data_dir,
+                max_length=args.max_length,
+                batch_size=args.batch_size,
+                eval_size=args.eval_size,
+                device=args.device,
+            )
+            text = json.dumps(result, indent=2)
+            if args.output:
+                Path(args.output).write_text(text + "\n")
+            print(text)
+        else:
+            from rmt_kernels.glue.compare import compare
+
+            compare(args.logs, args.output, metric=args.metric, labels=args.labels)
+            print(f"wrote {args.output}")
+    except ValueError as err:
+        print(f"rmt-glue {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0

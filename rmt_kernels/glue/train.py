@@ -1,0 +1,568 @@
+"""The fine-tuning loop: a GLUE task, a Hugging Face encoder, DP-SGD (ours or Opacus's) or not,
+periodic evaluation, and a JSON log.
+
+One logical step = one batch drawn by the (Poisson) data loader, split into physical batches of
+at most ``physical_batch_size`` examples; each is forwarded and backpropagated, then one
+``optimizer.step()`` (Opacus's ``signal_skip_step`` protocol for the physical batches before the
+last, which both engines speak).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+import torch
+from torch.nn import functional
+
+from rmt_kernels.glue.data import Encoded, encode, load_split
+from rmt_kernels.glue.tasks import Task, get_task
+
+# Files of which at least one makes a folder a tokenizer (fast, BPE, WordPiece, SentencePiece).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "vocab.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
+# Evaluation runs without per-example state, so it can take larger batches than training.
+EVAL_BATCH_FACTOR = 4
+# The privacy budget when neither --epsilon nor --noise-multiplier is given: a common choice in
+# the DP fine-tuning literature (Li et al. 2022, Yu et al. 2022 report GLUE at epsilon 3 and 8).
+DEFAULT_EPSILON = 8.0
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on (the ``config`` of the JSON log). See ``rmt-glue train -h``."""
+
+    task: str
+    data_dir: str | None = None
+    model: str | None = None
+    init: str = "pretrained"
+    config: str | None = None
+    dp: bool = True
+    engine: str = "native"
+    epsilon: float | None = None
+    noise_multiplier: float | None = None
+    delta: float | None = None
+    max_grad_norm: float = 1.0
+    accountant: str = "prv"
+    secure_mode: bool = False
+    batch_size: int = 64
+    physical_batch_size: int | None = None
+    epochs: float | None = None
+    steps: int | None = None
+    lr: float = 5e-4
+    optimizer: str = "adamw"
+    weight_decay: float = 0.0
+    max_length: int = 128
+    train_size: int | None = None
+    eval_size: int | None = None
+    eval_every: int = 0
+    seed: int = 0
+    denoise: bool = False
+    denoise_options: dict = field(default_factory=dict)
+    freeze_embeddings: bool = False
+    device: str | None = None
+    output: str | None = None
+    save: str | None = None
+    progress: bool = True
+
+    def check(self) -> None:
+        """Raise ValueError on options that cannot go together (before any data is read)."""
+        get_task(self.task)
+        if self.steps is not None and self.epochs is not None:
+            raise ValueError("give --steps or --epochs, not both")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"--steps must be >= 1, got {self.steps}")
+        if self.epochs is not None and not self.epochs > 0:
+            raise ValueError(f"--epochs must be > 0, got {self.epochs}")
+        if self.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
+        physical = self.physical_batch_size
+        if physical is not None and (physical < 1 or self.batch_size % physical):
+            raise ValueError(
+                f"--physical-batch-size {physical} must divide --batch-size {self.batch_size}"
+            )
+        if self.init not in ("pretrained", "random"):
+            raise ValueError(f"--init must be 'pretrained' or 'random', got {self.init!r}")
+        if self.init == "random" and (self.config is None or self.model is not None):
+            raise ValueError("--init random builds the model from --config DIR (and not --model)")
+        if self.init == "pretrained" and self.model is None:
+            raise ValueError("give --model (a folder or a hub name), or --init random --config DIR")
+        if self.engine not in ("native", "opacus"):
+            raise ValueError(f"--engine must be 'native' or 'opacus', got {self.engine!r}")
+        if not self.dp and (self.denoise or self.epsilon is not None):
+            raise ValueError("--no-dp trains without privacy: --epsilon and --denoise need DP")
+        if self.epsilon is not None and self.noise_multiplier is not None:
+            raise ValueError("give --epsilon or --noise-multiplier, not both")
+        if self.epsilon is not None and not self.epsilon > 0:
+            raise ValueError(f"--epsilon must be > 0, got {self.epsilon}")
+        if self.delta is not None and not 0 < self.delta < 1:
+            raise ValueError(f"--delta must be in (0, 1), got {self.delta}")
+        if self.secure_mode and (not self.dp or self.engine != "native"):
+            raise ValueError("--secure-mode is for DP with --engine native")
+        if self.engine == "opacus" and self.denoise and _denoising_privacy_engine() is None:
+            raise ValueError(
+                "--engine opacus --denoise needs rmt_kernels.opacus.DenoisingPrivacyEngine, "
+                "which this installation lacks; use --engine native for denoising"
+            )
+
+
+def _denoising_privacy_engine():
+    """``rmt_kernels.opacus.DenoisingPrivacyEngine`` where the tree has it, else None."""
+    try:
+        from rmt_kernels.opacus import DenoisingPrivacyEngine
+    except ImportError:
+        return None
+    return DenoisingPrivacyEngine
+
+
+def load_tokenizer(path: str):
+    """The tokenizer of a model or config folder (or hub name).
+
+    Raises:
+        ValueError: a local folder without tokenizer files.
+    """
+    from transformers import AutoTokenizer
+
+    folder = Path(path)
+    if folder.is_dir() and not any((folder / name).exists() for name in TOKENIZER_FILES):
+        raise ValueError(
+            f"{folder} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); save the "
+            "tokenizer beside the model (tokenizer.save_pretrained(folder))"
+        )
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"could not load a tokenizer from {path}: {err}") from err
+
+
+def build_model(cfg: TrainConfig, task: Task):
+    """(model, tokenizer): pretrained weights with a fresh head, or a random init from a config."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    source = cfg.model if cfg.init == "pretrained" else cfg.config
+    kwargs = {"num_labels": task.num_labels}
+    if task.is_regression:
+        kwargs["problem_type"] = "regression"
+    if source is not None and not Path(source).exists() and Path(source).is_absolute():
+        raise ValueError(f"model folder {source} does not exist")
+    tokenizer = load_tokenizer(source)
+    try:
+        if cfg.init == "pretrained":
+            model = AutoModelForSequenceClassification.from_pretrained(source, **kwargs)
+        else:
+            config = AutoConfig.from_pretrained(source, **kwargs)
+            model = AutoModelForSequenceClassification.from_config(config)
+    except OSError as err:
+        raise ValueError(f"could not load a model from {source}: {err}") from err
+    if cfg.freeze_embeddings:
+        embeddings = getattr(model.base_model, "embeddings", None)
+        if embeddings is None:
+            raise ValueError(f"--freeze-embeddings: {type(model).__name__} has no embeddings")
+        embeddings.requires_grad_(False)
+    return model, tokenizer
+
+
+def loss_fn(logits: torch.Tensor, labels: torch.Tensor, task: Task) -> torch.Tensor:
+    """Mean cross-entropy, or mean squared error for the regression task."""
+    if task.is_regression:
+        return functional.mse_loss(logits.squeeze(-1).float(), labels.float())
+    return functional.cross_entropy(logits.float(), labels)
+
+
+def _forward(model, batch: dict[str, torch.Tensor], device) -> torch.Tensor:
+    inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+    return model(**inputs).logits
+
+
+def _shared_positions(model) -> bool:
+    """Whether the model's position embeddings read one (1, T) row of positions shared by the
+    batch (BERT) rather than per-example ones (RoBERTa derives them from each example's padding,
+    so its position embedding has a padding_idx). Opacus's per-sample gradients need a (B, T)
+    input there."""
+    embeddings = getattr(getattr(model, "base_model", None), "embeddings", None)
+    positions = getattr(embeddings, "position_embeddings", None)
+    return isinstance(positions, torch.nn.Embedding) and positions.padding_idx is None
+
+
+@torch.no_grad()
+def evaluate(model, data: Encoded, task: Task, batch_size: int, device) -> dict[str, float]:
+    """The task's metrics and the mean loss on ``data``."""
+    was_training = model.training
+    model.eval()
+    predictions, total_loss = [], 0.0
+    for start in range(0, len(data), batch_size):
+        batch = data.batch(range(start, min(start + batch_size, len(data))))
+        logits = _forward(model, batch, device)
+        labels = batch["labels"].to(device)
+        total_loss += loss_fn(logits, labels, task).item() * len(labels)
+        if task.is_regression:
+            predictions += logits.squeeze(-1).float().cpu().tolist()
+        else:
+            predictions += logits.argmax(-1).cpu().tolist()
+    model.train(was_training)
+    metrics = task.score(predictions, data.labels.tolist())
+    metrics["eval_loss"] = total_loss / max(1, len(data))
+    return metrics
+
+
+def versions() -> dict[str, str | None]:
+    """Versions of what a result depends on."""
+
+    def version(name: str) -> str | None:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return None
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": version("transformers"),
+        "opacus": version("opacus"),
+        "datasets": version("datasets"),
+        "rmt_kernels": version("rmt-kernels"),
+    }
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """Peak allocated GPU memory, or the process's resident high-water mark on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _subset(dataset, size: int | None, seed: int):
+    if size is None or size >= len(dataset):
+        return dataset
+    if size < 1:
+        raise ValueError(f"a subset size must be >= 1, got {size}")
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
+    return dataset.select(sorted(order[:size].tolist()))
+
+
+class _Indices(torch.utils.data.Dataset):
+    """Example indices: loaders (Poisson ones included) sample these and the loop pads the
+    examples itself, so an empty Poisson batch is just an empty index tensor."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor]:
+        # A tuple: Opacus's DPDataLoader reads the fields of an example to shape empty batches.
+        return (torch.tensor(i),)
+
+
+def _calibrate(
+    epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str
+) -> float:
+    """The noise multiplier that spends ``--epsilon`` over the run (Opacus's search)."""
+    from opacus.accountants import create_accountant
+    from opacus.accountants.utils import get_noise_multiplier
+
+    try:
+        sigma = get_noise_multiplier(
+            target_epsilon=epsilon,
+            target_delta=delta,
+            sample_rate=sample_rate,
+            steps=steps,
+            accountant=accountant,
+        )
+    except ValueError as err:
+        raise ValueError(
+            f"no noise multiplier reaches epsilon={epsilon} at delta={delta:.3g} over {steps} "
+            f"steps at sampling rate {sample_rate:.4g} (Opacus: {err}); raise --epsilon, or use "
+            "fewer steps or a smaller batch"
+        ) from err
+    # Opacus's search stops at the first sigma whose epsilon is below the target, and for tiny
+    # targets the accountants' numerics report epsilon <= 0 there: no real calibration.
+    accountant_check = create_accountant(mechanism=accountant)
+    accountant_check.history = [(sigma, sample_rate, steps)]
+    achieved = accountant_check.get_epsilon(delta=delta)
+    if not 0 < achieved <= epsilon * (1 + 1e-6):
+        raise ValueError(
+            f"no noise multiplier reaches epsilon={epsilon} at delta={delta:.3g} over {steps} "
+            f"steps at sampling rate {sample_rate:.4g}: Opacus's search ended at noise "
+            f"multiplier {sigma:.4g}, where the {accountant} accountant reports epsilon "
+            f"{achieved:.3g}; raise --epsilon"
+        )
+    return sigma
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run one fine-tuning; return (and write to ``cfg.output``) the JSON log."""
+    cfg.check()
+    task = get_task(cfg.task)
+    torch.manual_seed(cfg.seed)
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    train_ds = _subset(load_split(task, "train", cfg.data_dir), cfg.train_size, cfg.seed)
+    eval_ds = _subset(load_split(task, "validation", cfg.data_dir), cfg.eval_size, cfg.seed)
+    model, tokenizer = build_model(cfg, task)
+    model.to(device).train()
+    train_data = encode(train_ds, tokenizer, cfg.max_length, cfg.progress)
+    eval_data = encode(eval_ds, tokenizer, cfg.max_length, cfg.progress)
+    n = len(train_data)
+    delta = cfg.delta if cfg.delta is not None else 1 / n**1.1
+    physical = cfg.physical_batch_size or cfg.batch_size
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    elif cfg.optimizer == "sgd":
+        optimizer = torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    else:
+        raise ValueError(f"--optimizer must be 'adamw' or 'sgd', got {cfg.optimizer!r}")
+    loader = torch.utils.data.DataLoader(
+        _Indices(n),
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )
+    steps_per_epoch = len(loader)
+    sample_rate = 1 / steps_per_epoch
+    total_steps = cfg.steps or max(1, round((cfg.epochs or 1.0) * steps_per_epoch))
+
+    noise_multiplier = None
+    privacy_engine = None
+    if cfg.dp:
+        noise_multiplier = cfg.noise_multiplier
+        if noise_multiplier is None:
+            target = cfg.epsilon if cfg.epsilon is not None else DEFAULT_EPSILON
+            noise_multiplier = _calibrate(target, delta, sample_rate, total_steps, cfg.accountant)
+        denoise = _denoise_options(cfg)
+        if cfg.engine == "native":
+            from rmt_kernels.dp import make_private
+
+            model, optimizer, loader = make_private(
+                model,
+                optimizer,
+                loader,
+                target_delta=delta,
+                max_grad_norm=cfg.max_grad_norm,
+                noise_multiplier=noise_multiplier,
+                denoise=denoise,
+                # The noise key; in secure mode the engine draws it from the OS instead.
+                seed=None if cfg.secure_mode else cfg.seed,
+                secure_mode=cfg.secure_mode,
+                accountant=cfg.accountant,
+            )
+        else:
+            engine_class = _denoising_privacy_engine() if cfg.denoise else None
+            if engine_class is None:
+                from opacus import PrivacyEngine
+
+                engine_class = PrivacyEngine
+            privacy_engine = engine_class(accountant=cfg.accountant)
+            extra = {"denoise": denoise} if cfg.denoise else {}
+            model, optimizer, loader = privacy_engine.make_private(
+                module=model,
+                optimizer=optimizer,
+                data_loader=loader,
+                noise_multiplier=noise_multiplier,
+                max_grad_norm=cfg.max_grad_norm,
+                poisson_sampling=True,
+                **extra,
+            )
+
+    expand_positions = privacy_engine is not None and _shared_positions(_unwrap(model))
+    spent: dict[int, float] = {}
+
+    def epsilon() -> float | None:
+        """Privacy spent after ``step`` steps (cached: Opacus's PRV accountant takes ~0.2 s)."""
+        if not cfg.dp:
+            return None
+        if step not in spent:
+            if privacy_engine is not None:
+                spent[step] = float(privacy_engine.get_epsilon(delta))
+            else:
+                spent[step] = optimizer.get_epsilon(delta)
+        return spent[step]
+
+    log = {
+        "task": task.name,
+        "main_metric": task.main_metric,
+        "epsilon": None,
+        "delta": delta if cfg.dp else None,
+        "noise_multiplier": noise_multiplier,
+        # Denoise options as the op receives them (unset ones take the op's defaults).
+        "config": {**asdict(cfg), "denoise_options": _denoise_options(cfg)},
+        "derived": {
+            "train_examples": n,
+            "eval_examples": len(eval_data),
+            "steps": total_steps,
+            "steps_per_epoch": steps_per_epoch,
+            "sample_rate": sample_rate,
+            "physical_batch_size": physical,
+            "trainable_parameters": sum(p.numel() for p in params),
+            "device": str(device),
+        },
+        "versions": versions(),
+        "evals": [],
+        "peak_memory_mib": None,
+    }
+
+    def write_log() -> None:
+        if cfg.output:
+            Path(cfg.output).parent.mkdir(parents=True, exist_ok=True)
+            Path(cfg.output).write_text(json.dumps(log, indent=2) + "\n")
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total_steps, desc=f"{task.name}", disable=not cfg.progress, unit="step")
+    seconds, samples, losses, step = 0.0, 0, [], 0
+    postfix: dict[str, str] = {}
+    eval_batch = physical * EVAL_BATCH_FACTOR
+    while step < total_steps:
+        for (indices,) in loader:
+            start = time.perf_counter()
+            batch_loss = _logical_step(
+                model,
+                optimizer,
+                indices,
+                train_data,
+                task,
+                physical,
+                device,
+                cfg,
+                privacy_engine,
+                expand_positions,
+            )
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            seconds += time.perf_counter() - start
+            samples += len(indices)
+            step += 1
+            if batch_loss is not None:
+                losses.append(batch_loss)
+            bar.update(1)
+            postfix["loss"] = f"{batch_loss:.4f}" if batch_loss is not None else "-"
+            postfix["samples/s"] = f"{samples / seconds:.1f}"
+            # Epsilon about 20 times a run: each accountant call costs a fraction of a second.
+            if cfg.dp and (step % max(1, total_steps // 20) == 0 or step == total_steps):
+                postfix["eps"] = f"{epsilon():.3g}"
+            bar.set_postfix(postfix, refresh=False)
+            if step == total_steps or (cfg.eval_every and step % cfg.eval_every == 0):
+                record = {
+                    "step": step,
+                    "epoch": step / steps_per_epoch,
+                    "seconds": seconds,
+                    "samples": samples,
+                    "samples_per_s": samples / seconds if seconds else None,
+                    "epsilon": epsilon(),
+                    "train_loss": sum(losses) / len(losses) if losses else None,
+                }
+                losses = []
+                record.update(evaluate(model, eval_data, task, eval_batch, device))
+                log["evals"].append(record)
+                log["epsilon"] = record["epsilon"]
+                log["peak_memory_mib"] = peak_memory_mib(device)
+                bar.write(
+                    f"step {step}: {task.main_metric} {record[task.main_metric]:.4f}"
+                    + (f", epsilon {record['epsilon']:.3g}" if cfg.dp else "")
+                )
+                write_log()
+            if step == total_steps:
+                break
+    bar.close()
+    if cfg.save:
+        _unwrap(model).save_pretrained(cfg.save)
+        tokenizer.save_pretrained(cfg.save)
+    return log
+
+
+def _denoise_options(cfg: TrainConfig) -> dict | None:
+    if not cfg.denoise:
+        return None
+    return {k: v for k, v in cfg.denoise_options.items() if v is not None}
+
+
+def _unwrap(model):
+    """The Hugging Face model inside Opacus's GradSampleModule (or the model itself)."""
+    return getattr(model, "_module", model)
+
+
+def _logical_step(
+    model, optimizer, indices, data, task, physical, device, cfg, privacy_engine, expand_positions
+) -> float | None:
+    """Forward/backward each physical batch of ``indices``, then one optimizer step; the mean
+    loss (None for an empty Poisson batch)."""
+    chunks = list(indices.split(physical)) if len(indices) else []
+    total = 0.0
+    if not chunks and privacy_engine is not None:
+        # An empty Poisson batch must still be a (noise-only) step: skipping it would reveal
+        # that it was empty. Opacus reads per-sample gradients, which only a backward makes, and
+        # an encoder cannot run on zero examples: hand it zero per-sample gradients.
+        for p in optimizer.params:
+            p.grad_sample = p.new_zeros((0, *p.shape))
+    for j, chunk in enumerate(chunks):
+        batch = data.batch(chunk)
+        if expand_positions:
+            batch["position_ids"] = torch.arange(batch["input_ids"].shape[1]).expand_as(
+                batch["input_ids"]
+            )
+        logits = _forward(model, batch, device)
+        loss = loss_fn(logits, batch["labels"].to(device), task)
+        if len(chunk):
+            total += loss.item() * len(chunk)
+        if not cfg.dp:
+            # Mean over the logical batch: weight each physical batch by its share.
+            (loss * (len(chunk) / len(indices))).backward()
+        else:
+            # The DP engines take each physical batch's mean loss (loss_reduction="mean") and
+            # divide the clipped sum by the expected logical batch size themselves.
+            loss.backward()
+        if cfg.dp and j < len(chunks) - 1:
+            optimizer.signal_skip_step(True)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total / len(indices) if len(indices) else None
+
+
+def evaluate_saved(
+    task_name: str,
+    model_dir: str,
+    data_dir: str | None,
+    *,
+    max_length: int = 128,
+    batch_size: int = 64,
+    eval_size: int | None = None,
+    device: str | None = None,
+) -> dict:
+    """Metrics of a saved model (``train --save DIR``) on the task's validation split."""
+    task = get_task(task_name)
+    cfg = TrainConfig(task=task.name, model=model_dir)
+    model, tokenizer = build_model(cfg, task)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model.to(dev)
+    data = encode(
+        _subset(load_split(task, "validation", data_dir), eval_size, 0), tokenizer, max_length
+    )
+    metrics = evaluate(model, data, task, batch_size, dev)
+    return {
+        "task": task.name,
+        "model": model_dir,
+        "examples": len(data),
+        "metrics": metrics,
+        "versions": versions(),
+    }
+
+
+__all__ = ["TrainConfig", "build_model", "evaluate", "evaluate_saved", "load_tokenizer", "train"]
