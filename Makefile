@@ -43,4 +43,5 @@ clean:
 # Pure-Python test dependencies for the GPU machine, which has no package registry.
 gpu-wheels: $(INSTALLED)
 	$(PIP) download --quiet --no-deps --only-binary=:all: -d bench/gpu/wheels \
-		pytest==9.2.0 pluggy iniconfig packaging pygments pytest-benchmark==5.3.1 py-cpuinfo expecttest==0.3.0
+		pytest==9.2.0 pluggy iniconfig packaging pygments pytest-benchmark==5.3.1 py-cpuinfo expecttest==0.3.0 \
+		opacus==1.6.0 opt_einsum

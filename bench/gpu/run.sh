@@ -28,9 +28,11 @@ timeout 240 $PY -m pip install --quiet --no-build-isolation --no-deps -e . || { 
 
 echo "== tests (CUDA)"
 unset TRITON_INTERPRET
-timeout 150 $PY -m pytest tests -q -x -p no:cacheprovider 2>&1 | tail -25
+# Test files whose dependencies (transformers, datasets) the image lacks fail to collect; the
+# kernel tests still run.
+timeout 150 $PY -m pytest tests -q -p no:cacheprovider --continue-on-collection-errors 2>&1 | tail -25
 
 echo "== benchmarks"
-timeout 120 $PY -m bench --results "$OUT/results.md"
+timeout 150 $PY -m bench --results "$OUT/results.md"
 cp bench/out/benchmarks.json "$OUT/" 2>/dev/null || true
 echo "== done"; date -u
