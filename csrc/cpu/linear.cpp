@@ -2,7 +2,7 @@
 //
 // Per-example weight gradient of example b: G_b = dy_b^T x_b (d_out x d_in), summed over t.
 // Norms never form all B of them; the clipped sum is ONE GEMM over the B*T rows with the smaller
-// operand row-scaled, and the noise is added in place right after (the CPU "epilogue").
+// operand row-scaled, accumulated by BLAS onto the freshly generated noise (the CPU "epilogue").
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -71,9 +71,11 @@ at::Tensor linear_clipped_noisy_sum_cpu(const at::Tensor& x, const at::Tensor& d
   } else {
     xs = xs * s;
   }
-  at::Tensor out = at::mm(dys.reshape({rows, d_out}).t(), xs.reshape({rows, d_in}));
-  dp::add_noise_(out, noise_std, seed, offset);
-  return out;
+  const at::Tensor lhs = dys.reshape({rows, d_out}).t(), rhs = xs.reshape({rows, d_in});
+  if (noise_std == 0.0) return at::mm(lhs, rhs);
+  // The GEMM accumulates onto the noise (beta = 1): the noisy sum is written once.
+  at::Tensor out = dp::noise_tensor({d_out, d_in}, x.options(), noise_std, seed, offset);
+  return out.addmm_(lhs, rhs);
 }
 
 // Bias (and any parameter whose per-example gradient is sum_t dy_t): tiny, so per-example
