@@ -14,7 +14,8 @@ B in {8, 32} and sequence length T in {64, 128}, four ways to get the same weigh
               GEMM on clip-scaled ``dy``, plus ``torch.normal`` noise. (The second backward also
               recomputes input gradients; that cost is left out, favouring ghost.)
 
-Time: median wall time of several calls, ``torch.set_num_threads`` left at the machine default.
+Time: median wall time of several calls, methods interleaved round-robin; torch's default
+number of threads.
 Memory: peak resident-set increase during one call (VmHWM reset through /proc/self/clear_refs
 after ``malloc_trim``), so it counts every allocation the call touches, on any allocator path.
 """
@@ -67,14 +68,18 @@ def peak_mib(fn: Callable[[], object]) -> float:
     return (peak - before) / 1024
 
 
-def median_ms(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up: first-call allocations and dispatch
-    times = []
+def median_ms(methods: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median ms per method, the methods timed round-robin so that load from other processes on
+    a shared machine falls on all of them alike rather than on whichever ran at the time."""
+    for fn in methods.values():
+        fn()  # warm-up: first-call allocations and dispatch
+    times: dict[str, list[float]] = {k: [] for k in methods}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+        for k, fn in methods.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: 1e3 * statistics.median(v) for k, v in times.items()}
 
 
 def linear_methods(B: int, T: int, d_in: int, d_out: int) -> dict[str, Callable[[], object]]:
@@ -161,7 +166,7 @@ def main() -> None:
                 else:
                     methods = linear_methods(B, T, *dims)
                     per_example = B * dims[0] * dims[1] * 4 / 2**20
-                ms = {k: median_ms(f, repeats) for k, f in methods.items()}
+                ms = median_ms(methods, repeats)
                 mem = {k: peak_mib(f) for k, f in methods.items() if k != "gemm"}
 
                 def cell(k, ms=ms):
