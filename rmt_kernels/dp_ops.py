@@ -516,7 +516,14 @@ def linear_sq_norms_device(x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def linear_clipped_noisy_sum_device(x, dy, scale, noise_std, seed, offset) -> torch.Tensor:
+def linear_clipped_noisy_sum_device(
+    x: torch.Tensor,
+    dy: torch.Tensor,
+    scale: torch.Tensor,
+    noise_std: float,
+    seed: int,
+    offset: int,
+) -> torch.Tensor:
     """Device implementation of :func:`linear_clipped_noisy_sum`: the fused Triton GEMM."""
     from rmt_kernels.triton.linear import linear_clipped_noisy_sum_triton
 
@@ -534,7 +541,9 @@ def bias_sq_norms_device(dy: torch.Tensor) -> torch.Tensor:
     return _seq(dy).float().sum(1).square().sum(1)
 
 
-def bias_clipped_noisy_sum_device(dy, scale, noise_std, seed, offset) -> torch.Tensor:
+def bias_clipped_noisy_sum_device(
+    dy: torch.Tensor, scale: torch.Tensor, noise_std: float, seed: int, offset: int
+) -> torch.Tensor:
     """Device implementation of :func:`bias_clipped_noisy_sum`."""
     op = "bias_clipped_noisy_sum"
     _check_bias(op, dy)
@@ -573,7 +582,13 @@ def embedding_sq_norms_device(ids: torch.Tensor, dy: torch.Tensor) -> torch.Tens
 
 
 def embedding_clipped_noisy_sum_device(
-    ids, dy, scale, num_embeddings, noise_std, seed, offset
+    ids: torch.Tensor,
+    dy: torch.Tensor,
+    scale: torch.Tensor,
+    num_embeddings: int,
+    noise_std: float,
+    seed: int,
+    offset: int,
 ) -> torch.Tensor:
     """Device implementation of :func:`embedding_clipped_noisy_sum`."""
     op = "embedding_clipped_noisy_sum"
@@ -603,7 +618,15 @@ def layernorm_sq_norms_device(x: torch.Tensor, dy: torch.Tensor, eps: float) -> 
     return _layernorm_per_example(x, dy, eps).square().sum(1)
 
 
-def layernorm_clipped_noisy_sum_device(x, dy, scale, eps, noise_std, seed, offset) -> torch.Tensor:
+def layernorm_clipped_noisy_sum_device(
+    x: torch.Tensor,
+    dy: torch.Tensor,
+    scale: torch.Tensor,
+    eps: float,
+    noise_std: float,
+    seed: int,
+    offset: int,
+) -> torch.Tensor:
     """Device implementation of :func:`layernorm_clipped_noisy_sum`."""
     op = "layernorm_clipped_noisy_sum"
     check_layernorm(op, x, dy, eps)
@@ -614,7 +637,9 @@ def layernorm_clipped_noisy_sum_device(x, dy, scale, eps, noise_std, seed, offse
     return _noise_(out, noise_std, seed, offset)
 
 
-def add_gaussian_noise_device(x, noise_std, seed, offset) -> torch.Tensor:
+def add_gaussian_noise_device(
+    x: torch.Tensor, noise_std: float, seed: int, offset: int
+) -> torch.Tensor:
     """Device implementation of :func:`add_gaussian_noise`."""
     check_float("add_gaussian_noise", "x", x)
     check_noise("add_gaussian_noise", noise_std, seed, offset, x.numel())

@@ -13,7 +13,8 @@ namespace philox {
 // Counters per chunk: the two word buffers (2 KiB) stay in L1.
 constexpr int64_t kChunk = 256;
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+// x86-64-v3/v4 target names need GCC 11; other compilers get the baseline loop.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
 #define RMT_TARGET_CLONES \
   __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
