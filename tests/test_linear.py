@@ -106,9 +106,10 @@ def test_triton_clipped_noisy_sum_matches_cpu(shape, dtype):
 
 @pytest.mark.triton
 def test_device_paths_match_cpu(monkeypatch):
-    # A tiny block budget makes the device norms loop over several blocks on both routes.
+    # A tiny block budget makes the per-example route loop over several blocks.
     monkeypatch.setattr(dp_ops, "BLOCK_BYTES", 2000)
-    for shape in [(5, 6, 5, 3), (5, 5, 33, 17), (4, 1, 3, 2)]:
+    # per-example route (blocked), Gram route in one and in several T-tiles, T = 1
+    for shape in [(5, 6, 5, 3), (5, 5, 33, 17), (2, 40, 100, 100), (4, 1, 3, 2)]:
         x, dy = _inputs(*shape, torch.float32)
         scale = torch.rand(shape[0])
         torch.testing.assert_close(
