@@ -18,6 +18,7 @@ SHAPES = [
     (5, 1, 9, 4),  # T = 1
     (6, None, 13, 7),  # (B, d) input
     (2, 70, 8, 9),  # long sequence, thin layer: per-example route
+    (2, 150, 320, 320),  # Gram route over several T-tiles (3 x 3, upper triangle)
 ]
 # Inputs are upcast to float32 inside the ops, so bf16 inputs are compared with the float64
 # reference on the same bf16 values and get float32 accumulation tolerances.
