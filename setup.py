@@ -10,6 +10,7 @@ so the extension links against the torch that will import it; the Makefile does 
 
 import glob
 import os
+import sys
 
 from setuptools import setup
 
@@ -30,11 +31,19 @@ def _extensions():
     # No errno from math functions: lets sqrt vectorise in the Philox noise loop (philox.cpp);
     # nothing here reads errno.
     flags.append("-fno-math-errno")
+    # at::parallel_for is an inline `#pragma omp parallel` in OpenMP builds of torch: without
+    # -fopenmp it silently runs on one thread. libgomp resolves to the copy torch has loaded
+    # (same soname), so there is one OpenMP runtime in the process.
+    link_args = []
+    if sys.platform.startswith("linux"):
+        flags.append("-fopenmp")
+        link_args.append("-fopenmp")
     ext = CppExtension(
         name="rmt_kernels._C",
         sources=sources,
         include_dirs=[os.path.join(ROOT, "csrc")],
         extra_compile_args={"cxx": [*flags, "-std=c++17", "-Wall", "-Wno-unused-function"]},
+        extra_link_args=link_args,
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 

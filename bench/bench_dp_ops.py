@@ -14,7 +14,8 @@ B in {8, 32} and sequence length T in {64, 128}, four ways to get the same weigh
               GEMM on clip-scaled ``dy``, plus ``torch.normal`` noise. (The second backward also
               recomputes input gradients; that cost is left out, favouring ghost.)
 
-Time: median wall time of several calls, ``torch.set_num_threads`` left at the machine default.
+Time: fastest of several calls, methods interleaved round-robin (see best_ms); torch's default
+number of threads. The load average at the start is printed: the machine may be shared.
 Memory: peak resident-set increase during one call (VmHWM reset through /proc/self/clear_refs
 after ``malloc_trim``), so it counts every allocation the call touches, on any allocator path.
 """
@@ -24,8 +25,8 @@ from __future__ import annotations
 import argparse
 import ctypes
 import datetime
+import os
 import platform
-import statistics
 import time
 from collections.abc import Callable
 
@@ -67,14 +68,19 @@ def peak_mib(fn: Callable[[], object]) -> float:
     return (peak - before) / 1024
 
 
-def median_ms(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up: first-call allocations and dispatch
-    times = []
+def best_ms(methods: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Fastest of ``repeats`` calls per method (ms), the methods timed round-robin: on a shared
+    machine, load from other processes only ever adds time, so the minimum is the estimate least
+    disturbed by it, and round-robin spreads what remains over all methods alike."""
+    for fn in methods.values():
+        fn()  # warm-up: first-call allocations and dispatch
+    times: dict[str, list[float]] = {k: [] for k in methods}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+        for k, fn in methods.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: 1e3 * min(v) for k, v in times.items()}
 
 
 def linear_methods(B: int, T: int, d_in: int, d_out: int) -> dict[str, Callable[[], object]]:
@@ -146,7 +152,8 @@ def main() -> None:
         f"# rmt fused DP ops vs Opacus 1.6.0, {datetime.date.today()}, "
         f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
         f"torch {torch.__version__}",
-        "# time: median ms (ratio to gemm); mem: peak RSS increase MiB; "
+        f"# load average at start {os.getloadavg()[0]:.2f}; "
+        "time: best-of-repeats ms (ratio to gemm); mem: peak RSS increase MiB; "
         "per-ex: size of B per-example gradients MiB",
         f"{'layer':<24}{'B':>4}{'T':>5} | {'gemm ms':>8} | {'ours ms':>15} | {'hooks ms':>15} | "
         f"{'ghost ms':>15} | {'mem ours':>8} {'hooks':>7} {'ghost':>7} | {'per-ex':>7}",
@@ -161,7 +168,7 @@ def main() -> None:
                 else:
                     methods = linear_methods(B, T, *dims)
                     per_example = B * dims[0] * dims[1] * 4 / 2**20
-                ms = {k: median_ms(f, repeats) for k, f in methods.items()}
+                ms = best_ms(methods, repeats)
                 mem = {k: peak_mib(f) for k, f in methods.items() if k != "gemm"}
 
                 def cell(k, ms=ms):

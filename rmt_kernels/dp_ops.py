@@ -490,9 +490,11 @@ def _check_num_embeddings(op: str, num_embeddings: int) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Device (CUDA) implementations: the clipped sums and the noise come from the Triton kernels;
-# the norms are the same blocked bmm algorithm as the C++ kernels, in torch. Written for any
-# device, so the CPU tests run them too (Triton under TRITON_INTERPRET=1).
+# Device (CUDA) implementations: the clipped Linear sum (GEMM + noise epilogue), the noise and
+# the Gram-route norms are Triton kernels; the per-example norm route (blocked bmm), the
+# embedding's sort-and-segment route and the small bias / LayerNorm reductions are torch ops.
+# Written for any device, so the CPU tests run them too (Triton under TRITON_INTERPRET=1). The
+# route thresholds are the CPU's; they are not tuned on a GPU yet.
 # --------------------------------------------------------------------------------------------
 
 
@@ -515,21 +517,26 @@ def linear_sq_norms_device(x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
     d_out = dy3.shape[2]
     if T == 1:
         return x3[:, 0].float().square().sum(1) * dy3[:, 0].float().square().sum(1)
-    gram = use_gram_route(T, d_in, d_out)
-    per_example = 4 * (2 * T * T if gram else d_in * d_out)
-    block = max(1, min(B, BLOCK_BYTES // per_example))
+    if use_gram_route(T, d_in, d_out):
+        from rmt_kernels.triton.sq_norms import gram_sq_norms
+
+        return gram_sq_norms(x3, dy3)  # Gram tiles live in registers only
+    block = max(1, min(B, BLOCK_BYTES // (4 * d_in * d_out)))
     out = torch.empty(B, device=x.device, dtype=torch.float32)
     for b0 in range(0, B, block):
         xb, dyb = x3[b0 : b0 + block].float(), dy3[b0 : b0 + block].float()
-        if gram:
-            gx = torch.bmm(xb, xb.mT).mul_(torch.bmm(dyb, dyb.mT))
-            out[b0 : b0 + block] = gx.sum((1, 2))
-        else:
-            out[b0 : b0 + block] = torch.bmm(dyb.mT, xb).square().sum((1, 2))
+        out[b0 : b0 + block] = torch.bmm(dyb.mT, xb).square().sum((1, 2))
     return out
 
 
-def linear_clipped_noisy_sum_device(x, dy, scale, noise_std, seed, offset) -> torch.Tensor:
+def linear_clipped_noisy_sum_device(
+    x: torch.Tensor,
+    dy: torch.Tensor,
+    scale: torch.Tensor,
+    noise_std: float,
+    seed: int,
+    offset: int,
+) -> torch.Tensor:
     """Device implementation of :func:`linear_clipped_noisy_sum`: the fused Triton GEMM."""
     from rmt_kernels.triton.linear import linear_clipped_noisy_sum_triton
 
@@ -547,7 +554,9 @@ def bias_sq_norms_device(dy: torch.Tensor) -> torch.Tensor:
     return _seq(dy).float().sum(1).square().sum(1)
 
 
-def bias_clipped_noisy_sum_device(dy, scale, noise_std, seed, offset) -> torch.Tensor:
+def bias_clipped_noisy_sum_device(
+    dy: torch.Tensor, scale: torch.Tensor, noise_std: float, seed: int, offset: int
+) -> torch.Tensor:
     """Device implementation of :func:`bias_clipped_noisy_sum`."""
     op = "bias_clipped_noisy_sum"
     _check_bias(op, dy)
@@ -567,13 +576,9 @@ def embedding_sq_norms_device(ids: torch.Tensor, dy: torch.Tensor) -> torch.Tens
     if T == 1:
         return dy3[:, 0].float().square().sum(1)
     if T <= EMBEDDING_GRAM_MAX_T:
-        out = torch.empty(B, device=dy.device, dtype=torch.float32)
-        block = max(1, min(B, BLOCK_BYTES // (8 * T * T)))
-        for b0 in range(0, B, block):
-            ib, dyb = ids2[b0 : b0 + block], dy3[b0 : b0 + block].float()
-            g = torch.bmm(dyb, dyb.mT).mul_(ib[:, :, None] == ib[:, None, :])
-            out[b0 : b0 + block] = g.sum((1, 2))
-        return out
+        from rmt_kernels.triton.sq_norms import gram_sq_norms
+
+        return gram_sq_norms(ids2, dy3, ids=True)
     sorted_ids, perm = ids2.sort(1)
     rows = dy3.gather(1, perm[:, :, None].expand(B, T, d)).reshape(B * T, d).float()
     starts = torch.ones(B, T, dtype=torch.bool, device=dy.device)
@@ -586,7 +591,13 @@ def embedding_sq_norms_device(ids: torch.Tensor, dy: torch.Tensor) -> torch.Tens
 
 
 def embedding_clipped_noisy_sum_device(
-    ids, dy, scale, num_embeddings, noise_std, seed, offset
+    ids: torch.Tensor,
+    dy: torch.Tensor,
+    scale: torch.Tensor,
+    num_embeddings: int,
+    noise_std: float,
+    seed: int,
+    offset: int,
 ) -> torch.Tensor:
     """Device implementation of :func:`embedding_clipped_noisy_sum`."""
     op = "embedding_clipped_noisy_sum"
@@ -616,7 +627,15 @@ def layernorm_sq_norms_device(x: torch.Tensor, dy: torch.Tensor, eps: float) -> 
     return _layernorm_per_example(x, dy, eps).square().sum(1)
 
 
-def layernorm_clipped_noisy_sum_device(x, dy, scale, eps, noise_std, seed, offset) -> torch.Tensor:
+def layernorm_clipped_noisy_sum_device(
+    x: torch.Tensor,
+    dy: torch.Tensor,
+    scale: torch.Tensor,
+    eps: float,
+    noise_std: float,
+    seed: int,
+    offset: int,
+) -> torch.Tensor:
     """Device implementation of :func:`layernorm_clipped_noisy_sum`."""
     op = "layernorm_clipped_noisy_sum"
     check_layernorm(op, x, dy, eps)
@@ -627,7 +646,9 @@ def layernorm_clipped_noisy_sum_device(x, dy, scale, eps, noise_std, seed, offse
     return _noise_(out, noise_std, seed, offset)
 
 
-def add_gaussian_noise_device(x, noise_std, seed, offset) -> torch.Tensor:
+def add_gaussian_noise_device(
+    x: torch.Tensor, noise_std: float, seed: int, offset: int
+) -> torch.Tensor:
     """Device implementation of :func:`add_gaussian_noise`."""
     check_float("add_gaussian_noise", "x", x)
     check_noise("add_gaussian_noise", noise_std, seed, offset, x.numel())

@@ -120,3 +120,61 @@ def test_embedding_padding_idx_gets_no_gradient_as_in_torch():
     expected = torch.einsum("b,bij->ij", scale.double(), grads["weight"])
     torch.testing.assert_close(total.double(), expected, rtol=1e-5, atol=1e-6)
     assert torch.all(total[1] == 0)
+
+
+def test_layer_rules_give_the_clipped_sum_of_a_whole_model():
+    # Embedding -> LayerNorm -> Linear, clipped per example over ALL parameters together: the
+    # rules' norms summed over layers must give the total norm, and their sums the clipped sum of
+    # explicit per-example gradients of the whole model (torch.func).
+    from torch.func import functional_call, grad, vmap
+
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Embedding(13, 8), nn.LayerNorm(8), nn.Linear(8, 3))
+    B, T = 5, 6
+    ids, target = torch.randint(0, 13, (B, T)), torch.randn(B, T, 3)
+
+    def loss_fn(out, tgt):
+        return ((out - tgt) ** 2).sum()
+
+    captured: dict[nn.Module, list[torch.Tensor]] = {}
+
+    def keep_input(m, inputs, output):
+        captured[m] = [inputs[0].detach()]
+
+    def keep_output_grad(m, grad_inputs, grad_outputs):
+        captured[m].append(grad_outputs[0].detach())
+
+    hooks = []
+    for layer in model:
+        hooks.append(layer.register_forward_hook(keep_input))
+        hooks.append(layer.register_full_backward_hook(keep_output_grad))
+    loss_fn(model(ids), target).backward()
+    for h in hooks:
+        h.remove()
+    total = sum(
+        n
+        for m, (x, dy) in captured.items()
+        for n in dp_ops.get_layer_rule(m).sq_norms(m, x, dy).values()
+    )
+    scale = rmt_kernels.clip_scales(total, C)
+    ours = {}
+    for m, (x, dy) in captured.items():
+        sums = dp_ops.get_layer_rule(m).clipped_noisy_sums(
+            m, x, dy, scale, 0.0, 0, {"weight": 0, "bias": 0}
+        )
+        for name, value in sums.items():
+            ours[f"{list(model).index(m)}.{name}"] = value
+
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def per_example_loss(p, i, t):
+        return loss_fn(functional_call(model, p, (i.unsqueeze(0),)), t.unsqueeze(0))
+
+    per_example = vmap(grad(per_example_loss), in_dims=(None, 0, 0))(params, ids, target)
+    norms = torch.sqrt(sum(g.flatten(1).square().sum(1) for g in per_example.values()))
+    torch.testing.assert_close(total.sqrt(), norms, rtol=1e-4, atol=1e-6)
+    ref_scale = (C / (norms + 1e-6)).clamp(max=1.0)
+    assert set(ours) == set(per_example)
+    for k, g in per_example.items():
+        expected = torch.einsum("b,b...->...", ref_scale, g)
+        torch.testing.assert_close(ours[k], expected, rtol=1e-4, atol=1e-5)

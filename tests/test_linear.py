@@ -18,6 +18,7 @@ SHAPES = [
     (5, 1, 9, 4),  # T = 1
     (6, None, 13, 7),  # (B, d) input
     (2, 70, 8, 9),  # long sequence, thin layer: per-example route
+    (2, 150, 320, 320),  # Gram route over several T-tiles (3 x 3, upper triangle)
 ]
 # Inputs are upcast to float32 inside the ops, so bf16 inputs are compared with the float64
 # reference on the same bf16 values and get float32 accumulation tolerances.
@@ -106,9 +107,10 @@ def test_triton_clipped_noisy_sum_matches_cpu(shape, dtype):
 
 @pytest.mark.triton
 def test_device_paths_match_cpu(monkeypatch):
-    # A tiny block budget makes the device norms loop over several blocks on both routes.
+    # A tiny block budget makes the per-example route loop over several blocks.
     monkeypatch.setattr(dp_ops, "BLOCK_BYTES", 2000)
-    for shape in [(5, 6, 5, 3), (5, 5, 33, 17), (4, 1, 3, 2)]:
+    # per-example route (blocked), Gram route in one and in several T-tiles, T = 1
+    for shape in [(5, 6, 5, 3), (5, 5, 33, 17), (2, 40, 100, 100), (4, 1, 3, 2)]:
         x, dy = _inputs(*shape, torch.float32)
         scale = torch.rand(shape[0])
         torch.testing.assert_close(

@@ -88,6 +88,23 @@ inline void add_noise_(at::Tensor& out, double noise_std, int64_t seed, int64_t 
   });
 }
 
+// A new contiguous float32 tensor holding only the noise: out[k] = noise_std * randn(seed,
+// offset + k), zeros when noise_std == 0. Kernels then accumulate their clipped sum into it
+// (BLAS beta = 1, index_add_), so the noise costs no extra pass over the output.
+inline at::Tensor noise_tensor(at::IntArrayRef size, const at::TensorOptions& options,
+    double noise_std, int64_t seed, int64_t offset) {
+  if (noise_std == 0.0) return at::zeros(size, options.dtype(at::kFloat));
+  at::Tensor out = at::empty(size, options.dtype(at::kFloat));
+  float* data = out.data_ptr<float>();
+  const float std_f = static_cast<float>(noise_std);
+  const uint64_t key = static_cast<uint64_t>(seed);
+  const uint64_t base = static_cast<uint64_t>(offset);
+  at::parallel_for(0, out.numel(), kNoiseGrain, [&](int64_t begin, int64_t end) {
+    philox::fill_randn(data + begin, end - begin, key, base + static_cast<uint64_t>(begin), std_f);
+  });
+  return out;
+}
+
 // (B, d) -> (B, 1, d), so every kernel works on (B, T, d).
 inline at::Tensor as_sequence(const at::Tensor& t) {
   return t.dim() == 2 ? t.unsqueeze(1) : t;

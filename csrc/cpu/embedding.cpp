@@ -95,10 +95,11 @@ at::Tensor embedding_clipped_noisy_sum_cpu(const at::Tensor& ids, const at::Tens
   const at::Tensor dy3 = dp::as_sequence(dy);
   const at::Tensor rows =
       (dy3.to(at::kFloat) * scale.to(at::kFloat).view({B, 1, 1})).reshape({-1, d});
-  at::Tensor out = at::zeros({num_embeddings, d}, dy.options().dtype(at::kFloat));
-  out.index_add_(0, ids.reshape({-1}), rows);
-  dp::add_noise_(out, noise_std, seed, offset);
-  return out;
+  // The table starts as noise and the scaled rows are scattered onto it: one pass over the
+  // (num_embeddings x d) output instead of zero-fill plus noise.
+  at::Tensor out =
+      dp::noise_tensor({num_embeddings, d}, dy.options(), noise_std, seed, offset);
+  return out.index_add_(0, ids.reshape({-1}), rows);
 }
 
 }  // namespace

@@ -13,15 +13,18 @@ namespace philox {
 // Counters per chunk: the two word buffers (2 KiB) stay in L1.
 constexpr int64_t kChunk = 256;
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+// x86-64-v3/v4 target names need GCC 11; other compilers get the baseline loop.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
 #define RMT_TARGET_CLONES \
   __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define RMT_TARGET_CLONES
 #endif
 
-RMT_TARGET_CLONES
-void add_randn(float* out, int64_t n, uint64_t seed, uint64_t counter, float noise_std) {
+// The loop of add_randn / fill_randn: Philox over a chunk of counters, then Box-Muller.
+template <bool kAccumulate>
+__attribute__((always_inline)) inline void randn_loop(float* out, int64_t n, uint64_t seed,
+    uint64_t counter, float noise_std) {
   uint32_t w0[kChunk], w1[kChunk];
   const uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
   for (int64_t begin = 0; begin < n; begin += kChunk) {
@@ -34,8 +37,21 @@ void add_randn(float* out, int64_t n, uint64_t seed, uint64_t counter, float noi
       w1[i] = w.c1;
     }
     float* dst = out + begin;
-    for (int64_t i = 0; i < m; ++i) dst[i] += noise_std * box_muller(w0[i], w1[i]);
+    for (int64_t i = 0; i < m; ++i) {
+      const float value = noise_std * box_muller(w0[i], w1[i]);
+      dst[i] = kAccumulate ? dst[i] + value : value;
+    }
   }
+}
+
+RMT_TARGET_CLONES
+void add_randn(float* out, int64_t n, uint64_t seed, uint64_t counter, float noise_std) {
+  randn_loop<true>(out, n, seed, counter, noise_std);
+}
+
+RMT_TARGET_CLONES
+void fill_randn(float* out, int64_t n, uint64_t seed, uint64_t counter, float noise_std) {
+  randn_loop<false>(out, n, seed, counter, noise_std);
 }
 
 }  // namespace philox

@@ -132,6 +132,9 @@ inline float randn(uint64_t seed, uint64_t counter) {
 // out[k] += noise_std * randn(seed, counter + k) for k in [0, n): the vectorised form of randn,
 // same values (philox.cpp).
 void add_randn(float* out, int64_t n, uint64_t seed, uint64_t counter, float noise_std);
+// out[k] = noise_std * randn(seed, counter + k): for outputs that start as noise and are then
+// accumulated into (saves a zero-fill and a pass).
+void fill_randn(float* out, int64_t n, uint64_t seed, uint64_t counter, float noise_std);
 
 }  // namespace philox
 }  // namespace rmt

@@ -1,0 +1,122 @@
+"""Per-example squared gradient norms by the Gram ("ghost") route, without any T x T matrix in
+memory: ``||G_b||^2 = sum_{t,s} (x_t . x_s)(dy_t . dy_s)`` for a Linear layer, or
+``sum_{t,s} [id_t == id_s](dy_t . dy_s)`` for an Embedding.
+
+Each program owns one example and one pair of T-tiles (ti <= tj): it builds the two Gram tiles in
+registers over the feature dimension, multiplies them elementwise, reduces, and writes one partial
+sum (doubled off the diagonal: the Gram matrices are symmetric, so the lower triangle is never
+computed). Partials are summed in a fixed order afterwards, so results are deterministic (no
+atomics).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# T-tile and feature-chunk sizes: 32 x 32 Gram tiles keep two accumulators in registers; 64-wide
+# feature chunks make each tl.dot a reasonable size. Not yet tuned on a GPU.
+BLOCK_T = 32
+BLOCK_D = 64
+
+
+@triton.jit
+def _gram_tile(
+    a_ptr, rows_i, rows_j, T, D, stride_t, stride_d, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr
+):
+    """(BLOCK_T, BLOCK_T) tile of a a^T for rows rows_i x rows_j of one example."""
+    acc = tl.zeros((BLOCK_T, BLOCK_T), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        ds = d0 + tl.arange(0, BLOCK_D)
+        d_ok = ds[None, :] < D
+        ai = tl.load(
+            a_ptr + rows_i[:, None] * stride_t + ds[None, :] * stride_d,
+            mask=(rows_i[:, None] < T) & d_ok,
+            other=0.0,
+        ).to(tl.float32)
+        aj = tl.load(
+            a_ptr + rows_j[:, None] * stride_t + ds[None, :] * stride_d,
+            mask=(rows_j[:, None] < T) & d_ok,
+            other=0.0,
+        ).to(tl.float32)
+        acc += tl.dot(ai, tl.trans(aj), input_precision="ieee")
+    return acc
+
+
+@triton.jit
+def _gram_sq_norms_kernel(
+    x_ptr,
+    dy_ptr,
+    pairs_ptr,
+    part_ptr,
+    T,
+    D_IN,
+    D_OUT,
+    N_PAIRS,
+    stride_xb,
+    stride_xt,
+    stride_xd,
+    stride_db,
+    stride_dt,
+    stride_dd,
+    IDS: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    pair = tl.program_id(1)
+    ti = tl.load(pairs_ptr + 2 * pair)
+    tj = tl.load(pairs_ptr + 2 * pair + 1)
+    rows_i = ti * BLOCK_T + tl.arange(0, BLOCK_T)
+    rows_j = tj * BLOCK_T + tl.arange(0, BLOCK_T)
+    g_dy = _gram_tile(
+        dy_ptr + b * stride_db, rows_i, rows_j, T, D_OUT, stride_dt, stride_dd, BLOCK_T, BLOCK_D
+    )
+    if IDS:
+        # x holds token ids (B, T): the "Gram" of one-hot rows is id equality. Padding rows of
+        # the tile load distinct sentinels so they never match.
+        id_i = tl.load(x_ptr + b * stride_xb + rows_i * stride_xt, mask=rows_i < T, other=-1)
+        id_j = tl.load(x_ptr + b * stride_xb + rows_j * stride_xt, mask=rows_j < T, other=-2)
+        g_x = (id_i[:, None] == id_j[None, :]).to(tl.float32)
+    else:
+        g_x = _gram_tile(
+            x_ptr + b * stride_xb, rows_i, rows_j, T, D_IN, stride_xt, stride_xd, BLOCK_T, BLOCK_D
+        )
+    weight = tl.where(ti == tj, 1.0, 2.0)  # symmetric: an off-diagonal tile stands for two
+    tl.store(part_ptr + b * N_PAIRS + pair, weight * tl.sum(g_x * g_dy))
+
+
+def _tile_pairs(T: int, device: torch.device) -> torch.Tensor:
+    n = triton.cdiv(T, BLOCK_T)
+    idx = torch.triu_indices(n, n)
+    return idx.T.contiguous().to(device=device, dtype=torch.int32)
+
+
+def gram_sq_norms(x: torch.Tensor, dy: torch.Tensor, ids: bool = False) -> torch.Tensor:
+    """float32 (B,) squared norms by the Gram route; arguments assumed checked.
+
+    ``x`` (B, T, d_in) float, or token ids (B, T) when ``ids``; ``dy`` (B, T, d_out).
+    """
+    B, T, d_out = dy.shape
+    pairs = _tile_pairs(T, dy.device)
+    n_pairs = pairs.shape[0]
+    part = torch.empty((B, n_pairs), device=dy.device, dtype=torch.float32)
+    x_strides = (*x.stride(), 0) if ids else x.stride()
+    d_in = 1 if ids else x.shape[2]
+    _gram_sq_norms_kernel[(B, n_pairs)](
+        x,
+        dy,
+        pairs,
+        part,
+        T,
+        d_in,
+        d_out,
+        n_pairs,
+        *x_strides,
+        *dy.stride(),
+        IDS=ids,
+        BLOCK_T=BLOCK_T,
+        BLOCK_D=BLOCK_D,
+    )
+    return part.sum(1)
