@@ -135,15 +135,17 @@ def run_method(method: str, layers: int, batch: int, length: int, steps: int) ->
     }
 
 
-def table(results: list[dict]) -> str:
+def table(results: list[dict], batch: int) -> str:
     base = next(r for r in results if r["method"] == "non-private")
     lines = [
-        "| method | median step s | time / non-private | peak MiB | memory / non-private |",
-        "|---|---:|---:|---:|---:|",
+        "| method | median step s | samples/s | time / non-private | peak MiB "
+        "| memory / non-private |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         lines.append(
-            f"| {r['method']} | {r['median_s']:.3f} | {r['median_s'] / base['median_s']:.2f}x | "
+            f"| {r['method']} | {r['median_s']:.3f} | {batch / r['median_s']:.1f} | "
+            f"{r['median_s'] / base['median_s']:.2f}x | "
             f"{r['peak_mib']:.0f} | {r['peak_mib'] / base['peak_mib']:.2f}x |"
         )
     return "\n".join(lines)
@@ -193,7 +195,7 @@ def main(argv: list[str] | None = None) -> str:
         f"{results[0]['params'] / 1e6:.1f}M parameters all trainable, B = {args.batch}, "
         f"T = {args.length}, {results[0]['source']}\n\n"
         f"Measured {machine_description()}; median of {args.steps} steps after 2 warm-up steps, "
-        "each method in its own process.\n\n" + table(results) + "\n"
+        "each method in its own process.\n\n" + table(results, args.batch) + "\n"
     )
     print(report)
     if args.out:
