@@ -10,9 +10,12 @@ CUDA kernels built from Triton.
 # import fails with "libc10.so: cannot open shared object file".
 import torch  # noqa: F401
 
-from rmt_kernels import _C  # noqa: F401  (registers torch.ops.rmt.*)
+from rmt_kernels import (
+    _C,  # noqa: F401  (registers torch.ops.rmt.*)
+    dp_ops,
+)
 from rmt_kernels.dp_ops import *  # noqa: F403  (the fused DP ops, dp_ops.__all__)
 from rmt_kernels.ops import denoise, denoise_many
 
-__all__ = ["denoise", "denoise_many"]
+__all__ = ["denoise", "denoise_many", *dp_ops.__all__]
 __version__ = "0.1.0"
