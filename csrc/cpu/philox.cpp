@@ -25,7 +25,8 @@ constexpr int64_t kChunk = 256;
 template <bool kAccumulate>
 __attribute__((always_inline)) inline void randn_loop(float* out, int64_t n, uint64_t seed,
     uint64_t counter, float noise_std) {
-  uint32_t w0[kChunk], w1[kChunk];
+  uint32_t w0[kChunk], w1[kChunk], w2[kChunk];
+  float values[kChunk];
   const uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
   for (int64_t begin = 0; begin < n; begin += kChunk) {
     const int64_t m = std::min(kChunk, n - begin);
@@ -35,10 +36,17 @@ __attribute__((always_inline)) inline void randn_loop(float* out, int64_t n, uin
           static_cast<uint32_t>(c), static_cast<uint32_t>(c >> 32), 0u, 0u, k0, k1);
       w0[i] = w.c0;
       w1[i] = w.c1;
+      w2[i] = w.c2;
+    }
+    for (int64_t i = 0; i < m; ++i) values[i] = box_muller(w0[i], w1[i]);
+    // The rare tail draws (probability 2^-20 each) get their untruncated value in a scalar pass,
+    // which keeps the loop above branch-free and vectorised.
+    for (int64_t i = 0; i < m; ++i) {
+      if (in_tail(w0[i])) values[i] = tail_normal(w0[i], w1[i], w2[i]);
     }
     float* dst = out + begin;
     for (int64_t i = 0; i < m; ++i) {
-      const float value = noise_std * box_muller(w0[i], w1[i]);
+      const float value = noise_std * values[i];
       dst[i] = kAccumulate ? dst[i] + value : value;
     }
   }

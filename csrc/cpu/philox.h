@@ -1,6 +1,7 @@
 // Counter-based Gaussian noise, bit-for-bit the same Philox4x32-10 stream as Triton's
-// `tl.randn(seed, offset)` (triton/language/random.py, Triton 3.6), so a (seed, offset) key gives
-// the same noise on the CPU and on the GPU.
+// `tl.randn(seed, offset)` (triton/language/random.py, Triton 3.6) with untruncated tails
+// (randn_wide of rmt_kernels/triton/gaussian.py, see tail_normal below), so a (seed, offset) key
+// gives the same noise on the CPU and on the GPU.
 //
 // Element counter: noise element k of a call keyed (seed, offset) is randn(seed, offset + k), with
 // the 64-bit counter split into Philox words c0 = low 32 bits, c1 = high 32 bits (c2 = c3 = 0) and
@@ -122,11 +123,32 @@ inline float box_muller(uint32_t w0, uint32_t w1) {
   return std::sqrt(-2.0f * log_f32(u1)) * cos_f32(theta);
 }
 
-// tl.randn(seed, counter).
+// Untruncated tails (rmt_kernels/triton/gaussian.py, randn_wide): tl.randn's radius comes from
+// one 32-bit uniform clamped at 1e-7, so |z| <= 5.68, a truncated Gaussian that the Gaussian
+// mechanism's analysis does not cover. Where the first word's folded 31-bit value is below
+// kTailBits (u1 < 2^-20, probability 2^-20) the radius instead comes from a 63-bit uniform built
+// with the third word, in double: |z| <= 9.4, tail mass ~1e-20.
+constexpr int32_t kTailBits = 2048;
+
+inline int32_t folded(uint32_t bits) {
+  const int32_t x = static_cast<int32_t>(bits);
+  return x < 0 ? ~x : x;
+}
+
+inline bool in_tail(uint32_t w0) { return folded(w0) < kTailBits; }
+
+inline float tail_normal(uint32_t w0, uint32_t w1, uint32_t w2) {
+  const double u = (static_cast<double>(folded(w0)) * 4294967296.0 + static_cast<double>(w2) +
+                       0.5) * 0x1p-63;
+  const float radius = static_cast<float>(std::sqrt(-2.0 * std::log(u)));
+  return radius * cos_f32(6.283185307179586f * uniform(w1));
+}
+
+// randn_wide(seed, counter): tl.randn(seed, counter) with untruncated tails.
 inline float randn(uint64_t seed, uint64_t counter) {
   const Words w = philox4x32(static_cast<uint32_t>(counter), static_cast<uint32_t>(counter >> 32),
       0u, 0u, static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
-  return box_muller(w.c0, w.c1);
+  return in_tail(w.c0) ? tail_normal(w.c0, w.c1, w.c2) : box_muller(w.c0, w.c1);
 }
 
 // out[k] += noise_std * randn(seed, counter + k) for k in [0, n): the vectorised form of randn,
