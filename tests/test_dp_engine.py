@@ -168,7 +168,7 @@ def test_denoise_is_post_processing_of_the_noisy_gradient(monkeypatch):
     linear_weights = [
         p.grad
         for n, p in plain.named_parameters()
-        if n.endswith("weight") and p.dim() == 2 and "embeddings" not in n
+        if n.endswith("weight") and p.dim() == 2 and "embeddings" not in n and min(p.shape) >= 32
     ]
     # It saw exactly the noisy averaged gradients plain DP-SGD produced, and the public sigma.
     assert len(seen["grads"]) == len(linear_weights)
@@ -176,10 +176,52 @@ def test_denoise_is_post_processing_of_the_noisy_gradient(monkeypatch):
         assert torch.equal(a, b)
     assert seen["sigma"] == pytest.approx(1.0 * C / 8)
     assert seen["options"]["kappa"] == 0.5
-    # Parameters it does not touch are plain DP-SGD's.
+    # Parameters it does not touch are plain DP-SGD's: 1-D ones, embeddings, and the 2 x 32
+    # classifier head (smaller than min_dim = 32, where the bulk edge means nothing).
+    untouched = 0
     for (n, p), (_, q) in zip(model.named_parameters(), plain.named_parameters(), strict=True):
-        if p.dim() == 1 or "embeddings" in n:
+        if p.dim() == 1 or "embeddings" in n or min(p.shape) < 32:
             assert torch.equal(p.grad, q.grad), n
+            untouched += p.dim() == 2 and "embeddings" not in n
+    assert untouched == 1  # the head
+
+
+def test_denoise_stats_report_kept_rank_and_norm_ratio():
+    batch = padded_batch(batch=8)
+    model, opt, _ = _private(
+        tiny_model(), batch, noise=1.0, lr=0.0, denoise={"kappa": 0.5, "min_dim": 1}
+    )
+    engine = opt.engine
+    _backward(model, batch)
+    opt.step()
+    assert engine.take_denoise_stats() == {}  # only when asked: it costs an SVD per matrix
+    engine.record_denoise_stats = True
+    _backward(model, batch)
+    noisy = {}
+    import rmt_kernels.dp.engine as engine_module
+
+    real = engine_module.denoise_many
+
+    def spy(grads, sigma, **options):
+        out = real(grads, sigma, **options)
+        for g, d in zip(grads, out, strict=True):
+            noisy[id(d)] = (g.clone(), d)
+        return out
+
+    engine_module.denoise_many, saved = spy, engine_module.denoise_many
+    try:
+        opt.step()
+    finally:
+        engine_module.denoise_many = saved
+    stats = engine.take_denoise_stats()
+    assert engine.take_denoise_stats() == {}
+    names = {n for n, p in model.named_parameters() if id(p) in engine._denoised}
+    assert set(stats) == names and "classifier.out_proj.weight" in names
+    for (g, d), (name, s) in zip(noisy.values(), stats.items(), strict=True):
+        values = torch.linalg.svdvals(d.double())
+        assert s["rank"] == int((values > 1e-5 * values.max()).sum()), name
+        assert s["norm_ratio"] == pytest.approx(float(d.norm() / g.norm()), rel=1e-5), name
+        assert 0 <= s["norm_ratio"] <= 1.5
 
 
 def test_accountant_matches_opacus():
@@ -269,6 +311,11 @@ def _loader():
             {"noise_multiplier": 1.0, "max_grad_norm": 1.0, "denoise": {"shrinker": "soft"}},
             ValueError,
             "shrinker",
+        ),
+        (
+            {"noise_multiplier": 1.0, "max_grad_norm": 1.0, "denoise": {"min_dim": 0}},
+            ValueError,
+            "min_dim",
         ),
     ],
 )
@@ -362,8 +409,12 @@ def test_clipped_sum_matches_opacus_on_the_same_batch():
     reference = tiny_model(seed=2)
     ref_opt = torch.optim.SGD(reference.parameters(), lr=0.0)
     reference, ref_opt, _ = PrivacyEngine().make_private(
-        module=reference, optimizer=ref_opt, data_loader=loader, noise_multiplier=0.0,
-        max_grad_norm=C, poisson_sampling=False,
+        module=reference,
+        optimizer=ref_opt,
+        data_loader=loader,
+        noise_multiplier=0.0,
+        max_grad_norm=C,
+        poisson_sampling=False,
     )
     reference(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
     ref_opt.step()

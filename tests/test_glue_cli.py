@@ -8,11 +8,13 @@ use ../shared beside the repository and skip when it is absent (a user's clone h
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -269,6 +271,68 @@ def test_end_to_end_tiny_run_writes_the_log(tiny, tmp_path, mode, extra):
         else:
             assert log["noise_multiplier"] == 1.0
     assert log["config"]["denoise"] == (mode == "denoise")
+    if mode == "denoise":
+        # Per-layer kept rank and denoised-to-noisy norm ratio at every evaluation: the
+        # encoder's Linear weights (32 x 32, 64 x 32), not the 2 x 32 head (min_dim 32).
+        for e in log["evals"]:
+            stats = e["denoise"]
+            assert len(stats) == 2 * 6 + 1  # 6 per layer + the pooler
+            assert not any("classifier" in name for name in stats)
+            for s in stats.values():
+                assert 0 <= s["rank"] <= 32 and 0 <= s["norm_ratio"] <= 1.5
+    else:
+        assert all("denoise" not in e for e in log["evals"])
+
+
+def test_length_sorted_batches_change_nothing_but_padding(tiny):
+    from transformers import BertTokenizer
+
+    from rmt_kernels.glue.data import load_split
+    from rmt_kernels.glue.train import encode, evaluate
+
+    task = get_task("sst2")
+    tokenizer = BertTokenizer.from_pretrained(tiny["config"])
+    data = encode(load_split(task, "validation", str(tiny["glue"])), tokenizer, 64, False)
+    # Make lengths differ so that sorting reorders.
+    data.input_ids = [list(ids) for ids in data.input_ids]
+    data.input_ids[3] = data.input_ids[3][:4] + data.input_ids[3][-1:]
+    if data.token_type_ids is not None:
+        data.token_type_ids = [list(t) for t in data.token_type_ids]
+        data.token_type_ids[3] = data.token_type_ids[3][:5]
+    order = data.by_length(range(len(data)))
+    lengths = [len(data.input_ids[i]) for i in order]
+    assert lengths == sorted(lengths) and sorted(order) == list(range(len(data)))
+    assert order[0] == 3
+
+    class ByWords(torch.nn.Module):
+        """Class 1 iff the sum of the token ids is odd: predictions that vary by example and
+        ignore padding."""
+
+        def forward(self, input_ids, attention_mask, token_type_ids=None):
+            odd = ((input_ids * attention_mask).sum(1) % 2).float()
+            return types.SimpleNamespace(logits=torch.stack([1 - odd, odd], dim=1))
+
+    model = ByWords()
+    seen = []
+
+    def capture(predictions, labels):
+        seen.append(list(predictions))
+        return accuracy(predictions, labels)
+
+    got = evaluate(
+        model,
+        data,
+        dataclasses.replace(task, metrics={"accuracy": capture}),
+        batch_size=5,
+        device=torch.device("cpu"),
+    )
+    # One example at a time, in the data's order: no padding at all.
+    with torch.no_grad():
+        inputs = [{k: v for k, v in data.batch([i]).items() if k != "labels"} for i in range(16)]
+        preds = [int(model(**x).logits.argmax()) for x in inputs]
+    assert seen == [preds]  # each prediction back in its example's place
+    assert len(set(preds)) == 2  # (a model predicting one class would not show a mix-up)
+    assert got["accuracy"] == pytest.approx(accuracy(preds, data.labels.tolist()))
 
 
 def test_regression_task_and_frozen_embeddings(tiny, tmp_path):

@@ -180,7 +180,7 @@ def test_denoise_sees_exactly_opacus_noisy_scaled_grads(
     model, opt, ours = _run_direct(
         opacus_class,
         twin=True,
-        denoise={"seed": 5},
+        denoise={"seed": 5, "min_dim": 1},
         steps=steps,
         accumulate=accumulate,
         loss_reduction=loss_reduction,
@@ -209,14 +209,14 @@ def test_denoise_sees_exactly_opacus_noisy_scaled_grads(
 
 def test_denoise_changes_the_matrices(spy):
     """Guard for the test above: the spy's outputs are not just its inputs."""
-    _run_direct(DPOptimizer, twin=True, denoise={}, steps=1)
+    _run_direct(DPOptimizer, twin=True, denoise={"min_dim": 1}, steps=1)
     (call,) = spy.calls
     assert any(not torch.equal(g, o) for g, o in zip(call["grads"], call["out"], strict=True))
 
 
 def test_zero_noise_skips_denoising(spy):
     _, _, plain = _run_direct(DPOptimizer, noise_multiplier=0.0)
-    _, _, ours = _run_direct(DPOptimizer, twin=True, denoise={}, noise_multiplier=0.0)
+    _, _, ours = _run_direct(DPOptimizer, twin=True, denoise={"min_dim": 1}, noise_multiplier=0.0)
     assert spy.calls == []
     for a, b in zip(plain, ours, strict=True):
         _assert_grads_equal(a, b)
@@ -224,7 +224,7 @@ def test_zero_noise_skips_denoising(spy):
 
 def test_fixed_rank_is_capped_per_matrix(spy):
     # The head is 3 x 16: rank 5 would be invalid for it alone, so it gets 3.
-    _run_direct(DPOptimizer, twin=True, denoise={"rank": 5}, steps=1)
+    _run_direct(DPOptimizer, twin=True, denoise={"rank": 5, "min_dim": 1}, steps=1)
     ranks = sorted(call["options"]["rank"] for call in spy.calls)
     assert ranks == [3, 5]
 
@@ -240,7 +240,7 @@ def test_batch_memory_manager_uses_the_logical_batch(spy):
         data_loader=DataLoader(dataset, batch_size=16),
         noise_multiplier=NOISE,
         max_grad_norm=CLIP,
-        denoise={},
+        denoise={"min_dim": 1},
     )
     criterion = nn.CrossEntropyLoss()
     real_steps = 0
@@ -290,7 +290,7 @@ def _engine_run(engine_class, *, denoise=None, steps: int = 3, **make_private_kw
 
 def test_accountant_counts_steps_like_opacus(spy):
     plain_engine, plain_opt = _engine_run(PrivacyEngine)
-    engine, opt = _engine_run(DenoisingPrivacyEngine, denoise={"norm": "preserve"})
+    engine, opt = _engine_run(DenoisingPrivacyEngine, denoise={"norm": "preserve", "min_dim": 1})
     assert type(plain_opt) is DPOptimizer
     assert type(opt) is DenoisingDPOptimizer
     assert opt.step_hook is not None
@@ -323,11 +323,11 @@ def test_make_private_with_epsilon(spy):
     model, opt, loader = engine.make_private_with_epsilon(
         module=model,
         optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-        denoise={"kappa": 1.5},
+        denoise={"kappa": 1.5, "min_dim": 1},
         **kwargs,
     )
     assert type(opt) is DenoisingDPOptimizer
-    assert opt.denoise_options == {"kappa": 1.5}
+    assert opt.denoise_options == {"kappa": 1.5, "min_dim": 1}
     assert opt.noise_multiplier == plain_opt.noise_multiplier
     x, y = next(iter(loader))
     nn.CrossEntropyLoss()(model(x), y).backward()
@@ -346,6 +346,8 @@ def test_make_private_with_epsilon(spy):
         ({"kappa": -1.0}, ValueError, "kappa"),
         ({"rank": 0}, ValueError, "rank"),
         ({"seed": 1.5}, TypeError, "seed"),
+        ({"min_dim": 0}, ValueError, "min_dim"),
+        ({"min_dim": 2.0}, TypeError, "min_dim"),
         ([("kappa", 1.0)], TypeError, "dict"),
     ],
 )
@@ -397,7 +399,7 @@ def _ghost_step(engine_class, **extra):
 
 def test_ghost_clipping(spy):
     plain_engine, plain_opt, plain = _ghost_step(PrivacyEngine)
-    engine, opt, ours = _ghost_step(DenoisingPrivacyEngine, denoise={})
+    engine, opt, ours = _ghost_step(DenoisingPrivacyEngine, denoise={"min_dim": 1})
     assert type(plain_opt) is DPOptimizerFastGradientClipping
     assert type(opt) is DenoisingDPOptimizerFastGradientClipping
     assert len(spy.calls) == 2
@@ -439,7 +441,7 @@ def test_unsupported_flavours_raise_naming_them():
             max_clipbound=10.0,
             min_clipbound=0.1,
             unclipped_num_std=NOISE,
-            denoise={},
+            denoise={"min_dim": 1},
         )
     # Refused before Opacus attached its hooks to the caller's module.
     assert all(not m._forward_hooks and not m._backward_hooks for m in model.modules())
@@ -459,7 +461,7 @@ _WORLD_SIZE = 2
 def _distributed_step(opacus_class, loss_reduction: str, twin: bool, rank: int):
     """One step of Opacus's distributed optimizer or its twin; return (model, optimizer)."""
     x, y = _batches(1, seed=10 + rank)[0]
-    denoise = {"denoise": {"seed": 3}} if twin else {}
+    denoise = {"denoise": {"seed": 3, "min_dim": 1}} if twin else {}
     if opacus_class is DistributedDPOptimizerFastGradientClipping:
         engine = (DenoisingPrivacyEngine if twin else PrivacyEngine)(accountant="rdp")
         model = DPDDP(_model())
@@ -575,7 +577,7 @@ def test_secure_mode_generator_is_passed_through():
         data_loader=DataLoader(_dataset(64), batch_size=16),
         noise_multiplier=NOISE,
         max_grad_norm=CLIP,
-        denoise={},
+        denoise={"min_dim": 1},
     )
     assert type(optimizer) is DenoisingDPOptimizer
     assert optimizer.generator is engine.secure_rng
@@ -607,7 +609,7 @@ def test_convergence_smoke():
         noise_multiplier=1.0,
         max_grad_norm=1.0,
         noise_generator=torch.Generator().manual_seed(4),
-        denoise={"seed": 0},
+        denoise={"seed": 0, "min_dim": 1},
     )
     criterion = nn.CrossEntropyLoss()
     for _ in range(5):

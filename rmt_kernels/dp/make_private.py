@@ -10,7 +10,7 @@ from rmt_kernels.dp.engine import DenoiseFilter, PrivateEngine, denoise_linear_w
 from rmt_kernels.dp.optimizer import DPOptimizer
 
 ACCOUNTANTS = ("prv", "rdp", "gdp")
-DENOISE_OPTIONS = ("shrinker", "kappa", "rank", "oversample", "niter", "norm", "seed")
+DENOISE_OPTIONS = ("shrinker", "kappa", "rank", "oversample", "niter", "norm", "seed", "min_dim")
 
 
 def _check_denoise_options(denoise: dict | None) -> None:
@@ -25,6 +25,9 @@ def _check_denoise_options(denoise: dict | None) -> None:
         )
     import torch
 
+    min_dim = denoise.get("min_dim", 1)
+    if not isinstance(min_dim, int) or isinstance(min_dim, bool) or min_dim < 1:
+        raise ValueError(f"denoise: min_dim must be an int >= 1, got {min_dim!r}")
     options = {
         "shrinker": "frobenius",
         "kappa": 1.0,
@@ -33,7 +36,7 @@ def _check_denoise_options(denoise: dict | None) -> None:
         "niter": 2,
         "norm": "none",
     }
-    options.update({k: v for k, v in denoise.items() if k != "seed"})
+    options.update({k: v for k, v in denoise.items() if k not in ("seed", "min_dim")})
     # Validated once against a dummy matrix big enough for any rank a layer might use.
     rank = options["rank"]
     size = max(2, rank if isinstance(rank, int) else 2)
@@ -77,7 +80,8 @@ def make_private(
             ``epochs``.
         epochs: the run length for calibration (required with ``target_epsilon``).
         denoise: options of :func:`rmt_kernels.denoise` (e.g. ``{"kappa": 1.0, "norm":
-            "debiased"}``), or None for plain DP-SGD. Applied with ``sigma = noise_multiplier *
+            "debiased"}``, plus ``min_dim``: matrices whose smaller side is below it, default
+            32, are left alone), or None for plain DP-SGD. Applied with ``sigma = noise_multiplier *
             max_grad_norm / expected_batch_size`` to the parameters ``denoise_filter`` selects
             (by default the 2-D weights of nn.Linear layers). Post-processing: privacy is
             unchanged.

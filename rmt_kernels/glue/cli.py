@@ -68,6 +68,11 @@ def _add_train(sub) -> None:
     g.add_argument("--norm", choices=NORM_CORRECTIONS, help="norm correction (default none)")
     g.add_argument("--rank", type=int, help="sketch rank (-1: adaptive)")
     g.add_argument("--niter", type=int, help="power iterations of the sketch")
+    g.add_argument(
+        "--min-dim",
+        type=int,
+        help="leave matrices whose smaller side is below this alone (default 32: heads)",
+    )
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch-size", type=_positive_int, default=64, help="logical batch")
     g.add_argument(
@@ -163,6 +168,7 @@ def _train_config(args: argparse.Namespace):
             "norm": args.norm,
             "rank": args.rank,
             "niter": args.niter,
+            "min_dim": args.min_dim,
         },
         freeze_embeddings=args.freeze_embeddings,
         device=args.device,
@@ -176,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``rmt-glue``; returns the exit code (2 for a user's error)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    denoise_flags = ("kappa", "shrinker", "norm", "rank", "niter")
+    denoise_flags = ("kappa", "shrinker", "norm", "rank", "niter", "min_dim")
     if args.command == "train" and not args.denoise:
         given = [f"--{k}" for k in denoise_flags if getattr(args, k) is not None]
         if given:

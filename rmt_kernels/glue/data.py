@@ -126,6 +126,13 @@ class Encoded:
     def __len__(self) -> int:
         return len(self.input_ids)
 
+    def by_length(self, indices: torch.Tensor | list[int]) -> list[int]:
+        """``indices`` ordered by sequence length (stable), so that consecutive physical batches
+        pad to similar lengths. SST-2's training sentences are 13 tokens on average but up to
+        60: random physical batches of 128 pad to ~50 and waste most of the compute."""
+        idx = [int(i) for i in indices]
+        return sorted(idx, key=lambda i: len(self.input_ids[i]))
+
     def batch(self, indices: torch.Tensor | list[int]) -> dict[str, torch.Tensor]:
         """Right-padded ``input_ids`` (first: the DP engine reads the batch size from the first
         tensor argument), ``attention_mask``, ``token_type_ids`` when the model uses them, and

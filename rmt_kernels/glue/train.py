@@ -200,16 +200,22 @@ def evaluate(model, data: Encoded, task: Task, batch_size: int, device) -> dict[
     """The task's metrics and the mean loss on ``data``."""
     was_training = model.training
     model.eval()
-    predictions, total_loss = [], 0.0
+    predictions: list[float | int] = [0] * len(data)
+    total_loss = 0.0
+    # Batches of similar lengths pad less; predictions go back to their examples' places.
+    order = data.by_length(range(len(data)))
     for start in range(0, len(data), batch_size):
-        batch = data.batch(range(start, min(start + batch_size, len(data))))
+        chunk = order[start : start + batch_size]
+        batch = data.batch(chunk)
         logits = _forward(model, batch, device)
         labels = batch["labels"].to(device)
         total_loss += loss_fn(logits, labels, task).item() * len(labels)
         if task.is_regression:
-            predictions += logits.squeeze(-1).float().cpu().tolist()
+            values = logits.squeeze(-1).float().cpu().tolist()
         else:
-            predictions += logits.argmax(-1).cpu().tolist()
+            values = logits.argmax(-1).cpu().tolist()
+        for i, value in zip(chunk, values, strict=True):
+            predictions[i] = value
     model.train(was_training)
     metrics = task.score(predictions, data.labels.tolist())
     metrics["eval_loss"] = total_loss / max(1, len(data))
@@ -430,6 +436,14 @@ def train(cfg: TrainConfig) -> dict:
     eval_batch = physical * EVAL_BATCH_FACTOR
     while step < total_steps:
         for (indices,) in loader:
+            evaluating = step + 1 == total_steps or (
+                cfg.eval_every and (step + 1) % cfg.eval_every == 0
+            )
+            # Per-layer kept rank and shrunk-to-noisy norm ratio, on evaluation steps only (the
+            # SVDs run with the evaluation, outside the timed step).
+            engine = getattr(optimizer, "engine", None) if privacy_engine is None else None
+            if engine is not None:
+                engine.record_denoise_stats = bool(evaluating)
             start = time.perf_counter()
             batch_loss = _logical_step(
                 model,
@@ -469,6 +483,10 @@ def train(cfg: TrainConfig) -> dict:
                 }
                 losses = []
                 record.update(evaluate(model, eval_data, task, eval_batch, device))
+                if engine is not None:
+                    stats = engine.take_denoise_stats()
+                    if stats:
+                        record["denoise"] = stats
                 log["evals"].append(record)
                 log["epsilon"] = record["epsilon"]
                 log["peak_memory_mib"] = peak_memory_mib(device)
@@ -502,7 +520,10 @@ def _logical_step(
 ) -> float | None:
     """Forward/backward each physical batch of ``indices``, then one optimizer step; the mean
     loss (None for an empty Poisson batch)."""
-    chunks = list(indices.split(physical)) if len(indices) else []
+    # Physical batches of similar lengths pad less. The logical batch, hence the clipped sum and
+    # everything private about the step, does not depend on how it is cut into physical ones.
+    order = torch.tensor(data.by_length(indices), dtype=torch.long)
+    chunks = list(order.split(physical)) if len(indices) else []
     total = 0.0
     if not chunks and privacy_engine is not None:
         # An empty Poisson batch must still be a (noise-only) step: skipping it would reveal

@@ -37,6 +37,7 @@ from torch.optim import Optimizer
 
 from rmt_kernels import ops
 from rmt_kernels._checks import check_denoise_arguments
+from rmt_kernels.dp.engine import MIN_DENOISE_DIM
 
 __all__ = [
     "DENOISE_OPTIONS",
@@ -56,6 +57,9 @@ DENOISE_OPTIONS: dict[str, Any] = {
     for name, parameter in inspect.signature(ops.denoise).parameters.items()
     if parameter.kind is inspect.Parameter.KEYWORD_ONLY
 }
+# Not an op option: matrices whose smaller side is below it are left alone (see the engine's
+# MIN_DENOISE_DIM for why).
+DENOISE_OPTIONS["min_dim"] = MIN_DENOISE_DIM
 
 
 def validate_denoise_options(denoise: Mapping[str, Any] | None) -> dict[str, Any] | None:
@@ -93,9 +97,11 @@ def validate_denoise_options(denoise: Mapping[str, Any] | None) -> dict[str, Any
     options = {**DENOISE_OPTIONS, **denoise}
     if not isinstance(options["seed"], int) or isinstance(options["seed"], bool):
         raise TypeError(f"denoise: seed must be an int, got {type(options['seed']).__name__}")
-    for name in ("rank", "oversample", "niter"):
+    for name in ("rank", "oversample", "niter", "min_dim"):
         if not isinstance(options[name], int) or isinstance(options[name], bool):
             raise TypeError(f"denoise: {name} must be an int, got {type(options[name]).__name__}")
+    if options["min_dim"] < 1:
+        raise ValueError(f"denoise: min_dim must be >= 1, got {options['min_dim']}")
     # rank is checked against the real matrices at each step (it is capped per matrix there);
     # here a meta matrix big enough for any rank checks everything else without allocating.
     size = max(options["rank"], 1)
@@ -170,7 +176,9 @@ class _DenoisingMixin:
         Reads only ``p.grad`` and public hyper-parameters (privacy invariant 4). 1-D (biases,
         norms) and >2-D (convolution kernels) gradients are left exactly as Opacus made them: the
         Marchenko-Pastur model is for matrices, and a reshaped kernel has no reason to be low-rank.
-        Every 2-D gradient is denoised, embedding tables included.
+        Every 2-D gradient whose smaller side is at least ``min_dim`` (default 32) is denoised,
+        embedding tables included (the native engine leaves embeddings alone by default); tiny
+        heads are left alone, as in the native engine.
         """
         sigma = self.denoise_sigma()
         if not sigma > 0:
@@ -178,14 +186,15 @@ class _DenoisingMixin:
             # denoise, and the bulk edge sigma * (sqrt(m) + sqrt(n)) would be 0, which the op
             # rightly rejects. The gradient is left as Opacus made it.
             return
+        options = dict(self.denoise_options or {})
+        min_dim = int(options.pop("min_dim", MIN_DENOISE_DIM))
         params = [
             p
             for p in self.params  # type: ignore[attr-defined]
-            if p.grad is not None and p.grad.dim() == 2
+            if p.grad is not None and p.grad.dim() == 2 and min(p.shape) >= min_dim
         ]
         if not params:
             return
-        options = dict(self.denoise_options or {})
         # The seed only drives the range finder's Gaussian test matrix, not privacy noise, so it
         # needs no secrecy (unlike the noise generator in secure mode). It changes every step so a
         # component the sketch happens to miss in one step is not missed in every step; the
