@@ -424,3 +424,12 @@ def test_clipped_sum_matches_opacus_on_the_same_batch():
     ours = dict(model.named_parameters())
     for n, p in reference._module.named_parameters():
         torch.testing.assert_close(ours[n].grad, p.grad, rtol=1e-4, atol=1e-7, msg=n)
+
+
+def test_epsilon_without_noise_is_infinite_not_a_crash():
+    batch = padded_batch(batch=4)
+    model, opt, _ = _private(tiny_model(), batch, noise=0.0, lr=0.0)
+    assert opt.get_epsilon(1e-5) == 0.0  # nothing released yet
+    _backward(model, batch)
+    opt.step()
+    assert opt.get_epsilon(1e-5) == float("inf")

@@ -275,7 +275,12 @@ class PrivateEngine:
         self._sums = {}
 
     def get_epsilon(self, delta: float) -> float:
-        """Privacy spent so far, at ``delta``, from the accountant."""
+        """Privacy spent so far, at ``delta``, from the accountant (infinite after a step
+        without noise: the accountants' analyses divide by the noise multiplier)."""
+        if self.steps == 0:
+            return 0.0
+        if self.noise_multiplier == 0:
+            return float("inf")
         return float(self.accountant.get_epsilon(delta=delta))
 
     def detach(self) -> None:

@@ -394,7 +394,9 @@ def train(cfg: TrainConfig) -> dict:
         if not cfg.dp:
             return None
         if step not in spent:
-            if privacy_engine is not None:
+            if noise_multiplier == 0 and step > 0:
+                spent[step] = float("inf")  # no noise, no privacy (the accountants divide by 0)
+            elif privacy_engine is not None:
                 spent[step] = float(privacy_engine.get_epsilon(delta))
             else:
                 spent[step] = optimizer.get_epsilon(delta)
