@@ -362,8 +362,12 @@ def test_clipped_sum_matches_opacus_on_the_same_batch():
     reference = tiny_model(seed=2)
     ref_opt = torch.optim.SGD(reference.parameters(), lr=0.0)
     reference, ref_opt, _ = PrivacyEngine().make_private(
-        module=reference, optimizer=ref_opt, data_loader=loader, noise_multiplier=0.0,
-        max_grad_norm=C, poisson_sampling=False,
+        module=reference,
+        optimizer=ref_opt,
+        data_loader=loader,
+        noise_multiplier=0.0,
+        max_grad_norm=C,
+        poisson_sampling=False,
     )
     reference(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
     ref_opt.step()
