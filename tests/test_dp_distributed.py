@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -44,6 +45,26 @@ def worker_env() -> dict:
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     env.setdefault("TRITON_INTERPRET", "1")
     return env
+
+
+def run_group(cmd: list[str]) -> subprocess.CompletedProcess:
+    """Run ``cmd`` (cwd ROOT, worker_env) in a session of its own; on a time-out kill the whole
+    group, so the ranks a launcher started are not left behind."""
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=worker_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 @pytest.fixture(scope="module")

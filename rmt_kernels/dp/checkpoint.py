@@ -3,8 +3,9 @@ under-counting epsilon.
 
 File format (``FORMAT_VERSION``): ``MAGIC``, the version (uint32), the payload length (uint64)
 and the payload's SHA-256, then the payload (``torch.save`` of a dict: fingerprint, model and
-optimizer state, engine step counter, noise seed, accountant history, sampler positions, the
-caller's ``extra``). A short, flipped or foreign file is refused, naming the file. Written
+optimizer state, engine step counter, noise seed, accountant history, each rank's sampler
+position and global RNG states (dropout), the caller's ``extra``). A short, flipped or foreign
+file is refused, naming the file. Written
 atomically: a temporary file in the same folder, fsync, ``os.replace``, fsync of the folder, so
 a crash leaves the previous checkpoint or the new one, never half of one.
 
@@ -195,9 +196,16 @@ def save_checkpoint(
     if engine.capture.pending() or engine._sums:
         raise RuntimeError("save_checkpoint: a logical step is in progress; save after step()")
     attach_ledger(optimizer, path)
-    samplers = None
+    # Per rank: the sampler's position and the global RNGs (dropout draws from them: a resumed
+    # run must replay a lost step exactly, see the module docstring).
+    local = {
+        "sampler": None,
+        "rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+    }
     if data_loader is not None and not engine.secure_mode:
-        samplers = _gather(_sampler(data_loader).state_dict(), engine)
+        local["sampler"] = _sampler(data_loader).state_dict()
+    ranks = _gather(local, engine)
     if engine.rank == 0:
         payload = {
             "format_version": FORMAT_VERSION,
@@ -211,7 +219,7 @@ def save_checkpoint(
                 "accountant": engine.accountant.state_dict(),
                 "ledger_lines": len(engine.ledger.entries()),
             },
-            "samplers": samplers,
+            "ranks": ranks,
             "extra": extra,
         }
         buffer = io.BytesIO()
@@ -343,11 +351,15 @@ def load_checkpoint(
     optimizer.load_state_dict(state["optimizer"])
     engine.accountant.load_state_dict(saved["accountant"])
     engine.steps = int(saved["steps"])
+    mine = state["ranks"][engine.rank]
+    torch.set_rng_state(mine["rng"])
+    if mine["cuda_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(mine["cuda_rng"])
     engine._recorded_step = -1
     if saved["seed"] is not None:
         engine._seed = int(saved["seed"])
-        if data_loader is not None and state["samplers"] is not None:
-            _sampler(data_loader).load_state_dict(state["samplers"][engine.rank])
+        if data_loader is not None and mine["sampler"] is not None:
+            _sampler(data_loader).load_state_dict(mine["sampler"])
         else:
             # Without the sampler's position the lost steps would see other batches under the
             # same noise: re-key the stream so no noise is ever reused on other data.

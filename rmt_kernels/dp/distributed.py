@@ -254,4 +254,7 @@ def poisson_loader(
         collate_fn=collate,
         num_workers=data_loader.num_workers,
         pin_memory=data_loader.pin_memory,
+        # Each iter() draws a worker seed from this generator; without one it would draw from
+        # the global RNG and shift dropout's stream, so a resumed run would not replay exactly.
+        generator=torch.Generator().manual_seed(rank_seed(base, world_size + rank)),
     )
