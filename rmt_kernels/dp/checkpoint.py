@@ -324,8 +324,10 @@ def load_checkpoint(
     """Restore a run written by :func:`save_checkpoint`; returns its ``extra``.
 
     Build the model, optimizer and loader with the same ``make_private`` settings first, then
-    load on every rank. Afterwards ``optimizer.get_epsilon`` already counts every step of the
-    ledger (module docstring), and the noise stream continues where the checkpoint stopped.
+    load on every rank (each rank reads ``path``, so it must be visible to all of them; rank 0
+    reads the ledger and sends it to the others). Afterwards ``optimizer.get_epsilon`` already
+    counts every step of the ledger (module docstring), and the noise stream continues where the
+    checkpoint stopped.
 
     Raises:
         CheckpointError: the file is missing, truncated, corrupt, of another format version, of
