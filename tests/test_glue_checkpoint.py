@@ -39,6 +39,17 @@ def test_checkpoint_dir_of_another_run_needs_resume(tiny, tmp_path, capsys):  # 
     )  # fmt: skip
     assert code == 2
     assert "--resume" in capsys.readouterr().err
+    for bad, message in (
+        (["--checkpoint-every", 2], "--checkpoint-every needs --checkpoint-dir"),
+        (["--resume"], "--resume needs --checkpoint-dir"),
+        ([*ckpt, "--engine", "opacus"], "--engine native"),
+    ):
+        code = run(
+            "train", "--task", "sst2", "--data-dir", tiny["glue"], "--init", "random",
+            "--config", tiny["config"], "--quiet", *PRIVATE, *bad,
+        )  # fmt: skip
+        assert code == 2
+        assert message in capsys.readouterr().err
 
 
 def test_torchrun_two_processes(tiny, tmp_path):  # noqa: F811

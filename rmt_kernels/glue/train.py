@@ -119,6 +119,8 @@ class TrainConfig:
             raise ValueError("--resume needs --checkpoint-dir (the run to resume)")
         if self.checkpoint_every < 0:
             raise ValueError(f"--checkpoint-every must be >= 0, got {self.checkpoint_every}")
+        if self.checkpoint_every and not self.checkpoint_dir:
+            raise ValueError("--checkpoint-every needs --checkpoint-dir (where to write)")
         if _distributed_env() and not (self.dp and self.engine == "native"):
             raise ValueError("torchrun (several processes) is for DP with --engine native")
         if self.engine == "opacus" and self.denoise and _denoising_privacy_engine() is None:
