@@ -52,23 +52,29 @@ def test_checkpoint_dir_of_another_run_needs_resume(tiny, tmp_path, capsys):  # 
         assert message in capsys.readouterr().err
 
 
-def test_torchrun_two_processes(tiny, tmp_path):  # noqa: F811
+def test_torchrun_two_processes_checkpoint_and_resume(tiny, tmp_path):  # noqa: F811
     out = tmp_path / "dist.json"
-    args = [
-        "train", "--task", "sst2", "--data-dir", tiny["glue"], "--init", "random",
-        "--config", tiny["config"], "--steps", 3, "--batch-size", 8, "--quiet",
-        "--output", out, "--checkpoint-dir", tmp_path / "ckpt", *PRIVATE,
-    ]  # fmt: skip
-    proc = run_group(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-         "--master-port", str(free_port()), "-m", "rmt_kernels.glue", *map(str, args)]
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
-    log = json.loads(out.read_text())
+
+    def torchrun(*extra):
+        args = [
+            "train", "--task", "sst2", "--data-dir", tiny["glue"], "--init", "random",
+            "--config", tiny["config"], "--batch-size", 8, "--quiet", "--output", out,
+            "--checkpoint-dir", tmp_path / "ckpt", "--eval-every", 2, *PRIVATE, *extra,
+        ]  # fmt: skip
+        proc = run_group(
+            [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+             "--master-port", str(free_port()), "-m", "rmt_kernels.glue", *map(str, args)]
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+        return proc.stdout.decode(), json.loads(out.read_text())
+
+    # 2 of 3 steps with a checkpoint (every rank hands rank 0 its sampler state), then resumed
+    # on 2 processes (every rank loads, rank 0 sends the ledger).
+    torchrun("--steps", 2)
+    stdout, log = torchrun("--steps", 3, "--resume")
     # The global sample rate (8 of 24 examples): the one-process run's epsilon.
     single = train_tiny(tiny, tmp_path / "single.json", *PRIVATE)
     assert log["epsilon"] == pytest.approx(single["epsilon"], rel=1e-12)
-    assert [e["step"] for e in log["evals"]] == [3]
-    assert (tmp_path / "ckpt" / "checkpoint.pt").exists()
+    assert [e["step"] for e in log["evals"]] == [2, 3]
     # One final line: only rank 0 reports.
-    assert proc.stdout.decode().count("after 3 steps") == 1
+    assert stdout.count("after 3 steps") == 1

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -200,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
             from rmt_kernels.glue.train import train
 
             log = train(_train_config(args))
-            if not log["evals"]:  # a rank other than 0 under torchrun: rank 0 reports
+            if int(os.environ.get("RANK", "0")) != 0:  # under torchrun rank 0 reports
                 return 0
             final = log["evals"][-1]
             print(

@@ -475,7 +475,8 @@ def train(cfg: TrainConfig) -> dict:
         # sampler's position come back; the log goes on where the checkpoint left it.
         extra = load_checkpoint(checkpoint, model, optimizer, loader)
         step, seconds, samples = extra["step"], extra["seconds"], extra["samples"]
-        log["evals"] = extra["evals"]
+        if rank == 0:  # the one log
+            log["evals"] = extra["evals"]
 
     from tqdm.auto import tqdm
 
