@@ -7,16 +7,24 @@ total norm per example -> clip factors -> clipped sums. At ``step()``: Gaussian 
 ``noise_multiplier * max_grad_norm`` on every coordinate (fused into the last batch's sums) ->
 divide by the expected batch size -> denoise the selected 2-D weights -> ``param.grad`` -> the
 wrapped optimizer -> the accountant.
+
+Under torch.distributed (rmt_kernels/dp/distributed.py has the reasoning): the clipped sums of
+every rank are all-reduced before denoising, rank 0 alone adds the noise, and the ranks agree on
+the seed. With a privacy ledger (rmt_kernels/dp/checkpoint.py) each logical step is recorded
+before its data touches the model.
 """
 
 from __future__ import annotations
 
+import hashlib
 import secrets
+import time
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
+from rmt_kernels.dp import distributed
 from rmt_kernels.dp.capture import LayerCapture, TrackedLayer, trainable_layers
 from rmt_kernels.dp_ops import add_gaussian_noise, clip_scales, noise_offset
 from rmt_kernels.ops import denoise_many
@@ -40,6 +48,11 @@ def denoise_linear_weights(layer_name: str, module: nn.Module, name: str, p: nn.
     return isinstance(module, nn.Linear) and name == "weight" and p.dim() == 2
 
 
+def seed_id_of(seed: int) -> str:
+    """The privacy ledger's name of the noise stream of ``seed`` (a hash; never the seed)."""
+    return hashlib.sha256(f"rmt-noise-seed:{seed}".encode()).hexdigest()[:16]
+
+
 class PrivateEngine:
     """Book-keeping DP-SGD for a model: clipping, noise, denoising, accounting.
 
@@ -60,6 +73,7 @@ class PrivateEngine:
         loss_reduction: str = "mean",
         seed: int | None = None,
         secure_mode: bool = False,
+        process_group=None,
     ) -> None:
         if not (max_grad_norm > 0 and max_grad_norm < float("inf")):
             raise ValueError(f"max_grad_norm must be a finite number > 0, got {max_grad_norm}")
@@ -85,8 +99,26 @@ class PrivateEngine:
         # OS and is never stored anywhere a log or checkpoint could show it.
         if secure_mode or seed is None:
             seed = secrets.randbits(62)
-        self._seed = int(seed)
+        self.process_group = process_group
+        self.rank, self.world_size = distributed.world(process_group)
+        # Every rank must draw the same noise (only rank 0 adds it, but a resumed or replayed
+        # run must agree) and denoise alike: rank 0's seed wins.
+        self._seed = distributed.broadcast_int(int(seed), process_group)
+        # Names the noise stream in the privacy ledger without revealing the seed: derived from
+        # it outside secure mode (a rerun with the same seed is recognised as a replay), random
+        # in secure mode (where a fresh seed is never a replay).
+        if secure_mode:
+            self.seed_id = f"{distributed.broadcast_int(secrets.randbits(63), process_group):016x}"
+        else:
+            self.seed_id = seed_id_of(self._seed)
         self.steps = 0
+        # Privacy ledger (rank 0 only) and the (step, seed id) pairs it holds that the
+        # accountant has already counted (steps of a crashed run, counted at load).
+        self.ledger = None
+        self.counted: set[tuple[int, str]] = set()
+        self._recorded_step = -1
+        # Seconds spent in the all-reduce of the clipped sums (the benchmark's share).
+        self.allreduce_seconds = 0.0
 
         self.layers: list[TrackedLayer] = trainable_layers(model)
         self.params: list[tuple[TrackedLayer, str, nn.Parameter]] = [
@@ -126,6 +158,7 @@ class PrivateEngine:
     def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if not torch.is_grad_enabled():
             return
+        self.record_step()
         # A new physical batch while the previous one is still held: fold it into the sums
         # (no noise yet) so that several batches make one logical step.
         if self.capture.pending():
@@ -199,15 +232,29 @@ class PrivateEngine:
         """Per-entry noise std of the averaged gradient: the denoiser's ``sigma``."""
         return self.noise_multiplier * self.max_grad_norm / self.expected_batch_size
 
+    def record_step(self) -> None:
+        """Append this logical step to the privacy ledger (once), before its data is used.
+
+        Called at the first forward of a step and at ``privatize`` (an empty batch has no
+        forward). Only rank 0 writes; the others' data cannot be released without rank 0.
+        """
+        if self._recorded_step == self.steps:
+            return
+        self._recorded_step = self.steps
+        if self.ledger is not None and (self.steps, self.seed_id) not in self.counted:
+            self.ledger.append(self.steps, self.seed_id)
+
     def privatize(self) -> None:
         """Turn the held batches into noisy, averaged (and denoised) gradients in ``p.grad``.
 
         Noise of std ``noise_multiplier * max_grad_norm`` on the sum (``sigma()`` on the
         average) enters every coordinate exactly once: fused into the last physical batch's
-        sums, or added on its own when that batch was already folded in (or was empty).
+        sums, or added on its own when that batch was already folded in (or was empty). Across
+        ranks, rank 0 alone adds it and the sums are all-reduced before denoising.
         """
+        self.record_step()
         # Std of the noise on the averaged gradient: noise_multiplier * max_grad_norm on the sum.
-        noise_std = self.sigma()
+        noise_std = self.sigma() if self.rank == 0 else 0.0
         noised = set()
         if self.capture.pending():
             self._accumulate(noise_std=noise_std)
@@ -220,6 +267,12 @@ class PrivateEngine:
                 offset = noise_offset(self.steps, i, len(self.params))
                 self._sums[key] = add_gaussian_noise(self._sums[key], noise_std, self._seed, offset)
         grads, self._sums = self._sums, {}
+        if self.world_size > 1:
+            start = time.perf_counter()
+            keys = [id(p) for _, _, p in self.params]
+            summed = distributed.all_reduce_sums([grads[k] for k in keys], self.process_group)
+            grads = dict(zip(keys, summed, strict=True))
+            self.allreduce_seconds += time.perf_counter() - start
         # Denoising reads only the noisy averaged gradient and the public sigma (post-processing).
         if self._denoised and self.noise_multiplier > 0:
             keys = [k for k in grads if k in self._denoised]
@@ -265,8 +318,13 @@ class PrivateEngine:
         return stats
 
     def step_accounted(self) -> None:
-        """Count one logical step with the accountant."""
-        self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
+        """Count one logical step with the accountant (unless a crashed run's ledger entry for
+        this very (step, seed) was counted at resume: the deterministic replay releases the same
+        output again, which costs nothing)."""
+        if (self.steps, self.seed_id) not in self.counted:
+            self.accountant.step(
+                noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate
+            )
         self.steps += 1
 
     def zero_grad(self) -> None:

@@ -6,6 +6,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from rmt_kernels._checks import check_denoise_arguments
+from rmt_kernels.dp import distributed
 from rmt_kernels.dp.engine import DenoiseFilter, PrivateEngine, denoise_linear_weights
 from rmt_kernels.dp.optimizer import DPOptimizer
 
@@ -60,6 +61,7 @@ def make_private(
     secure_mode: bool = False,
     accountant: str = "prv",
     loss_reduction: str = "mean",
+    process_group=None,
 ) -> tuple[nn.Module, DPOptimizer, DataLoader]:
     """Make a model's training differentially private (DP-SGD with book-keeping clipping).
 
@@ -71,8 +73,10 @@ def make_private(
     Args:
         model: any module built from covered layers (e.g. Hugging Face RoBERTa or BERT).
         optimizer: any torch optimizer over the model's trainable parameters.
-        data_loader: the training data; with ``poisson_sampling`` it is replaced by Opacus's
-            Poisson-sampling DPDataLoader (what the accountant's analysis assumes).
+        data_loader: the training data (the whole dataset, on every rank; its batch size is the
+            GLOBAL logical batch); with ``poisson_sampling`` it is replaced by a Poisson-sampling
+            loader (what the accountant's analysis assumes) over this rank's shard, see
+            :class:`rmt_kernels.dp.distributed.PoissonSampler`.
         target_delta: the delta of the (epsilon, delta) guarantee.
         max_grad_norm: C, the per-example clipping norm over all parameters together.
         noise_multiplier: sigma (noise std = sigma * C); or give ``target_epsilon``.
@@ -90,6 +94,11 @@ def make_private(
         secure_mode: draw the seed from the OS and never expose it.
         accountant: "prv" (default), "rdp" or "gdp", Opacus's accountants.
         loss_reduction: "mean" if the loss averages over the batch, "sum" if it sums.
+        process_group: the torch.distributed group to train in; by default the whole world when
+            torch.distributed is initialized. Parameters are broadcast from rank 0, the noise
+            seed is rank 0's, the clipped sums are all-reduced and rank 0 alone adds the noise;
+            the accountant sees the global sample rate, so epsilon is the same on every rank.
+            Do not wrap the model in DistributedDataParallel.
 
     Returns:
         ``(model, optimizer, data_loader)``: the same model with hooks, a :class:`DPOptimizer`
@@ -98,7 +107,6 @@ def make_private(
     """
     from opacus.accountants import create_accountant
     from opacus.accountants.utils import get_noise_multiplier
-    from opacus.data_loader import DPDataLoader
 
     if not (0 < target_delta < 1):
         raise ValueError(f"target_delta must be in (0, 1), got {target_delta}")
@@ -121,8 +129,23 @@ def make_private(
     dataset_size = len(data_loader.dataset)
     sample_rate = 1 / len(data_loader)
     expected_batch_size = max(1, round(sample_rate * dataset_size))
+    rank, world_size = distributed.world(process_group)
+    if world_size > 1 and not poisson_sampling:
+        raise ValueError(
+            "poisson_sampling=False under torch.distributed: each rank would need its own "
+            "shard and the accountant its sampling; use poisson_sampling=True"
+        )
     if poisson_sampling:
-        data_loader = DPDataLoader.from_data_loader(data_loader)
+        # The global rate: each example joins a logical batch with probability sample_rate
+        # whichever rank holds it, so the global expected batch is sample_rate * dataset_size.
+        data_loader = distributed.poisson_loader(
+            data_loader,
+            sample_rate=sample_rate,
+            rank=rank,
+            world_size=world_size,
+            secure_mode=secure_mode,
+        )
+    distributed.broadcast_parameters(model, process_group)
     if target_epsilon is not None:
         noise_multiplier = get_noise_multiplier(
             target_epsilon=target_epsilon,
@@ -143,5 +166,6 @@ def make_private(
         loss_reduction=loss_reduction,
         seed=seed,
         secure_mode=secure_mode,
+        process_group=process_group,
     )
     return model, DPOptimizer(optimizer, engine), data_loader

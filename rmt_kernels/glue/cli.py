@@ -5,6 +5,7 @@ model, compare runs' logs.
         --epsilon 8 --batch-size 256 --physical-batch-size 64 --epochs 1 --output run.json
     rmt-glue evaluate --task sst2 --data-dir ../shared/data/glue --model SAVED_DIR
     rmt-glue compare dp.json dp-denoise.json --output curves.png
+    torchrun --nproc-per-node 2 -m rmt_kernels.glue train ... --checkpoint-dir ckpt [--resume]
 
 Errors a user can act on (missing data, unknown task, unreachable epsilon, ...) exit with code 2
 and a one-line message.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -99,6 +101,14 @@ def _add_train(sub) -> None:
     g.add_argument("--output", help="write the JSON log here")
     g.add_argument("--save", help="save the fine-tuned model and tokenizer to this folder")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.add_argument(
+        "--checkpoint-dir",
+        help="checkpoint the private run here (with its privacy ledger); native engine",
+    )
+    g.add_argument(
+        "--checkpoint-every", type=int, default=0, help="steps between checkpoints (0: at the end)"
+    )
+    g.add_argument("--resume", action="store_true", help="continue the run of --checkpoint-dir")
 
 
 def _add_evaluate(sub) -> None:
@@ -175,6 +185,9 @@ def _train_config(args: argparse.Namespace):
         output=args.output,
         save=args.save,
         progress=not args.quiet,
+        checkpoint_dir=args.checkpoint_dir,
+        checkpoint_every=args.checkpoint_every,
+        resume=args.resume,
     )
 
 
@@ -194,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
             from rmt_kernels.glue.train import train
 
             log = train(_train_config(args))
+            if int(os.environ.get("RANK", "0")) != 0:  # under torchrun rank 0 reports
+                return 0
             final = log["evals"][-1]
             print(
                 f"{log['task']}: {log['main_metric']} {final[log['main_metric']]:.4f} after "

@@ -13,7 +13,7 @@ import json
 import platform
 import resource
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 
@@ -75,6 +75,9 @@ class TrainConfig:
     output: str | None = None
     save: str | None = None
     progress: bool = True
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 0
+    resume: bool = False
 
     def check(self) -> None:
         """Raise ValueError on options that cannot go together (before any data is read)."""
@@ -110,11 +113,44 @@ class TrainConfig:
             raise ValueError(f"--delta must be in (0, 1), got {self.delta}")
         if self.secure_mode and (not self.dp or self.engine != "native"):
             raise ValueError("--secure-mode is for DP with --engine native")
+        if (self.checkpoint_dir or self.resume) and not (self.dp and self.engine == "native"):
+            raise ValueError("--checkpoint-dir / --resume are for DP with --engine native")
+        if self.resume and not self.checkpoint_dir:
+            raise ValueError("--resume needs --checkpoint-dir (the run to resume)")
+        if self.checkpoint_every < 0:
+            raise ValueError(f"--checkpoint-every must be >= 0, got {self.checkpoint_every}")
+        if self.checkpoint_every and not self.checkpoint_dir:
+            raise ValueError("--checkpoint-every needs --checkpoint-dir (where to write)")
+        if _distributed_env() and not (self.dp and self.engine == "native"):
+            raise ValueError("torchrun (several processes) is for DP with --engine native")
         if self.engine == "opacus" and self.denoise and _denoising_privacy_engine() is None:
             raise ValueError(
                 "--engine opacus --denoise needs rmt_kernels.opacus.DenoisingPrivacyEngine, "
                 "which this installation lacks; use --engine native for denoising"
             )
+
+
+def _distributed_env() -> bool:
+    """Whether torchrun (or a launcher like it) started several processes."""
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _init_distributed(device: torch.device) -> tuple[int, torch.device]:
+    """Join torchrun's process group (gloo on CPUs, nccl on GPUs); this rank and its device."""
+    import os
+
+    import torch.distributed as dist
+
+    if not _distributed_env():
+        return 0, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), device
 
 
 def _denoising_privacy_engine():
@@ -309,11 +345,19 @@ def _calibrate(
 
 
 def train(cfg: TrainConfig) -> dict:
-    """Run one fine-tuning; return (and write to ``cfg.output``) the JSON log."""
+    """Run one fine-tuning; return (and write to ``cfg.output``) the JSON log.
+
+    Under torchrun (``WORLD_SIZE`` > 1) every process runs this: the process group is joined,
+    each rank Poisson-samples its shard of the data, and rank 0 alone evaluates, logs, saves and
+    writes checkpoints (other ranks return a log without evaluations).
+    """
     cfg.check()
     task = get_task(cfg.task)
     torch.manual_seed(cfg.seed)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    rank, device = _init_distributed(device)
+    if rank != 0:  # one log, one progress bar, one saved model: rank 0's
+        cfg = replace(cfg, output=None, save=None, progress=False)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -430,10 +474,23 @@ def train(cfg: TrainConfig) -> dict:
             Path(cfg.output).parent.mkdir(parents=True, exist_ok=True)
             Path(cfg.output).write_text(json.dumps(log, indent=2) + "\n")
 
+    seconds, samples, losses, step = 0.0, 0, [], 0
+    checkpoint = _checkpointing(cfg, model, optimizer, loader)
+    if checkpoint is not None and cfg.resume:
+        from rmt_kernels.dp import load_checkpoint
+
+        # The step counter, noise stream, accountant (with the ledger's lost steps) and the
+        # sampler's position come back; the log goes on where the checkpoint left it.
+        extra = load_checkpoint(checkpoint, model, optimizer, loader)
+        step, seconds, samples = extra["step"], extra["seconds"], extra["samples"]
+        if rank == 0:  # the one log
+            log["evals"] = extra["evals"]
+
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total_steps, desc=f"{task.name}", disable=not cfg.progress, unit="step")
-    seconds, samples, losses, step = 0.0, 0, [], 0
+    bar = tqdm(
+        total=total_steps, initial=step, desc=f"{task.name}", disable=not cfg.progress, unit="step"
+    )
     postfix: dict[str, str] = {}
     eval_batch = physical * EVAL_BATCH_FACTOR
     while step < total_steps:
@@ -473,7 +530,10 @@ def train(cfg: TrainConfig) -> dict:
             if cfg.dp and (step % max(1, total_steps // 20) == 0 or step == total_steps):
                 postfix["eps"] = f"{epsilon():.3g}"
             bar.set_postfix(postfix, refresh=False)
-            if step == total_steps or (cfg.eval_every and step % cfg.eval_every == 0):
+            # Rank 0 alone evaluates and logs (the other ranks' models are identical).
+            if rank == 0 and (
+                step == total_steps or (cfg.eval_every and step % cfg.eval_every == 0)
+            ):
                 record = {
                     "step": step,
                     "epoch": step / steps_per_epoch,
@@ -497,13 +557,42 @@ def train(cfg: TrainConfig) -> dict:
                     + (f", epsilon {record['epsilon']:.3g}" if cfg.dp else "")
                 )
                 write_log()
+            if checkpoint is not None and (
+                step == total_steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
+            ):
+                from rmt_kernels.dp import save_checkpoint
+
+                state = {"step": step, "seconds": seconds, "samples": samples}
+                save_checkpoint(
+                    checkpoint, model, optimizer, loader, {**state, "evals": log["evals"]}
+                )
             if step == total_steps:
                 break
     bar.close()
+    if _distributed_env():
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
     if cfg.save:
         _unwrap(model).save_pretrained(cfg.save)
         tokenizer.save_pretrained(cfg.save)
     return log
+
+
+def _checkpointing(cfg: TrainConfig, model, optimizer, loader) -> Path | None:
+    """The checkpoint file of ``--checkpoint-dir`` (its privacy ledger started unless resuming)."""
+    if not cfg.checkpoint_dir:
+        return None
+    from rmt_kernels.dp import attach_ledger
+
+    path = Path(cfg.checkpoint_dir) / "checkpoint.pt"
+    if cfg.resume:
+        return path
+    if path.exists():
+        raise ValueError(f"{path} exists: continue that run with --resume, or use another folder")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    attach_ledger(optimizer, path)
+    return path
 
 
 def _denoise_options(cfg: TrainConfig) -> dict | None:

@@ -1,0 +1,260 @@
+"""DP-SGD across processes (torch.distributed) without DistributedDataParallel.
+
+DDP's reducer hooks the parameters' gradient accumulation, but the engine turns parameter
+gradients off during forward and builds ``p.grad`` itself from layer inputs and output gradients,
+so the reducer would see nothing. Instead every rank folds its local physical batches into
+clipped sums and :func:`all_reduce_sums` adds them across ranks in a few flat buckets (one
+collective per ~25 MB, as DDP's buckets) before the engine denoises them.
+
+Noise placement. Rank 0 alone adds the whole Gaussian noise of std ``sigma * C`` (fused into its
+last physical batch, as in one process); the other ranks add none. So the noise enters the global
+sum exactly once, no noise stream is drawn on two ranks, and the all-reduced sum is exactly the
+one-process mechanism with the same seed (which a test checks). With independent shares of std
+``sigma * C / sqrt(W)`` per rank, each rank would know its own share: the noise protecting another
+rank's examples from it would be only ``sigma * C * sqrt((W - 1) / W)``.
+
+Sampling (:class:`PoissonSampler`): every example of the dataset is in the logical batch with
+probability ``sample_rate`` (the GLOBAL rate the accountant sees): the dataset is split into
+``world_size`` shards and each rank Poisson-samples its shard with an independent generator.
+Unlike Opacus's ``DistributedUniformWithReplacementSampler`` it yields empty local batches too:
+skipping one would put the ranks out of step (each logical step is one collective) and reveal
+that the batch was empty.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+# Bytes per all-reduce bucket: DDP's default bucket_cap_mb (large enough to amortise the
+# collective's latency, small enough to bound the flat copy's extra memory).
+BUCKET_BYTES = 25 << 20
+
+
+def world(process_group=None) -> tuple[int, int]:
+    """``(rank, world_size)`` in ``process_group``; ``(0, 1)`` outside torch.distributed."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        if process_group is not None:
+            raise ValueError("process_group given but torch.distributed is not initialized")
+        return 0, 1
+    return dist.get_rank(process_group), dist.get_world_size(process_group)
+
+
+def broadcast_object(value, process_group=None):
+    """Rank 0's ``value`` (any picklable object) on every rank."""
+    import torch.distributed as dist
+
+    if world(process_group)[1] == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=_global_rank0(process_group), group=process_group)
+    return box[0]
+
+
+def broadcast_int(value: int, process_group=None) -> int:
+    """Rank 0's ``value`` on every rank (the noise seed: the ranks must agree on it)."""
+    return int(broadcast_object(value, process_group))
+
+
+def _global_rank0(process_group) -> int:
+    import torch.distributed as dist
+
+    return dist.get_global_rank(process_group, 0) if process_group is not None else 0
+
+
+def broadcast_parameters(model: nn.Module, process_group=None) -> None:
+    """Copy rank 0's parameters and buffers to every rank, so all start from the same model."""
+    import torch.distributed as dist
+
+    if world(process_group)[1] == 1:
+        return
+    src = _global_rank0(process_group)
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            dist.broadcast(t.data, src=src, group=process_group)
+
+
+def all_reduce_sums(
+    tensors: list[torch.Tensor], process_group=None, bucket_bytes: int = BUCKET_BYTES
+) -> list[torch.Tensor]:
+    """Sum each tensor across ranks; the results, in order (float32, same shapes).
+
+    Tensors are flattened into buckets of at most ``bucket_bytes`` (a larger tensor is a bucket
+    of its own), one ``all_reduce(SUM)`` per bucket. Every rank must pass tensors of the same
+    shapes in the same order (the engine's parameter order), zeros for a rank with no examples.
+    """
+    import torch.distributed as dist
+
+    if world(process_group)[1] == 1:
+        return tensors
+    out: list[torch.Tensor | None] = [None] * len(tensors)
+    bucket: list[int] = []
+    size = 0
+
+    def flush() -> None:
+        flat = torch.cat([tensors[i].reshape(-1) for i in bucket])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=process_group)
+        for i, part in zip(bucket, flat.split([tensors[i].numel() for i in bucket]), strict=True):
+            out[i] = part.view_as(tensors[i])
+
+    for i, t in enumerate(tensors):
+        nbytes = t.numel() * t.element_size()
+        if bucket and size + nbytes > bucket_bytes:
+            flush()
+            bucket, size = [], 0
+        bucket.append(i)
+        size += nbytes
+    if bucket:
+        flush()
+    return out  # type: ignore[return-value]
+
+
+def rank_seed(base: int, rank: int) -> int:
+    """A 63-bit generator seed for ``rank`` from a shared ``base``: distinct ranks get
+    independent sampling streams even when every rank was given the same base seed."""
+    digest = hashlib.sha256(f"rmt-sampler:{base}:{rank}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+class PoissonSampler(torch.utils.data.Sampler):
+    """Poisson sampling of logical batches, one shard of the dataset per rank, resumable.
+
+    Each ``__iter__`` is an epoch of ``steps`` batches (default ``1 / sample_rate``); batch b of
+    an epoch holds each index of this rank's shard independently with probability
+    ``sample_rate``, and may be empty. :meth:`state_dict` gives the position (epoch, batches
+    drawn, generator state) so a resumed run draws exactly the batches an uninterrupted one would.
+
+    Args:
+        num_samples: dataset size (all ranks together).
+        sample_rate: probability that an example is in a logical batch (the global rate).
+        rank, world_size: this rank's shard is ``indices[rank::world_size]`` of a permutation
+            (the identity for one process) fixed by ``shuffle_seed + epoch``, the same on every
+            rank.
+        generator: the sampling randomness of this rank (must differ across ranks); None draws a
+            seed from the OS.
+    """
+
+    def __init__(
+        self,
+        *,
+        num_samples: int,
+        sample_rate: float,
+        steps: int | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        generator: torch.Generator | None = None,
+        shuffle_seed: int = 0,
+    ) -> None:
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        if not 0 < sample_rate <= 1:
+            raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size = {world_size}), got {rank}")
+        self.num_samples = num_samples
+        self.sample_rate = float(sample_rate)
+        self.steps = int(steps) if steps is not None else int(1 / sample_rate)
+        self.rank, self.world_size = rank, world_size
+        if generator is None:
+            generator = torch.Generator().manual_seed(secrets.randbits(63))
+        self.generator = generator
+        self.shuffle_seed = shuffle_seed
+        self.epoch = 0
+        self.position = 0  # batches of the current epoch handed out so far
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def _shard(self) -> torch.Tensor:
+        if self.world_size == 1:
+            return torch.arange(self.num_samples)
+        shuffle = torch.Generator().manual_seed(self.shuffle_seed + self.epoch)
+        order = torch.randperm(self.num_samples, generator=shuffle)
+        return order[self.rank :: self.world_size]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        if self.position >= self.steps:
+            self.epoch, self.position = self.epoch + 1, 0
+        shard = self._shard()
+        while self.position < self.steps:
+            mask = torch.rand(len(shard), generator=self.generator) < self.sample_rate
+            # Counted before the yield: after the consumer receives batch b, the state is
+            # "b + 1 batches drawn", which is what a checkpoint taken after its step must record.
+            self.position += 1
+            yield shard[mask].tolist()
+        self.epoch, self.position = self.epoch + 1, 0
+
+    def state_dict(self) -> dict:
+        """Position and generator state (a checkpoint's data-loader entry)."""
+        return {
+            "epoch": self.epoch,
+            "position": self.position,
+            "generator": self.generator.get_state(),
+            "rank": self.rank,
+            "world_size": self.world_size,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a :meth:`state_dict` (the next ``__iter__`` resumes mid-epoch)."""
+        if (state["rank"], state["world_size"]) != (self.rank, self.world_size):
+            raise ValueError(
+                f"sampler state of rank {state['rank']}/{state['world_size']} loaded into rank "
+                f"{self.rank}/{self.world_size}"
+            )
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self.generator.set_state(state["generator"])
+
+
+def poisson_loader(
+    data_loader: torch.utils.data.DataLoader,
+    *,
+    sample_rate: float,
+    rank: int,
+    world_size: int,
+    secure_mode: bool = False,
+) -> torch.utils.data.DataLoader:
+    """A loader over ``data_loader``'s dataset with a :class:`PoissonSampler` (this rank's shard)
+    and Opacus's collate that shapes empty batches.
+
+    The sampler's seed comes from ``data_loader.generator`` (reproducible runs) mixed with the
+    rank, or from the OS when there is none or in secure mode.
+    """
+    from opacus.data_loader import dtype_safe, shape_safe, wrap_collate_with_empty
+    from torch.utils.data import DataLoader, IterableDataset, default_collate
+
+    dataset = data_loader.dataset
+    if isinstance(dataset, IterableDataset):
+        raise ValueError("data_loader: Poisson sampling needs a map-style dataset, not iterable")
+    if data_loader.generator is not None and not secure_mode:
+        base = int(torch.randint(0, 2**62, (1,), generator=data_loader.generator))
+    else:
+        base = secrets.randbits(62)
+    sampler = PoissonSampler(
+        num_samples=len(dataset),
+        sample_rate=sample_rate,
+        rank=rank,
+        world_size=world_size,
+        generator=torch.Generator().manual_seed(rank_seed(base, rank)),
+    )
+    first = dataset[0]
+    collate = wrap_collate_with_empty(
+        collate_fn=data_loader.collate_fn or default_collate,
+        sample_empty_shapes=[(0, *shape_safe(x)) for x in first],
+        dtypes=[dtype_safe(x) for x in first],
+    )
+    return DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=collate,
+        num_workers=data_loader.num_workers,
+        pin_memory=data_loader.pin_memory,
+        # Each iter() draws a worker seed from this generator; without one it would draw from
+        # the global RNG and shift dropout's stream, so a resumed run would not replay exactly.
+        generator=torch.Generator().manual_seed(rank_seed(base, world_size + rank)),
+    )
