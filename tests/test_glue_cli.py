@@ -231,7 +231,19 @@ def train_tiny(tiny, out: Path, *extra) -> dict:
     "mode, extra",
     [
         # rdp: Opacus's PRV accountant takes seconds per calibration on a 2-core machine.
-        ("dp", ["--epsilon", 8, "--accountant", "rdp", "--physical-batch-size", 4]),
+        (
+            "dp",
+            [
+                "--epsilon",
+                8,
+                "--accountant",
+                "rdp",
+                "--physical-batch-size",
+                4,
+                "--pooling",
+                "mean",
+            ],
+        ),
         ("no-dp", ["--no-dp", "--physical-batch-size", 4]),
         (
             "denoise",
@@ -271,6 +283,7 @@ def test_end_to_end_tiny_run_writes_the_log(tiny, tmp_path, mode, extra):
         else:
             assert log["noise_multiplier"] == 1.0
     assert log["config"]["denoise"] == (mode == "denoise")
+    assert log["config"]["pooling"] == ("mean" if mode == "dp" else "cls")
     if mode == "denoise":
         # Per-layer kept rank and denoised-to-noisy norm ratio at every evaluation: the
         # encoder's Linear weights (32 x 32, 64 x 32), not the 2 x 32 head (min_dim 32).

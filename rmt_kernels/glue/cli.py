@@ -47,6 +47,13 @@ def _add_train(sub) -> None:
     g.add_argument("--init", choices=("pretrained", "random"), default="pretrained")
     g.add_argument("--config", help="with --init random: a config folder (with a tokenizer)")
     g.add_argument("--freeze-embeddings", action="store_true", help="train the rest only")
+    g.add_argument(
+        "--pooling",
+        choices=("cls", "mean"),
+        default="cls",
+        help="what the head reads: the first token (Hugging Face's default) or the mean of the "
+        "tokens (what sentence encoders such as MiniLM were trained for; BERT-style models)",
+    )
     g.add_argument("--max-length", type=_positive_int, default=128, help="tokens (truncation)")
     g = p.add_argument_group("privacy")
     g.add_argument("--no-dp", dest="dp", action="store_false", help="non-private reference")
@@ -181,6 +188,7 @@ def _train_config(args: argparse.Namespace):
             "min_dim": args.min_dim,
         },
         freeze_embeddings=args.freeze_embeddings,
+        pooling=args.pooling,
         device=args.device,
         output=args.output,
         save=args.save,

@@ -21,6 +21,7 @@ import torch
 from torch.nn import functional
 
 from rmt_kernels.glue.data import Encoded, encode, load_split
+from rmt_kernels.glue.pooling import use_mean_pooling
 from rmt_kernels.glue.tasks import Task, get_task
 
 # Files of which at least one makes a folder a tokenizer (fast, BPE, WordPiece, SentencePiece).
@@ -71,6 +72,7 @@ class TrainConfig:
     denoise: bool = False
     denoise_options: dict = field(default_factory=dict)
     freeze_embeddings: bool = False
+    pooling: str = "cls"
     device: str | None = None
     output: str | None = None
     save: str | None = None
@@ -101,6 +103,8 @@ class TrainConfig:
             raise ValueError("--init random builds the model from --config DIR (and not --model)")
         if self.init == "pretrained" and self.model is None:
             raise ValueError("give --model (a folder or a hub name), or --init random --config DIR")
+        if self.pooling not in ("cls", "mean"):
+            raise ValueError(f"--pooling must be 'cls' or 'mean', got {self.pooling!r}")
         if self.engine not in ("native", "opacus"):
             raise ValueError(f"--engine must be 'native' or 'opacus', got {self.engine!r}")
         if not self.dp and (self.denoise or self.epsilon is not None):
@@ -201,6 +205,8 @@ def build_model(cfg: TrainConfig, task: Task):
             model = AutoModelForSequenceClassification.from_config(config)
     except OSError as err:
         raise ValueError(f"could not load a model from {source}: {err}") from err
+    if cfg.pooling == "mean" or getattr(model.config, "rmt_pooling", None) == "mean":
+        use_mean_pooling(model)
     if cfg.freeze_embeddings:
         embeddings = getattr(model.base_model, "embeddings", None)
         if embeddings is None:
