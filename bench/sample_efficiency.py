@@ -320,7 +320,9 @@ def plot(logs: dict[str, list[dict]], summary: dict, output: Path) -> Path:
                 steps, [statistics.mean(q for _, q in points[s]) for s in steps], label=kind
             )
         axes[1, 0].set(
-            xlabel="optimizer step", ylabel="kept rank (mean over layers)", title="denoiser"
+            xlabel="optimizer step",
+            ylabel="kept rank (mean over layers)",
+            title=f"denoiser, seed {runs[0]['config']['seed']}",
         )
         axes[1, 1].set(
             xlabel="optimizer step",

@@ -7,22 +7,11 @@ import pytest
 import torch
 
 from rmt_kernels.glue.pooling import MaskedMeanPooler, use_mean_pooling
+from tests.dp_models import tiny_model
 
 
 def _tiny_bert():
-    from transformers import BertConfig, BertForSequenceClassification
-
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=30,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=32,
-        num_labels=2,
-    )
-    return BertForSequenceClassification(config).eval()
+    return tiny_model("bert").eval()
 
 
 def test_mean_over_real_tokens_only():
@@ -59,7 +48,7 @@ def test_saved_model_pools_the_same_way(tmp_path):
 
     model = use_mean_pooling(_tiny_bert())
     model.save_pretrained(tmp_path)
-    (tmp_path / "vocab.txt").write_text("\n".join(f"w{i}" for i in range(30)) + "\n")
+    (tmp_path / "vocab.txt").write_text("\n".join(f"w{i}" for i in range(60)) + "\n")
     loaded, _ = build_model(TrainConfig(task="sst2", model=str(tmp_path)), get_task("sst2"))
     assert isinstance(loaded.base_model.pooler, MaskedMeanPooler)
     assert isinstance(loaded, BertForSequenceClassification)
@@ -73,15 +62,5 @@ def test_saved_model_pools_the_same_way(tmp_path):
 
 
 def test_a_model_without_a_bert_pooler_is_refused():
-    from transformers import RobertaConfig, RobertaForSequenceClassification
-
-    config = RobertaConfig(
-        vocab_size=30,
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=40,
-    )
     with pytest.raises(ValueError, match="no BERT-style pooler"):
-        use_mean_pooling(RobertaForSequenceClassification(config))
+        use_mean_pooling(tiny_model("roberta"))
