@@ -7,13 +7,15 @@ documented functions here. Fake (meta) implementations sit beside them for traci
 
 Noise. Every op that adds noise takes ``(noise_std, seed, offset)``: element k of its output in
 row-major order (element (i, j) of a (d_out, d_in) weight gradient: k = i * d_in + j) receives
-``noise_std * randn(seed, offset + k)``, where ``randn`` is Triton's ``tl.randn``: Philox4x32-10
-with the 64-bit ``seed`` as key and the 64-bit counter ``offset + k``, Box-Muller on its first two
-words. The CPU kernels implement the same stream (csrc/cpu/philox.h): Philox words and uniforms are
-bit-identical; the normals agree to a few float32 ulps (logf/cosf of different math libraries).
-Two calls share no noise when their counter ranges ``[offset, offset + numel)`` are disjoint or
-their seeds differ. :func:`noise_offset` gives (step, parameter) a 2^32-wide range of its own;
-keep ``seed`` fixed (and secret in secure mode) for a run and never reuse an offset with it.
+``noise_std * randn(seed, offset + k)``, element ``offset + k`` of the stream of key ``seed``:
+Philox4x32-10 keyed by the 64-bit ``seed`` on the quad ``(offset + k) >> 2`` of the 64-bit element
+index, whose four words give two Box-Muller pairs (lanes 0-1 and 2-3), with untruncated tails
+(csrc/cpu/philox.h defines the stream; rmt_kernels/triton/gaussian.py draws it on the GPU).
+Philox words and uniforms are bit-identical on both; the normals agree to a few float32 ulps
+(log/sin/cos of different math libraries). Two calls share no noise when their element ranges
+``[offset, offset + numel)`` are disjoint or their seeds differ. :func:`noise_offset` gives (step,
+parameter) a 2^32-wide range of its own; keep ``seed`` fixed (and secret in secure mode) for a run
+and never reuse an offset with it.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The counter-based Philox noise: same stream on the C++ CPU kernels and Triton's tl.randn,
+"""The counter-based Philox noise: same stream on the C++ CPU kernels and the Triton kernels,
 reproducible by key, distributed as N(0, noise_std^2), independent across keys.
 
 Thresholds, derived so that a false failure (a correct generator failing because of the draw) is
@@ -63,7 +63,7 @@ def test_streams_of_different_keys_are_uncorrelated(key_a, key_b):
 def test_same_key_same_noise_and_counters_are_element_indices():
     a = _noise(1000, 1.0, 3, 2**33 + 17)
     assert torch.equal(a, _noise(1000, 1.0, 3, 2**33 + 17))
-    # Element k uses counter offset + k: a window of a longer call equals a call at offset + 10.
+    # Element k is stream element offset + k: a window of a longer call is a call at offset + 10.
     torch.testing.assert_close(a[10:], _noise(990, 1.0, 3, 2**33 + 27), rtol=0, atol=0)
     assert not torch.equal(a, _noise(1000, 1.0, 4, 2**33 + 17))
     # The noise scales with noise_std and vanishes at 0 (the exact clipped sum).
@@ -76,9 +76,9 @@ def test_same_key_same_noise_and_counters_are_element_indices():
     ("seed", "offset"),
     [(0, 0), (1, 1), (2**40 + 3, 2**32 - 100), (123456789, 2**62), (2**63 - 1, 5)],
 )
-def test_cpu_noise_equals_triton_randn(seed, offset):
-    # Philox words and uniforms are bit-identical; the normals pass through logf / cosf of two
-    # math libraries (glibc vs NumPy under the interpreter), hence a few float32 ulps.
+def test_cpu_noise_equals_triton_noise(seed, offset):
+    # Philox words and uniforms are bit-identical; the normals pass through log / sin / cos of
+    # two math libraries (Cephes polynomials vs NumPy under the interpreter): a few float32 ulps.
     from rmt_kernels.triton.dp_noise import add_noise_
 
     n = 5000  # crosses a 2^32 counter boundary for offset 2^32 - 100

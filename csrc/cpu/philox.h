@@ -1,19 +1,32 @@
-// Counter-based Gaussian noise, bit-for-bit the same Philox4x32-10 stream as Triton's
-// `tl.randn(seed, offset)` (triton/language/random.py, Triton 3.6) with untruncated tails
-// (randn_wide of rmt_kernels/triton/gaussian.py, see tail_normal below), so a (seed, offset) key
-// gives the same noise on the CPU and on the GPU.
+// Counter-based Gaussian noise: the DP noise stream of every CPU kernel, drawn identically by the
+// Triton kernels (rmt_kernels/triton/gaussian.py, randn_quad), so a (seed, offset) key gives the
+// same noise on the CPU and on the GPU.
 //
-// Element counter: noise element k of a call keyed (seed, offset) is randn(seed, offset + k), with
-// the 64-bit counter split into Philox words c0 = low 32 bits, c1 = high 32 bits (c2 = c3 = 0) and
-// the 64-bit seed into the key (k0 = low, k1 = high). For a (rows, cols) gradient k = i * cols + j.
-// Two calls never share noise as long as their counter ranges [offset, offset + numel) are
-// disjoint or their seeds differ; rmt_kernels.dp_ops.noise_offset gives each (step, parameter) its
-// own 2^32-wide range.
+// The stream. Noise element e (a 64-bit index; a call keyed (seed, offset) gives its element k
+// the stream element e = offset + k, so for a (rows, cols) gradient e = offset + i * cols + j)
+// lies in quad q = e >> 2, lane l = e & 3. One Philox4x32-10 call per quad, key (low, high 32
+// bits of seed), counter (low, high 32 bits of q, 0, 0), gives four words w0..w3 (Triton's
+// `tl.randint4x(seed, q)`). Lanes 0 and 1 are the Box-Muller pair of (w0, w1), lanes 2 and 3
+// that of (w2, w3): r cos(theta) and r sin(theta) with r = sqrt(-2 ln u(w_first)) and
+// theta = 2 pi u(w_second), u the folded 31-bit uniform of tl.randn. Four normals per Philox call
+// and two per log/sqrt/sincos: ~3x cheaper than tl.randn's one normal per call (measured in
+// bench/results/cpu.md), the same Box-Muller arithmetic otherwise.
 //
-// Only the Philox words and the uniforms are guaranteed bit-identical; the normal passes through
-// log and cos, whose last-ulp rounding depends on the implementation (Cephes polynomials here,
+// Untruncated tails: tl.randn clamps u at 1e-7, so |z| <= 5.68, a truncated Gaussian that the
+// Gaussian mechanism's analysis does not cover. Where a pair's first word folds below kTailBits
+// (u < 2^-20, probability 2^-20) its radius comes from a 63-bit uniform in double: those 11 bits
+// above word p of a second Philox call on counter (low q, high q, 1, 0) (p = the pair's index in
+// the quad; c2 = 1 never occurs in the main stream, so these bits are fresh). |z| <= 9.4, tail
+// mass ~1e-20.
+//
+// Two calls never share noise as long as their element ranges [offset, offset + numel) are
+// disjoint or their seeds differ (a quad may straddle two calls; each uses its own lanes);
+// rmt_kernels.dp_ops.noise_offset gives each (step, parameter) its own 2^32-wide range.
+//
+// Philox words and uniforms are bit-identical across backends; the normals pass through log,
+// sin and cos, whose last-ulp rounding depends on the implementation (Cephes polynomials here,
 // NumPy under TRITON_INTERPRET=1, the GPU's math library), so CPU and GPU agree to a few float32
-// ulps: measured max |difference| 4.8e-7 over 4M draws against glibc, < 4e-6 tested vs Triton.
+// ulps (tested to 4e-6).
 #pragma once
 
 #include <cmath>
@@ -94,40 +107,39 @@ inline float log_f32(float x) {
   return (f + y) + 0.693359375f * e;
 }
 
-// Cosine for 0 <= x < 8192 (Cephes cosf: octant reduction with a three-part pi/4, ~1 ulp),
-// branch-free for the same reason as log_f32. Box-Muller only needs [0, 2 pi).
-inline float cos_f32(float x) {
+// Sine and cosine for 0 <= x < 8192 (Cephes sinf/cosf: octant reduction with a three-part pi/4,
+// ~1 ulp), branch-free, with integer masks rather than float selects, for the same reason as
+// log_f32. Box-Muller only needs [0, 2 pi).
+inline void sincos_f32(float x, float& sin_out, float& cos_out) {
   int32_t j = static_cast<int32_t>(x * 1.27323954473516f);  // octant, x * 4 / pi
   j += j & 1;
   const float y = static_cast<float>(j);
   j &= 7;
-  const int32_t upper = j >> 2;  // octants 4..7: cos(x - pi) = -cos(x)
-  j -= 4 * upper;
-  const int32_t flips = upper + (j >> 1);  // octants 2, 3: -sin / -cos
-  const float sign = 1.0f - 2.0f * static_cast<float>(flips & 1);
+  // cos: octants 4..7 are cos(x - pi) = -cos(x); within 0..3, octants 2, 3 flip again.
+  // sin: octants 4..7 are -sin; the polynomial pair swaps in octants 1, 2 for both.
+  const int32_t upper = j >> 2;
+  const int32_t jj = j - 4 * upper;
+  const float cos_sign = 1.0f - 2.0f * static_cast<float>((upper + (jj >> 1)) & 1);
+  const float sin_sign = 1.0f - 2.0f * static_cast<float>(upper);
   const float r = ((x - y * 0.78515625f) - y * 2.4187564849853515625e-4f) -
                   y * 3.77489497744594108e-8f;
   const float z = r * r;
   const float c = ((2.443315711809948e-5f * z - 1.388731625493765e-3f) * z +
                       4.166664568298827e-2f) * z * z - 0.5f * z + 1.0f;
   const float s = ((-1.9515295891e-4f * z + 8.3321608736e-3f) * z - 1.6666654611e-1f) * z * r + r;
-  const int32_t use_sin = (j == 1) | (j == 2);
-  const float pick = static_cast<float>(use_sin);
-  return sign * (pick * s + (1.0f - pick) * c);
+  const float swap = static_cast<float>((jj == 1) | (jj == 2));
+  cos_out = cos_sign * (swap * s + (1.0f - swap) * c);
+  sin_out = sin_sign * (swap * c + (1.0f - swap) * s);
 }
 
-// pair_uniform_to_normal, cosine branch, from the first two Philox words.
-inline float box_muller(uint32_t w0, uint32_t w1) {
-  const float u1 = clamp_uniform(uniform(w0));
-  const float theta = 6.283185307179586f * uniform(w1);
-  return std::sqrt(-2.0f * log_f32(u1)) * cos_f32(theta);
+// Box-Muller radius of a pair outside the tail: sqrt(-2 ln u), u from the pair's first word.
+inline float radius(uint32_t first) {
+  return std::sqrt(-2.0f * log_f32(clamp_uniform(uniform(first))));
 }
 
-// Untruncated tails (rmt_kernels/triton/gaussian.py, randn_wide): tl.randn's radius comes from
-// one 32-bit uniform clamped at 1e-7, so |z| <= 5.68, a truncated Gaussian that the Gaussian
-// mechanism's analysis does not cover. Where the first word's folded 31-bit value is below
-// kTailBits (u1 < 2^-20, probability 2^-20) the radius instead comes from a 63-bit uniform built
-// with the third word, in double: |z| <= 9.4, tail mass ~1e-20.
+// Box-Muller angle of a pair: 2 pi u, u from the pair's second word.
+inline float angle(uint32_t second) { return 6.283185307179586f * uniform(second); }
+
 constexpr int32_t kTailBits = 2048;
 
 inline int32_t folded(uint32_t bits) {
@@ -135,28 +147,43 @@ inline int32_t folded(uint32_t bits) {
   return x < 0 ? ~x : x;
 }
 
-inline bool in_tail(uint32_t w0) { return folded(w0) < kTailBits; }
+inline bool in_tail(uint32_t first) { return folded(first) < kTailBits; }
 
-inline float tail_normal(uint32_t w0, uint32_t w1, uint32_t w2) {
-  const double u = (static_cast<double>(folded(w0)) * 4294967296.0 + static_cast<double>(w2) +
+// The words of quad q (main stream, c2 = 0) or of its tail extension (c2 = 1).
+inline Words quad_words(uint64_t seed, uint64_t quad, uint32_t c2) {
+  return philox4x32(static_cast<uint32_t>(quad), static_cast<uint32_t>(quad >> 32), c2, 0u,
+      static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+}
+
+// Radius of pair `pair` (0 or 1) of quad q whose first word is in the tail: 63-bit uniform from
+// its 11 folded bits and word `pair` of the extension call, in double.
+inline float tail_radius(uint64_t seed, uint64_t quad, int pair, uint32_t first) {
+  const Words ext = quad_words(seed, quad, 1u);
+  const uint32_t low = pair == 0 ? ext.c0 : ext.c1;
+  const double u = (static_cast<double>(folded(first)) * 4294967296.0 + static_cast<double>(low) +
                        0.5) * 0x1p-63;
-  const float radius = static_cast<float>(std::sqrt(-2.0 * std::log(u)));
-  return radius * cos_f32(6.283185307179586f * uniform(w1));
+  return static_cast<float>(std::sqrt(-2.0 * std::log(u)));
 }
 
-// randn_wide(seed, counter): tl.randn(seed, counter) with untruncated tails.
-inline float randn(uint64_t seed, uint64_t counter) {
-  const Words w = philox4x32(static_cast<uint32_t>(counter), static_cast<uint32_t>(counter >> 32),
-      0u, 0u, static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
-  return in_tail(w.c0) ? tail_normal(w.c0, w.c1, w.c2) : box_muller(w.c0, w.c1);
+// Stream element e, one at a time (the reference the vectorised loops reproduce).
+inline float randn(uint64_t seed, uint64_t element) {
+  const uint64_t quad = element >> 2;
+  const int lane = static_cast<int>(element & 3);
+  const int pair = lane >> 1;
+  const Words w = quad_words(seed, quad, 0u);
+  const uint32_t first = pair == 0 ? w.c0 : w.c2, second = pair == 0 ? w.c1 : w.c3;
+  const float r = in_tail(first) ? tail_radius(seed, quad, pair, first) : radius(first);
+  float s, c;
+  sincos_f32(angle(second), s, c);
+  return r * ((lane & 1) ? s : c);
 }
 
-// out[k] += noise_std * randn(seed, counter + k) for k in [0, n): the vectorised form of randn,
+// out[k] += noise_std * randn(seed, element + k) for k in [0, n): the vectorised form of randn,
 // same values (philox.cpp).
-void add_randn(float* out, int64_t n, uint64_t seed, uint64_t counter, float noise_std);
-// out[k] = noise_std * randn(seed, counter + k): for outputs that start as noise and are then
+void add_randn(float* out, int64_t n, uint64_t seed, uint64_t element, float noise_std);
+// out[k] = noise_std * randn(seed, element + k): for outputs that start as noise and are then
 // accumulated into (saves a zero-fill and a pass).
-void fill_randn(float* out, int64_t n, uint64_t seed, uint64_t counter, float noise_std);
+void fill_randn(float* out, int64_t n, uint64_t seed, uint64_t element, float noise_std);
 
 }  // namespace philox
 }  // namespace rmt

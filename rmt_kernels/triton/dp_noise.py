@@ -1,8 +1,9 @@
 """Counter-based Gaussian noise added in place: ``out[k] += noise_std * randn(seed, offset + k)``.
 
-The same stream as the C++ CPU kernels (csrc/cpu/philox.h): Philox4x32-10 keyed by the 64-bit
-``seed``, 64-bit element counter ``offset + k`` over the row-major flattening of ``out``, through
-:func:`rmt_kernels.triton.gaussian.randn_wide` (``tl.randn`` with untruncated tails).
+The same stream as the C++ CPU kernels (csrc/cpu/philox.h): element k of the row-major
+flattening of ``out`` gets stream element ``offset + k`` of key ``seed``, drawn by
+:func:`rmt_kernels.triton.gaussian.dp_randn` (Philox4x32-10, four Box-Muller normals per call,
+untruncated tails).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from rmt_kernels.triton.gaussian import randn_wide
+from rmt_kernels.triton.gaussian import dp_randn
 
 # One program per 1024 elements: enough independent Philox work per program to hide latency.
 BLOCK = 1024
@@ -24,7 +25,7 @@ def _add_noise_kernel(out_ptr, seed, offset, noise_std, N, BLOCK: tl.constexpr):
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     mask = idx < N
     value = tl.load(out_ptr + idx, mask=mask, other=0.0)
-    value += noise_std * randn_wide(seed, idx + offset)
+    value += noise_std * dp_randn(seed, idx + offset)
     tl.store(out_ptr + idx, value, mask=mask)
 
 

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from rmt_kernels.triton.gaussian import randn_wide
+from rmt_kernels.triton.gaussian import dp_randn
 
 # Tile sizes: a weight gradient is a wide output (d_out x d_in, hundreds to thousands each) with a
 # long reduction over B*T rows; 64x64 output tiles with 32-row steps suit both the H200 and the
@@ -71,7 +71,7 @@ def _linear_clipped_noisy_sum_kernel(
     # Epilogue: the noise of element (i, j) is counter offset + i * d_in + j (int64 throughout).
     counters = outs[:, None].to(tl.int64) * D_IN + ins[None, :].to(tl.int64)
     if ADD_NOISE:
-        acc += noise_std * randn_wide(seed, counters + offset)
+        acc += noise_std * dp_randn(seed, counters + offset)
     mask = (outs[:, None] < D_OUT) & (ins[None, :] < D_IN)
     tl.store(out_ptr + counters, acc, mask=mask)
 
