@@ -102,3 +102,27 @@ def test_add_gaussian_noise_checks_and_opcheck():
     with pytest.raises(TypeError, match="x must be float32"):
         rmt_kernels.add_gaussian_noise(torch.zeros(3, dtype=torch.long), 1.0, 0, 0)
     torch.library.opcheck(torch.ops.rmt.add_gaussian_noise.default, (torch.randn(4, 5), 1.0, 2, 3))
+
+
+def test_vectorised_and_portable_philox_loops_draw_the_same_noise(tmp_path):
+    # The CPU picks an AVX-512 Philox loop where it can; RMT_KERNELS_PORTABLE_PHILOX=1 forces the
+    # portable one. Both must give the same words, hence bit-identical noise; the range crosses a
+    # 2^32 quad boundary (the carry into the counter's high word) and starts inside a quad.
+    import os
+    import subprocess
+    import sys
+
+    with open("/proc/cpuinfo") as f:
+        if " avx512f" not in f.read():
+            pytest.skip("this CPU has no AVX-512: only the portable Philox loop runs here")
+    offset, n = 4 * (2**32 - 40) + 1, 4099
+    draw = f"rmt_kernels.add_gaussian_noise(torch.zeros({n}), 1.0, 9, {offset})"
+    script = f"import sys, torch, rmt_kernels; torch.save({draw}, sys.argv[1])"
+    outputs = []
+    for portable in ("0", "1"):
+        path = tmp_path / f"noise{portable}.pt"
+        env = {**os.environ, "RMT_KERNELS_PORTABLE_PHILOX": portable}
+        subprocess.run([sys.executable, "-c", script, str(path)], env=env, check=True)
+        outputs.append(torch.load(path))
+    assert torch.equal(outputs[0], outputs[1])
+    assert torch.equal(outputs[0], _noise(n, 1.0, 9, offset).float())
