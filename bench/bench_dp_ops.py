@@ -14,6 +14,10 @@ B in {8, 32} and sequence length T in {64, 128}, four ways to get the same weigh
               GEMM on clip-scaled ``dy``, plus ``torch.normal`` noise. (The second backward also
               recomputes input gradients; that cost is left out, favouring ghost.)
 
+Where ours spends its time above the GEMM, also timed: ``norms`` (the ``*_sq_norms`` call alone)
+and ``noise`` (the clipped sum with noise minus the same call with ``noise_std = 0``, which
+fills its output with zeros instead: the cost of drawing the Gaussians).
+
 Time: fastest of several calls, methods interleaved round-robin (see best_ms); torch's default
 number of threads. The load average at the start is printed: the machine may be shared.
 Memory: peak resident-set increase during one call (VmHWM reset through /proc/self/clear_refs
@@ -94,6 +98,15 @@ def linear_methods(B: int, T: int, d_in: int, d_out: int) -> dict[str, Callable[
         scale = rmt_kernels.clip_scales(rmt_kernels.linear_sq_norms(x, dy), C)
         return rmt_kernels.linear_clipped_noisy_sum(x, dy, scale, SIGMA * C, 0, 0)
 
+    def norms():
+        return rmt_kernels.linear_sq_norms(x, dy)
+
+    def exact_sum():
+        return rmt_kernels.linear_clipped_noisy_sum(x, dy, scale, 0.0, 0, 0)
+
+    def noisy_sum():
+        return rmt_kernels.linear_clipped_noisy_sum(x, dy, scale, SIGMA * C, 0, 0)
+
     def hooks():
         gs = compute_linear_grad_sample(layer, [x], dy)[layer.weight]
         scale = (C / (gs.flatten(1).norm(dim=1) + 1e-6)).clamp(max=1.0)
@@ -106,7 +119,16 @@ def linear_methods(B: int, T: int, d_in: int, d_out: int) -> dict[str, Callable[
         summed = (dy * scale[:, None, None]).reshape(-1, d_out).T @ x.reshape(-1, d_in)
         return summed + torch.normal(0.0, SIGMA * C, summed.shape)
 
-    return {"gemm": gemm, "ours": ours, "hooks": hooks, "ghost": ghost}
+    scale = torch.rand(B)
+    return {
+        "gemm": gemm,
+        "ours": ours,
+        "hooks": hooks,
+        "ghost": ghost,
+        "norms": norms,
+        "exact sum": exact_sum,
+        "noisy sum": noisy_sum,
+    }
 
 
 def embedding_methods(B: int, T: int) -> dict[str, Callable[[], object]]:
@@ -118,6 +140,15 @@ def embedding_methods(B: int, T: int) -> dict[str, Callable[[], object]]:
 
     def ours():
         scale = rmt_kernels.clip_scales(rmt_kernels.embedding_sq_norms(ids, dy), C)
+        return rmt_kernels.embedding_clipped_noisy_sum(ids, dy, scale, VOCAB, SIGMA * C, 0, 0)
+
+    def norms():
+        return rmt_kernels.embedding_sq_norms(ids, dy)
+
+    def exact_sum():
+        return rmt_kernels.embedding_clipped_noisy_sum(ids, dy, scale, VOCAB, 0.0, 0, 0)
+
+    def noisy_sum():
         return rmt_kernels.embedding_clipped_noisy_sum(ids, dy, scale, VOCAB, SIGMA * C, 0, 0)
 
     def hooks():
@@ -134,7 +165,16 @@ def embedding_methods(B: int, T: int) -> dict[str, Callable[[], object]]:
         )
         return summed + torch.normal(0.0, SIGMA * C, summed.shape)
 
-    return {"gemm": gemm, "ours": ours, "hooks": hooks, "ghost": ghost}
+    scale = torch.rand(B)
+    return {
+        "gemm": gemm,
+        "ours": ours,
+        "hooks": hooks,
+        "ghost": ghost,
+        "norms": norms,
+        "exact sum": exact_sum,
+        "noisy sum": noisy_sum,
+    }
 
 
 def main() -> None:
@@ -154,9 +194,11 @@ def main() -> None:
         f"torch {torch.__version__}",
         f"# load average at start {os.getloadavg()[0]:.2f}; "
         "time: best-of-repeats ms (ratio to gemm); mem: peak RSS increase MiB; "
-        "per-ex: size of B per-example gradients MiB",
-        f"{'layer':<24}{'B':>4}{'T':>5} | {'gemm ms':>8} | {'ours ms':>15} | {'hooks ms':>15} | "
-        f"{'ghost ms':>15} | {'mem ours':>8} {'hooks':>7} {'ghost':>7} | {'per-ex':>7}",
+        "per-ex: size of B per-example gradients MiB; ours = norms + clipped sum, of which "
+        "noise = the sum with noise minus the sum without",
+        f"{'layer':<24}{'B':>4}{'T':>5} | {'gemm ms':>8} | {'ours ms':>15} | {'norms':>6} "
+        f"{'noise':>6} | {'hooks ms':>15} | {'ghost ms':>15} | {'mem ours':>8} {'hooks':>7} "
+        f"{'ghost':>7} | {'per-ex':>7}",
     ]
     print("\n".join(lines), flush=True)
     for name, dims in cases:
@@ -169,13 +211,15 @@ def main() -> None:
                     methods = linear_methods(B, T, *dims)
                     per_example = B * dims[0] * dims[1] * 4 / 2**20
                 ms = best_ms(methods, repeats)
-                mem = {k: peak_mib(f) for k, f in methods.items() if k != "gemm"}
+                mem = {k: peak_mib(methods[k]) for k in ("ours", "hooks", "ghost")}
+                noise = ms["noisy sum"] - ms["exact sum"]
 
                 def cell(k, ms=ms):
                     return f"{ms[k]:8.1f} ({ms[k] / ms['gemm']:4.2f}x)"
 
                 line = (
                     f"{name:<24}{B:>4}{T:>5} | {ms['gemm']:8.1f} | {cell('ours')} | "
+                    f"{ms['norms']:6.2f} {noise:6.2f} | "
                     f"{cell('hooks')} | {cell('ghost')} | {mem['ours']:8.0f} {mem['hooks']:7.0f} "
                     f"{mem['ghost']:7.0f} | {per_example:7.0f}"
                 )
