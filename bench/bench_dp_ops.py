@@ -49,6 +49,7 @@ VOCAB, EMBED_DIM = 50265, 768
 BATCHES = [8, 32]
 SEQ_LENS = [64, 128]
 C, SIGMA = 1.0, 1.0
+METHODS = ("gemm", "ours", "hooks", "ghost", "norms", "exact sum", "noisy sum")
 _LIBC = ctypes.CDLL("libc.so.6")
 
 
@@ -120,15 +121,7 @@ def linear_methods(B: int, T: int, d_in: int, d_out: int) -> dict[str, Callable[
         return summed + torch.normal(0.0, SIGMA * C, summed.shape)
 
     scale = torch.rand(B)
-    return {
-        "gemm": gemm,
-        "ours": ours,
-        "hooks": hooks,
-        "ghost": ghost,
-        "norms": norms,
-        "exact sum": exact_sum,
-        "noisy sum": noisy_sum,
-    }
+    return dict(zip(METHODS, (gemm, ours, hooks, ghost, norms, exact_sum, noisy_sum), strict=True))
 
 
 def embedding_methods(B: int, T: int) -> dict[str, Callable[[], object]]:
@@ -166,15 +159,7 @@ def embedding_methods(B: int, T: int) -> dict[str, Callable[[], object]]:
         return summed + torch.normal(0.0, SIGMA * C, summed.shape)
 
     scale = torch.rand(B)
-    return {
-        "gemm": gemm,
-        "ours": ours,
-        "hooks": hooks,
-        "ghost": ghost,
-        "norms": norms,
-        "exact sum": exact_sum,
-        "noisy sum": noisy_sum,
-    }
+    return dict(zip(METHODS, (gemm, ours, hooks, ghost, norms, exact_sum, noisy_sum), strict=True))
 
 
 def main() -> None:
