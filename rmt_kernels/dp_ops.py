@@ -61,6 +61,10 @@ BLOCK_BYTES = 32 << 20
 EMBEDDING_GRAM_MAX_T = 256
 # Width of the counter range of one (step, parameter): every parameter has < 2^32 elements.
 OFFSET_STRIDE = 1 << 32
+# Version of the noise stream's definition (module docstring). 1 was tl.randn's layout (one
+# normal per Philox call); 2 is the quad layout. A run resumed from a checkpoint replays its lost
+# steps for free only if it draws the same noise, so checkpoints record this and refuse another.
+NOISE_STREAM_VERSION = 2
 
 
 def use_gram_route(T: int, d_in: int, d_out: int) -> bool:

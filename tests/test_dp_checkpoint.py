@@ -74,6 +74,18 @@ def test_other_model_and_other_privacy_settings_are_refused(tmp_path):
         load_checkpoint(path, model, opt, loader)
 
 
+def test_a_checkpoint_of_another_noise_stream_is_refused(tmp_path, monkeypatch):
+    # Replaying the lost steps costs nothing only with the same noise; a build whose noise stream
+    # differs (rmt_kernels.dp_ops.NOISE_STREAM_VERSION) must not resume the run.
+    from rmt_kernels import dp_ops
+
+    path, _ = _saved(tmp_path)
+    model, opt, loader = dp_workers.private(tiny_model(), noise=1.0)
+    monkeypatch.setattr(dp_ops, "NOISE_STREAM_VERSION", dp_ops.NOISE_STREAM_VERSION + 1)
+    with pytest.raises(CheckpointError, match=r"noise_stream = 2 in the checkpoint, 3 in this run"):
+        load_checkpoint(path, model, opt, loader)
+
+
 def test_a_fresh_run_refuses_another_runs_ledger(tmp_path):
     path, _ = _saved(tmp_path)
     model, opt, loader = dp_workers.private(tiny_model(), noise=1.0)

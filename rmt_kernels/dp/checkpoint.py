@@ -29,7 +29,8 @@ and a crashed-and-resumed one end at the same epsilon. A resume that cannot repl
 mode's fresh seed, or a data loader whose position was not restored, for which the seed is
 re-keyed so that no noise is reused on other data) counts the lost steps in addition. The replay
 argument assumes the recomputation is deterministic (same code and hardware path), which the
-fingerprint (model, privacy and denoise settings, world size) checks as far as it can.
+fingerprint (model, privacy and denoise settings, world size, the noise stream's version) checks
+as far as it can.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from rmt_kernels import dp_ops
 from rmt_kernels.dp import distributed
 from rmt_kernels.dp.engine import seed_id_of
 from rmt_kernels.dp.optimizer import DPOptimizer
@@ -157,6 +159,7 @@ def _fingerprint(engine) -> dict:
             "secure_mode": engine.secure_mode,
             "loss_reduction": engine.loss_reduction,
             "denoise": engine.denoise_options,
+            "noise_stream": dp_ops.NOISE_STREAM_VERSION,
         },
     }
 
