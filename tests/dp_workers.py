@@ -24,9 +24,10 @@ DATASET = 64  # examples; with a loader batch of 8 the sample rate is 1/8
 BATCH = 8
 
 
-def dataset_loader(n: int = DATASET, batch: int = BATCH) -> DataLoader:
-    """The whole dataset, loader batch = the global logical batch (sample rate batch / n)."""
-    ids, mask, labels = padded_batch(batch=n, seed=5)
+def dataset_loader(n: int = DATASET, batch: int = BATCH, data_seed: int = 5) -> DataLoader:
+    """The whole dataset, loader batch = the global logical batch (sample rate batch / n);
+    another ``data_seed`` gives another dataset of the same size."""
+    ids, mask, labels = padded_batch(batch=n, seed=data_seed)
     return DataLoader(
         TensorDataset(ids, mask, labels),
         batch_size=batch,
@@ -34,11 +35,13 @@ def dataset_loader(n: int = DATASET, batch: int = BATCH) -> DataLoader:
     )
 
 
-def private(model, *, noise: float, lr: float = 0.1, denoise=None, n: int = DATASET, **kw):
+def private(
+    model, *, noise: float, lr: float = 0.1, denoise=None, n: int = DATASET, data_seed=5, **kw
+):
     """make_private over ``dataset_loader`` with the tests' settings."""
     from rmt_kernels.dp import make_private
 
-    loader = dataset_loader(n)
+    loader = dataset_loader(n, data_seed=data_seed)
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     return make_private(
         model,
@@ -48,7 +51,8 @@ def private(model, *, noise: float, lr: float = 0.1, denoise=None, n: int = DATA
         max_grad_norm=C,
         noise_multiplier=noise,
         denoise=denoise,
-        seed=kw.pop("seed", 1234),
+        # A public seed (reproducible noise), except in secure mode, which draws its own.
+        seed=kw.pop("seed", None if kw.get("secure_mode") else 1234),
         accountant="rdp",
         **kw,
     )

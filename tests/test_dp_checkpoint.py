@@ -147,3 +147,184 @@ def test_sigkill_mid_step_then_resume(tmp_path, secure):
     b = torch.load(fresh_folder / "final-fresh.pt", weights_only=True)
     for n in a:
         assert torch.equal(a[n], b[n]), n
+
+
+# ------------------------------------------------------------------------------------------
+# A free replay needs the same data (issue 11, item 1; DESIGN.md invariant 10)
+# ------------------------------------------------------------------------------------------
+
+
+def _examples(loader, step: int):
+    """Examples 8 step .. 8 step + 7 of the loader's dataset (the tests feed batches by hand)."""
+    return tuple(
+        t[step * dp_workers.BATCH : (step + 1) * dp_workers.BATCH] for t in _tensors(loader)
+    )
+
+
+def _tensors(loader):
+    dataset = loader.dataset
+    return dataset.tensors if hasattr(dataset, "tensors") else dataset.inner.tensors
+
+
+class _Opaque(torch.utils.data.Dataset):
+    """A dataset the library cannot hash (as one that reads files or tokenizes on the fly)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __len__(self):
+        return len(self.inner)
+
+    def __getitem__(self, i):
+        return self.inner[i]
+
+
+def _private(data_seed=5, opaque=False, noise=1.0):
+    # lr 0: the parameters stay at their init, so a step's clean gradient can be recomputed.
+    model, opt, loader = dp_workers.private(tiny_model(), noise=noise, lr=0.0, data_seed=data_seed)
+    if opaque:
+        loader = torch.utils.data.DataLoader(
+            _Opaque(loader.dataset), batch_sampler=loader.batch_sampler
+        )
+    return model, opt, loader
+
+
+def _crashed_run(path, given=None, **kw):
+    """Step 0, a checkpoint, then step 1 (its noisy gradient kept) and a crash."""
+    model, opt, loader = _private(**kw)
+    attach_ledger(opt, path)
+    for step in range(2):
+        dp_workers.backward(model, _examples(loader, step))
+        opt.step()
+        if step == 0:
+            opt.zero_grad()
+            save_checkpoint(path, model, opt, loader, data_fingerprint=given)
+    return dp_workers.grads(model)
+
+
+def _clean_grads(batch):
+    model, opt, _ = dp_workers.private(tiny_model(), noise=0.0, lr=0.0)
+    dp_workers.backward(model, batch)
+    opt.step()
+    return dp_workers.grads(model)
+
+
+@pytest.mark.parametrize("data_seed", [5, 6])
+def test_resume_on_other_data_rekeys_the_noise_and_charges_the_lost_step(tmp_path, data_seed):
+    path = tmp_path / "ckpt.pt"
+    crashed = _crashed_run(path)
+    model, opt, loader = _private(data_seed=data_seed)
+    import warnings
+
+    from rmt_kernels.dp import ResumeWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_checkpoint(path, model, opt, loader)
+    other = data_seed != 5
+    messages = [str(w.message) for w in caught if issubclass(w.category, ResumeWarning)]
+    assert bool(messages) == other, messages
+    # Step 0 and the crashed step 1 are charged at load; step 1 again after it on other data.
+    assert opt.engine.accountant.history == [(1.0, dp_workers.BATCH / dp_workers.DATASET, 2)]
+    batch = _examples(loader, 1)
+    dp_workers.backward(model, batch)
+    opt.step()
+    history = opt.engine.accountant.history
+    assert history == [(1.0, dp_workers.BATCH / dp_workers.DATASET, 3 if other else 2)]
+    resumed = dp_workers.grads(model)
+    if not other:  # the same data: an exact replay, for free
+        for n in resumed:
+            assert torch.equal(resumed[n], crashed[n]), n
+        return
+    assert "dataset's tensors differ" in messages[0] and "1 step(s)" in messages[0]
+    # The attack of the issue: with the same noise, the difference of the two released steps is
+    # the noise-free difference of the clean gradients. Re-keyed, it is off by two independent
+    # noises: per coordinate std sigma C / B on each, so the norm is about sqrt(2 P) sigma C / B
+    # (P ~ 3e4: a chi variable that far from half its mean has probability far below 1e-6).
+    clean_a, clean_b = _clean_grads(_examples(_private()[2], 1)), _clean_grads(batch)
+    off = torch.cat(
+        [(resumed[n] - crashed[n] - clean_b[n] + clean_a[n]).flatten() for n in resumed]
+    )
+    expected = (2 * off.numel()) ** 0.5 * 1.0 * dp_workers.C / dp_workers.BATCH
+    assert off.norm() > 0.5 * expected
+
+
+def test_unverifiable_data_is_charged_unless_a_fingerprint_is_given(tmp_path):
+    import warnings
+
+    from rmt_kernels.dp import ResumeWarning
+
+    path = tmp_path / "a" / "ckpt.pt"
+    _crashed_run(path, opaque=True)
+    model, opt, loader = _private(opaque=True)
+    with pytest.warns(ResumeWarning, match="cannot be verified"):
+        load_checkpoint(path, model, opt, loader)
+    assert opt.engine._seed != 1234
+    # The caller names its data: the same name replays for free, another one is charged.
+    path = tmp_path / "b" / "ckpt.pt"
+    _crashed_run(path, opaque=True, given="sst2 v1")
+    model, opt, loader = _private(opaque=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_checkpoint(path, model, opt, loader, data_fingerprint="sst2 v1")
+    assert opt.engine._seed == 1234
+    model, opt, loader = _private(opaque=True)
+    with pytest.warns(ResumeWarning, match="data_fingerprint differ"):
+        load_checkpoint(path, model, opt, loader, data_fingerprint="sst2 v2")
+    with pytest.raises(TypeError, match="data_fingerprint must be a non-empty str"):
+        load_checkpoint(path, model, opt, loader, data_fingerprint=b"x")
+
+
+def test_a_run_killed_before_its_first_checkpoint_restarts_with_its_steps_charged(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    model, opt, loader = _private(noise=2.0)
+    attach_ledger(opt, path)
+    for step in range(2):
+        dp_workers.backward(model, _examples(loader, step))
+        opt.step()
+        opt.zero_grad()
+    old_id = opt.engine.seed_id
+    # No checkpoint: nothing to load, and a plain restart must not drop the ledger's steps.
+    model, opt, loader = _private(noise=1.0)
+    with pytest.raises(CheckpointError, match="killed before its first checkpoint"):
+        attach_ledger(opt, path)
+    attach_ledger(opt, path, charge_existing=True)
+    rate = dp_workers.BATCH / dp_workers.DATASET
+    # Charged with the noise multiplier they ran with (recorded in the ledger), not this run's.
+    assert opt.engine.accountant.history == [(2.0, rate, 2)]
+    assert opt.engine.seed_id != old_id and opt.engine._seed != 1234
+    dp_workers.backward(model, _examples(loader, 0))
+    opt.step()
+    assert opt.engine.accountant.history == [(2.0, rate, 2), (1.0, rate, 1)]
+    assert [s for s, _ in PrivacyLedger(ledger_path(path)).entries()] == [0, 1, 0]
+    save_checkpoint(path, model, opt, loader)
+    with pytest.raises(CheckpointError, match="exists"):
+        attach_ledger(_private()[1], path, charge_existing=True)
+
+
+def test_a_secret_seed_is_never_written_and_its_lost_steps_are_charged(tmp_path):
+    from rmt_kernels.dp.checkpoint import _read
+
+    path = tmp_path / "ckpt.pt"
+    model, opt, loader = dp_workers.private(tiny_model(), noise=1.0, lr=0.0, seed=None)
+    seed = opt.engine._seed
+    attach_ledger(opt, path)
+    for step in range(2):
+        dp_workers.backward(model, _examples(loader, step))
+        opt.step()
+        if step == 0:
+            opt.zero_grad()
+            save_checkpoint(path, model, opt, loader)
+    assert _read(path)["engine"]["seed"] is None
+    for name in (path, ledger_path(path)):
+        data = name.read_bytes()
+        assert seed.to_bytes(8, "little") not in data and str(seed).encode() not in data
+    model, opt, loader = dp_workers.private(tiny_model(), noise=1.0, lr=0.0, seed=None)
+    from rmt_kernels.dp import ResumeWarning
+
+    with pytest.warns(ResumeWarning, match="secret"):
+        load_checkpoint(path, model, opt, loader)
+    assert opt.engine._seed != seed
+    dp_workers.backward(model, _examples(loader, 1))
+    opt.step()
+    assert opt.engine.accountant.history == [(1.0, dp_workers.BATCH / dp_workers.DATASET, 3)]

@@ -3,7 +3,10 @@ noise and optional denoising."""
 
 from rmt_kernels.dp.checkpoint import (
     CheckpointError,
+    ResumeWarning,
     attach_ledger,
+    checkpoint_extra,
+    dataset_fingerprint,
     load_checkpoint,
     save_checkpoint,
 )
@@ -17,7 +20,10 @@ __all__ = [
     "DPOptimizer",
     "PoissonSampler",
     "PrivateEngine",
+    "ResumeWarning",
     "attach_ledger",
+    "checkpoint_extra",
+    "dataset_fingerprint",
     "denoise_linear_weights",
     "load_checkpoint",
     "make_private",

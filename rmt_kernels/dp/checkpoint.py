@@ -3,20 +3,23 @@ under-counting epsilon.
 
 File format (``FORMAT_VERSION``): ``MAGIC``, the version (uint32), the payload length (uint64)
 and the payload's SHA-256, then the payload (``torch.save`` of a dict: fingerprint, model and
-optimizer state, engine step counter, noise seed, accountant history, each rank's sampler
-position and global RNG states (dropout), the caller's ``extra``). A short, flipped or foreign
-file is refused, naming the file. Written
-atomically: a temporary file in the same folder, fsync, ``os.replace``, fsync of the folder, so
-a crash leaves the previous checkpoint or the new one, never half of one.
+optimizer state, engine step counter, noise seed (outside secure mode), accountant history, the
+data fingerprint, each rank's sampler position and global RNG states (dropout), the caller's
+``extra``). A short, flipped or foreign file is refused, naming the file. Written atomically: a
+temporary file in the same folder, fsync, ``os.replace``, fsync of the folder, so a crash
+leaves the previous checkpoint or the new one, never half of one.
 
-Secure mode. The noise seed and the sampler's generator state are never written. A resumed run
-draws a fresh seed from the OS; that is safe because the noise key is (seed, step, parameter):
-with a new seed no key of the crashed run is reused, and the steps it lost are counted (below).
+A secret noise seed (the default: drawn from the OS) is never written, nor, in secure mode, the
+sampler's generator state; only a seed the caller gave (``make_private(seed=N)``: reproducible,
+not private) is. A resumed run with a secret seed draws a fresh one from the OS; that is safe
+because the noise key is (seed, step, parameter): with a new seed no key of the crashed run is
+reused, and the steps it lost are counted (below).
 
 The privacy ledger (``<checkpoint>.ledger``, rank 0 writes it). Before the data of logical step
 k touches the model (its first forward, or the noise-only step of an empty batch) one line
 ``{"step": k, "seed_id": ...}`` is appended and fsynced; ``seed_id`` names the noise stream
-(a hash of the seed, or a random id in secure mode), never the seed. Every ledger line therefore
+(a hash of the seed, or a random id in secure mode), never the seed, with the step's noise
+multiplier and sampling rate (``sigma``, ``q``: public). Every ledger line therefore
 stands for a step whose data may have entered a computation, whether or not it finished. The
 checkpoint records how many lines the ledger had when it was written; at that moment every line
 was already counted by the accountant (finished steps when they finished, a crashed run's steps
@@ -27,10 +30,34 @@ ledger: with the same seed and the same sampler position it draws the same batch
 noise, so it releases the same mechanism output again, which costs nothing; an uninterrupted run
 and a crashed-and-resumed one end at the same epsilon. A resume that cannot replay (secure
 mode's fresh seed, or a data loader whose position was not restored, for which the seed is
-re-keyed so that no noise is reused on other data) counts the lost steps in addition. The replay
-argument assumes the recomputation is deterministic (same code and hardware path), which the
-fingerprint (model, privacy and denoise settings, world size, the noise stream's version) checks
-as far as it can.
+re-keyed so that no noise is reused on other data) counts the lost steps in addition.
+
+Free replay only on the same data. The replay argument assumes the resumed run recomputes the
+lost steps exactly: same data, same preprocessing, same code path. Releasing the same noise on
+other data (a smaller max length, another training subset, another dataset of the same size)
+would publish the noise-free difference of the two steps. So a free replay needs ALL of:
+
+- the noise seed is in the checkpoint (a public seed: a secret one is never written);
+- the data loader is given and its sampling position restored;
+- the data fingerprint saved with the checkpoint is verifiable and equal to the resumed run's: a
+  SHA-256 of the loader's dataset when it is a ``TensorDataset`` (or a ``Subset`` of one: dtypes,
+  shapes and bytes of every tensor, the subset's indices) and/or the caller's ``data_fingerprint``
+  string, for data the library cannot hash (the ``rmt-glue`` CLI passes a hash of the tokenized
+  training set and of every setting of the computation);
+- the model, privacy and denoise settings, world size and noise stream's version agree (else the
+  checkpoint is refused, ``_check_fingerprint``).
+
+When any fails, the resume is NOT refused: the noise is re-keyed (a seed derived from the old one
+and the ledger's length, so no (seed, step, parameter) key of the crashed run is reused) and the
+lost steps are charged, exactly as a secure-mode resume; a :class:`ResumeWarning` says why and how
+many steps were charged. This covers the run resumed after an out-of-memory crash with a smaller
+``--max-length``: it continues and pays for the steps it lost. What the fingerprint cannot see is
+the caller's own training loop (loss, augmentation, collate): change it and pass another
+``data_fingerprint`` (or none), never the same one.
+
+A run killed before its first checkpoint left a ledger and no checkpoint: :func:`attach_ledger`
+with ``charge_existing=True`` starts it over in its place, counting every recorded step (with the
+noise multiplier and sampling rate the ledger line records) and re-keying the noise.
 """
 
 from __future__ import annotations
@@ -40,6 +67,7 @@ import io
 import json
 import os
 import struct
+import warnings
 from pathlib import Path
 
 import torch
@@ -59,6 +87,11 @@ class CheckpointError(ValueError):
     """A checkpoint that must not be loaded: corrupt, truncated, or of another model or run."""
 
 
+class ResumeWarning(UserWarning):
+    """A resume that could not replay the lost steps for free: the noise was re-keyed and the
+    lost steps were charged to the accountant (the message says why and how many)."""
+
+
 def ledger_path(path: str | os.PathLike) -> Path:
     """Where the privacy ledger of the checkpoint at ``path`` lives."""
     return Path(f"{os.fspath(path)}.ledger")
@@ -69,10 +102,14 @@ class PrivacyLedger:
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
+        # (noise multiplier, sample rate) written with each line, so that steps of a run killed
+        # before its first checkpoint are charged with the mechanism they really ran.
+        self.mechanism: tuple[float, float] | None = None
 
-    def entries(self) -> list[tuple[int, str]]:
-        """The complete lines, in order. A torn last line (a crash inside the write, before
-        the fsync returned, so before the step's data was used) is ignored."""
+    def records(self) -> list[dict]:
+        """The complete lines as dicts (``step``, ``seed_id``, and ``sigma``, ``q`` when the
+        line records them). A torn last line (a crash inside the write, before the fsync
+        returned, so before the step's data was used) is ignored."""
         if not self.path.exists():
             return []
         text = self.path.read_bytes().decode()
@@ -81,12 +118,19 @@ class PrivacyLedger:
         for number, line in enumerate(lines, 1):
             try:
                 record = json.loads(line)
-                out.append((int(record["step"]), str(record["seed_id"])))
+                entry = {"step": int(record["step"]), "seed_id": str(record["seed_id"])}
+                if "sigma" in record:
+                    entry["sigma"], entry["q"] = float(record["sigma"]), float(record["q"])
+                out.append(entry)
             except (ValueError, KeyError, TypeError) as err:
                 raise CheckpointError(
                     f"privacy ledger {self.path}: line {number} is not a ledger record"
                 ) from err
         return out
+
+    def entries(self) -> list[tuple[int, str]]:
+        """The complete lines' ``(step, seed_id)`` pairs, in order (see :meth:`records`)."""
+        return [(r["step"], r["seed_id"]) for r in self.records()]
 
     def repair(self) -> None:
         """Cut a torn last line, so that the next append starts a line of its own."""
@@ -102,35 +146,95 @@ class PrivacyLedger:
 
     def append(self, step: int, seed_id: str) -> None:
         """Record step ``step`` of stream ``seed_id``; returns once the line is on disk."""
-        line = json.dumps({"step": step, "seed_id": seed_id}) + "\n"
+        record: dict = {"step": step, "seed_id": seed_id}
+        if self.mechanism is not None:
+            record["sigma"], record["q"] = self.mechanism
         with open(self.path, "a") as f:
-            f.write(line)
+            f.write(json.dumps(record) + "\n")
             f.flush()
             os.fsync(f.fileno())
 
 
-def attach_ledger(optimizer: DPOptimizer, path: str | os.PathLike) -> None:
+def _open_ledger(engine, path: str | os.PathLike) -> PrivacyLedger:
+    ledger = PrivacyLedger(ledger_path(path))
+    ledger.mechanism = (engine.noise_multiplier, engine.sample_rate)
+    return ledger
+
+
+def attach_ledger(
+    optimizer: DPOptimizer, path: str | os.PathLike, *, charge_existing: bool = False
+) -> None:
     """Start the privacy ledger of a run checkpointed at ``path`` (call before the first step;
     :func:`save_checkpoint` and :func:`load_checkpoint` do it too).
 
+    Args:
+        optimizer: the DPOptimizer ``make_private`` returned.
+        path: the checkpoint file the run will write (its ledger is ``<path>.ledger``).
+        charge_existing: continue the ledger of a run killed before its first checkpoint (a
+            ledger with steps, no checkpoint at ``path``): start over in its place with every
+            recorded step counted by the accountant at once (with the noise multiplier and
+            sampling rate each line records) and the noise re-keyed, so that no noise of the
+            killed run is reused. Call it on every rank then (rank 0 sends the ledger).
+
     Raises:
-        CheckpointError: the ledger already holds another run's steps (resume that run with
-            :func:`load_checkpoint`, or checkpoint elsewhere).
+        CheckpointError: the ledger already holds another run's steps and ``charge_existing``
+            is False (resume that run with :func:`load_checkpoint`, or checkpoint elsewhere), or
+            a checkpoint exists at ``path`` (resume it with :func:`load_checkpoint`).
     """
     engine = _engine(optimizer)
-    if engine.ledger is not None or engine.rank != 0:
+    if not charge_existing:
+        if engine.ledger is not None or engine.rank != 0:
+            return
+        ledger = _open_ledger(engine, path)
+        existing = ledger.entries()
+        # Another run's records must never be mistaken for this run's (a matching (step, seed
+        # id) pair would skip counting a real step): only load_checkpoint may continue a ledger.
+        if existing:
+            how = (
+                "resume it (load_checkpoint / --resume)"
+                if Path(path).exists()
+                else "it was killed before its first checkpoint: start over with its steps "
+                "charged (attach_ledger(..., charge_existing=True) / --resume)"
+            )
+            raise CheckpointError(
+                f"{ledger.path} already records {len(existing)} private steps of another run: "
+                f"{how}, or use another checkpoint path"
+            )
+        ledger.repair()
+        ledger.path.parent.mkdir(parents=True, exist_ok=True)
+        engine.ledger = ledger
         return
-    ledger = PrivacyLedger(ledger_path(path))
-    existing = ledger.entries()
-    # Another run's records must never be mistaken for this run's (a matching (step, seed id)
-    # pair would skip counting a real step): only load_checkpoint may continue a ledger.
-    if existing:
+    if Path(path).exists():
         raise CheckpointError(
-            f"{ledger.path} already records {len(existing)} private steps of another run: "
-            "resume it (load_checkpoint / --resume) or use another checkpoint path"
+            f"checkpoint {path} exists: resume it with load_checkpoint, not attach_ledger"
         )
-    ledger.repair()
-    engine.ledger = ledger
+    if engine.steps:
+        raise CheckpointError("attach_ledger(charge_existing=True): call it before the first step")
+    records = _open_ledger(engine, path).records() if engine.rank == 0 else None
+    records = distributed.broadcast_object(records, engine.process_group)
+    counted = set()
+    for record in records:
+        pair = (record["step"], record["seed_id"])
+        if pair in counted:
+            continue
+        counted.add(pair)
+        engine.accountant.step(
+            noise_multiplier=record.get("sigma", engine.noise_multiplier),
+            sample_rate=record.get("q", engine.sample_rate),
+        )
+    if not engine.secure_mode:
+        # A new key, so the restarted run's steps never share a (seed, step) with the killed
+        # run's (secure mode drew a fresh seed and a random stream id already).
+        engine._seed = _noise_key(engine._seed, len(records))
+        engine.seed_id = seed_id_of(engine._seed)
+    engine.counted = counted
+    engine._recorded_step = -1
+    engine.ledger = None
+    if engine.rank == 0:
+        ledger = _open_ledger(engine, path)
+        ledger.repair()
+        engine.ledger = ledger
+    _barrier(engine)
 
 
 def _engine(optimizer: DPOptimizer):
@@ -164,6 +268,44 @@ def _fingerprint(engine) -> dict:
     }
 
 
+def dataset_fingerprint(dataset) -> str | None:
+    """SHA-256 (hex) of what a dataset holds, or None when it cannot be verified.
+
+    Covered: ``torch.utils.data.TensorDataset`` (every tensor's dtype, shape and bytes) and a
+    ``Subset`` of a covered dataset (its indices too). Anything else (a dataset that reads files,
+    tokenizes or transforms on the fly) returns None: pass ``data_fingerprint`` to
+    :func:`save_checkpoint` / :func:`load_checkpoint` for it.
+    """
+    from torch.utils.data import Subset, TensorDataset
+
+    digest = hashlib.sha256()
+    if isinstance(dataset, Subset):
+        inner = dataset_fingerprint(dataset.dataset)
+        if inner is None:
+            return None
+        digest.update(f"subset:{inner}:".encode())
+        digest.update(json.dumps([int(i) for i in dataset.indices]).encode())
+        return digest.hexdigest()
+    if not isinstance(dataset, TensorDataset):
+        return None
+    digest.update(b"tensors:")
+    for t in dataset.tensors:
+        t = t.detach().cpu().contiguous()
+        digest.update(f"{t.dtype}:{list(t.shape)}:".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _data_fingerprint(data_loader, given: str | None) -> dict | None:
+    """The data part of a checkpoint's fingerprint (None: nothing could be verified)."""
+    if given is not None and not (isinstance(given, str) and given):
+        raise TypeError(f"data_fingerprint must be a non-empty str or None, got {given!r}")
+    dataset = None if data_loader is None else dataset_fingerprint(data_loader.dataset)
+    if given is None and dataset is None:
+        return None
+    return {"given": given, "dataset": dataset}
+
+
 def _sampler(data_loader):
     sampler = getattr(data_loader, "batch_sampler", None)
     if not isinstance(sampler, distributed.PoissonSampler):
@@ -180,6 +322,8 @@ def save_checkpoint(
     optimizer: DPOptimizer,
     data_loader=None,
     extra: dict | None = None,
+    *,
+    data_fingerprint: str | None = None,
 ) -> None:
     """Write a checkpoint of a private run to ``path`` (atomically; module docstring).
 
@@ -194,8 +338,13 @@ def save_checkpoint(
         data_loader: the loader ``make_private`` returned (its sampling position), or None.
         extra: anything else to restore (plain Python values and tensors), returned by
             :func:`load_checkpoint`.
+        data_fingerprint: a string naming the training data, its preprocessing and the
+            training loop (e.g. a hash of them), for data the library cannot hash itself (any
+            dataset but a TensorDataset); a resume replays the lost steps for free only when it
+            passes the same string (module docstring).
     """
     engine = _engine(optimizer)
+    data = _data_fingerprint(data_loader, data_fingerprint)
     if engine.capture.pending() or engine._sums:
         raise RuntimeError("save_checkpoint: a logical step is in progress; save after step()")
     attach_ledger(optimizer, path)
@@ -213,11 +362,12 @@ def save_checkpoint(
         payload = {
             "format_version": FORMAT_VERSION,
             "fingerprint": _fingerprint(engine),
+            "data": data,
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "engine": {
                 "steps": engine.steps,
-                "seed": None if engine.secure_mode else engine._seed,
+                "seed": engine._seed if _seed_is_public(engine) else None,
                 "seed_id": engine.seed_id,
                 "accountant": engine.accountant.state_dict(),
                 "ledger_lines": len(engine.ledger.entries()),
@@ -321,16 +471,67 @@ def _noise_key(seed: int, ledger_lines: int) -> int:
     return int.from_bytes(digest[:8], "little") >> 2
 
 
+def checkpoint_extra(path: str | os.PathLike) -> dict | None:
+    """The ``extra`` of the checkpoint at ``path`` and its step count, without loading it into
+    a model: ``{"steps": ..., "extra": ...}`` (e.g. to check a resume's options before
+    building anything).
+
+    Raises:
+        CheckpointError: the file is missing, truncated, corrupt or of another format version.
+    """
+    state = _read(Path(path))
+    return {"steps": int(state["engine"]["steps"]), "extra": state["extra"]}
+
+
+def _seed_is_public(engine) -> bool:
+    """Whether the noise seed was given by the caller (reproducible, not private) rather than
+    drawn from the OS: only a public seed is ever written (DESIGN.md invariant 9)."""
+    return not engine.secure_mode and not getattr(engine, "noise_seed_is_secret", False)
+
+
+def _replay_blockers(saved_seed, sampler_restored: bool, saved_data, current_data) -> list[str]:
+    """Why the lost steps cannot be replayed for free (empty: they can; module docstring)."""
+    blockers = []
+    if saved_seed is None:
+        blockers.append(
+            "the noise seed is secret (drawn from the OS, never written), so a fresh one was drawn"
+        )
+    if not sampler_restored:
+        blockers.append("the data loader's sampling position was not restored")
+    if saved_data is None or current_data is None:
+        blockers.append(
+            "the training data cannot be verified (the checkpoint or this run has neither a "
+            "TensorDataset nor a data_fingerprint)"
+        )
+    else:
+        for key, what in (("dataset", "dataset's tensors"), ("given", "data_fingerprint")):
+            if saved_data.get(key) != current_data.get(key):
+                blockers.append(f"the {what} differ from the checkpointed run's")
+    return blockers
+
+
 def load_checkpoint(
-    path: str | os.PathLike, model: nn.Module, optimizer: DPOptimizer, data_loader=None
+    path: str | os.PathLike,
+    model: nn.Module,
+    optimizer: DPOptimizer,
+    data_loader=None,
+    *,
+    data_fingerprint: str | None = None,
 ) -> dict | None:
     """Restore a run written by :func:`save_checkpoint`; returns its ``extra``.
 
     Build the model, optimizer and loader with the same ``make_private`` settings first, then
     load on every rank (each rank reads ``path``, so it must be visible to all of them; rank 0
     reads the ledger and sends it to the others). Afterwards ``optimizer.get_epsilon`` already
-    counts every step of the ledger (module docstring), and the noise stream continues where the
-    checkpoint stopped.
+    counts every step of the ledger (module docstring). The noise stream continues where the
+    checkpoint stopped only if the lost steps can be replayed exactly (same seed, sampling
+    position and data fingerprint); otherwise it is re-keyed, the lost steps are charged in
+    addition and a :class:`ResumeWarning` says why.
+
+    Args:
+        path, model, optimizer, data_loader: as given to :func:`save_checkpoint`.
+        data_fingerprint: the string the checkpointed run passed to :func:`save_checkpoint`
+            for data the library cannot hash (module docstring).
 
     Raises:
         CheckpointError: the file is missing, truncated, corrupt, of another format version, of
@@ -339,6 +540,7 @@ def load_checkpoint(
     """
     engine = _engine(optimizer)
     path = Path(path)
+    current_data = _data_fingerprint(data_loader, data_fingerprint)
     state = _read(path)
     _check_fingerprint(path, state["fingerprint"], _fingerprint(engine))
     saved = state["engine"]
@@ -352,37 +554,51 @@ def load_checkpoint(
             f"{path} counted {saved['ledger_lines']}: it was truncated or replaced, and the "
             "privacy spent cannot be established"
         )
+    mine = state["ranks"][engine.rank]
+    sampler_restored = data_loader is not None and mine["sampler"] is not None
+    # Every rank decides on its own data; one blocker on any rank re-keys them all (the ranks
+    # must agree on the noise key).
+    blockers = _replay_blockers(saved["seed"], sampler_restored, state.get("data"), current_data)
+    blockers = sorted({b for rank in _gather(blockers, engine) for b in rank})
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     engine.accountant.load_state_dict(saved["accountant"])
     engine.steps = int(saved["steps"])
-    mine = state["ranks"][engine.rank]
     torch.set_rng_state(mine["rng"])
     if mine["cuda_rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(mine["cuda_rng"])
     engine._recorded_step = -1
+    if sampler_restored:
+        _sampler(data_loader).load_state_dict(mine["sampler"])
     if saved["seed"] is not None:
         engine._seed = int(saved["seed"])
-        if data_loader is not None and mine["sampler"] is not None:
-            _sampler(data_loader).load_state_dict(mine["sampler"])
-        else:
-            # Without the sampler's position the lost steps would see other batches under the
-            # same noise: re-key the stream so no noise is ever reused on other data.
+        if blockers:
+            # Other data (or an unknown position) under the same noise would publish the
+            # noise-free difference of the two steps: re-key, so no noise is ever reused.
             engine._seed = _noise_key(engine._seed, len(entries))
         engine.seed_id = seed_id_of(engine._seed)
     counted = set(entries[: saved["ledger_lines"]])
+    lost = 0
     for pair in entries[saved["ledger_lines"] :]:
         if pair not in counted:
             engine.accountant.step(
                 noise_multiplier=engine.noise_multiplier, sample_rate=engine.sample_rate
             )
             counted.add(pair)
+            lost += 1
     # With a new seed (secure mode, re-keyed) no pair can match: every step counts again.
     engine.counted = counted
     engine.ledger = None
     if engine.rank == 0:
-        ledger = PrivacyLedger(ledger_path(path))
+        ledger = _open_ledger(engine, path)
         ledger.repair()
         engine.ledger = ledger
+    if blockers and lost:
+        warnings.warn(
+            f"checkpoint {path}: the {lost} step(s) run after it cannot be replayed for free "
+            f"({'; '.join(blockers)}): the noise is re-keyed and they are charged in addition",
+            ResumeWarning,
+            stacklevel=2,
+        )
     _barrier(engine)
     return state["extra"]
