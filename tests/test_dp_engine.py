@@ -14,6 +14,10 @@ from tests.dp_models import clipped_sum, padded_batch, per_example_grads, tiny_m
 pytest.importorskip("transformers")
 pytest.importorskip("opacus")
 
+# Fixed noise seeds make these tests reproducible; the warning that such a run is not private
+# is tested in tests/test_dp_adversarial.py.
+pytestmark = pytest.mark.filterwarnings("ignore:make_private. seed=:UserWarning")
+
 C = 0.5
 
 
@@ -358,9 +362,8 @@ def test_secure_mode_never_shows_the_seed():
         max_grad_norm=1.0,
         noise_multiplier=1.0,
         secure_mode=True,
-        seed=77,
     )
-    assert opt.engine._seed != 77
+    assert opt.noise_seed_is_secret
     assert str(opt.engine._seed) not in repr(opt) + repr(opt.engine)
 
 

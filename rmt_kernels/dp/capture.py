@@ -4,6 +4,14 @@ One forward and one backward per physical batch: a forward hook stores the layer
 puts a tensor hook on its output, which stores the output gradient when backward reaches it.
 Nothing per-example is materialised here; the layer rules turn (input, output gradient) into
 per-example norms and clipped sums afterwards.
+
+The rules read dim 0 of what they see as the example (privacy invariant 7). This module checks
+what can be checked cheaply at every step: every tracked layer's input, output and output
+gradient have leading dimension equal to the batch size (a Linear fed ``x.reshape(B*T, d)`` or a
+sequence-first ``(T, B, d)`` with T != B is an error naming the layer). What a shape cannot show
+(sequence-first with T == B, an op that mixes examples) the engine's one-time layout
+verification checks (:meth:`rmt_kernels.dp.engine.PrivateEngine.verify_layout`), using the
+recording mode of :class:`LayerCapture`.
 """
 
 from __future__ import annotations
@@ -13,7 +21,16 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from rmt_kernels.dp_ops import LayerRule, get_layer_rule
+from rmt_kernels.dp_ops import (
+    LayerRule,
+    _check_embedding_module,
+    _check_layernorm_module,
+    get_layer_rule,
+)
+
+# Module options a rule cannot follow, checked at make_private rather than at the first step.
+# The checks live beside the rules (rmt_kernels/dp_ops.py); they are called here early.
+_MODULE_CHECKS = {nn.Embedding: _check_embedding_module, nn.LayerNorm: _check_layernorm_module}
 
 
 @dataclass
@@ -27,6 +44,28 @@ class TrackedLayer:
     activation: torch.Tensor | None = None
     grad_output: torch.Tensor | None = None
     calls: int = field(default=0)
+    # The capture generation of the forward that produced ``activation`` (see keep_grad).
+    generation: int = field(default=-1)
+    # requires_grad of each own parameter before the module's forward turned it off; None when
+    # the module is not inside a forward.
+    saved_requires_grad: dict[str, bool] | None = None
+
+
+def _check_module_options(name: str, module: nn.Module) -> None:
+    check = _MODULE_CHECKS.get(type(module))
+    if check is None:
+        return
+    try:
+        check(module)
+    except ValueError as err:
+        raise ValueError(f"make_private: module '{name}' ({type(module).__name__}): {err}") from err
+    if isinstance(module, nn.Embedding) and module.scale_grad_by_freq:
+        # The gradient would be divided by each token's count in the whole batch, which couples
+        # the examples; the rule computes the unscaled per-example gradient instead.
+        raise ValueError(
+            f"make_private: module '{name}' (Embedding): scale_grad_by_freq=True couples the "
+            "examples of a batch and is not supported"
+        )
 
 
 def trainable_layers(model: nn.Module) -> list[TrackedLayer]:
@@ -34,10 +73,18 @@ def trainable_layers(model: nn.Module) -> list[TrackedLayer]:
 
     Raises:
         TypeError: a trainable parameter sits in a module no rule covers (freeze it, or register
-            a rule with :func:`rmt_kernels.register_layer_rule`). DP-SGD must noise every
-            trainable parameter, so none may be skipped silently.
+            a rule with :func:`rmt_kernels.register_layer_rule`), or has a dtype the fused ops do
+            not take (float64). DP-SGD must noise every trainable parameter, so none may be
+            skipped silently.
+        ValueError: a module option its rule cannot follow (``Embedding(max_norm=...)``,
+            ``sparse=True``, ``scale_grad_by_freq=True``; LayerNorm over several dimensions), or
+            one parameter shared by two modules (tied weights: the rules would clip the two uses
+            as if they were separate parameters, which does not bound the example's gradient).
     """
+    from rmt_kernels._dp_checks import FLOAT_DTYPES
+
     layers = []
+    owner: dict[int, str] = {}
     for name, module in model.named_modules():
         params = {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}
         if not params:
@@ -51,25 +98,120 @@ def trainable_layers(model: nn.Module) -> list[TrackedLayer]:
                 "(requires_grad_(False)) or register a rule with "
                 "rmt_kernels.register_layer_rule"
             ) from err
+        _check_module_options(name, module)
+        for pname, p in params.items():
+            full = f"{name}.{pname}" if name else pname
+            if id(p) in owner:
+                raise ValueError(
+                    f"make_private: parameter '{full}' is the same tensor as '{owner[id(p)]}' "
+                    "(tied weights); per-example clipping of a weight used by two modules is "
+                    "not supported: untie them (e.g. tie_word_embeddings=False) or freeze them"
+                )
+            owner[id(p)] = full
+            if p.dtype not in FLOAT_DTYPES:
+                raise TypeError(
+                    f"make_private: parameter '{full}' is {p.dtype}; the DP ops take float32, "
+                    "bfloat16 or float16 parameters (convert the model, e.g. model.float())"
+                )
         layers.append(TrackedLayer(name, module, rule, params))
     return layers
 
 
+class LayoutError(RuntimeError):
+    """A tracked layer does not see one example per row of dim 0 (privacy invariant 7)."""
+
+
 class LayerCapture:
-    """Installs the hooks on ``layers`` and hands back what each physical batch left."""
+    """Installs the hooks on ``layers`` and hands back what each physical batch left.
+
+    Also turns each layer's own parameters' ``requires_grad`` off while the layer runs (and back
+    on after): autograd then builds no weight gradient for the layer's own use (the rules build
+    the private one), while any other use of the parameter (a direct ``F.linear(h, emb.weight)``
+    elsewhere, a regulariser on the weights) still reaches autograd, where the engine's parameter
+    hook refuses it. That costs two Python hooks per tracked module per forward.
+    """
 
     def __init__(self, layers: list[TrackedLayer]) -> None:
         self.layers = layers
-        # Batch size of the forward pass in progress (set by the engine from the model's input).
+        # Batch size of the forward pass in progress (set by the engine from the model's input;
+        # None outside a forward of the model, where a tracked layer may not run).
         self.batch_size: int | None = None
-        self._handles = [
-            layer.module.register_forward_hook(self._forward_hook(layer)) for layer in layers
-        ]
+        # Bumped whenever held batches are taken or cleared: an output gradient from the graph
+        # of an older forward must not be paired with a newer forward's input.
+        self.generation = 0
+        # Recording mode (the engine's layout verification): a list receiving
+        # (layer name, "input" / "output", tensor) per call, and the row whose outputs get a
+        # random perturbation (None: none).
+        self.recording: list[tuple[str, str, torch.Tensor]] | None = None
+        self.perturb_row: int | None = None
+        self.perturb_generator: torch.Generator | None = None
+        self._handles = []
+        for layer in layers:
+            self._handles.append(layer.module.register_forward_pre_hook(self._pre_hook(layer)))
+            self._handles.append(layer.module.register_forward_hook(self._forward_hook(layer)))
+
+    def _pre_hook(self, layer: TrackedLayer):
+        def hook(module: nn.Module, inputs: tuple) -> None:
+            if not torch.is_grad_enabled() or layer.saved_requires_grad is not None:
+                return
+            layer.saved_requires_grad = {n: p.requires_grad for n, p in layer.params.items()}
+            for p in layer.params.values():
+                p.requires_grad_(False)
+
+        return hook
+
+    def restore_requires_grad(self, layer: TrackedLayer) -> None:
+        """Give the layer's parameters back the requires_grad they had before its forward."""
+        saved, layer.saved_requires_grad = layer.saved_requires_grad, None
+        if saved is not None:
+            for n, p in layer.params.items():
+                p.requires_grad_(saved[n])
+
+    def _leading(self, layer: TrackedLayer, what: str, t: torch.Tensor, batch: int) -> None:
+        if t.dim() == 0 or t.shape[0] != batch:
+            raise LayoutError(
+                f"DP engine: layer '{layer.name}' ({type(layer.module).__name__}) got an {what} "
+                f"of shape {list(t.shape)} whose leading dimension is not the batch size "
+                f"{batch} (dim 0 of the model's first tensor input). The rules clip per row of "
+                "dim 0, so each row must be one example: feed the layer (B, ..., d) tensors, "
+                "not a flattened (B*T, d) or a sequence-first (T, B, d) one"
+            )
 
     def _forward_hook(self, layer: TrackedLayer):
         def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
-            if not torch.is_grad_enabled():
+            self.restore_requires_grad(layer)
+            recording = self.recording
+            if recording is None and not torch.is_grad_enabled():
                 return None  # evaluation: nothing to keep
+            batch = self.batch_size
+            if batch is None:
+                raise LayoutError(
+                    f"DP engine: layer '{layer.name}' ran outside a forward of the private model "
+                    "(or the model got no tensor input whose dim 0 is the batch); call the model "
+                    "itself with the batch as its first tensor argument"
+                )
+            if not inputs or not isinstance(inputs[0], torch.Tensor):
+                raise LayoutError(
+                    f"DP engine: layer '{layer.name}' was called without a tensor as its first "
+                    "positional argument; the rules need it"
+                )
+            if not isinstance(output, torch.Tensor):
+                raise LayoutError(
+                    f"DP engine: layer '{layer.name}' returned {type(output).__name__}, not a "
+                    "tensor; the rules need its output gradient"
+                )
+            x = inputs[0]
+            if batch > 1 and x.dim() > 0 and x.shape[0] == 1 and output.dim() > 0:
+                # An input shared by the whole batch (BERT's position ids): backward of the
+                # broadcast would sum the examples' gradients, so hand each example its own
+                # copy. Exact when row b of the copy reaches only example b's loss, which the
+                # layout verification checks (it perturbs one row of the copy).
+                x = x.expand(batch, *x.shape[1:])
+                output = output.expand(batch, *output.shape[1:])
+            self._leading(layer, "input", x, batch)
+            self._leading(layer, "output", output, batch)
+            if recording is not None:
+                return self._record(layer, x, output, recording)
             layer.calls += 1
             if layer.calls > 1:
                 raise RuntimeError(
@@ -77,27 +219,45 @@ class LayerCapture:
                     "weights); its per-example gradient would be the sum over uses, which the "
                     "layer rules do not compute yet"
                 )
-            x = inputs[0]
-            batch = self.batch_size
-            if batch is not None and batch > 1 and x.shape[0] == 1:
-                # An input shared by the whole batch (BERT's position ids): backward of the
-                # broadcast would sum the examples' gradients, so hand each example its own copy.
-                x = x.expand(batch, *x.shape[1:])
-                output = output.expand(batch, *output.shape[1:])
             layer.activation = x.detach()
+            layer.generation = generation = self.generation
 
             def keep_grad(grad: torch.Tensor) -> None:
-                layer.grad_output = grad.detach()
+                if layer.generation != generation or layer.activation is None:
+                    raise RuntimeError(
+                        f"DP engine: backward reached layer '{layer.name}' through the graph of "
+                        "a batch that was already used (folded into the sums by a later forward, "
+                        "or taken by step()); run backward before the next forward or step()"
+                    )
+                self._leading(layer, "output gradient", grad, batch)
+                # Several backward passes over one forward (retain_graph): for a fixed input
+                # the per-example gradient is linear in the output gradient, so the sum of the
+                # output gradients gives exactly the gradient of the summed losses.
+                grad = grad.detach()
+                layer.grad_output = grad if layer.grad_output is None else layer.grad_output + grad
 
             if not output.requires_grad:
-                # The engine turns parameter gradients off during forward (autograd would
-                # compute the non-private sum for nothing), so a layer fed by data alone (the
-                # embeddings) has an output outside the graph: make it the graph's leaf.
+                # The layer's own parameters do not require grad while it runs (see the class
+                # docstring), so a layer fed by data alone (the embeddings) has an output
+                # outside the graph: make it the graph's leaf.
                 output.requires_grad_()
             output.register_hook(keep_grad)
             return output
 
         return hook
+
+    def _record(self, layer, x, output, recording) -> torch.Tensor:
+        recording.append((layer.name, "input", x.detach().clone()))
+        row = self.perturb_row
+        if row is not None and output.is_floating_point():
+            output = output.clone()
+            noise = torch.randn(
+                output[row].shape, generator=self.perturb_generator, dtype=torch.float32
+            )
+            size = float(output.detach().abs().max()) + 1.0
+            output[row] += (noise * size).to(output.device, output.dtype)
+        recording.append((layer.name, "output", output.detach().clone()))
+        return output
 
     def pending(self) -> bool:
         """Whether a physical batch has run forward (and backward) since the last take."""
@@ -125,7 +285,13 @@ class LayerCapture:
         self.clear()
         return out
 
+    def backward_seen(self) -> bool:
+        """Whether backward has reached a layer of the held batch."""
+        return any(layer.grad_output is not None for layer in self.layers)
+
     def clear(self) -> None:
+        """Forget the held batch; gradients still to come from its graph become errors."""
+        self.generation += 1
         for layer in self.layers:
             layer.activation = None
             layer.grad_output = None
@@ -136,3 +302,5 @@ class LayerCapture:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        for layer in self.layers:
+            self.restore_requires_grad(layer)

@@ -17,15 +17,16 @@ before its data touches the model.
 from __future__ import annotations
 
 import hashlib
+import math
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
 
 from rmt_kernels.dp import distributed
-from rmt_kernels.dp.capture import LayerCapture, TrackedLayer, trainable_layers
+from rmt_kernels.dp.capture import LayerCapture, LayoutError, TrackedLayer, trainable_layers
 from rmt_kernels.dp_ops import add_gaussian_noise, clip_scales, noise_offset
 from rmt_kernels.ops import denoise_many
 
@@ -36,6 +37,28 @@ DenoiseFilter = Callable[[str, nn.Module, str, nn.Parameter], bool]
 # (2 x 384) has two singular values and no bulk: thresholding it at the "edge" zeroes its whole
 # gradient whenever the signal is below the noise (measured on SST-2: the head never learned).
 MIN_DENOISE_DIM = 32
+
+# Noise keys (Philox seeds) are signed 64-bit integers in the ops; 0 <= seed < 2^63.
+SEED_LIMIT = 2**63
+
+# Layout verification: a row of another example may move by at most this fraction of the largest
+# entry of its tensor when one example changes. Row-wise ops on equal shapes give bit-equal rows,
+# so only a batch-level code switch (e.g. an attention mask dropped when it is all ones) moves
+# them, by rounding (~1e-7); an op that mixes examples (BatchNorm statistics, attention over the
+# wrong dimension) moves them by ~1/B of the change or more, far above this up to B ~ 1e4.
+LAYOUT_TOLERANCE = 1e-5
+
+
+def check_seed(seed: int | None, what: str = "seed") -> None:
+    """None, or an int in [0, 2^63) (the ops' signed 64-bit noise key)."""
+    if seed is None:
+        return
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise TypeError(f"{what} must be None or an int, got {type(seed).__name__}")
+    if not 0 <= seed < SEED_LIMIT:
+        raise ValueError(
+            f"{what} must be in [0, 2**63) (the noise key is a signed 64-bit integer), got {seed}"
+        )
 
 
 def denoise_linear_weights(layer_name: str, module: nn.Module, name: str, p: nn.Parameter) -> bool:
@@ -74,11 +97,20 @@ class PrivateEngine:
         seed: int | None = None,
         secure_mode: bool = False,
         process_group=None,
+        verify_layout: bool = True,
     ) -> None:
         if not (max_grad_norm > 0 and max_grad_norm < float("inf")):
             raise ValueError(f"max_grad_norm must be a finite number > 0, got {max_grad_norm}")
-        if not noise_multiplier >= 0:
-            raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier}")
+        if not (noise_multiplier >= 0 and math.isfinite(noise_multiplier)):
+            raise ValueError(
+                f"noise_multiplier must be a finite number >= 0, got {noise_multiplier}"
+            )
+        check_seed(seed)
+        if secure_mode and seed is not None:
+            raise ValueError(
+                "seed and secure_mode=True contradict each other: secure mode draws the noise "
+                "seed from the OS; pass seed=None"
+            )
         if expected_batch_size < 1:
             raise ValueError(f"expected_batch_size must be >= 1, got {expected_batch_size}")
         if loss_reduction not in ("mean", "sum"):
@@ -95,9 +127,11 @@ class PrivateEngine:
             min_dim = self.denoise_options.pop("min_dim", MIN_DENOISE_DIM)
         self.loss_reduction = loss_reduction
         self.secure_mode = secure_mode
-        # The noise key is (seed, step, parameter index). In secure mode the seed comes from the
-        # OS and is never stored anywhere a log or checkpoint could show it.
-        if secure_mode or seed is None:
+        # The noise key is (seed, step, parameter index). By default the seed comes from the OS
+        # (privacy invariant 9): anyone who knows it can regenerate the noise and subtract it.
+        # In secure mode it is also never stored anywhere a log or checkpoint could show it.
+        self.noise_seed_is_secret = seed is None
+        if seed is None:
             seed = secrets.randbits(62)
         self.process_group = process_group
         self.rank, self.world_size = distributed.world(process_group)
@@ -124,6 +158,10 @@ class PrivateEngine:
         self.params: list[tuple[TrackedLayer, str, nn.Parameter]] = [
             (layer, name, p) for layer in self.layers for name, p in layer.params.items()
         ]
+        self.verify_layout = bool(verify_layout)
+        # Whether verify_layout() has passed (it runs once, at the first forward of a batch with
+        # two examples or more).
+        self.layout_verified = False
         self._param_index = {id(p): i for i, (_, _, p) in enumerate(self.params)}
         self._denoised = {
             id(p)
@@ -134,10 +172,13 @@ class PrivateEngine:
             and denoise_filter(layer.name, layer.module, name, p)
         }
         self.capture = LayerCapture(self.layers)
-        self._hooks = [
-            model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
-            model.register_forward_hook(self._after_forward),
-        ]
+        self._hooks = [model.register_forward_pre_hook(self._before_forward, with_kwargs=True)]
+        # A tracked parameter's own module turns its requires_grad off while it runs, so autograd
+        # reaches the parameter only through some other use: refuse that gradient (it would be
+        # lost, or trained on unclipped) the moment backward computes it.
+        for layer, name, p in self.params:
+            full = f"{layer.name}.{name}" if layer.name else name
+            self._hooks.append(p.register_hook(_refuse_direct_use(full)))
         self._sums: dict[int, torch.Tensor] = {}
         self.skip_next_step = False
         # Set ``record_denoise_stats`` before a step to keep what take_denoise_stats() reports.
@@ -158,30 +199,184 @@ class PrivateEngine:
     def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if not torch.is_grad_enabled():
             return
-        self.record_step()
-        # A new physical batch while the previous one is still held: fold it into the sums
-        # (no noise yet) so that several batches make one logical step.
-        if self.capture.pending():
-            self._accumulate(noise_std=0.0)
+        # A forward that raised inside a tracked layer left its parameters switched off.
+        for layer in self.layers:
+            self.capture.restore_requires_grad(layer)
         # The batch size is the leading dimension of the model's first tensor input.
         first = next(
             (t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor) and t.dim()),
             None,
         )
-        self.capture.batch_size = None if first is None else first.shape[0]
-        # Autograd need not compute parameter gradients: the layer rules build the private
-        # ones from each layer's input and output gradient, so the graph is built without them
-        # (which saves a weight-gradient GEMM per layer and the dense embedding gradient).
-        for _, _, p in self.params:
-            p.requires_grad_(False)
+        batch = None if first is None else first.shape[0]
+        if batch == 0:
+            raise ValueError(
+                "DP engine: empty batch (a Poisson batch can be empty): skip forward and "
+                "backward and call optimizer.step() alone, which adds the noise and counts the "
+                "step"
+            )
+        self.record_step()
+        # A new physical batch while the previous one is still held: fold it into the sums
+        # (no noise yet) so that several batches make one logical step.
+        if self.capture.pending():
+            self._accumulate(noise_std=0.0)
+        self.capture.batch_size = batch
+        if self.verify_layout and not self.layout_verified and batch is not None and batch > 1:
+            self.check_layout(module, args, kwargs)
+            self.layout_verified = True
+        # Autograd need not compute parameter gradients: each tracked layer switches its own
+        # parameters' requires_grad off while it runs (rmt_kernels/dp/capture.py) and the rules
+        # build the private gradients from each layer's input and output gradient (which saves a
+        # weight-gradient GEMM per layer and the dense embedding gradient).
 
-    def _after_forward(self, module: nn.Module, args: tuple, output) -> None:
-        for _, _, p in self.params:
-            p.requires_grad_(True)
+    # ---------------------------------------------------------------------------------------
+    # Checks: the layout each rule sees, and what the optimizer is about to update
+    # ---------------------------------------------------------------------------------------
+
+    def check_layout(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Verify once that dim 0 of every tracked layer is the example (privacy invariant 7).
+
+        The rules are exact when (a) row b of every tracked layer's input depends on example b
+        alone, and (b) row b of its output reaches only example b's loss. A shape check cannot
+        see a sequence-first layer with T == B or an op that mixes examples (BatchNorm batch
+        statistics, attention over dim 0), so this runs the model twice more, without
+        gradients, on the same batch: for k in (0, B - 1), example k's rows of every batched
+        input are replaced by another example's and a random perturbation is added to row k of
+        every tracked layer's output (of the per-example copy, for a broadcast input such as
+        BERT's position ids). Every other row of every tracked layer's input and output, and of
+        every model output whose dim 0 is the batch, must stay unchanged (up to
+        ``LAYOUT_TOLERANCE`` of the tensor's largest entry): that tests (a) through the inputs
+        and (b) through the model's outputs. The global RNG and the model's buffers are
+        restored, so dropout and the user's forward are unaffected.
+
+        What remains assumed (stated in :func:`make_private`): the loss is a sum or mean over
+        examples of a function of the model output's row b; data-dependent behaviour that this
+        batch does not trigger is not seen.
+
+        Raises:
+            LayoutError: a row of another example moved, the model's outputs have no tensor whose
+                dim 0 is the batch (nothing to check (b) against), or the layers ran in another
+                order.
+        """
+        batch = self.capture.batch_size
+
+        def batched(t) -> bool:
+            return isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == batch
+
+        inputs = [t for t in (*args, *kwargs.values()) if batched(t)]
+        devices = sorted(
+            {p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"}
+        )
+        cpu_state = torch.get_rng_state()
+        cuda_states = [torch.cuda.get_rng_state(d) for d in devices]
+        buffers = [(b, b.detach().clone()) for b in model.buffers()]
+        generator = torch.Generator().manual_seed(0)  # the perturbation is public
+
+        def run(k: int | None, partner: int | None):
+            def replace(t):
+                if k is None or partner is None or not batched(t):
+                    return t
+                t = t.clone()
+                t[k] = t[partner]
+                return t
+
+            a = tuple(replace(t) for t in args)
+            kw = {n: replace(t) for n, t in kwargs.items()}
+            record: list = []
+            self.capture.recording, self.capture.perturb_row = record, k
+            self.capture.perturb_generator = generator
+            try:
+                with torch.random.fork_rng(devices=devices), torch.no_grad():
+                    torch.set_rng_state(cpu_state)
+                    for d, state in zip(devices, cuda_states, strict=True):
+                        torch.cuda.set_rng_state(state, d)
+                    out = model(*a, **kw)
+            finally:
+                self.capture.recording = self.capture.perturb_row = None
+                with torch.no_grad():
+                    for b, saved in buffers:
+                        b.copy_(saved)
+            return record, [t for t in _tensors(out) if batched(t)]
+
+        base, base_out = run(None, None)
+        if not base_out:
+            raise LayoutError(
+                "DP engine: cannot verify the layout: no tensor in the model's output has the "
+                f"batch size {batch} as dim 0 (needed to check that each example's rows reach "
+                "only its own loss). Return per-example outputs (e.g. logits) from the model, or "
+                "pass verify_layout=False to make_private and take responsibility for it"
+            )
+        for k in (0, batch - 1):
+            partner = next((j for j in range(batch) if j != k and _differs(inputs, k, j)), None)
+            record, out = run(k, partner)
+            if [(n, w, t.shape) for n, w, t in record] != [(n, w, t.shape) for n, w, t in base]:
+                raise LayoutError(
+                    "DP engine: cannot verify the layout: the tracked layers ran in another "
+                    "order or with other shapes when one example changed"
+                )
+            for (name, what, t0), (_, _, t1) in zip(base, record, strict=True):
+                if _other_rows_moved(t0, t1, k):
+                    raise LayoutError(
+                        f"DP engine: layer '{name}' is not one example per row of dim 0: "
+                        f"changing example {k} changed other rows of its {what}. The model "
+                        "mixes the examples of a batch before or after it (a sequence-first "
+                        "(T, B, ...) layout, attention or pooling over dim 0, BatchNorm in "
+                        "training mode, a loss over pairs of examples); per-example clipping "
+                        "would not bound one example's influence"
+                    )
+            for i, (t0, t1) in enumerate(zip(base_out, out, strict=True)):
+                if _other_rows_moved(t0, t1, k):
+                    raise LayoutError(
+                        f"DP engine: output tensor {i} of the model (shape {list(t0.shape)}) is "
+                        f"not one example per row: changing example {k} or its rows in the "
+                        "tracked layers changed other rows. Some layer's output rows reach "
+                        "other examples (a flattened or sequence-first layout, an op mixing dim "
+                        "0); per-example clipping would not bound one example's influence"
+                    )
+
+    def check_updates(self, param_groups) -> None:
+        """Refuse a step that would update a parameter the engine did not privatise.
+
+        Called by :meth:`DPOptimizer.step` before the wrapped optimizer steps (privacy
+        invariant 8). Refuses: a model parameter unfrozen after make_private (requires_grad, not
+        tracked), a tracked parameter frozen since (its rule would drop it), an untracked tensor
+        holding a gradient, and any parameter of the optimizer's groups that the engine does not
+        track but that requires grad or has a gradient (a group added through
+        ``original_optimizer.add_param_group`` or ``param_groups.append``).
+
+        Raises:
+            RuntimeError: naming the parameter.
+        """
+        tracked = self._param_index
+        names = {}
+        for name, p in self.model.named_parameters():
+            names[id(p)] = name
+            if id(p) in tracked:
+                if not p.requires_grad:
+                    raise RuntimeError(
+                        f"DP engine: parameter '{name}' was frozen after make_private; freezing "
+                        "or unfreezing changes what is privatised: call make_private again"
+                    )
+            elif p.requires_grad or p.grad is not None:
+                raise RuntimeError(
+                    f"DP engine: parameter '{name}' was not trainable at make_private but now "
+                    "requires grad or holds a gradient (unfrozen later?); it would be trained on "
+                    "its raw gradient, unclipped and unnoised. Call make_private again after "
+                    "unfreezing, or freeze it and set its .grad to None"
+                )
+        for i, group in enumerate(param_groups):
+            for p in group["params"]:
+                if id(p) not in tracked and (p.requires_grad or p.grad is not None):
+                    name = names.get(id(p), f"a tensor of shape {list(p.shape)} not in the model")
+                    raise RuntimeError(
+                        f"DP engine: parameter group {i} of the optimizer holds {name!r}, which "
+                        "the engine did not privatise (added after make_private?); it would be "
+                        "trained on its raw gradient. Build the optimizer over every trainable "
+                        "parameter before make_private"
+                    )
 
     def _grad_outputs(self, captured):
         """Output gradients of per-example losses: a mean-reduced loss scaled them by 1/B."""
-        batch = captured[0][1].shape[0]
+        batch = captured[0][2].shape[0]
         factor = batch if self.loss_reduction == "mean" else 1
         return [(layer, x, dy * factor if factor != 1 else dy) for layer, x, dy in captured]
 
@@ -278,7 +473,7 @@ class PrivateEngine:
             keys = [k for k in grads if k in self._denoised]
             options = dict(self.denoise_options)
             # The sketch's test matrix only; a fresh one each step, derived from public counters.
-            options["seed"] = options.get("seed", 0) + self.steps
+            options["seed"] = (options.get("seed", 0) + self.steps) % SEED_LIMIT
             denoised = denoise_many([grads[k] for k in keys], self.sigma(), **options)
             if self.record_denoise_stats:
                 self._record_denoise_stats(keys, grads, denoised)
@@ -328,8 +523,13 @@ class PrivateEngine:
         self.steps += 1
 
     def zero_grad(self) -> None:
-        """Forget held batches and partial sums (the start of a new logical step)."""
-        self.capture.clear()
+        """Forget held batches and partial sums (the start of a new logical step).
+
+        A forward whose backward has not run yet is kept: ``zero_grad()`` between forward and
+        backward is a common loop, and dropping that batch would silently lose its data.
+        """
+        if self.capture.backward_seen():
+            self.capture.clear()
         self._sums = {}
 
     def get_epsilon(self, delta: float) -> float:
@@ -346,3 +546,48 @@ class PrivateEngine:
         self.capture.remove()
         for handle in self._hooks:
             handle.remove()
+        self._hooks = []
+
+
+def _refuse_direct_use(name: str):
+    def hook(grad: torch.Tensor) -> None:
+        raise RuntimeError(
+            f"DP engine: parameter '{name}' got a gradient through autograd, so it was used "
+            "outside its own module's forward (a direct use such as F.linear(h, emb.weight) in "
+            "another module, or a loss term on the weights). The layer rules see only the use "
+            "inside the module, so that gradient would be lost or trained on unclipped: use the "
+            "parameter only through its module (untie or copy it), or freeze it"
+        )
+
+    return hook
+
+
+def _tensors(out) -> list[torch.Tensor]:
+    """Every tensor in a model output (tensor, tuple, list, dict, Hugging Face ModelOutput)."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, Mapping):
+        return [t for v in out.values() for t in _tensors(v)]
+    if isinstance(out, (tuple, list)):
+        return [t for v in out for t in _tensors(v)]
+    return []
+
+
+def _differs(tensors: list[torch.Tensor], k: int, j: int) -> bool:
+    return any(not torch.equal(t[k], t[j]) for t in tensors)
+
+
+def _other_rows_moved(before: torch.Tensor, after: torch.Tensor, k: int) -> bool:
+    """Whether a row other than ``k`` changed by more than LAYOUT_TOLERANCE of the largest entry."""
+    keep = torch.ones(before.shape[0], dtype=torch.bool, device=before.device)
+    keep[k] = False
+    b, a = before[keep], after[keep]
+    if not b.is_floating_point():
+        return not torch.equal(a, b)
+    b, a = b.double(), a.double()
+    same = (a == b) | (a.isnan() & b.isnan())
+    if bool(same.all()):
+        return False
+    scale = float(before.double().abs().nan_to_num(posinf=0.0, neginf=0.0).max())
+    diff = (a - b).abs().masked_fill(same, 0.0)
+    return not bool((diff <= LAYOUT_TOLERANCE * scale).all())

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
+import warnings
+
 from torch import nn
 from torch.utils.data import DataLoader
 
 from rmt_kernels._checks import check_denoise_arguments
 from rmt_kernels.dp import distributed
-from rmt_kernels.dp.engine import DenoiseFilter, PrivateEngine, denoise_linear_weights
+from rmt_kernels.dp.engine import DenoiseFilter, PrivateEngine, check_seed, denoise_linear_weights
 from rmt_kernels.dp.optimizer import DPOptimizer
 
 ACCOUNTANTS = ("prv", "rdp", "gdp")
@@ -29,6 +32,7 @@ def _check_denoise_options(denoise: dict | None) -> None:
     min_dim = denoise.get("min_dim", 1)
     if not isinstance(min_dim, int) or isinstance(min_dim, bool) or min_dim < 1:
         raise ValueError(f"denoise: min_dim must be an int >= 1, got {min_dim!r}")
+    check_seed(denoise.get("seed", 0), "denoise: seed")
     options = {
         "shrinker": "frobenius",
         "kappa": 1.0,
@@ -62,6 +66,7 @@ def make_private(
     accountant: str = "prv",
     loss_reduction: str = "mean",
     process_group=None,
+    verify_layout: bool = True,
 ) -> tuple[nn.Module, DPOptimizer, DataLoader]:
     """Make a model's training differentially private (DP-SGD with book-keeping clipping).
 
@@ -69,6 +74,37 @@ def make_private(
     registered with :func:`rmt_kernels.register_layer_rule`); a trainable parameter without one
     is an error naming its module. One forward and one backward per batch: no per-example
     gradients are materialised.
+
+    The guarantee. Adding or removing one example moves the pre-noise clipped sum of a logical
+    step by at most ``max_grad_norm``, and every coordinate of every privatised parameter gets
+    Gaussian noise of std ``noise_multiplier * max_grad_norm`` on that sum, under these
+    conditions, each checked (an error names what fails) unless marked *assumed*:
+
+    - the batch is dim 0 of the model's first tensor argument, and every tracked layer (a module
+      owning a trainable parameter) sees one example per row of dim 0: its input, output and
+      output gradient have that leading size (checked at every forward and backward; a layer
+      input of leading size 1, such as BERT's position ids, is a broadcast shared by the batch
+      and gets one copy per example);
+    - no op mixes examples: at the first forward of a batch with two examples or more the model
+      is run twice more without gradients, changing one example's inputs and perturbing its rows
+      in every tracked layer's output, and every other example's rows (in every tracked layer
+      and in every model output whose dim 0 is the batch) must stay unchanged. This catches a
+      sequence-first model even with T == B, flattened (B*T, d) layers, attention or pooling
+      over dim 0, BatchNorm batch statistics and losses over pairs of outputs. *Assumed*: the
+      loss is a sum (``loss_reduction="sum"``) or mean over examples of a function of the model
+      output's row b, and the model's data-dependent branches that the verified batch did not
+      take mix no examples either (``verify_layout=False`` skips the check: then the whole
+      layout is assumed);
+    - each trainable parameter is used only inside its own module's forward, once per forward
+      (a direct use such as ``F.linear(h, emb.weight)``, a loss term on the weights, or a
+      module called twice is an error at backward; tied weights are refused here);
+    - the parameters trained are those trainable now: unfreezing one later, or adding a
+      parameter group to the wrapped optimizer, is an error at the next ``step()``;
+    - the noise seed is secret (the default, drawn from the OS; ``seed=N`` is for experiments
+      and the run is then not private).
+
+    An empty batch (Poisson sampling can draw one): skip forward and backward and call
+    ``optimizer.step()`` alone; it adds the noise and counts the step.
 
     Args:
         model: any module built from covered layers (e.g. Hugging Face RoBERTa or BERT).
@@ -89,9 +125,16 @@ def make_private(
             max_grad_norm / expected_batch_size`` to the parameters ``denoise_filter`` selects
             (by default the 2-D weights of nn.Linear layers). Post-processing: privacy is
             unchanged.
-        poisson_sampling: sample each logical batch by Poisson sampling (recommended).
-        seed: noise seed (noise key = (seed, step, parameter index)); None draws one from the OS.
-        secure_mode: draw the seed from the OS and never expose it.
+        poisson_sampling: sample each logical batch by Poisson sampling (recommended: the
+            accountant's analysis assumes it). With False the loader is used as given and the
+            accountant is told the rate ``batch_size / len(dataset)``; for a rate below 1 that
+            is the common shuffling-as-Poisson approximation, not a proven bound (a warning
+            says so).
+        seed: None (the default) draws the noise seed from the OS. An int in [0, 2**63) makes
+            the noise reproducible (noise key = (seed, step, parameter index)) and the run NOT
+            private, since anyone who knows the seed can subtract the noise: a warning says so
+            and ``optimizer.noise_seed_is_secret`` is False. For experiments only.
+        secure_mode: also never expose the seed (not in checkpoints); contradicts ``seed``.
         accountant: "prv" (default), "rdp" or "gdp", Opacus's accountants.
         loss_reduction: "mean" if the loss averages over the batch, "sum" if it sums.
         process_group: the torch.distributed group to train in; by default the whole world when
@@ -99,6 +142,8 @@ def make_private(
             seed is rank 0's, the clipped sums are all-reduced and rank 0 alone adds the noise;
             the accountant sees the global sample rate, so epsilon is the same on every rank.
             Do not wrap the model in DistributedDataParallel.
+        verify_layout: run the one-time layout verification described above (True, the
+            default); False trusts the model's layout.
 
     Returns:
         ``(model, optimizer, data_loader)``: the same model with hooks, a :class:`DPOptimizer`
@@ -118,17 +163,60 @@ def make_private(
         raise ValueError("give exactly one of noise_multiplier and target_epsilon")
     if target_epsilon is not None and epochs is None:
         raise ValueError("target_epsilon needs epochs: the calibration depends on the run length")
-    if target_epsilon is not None and not target_epsilon > 0:
-        raise ValueError(f"target_epsilon must be > 0, got {target_epsilon}")
-    if noise_multiplier is not None and not noise_multiplier >= 0:
-        raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier}")
+    if target_epsilon is not None and not (0 < target_epsilon < math.inf):
+        raise ValueError(
+            f"target_epsilon must be a finite number > 0, got {target_epsilon} (for no privacy, "
+            "train without make_private)"
+        )
+    if noise_multiplier is not None and not (
+        isinstance(noise_multiplier, (int, float)) and 0 <= noise_multiplier < math.inf
+    ):
+        raise ValueError(f"noise_multiplier must be a finite number >= 0, got {noise_multiplier}")
+    if epochs is not None and not (isinstance(epochs, (int, float)) and 0 < epochs < math.inf):
+        raise ValueError(f"epochs must be a finite number > 0, got {epochs}")
+    check_seed(seed)
+    if secure_mode and seed is not None:
+        raise ValueError(
+            "seed and secure_mode=True contradict each other: secure mode draws the noise seed "
+            "from the OS; pass seed=None"
+        )
+    if not isinstance(verify_layout, bool):
+        raise TypeError(f"verify_layout must be a bool, got {type(verify_layout).__name__}")
     _check_denoise_options(denoise)
     if len(data_loader) == 0:
         raise ValueError("data_loader is empty")
 
     dataset_size = len(data_loader.dataset)
-    sample_rate = 1 / len(data_loader)
-    expected_batch_size = max(1, round(sample_rate * dataset_size))
+    if poisson_sampling:
+        sample_rate = 1 / len(data_loader)
+        expected_batch_size = max(1, round(sample_rate * dataset_size))
+    else:
+        # The loader's batches are used as they are: each holds batch_size examples (the last
+        # one maybe fewer), so the rate is batch_size / N, not 1 / len(loader) (which is smaller
+        # when N is not a multiple of batch_size, and would under-count epsilon).
+        batch_size = data_loader.batch_size
+        if batch_size is None:
+            raise ValueError(
+                "poisson_sampling=False needs a DataLoader with a batch_size (not a batch "
+                "sampler): the accountant's sampling rate is batch_size / len(dataset)"
+            )
+        sample_rate = min(1.0, batch_size / dataset_size)
+        expected_batch_size = batch_size
+        if sample_rate < 1:
+            warnings.warn(
+                "make_private: poisson_sampling=False with batches smaller than the dataset: "
+                f"the accountant treats them as Poisson-sampled at rate {sample_rate:.4g}, a "
+                "common approximation that is not a proven bound for shuffled fixed-size "
+                "batches; use poisson_sampling=True for the stated guarantee",
+                stacklevel=2,
+            )
+    if seed is not None:
+        warnings.warn(
+            f"make_private: seed={seed} makes the noise reproducible by anyone who knows the "
+            "seed: this run is NOT differentially private (for experiments only; "
+            "optimizer.noise_seed_is_secret is False). Leave seed=None for a seed from the OS",
+            stacklevel=2,
+        )
     rank, world_size = distributed.world(process_group)
     if world_size > 1 and not poisson_sampling:
         raise ValueError(
@@ -167,5 +255,6 @@ def make_private(
         seed=seed,
         secure_mode=secure_mode,
         process_group=process_group,
+        verify_layout=verify_layout,
     )
     return model, DPOptimizer(optimizer, engine), data_loader

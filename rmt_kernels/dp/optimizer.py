@@ -57,6 +57,12 @@ class DPOptimizer(torch.optim.Optimizer):
     def add_param_group(self, param_group) -> None:
         raise RuntimeError("DPOptimizer: parameters cannot be added after make_private")
 
+    @property
+    def noise_seed_is_secret(self) -> bool:
+        """Whether the noise seed came from the OS (False: a reproducible seed was given, so
+        anyone who knows it can subtract the noise; the run is not private)."""
+        return self.engine.noise_seed_is_secret
+
     def __repr__(self) -> str:
         return f"DPOptimizer({self.original_optimizer!r}, {self.engine!r})"
 
@@ -71,10 +77,21 @@ class DPOptimizer(torch.optim.Optimizer):
             self.engine.zero_grad()
 
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        """One DP-SGD step (or, after ``signal_skip_step(True)``, one accumulated batch)."""
+        """One DP-SGD step (or, after ``signal_skip_step(True)``, one accumulated batch).
+
+        Without a forward since the last step (an empty Poisson batch) the step is noise
+        alone, counted by the accountant: that is the way to handle an empty batch.
+
+        Raises:
+            RuntimeError: a parameter the engine did not privatise would be updated (unfrozen or
+                added to the optimizer after make_private), naming it.
+        """
         if closure is not None:
             with torch.enable_grad():
                 closure()
+        # Privacy invariant 8: nothing the engine did not privatise may be updated, however it
+        # got into the model or the optimizer since make_private (checked at every step).
+        self.engine.check_updates(self.param_groups)
         if self._skip_next:
             if self.engine.capture.pending():
                 self.engine._accumulate(noise_std=0.0)
