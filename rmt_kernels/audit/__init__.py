@@ -1,0 +1,42 @@
+"""Empirical privacy audit in one training run (Steinke, Nasr and Jagielski, NeurIPS 2023).
+
+Insert canaries, each included with probability 1/2, train once, score the canaries, guess which
+were in (abstaining on the unsure), and turn the right guesses into an epsilon lower bound at a
+confidence level. A bound above the accountant's epsilon proves a privacy bug.
+
+- :mod:`~rmt_kernels.audit.bound`: the paper's p-value and the epsilon lower bound.
+- :mod:`~rmt_kernels.audit.guesses`: coin flips, guesses with abstention.
+- :mod:`~rmt_kernels.audit.strategy`: choosing the guess counts without voiding the bound.
+- :mod:`~rmt_kernels.audit.whitebox`: Dirac canaries through the native engine.
+- :mod:`~rmt_kernels.audit.blackbox`: mislabelled canaries, scored by the final model's loss.
+- :mod:`~rmt_kernels.audit.gaussian`: the Gaussian mechanism's exact epsilon (the yardstick).
+- ``rmt-audit`` / ``python -m rmt_kernels.audit``: the command.
+"""
+
+from rmt_kernels.audit.bound import epsilon_lower_bound, p_value
+from rmt_kernels.audit.gaussian import gaussian_delta, gaussian_epsilon
+from rmt_kernels.audit.guesses import count_correct, draw_inclusion, make_guesses
+from rmt_kernels.audit.strategy import (
+    AuditResult,
+    Bonferroni,
+    Fixed,
+    Split,
+    audit,
+    default_choices,
+)
+
+__all__ = [
+    "AuditResult",
+    "Bonferroni",
+    "Fixed",
+    "Split",
+    "audit",
+    "count_correct",
+    "default_choices",
+    "draw_inclusion",
+    "epsilon_lower_bound",
+    "gaussian_delta",
+    "gaussian_epsilon",
+    "make_guesses",
+    "p_value",
+]

@@ -1,0 +1,269 @@
+"""White-box audit of the native engine: Dirac canaries through ``make_private``.
+
+The audited model is one ``nn.Linear`` (no bias) with a per-example linear loss
+``-(W x_b) . w_b``, whose per-example gradient is ``-w_b x_b^T`` whatever the weights. Canary i
+owns one weight entry (row ``i // side``, column ``i % side`` of the ``side x side`` canary block):
+its input is the one-hot ``e_col`` and its output weight ``G s_t e_row`` with ``G =
+canary_norm`` (default 100 C), so its gradient at step t is ``G s_t`` times a unit "Dirac"
+matrix: clipping makes it exactly ``C s_t`` in that direction. The ordinary examples' inputs
+live in ``extra`` columns of their own, so they never touch a canary's entry (they still share
+the step: clipping, sampling, noise and the optimizer see a mixed batch).
+
+Each canary is in the training set with probability 1/2 (the coin flips of
+:func:`rmt_kernels.audit.draw_inclusion`). Training goes through the public API only:
+``make_private`` (Poisson sampling, fused noise, optional accumulation and denoising) and
+``optimizer.step()``; after each step the released gradient ``p.grad`` (what the optimizer
+consumes) is read. A canary's score is the sum over steps of the projection of ``p.grad`` on its
+direction at that step, in units of ``C / expected batch`` (an IN canary adds about
+``sample_rate * steps``; the noise adds ``noise_multiplier * sqrt(steps)`` of spread).
+
+Why the signs ``s_t``: each canary's signs are a seeded, balanced (+1 as often as -1) sequence.
+Against independent noise they change nothing (the score is still a sum of ``steps``
+independent projections). But noise that repeats across steps (a bug) cancels from the score of
+every canary exactly, leaving an OUT canary at 0 and an IN one at its full signal: a repeated
+noise stream is caught as surely as a missing one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from rmt_kernels.audit.guesses import draw_inclusion
+from rmt_kernels.audit.strategy import AuditResult, Bonferroni, Fixed, Split, audit
+
+__all__ = ["WhiteBoxConfig", "WhiteBoxResult", "canary_signs", "white_box_audit"]
+
+# Columns of the ordinary examples' inputs (disjoint from the canary block).
+EXTRA_COLUMNS = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class WhiteBoxConfig:
+    """One white-box audit run.
+
+    Attributes:
+        canaries: m, the number of Dirac canaries (>= 2).
+        examples: ordinary (non-canary) training examples (>= 0).
+        steps: logical DP-SGD steps (>= 1).
+        sample_rate: Poisson sampling rate in (0, 1]; the loader's batch is
+            ``round(sample_rate * dataset size)`` (1 = every example at every step).
+        physical_batches: each logical batch is split into this many forward/backward passes
+            (gradient accumulation) before ``optimizer.step()``.
+        noise_multiplier, max_grad_norm: sigma and C of ``make_private``.
+        canary_norm: a canary's gradient norm before clipping, in units of C (> 1: clipped).
+        delta: the delta of the audited claim (and of the accountant's epsilon); keep
+            ``canaries * delta`` tiny (the bound has a ``2 m delta`` term).
+        p_fail: the probability allowed for the bound to be wrong.
+        seed: seeds the coin flips, the signs, the data, the sampling and the noise.
+        denoise: ``make_private``'s denoise options (None: plain DP-SGD).
+        accountant: ``make_private``'s accountant ("prv", "rdp", "gdp").
+        lr: SGD learning rate (the gradients do not depend on the weights: any value audits the
+            same mechanism).
+    """
+
+    canaries: int = 1024
+    examples: int = 256
+    steps: int = 4
+    sample_rate: float = 1.0
+    physical_batches: int = 1
+    noise_multiplier: float = 1.0
+    max_grad_norm: float = 1.0
+    canary_norm: float = 100.0
+    delta: float = 1e-12
+    p_fail: float = 0.05
+    seed: int = 0
+    denoise: dict | None = None
+    accountant: str = "prv"
+    lr: float = 0.1
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, name: str, expected: str) -> None:
+            if not ok:
+                raise ValueError(f"{name} must be {expected}, got {getattr(self, name)!r}")
+
+        def is_int(x) -> bool:
+            return isinstance(x, int) and not isinstance(x, bool)
+
+        def is_num(x) -> bool:
+            return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+        need(is_int(self.canaries) and self.canaries >= 2, "canaries", "an int >= 2")
+        need(is_int(self.examples) and self.examples >= 0, "examples", "an int >= 0")
+        need(is_int(self.steps) and self.steps >= 1, "steps", "an int >= 1")
+        need(is_num(self.sample_rate) and 0 < self.sample_rate <= 1, "sample_rate", "in (0, 1]")
+        need(
+            is_int(self.physical_batches) and self.physical_batches >= 1,
+            "physical_batches",
+            "an int >= 1",
+        )
+        need(
+            is_num(self.noise_multiplier) and self.noise_multiplier > 0,
+            "noise_multiplier",
+            "a finite number > 0",
+        )
+        need(
+            is_num(self.max_grad_norm) and self.max_grad_norm > 0,
+            "max_grad_norm",
+            "a finite number > 0",
+        )
+        need(
+            is_num(self.canary_norm) and self.canary_norm > 0, "canary_norm", "a finite number > 0"
+        )
+        need(is_num(self.delta) and 0 < self.delta < 1, "delta", "in (0, 1)")
+        need(is_num(self.p_fail) and 0 < self.p_fail < 1, "p_fail", "in (0, 1)")
+        need(is_int(self.seed) and self.seed >= 0, "seed", "an int >= 0")
+        need(is_num(self.lr), "lr", "a finite number")
+
+    @property
+    def side(self) -> int:
+        """Side of the square weight block that holds one entry per canary."""
+        return math.isqrt(self.canaries - 1) + 1
+
+
+@dataclasses.dataclass
+class WhiteBoxResult:
+    """An audit of one run: the bound, the accountant's epsilon, and the raw material."""
+
+    config: WhiteBoxConfig
+    audit: AuditResult
+    accountant_epsilon: float
+    scores: np.ndarray
+    included: np.ndarray
+
+    def to_dict(self) -> dict:
+        """JSON-ready summary (scores and coin flips left out)."""
+        return {
+            "mode": "white-box",
+            "config": dataclasses.asdict(self.config),
+            "accountant_epsilon": self.accountant_epsilon,
+            "epsilon_lower_bound": self.audit.epsilon,
+            "confidence": 1 - self.audit.p_fail,
+            "audit": self.audit.to_dict(),
+        }
+
+
+def canary_signs(canaries: int, steps: int, seed: int) -> np.ndarray:
+    """(steps, canaries) of +1/-1: per canary a seeded shuffle of ``steps // 2`` of each sign
+    (and one +1 more when ``steps`` is odd)."""
+    rng = np.random.default_rng([seed, 1])
+    base = np.where(np.arange(steps) < (steps + 1) // 2, 1.0, -1.0)
+    return np.stack([rng.permutation(base) for _ in range(canaries)], axis=1)
+
+
+def _dataset(cfg: WhiteBoxConfig, included: np.ndarray):
+    side, m = cfg.side, cfg.canaries
+    d_in = side + EXTRA_COLUMNS
+    ids = np.flatnonzero(included)
+    g = torch.Generator().manual_seed(cfg.seed)
+    n = ids.size + cfg.examples
+    x = torch.zeros(n, d_in)
+    w = torch.zeros(n, side)
+    cid = torch.full((n,), -1, dtype=torch.int64)
+    canary = torch.from_numpy(ids)
+    x[torch.arange(ids.size), canary % side] = 1.0
+    w[torch.arange(ids.size), canary // side] = cfg.canary_norm * cfg.max_grad_norm
+    cid[: ids.size] = canary
+    # Ordinary examples: unit inputs in the extra columns, output weights of norm up to 2 C
+    # (about half of them clipped).
+    e = cfg.examples
+    if e:
+        xe = torch.randn(e, EXTRA_COLUMNS, generator=g)
+        x[ids.size :, side:] = xe / xe.norm(dim=1, keepdim=True)
+        we = torch.randn(e, side, generator=g)
+        radius = 2 * cfg.max_grad_norm * torch.rand(e, 1, generator=g)
+        w[ids.size :] = we / we.norm(dim=1, keepdim=True) * radius
+    assert m <= side * side
+    return torch.utils.data.TensorDataset(x, w, cid)
+
+
+def white_box_audit(
+    cfg: WhiteBoxConfig,
+    *,
+    strategy: Bonferroni | Split | Fixed | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> WhiteBoxResult:
+    """Train once with Dirac canaries through ``make_private``, score them, bound epsilon.
+
+    Args:
+        cfg: the run (:class:`WhiteBoxConfig`).
+        strategy: how the numbers of guesses are chosen (default :class:`Bonferroni`).
+        progress: called with 1 after every logical step (e.g. ``tqdm.update``).
+
+    Returns:
+        A :class:`WhiteBoxResult`: with probability >= ``1 - p_fail``, if the engine is
+        (eps, delta)-DP then ``audit.epsilon <= eps``; so a bound above ``accountant_epsilon``
+        is a privacy bug (in the engine or in the accountant's inputs).
+    """
+    from rmt_kernels.dp import make_private
+
+    included = draw_inclusion(cfg.canaries, np.random.default_rng([cfg.seed, 0]))
+    signs = torch.from_numpy(canary_signs(cfg.canaries, cfg.steps, cfg.seed)).float()
+    dataset = _dataset(cfg, included)
+    side = cfg.side
+    batch = max(1, round(cfg.sample_rate * len(dataset)))
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch, generator=torch.Generator().manual_seed(cfg.seed + 1)
+    )
+    # A container around the layer: the engine's model-level hooks and the layer's own hooks
+    # then run in their usual order.
+    model = nn.Sequential(nn.Linear(side + EXTRA_COLUMNS, side, bias=False))
+    weight = model[0].weight
+    with torch.no_grad():
+        weight.zero_()
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr)
+    model, optimizer, loader = make_private(
+        model,
+        optimizer,
+        loader,
+        target_delta=cfg.delta,
+        max_grad_norm=cfg.max_grad_norm,
+        noise_multiplier=cfg.noise_multiplier,
+        denoise=cfg.denoise,
+        seed=cfg.seed,
+        accountant=cfg.accountant,
+        loss_reduction="sum",
+    )
+    rows = torch.arange(cfg.canaries) // side
+    cols = torch.arange(cfg.canaries) % side
+    # Units of C / expected batch: an IN canary adds ~1 per step it is sampled.
+    unit = cfg.max_grad_norm / max(1, round(len(loader.dataset) / len(loader)))
+    scores = torch.zeros(cfg.canaries, dtype=torch.float64)
+    step = 0
+    while step < cfg.steps:
+        for x, w, cid in loader:
+            if step == cfg.steps:
+                break
+            is_canary = cid >= 0
+            # This step's sign of each canary's gradient.
+            factor = torch.ones(cid.shape[0])
+            factor[is_canary] = signs[step, cid[is_canary]]
+            w = w * factor[:, None]
+            for xs, ws in zip(
+                x.tensor_split(cfg.physical_batches),
+                w.tensor_split(cfg.physical_batches),
+                strict=True,
+            ):
+                if xs.shape[0]:
+                    (-(model(xs) * ws).sum()).backward()
+            optimizer.step()
+            released = weight.grad[rows, cols].double()
+            # The canary's gradient direction is -s_t at its entry.
+            scores -= signs[step].double() * released / unit
+            optimizer.zero_grad()
+            step += 1
+            if progress is not None:
+                progress(1)
+    result = audit(scores.numpy(), included, p_fail=cfg.p_fail, delta=cfg.delta, strategy=strategy)
+    return WhiteBoxResult(
+        config=cfg,
+        audit=result,
+        accountant_epsilon=float(optimizer.get_epsilon(cfg.delta)),
+        scores=scores.numpy(),
+        included=included,
+    )
