@@ -23,6 +23,19 @@ def check_float(op: str, name: str, t: torch.Tensor) -> None:
         raise TypeError(f"{op}: {name} must be float32, bfloat16 or float16, got {t.dtype}")
 
 
+def check_same_device(op: str, **tensors: torch.Tensor) -> None:
+    """ValueError unless every tensor argument is on one device.
+
+    The dispatcher sends a call with any meta tensor to the fake (meta) implementation, which
+    would otherwise return an uninitialised tensor on the device of its first argument: a CPU
+    tensor of garbage for ``x`` on the CPU beside ``dy`` on meta.
+    """
+    devices = {name: t.device for name, t in tensors.items() if isinstance(t, torch.Tensor)}
+    if len(set(devices.values())) > 1:
+        where = ", ".join(f"{name} on {dev}" for name, dev in devices.items())
+        raise ValueError(f"{op}: all tensor arguments must be on one device, got {where}")
+
+
 def check_activations(op: str, x_name: str, x: torch.Tensor, dy: torch.Tensor) -> None:
     """x (B, d) or (B, T, d) and dy of the same ndim, batch and sequence length, nothing empty."""
     if x.dim() not in (2, 3):

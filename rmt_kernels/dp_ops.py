@@ -20,6 +20,7 @@ and never reuse an offset with it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -32,6 +33,7 @@ from rmt_kernels._dp_checks import (
     check_ids,
     check_layernorm,
     check_noise,
+    check_same_device,
     check_scale_metadata,
     check_scale_values,
 )
@@ -65,6 +67,8 @@ OFFSET_STRIDE = 1 << 32
 # normal per Philox call); 2 is the quad layout. A run resumed from a checkpoint replays its lost
 # steps for free only if it draws the same noise, so checkpoints record this and refuse another.
 NOISE_STREAM_VERSION = 2
+# Unit roundoff of float64, the arithmetic of every certified norm bound (invariant 6).
+U64 = 2.0**-53
 
 
 def use_gram_route(T: int, d_in: int, d_out: int) -> bool:
@@ -97,15 +101,106 @@ def noise_offset(step: int, param_index: int, num_params: int) -> int:
     return offset
 
 
-def clip_scales(sq_norms: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
-    """Per-example clip factors ``min(1, C / (norm + 1e-6))`` from total squared norms (B,).
+def linear_sq_norm_bound(
+    part: torch.Tensor | None, S: torch.Tensor, T: int, d_in: int, d_out: int, route: str
+) -> torch.Tensor:
+    """Certified float32 upper bound of ``N_b = ||sum_t dy_t x_t^T||_F^2`` from float64 parts.
 
-    ``scale_b * norm_b < C`` for every example (the 1e-6 keeps a zero norm finite), so removing
-    one example moves the clipped sum by less than ``C``.
+    The formula of :func:`linear_sq_norms` (csrc/cpu/linear.cpp computes the same). Arguments,
+    all computed in float64 from the exactly converted inputs (u = 2^-53):
+
+    * ``S`` (B,): ``fl(sum_t |x_t| |dy_t|)``; ``sqrt(N_b) <= S_true`` by the triangle inequality
+      and ``S_true <= S (1 + 1.01 (d_in/2 + d_out/2 + T + 3) u)``.
+    * ``route = "gram"``: ``part = P^ = fl(sum_{t,s} G^x_ts G^dy_ts)``. Each Gram entry is off by
+      ``|e_ts| <= gamma_{d_in} |x_t||x_s|`` (Cauchy-Schwarz on the standard bound
+      ``|fl(sum a_i) - sum a_i| <= gamma_n sum |a_i|``, ``gamma_n = n u / (1 - n u)``, any order,
+      FMA or not), likewise ``|f_ts| <= gamma_{d_out} |dy_t||dy_s|``; since
+      ``G^x G^dy - Gx Gdy = e G^dy + f G^x - e f`` and the (strip- or tile-wise, coefficients
+      1 or 2) sum of the T^2 products adds at most ``3 gamma_{T^2+T+2} sum |products|``, with
+      ``sum_{t,s} |x_t||x_s||dy_t||dy_s| = S^2``:
+      ``|P^ - N_b| <= 1.05 (d_in + d_out + 3T^2 + 3T + 8) u S_true^2``.
+      Bound: ``P^ + 2 K u S^2``, ``K = d_in + d_out + 3T^2 + 3T + 8`` (the factor 2 also covers
+      ``S`` vs ``S_true`` and the roundings of this formula).
+    * ``route = "per_example"``: ``part = Q = fl(sum_ij G^_ij^2)`` with ``G^ = fl(dy^T x)``,
+      entrywise off by ``gamma_T (|dy|^T |x|)_ij``, a matrix of Frobenius norm <= ``S``, so
+      ``sqrt(N_b) <= |G^|_F + gamma_T S`` and ``N_b <= |G^|_F^2 + 2.1 gamma_T S^2``.
+      Bound: ``Q (1 + 2 (d_in d_out + 2) u) + 4 (T + 1) u S^2``.
+    * ``route = "rank_one"`` (T = 1, ``part`` unused): ``N_b = S_true^2``.
+    * Always: trivial ``S^2 (1 + 3 (d_in + d_out + T + 8) u)``; the smaller of the two is taken.
+
+    For finite float32 inputs every product of <= 4 input values lies in float64's normal range,
+    so no underflow or overflow term arises; a non-finite input makes ``S`` non-finite and the
+    bound ``+inf``. The float64 bound is rounded up to float32 (``+inf`` past its range).
+    Ordinary inputs: the added term is ~1e-12 S^2, i.e. well below 1e-9 relative.
     """
-    if not (max_grad_norm > 0):
+    S2 = S * S
+    trivial = S2 * (1.0 + 3.0 * (d_in + d_out + T + 8) * U64)
+    if route == "rank_one":
+        bound = trivial
+    elif route == "gram":
+        bound = part + S2 * (2.0 * (d_in + d_out + 3 * T * T + 3 * T + 8) * U64)
+    elif route == "per_example":
+        bound = part * (1.0 + 2.0 * (d_in * d_out + 2) * U64) + S2 * (4.0 * (T + 1) * U64)
+    else:
+        raise ValueError(f"linear_sq_norm_bound: unknown route {route!r}")
+    return _certified(bound, trivial, torch.isfinite(S))
+
+
+def _row_norms64(a: torch.Tensor) -> torch.Tensor:
+    """float64 Euclidean norms over the last dim, each element converted to float64 first."""
+    return torch.linalg.vector_norm(a, dim=-1, dtype=torch.float64)
+
+
+def _bound_to_float(bound: torch.Tensor) -> torch.Tensor:
+    """float64 bound -> float32 rounded UP (+inf past float32's range); NaN -> +inf."""
+    b = torch.where(torch.isnan(bound), math.inf, bound)
+    f = b.float()
+    return torch.where(f.double() < b, torch.nextafter(f, torch.full_like(f, math.inf)), f)
+
+
+def _certified(route: torch.Tensor, trivial: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
+    """min(route, trivial) where the inputs are finite (fmin: a NaN route leaves the trivial
+    bound, which holds alone), +inf elsewhere; as float32 rounded up."""
+    return _bound_to_float(torch.where(finite, torch.fmin(route, trivial), math.inf))
+
+
+def _drop_zero_scaled(t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Zero the rows (dim 0) of examples whose clip factor is exactly 0, so that they contribute
+    exactly nothing even with non-finite inputs (0 * inf = NaN would poison the whole sum)."""
+    keep = scale != 0
+    if bool(keep.all()):
+        return t
+    return torch.where(keep.view(-1, *([1] * (t.dim() - 1))), t, 0)
+
+
+def clip_scales(sq_norms: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
+    """Per-example clip factors ``min(1, C / sqrt(sq_norms))`` (float32, (B,)), rounded down.
+
+    ``sq_norms`` must be upper bounds of the true squared norms (what every ``*_sq_norms`` op
+    returns, and their sum). Guarantee, in exact arithmetic on the returned float32 values:
+    ``scale_b * sqrt(sq_norms_b) <= C`` and ``0 <= scale_b <= 1`` for every example, so an example
+    whose true norm is at most ``sqrt(sq_norms_b)`` contributes at most ``C``. Proof: in float64,
+    ``s = fl(fl(C / fl(sqrt(q))) * (1 - 4u))`` is at most ``C / sqrt(q) * (1 + u)^2 (1 - 4u) /
+    (1 - u) < C / sqrt(q)`` (u = 2^-53); clamping to 1 only lowers it, and the float32 value is
+    rounded toward zero from ``s``.
+
+    A squared norm that is NaN, infinite or negative (no certified bound: a non-finite input
+    reached the norms) gives factor 0: the example contributes nothing and the step goes on
+    (a NaN factor would poison every sum, and an aborted step would reveal the example). A zero
+    norm gives factor 1.
+    """
+    if not (isinstance(max_grad_norm, (int, float)) and math.isfinite(max_grad_norm)):
+        raise ValueError(f"clip_scales: max_grad_norm must be a finite number, got {max_grad_norm}")
+    if not max_grad_norm > 0:
         raise ValueError(f"clip_scales: max_grad_norm must be > 0, got {max_grad_norm}")
-    return (max_grad_norm / (sq_norms.float().sqrt() + 1e-6)).clamp(max=1.0)
+    if not isinstance(sq_norms, torch.Tensor) or not sq_norms.is_floating_point():
+        raise TypeError("clip_scales: sq_norms must be a floating-point torch.Tensor")
+    q = sq_norms.detach().double()
+    known = torch.isfinite(q) & (q >= 0)
+    s = (float(max_grad_norm) / q.sqrt()) * (1.0 - 4.0 * U64)  # q = 0: inf, clamped to 1
+    s = torch.where(known, s.clamp(max=1.0), 0.0)
+    f = s.float()
+    return torch.where(f.double() > s, torch.nextafter(f, torch.zeros_like(f)), f)
 
 
 # --------------------------------------------------------------------------------------------
@@ -121,13 +216,21 @@ def linear_sq_norms(x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
     ``sum_{t,s} (x_t . x_s)(dy_t . dy_s)`` or explicit per-example products, in blocks of examples
     bounded by :data:`BLOCK_BYTES`; neither all B gradients nor a B x T x T tensor is ever held.
 
+    Certified (DESIGN.md invariant 6): the result is an UPPER BOUND of the exact squared norm
+    ``N_b`` (real arithmetic on the given float inputs), rounded up to float32; see
+    :func:`linear_sq_norm_bound` for the formula and proof. For ordinary inputs it exceeds
+    ``N_b`` by a relative 1e-9 or less; for crafted cancelling inputs (x = [u, -u + 10 w]) where a
+    float32 Gram sum returns 0 or a negative number, it stays above ``N_b``. An example with a
+    non-finite input gets ``+inf`` (:func:`clip_scales` then gives it factor 0).
+
     Args:
         x: layer input (B, d_in) or (B, T, d_in); float32, bfloat16 or float16.
         dy: gradient of the layer output (B, d_out) or (B, T, d_out), same B and T. Padding
             positions contribute nothing when their dy (or x) rows are zero.
 
     Returns:
-        float32 (B,).
+        float32 (B,), >= the exact squared norms; +inf where an input is not finite or the
+        bound exceeds float32's range.
 
     Raises:
         ValueError / TypeError naming the argument: wrong ndim, mismatched B or T, empty
@@ -173,6 +276,10 @@ def linear_clipped_noisy_sum(
 def bias_sq_norms(dy: torch.Tensor) -> torch.Tensor:
     """Squared norms of the per-example gradients ``sum_t dy[b, t]`` of a bias (Linear, LayerNorm).
 
+    Certified upper bound, as :func:`linear_sq_norms`: ``v^ = sum_t dy_t`` is formed in float64
+    (off by at most ``gamma_T S`` in norm, ``S = sum_t |dy_t|``), so with ``Q = fl(|v^|^2)``,
+    ``bound = min(Q (1 + 2(d + 2)u) + 4(T + 1)u S^2, S^2 (1 + 3(d + T + 8)u))``, u = 2^-53.
+
     Args:
         dy: output gradient (B, d) or (B, T, d), float.
 
@@ -198,6 +305,12 @@ def embedding_sq_norms(ids: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
     ``||G_b||^2 = sum_{t,s} [ids_t == ids_s] (dy_t . dy_s)``: repeated tokens add up. For
     T <= :data:`EMBEDDING_GRAM_MAX_T` the Gram route (blocks of examples); beyond, each example's
     ids are sorted and the dy rows of equal ids summed (no (V, d) matrix per example).
+
+    Certified upper bound, as :func:`linear_sq_norms` (repeated ids with cancelling dy rows are
+    the crafted case), both routes in float64; with ``S = sum_t |dy_t|`` (>= ``||G_b||``):
+    Gram ``P^ + 2(d + 3T^2 + 3T + 8)u S^2``; sort-and-segment ``Q (1 + 2(d + T + 2)u) +
+    4(T + 1)u S^2`` (``Q`` the float64 sum of squared segment sums, each off by at most
+    ``gamma_T`` times its rows' norms); the smaller of that and ``S^2 (1 + 3(d + T + 8)u)``.
 
     Args:
         ids: token ids (B,) or (B, T), int64 or int32.
@@ -234,6 +347,16 @@ def layernorm_sq_norms(x: torch.Tensor, dy: torch.Tensor, eps: float) -> torch.T
     Example b's gradient is ``sum_t dy[b, t] * xhat[b, t]``, ``xhat = (x - mean) / sqrt(var + eps)``
     recomputed from the layer input ``x`` (what a forward hook sees). The bias is
     :func:`bias_sq_norms`.
+
+    Certified upper bound of the squared norm with the EXACT ``xhat`` of the given ``x`` (where
+    ``var + eps > 0``; elsewhere the layer's own output is NaN), as :func:`linear_sq_norms`.
+    In float64 (u = 2^-53), per row: the mean is off by at most ``eta = 1.1(d + 3)u max|x|``;
+    the computed ``D^ = sqrt(var^ + eps)`` has ``D^^2 = (var + eps + e^2)(1 +- g)``,
+    ``g = 1.1(d + 8)u``, so ``var + eps >= L = D^^2 (1 - g) - eta^2`` and, with
+    ``rho = eta^2 / L``, ``|xhat - xhat^| <= eps_t = sqrt(d)(rho/2 + eta/D^ + 1.2(d + 12)u)``
+    (at most ``2.1 sqrt(d)``: both have norm <= sqrt(d)). Then ``||g_b|| <= sqrt(Q(1 + 2(d + 2)u))
+    + sum_t M_t (eps_t + 1.2(T + 1)u sqrt(d))`` with ``M_t = max|dy_t|``, ``Q = fl(|g^|^2)``, and
+    trivially ``||g_b|| <= sqrt(d) sum_t M_t``; the smaller is returned, squared, rounded up.
 
     Args:
         x: LayerNorm input (B, d) or (B, T, d); dy: output gradient of the same shape.
@@ -422,6 +545,7 @@ def _linear_clipped_noisy_sum_fake(x, dy, scale, noise_std, seed, offset):
     op = "linear_clipped_noisy_sum"
     _check_linear(op, x, dy)
     check_scale_metadata(op, scale, x.shape[0])
+    check_same_device(op, x=x, dy=dy, scale=scale)
     check_noise(op, noise_std, seed, offset, dy.shape[-1] * x.shape[-1])
     return _float_empty(x, dy.shape[-1], x.shape[-1])
 
@@ -437,6 +561,7 @@ def _bias_clipped_noisy_sum_fake(dy, scale, noise_std, seed, offset):
     op = "bias_clipped_noisy_sum"
     _check_bias(op, dy)
     check_scale_metadata(op, scale, dy.shape[0])
+    check_same_device(op, dy=dy, scale=scale)
     check_noise(op, noise_std, seed, offset, dy.shape[-1])
     return _float_empty(dy, dy.shape[-1])
 
@@ -444,6 +569,7 @@ def _bias_clipped_noisy_sum_fake(dy, scale, noise_std, seed, offset):
 @torch.library.register_fake("rmt::embedding_sq_norms")
 def _embedding_sq_norms_fake(ids, dy):
     check_ids("embedding_sq_norms", ids, dy)
+    check_same_device("embedding_sq_norms", ids=ids, dy=dy)
     return _float_empty(dy, dy.shape[0])
 
 
@@ -453,6 +579,7 @@ def _embedding_clipped_noisy_sum_fake(ids, dy, scale, num_embeddings, noise_std,
     check_ids(op, ids, dy)
     _check_num_embeddings(op, num_embeddings)
     check_scale_metadata(op, scale, dy.shape[0])
+    check_same_device(op, ids=ids, dy=dy, scale=scale)
     check_noise(op, noise_std, seed, offset, num_embeddings * dy.shape[-1])
     return _float_empty(dy, num_embeddings, dy.shape[-1])
 
@@ -460,6 +587,7 @@ def _embedding_clipped_noisy_sum_fake(ids, dy, scale, num_embeddings, noise_std,
 @torch.library.register_fake("rmt::layernorm_sq_norms")
 def _layernorm_sq_norms_fake(x, dy, eps):
     check_layernorm("layernorm_sq_norms", x, dy, eps)
+    check_same_device("layernorm_sq_norms", x=x, dy=dy)
     return _float_empty(x, x.shape[0])
 
 
@@ -468,6 +596,7 @@ def _layernorm_clipped_noisy_sum_fake(x, dy, scale, eps, noise_std, seed, offset
     op = "layernorm_clipped_noisy_sum"
     check_layernorm(op, x, dy, eps)
     check_scale_metadata(op, scale, x.shape[0])
+    check_same_device(op, x=x, dy=dy, scale=scale)
     check_noise(op, noise_std, seed, offset, x.shape[-1])
     return _float_empty(x, x.shape[-1])
 
@@ -483,6 +612,7 @@ def _check_linear(op: str, x: torch.Tensor, dy: torch.Tensor) -> None:
     check_activations(op, "x", x, dy)
     check_float(op, "x", x)
     check_float(op, "dy", dy)
+    check_same_device(op, x=x, dy=dy)
 
 
 def _check_bias(op: str, dy: torch.Tensor) -> None:
@@ -516,22 +646,29 @@ def _noise_(out: torch.Tensor, noise_std: float, seed: int, offset: int) -> torc
 
 
 def linear_sq_norms_device(x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
-    """Device implementation of :func:`linear_sq_norms` (checks included)."""
+    """Device implementation of :func:`linear_sq_norms` (checks included): float64 Gram tiles
+    in the Triton kernel or blocked float64 bmm, then :func:`linear_sq_norm_bound`."""
     _check_linear("linear_sq_norms", x, dy)
     x3, dy3 = _seq(x), _seq(dy)
     B, T, d_in = x3.shape
     d_out = dy3.shape[2]
-    if T == 1:
-        return x3[:, 0].float().square().sum(1) * dy3[:, 0].float().square().sum(1)
-    if use_gram_route(T, d_in, d_out):
+    if T > 1 and use_gram_route(T, d_in, d_out):
         from rmt_kernels.triton.sq_norms import gram_sq_norms
 
-        return gram_sq_norms(x3, dy3)  # Gram tiles live in registers only
-    block = max(1, min(B, BLOCK_BYTES // (4 * d_in * d_out)))
+        S = (_row_norms64(x3) * _row_norms64(dy3)).sum(1)
+        # Gram tiles live in registers only
+        return linear_sq_norm_bound(gram_sq_norms(x3, dy3), S, T, d_in, d_out, "gram")
+    per_example = 8 * (T * (d_in + d_out) + (d_in * d_out if T > 1 else 0))
+    block = max(1, min(B, BLOCK_BYTES // per_example))
     out = torch.empty(B, device=x.device, dtype=torch.float32)
     for b0 in range(0, B, block):
-        xb, dyb = x3[b0 : b0 + block].float(), dy3[b0 : b0 + block].float()
-        out[b0 : b0 + block] = torch.bmm(dyb.mT, xb).square().sum((1, 2))
+        xb, dyb = x3[b0 : b0 + block].double(), dy3[b0 : b0 + block].double()
+        S = (_row_norms64(xb) * _row_norms64(dyb)).sum(1)
+        if T == 1:
+            out[b0 : b0 + block] = linear_sq_norm_bound(None, S, T, d_in, d_out, "rank_one")
+        else:
+            Q = torch.bmm(dyb.mT, xb).square().sum((1, 2))
+            out[b0 : b0 + block] = linear_sq_norm_bound(Q, S, T, d_in, d_out, "per_example")
     return out
 
 
@@ -549,15 +686,23 @@ def linear_clipped_noisy_sum_device(
     op = "linear_clipped_noisy_sum"
     _check_linear(op, x, dy)
     check_scale_metadata(op, scale, x.shape[0])
+    check_same_device(op, x=x, dy=dy, scale=scale)
     check_noise(op, noise_std, seed, offset, dy.shape[-1] * x.shape[-1])
     check_scale_values(op, scale)
+    x, dy = _drop_zero_scaled(x, scale), _drop_zero_scaled(dy, scale)
     return linear_clipped_noisy_sum_triton(x, dy, scale, noise_std, seed, offset)
 
 
 def bias_sq_norms_device(dy: torch.Tensor) -> torch.Tensor:
-    """Device implementation of :func:`bias_sq_norms`."""
+    """Device implementation of :func:`bias_sq_norms` (the bound stated there)."""
     _check_bias("bias_sq_norms", dy)
-    return _seq(dy).float().sum(1).square().sum(1)
+    dy3 = _seq(dy)
+    _, T, d = dy3.shape
+    S = _row_norms64(dy3).sum(1)
+    Q = dy3.sum(1, dtype=torch.float64).square().sum(1)
+    route = Q * (1.0 + 2.0 * (d + 2) * U64) + S * S * (4.0 * (T + 1) * U64)
+    trivial = S * S * (1.0 + 3.0 * (d + T + 8) * U64)
+    return _certified(route, trivial, torch.isfinite(S))
 
 
 def bias_clipped_noisy_sum_device(
@@ -567,33 +712,49 @@ def bias_clipped_noisy_sum_device(
     op = "bias_clipped_noisy_sum"
     _check_bias(op, dy)
     check_scale_metadata(op, scale, dy.shape[0])
+    check_same_device(op, dy=dy, scale=scale)
     check_noise(op, noise_std, seed, offset, dy.shape[-1])
     check_scale_values(op, scale)
-    out = (_seq(dy).float().sum(1).mT @ scale.float()).contiguous()
+    per_example = _drop_zero_scaled(_seq(dy).float().sum(1), scale)
+    out = (per_example.mT @ scale.float()).contiguous()
     return _noise_(out, noise_std, seed, offset)
 
 
+def _embedding_bound(part: torch.Tensor, S: torch.Tensor, T: int, d: int, gram: bool):
+    # The formula of embedding_sq_norms's docstring (csrc/cpu/embedding.cpp computes the same).
+    S2 = S * S
+    if gram:
+        route = part + S2 * (2.0 * (d + 3 * T * T + 3 * T + 8) * U64)
+    else:
+        route = part * (1.0 + 2.0 * (d + T + 2) * U64) + S2 * (4.0 * (T + 1) * U64)
+    trivial = S2 * (1.0 + 3.0 * (d + T + 8) * U64)
+    return _certified(route, trivial, torch.isfinite(S))
+
+
 def embedding_sq_norms_device(ids: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
-    """Device implementation of :func:`embedding_sq_norms`."""
+    """Device implementation of :func:`embedding_sq_norms` (the bound stated there)."""
     check_ids("embedding_sq_norms", ids, dy)
+    check_same_device("embedding_sq_norms", ids=ids, dy=dy)
     ids2 = ids if ids.dim() == 2 else ids.unsqueeze(1)
     dy3 = _seq(dy)
     B, T, d = dy3.shape
-    if T == 1:
-        return dy3[:, 0].float().square().sum(1)
+    S = _row_norms64(dy3).sum(1)
+    if T == 1:  # the Gram sum is |dy|^2 = S^2
+        return _embedding_bound(S * S, S, T, d, gram=True)
     if T <= EMBEDDING_GRAM_MAX_T:
         from rmt_kernels.triton.sq_norms import gram_sq_norms
 
-        return gram_sq_norms(ids2, dy3, ids=True)
+        return _embedding_bound(gram_sq_norms(ids2, dy3, ids=True), S, T, d, gram=True)
     sorted_ids, perm = ids2.sort(1)
-    rows = dy3.gather(1, perm[:, :, None].expand(B, T, d)).reshape(B * T, d).float()
+    rows = dy3.gather(1, perm[:, :, None].expand(B, T, d)).reshape(B * T, d).double()
     starts = torch.ones(B, T, dtype=torch.bool, device=dy.device)
     starts[:, 1:] = sorted_ids[:, 1:] != sorted_ids[:, :-1]
     flat = starts.reshape(-1)
     segment = flat.cumsum(0) - 1
-    sums = torch.zeros(int(flat.sum()), d, device=dy.device).index_add_(0, segment, rows)
+    sums = rows.new_zeros(int(flat.sum()), d).index_add_(0, segment, rows)
     example = torch.arange(B, device=dy.device).repeat_interleave(T)[flat]
-    return torch.zeros(B, device=dy.device).index_add_(0, example, sums.square().sum(1))
+    Q = rows.new_zeros(B).index_add_(0, example, sums.square().sum(1))
+    return _embedding_bound(Q, S, T, d, gram=False)
 
 
 def embedding_clipped_noisy_sum_device(
@@ -610,12 +771,13 @@ def embedding_clipped_noisy_sum_device(
     check_ids(op, ids, dy)
     _check_num_embeddings(op, num_embeddings)
     check_scale_metadata(op, scale, dy.shape[0])
+    check_same_device(op, ids=ids, dy=dy, scale=scale)
     check_noise(op, noise_std, seed, offset, num_embeddings * dy.shape[-1])
     if not bool(((ids >= 0) & (ids < num_embeddings)).all()):
         raise ValueError(f"{op}: ids must lie in [0, num_embeddings = {num_embeddings})")
     check_scale_values(op, scale)
     B, d = dy.shape[0], dy.shape[-1]
-    rows = (_seq(dy).float() * scale.float().view(B, 1, 1)).reshape(-1, d)
+    rows = (_drop_zero_scaled(_seq(dy), scale).float() * scale.float().view(B, 1, 1)).reshape(-1, d)
     out = torch.zeros(num_embeddings, d, device=dy.device, dtype=torch.float32)
     out.index_add_(0, ids.reshape(-1), rows)
     return _noise_(out, noise_std, seed, offset)
@@ -628,9 +790,32 @@ def _layernorm_per_example(x: torch.Tensor, dy: torch.Tensor, eps: float) -> tor
 
 
 def layernorm_sq_norms_device(x: torch.Tensor, dy: torch.Tensor, eps: float) -> torch.Tensor:
-    """Device implementation of :func:`layernorm_sq_norms`."""
+    """Device implementation of :func:`layernorm_sq_norms` (the bound stated there; the same
+    formula as csrc/cpu/layernorm.cpp)."""
     check_layernorm("layernorm_sq_norms", x, dy, eps)
-    return _layernorm_per_example(x, dy, eps).square().sum(1)
+    check_same_device("layernorm_sq_norms", x=x, dy=dy)
+    x64, dy64 = _seq(x).double(), _seq(dy).double()
+    T, d = x64.shape[1], x64.shape[2]
+    sqd = math.sqrt(d)
+    c = x64 - x64.mean(2, keepdim=True)
+    D = (c.square().mean(2, keepdim=True) + eps).sqrt()
+    Q = (dy64 * (c / D)).sum(1).square().sum(1)
+    Dt = D.squeeze(2)
+    eta = x64.abs().amax(2) * (1.1 * (d + 3) * U64)
+    L = Dt * Dt * (1.0 - 1.1 * (d + 8) * U64) - eta * eta
+    rho = torch.where(L > 0, eta * eta / L, math.inf)
+    eps_t = torch.fmin(
+        (rho * 0.5 + eta / Dt + 1.2 * (d + 12) * U64) * (sqd * (1.0 + 8.0 * U64)),
+        torch.full_like(rho, 2.1 * sqd),
+    )
+    M_t = dy64.abs().amax(2)
+    err = (M_t * (eps_t + 1.2 * (T + 1) * U64 * sqd)).sum(1)
+    route = ((Q * (1.0 + 2.0 * (d + 2) * U64)).sqrt() + err * (1.0 + 8.0 * U64)).square()
+    route = route * (1.0 + 8.0 * U64)
+    M = M_t.sum(1)
+    trivial = M * M * (d * (1.0 + 3.0 * (T + 2) * U64))
+    finite = torch.isfinite(M) & torch.isfinite(x64.sum((1, 2)))
+    return _certified(route, trivial, finite)
 
 
 def layernorm_clipped_noisy_sum_device(
@@ -646,9 +831,11 @@ def layernorm_clipped_noisy_sum_device(
     op = "layernorm_clipped_noisy_sum"
     check_layernorm(op, x, dy, eps)
     check_scale_metadata(op, scale, x.shape[0])
+    check_same_device(op, x=x, dy=dy, scale=scale)
     check_noise(op, noise_std, seed, offset, x.shape[-1])
     check_scale_values(op, scale)
-    out = (_layernorm_per_example(x, dy, eps).mT @ scale.float()).contiguous()
+    per_example = _drop_zero_scaled(_layernorm_per_example(x, dy, eps), scale)
+    out = (per_example.mT @ scale.float()).contiguous()
     return _noise_(out, noise_std, seed, offset)
 
 

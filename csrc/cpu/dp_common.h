@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <vector>
 
 #include "cpu/philox.h"
 
@@ -108,6 +109,54 @@ inline at::Tensor noise_tensor(at::IntArrayRef size, const at::TensorOptions& op
 // (B, d) -> (B, 1, d), so every kernel works on (B, T, d).
 inline at::Tensor as_sequence(const at::Tensor& t) {
   return t.dim() == 2 ? t.unsqueeze(1) : t;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Certified norms (DESIGN.md invariant 6). Every *_sq_norms kernel returns an UPPER BOUND of the
+// exact squared norm of each per-example gradient (exact real arithmetic on the given float
+// inputs), never an estimate that rounding may push below it. The cancellation-prone sums are
+// formed in float64 from the float32/bf16/fp16 inputs (conversion is exact) and the rigorous
+// forward error bound of that float64 computation is added:
+//   |fl(sum_i a_i) - sum_i a_i| <= gamma_n sum_i |a_i|,  gamma_n = n u / (1 - n u), u = 2^-53,
+// for any summation order, with or without FMA. Products of at most four float32 values lie
+// within float64's normal range (2^-596 .. 2^512), so no underflow or overflow term enters for
+// finite inputs. Each kernel also computes a trivial bound (triangle inequality) and returns the
+// smaller; a non-finite input gives +inf (the clip factor is then 0 and the example contributes
+// nothing). Constants below are generous (a factor >= 1.5 over gamma_n with n u <= 1e-6), so the
+// handful of float64 roundings in the bound formula itself are covered too.
+constexpr double kU64 = 1.1102230246251565e-16;  // 2^-53
+
+// (n, T, d) float tensor -> float64 (n, T) Euclidean row norms, each element converted first.
+inline at::Tensor row_norms64(const at::Tensor& a) {
+  return at::linalg_vector_norm(a.to(at::kDouble), 2, {-1}, /*keepdim=*/false);
+}
+
+// The float64 bound as float32, rounded UP (round-to-nearest may go down by half an ulp; a
+// bound above float32's range becomes +inf), NaN mapped to +inf.
+inline at::Tensor bound_to_float(const at::Tensor& bound64) {
+  const double inf = std::numeric_limits<double>::infinity();
+  const at::Tensor b = at::where(at::isnan(bound64), inf, bound64);
+  const at::Tensor f = b.to(at::kFloat);
+  return at::where(f.to(at::kDouble) < b, at::nextafter(f, at::full_like(f, inf)), f);
+}
+
+// min(route, trivial) for finite inputs (`finite` per example), +inf otherwise. fmin: a NaN
+// route (e.g. 0 * inf inside it) leaves the trivial bound, which holds alone.
+inline at::Tensor certified(const at::Tensor& route, const at::Tensor& trivial,
+    const at::Tensor& finite) {
+  const double inf = std::numeric_limits<double>::infinity();
+  return bound_to_float(at::where(finite, at::fmin(route, trivial), inf));
+}
+
+// Examples with clip factor exactly 0 contribute exactly 0 even when their inputs are not finite
+// (0 * inf = NaN would otherwise poison the whole sum): zero their rows in `t` (B, ...). Returns
+// `t` unchanged (no copy) when no factor is 0.
+inline at::Tensor drop_zero_scaled(const at::Tensor& t, const at::Tensor& scale) {
+  const at::Tensor keep = scale != 0;
+  if (keep.all().item<bool>()) return t;
+  std::vector<int64_t> shape(t.dim(), 1);
+  shape[0] = t.size(0);
+  return at::where(keep.view(shape), t, at::zeros({}, t.options()));
 }
 
 }  // namespace dp

@@ -43,23 +43,43 @@ void check_ids(const char* op, const at::Tensor& ids, const at::Tensor& dy) {
   dp::check_float(op, "dy", dy);
 }
 
+// Certified bounds (dp_common.h), float64 from exactly converted dy; S = sum_t |dy_t| bounds
+// the norm (triangle inequality: ||G_b||_F <= sum_t |dy_t|), u = 2^-53:
+//   Gram:    G^dy_ts off by <= gamma_d |dy_t||dy_s|, the masked sum by gamma_{T^2}:
+//            bound = P^ + 2 (d + 3T^2 + 3T + 8) u S^2;
+//   segment: each row sum v^ off by <= gamma_T sum_{t in v} |dy_t| in norm, Q = fl(sum_v |v^|^2):
+//            bound = Q (1 + 2 (d + T + 2) u) + 4 (T + 1) u S^2;
+//   trivial: S^2 (1 + 3 (d + T + 8) u).
+at::Tensor embedding_bound(const at::Tensor& route_part, const at::Tensor& S, int64_t T,
+    int64_t d, bool gram) {
+  const double u = dp::kU64;
+  const at::Tensor S2 = S * S;
+  const double Td = static_cast<double>(T), dd = static_cast<double>(d);
+  const at::Tensor route =
+      gram ? route_part + S2 * (2.0 * (dd + 3.0 * Td * Td + 3.0 * Td + 8.0) * u)
+           : route_part * (1.0 + 2.0 * (dd + Td + 2.0) * u) + S2 * (4.0 * (Td + 1.0) * u);
+  const at::Tensor trivial = S2 * (1.0 + 3.0 * (dd + Td + 8.0) * u);
+  return dp::certified(route, trivial, at::isfinite(S));
+}
+
 at::Tensor embedding_sq_norms_cpu(const at::Tensor& ids, const at::Tensor& dy) {
   constexpr const char* op = "embedding_sq_norms";
   check_ids(op, ids, dy);
   const at::Tensor ids2 = ids.dim() == 1 ? ids.unsqueeze(1) : ids;
   const at::Tensor dy3 = dp::as_sequence(dy);
   const int64_t B = dy3.size(0), T = dy3.size(1), d = dy3.size(2);
-  if (T == 1) return dy3.squeeze(1).to(at::kFloat).square().sum(1);
-  if (T <= kEmbeddingGramMaxT) {
+  if (T <= kEmbeddingGramMaxT) {  // T == 1 included: the Gram route is then |dy|^2
     at::Tensor out = at::empty({B}, dy.options().dtype(at::kFloat));
-    const int64_t block = std::clamp<int64_t>(dp::kBlockBytes / (8 * T * T), 1, B);
+    const int64_t block =
+        std::clamp<int64_t>(dp::kBlockBytes / (8 * (T * T + T * d)), 1, B);
     for (int64_t b0 = 0; b0 < B; b0 += block) {
       const int64_t n = std::min(block, B - b0);
       const at::Tensor ib = ids2.narrow(0, b0, n);
-      const at::Tensor dyb = dy3.narrow(0, b0, n).to(at::kFloat);
+      const at::Tensor dyb = dy3.narrow(0, b0, n).to(at::kDouble);
       at::Tensor g = at::bmm(dyb, dyb.transpose(1, 2));
       g.mul_(ib.unsqueeze(2) == ib.unsqueeze(1));
-      out.narrow(0, b0, n).copy_(g.sum({1, 2}));
+      const at::Tensor S = dp::row_norms64(dyb).sum(1);
+      out.narrow(0, b0, n).copy_(embedding_bound(g.sum({1, 2}), S, T, d, /*gram=*/true));
     }
     return out;
   }
@@ -68,7 +88,7 @@ at::Tensor embedding_sq_norms_cpu(const at::Tensor& ids, const at::Tensor& dy) {
   const auto [sorted, perm] = ids2.sort(1);
   const at::Tensor rows = dy3.gather(1, perm.unsqueeze(2).expand({B, T, d}))
                               .reshape({B * T, d})
-                              .to(at::kFloat);
+                              .to(at::kDouble);
   at::Tensor starts = at::ones({B, T}, ids.options().dtype(at::kBool));
   starts.narrow(1, 1, T - 1).copy_(sorted.narrow(1, 1, T - 1) != sorted.narrow(1, 0, T - 1));
   const at::Tensor flat_starts = starts.reshape({B * T});
@@ -77,7 +97,9 @@ at::Tensor embedding_sq_norms_cpu(const at::Tensor& ids, const at::Tensor& dy) {
   const at::Tensor sums = at::zeros({segments, d}, rows.options()).index_add_(0, segment, rows);
   const at::Tensor example =
       at::arange(B, ids.options().dtype(at::kLong)).repeat_interleave(T).masked_select(flat_starts);
-  return at::zeros({B}, rows.options()).index_add_(0, example, sums.square().sum(1));
+  const at::Tensor Q = at::zeros({B}, rows.options()).index_add_(0, example, sums.square().sum(1));
+  const at::Tensor S = dp::row_norms64(rows.view({B, T, d})).sum(1);
+  return embedding_bound(Q, S, T, d, /*gram=*/false);
 }
 
 at::Tensor embedding_clipped_noisy_sum_cpu(const at::Tensor& ids, const at::Tensor& dy,
@@ -94,7 +116,8 @@ at::Tensor embedding_clipped_noisy_sum_cpu(const at::Tensor& ids, const at::Tens
   dp::check_noise(op, noise_std, seed, offset, num_embeddings * d);
   const at::Tensor dy3 = dp::as_sequence(dy);
   const at::Tensor rows =
-      (dy3.to(at::kFloat) * scale.to(at::kFloat).view({B, 1, 1})).reshape({-1, d});
+      (dp::drop_zero_scaled(dy3, scale).to(at::kFloat) * scale.to(at::kFloat).view({B, 1, 1}))
+          .reshape({-1, d});
   // The table starts as noise and the scaled rows are scattered onto it: one pass over the
   // (num_embeddings x d) output instead of zero-fill plus noise.
   at::Tensor out =

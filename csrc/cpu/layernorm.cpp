@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <limits>
 
 #include "cpu/dp_common.h"
 
@@ -35,11 +36,42 @@ void check_shapes(const char* op, const at::Tensor& x, const at::Tensor& dy) {
       ": dy must have the normalised size of x (", x.size(-1), "), got ", dy.size(-1));
 }
 
+// Certified bound of ||g_b||^2, g_b = sum_t dy_t * xhat_t with the EXACT xhat of the given x
+// (rmt_kernels.dp_ops.layernorm_sq_norms states the proof). Per row (float64, u = 2^-53): the
+// mean is off by <= eta = 1.1 (d + 3) u max|x|, the computed D^ = sqrt(var^ + eps) satisfies
+// D^2 in (var + eps + e^2)(1 +- gam), gam = 1.1 (d + 8) u, hence var + eps >= L = D^2 (1 - gam)
+// - eta^2 and, with rho = eta^2 / L, |xhat - xhat^| <= eps_t = sqrt(d) (rho / 2 + eta / D^ +
+// 1.2 (d + 12) u) (capped at 2.1 sqrt(d): both vectors have norm <= sqrt(d)). Then
+// ||g|| <= sqrt(Q (1 + 2 (d + 2) u)) + sum_t M_t (eps_t + 1.2 (T + 1) u sqrt(d)), M_t = max|dy_t|,
+// Q = fl(|g^|^2); trivial: ||g|| <= sqrt(d) sum_t M_t. Valid where var + eps > 0 (elsewhere the
+// layer's own output is NaN).
 at::Tensor layernorm_sq_norms_cpu(const at::Tensor& x, const at::Tensor& dy, double eps) {
   constexpr const char* op = "layernorm_sq_norms";
   check_shapes(op, x, dy);
   check_eps(op, eps);
-  return per_example_weight_grad(x, dy, eps).square().sum(1);
+  const double u = dp::kU64, inf = std::numeric_limits<double>::infinity();
+  const at::Tensor x64 = dp::as_sequence(x).to(at::kDouble);
+  const at::Tensor dy64 = dp::as_sequence(dy).to(at::kDouble);
+  const int64_t T = x64.size(1);
+  const double d = static_cast<double>(x64.size(2)), sqd = std::sqrt(d);
+  const at::Tensor c = x64 - x64.mean(2, /*keepdim=*/true);
+  const at::Tensor D = (c.square().mean(2, /*keepdim=*/true) + eps).sqrt();
+  const at::Tensor Q = (dy64 * (c / D)).sum(1).square().sum(1);
+  const at::Tensor Dt = D.squeeze(2);
+  const at::Tensor eta = x64.abs().amax(2) * (1.1 * (d + 3.0) * u);
+  const at::Tensor L = Dt * Dt * (1.0 - 1.1 * (d + 8.0) * u) - eta * eta;
+  const at::Tensor rho = at::where(L > 0, eta * eta / L, inf);
+  const at::Tensor eps_t =
+      at::fmin((rho * 0.5 + eta / Dt + 1.2 * (d + 12.0) * u) * (sqd * (1.0 + 8.0 * u)),
+          at::full_like(rho, 2.1 * sqd));
+  const at::Tensor M_t = dy64.abs().amax(2);
+  const at::Tensor err = (M_t * (eps_t + 1.2 * static_cast<double>(T + 1) * u * sqd)).sum(1);
+  const at::Tensor route =
+      ((Q * (1.0 + 2.0 * (d + 2.0) * u)).sqrt() + err * (1.0 + 8.0 * u)).square() * (1.0 + 8.0 * u);
+  const at::Tensor M = M_t.sum(1);
+  const at::Tensor trivial = M * M * (d * (1.0 + 3.0 * static_cast<double>(T + 2) * u));
+  const at::Tensor finite = at::isfinite(M) & at::isfinite(x64.sum({1, 2}));
+  return dp::certified(route, trivial, finite);
 }
 
 at::Tensor layernorm_clipped_noisy_sum_cpu(const at::Tensor& x, const at::Tensor& dy,
@@ -49,8 +81,8 @@ at::Tensor layernorm_clipped_noisy_sum_cpu(const at::Tensor& x, const at::Tensor
   check_eps(op, eps);
   dp::check_scale(op, scale, x.size(0));
   dp::check_noise(op, noise_std, seed, offset, x.size(-1));
-  at::Tensor out =
-      at::mv(per_example_weight_grad(x, dy, eps).t(), scale.to(at::kFloat)).contiguous();
+  const at::Tensor per_example = dp::drop_zero_scaled(per_example_weight_grad(x, dy, eps), scale);
+  at::Tensor out = at::mv(per_example.t(), scale.to(at::kFloat)).contiguous();
   dp::add_noise_(out, noise_std, seed, offset);
   return out;
 }

@@ -31,7 +31,8 @@ bool use_gram_route(int64_t T, int64_t d_in, int64_t d_out) {
 // recursive halving of the triangle lose bmm efficiency again.
 constexpr int64_t kGramStrip = 32;
 
-// sum_{t,s} (x_t . x_s)(dy_t . dy_s) for a block of examples (n, T, d), float32.
+// sum_{t,s} (x_t . x_s)(dy_t . dy_s) for a block of examples (n, T, d); float64 here (the
+// certified norms), any float dtype works.
 at::Tensor gram_sq_norms(const at::Tensor& x, const at::Tensor& dy) {
   const int64_t T = x.size(1);
   at::Tensor total;
@@ -46,6 +47,37 @@ at::Tensor gram_sq_norms(const at::Tensor& x, const at::Tensor& dy) {
   return total;
 }
 
+// Certified upper bound of N_b = ||sum_t dy_t x_t^T||_F^2 (rmt_kernels.dp_ops.linear_sq_norms
+// states it). With S = sum_t |x_t| |dy_t| (float64 row norms; N <= S^2 by the triangle
+// inequality) and u = 2^-53, everything below in float64 from exactly converted inputs:
+//   Gram route:  G^x_ts, G^dy_ts each off by <= gamma_d |x_t||x_s| (|dy_t||dy_s|), so
+//                |P^ - N| <= (gamma_din + gamma_dout + 3 gamma_{T^2+T+2} + ...) S^2
+//                bound = P^ + 2 (d_in + d_out + 3T^2 + 3T + 8) u S^2;
+//   per example: G^ = dy^T x entrywise off by gamma_T (|dy|^T|x|), whose Frobenius norm is <= S,
+//                so N <= (|G^| + gamma_T S)^2: bound = Q (1 + 2(d_in d_out + 2) u) + 4(T+1) u S^2
+//                with Q = fl(sum G^^2);
+//   trivial:     S^2 (1 + 3(d_in + d_out + T + 8) u).
+at::Tensor linear_sq_norms_block(const at::Tensor& x, const at::Tensor& dy, bool gram) {
+  const int64_t T = x.size(1), d_in = x.size(2), d_out = dy.size(2);
+  const double u = dp::kU64;
+  const at::Tensor xb = x.to(at::kDouble), dyb = dy.to(at::kDouble);
+  const at::Tensor S = (dp::row_norms64(xb) * dp::row_norms64(dyb)).sum(1);
+  const at::Tensor S2 = S * S;
+  const at::Tensor trivial = S2 * (1.0 + 3.0 * static_cast<double>(d_in + d_out + T + 8) * u);
+  at::Tensor route;
+  if (T == 1) {  // rank one: ||dy x^T||^2 = |dy|^2 |x|^2 = S^2, the trivial bound is exact
+    route = trivial;
+  } else if (gram) {
+    const double K = static_cast<double>(d_in + d_out + 3 * T * T + 3 * T + 8);
+    route = gram_sq_norms(xb, dyb) + S2 * (2.0 * K * u);
+  } else {
+    const at::Tensor Q = at::bmm(dyb.transpose(1, 2), xb).square().sum({1, 2});
+    route = Q * (1.0 + 2.0 * static_cast<double>(d_in * d_out + 2) * u) +
+            S2 * (4.0 * static_cast<double>(T + 1) * u);
+  }
+  return dp::certified(route, trivial, at::isfinite(S));
+}
+
 at::Tensor linear_sq_norms_cpu(const at::Tensor& x, const at::Tensor& dy) {
   constexpr const char* op = "linear_sq_norms";
   dp::check_activations(op, "x", x, dy);
@@ -53,23 +85,16 @@ at::Tensor linear_sq_norms_cpu(const at::Tensor& x, const at::Tensor& dy) {
   dp::check_float(op, "dy", dy);
   const at::Tensor x3 = dp::as_sequence(x), dy3 = dp::as_sequence(dy);
   const int64_t B = x3.size(0), T = x3.size(1), d_in = x3.size(2), d_out = dy3.size(2);
-  if (T == 1) {  // rank-one per-example gradients: ||dy x^T||^2 = ||dy||^2 ||x||^2
-    return x3.squeeze(1).to(at::kFloat).square().sum(1) *
-           dy3.squeeze(1).to(at::kFloat).square().sum(1);
-  }
   at::Tensor out = at::empty({B}, x.options().dtype(at::kFloat));
   const bool gram = use_gram_route(T, d_in, d_out);
-  const int64_t per_example_bytes = 4 * (gram ? 2 * T * T : d_in * d_out);
+  // float64 copies of the inputs plus the Gram matrices or per-example gradients.
+  const int64_t per_example_bytes =
+      8 * (T * (d_in + d_out) + (T == 1 ? 0 : gram ? 2 * T * T : d_in * d_out));
   const int64_t block = std::clamp<int64_t>(dp::kBlockBytes / per_example_bytes, 1, B);
   for (int64_t b0 = 0; b0 < B; b0 += block) {
     const int64_t n = std::min(block, B - b0);
-    const at::Tensor xb = x3.narrow(0, b0, n).to(at::kFloat);
-    const at::Tensor dyb = dy3.narrow(0, b0, n).to(at::kFloat);
-    if (gram) {
-      out.narrow(0, b0, n).copy_(gram_sq_norms(xb, dyb));
-    } else {
-      out.narrow(0, b0, n).copy_(at::bmm(dyb.transpose(1, 2), xb).square().sum({1, 2}));
-    }
+    out.narrow(0, b0, n).copy_(
+        linear_sq_norms_block(x3.narrow(0, b0, n), dy3.narrow(0, b0, n), gram));
   }
   return out;
 }
@@ -87,7 +112,8 @@ at::Tensor linear_clipped_noisy_sum_cpu(const at::Tensor& x, const at::Tensor& d
   const int64_t rows = B * x3.size(1);
   const at::Tensor s = scale.to(at::kFloat).view({B, 1, 1});
   // Row-scale whichever operand is narrower: the scaled copy is the only extra traffic.
-  at::Tensor xs = x3.to(at::kFloat), dys = dy3.to(at::kFloat);
+  at::Tensor xs = dp::drop_zero_scaled(x3, scale).to(at::kFloat);
+  at::Tensor dys = dp::drop_zero_scaled(dy3, scale).to(at::kFloat);
   if (d_out <= d_in) {
     dys = dys * s;
   } else {
@@ -102,11 +128,28 @@ at::Tensor linear_clipped_noisy_sum_cpu(const at::Tensor& x, const at::Tensor& d
 
 // Bias (and any parameter whose per-example gradient is sum_t dy_t): tiny, so per-example
 // vectors (B, d) are fine.
+//
+// Certified bound of ||sum_t dy_t||^2 (dp_common.h): v^ = sum_t dy_t in float64 is off by
+// <= gamma_T sum_t |dy_t| in norm, so with S = sum_t |dy_t| and Q = fl(|v^|^2):
+// bound = min(Q (1 + 2(d + 2) u) + 4 (T + 1) u S^2, S^2 (1 + 3 (d + T + 8) u)).
+at::Tensor bias_sq_norms_bound(const at::Tensor& dy3) {
+  const int64_t T = dy3.size(1), d = dy3.size(2);
+  const double u = dp::kU64;
+  const at::Tensor dy64 = dy3.to(at::kDouble);
+  const at::Tensor S = dp::row_norms64(dy64).sum(1);
+  const at::Tensor S2 = S * S;
+  const at::Tensor Q = dy64.sum(1).square().sum(1);
+  const at::Tensor route = Q * (1.0 + 2.0 * static_cast<double>(d + 2) * u) +
+                           S2 * (4.0 * static_cast<double>(T + 1) * u);
+  const at::Tensor trivial = S2 * (1.0 + 3.0 * static_cast<double>(d + T + 8) * u);
+  return dp::certified(route, trivial, at::isfinite(S));
+}
+
 at::Tensor bias_sq_norms_cpu(const at::Tensor& dy) {
   constexpr const char* op = "bias_sq_norms";
   dp::check_activations(op, "dy", dy, dy);
   dp::check_float(op, "dy", dy);
-  return dp::as_sequence(dy).sum(1, false, at::kFloat).square().sum(1);
+  return bias_sq_norms_bound(dp::as_sequence(dy));
 }
 
 at::Tensor bias_clipped_noisy_sum_cpu(const at::Tensor& dy, const at::Tensor& scale,
@@ -116,7 +159,8 @@ at::Tensor bias_clipped_noisy_sum_cpu(const at::Tensor& dy, const at::Tensor& sc
   dp::check_float(op, "dy", dy);
   dp::check_scale(op, scale, dy.size(0));
   dp::check_noise(op, noise_std, seed, offset, dy.size(-1));
-  const at::Tensor per_example = dp::as_sequence(dy).sum(1, false, at::kFloat);  // (B, d)
+  const at::Tensor per_example =
+      dp::drop_zero_scaled(dp::as_sequence(dy).sum(1, false, at::kFloat), scale);  // (B, d)
   at::Tensor out = at::mv(per_example.t(), scale.to(at::kFloat)).contiguous();
   dp::add_noise_(out, noise_std, seed, offset);
   return out;

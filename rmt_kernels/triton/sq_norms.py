@@ -7,6 +7,11 @@ registers over the feature dimension, multiplies them elementwise, reduces, and 
 sum (doubled off the diagonal: the Gram matrices are symmetric, so the lower triangle is never
 computed). Partials are summed in a fixed order afterwards, so results are deterministic (no
 atomics).
+
+Everything is float64 (inputs converted exactly, fp64 ``tl.dot``: DMMA on sm_80/sm_90, as fast
+there as the fp32 "ieee" FMA path it replaces): float32 Gram sums cancel catastrophically on
+crafted inputs (x = [u, -u + 10 w]). The result is the float64 sum P^, not yet a bound:
+rmt_kernels.dp_ops adds its rigorous rounding-error term (invariant 6 of DESIGN.md).
 """
 
 from __future__ import annotations
@@ -25,8 +30,8 @@ BLOCK_D = 64
 def _gram_tile(
     a_ptr, rows_i, rows_j, T, D, stride_t, stride_d, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr
 ):
-    """(BLOCK_T, BLOCK_T) tile of a a^T for rows rows_i x rows_j of one example."""
-    acc = tl.zeros((BLOCK_T, BLOCK_T), dtype=tl.float32)
+    """(BLOCK_T, BLOCK_T) float64 tile of a a^T for rows rows_i x rows_j of one example."""
+    acc = tl.zeros((BLOCK_T, BLOCK_T), dtype=tl.float64)
     for d0 in range(0, D, BLOCK_D):
         ds = d0 + tl.arange(0, BLOCK_D)
         d_ok = ds[None, :] < D
@@ -34,13 +39,13 @@ def _gram_tile(
             a_ptr + rows_i[:, None] * stride_t + ds[None, :] * stride_d,
             mask=(rows_i[:, None] < T) & d_ok,
             other=0.0,
-        ).to(tl.float32)
+        ).to(tl.float64)
         aj = tl.load(
             a_ptr + rows_j[:, None] * stride_t + ds[None, :] * stride_d,
             mask=(rows_j[:, None] < T) & d_ok,
             other=0.0,
-        ).to(tl.float32)
-        acc += tl.dot(ai, tl.trans(aj), input_precision="ieee")
+        ).to(tl.float64)
+        acc += tl.dot(ai, tl.trans(aj))
     return acc
 
 
@@ -78,7 +83,7 @@ def _gram_sq_norms_kernel(
         # the tile load distinct sentinels so they never match.
         id_i = tl.load(x_ptr + b * stride_xb + rows_i * stride_xt, mask=rows_i < T, other=-1)
         id_j = tl.load(x_ptr + b * stride_xb + rows_j * stride_xt, mask=rows_j < T, other=-2)
-        g_x = (id_i[:, None] == id_j[None, :]).to(tl.float32)
+        g_x = (id_i[:, None] == id_j[None, :]).to(tl.float64)
     else:
         g_x = _gram_tile(
             x_ptr + b * stride_xb, rows_i, rows_j, T, D_IN, stride_xt, stride_xd, BLOCK_T, BLOCK_D
@@ -94,14 +99,15 @@ def _tile_pairs(T: int, device: torch.device) -> torch.Tensor:
 
 
 def gram_sq_norms(x: torch.Tensor, dy: torch.Tensor, ids: bool = False) -> torch.Tensor:
-    """float32 (B,) squared norms by the Gram route; arguments assumed checked.
+    """float64 (B,) Gram-route sums ``P^ = sum_{t,s} G^x_ts G^dy_ts``; arguments assumed checked.
 
-    ``x`` (B, T, d_in) float, or token ids (B, T) when ``ids``; ``dy`` (B, T, d_out).
+    ``x`` (B, T, d_in) float, or token ids (B, T) when ``ids``; ``dy`` (B, T, d_out). Not a bound
+    by itself: :func:`rmt_kernels.dp_ops.linear_sq_norms_device` adds the error term.
     """
     B, T, d_out = dy.shape
     pairs = _tile_pairs(T, dy.device)
     n_pairs = pairs.shape[0]
-    part = torch.empty((B, n_pairs), device=dy.device, dtype=torch.float32)
+    part = torch.empty((B, n_pairs), device=dy.device, dtype=torch.float64)
     x_strides = (*x.stride(), 0) if ids else x.stride()
     d_in = 1 if ids else x.shape[2]
     _gram_sq_norms_kernel[(B, n_pairs)](
