@@ -211,9 +211,13 @@ def _clean_grads(batch):
 
 @pytest.mark.parametrize("data_seed", [5, 6])
 def test_resume_on_other_data_rekeys_the_noise_and_charges_the_lost_step(tmp_path, data_seed):
+    from rmt_kernels.dp import dataset_fingerprint
+
     path = tmp_path / "ckpt.pt"
     crashed = _crashed_run(path)
     model, opt, loader = _private(data_seed=data_seed)
+    # The data's hash would let a guess of the data be checked: never in the checkpoint itself.
+    assert dataset_fingerprint(_private()[2].dataset).encode() not in path.read_bytes()
     import warnings
 
     from rmt_kernels.dp import ResumeWarning

@@ -47,6 +47,12 @@ would publish the noise-free difference of the two steps. So a free replay needs
 - the model, privacy and denoise settings, world size and noise stream's version agree (else the
   checkpoint is refused, ``_check_fingerprint``).
 
+The data fingerprint lives beside the checkpoint, in ``<checkpoint>.data``, tied to it by a random
+id: a hash of the whole training set lets anyone who knows all examples but one test guesses of
+that one, so it is as private as the data (keep it with the data; the checkpoint itself holds
+nothing derived from the data but the private model, optimizer state and public counters). A
+missing or foreign sidecar is unverifiable.
+
 When any fails, the resume is NOT refused: the noise is re-keyed (a seed derived from the old one
 and the ledger's length, so no (seed, step, parameter) key of the crashed run is reused) and the
 lost steps are charged, exactly as a secure-mode resume; a :class:`ResumeWarning` says why and how
@@ -66,6 +72,7 @@ import hashlib
 import io
 import json
 import os
+import secrets
 import struct
 import warnings
 from pathlib import Path
@@ -95,6 +102,12 @@ class ResumeWarning(UserWarning):
 def ledger_path(path: str | os.PathLike) -> Path:
     """Where the privacy ledger of the checkpoint at ``path`` lives."""
     return Path(f"{os.fspath(path)}.ledger")
+
+
+def data_path(path: str | os.PathLike) -> Path:
+    """Where the data fingerprint of the checkpoint at ``path`` lives (module docstring: it is
+    derived from the training data, so it is kept out of the checkpoint)."""
+    return Path(f"{os.fspath(path)}.data")
 
 
 class PrivacyLedger:
@@ -345,6 +358,7 @@ def save_checkpoint(
     """
     engine = _engine(optimizer)
     data = _data_fingerprint(data_loader, data_fingerprint)
+    data_id = secrets.token_hex(16)
     if engine.capture.pending() or engine._sums:
         raise RuntimeError("save_checkpoint: a logical step is in progress; save after step()")
     attach_ledger(optimizer, path)
@@ -362,7 +376,8 @@ def save_checkpoint(
         payload = {
             "format_version": FORMAT_VERSION,
             "fingerprint": _fingerprint(engine),
-            "data": data,
+            # Names the sidecar of the data fingerprint that belongs to this very checkpoint.
+            "data_id": data_id,
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "engine": {
@@ -377,6 +392,12 @@ def save_checkpoint(
         }
         buffer = io.BytesIO()
         torch.save(payload, buffer)
+        # The sidecar first: a crash between the two writes leaves the old checkpoint with a
+        # sidecar of another id, which is unverifiable (re-key and charge), never a mismatch
+        # taken for a match.
+        sidecar = io.BytesIO()
+        torch.save({"data_id": data_id, "data": data}, sidecar)
+        _write_atomically(data_path(path), sidecar.getvalue())
         _write_atomically(Path(path), buffer.getvalue())
     _barrier(engine)
 
@@ -471,6 +492,17 @@ def _noise_key(seed: int, ledger_lines: int) -> int:
     return int.from_bytes(digest[:8], "little") >> 2
 
 
+def _saved_data(path: Path, state: dict) -> dict | None:
+    """The data fingerprint of the checkpoint ``state`` read from ``path`` (None: unknown)."""
+    try:
+        sidecar = _read(data_path(path))
+    except CheckpointError:
+        return None
+    if state.get("data_id") is None or sidecar.get("data_id") != state["data_id"]:
+        return None
+    return sidecar.get("data")
+
+
 def checkpoint_extra(path: str | os.PathLike) -> dict | None:
     """The ``extra`` of the checkpoint at ``path`` and its step count, without loading it into
     a model: ``{"steps": ..., "extra": ...}`` (e.g. to check a resume's options before
@@ -558,7 +590,9 @@ def load_checkpoint(
     sampler_restored = data_loader is not None and mine["sampler"] is not None
     # Every rank decides on its own data; one blocker on any rank re-keys them all (the ranks
     # must agree on the noise key).
-    blockers = _replay_blockers(saved["seed"], sampler_restored, state.get("data"), current_data)
+    blockers = _replay_blockers(
+        saved["seed"], sampler_restored, _saved_data(path, state), current_data
+    )
     blockers = sorted({b for rank in _gather(blockers, engine) for b in rank})
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
