@@ -7,6 +7,7 @@ The C++ CPU kernel checks the same conditions with the same messages (csrc/cpu/d
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -15,6 +16,16 @@ from rmt_kernels.shrinkage import NORM_CORRECTIONS, SHRINKERS
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # More power iterations than this buy nothing in fp32; the cap keeps a typo from hanging a step.
 MAX_POWER_ITERATIONS = 100
+# The sketch is min(rank + oversample, min(m, n)) wide, so any oversample past a matrix's smaller
+# side means "all of it"; the cap keeps rank + oversample far from int64 overflow in C++.
+MAX_OVERSAMPLE = 2**31 - 1
+# Seeds are int64 in the ops' schemas (and reinterpreted as uint64 by the generators).
+SEED_LIMIT = 2**63
+
+
+def _check_int(name: str, value) -> None:
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise TypeError(f"denoise: {name} must be an int, got {type(value).__name__}")
 
 
 def check_denoise_arguments(
@@ -26,11 +37,13 @@ def check_denoise_arguments(
     oversample: int,
     niter: int,
     norm: str,
+    seed: int | None = None,
 ) -> None:
     """Raise a ValueError/TypeError naming the first bad argument of ``denoise``.
 
     Looks only at metadata, so it also runs on fake and meta tensors. NaN/Inf in ``grad`` are
-    checked by each kernel where it costs nothing extra.
+    checked by each kernel where it costs nothing extra. Every int option must fit its C++ type
+    (int64) with room for the kernel's arithmetic on it; ``seed`` is checked when given.
     """
     if not isinstance(grad, torch.Tensor):
         raise TypeError(f"denoise: grad must be a torch.Tensor, got {type(grad).__name__}")
@@ -55,14 +68,22 @@ def check_denoise_arguments(
             f"denoise: kappa (the multiplier of the bulk edge) must be a finite number > 0, "
             f"got {kappa}"
         )
+    for name, value in (("rank", rank), ("oversample", oversample), ("niter", niter)):
+        _check_int(name, value)
+    if seed is not None:
+        _check_int("seed", seed)
+        if not 0 <= seed < SEED_LIMIT:
+            raise ValueError(f"denoise: seed must be in [0, 2**63), got {seed}")
     full_rank = min(grad.shape[-2], grad.shape[-1])
     if not (rank == -1 or 1 <= rank <= full_rank):
         raise ValueError(
             f"denoise: rank must be -1 (adaptive) or between 1 and min(m, n) = {full_rank}, "
             f"got {rank}"
         )
-    if oversample < 0:
-        raise ValueError(f"denoise: oversample must be >= 0, got {oversample}")
+    if not 0 <= oversample <= MAX_OVERSAMPLE:
+        raise ValueError(
+            f"denoise: oversample must be between 0 and {MAX_OVERSAMPLE}, got {oversample}"
+        )
     if not 0 <= niter <= MAX_POWER_ITERATIONS:
         raise ValueError(
             f"denoise: niter must be between 0 and {MAX_POWER_ITERATIONS}, got {niter}"

@@ -65,6 +65,9 @@ def denoise(
         >>> g = torch.randn(768, 3072) * 0.01            # a noisy DP gradient
         >>> clean = rmt_kernels.denoise(g, sigma=0.01)   # pure noise comes back as ~zero
     """
+    # Checked here too, before C++: an int option past int64 (or near it, e.g. an oversample of
+    # 2**63 - 1) would otherwise overflow in the kernel's arithmetic or fail with a binding error.
+    check_denoise_arguments(grad, sigma, shrinker, kappa, rank, oversample, niter, norm, seed)
     return torch.ops.rmt.denoise(
         grad,
         float(sigma),

@@ -114,6 +114,7 @@ def validate_denoise_options(denoise: Mapping[str, Any] | None) -> dict[str, Any
         options["oversample"],
         options["niter"],
         options["norm"],
+        options["seed"],
     )
     return dict(denoise)
 
@@ -199,7 +200,8 @@ class _DenoisingMixin:
         # needs no secrecy (unlike the noise generator in secure mode). It changes every step so a
         # component the sketch happens to miss in one step is not missed in every step; the
         # sequence is reproducible from the base seed.
-        options["seed"] = int(options.get("seed", DENOISE_OPTIONS["seed"])) + self.denoise_steps
+        base = int(options.get("seed", DENOISE_OPTIONS["seed"]))
+        options["seed"] = (base + self.denoise_steps) % 2**63  # stays an int64 seed
         self.denoise_steps += 1
         rank = int(options.pop("rank", DENOISE_OPTIONS["rank"]))
         # A fixed rank is "at most rank components": capped per matrix, so one small matrix (a

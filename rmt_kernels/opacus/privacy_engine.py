@@ -6,13 +6,23 @@ accountant's step hook to the optimizer we return, so epsilon is counted exactly
 
 Written against opacus==1.6.0, where ``make_private`` calls ``self._prepare_optimizer(...)`` and
 then ``optimizer.attach_step_hook(self.accountant.get_optimizer_hook_fn(...))``.
+
+Seeds (privacy invariant 9). Outside secure mode Opacus draws the noise and the Poisson sampling
+from torch's global generator, which scripts seed with a public ``torch.manual_seed(seed)``:
+anyone with the script could regenerate the noise and the batches. This engine instead gives both
+their own generators seeded from the OS, unless the caller passes ``noise_generator`` (then the
+run's privacy rests on that generator's seed being secret, which the engine cannot know: it warns
+and reports ``noise_seed_is_secret = False``). Secure mode is Opacus's, unchanged (torchcsprng).
 """
 
 from __future__ import annotations
 
+import secrets
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from opacus import PrivacyEngine
 from opacus.distributed import DifferentiallyPrivateDistributedDataParallel
 from opacus.optimizers import DPOptimizer, get_optimizer_class
@@ -51,6 +61,10 @@ class DenoisingPrivacyEngine(PrivacyEngine):
         # **kwargs to the optimizer, the criterion and (via make_private_with_epsilon) to
         # get_noise_multiplier, so ``denoise`` travels on the engine instead of through kwargs.
         self._denoise: dict[str, Any] | None = None
+        # Whether the noise of the last make_private comes from a seed nobody chose: True for
+        # the default (OS-seeded generator) and secure mode, False with a caller's
+        # noise_generator; None before make_private. The optimizer carries the same attribute.
+        self.noise_seed_is_secret: bool | None = None
 
     def make_private(  # type: ignore[override]
         self, *, denoise: Mapping[str, Any] | None = _UNSET, **kwargs: Any
@@ -92,13 +106,47 @@ class DenoisingPrivacyEngine(PrivacyEngine):
         finally:
             self._denoise = previous
 
+    def _prepare_data_loader(self, data_loader, **kwargs: Any):
+        """Opacus's loader, with Poisson sampling driven by an OS-seeded generator outside secure
+        mode (Opacus would use torch's global generator, whose seed is often public: knowing
+        which examples formed each batch voids the amplification by sampling)."""
+        if self.secure_mode or not kwargs.get("poisson_sampling", False):
+            return super()._prepare_data_loader(data_loader, **kwargs)
+        # Opacus hands self.secure_rng to the Poisson sampler; lend it a secret generator.
+        self.secure_rng = torch.Generator().manual_seed(secrets.randbits(63))
+        try:
+            return super()._prepare_data_loader(data_loader, **kwargs)
+        finally:
+            self.secure_rng = None
+
     def _prepare_optimizer(self, **kwargs: Any) -> DPOptimizer:
         """Let Opacus choose the flavour and generator, then build its denoising twin.
 
         Building Opacus's optimizer first (cheap: it only wraps the torch optimizer) reuses its
         choice of class (clipping, distributed, grad_sample_mode) and of noise generator (the
-        engine's secure RNG in secure mode), so neither is duplicated here.
+        engine's secure RNG in secure mode), so neither is duplicated here. Outside secure mode
+        and without a caller's ``noise_generator``, the generator is one seeded from the OS
+        (see the module docstring).
         """
+        if self.secure_mode:
+            secret = True
+        elif kwargs.get("noise_generator") is not None:
+            secret = False
+            warnings.warn(
+                "DenoisingPrivacyEngine: noise_generator given: the run is private only if that "
+                "generator's seed is secret (a seed in a script or log lets anyone subtract the "
+                "noise); noise_seed_is_secret is False. Leave it None for an OS-seeded one",
+                stacklevel=4,  # the caller of make_private
+            )
+        else:
+            kwargs["noise_generator"] = _os_seeded_generator(kwargs["optimizer"])
+            secret = True
+        self.noise_seed_is_secret = secret
+        optimizer = self._build_optimizer(**kwargs)
+        optimizer.noise_seed_is_secret = secret
+        return optimizer
+
+    def _build_optimizer(self, **kwargs: Any) -> DPOptimizer:
         opacus_optimizer = super()._prepare_optimizer(**kwargs)
         if self._denoise is None:
             return opacus_optimizer
@@ -112,6 +160,20 @@ class DenoisingPrivacyEngine(PrivacyEngine):
             secure_mode=opacus_optimizer.secure_mode,
             **kwargs,
         )
+
+
+def _os_seeded_generator(optimizer: torch.optim.Optimizer) -> torch.Generator:
+    """A generator on the parameters' device, seeded from the OS (Opacus draws the noise of
+    every parameter from one generator on the parameter's device)."""
+    devices = {p.device for group in optimizer.param_groups for p in group["params"]}
+    if len(devices) > 1:
+        raise ValueError(
+            "DenoisingPrivacyEngine: the parameters live on several devices "
+            f"({sorted(map(str, devices))}) and Opacus draws all the noise from one generator: "
+            "use secure_mode=True, or pass a noise_generator seeded secretly"
+        )
+    device = devices.pop() if devices else torch.device("cpu")
+    return torch.Generator(device=device).manual_seed(secrets.randbits(63))
 
 
 def _check_flavour_early(make_private_kwargs: dict[str, Any]) -> None:
