@@ -20,10 +20,11 @@ import torch
 import triton
 import triton.language as tl
 
-# T-tile and feature-chunk sizes: 32 x 32 Gram tiles keep two accumulators in registers; 64-wide
-# feature chunks make each tl.dot a reasonable size. Not yet tuned on a GPU.
+# T-tile and feature-chunk sizes: 32 x 32 Gram tiles keep two float64 accumulators in registers;
+# 32-wide feature chunks (64 spilled 224 bytes at 255 registers on sm_90 in float64, 32 needs
+# 96-166 registers, ptxas -v). Not yet tuned on a GPU.
 BLOCK_T = 32
-BLOCK_D = 64
+BLOCK_D = 32
 
 
 @triton.jit
@@ -104,6 +105,12 @@ def gram_sq_norms(x: torch.Tensor, dy: torch.Tensor, ids: bool = False) -> torch
     ``x`` (B, T, d_in) float, or token ids (B, T) when ``ids``; ``dy`` (B, T, d_out). Not a bound
     by itself: :func:`rmt_kernels.dp_ops.linear_sq_norms_device` adds the error term.
     """
+    # 16-bit loads feeding an fp64 tl.dot hit Triton 3.6's MMAv2 assertion "fp64 don't support
+    # largeK MMA" (sm_80/sm_90); float32 copies (exact) avoid it.
+    if dy.dtype != torch.float32:
+        dy = dy.float()
+    if not ids and x.dtype != torch.float32:
+        x = x.float()
     B, T, d_out = dy.shape
     pairs = _tile_pairs(T, dy.device)
     n_pairs = pairs.shape[0]
