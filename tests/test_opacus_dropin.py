@@ -584,6 +584,51 @@ def test_secure_mode_generator_is_passed_through():
     assert optimizer.secure_mode is True
 
 
+def _first_step(engine_class, **make_private_kwargs):
+    """Noise of one step (zero clipping budget used: lr 0, one batch) and the batch drawn, with
+    torch's global generator seeded publicly first, as training scripts do."""
+    torch.manual_seed(0)
+    model = _model()
+    engine = engine_class(accountant="rdp")
+    model, optimizer, loader = engine.make_private(
+        module=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
+        data_loader=DataLoader(_dataset(64), batch_size=16),
+        noise_multiplier=NOISE,
+        max_grad_norm=CLIP,
+        **make_private_kwargs,
+    )
+    x, y = next(iter(loader))
+    nn.CrossEntropyLoss()(model(x), y).backward()
+    optimizer.step()
+    noise = torch.cat([p.grad.flatten() for p in model.parameters()])
+    return engine, optimizer, noise, x
+
+
+@pytest.mark.parametrize("denoise", [None, {"min_dim": 1}])
+def test_noise_and_sampling_are_seeded_from_the_os_by_default(denoise):
+    # Plain Opacus draws both from torch's global generator: a public torch.manual_seed(0)
+    # repeats them exactly, so anyone with the script can subtract the noise.
+    _, _, plain_a, batch_a = _first_step(PrivacyEngine)
+    _, _, plain_b, batch_b = _first_step(PrivacyEngine)
+    assert torch.equal(plain_a, plain_b) and torch.equal(batch_a, batch_b)
+    extra = {} if denoise is None else {"denoise": denoise}
+    engine, opt, a, sample_a = _first_step(DenoisingPrivacyEngine, **extra)
+    _, _, b, sample_b = _first_step(DenoisingPrivacyEngine, **extra)
+    assert engine.noise_seed_is_secret is True and opt.noise_seed_is_secret is True
+    assert not torch.equal(a, b)
+    # Two Poisson draws of ~16 of 64 examples coincide with probability far below 1e-6.
+    assert sample_a.shape != sample_b.shape or not torch.equal(sample_a, sample_b)
+
+
+def test_a_callers_noise_generator_is_reported_as_not_secret():
+    with pytest.warns(UserWarning, match="private only if that generator's seed is secret"):
+        engine, opt, _, _ = _first_step(
+            DenoisingPrivacyEngine, noise_generator=torch.Generator().manual_seed(3)
+        )
+    assert engine.noise_seed_is_secret is False and opt.noise_seed_is_secret is False
+
+
 def test_import_rmt_kernels_does_not_import_opacus():
     import subprocess
     import sys
