@@ -26,7 +26,9 @@ VOCAB, D = 13, 8
 
 class Net(nn.Module):
     """Embedding (+ broadcast position embedding) -> Linear -> LayerNorm -> pooled head, fed in
-    the layout named by ``layout``."""
+    the layout named by ``layout``: "flattened:<layer>" feeds that layer (B*T, ...) rows,
+    "seq_first:<layer>" a (T, B, ...) tensor; "<...>:lin_bias" is the Linear with only its bias
+    trainable."""
 
     def __init__(self, layout: str = "batch_first", seq: int = 5) -> None:
         super().__init__()
@@ -36,6 +38,8 @@ class Net(nn.Module):
         self.lin = nn.Linear(D, D)
         self.ln = nn.LayerNorm(D)
         self.head = nn.Linear(D, 2)
+        if layout.endswith(":lin_bias"):
+            self.lin.weight.requires_grad_(False)
         if layout == "tied":
             self.out = nn.Linear(D, VOCAB, bias=False)
             self.out.weight = self.emb.weight
@@ -48,27 +52,29 @@ class Net(nn.Module):
         if self.layout == "seq_first_input":  # the caller passes ids as (T, B)
             h = self.ln(torch.tanh(self.lin(self.emb(ids))))
             return self.head(h.mean(0))
-        B, T = ids.shape
-        h = self.emb(ids)
-        positions = self.pos(torch.arange(T)[None])  # (1, T, D): shared by the batch
+        h = self._feed("emb", self.emb, ids)
+        positions = self.pos(torch.arange(ids.shape[1])[None])  # (1, T, D): shared by the batch
         # "broadcast_misuse": row 0 of the per-example copy serves every example.
         h = h + (positions[0] if self.layout == "broadcast_misuse" else positions)
-        if self.layout == "flattened":
-            h = self.lin(h.reshape(B * T, D)).reshape(B, T, D)
-        elif self.layout == "seq_first":
-            h = self.lin(h.transpose(0, 1)).transpose(0, 1)
-        else:
-            h = self.lin(h)
-        h = torch.tanh(h)
+        h = torch.tanh(self._feed("lin", self.lin, h))
         if self.layout == "batchnorm":
             h = self.bn(h.transpose(1, 2)).transpose(1, 2)
-        pooled = self.ln(h).mean(1)
+        pooled = self._feed("ln", self.ln, h).mean(1)
         if self.layout == "direct":
             pooled = pooled + linear(pooled, self.lin.weight)  # lin's weight outside lin
         logits = self.head(pooled)
         if self.layout == "tied":
             logits = logits + self.out(pooled)[:, :2]
         return logits
+
+    def _feed(self, name: str, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        mode, _, target = self.layout.partition(":")
+        if target.split("_")[0] != name:
+            return layer(x)
+        B, T = x.shape[:2]
+        if mode == "flattened":
+            return layer(x.reshape(B * T, *x.shape[2:])).reshape(B, T, -1)
+        return layer(x.transpose(0, 1)).transpose(0, 1)  # seq_first
 
 
 def _data(B: int, T: int, seed: int = 0):
@@ -145,14 +151,23 @@ def test_exact_layouts_match_the_float64_reference_and_one_example_moves_at_most
         assert _distance(full, _engine_sum(base, ids, labels, keep)) <= C * (1 + 1e-4)
 
 
+LAYERS = ["emb", "lin", "lin_bias", "ln"]  # Embedding, Linear, bias alone, LayerNorm
+
+
 @pytest.mark.parametrize(
     ("layout", "B", "T", "words"),
     [
         # Shape check at every forward (no verification needed).
-        ("flattened", 4, 5, r"layer 'lin'.*shape \[20, 8\].*not the batch size 4"),
-        ("seq_first", 4, 5, r"layer 'lin'.*shape \[5, 4, 8\].*not the batch size 4"),
+        *[
+            (f"flattened:{t}", 4, 5, rf"layer '{t[:3]}'.*shape \[20.*not the batch size 4")
+            for t in LAYERS
+        ],
+        *[
+            (f"seq_first:{t}", 4, 5, rf"layer '{t[:3]}'.*shape \[5, 4.*not the batch size 4")
+            for t in LAYERS
+        ],
         # T == B passes any shape check: the one-time verification catches them.
-        ("seq_first", 5, 5, r"layer 'lin' is not one example per row"),
+        *[(f"seq_first:{t}", 5, 5, rf"layer '{t[:3]}' is not one example per row") for t in LAYERS],
         ("seq_first_input", 5, 5, r"output tensor 0 of the model"),
         ("broadcast_misuse", 4, 5, r"not one example per row"),
         ("batchnorm", 4, 5, r"not one example per row"),
@@ -169,7 +184,7 @@ def test_layouts_that_are_not_one_example_per_row_are_refused(layout, B, T, word
         model(x)
 
 
-@pytest.mark.parametrize("layout", ["flattened", "seq_first"])
+@pytest.mark.parametrize("layout", ["flattened:lin", "seq_first:emb"])
 def test_shape_check_holds_without_the_verification(layout):
     model, _, _ = _private(Net(layout), *_data(4, 5), verify_layout=False)
     with pytest.raises(LayoutError, match="leading dimension is not the batch size"):
