@@ -7,8 +7,8 @@ wrong with probability ``p_fail``, is wrong more often). Two corrections, after 
 
 - :class:`Bonferroni`: try a fixed list of ``H`` choices, each at level ``p_fail / H``; by the
   union bound, all ``H`` bounds hold together with probability >= 1 - p_fail, so their maximum
-  does. The list is fixed before the scores are seen (the default is about ``2 log2 m`` choices,
-  so the price is a factor ``log(2 log2 m)`` in ``log(1 / p_fail)``).
+  does. The list is fixed before the scores are seen (the default is about ``3 log2 m`` choices,
+  so ``log(1 / p_fail)`` grows by ``log(3 log2 m)``).
 - :class:`Split`: a seeded split of the canaries (independent of the coin flips) into a part that
   chooses score thresholds and a part that is audited with them at level ``p_fail``. Given the
   first part's coin flips and scores, the second part is a one-run audit of its own canaries (the
@@ -31,14 +31,16 @@ __all__ = ["AuditResult", "Bonferroni", "Fixed", "Split", "audit", "default_choi
 
 
 def default_choices(num_canaries: int) -> list[tuple[int, int]]:
-    """``(k_plus, k_minus)`` pairs tried by default: one-sided ``(k, 0)`` and symmetric
-    ``(k, k)`` for k = 1, 2, 4, ... up to ``m // 2``, and ``m // 2`` itself."""
+    """``(k_plus, k_minus)`` pairs tried by default: ``(k, 0)`` (IN guesses only), ``(0, k)``
+    (OUT only: a score whose low end is surer than its high end, such as a loss) and ``(k, k)``,
+    for k = 1, 2, 4, ... up to ``m // 2``, and ``m // 2`` itself."""
     if num_canaries < 1:
         raise ValueError(f"num_canaries must be >= 1, got {num_canaries}")
     half = num_canaries // 2
     ks = sorted({*(1 << j for j in range(max(half, 1).bit_length()) if 1 << j <= half), half})
     ks = [k for k in ks if k >= 1] or [1]
-    pairs = [(k, 0) for k in ks] + [(k, k) for k in ks if 2 * k <= num_canaries]
+    pairs = [(k, 0) for k in ks] + [(0, k) for k in ks]
+    pairs += [(k, k) for k in ks if 2 * k <= num_canaries]
     return list(dict.fromkeys(pairs))
 
 
