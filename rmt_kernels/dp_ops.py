@@ -173,16 +173,22 @@ def _drop_zero_scaled(t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return torch.where(keep.view(-1, *([1] * (t.dim() - 1))), t, 0)
 
 
-def clip_scales(sq_norms: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
-    """Per-example clip factors ``min(1, C / sqrt(sq_norms))`` (float32, (B,)), rounded down.
+def clip_scales(
+    sq_norms: torch.Tensor | list[torch.Tensor] | tuple[torch.Tensor, ...], max_grad_norm: float
+) -> torch.Tensor:
+    """Per-example clip factors ``min(1, C / sqrt(q))`` (float32, (B,)), rounded down.
 
-    ``sq_norms`` must be upper bounds of the true squared norms (what every ``*_sq_norms`` op
-    returns, and their sum). Guarantee, in exact arithmetic on the returned float32 values:
-    ``scale_b * sqrt(sq_norms_b) <= C`` and ``0 <= scale_b <= 1`` for every example, so an example
-    whose true norm is at most ``sqrt(sq_norms_b)`` contributes at most ``C``. Proof: in float64,
-    ``s = fl(fl(C / fl(sqrt(q))) * (1 - 4u))`` is at most ``C / sqrt(q) * (1 + u)^2 (1 - 4u) /
-    (1 - u) < C / sqrt(q)`` (u = 2^-53); clamping to 1 only lowers it, and the float32 value is
-    rounded toward zero from ``s``.
+    ``sq_norms`` is either the per-example total ``q`` (B,) or a list of per-parameter squared
+    norms (each (B,)), which are then summed here in float64. Each must be an upper bound of the
+    true squared norm (what every ``*_sq_norms`` op returns). Guarantee, in exact arithmetic on the
+    returned float32 values: ``0 <= scale_b <= 1`` and ``scale_b * sqrt(q_b) <= C (1 - 2^-31)``,
+    where ``q_b`` is the exact sum of the given bounds, so an example whose true gradient norm is
+    at most ``sqrt(q_b)`` contributes at most ``C``. Proof: the float64 sum of n <= 2^22 bounds is
+    at least ``q (1 - 2^-31)`` (gamma_n with u = 2^-53; for one tensor it is exact), and
+    ``s = fl(fl(C / fl(sqrt(fl(q)))) (1 - 2^-29))`` is at most ``C / sqrt(q) * (1 + u)^3 /
+    ((1 - u)(1 - 2^-31)^(1/2)) * (1 - 2^-29) < C (1 - 2^-31) / sqrt(q)``; clamping to 1 only lowers
+    it, and the float32 value is rounded toward zero from ``s``. A total summed in float32
+    elsewhere may be low by ``n 2^-24`` relative and is not covered: pass the list instead.
 
     A squared norm that is NaN, infinite or negative (no certified bound: a non-finite input
     reached the norms) gives factor 0: the example contributes nothing and the step goes on
@@ -193,11 +199,19 @@ def clip_scales(sq_norms: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
         raise ValueError(f"clip_scales: max_grad_norm must be a finite number, got {max_grad_norm}")
     if not max_grad_norm > 0:
         raise ValueError(f"clip_scales: max_grad_norm must be > 0, got {max_grad_norm}")
-    if not isinstance(sq_norms, torch.Tensor) or not sq_norms.is_floating_point():
-        raise TypeError("clip_scales: sq_norms must be a floating-point torch.Tensor")
-    q = sq_norms.detach().double()
+    parts = list(sq_norms) if isinstance(sq_norms, (list, tuple)) else [sq_norms]
+    if not parts or not all(isinstance(p, torch.Tensor) and p.is_floating_point() for p in parts):
+        raise TypeError(
+            "clip_scales: sq_norms must be a floating-point torch.Tensor or a non-empty list "
+            "of them"
+        )
+    if len(parts) > 1 << 22:
+        raise ValueError(f"clip_scales: at most 2^22 squared-norm tensors, got {len(parts)}")
+    q = parts[0].detach().double()
+    for p in parts[1:]:
+        q = q + p.detach().double()
     known = torch.isfinite(q) & (q >= 0)
-    s = (float(max_grad_norm) / q.sqrt()) * (1.0 - 4.0 * U64)  # q = 0: inf, clamped to 1
+    s = (float(max_grad_norm) / q.sqrt()) * (1.0 - 2.0**-29)  # q = 0: inf, clamped to 1
     s = torch.where(known, s.clamp(max=1.0), 0.0)
     f = s.float()
     return torch.where(f.double() > s, torch.nextafter(f, torch.zeros_like(f)), f)

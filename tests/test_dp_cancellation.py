@@ -278,6 +278,14 @@ def test_clip_scales_round_down_and_never_nan():
     for bad in (0.0, -1.0, math.inf, math.nan):
         with pytest.raises(ValueError, match="max_grad_norm"):
             rmt_kernels.clip_scales(q, bad)
+    # Per-parameter bounds summed in float64 inside (a float32 total may round down).
+    parts = [torch.full((3,), 1.0), torch.full((3,), 2.0**-24), torch.tensor([0.0, math.nan, 1.0])]
+    scale = rmt_kernels.clip_scales(parts, 1.0)
+    assert scale[1] == 0
+    for s in scale[[0, 2]].tolist():
+        assert s * s * (1 + 2**-24) < 1  # float32 1 + 2^-24 would round to 1
+    with pytest.raises(TypeError, match="sq_norms"):
+        rmt_kernels.clip_scales([], 1.0)
 
 
 def _meta_calls():
