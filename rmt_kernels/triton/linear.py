@@ -22,6 +22,12 @@ BLOCK_R = 32
 # "ieee" keeps fp32 products exact enough to compare with the CPU kernel at fp32 tolerance; the
 # DP noise dwarfs tf32's error, so "tf32" is a candidate once measured on the GPU.
 INPUT_PRECISION = "ieee"
+# Warps per program. With the noise epilogue (Philox, log, sin and cos per element) at 4 warps,
+# ptxas (sm_80 and sm_90) needs 255 registers and spills ~1.7 KB per thread; at 8 warps, half the
+# elements per thread, 243 registers and no spill (bench/results/gpu-static.md). Without noise the
+# GEMM needs 144 registers at 4 warps, so it keeps 4.
+NUM_WARPS_NOISE = 8
+NUM_WARPS_EXACT = 4
 
 
 @triton.jit
@@ -97,6 +103,7 @@ def linear_clipped_noisy_sum_triton(
     dy2 = dy3.reshape(b * t, d_out)
     out = torch.empty((d_out, d_in), device=x.device, dtype=torch.float32)
     grid = (triton.cdiv(d_out, BLOCK_O), triton.cdiv(d_in, BLOCK_I))
+    add_noise = noise_std != 0.0
     _linear_clipped_noisy_sum_kernel[grid](
         x2,
         dy2,
@@ -111,10 +118,11 @@ def linear_clipped_noisy_sum_triton(
         d_out,
         *x2.stride(),
         *dy2.stride(),
-        ADD_NOISE=noise_std != 0.0,
+        ADD_NOISE=add_noise,
         INPUT_PRECISION=INPUT_PRECISION,
         BLOCK_O=BLOCK_O,
         BLOCK_I=BLOCK_I,
         BLOCK_R=BLOCK_R,
+        num_warps=NUM_WARPS_NOISE if add_noise else NUM_WARPS_EXACT,
     )
     return out
