@@ -1,6 +1,7 @@
 """The DP-SGD layer: make any model built from covered layers private, with fused clipping and
 noise and optional denoising."""
 
+from rmt_kernels.dp.capture import LayoutError
 from rmt_kernels.dp.checkpoint import (
     CheckpointError,
     ResumeWarning,
@@ -18,6 +19,7 @@ from rmt_kernels.dp.optimizer import DPOptimizer
 __all__ = [
     "CheckpointError",
     "DPOptimizer",
+    "LayoutError",
     "PoissonSampler",
     "PrivateEngine",
     "ResumeWarning",

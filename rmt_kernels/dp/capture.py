@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from rmt_kernels._dp_checks import FLOAT_DTYPES
 from rmt_kernels.dp_ops import (
     LayerRule,
     _check_embedding_module,
@@ -81,8 +82,6 @@ def trainable_layers(model: nn.Module) -> list[TrackedLayer]:
             one parameter shared by two modules (tied weights: the rules would clip the two uses
             as if they were separate parameters, which does not bound the example's gradient).
     """
-    from rmt_kernels._dp_checks import FLOAT_DTYPES
-
     layers = []
     owner: dict[int, str] = {}
     for name, module in model.named_modules():
@@ -290,8 +289,10 @@ class LayerCapture:
         return any(layer.grad_output is not None for layer in self.layers)
 
     def clear(self) -> None:
-        """Forget the held batch; gradients still to come from its graph become errors."""
+        """Forget the held batch; gradients still to come from its graph become errors, and a
+        tracked layer run before the model's next forward has no batch size (an error)."""
         self.generation += 1
+        self.batch_size = None
         for layer in self.layers:
             layer.activation = None
             layer.grad_output = None
