@@ -13,7 +13,7 @@ from tests.test_glue_cli import run, tiny, train_tiny  # noqa: F401 (tiny is a f
 pytest.importorskip("transformers")
 pytest.importorskip("opacus")
 
-PRIVATE = ["--noise-multiplier", 1, "--accountant", "rdp", "--seed", 3]
+PRIVATE = ["--noise-multiplier", 1, "--accountant", "rdp", "--seed", 3, "--noise-seed", 3]
 
 
 def test_resume_continues_to_the_uninterrupted_run(tiny, tmp_path):  # noqa: F811

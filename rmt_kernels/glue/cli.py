@@ -7,8 +7,9 @@ model, compare runs' logs.
     rmt-glue compare dp.json dp-denoise.json --output curves.png
     torchrun --nproc-per-node 2 -m rmt_kernels.glue train ... --checkpoint-dir ckpt [--resume]
 
-Errors a user can act on (missing data, unknown task, unreachable epsilon, ...) exit with code 2
-and a one-line message.
+Errors a user can act on (missing data, unknown task, unreachable epsilon, unwritable outputs,
+...) exit with code 2 and a one-line message, before training where they can be known then.
+Warnings (a run that is not private, lost steps charged at a resume) are one line each.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
+import warnings
 
 from rmt_kernels.glue.tasks import TASKS
 from rmt_kernels.shrinkage import NORM_CORRECTIONS, SHRINKERS
@@ -65,10 +66,16 @@ def _add_train(sub) -> None:
     g.add_argument("--max-grad-norm", type=float, default=1.0, help="clipping norm C")
     g.add_argument("--accountant", choices=("prv", "rdp", "gdp"), default="prv")
     g.add_argument(
+        "--noise-seed",
+        type=int,
+        help="make the noise (and the batch sampling) reproducible from this seed: the run is "
+        "then NOT private (anyone with the log can subtract the noise); for experiments only. "
+        "Default: a secret seed from the OS, never logged or checkpointed",
+    )
+    g.add_argument(
         "--secure-mode",
         action="store_true",
-        help="noise seed from the OS, never logged (native engine); without it the noise is "
-        "keyed by --seed, which is fine for experiments but not for releasing a model",
+        help="the default now (secret noise seed from the OS); kept for old scripts",
     )
     g = p.add_argument_group("denoising (post-processing of the noisy gradient)")
     g.add_argument("--denoise", action="store_true", help="shrink the noisy 2-D weight grads")
@@ -94,12 +101,24 @@ def _add_train(sub) -> None:
     g.add_argument(
         "--lr",
         type=float,
-        default=5e-4,
-        help="default 5e-4 (a DP-SGD value; non-private fine-tuning wants ~5e-5)",
+        help="default 5e-4 (a DP-SGD value; non-private fine-tuning wants ~5e-5); with --resume "
+        "the checkpointed run's, unless given",
     )
-    g.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw")
-    g.add_argument("--weight-decay", type=float, default=0.0)
-    g.add_argument("--seed", type=int, default=0, help="init, data order and noise seed")
+    g.add_argument(
+        "--optimizer",
+        choices=("adamw", "sgd"),
+        help="default adamw; with --resume the checkpointed run's (it cannot change)",
+    )
+    g.add_argument(
+        "--weight-decay", type=float, help="default 0; with --resume the checkpointed run's"
+    )
+    g.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="model init and training subset (and, with --noise-seed or --no-dp, the data "
+        "order); never the noise",
+    )
     g = p.add_argument_group("run")
     g.add_argument("--train-size", type=_positive_int, help="use a random subset of train")
     g.add_argument("--eval-size", type=_positive_int, help="use a random subset of validation")
@@ -166,6 +185,7 @@ def _train_config(args: argparse.Namespace):
         max_grad_norm=args.max_grad_norm,
         accountant=args.accountant,
         secure_mode=args.secure_mode,
+        noise_seed=args.noise_seed,
         batch_size=args.batch_size,
         physical_batch_size=args.physical_batch_size,
         epochs=args.epochs,
@@ -210,6 +230,19 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"{', '.join(given)} only apply with --denoise")
     if args.command == "train" and args.steps is not None and args.epochs is not None:
         parser.error("give --steps or --epochs, not both")
+    with warnings.catch_warnings():
+        warnings.showwarning = _one_line_warning(args.command)
+        return _run(args)
+
+
+def _one_line_warning(command: str):
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        print(f"rmt-glue {command}: warning: {message}", file=sys.stderr)
+
+    return show
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         if args.command == "train":
             from rmt_kernels.glue.train import train
@@ -218,10 +251,19 @@ def main(argv: list[str] | None = None) -> int:
             if int(os.environ.get("RANK", "0")) != 0:  # under torchrun rank 0 reports
                 return 0
             final = log["evals"][-1]
+            privacy = ""
+            if args.dp:
+                eps = log["epsilon"]
+                privacy = (
+                    f", epsilon {eps:.3g} at delta {log['delta']:.3g}"
+                    if eps is not None
+                    else ", epsilon infinite (no noise)"
+                )
+                if log["config"]["noise_seed"] is not None:
+                    privacy += " (NOT private: public --noise-seed)"
             print(
                 f"{log['task']}: {log['main_metric']} {final[log['main_metric']]:.4f} after "
-                f"{final['step']} steps"
-                + (f", epsilon {log['epsilon']:.3g} at delta {log['delta']:.3g}" if args.dp else "")
+                f"{final['step']} steps{privacy}"
             )
         elif args.command == "evaluate":
             from rmt_kernels.glue.train import evaluate_saved
@@ -237,7 +279,9 @@ def main(argv: list[str] | None = None) -> int:
             )
             text = json.dumps(result, indent=2)
             if args.output:
-                Path(args.output).write_text(text + "\n")
+                from rmt_kernels.glue.train import write_json
+
+                write_json(args.output, result, "--output")
             print(text)
         else:
             from rmt_kernels.glue.compare import compare

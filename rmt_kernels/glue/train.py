@@ -9,10 +9,15 @@ last, which both engines speak).
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
+import os
 import platform
 import resource
+import secrets
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
@@ -38,6 +43,12 @@ EVAL_BATCH_FACTOR = 4
 # The privacy budget when neither --epsilon nor --noise-multiplier is given: a common choice in
 # the DP fine-tuning literature (Li et al. 2022, Yu et al. 2022 report GLUE at epsilon 3 and 8).
 DEFAULT_EPSILON = 8.0
+# Defaults of the optimisation flags a resume inherits from its checkpoint when not given.
+DEFAULT_LR = 5e-4  # a DP-SGD value; non-private fine-tuning wants ~5e-5
+DEFAULT_OPTIMIZER = "adamw"
+DEFAULT_WEIGHT_DECAY = 0.0
+# Noise keys are signed 64-bit integers in the ops.
+NOISE_SEED_LIMIT = 2**63
 
 
 @dataclass
@@ -56,14 +67,18 @@ class TrainConfig:
     delta: float | None = None
     max_grad_norm: float = 1.0
     accountant: str = "prv"
+    # The noise seed is secret (from the OS) unless noise_seed is given: then the noise is
+    # reproducible and the run is not private. secure_mode is the default, kept as an alias.
     secure_mode: bool = False
+    noise_seed: int | None = None
     batch_size: int = 64
     physical_batch_size: int | None = None
     epochs: float | None = None
     steps: int | None = None
-    lr: float = 5e-4
-    optimizer: str = "adamw"
-    weight_decay: float = 0.0
+    # None: the default (DEFAULT_*) for a new run, the checkpointed run's for a resume.
+    lr: float | None = None
+    optimizer: str | None = None
+    weight_decay: float | None = None
     max_length: int = 128
     train_size: int | None = None
     eval_size: int | None = None
@@ -117,6 +132,49 @@ class TrainConfig:
             raise ValueError(f"--delta must be in (0, 1), got {self.delta}")
         if self.secure_mode and (not self.dp or self.engine != "native"):
             raise ValueError("--secure-mode is for DP with --engine native")
+        if self.noise_seed is not None:
+            if not self.dp:
+                raise ValueError("--noise-seed keys the DP noise: it does not go with --no-dp")
+            if self.secure_mode:
+                raise ValueError(
+                    "--noise-seed makes the noise public, --secure-mode keeps it secret: give one"
+                )
+            if not 0 <= self.noise_seed < NOISE_SEED_LIMIT:
+                raise ValueError(f"--noise-seed must be in [0, 2**63), got {self.noise_seed}")
+        if not self.dp and self.noise_multiplier is not None:
+            raise ValueError("--no-dp trains without noise: --noise-multiplier needs DP")
+        if self.epsilon is not None and not math.isfinite(self.epsilon):
+            raise ValueError(
+                f"--epsilon must be a finite number > 0, got {self.epsilon} (no privacy: "
+                "--no-dp; no noise: --noise-multiplier 0)"
+            )
+        if self.noise_multiplier is not None and not (
+            self.noise_multiplier >= 0 and math.isfinite(self.noise_multiplier)
+        ):
+            raise ValueError(
+                f"--noise-multiplier must be a finite number >= 0, got {self.noise_multiplier}"
+            )
+        if not (self.max_grad_norm > 0 and math.isfinite(self.max_grad_norm)):
+            raise ValueError(
+                f"--max-grad-norm must be a finite number > 0, got {self.max_grad_norm}"
+            )
+        if self.epochs is not None and not math.isfinite(self.epochs):
+            raise ValueError(f"--epochs must be a finite number > 0, got {self.epochs}")
+        if self.lr is not None and not (self.lr >= 0 and math.isfinite(self.lr)):
+            raise ValueError(f"--lr must be a finite number >= 0, got {self.lr}")
+        if self.weight_decay is not None and not (
+            self.weight_decay >= 0 and math.isfinite(self.weight_decay)
+        ):
+            raise ValueError(
+                f"--weight-decay must be a finite number >= 0, got {self.weight_decay}"
+            )
+        if self.optimizer not in (None, "adamw", "sgd"):
+            raise ValueError(f"--optimizer must be 'adamw' or 'sgd', got {self.optimizer!r}")
+        if self.eval_every < 0:
+            raise ValueError(
+                f"--eval-every must be >= 0 (0: at the end only), got {self.eval_every}"
+            )
+        parse_device(self.device)
         if (self.checkpoint_dir or self.resume) and not (self.dp and self.engine == "native"):
             raise ValueError("--checkpoint-dir / --resume are for DP with --engine native")
         if self.resume and not self.checkpoint_dir:
@@ -132,6 +190,158 @@ class TrainConfig:
                 "--engine opacus --denoise needs rmt_kernels.opacus.DenoisingPrivacyEngine, "
                 "which this installation lacks; use --engine native for denoising"
             )
+
+
+def parse_device(text: str | None) -> torch.device:
+    """The device of ``--device`` (default: cuda when available).
+
+    Raises:
+        ValueError: not a device name, not cpu or cuda, or a GPU this machine does not have.
+    """
+    if text is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise ValueError(
+            f"--device {text!r} is not a device (expected cpu, cuda or cuda:N)"
+        ) from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {text!r}: only cpu and cuda (cuda:N) are supported")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"--device {text}: no CUDA GPU is usable here (this PyTorch build has no CUDA, or "
+                "no GPU is visible); use --device cpu"
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"--device {text}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
+    return device
+
+
+def _check_writable_folder(folder: Path, flag: str, what: Path) -> None:
+    """Create ``folder`` if needed and write a probe file in it (ValueError naming ``flag``)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / f".rmt-write-probe-{os.getpid()}", "wb") as probe:
+            probe.write(b"x")
+        (folder / f".rmt-write-probe-{os.getpid()}").unlink()
+    except OSError as err:
+        raise ValueError(
+            f"{flag} {what}: cannot write in {folder} ({err.strerror or err})"
+        ) from None
+
+
+def check_outputs(cfg: TrainConfig) -> None:
+    """Raise ValueError now, before any training, if an output of the run cannot be written."""
+    if cfg.output:
+        out = Path(cfg.output)
+        if out.is_dir():
+            raise ValueError(f"--output {out} is a folder; give a file name")
+        _check_writable_folder(out.parent, "--output", out)
+    if cfg.save:
+        save = Path(cfg.save)
+        if save.exists() and not save.is_dir():
+            raise ValueError(f"--save {save} is a file; give a folder")
+        _check_writable_folder(save.parent, "--save", save)
+    if cfg.checkpoint_dir:
+        folder = Path(cfg.checkpoint_dir)
+        _check_writable_folder(folder, "--checkpoint-dir", folder)
+
+
+def finite_or_none(value: float | None) -> float | None:
+    """``value``, or None when it is infinite or NaN (an epsilon without noise)."""
+    return value if value is None or math.isfinite(value) else None
+
+
+def _json_safe(value):
+    """``value`` with every non-finite float replaced by None (strict JSON has no Infinity/NaN:
+    an infinite epsilon, a diverged loss)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def write_json(path: str | Path, value, flag: str = "--output") -> None:
+    """Write ``value`` as strict JSON (non-finite floats as null) to ``path``, atomically: a
+    temporary file in the same folder, then a rename, so a crash leaves the old file or the new.
+
+    Raises:
+        ValueError: the file cannot be written (naming ``flag``).
+    """
+    path = Path(path)
+    text = json.dumps(_json_safe(value), indent=2, allow_nan=False) + "\n"
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as err:
+        raise ValueError(f"{flag} {path}: cannot write it ({err.strerror or err})") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _save_model_atomically(model, tokenizer, folder: Path) -> None:
+    """``save_pretrained`` into a sibling temporary folder, then renamed into place, so a crash
+    never leaves half a model in ``--save``."""
+    import shutil
+
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if folder.exists():
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+    except OSError as err:
+        raise ValueError(f"--save {folder}: cannot write it ({err.strerror or err})") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _encoded_digest(data: Encoded) -> str:
+    """SHA-256 of a tokenized split: what the model is fed (text, subset, tokenizer, length)."""
+    digest = hashlib.sha256()
+    for rows in (data.input_ids, data.token_type_ids or []):
+        digest.update(json.dumps([list(row) for row in rows]).encode())
+    digest.update(f"pad:{data.pad_token_id}".encode())
+    digest.update(f"{data.labels.dtype}".encode())
+    digest.update(data.labels.contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def run_settings(cfg: TrainConfig, model, physical: int, device: torch.device) -> dict:
+    """What the computation of a step depends on besides the data and the privacy settings
+    (those the checkpoint checks itself), by flag: a resume whose settings differ cannot replay
+    the lost steps for free. Public values only (no data, no seed): stored in the checkpoint."""
+    config = json.loads(_unwrap(model).config.to_json_string())
+    config.pop("_name_or_path", None)  # where it was read from, not what it computes
+    return {
+        "--task": cfg.task,
+        "--max-length": cfg.max_length,
+        "--train-size": cfg.train_size,
+        "--seed": cfg.seed,
+        "--pooling": cfg.pooling,
+        "--freeze-embeddings": cfg.freeze_embeddings,
+        "--physical-batch-size": physical,
+        "--optimizer": cfg.optimizer,
+        "--lr": cfg.lr,
+        "--weight-decay": cfg.weight_decay,
+        "--device": device.type,
+        "model config": hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest(),
+        # Plain strings: torch's version is a str subclass torch.load(weights_only) refuses.
+        "versions": {k: str(v) for k, v in versions().items() if k in ("torch", "transformers")},
+    }
 
 
 def _distributed_env() -> bool:
@@ -290,11 +500,15 @@ def peak_memory_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def _subset(dataset, size: int | None, seed: int):
-    if size is None or size >= len(dataset):
+def _subset(dataset, size: int | None, seed: int, flag: str = "--train-size"):
+    if size is None:
         return dataset
     if size < 1:
-        raise ValueError(f"a subset size must be >= 1, got {size}")
+        raise ValueError(f"{flag} must be >= 1, got {size}")
+    if size > len(dataset):
+        raise ValueError(f"{flag} {size} is above the {len(dataset)} examples of the split")
+    if size == len(dataset):
+        return dataset
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
     return dataset.select(sorted(order[:size].tolist()))
 
@@ -360,15 +574,20 @@ def train(cfg: TrainConfig) -> dict:
     cfg.check()
     task = get_task(cfg.task)
     torch.manual_seed(cfg.seed)
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = parse_device(cfg.device)
     rank, device = _init_distributed(device)
     if rank != 0:  # one log, one progress bar, one saved model: rank 0's
         cfg = replace(cfg, output=None, save=None, progress=False)
+    check_outputs(cfg)
+    checkpoint, resumed, restart = _checkpoint_state(cfg)
+    cfg = _resolve_optimisation(cfg, resumed)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
     train_ds = _subset(load_split(task, "train", cfg.data_dir), cfg.train_size, cfg.seed)
-    eval_ds = _subset(load_split(task, "validation", cfg.data_dir), cfg.eval_size, cfg.seed)
+    eval_ds = _subset(
+        load_split(task, "validation", cfg.data_dir), cfg.eval_size, cfg.seed, "--eval-size"
+    )
     model, tokenizer = build_model(cfg, task)
     model.to(device).train()
     train_data = encode(train_ds, tokenizer, cfg.max_length, cfg.progress)
@@ -384,15 +603,24 @@ def train(cfg: TrainConfig) -> dict:
         optimizer = torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     else:
         raise ValueError(f"--optimizer must be 'adamw' or 'sgd', got {cfg.optimizer!r}")
+    # The batch sampling must be as secret as the noise (amplification by sampling assumes
+    # nobody knows which examples a batch holds): --seed orders the data only without DP or
+    # with a public --noise-seed.
+    public = not cfg.dp or cfg.noise_seed is not None
     loader = torch.utils.data.DataLoader(
         _Indices(n),
         batch_size=cfg.batch_size,
         shuffle=True,
-        generator=torch.Generator().manual_seed(cfg.seed),
+        generator=torch.Generator().manual_seed(cfg.seed if public else secrets.randbits(62)),
     )
     steps_per_epoch = len(loader)
     sample_rate = 1 / steps_per_epoch
     total_steps = cfg.steps or max(1, round((cfg.epochs or 1.0) * steps_per_epoch))
+    if resumed is not None and resumed["steps"] >= total_steps:
+        raise ValueError(
+            f"--resume: the run in {cfg.checkpoint_dir} already ran {resumed['steps']} steps and "
+            f"this one asks for {total_steps}: give more --steps (or --epochs) to continue it"
+        )
 
     noise_multiplier = None
     privacy_engine = None
@@ -405,19 +633,22 @@ def train(cfg: TrainConfig) -> dict:
         if cfg.engine == "native":
             from rmt_kernels.dp import make_private
 
-            model, optimizer, loader = make_private(
-                model,
-                optimizer,
-                loader,
-                target_delta=delta,
-                max_grad_norm=cfg.max_grad_norm,
-                noise_multiplier=noise_multiplier,
-                denoise=denoise,
-                # The noise key; in secure mode the engine draws it from the OS instead.
-                seed=None if cfg.secure_mode else cfg.seed,
-                secure_mode=cfg.secure_mode,
-                accountant=cfg.accountant,
-            )
+            with warnings.catch_warnings():
+                # The CLI says it itself, in its own words, below (and in the log).
+                warnings.filterwarnings("ignore", message="make_private: seed=")
+                model, optimizer, loader = make_private(
+                    model,
+                    optimizer,
+                    loader,
+                    target_delta=delta,
+                    max_grad_norm=cfg.max_grad_norm,
+                    noise_multiplier=noise_multiplier,
+                    denoise=denoise,
+                    # The noise key: secret (from the OS, never written) unless --noise-seed.
+                    seed=cfg.noise_seed,
+                    secure_mode=cfg.noise_seed is None,
+                    accountant=cfg.accountant,
+                )
         else:
             engine_class = _denoising_privacy_engine() if cfg.denoise else None
             if engine_class is None:
@@ -426,6 +657,9 @@ def train(cfg: TrainConfig) -> dict:
                 engine_class = PrivacyEngine
             privacy_engine = engine_class(accountant=cfg.accountant)
             extra = {"denoise": denoise} if cfg.denoise else {}
+            # Opacus draws its noise from this generator (without one, from the global RNG
+            # that --seed seeded): secret unless --noise-seed.
+            noise_seed = cfg.noise_seed if cfg.noise_seed is not None else secrets.randbits(63)
             model, optimizer, loader = privacy_engine.make_private(
                 module=model,
                 optimizer=optimizer,
@@ -433,6 +667,7 @@ def train(cfg: TrainConfig) -> dict:
                 noise_multiplier=noise_multiplier,
                 max_grad_norm=cfg.max_grad_norm,
                 poisson_sampling=True,
+                noise_generator=torch.Generator(device).manual_seed(noise_seed),
                 **extra,
             )
 
@@ -452,10 +687,21 @@ def train(cfg: TrainConfig) -> dict:
                 spent[step] = optimizer.get_epsilon(delta)
         return spent[step]
 
+    # Private: DP with noise, keyed by a secret seed. A public --noise-seed lets anyone with the
+    # log regenerate the noise and subtract it, whatever epsilon the accountant reports.
+    private = cfg.dp and cfg.noise_seed is None and bool(noise_multiplier)
+    if cfg.dp and cfg.noise_seed is not None:
+        warnings.warn(
+            f"--noise-seed {cfg.noise_seed}: the noise is reproducible from the log, so this run "
+            "is NOT private (epsilon is what a secret seed would give; for experiments only)",
+            stacklevel=2,
+        )
     log = {
         "task": task.name,
         "main_metric": task.main_metric,
+        # null: no finite guarantee (--no-dp, or no noise); strict JSON has no Infinity.
         "epsilon": None,
+        "private": private,
         "delta": delta if cfg.dp else None,
         "noise_multiplier": noise_multiplier,
         # Denoise options as the op receives them (unset ones take the op's defaults).
@@ -477,20 +723,42 @@ def train(cfg: TrainConfig) -> dict:
 
     def write_log() -> None:
         if cfg.output:
-            Path(cfg.output).parent.mkdir(parents=True, exist_ok=True)
-            Path(cfg.output).write_text(json.dumps(log, indent=2) + "\n")
+            write_json(cfg.output, log)
 
     seconds, samples, losses, step = 0.0, 0, [], 0
-    checkpoint = _checkpointing(cfg, model, optimizer, loader)
-    if checkpoint is not None and cfg.resume:
-        from rmt_kernels.dp import load_checkpoint
+    settings = run_settings(cfg, model, physical, device)
+    # Names the data, its preprocessing and the computation for the checkpoint's replay rule;
+    # kept out of the checkpoint itself (rmt_kernels/dp/checkpoint.py: a hash of the data).
+    data_fingerprint = hashlib.sha256(
+        json.dumps([_encoded_digest(train_data), settings], sort_keys=True).encode()
+    ).hexdigest()
+    if checkpoint is not None:
+        from rmt_kernels.dp import attach_ledger, load_checkpoint
 
-        # The step counter, noise stream, accountant (with the ledger's lost steps) and the
-        # sampler's position come back; the log goes on where the checkpoint left it.
-        extra = load_checkpoint(checkpoint, model, optimizer, loader)
-        step, seconds, samples = extra["step"], extra["seconds"], extra["samples"]
-        if rank == 0:  # the one log
-            log["evals"] = extra["evals"]
+        if resumed is not None:
+            old_settings = resumed["extra"].get("settings")
+            changed = [k for k, v in settings.items() if old_settings and old_settings.get(k) != v]
+            if changed:
+                warnings.warn(
+                    f"--resume: {', '.join(changed)} differ from the checkpointed run's: the "
+                    "steps it lost cannot be replayed for free (they are charged, the noise is "
+                    "re-keyed)",
+                    stacklevel=2,
+                )
+            # The step counter, accountant (with the ledger's lost steps), the sampler's
+            # position (public seeds) come back; the log goes on where the checkpoint left it.
+            extra = load_checkpoint(
+                checkpoint, model, optimizer, loader, data_fingerprint=data_fingerprint
+            )
+            step, seconds, samples = extra["step"], extra["seconds"], extra["samples"]
+            # Honour --lr / --weight-decay (the checkpoint's unless given): never silently
+            # continue with values other than the log's.
+            for group in optimizer.param_groups:
+                group["lr"], group["weight_decay"] = cfg.lr, cfg.weight_decay
+            if rank == 0:  # the one log
+                log["evals"] = extra["evals"]
+        else:
+            attach_ledger(optimizer, checkpoint, charge_existing=restart)
 
     from tqdm.auto import tqdm
 
@@ -546,7 +814,7 @@ def train(cfg: TrainConfig) -> dict:
                     "seconds": seconds,
                     "samples": samples,
                     "samples_per_s": samples / seconds if seconds else None,
-                    "epsilon": epsilon(),
+                    "epsilon": finite_or_none(epsilon()),
                     "train_loss": sum(losses) / len(losses) if losses else None,
                 }
                 losses = []
@@ -560,7 +828,7 @@ def train(cfg: TrainConfig) -> dict:
                 log["peak_memory_mib"] = peak_memory_mib(device)
                 bar.write(
                     f"step {step}: {task.main_metric} {record[task.main_metric]:.4f}"
-                    + (f", epsilon {record['epsilon']:.3g}" if cfg.dp else "")
+                    + (f", epsilon {epsilon():.3g}" if cfg.dp else "")
                 )
                 write_log()
             if checkpoint is not None and (
@@ -569,8 +837,19 @@ def train(cfg: TrainConfig) -> dict:
                 from rmt_kernels.dp import save_checkpoint
 
                 state = {"step": step, "seconds": seconds, "samples": samples}
+                optimisation = {"optimizer": cfg.optimizer, "lr": cfg.lr}
                 save_checkpoint(
-                    checkpoint, model, optimizer, loader, {**state, "evals": log["evals"]}
+                    checkpoint,
+                    model,
+                    optimizer,
+                    loader,
+                    {
+                        **state,
+                        "evals": log["evals"],
+                        "config": {**optimisation, "weight_decay": cfg.weight_decay},
+                        "settings": settings,
+                    },
+                    data_fingerprint=data_fingerprint,
                 )
             if step == total_steps:
                 break
@@ -580,25 +859,64 @@ def train(cfg: TrainConfig) -> dict:
 
         dist.destroy_process_group()
     if cfg.save:
-        _unwrap(model).save_pretrained(cfg.save)
-        tokenizer.save_pretrained(cfg.save)
+        _save_model_atomically(_unwrap(model), tokenizer, Path(cfg.save))
     return log
 
 
-def _checkpointing(cfg: TrainConfig, model, optimizer, loader) -> Path | None:
-    """The checkpoint file of ``--checkpoint-dir`` (its privacy ledger started unless resuming)."""
+def _checkpoint_state(cfg: TrainConfig) -> tuple[Path | None, dict | None, bool]:
+    """(checkpoint file, what to resume or None, whether to restart a run killed before its
+    first checkpoint with its ledger's steps charged), decided before anything is built."""
     if not cfg.checkpoint_dir:
-        return None
-    from rmt_kernels.dp import attach_ledger
+        return None, None, False
+    from rmt_kernels.dp import checkpoint_extra
+    from rmt_kernels.dp.checkpoint import PrivacyLedger, ledger_path
 
     path = Path(cfg.checkpoint_dir) / "checkpoint.pt"
-    if cfg.resume:
-        return path
     if path.exists():
-        raise ValueError(f"{path} exists: continue that run with --resume, or use another folder")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    attach_ledger(optimizer, path)
-    return path
+        if not cfg.resume:
+            raise ValueError(
+                f"{path} exists: continue that run with --resume, or use another folder"
+            )
+        return path, checkpoint_extra(path), False
+    lost = len(PrivacyLedger(ledger_path(path)).entries())
+    if lost:
+        # Its steps touched the data: start over in its place, with them charged.
+        warnings.warn(
+            f"{cfg.checkpoint_dir} holds {lost} step(s) of a run killed before its first "
+            "checkpoint: starting over, with those steps charged",
+            stacklevel=2,
+        )
+        return path, None, True
+    if cfg.resume:
+        warnings.warn(f"nothing to resume in {cfg.checkpoint_dir}: starting the run", stacklevel=2)
+    return path, None, False
+
+
+def _resolve_optimisation(cfg: TrainConfig, resumed: dict | None) -> TrainConfig:
+    """--optimizer, --lr, --weight-decay: given, else the checkpointed run's, else the default.
+    A resume cannot change the optimizer (its state is the checkpoint's); a new --lr or
+    --weight-decay is honoured, and said."""
+    old = ((resumed or {}).get("extra") or {}).get("config") or {}
+    if cfg.optimizer is not None and old.get("optimizer") not in (None, cfg.optimizer):
+        raise ValueError(
+            f"--resume: the checkpointed run trains with --optimizer {old['optimizer']}, whose "
+            f"state cannot continue as --optimizer {cfg.optimizer}: resume without --optimizer, "
+            "or start a new run"
+        )
+    resolved = {}
+    for name, flag, default in (
+        ("optimizer", "--optimizer", DEFAULT_OPTIMIZER),
+        ("lr", "--lr", DEFAULT_LR),
+        ("weight_decay", "--weight-decay", DEFAULT_WEIGHT_DECAY),
+    ):
+        given = getattr(cfg, name)
+        resolved[name] = given if given is not None else old.get(name, default)
+        if given is not None and old.get(name) is not None and old[name] != given:
+            warnings.warn(
+                f"--resume: {flag} {given} replaces the checkpointed run's {old[name]}",
+                stacklevel=2,
+            )
+    return replace(cfg, **resolved)
 
 
 def _denoise_options(cfg: TrainConfig) -> dict | None:
@@ -668,10 +986,12 @@ def evaluate_saved(
     task = get_task(task_name)
     cfg = TrainConfig(task=task.name, model=model_dir)
     model, tokenizer = build_model(cfg, task)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = parse_device(device)
     model.to(dev)
     data = encode(
-        _subset(load_split(task, "validation", data_dir), eval_size, 0), tokenizer, max_length
+        _subset(load_split(task, "validation", data_dir), eval_size, 0, "--eval-size"),
+        tokenizer,
+        max_length,
     )
     metrics = evaluate(model, data, task, batch_size, dev)
     return {
