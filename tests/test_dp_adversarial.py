@@ -475,3 +475,25 @@ def test_explicit_seed_is_reproducible_and_says_the_run_is_not_private():
         _, b = _one_noisy_step(seed=42)
     assert not opt_a.noise_seed_is_secret
     assert torch.equal(a, b)
+
+
+def _first_batch(**kwargs):
+    ids, labels = _data(64, 5)
+    loader = DataLoader(
+        TensorDataset(ids, labels), batch_size=16, generator=torch.Generator().manual_seed(7)
+    )
+    _, _, loader = _make(loader=loader, poisson_sampling=True, **kwargs)
+    return next(iter(loader))[0]
+
+
+def test_poisson_sampling_is_secret_unless_the_noise_seed_is_public():
+    # A loader generator seeded in the script must not key the sampling of a private run: the
+    # amplification by sampling assumes nobody knows which examples formed a batch.
+    a, b = _first_batch(), _first_batch()
+    # Two Poisson draws (rate 1/4 of 64 examples) coincide with probability far below 1e-6.
+    assert a.shape != b.shape or not torch.equal(a, b)
+    with pytest.warns(UserWarning, match="NOT differentially private"):
+        c = _first_batch(seed=1)
+    with pytest.warns(UserWarning, match="NOT differentially private"):
+        d = _first_batch(seed=1)
+    assert torch.equal(c, d)  # a run with a public seed stays reproducible

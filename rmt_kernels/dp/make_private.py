@@ -133,7 +133,9 @@ def make_private(
         seed: None (the default) draws the noise seed from the OS. An int in [0, 2**63) makes
             the noise reproducible (noise key = (seed, step, parameter index)) and the run NOT
             private, since anyone who knows the seed can subtract the noise: a warning says so
-            and ``optimizer.noise_seed_is_secret`` is False. For experiments only.
+            and ``optimizer.noise_seed_is_secret`` is False. For experiments only. The Poisson
+            sampling is seeded from the OS too, unless ``seed`` is given (then from
+            ``data_loader.generator`` when it has one, for reproducible batches).
         secure_mode: also never expose the seed (not in checkpoints); contradicts ``seed``.
         accountant: "prv" (default), "rdp" or "gdp", Opacus's accountants.
         loss_reduction: "mean" if the loss averages over the batch, "sum" if it sums.
@@ -231,7 +233,10 @@ def make_private(
             sample_rate=sample_rate,
             rank=rank,
             world_size=world_size,
-            secure_mode=secure_mode,
+            # Which examples formed a batch must be as secret as the noise (the amplification by
+            # sampling assumes it): the loader's own generator, often seeded publicly, keys the
+            # sampling only in a run that already has a public noise seed.
+            secure_mode=secure_mode or seed is None,
         )
     distributed.broadcast_parameters(model, process_group)
     if target_epsilon is not None:
