@@ -8,7 +8,7 @@ INSTALLED := $(VENV)/.installed
 BUILT := $(VENV)/.built
 SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h') setup.py pyproject.toml
 
-.PHONY: all test bench experiment lint build clean gpu-wheels
+.PHONY: all test bench experiment lint build clean gpu-wheels gpu-report
 
 all: test
 
@@ -36,6 +36,11 @@ test: $(BUILT)
 
 bench: $(BUILT)
 	$(PY) -m bench
+
+# The static GPU plan alone (also part of `make bench`): every Triton kernel built for sm_80/90/100
+# without a GPU; registers, spills, shared memory, float64 counts, H200 rooflines beside CPU times.
+gpu-report: $(BUILT)
+	$(PY) -m bench.gpu_report
 
 # The sample-efficiency experiment (pretrained MiniLM on SST-2, DP-SGD vs DP-SGD + denoise,
 # 3 seeds; about 45 minutes on 2 CPU cores). DATA: a GLUE folder with SST-2.

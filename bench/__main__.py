@@ -2,7 +2,10 @@
 
 1. denoise: one model step of denoising on RoBERTa-base's 72 weight shapes (pytest-benchmark);
 2. dp ops: per-example norms + clipped noisy sums per layer shape, ours vs Opacus;
-3. dp step: one DP fine-tuning step, non-private vs Opacus vs ours (each in its own process).
+3. dp step: one DP fine-tuning step, non-private vs Opacus vs ours (each in its own process);
+4. gpu-static: the static GPU plan (bench/gpu_report.py): every Triton kernel built for sm_80/90/100
+   at RoBERTa-base shapes, registers, spills, shared memory, float64 counts and H200 roofline
+   times beside the CPU time, in bench/results/gpu-static.md. No GPU is measured.
 
 Raw results go to bench/out/; the tables to bench/results/<cpu|gpu>.md, committed when the
 numbers are worth keeping.
@@ -20,7 +23,7 @@ import pytest
 from bench.report import render
 
 HERE = Path(__file__).resolve().parent
-PARTS = ("denoise", "dp-ops", "dp-step")
+PARTS = ("denoise", "dp-ops", "dp-step", "gpu-static")
 
 
 def run_denoise(out_dir: Path) -> str:
@@ -70,6 +73,14 @@ def main(argv: list[str] | None = None) -> int:
     if "dp-step" in parts:
         steps = ["--steps", "3"] if args.quick else []
         sections.append(run_script("bench.dp_step", out_dir / "dp_step.md", *steps))
+    if "gpu-static" in parts:
+        static = HERE / "results" / "gpu-static.md"
+        subprocess.run(
+            [sys.executable, "-m", "bench.gpu_report", "--out", str(static)],
+            cwd=HERE.parent,
+            check=True,
+        )
+        sections.append(f"Static GPU plan (no GPU measured): {static.relative_to(HERE.parent)}")
     report = "\n\n".join(sections)
     print("\n" + report)
     import torch

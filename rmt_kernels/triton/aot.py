@@ -163,7 +163,8 @@ def compile_launches(
     build a dict with ``key``, ``kernel``, ``arch``, ``signature``, ``constexprs``, ``ok``,
     ``error`` (the compiler's message), ``seconds``, ``shared`` and, with ``stats``, ``n_regs``,
     ``n_spill_bytes`` (stores + loads), ``f64`` (float64 instructions in the PTX) and
-    ``f64_fast_path`` (the fewest float64 instructions on any path from entry to exit).
+    ``f64_fast_path`` (the fewest float64 instructions on any path from entry to exit) and
+    ``instructions_fast_path`` (all PTX instructions on that path, a loop body once).
     """
     request = {
         "launches": [launch.to_json() for launch in launches],
@@ -277,57 +278,65 @@ _LABEL = re.compile(r"^\s*(\$?[\w$]+):\s*$")
 _BRANCH = re.compile(r"^\s*(@!?%\w+\s+)?bra(\.uni)?\s+(\$?[\w$]+);")
 
 
-def f64_counts(ptx: str) -> tuple[int, int]:
-    """(float64 instructions in ``ptx``, the fewest of them on any entry-to-exit path).
+def f64_counts(ptx: str) -> tuple[int, int, int]:
+    """(float64 instructions in ``ptx``, the fewest of them on any entry-to-exit path, all
+    instructions on that path).
 
     The second number is what a block pays when it takes no rare branch: the PTX is split into
     basic blocks at labels and branches, and a shortest path (weights: float64 instructions per
-    block) runs from the entry block to a block that returns.
+    block, then instructions) runs from the entry block to a block that returns. The third counts
+    a loop body once.
     """
     import heapq
 
     body = ptx[ptx.index("{", ptx.index(".entry")) + 1 :]
-    blocks: list[dict] = [{"label": None, "f64": 0, "succ": [], "falls": True, "ret": False}]
+
+    def block(label=None):
+        return {"label": label, "f64": 0, "n": 0, "succ": [], "falls": True, "ret": False}
+
+    blocks: list[dict] = [block()]
     for line in body.splitlines():
         line = line.split("//")[0]
-        if not line.strip():
+        if not line.strip() or line.strip() in ("{", "}") or line.strip().startswith("."):
             continue
         if m := _LABEL.match(line):
-            blocks.append({"label": m.group(1), "f64": 0, "succ": [], "falls": True, "ret": False})
+            blocks.append(block(m.group(1)))
             continue
         cur = blocks[-1]
+        cur["n"] += 1
         if _F64.match(line):
             cur["f64"] += 1
         if m := _BRANCH.match(line):
             cur["succ"].append(m.group(3))
             if m.group(1) is None:  # unconditional: no fall-through
                 cur["falls"] = False
-            blocks.append({"label": None, "f64": 0, "succ": [], "falls": True, "ret": False})
+            blocks.append(block())
         elif re.match(r"^\s*(@!?%\w+\s+)?(ret|exit|trap)\b", line):
             cur["ret"] = True
             if not re.match(r"^\s*@", line):
                 cur["falls"] = False
-            blocks.append({"label": None, "f64": 0, "succ": [], "falls": True, "ret": False})
+            blocks.append(block())
     total = sum(b["f64"] for b in blocks)
     index = {b["label"]: i for i, b in enumerate(blocks) if b["label"]}
-    dist = {0: blocks[0]["f64"]}
-    heap = [(blocks[0]["f64"], 0)]
+    start = (blocks[0]["f64"], blocks[0]["n"])
+    dist = {0: start}
+    heap = [(start, 0)]
     while heap:
         d, i = heapq.heappop(heap)
-        if d > dist.get(i, float("inf")):
+        if d > dist.get(i, (float("inf"), 0)):
             continue
-        block = blocks[i]
-        if block["ret"] or (block["falls"] and i + 1 == len(blocks)):
-            return total, d
-        nxt = [index[s] for s in block["succ"] if s in index]
-        if block["falls"] and i + 1 < len(blocks):
+        b = blocks[i]
+        if b["ret"] or (b["falls"] and i + 1 == len(blocks)):
+            return total, d[0], d[1]
+        nxt = [index[s] for s in b["succ"] if s in index]
+        if b["falls"] and i + 1 < len(blocks):
             nxt.append(i + 1)
         for j in nxt:
-            nd = d + blocks[j]["f64"]
-            if nd < dist.get(j, float("inf")):
+            nd = (d[0] + blocks[j]["f64"], d[1] + blocks[j]["n"])
+            if nd < dist.get(j, (float("inf"), 0)):
                 dist[j] = nd
                 heapq.heappush(heap, (nd, j))
-    return total, total
+    return total, total, sum(b["n"] for b in blocks)
 
 
 def _ptxas_stats(ptx: str, arch: int) -> dict:
@@ -394,7 +403,7 @@ def _build(job: tuple[dict, int, bool, bool]) -> dict:
     if stats:
         ptx = compiled.asm["ptx"]
         out.update(_ptxas_stats(ptx, arch))
-        out["f64"], out["f64_fast_path"] = f64_counts(ptx)
+        out["f64"], out["f64_fast_path"], out["instructions_fast_path"] = f64_counts(ptx)
     out["seconds"] = time.perf_counter() - start
     return out
 
