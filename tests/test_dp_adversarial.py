@@ -497,3 +497,46 @@ def test_poisson_sampling_is_secret_unless_the_noise_seed_is_public():
     with pytest.warns(UserWarning, match="NOT differentially private"):
         d = _first_batch(seed=1)
     assert torch.equal(c, d)  # a run with a public seed stays reproducible
+
+
+def test_per_parameter_bounds_are_summed_without_rounding_below_them(monkeypatch):
+    # Invariant 6 across parameters: one bound of 1 and eleven of 0.99 * 2^-24 sum to exactly 1
+    # in float32 (each addition rounds the small one away), which would let the example through
+    # at C / 1 although its certified squared norm is 1 + 10.9 * 2^-24: the engine must hand
+    # clip_scales the per-parameter bounds (summed there in float64).
+    import rmt_kernels.dp.engine as engine_module
+    from rmt_kernels import dp_ops
+
+    model = nn.Sequential(*[nn.Linear(3, 3) for _ in range(6)])
+    rule = dp_ops.get_layer_rule(model[0])
+    small = 0.99 * 2.0**-24
+
+    def sq_norms(module, x, dy):
+        ones = torch.ones(x.shape[0])
+        return {"weight": ones if module is model[0] else ones * small, "bias": ones * small}
+
+    monkeypatch.setitem(
+        dp_ops._RULES, nn.Linear, dp_ops.LayerRule(sq_norms, rule.clipped_noisy_sums)
+    )
+    seen = []
+    real = engine_module.clip_scales
+    monkeypatch.setattr(
+        engine_module, "clip_scales", lambda q, c: seen.append(real(q, c)) or seen[-1]
+    )
+    x, y = torch.randn(4, 3), torch.randn(4, 3)
+    loader = DataLoader(TensorDataset(x, y), batch_size=4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    model, opt, _ = make_private(
+        model,
+        opt,
+        loader,
+        target_delta=1e-5,
+        max_grad_norm=1.0,
+        noise_multiplier=0.0,
+        poisson_sampling=False,
+        verify_layout=False,
+    )
+    (model(x) - y).square().sum().backward()
+    opt.step()
+    (scale,) = seen
+    assert (scale.double() * math.sqrt(1 + 11 * small) <= 1.0).all()

@@ -380,9 +380,10 @@ class PrivateEngine:
         factor = batch if self.loss_reduction == "mean" else 1
         return [(layer, x, dy * factor if factor != 1 else dy) for layer, x, dy in captured]
 
-    def per_example_sq_norms(self, captured) -> torch.Tensor:
-        """Squared norms (B,) of each example's gradient over ALL trainable parameters."""
-        total = None
+    def per_parameter_sq_norms(self, captured) -> list[torch.Tensor]:
+        """Certified upper bounds (B,) of each example's squared gradient norm, one tensor per
+        trainable parameter (what :func:`clip_scales` sums in float64)."""
+        parts = []
         for layer, x, dy in captured:
             norms = layer.rule.sq_norms(layer.module, x, dy)
             missing = set(layer.params) - set(norms)
@@ -390,8 +391,16 @@ class PrivateEngine:
                 raise RuntimeError(
                     f"DP engine: the rule of '{layer.name}' gave no norm for {sorted(missing)}"
                 )
-            for name in layer.params:
-                total = norms[name].float() if total is None else total + norms[name].float()
+            parts.extend(norms[name] for name in layer.params)
+        return parts
+
+    def per_example_sq_norms(self, captured) -> torch.Tensor:
+        """Squared norms (B,) of each example's gradient over ALL trainable parameters (float64
+        sum of the per-parameter bounds)."""
+        parts = self.per_parameter_sq_norms(captured)
+        total = parts[0].double()
+        for part in parts[1:]:
+            total = total + part.double()
         return total
 
     def _accumulate(self, noise_std: float) -> None:
@@ -399,7 +408,9 @@ class PrivateEngine:
         captured = self._grad_outputs(self.capture.take())
         # Dividing by the expected batch size is folded into the clip factors and the noise std
         # (noise_std arrives already divided), so the sums come out averaged with no extra pass.
-        scale = clip_scales(self.per_example_sq_norms(captured), self.max_grad_norm)
+        # The per-parameter bounds are summed in float64 inside clip_scales: a float32 total
+        # could round below the certified bound (invariant 6).
+        scale = clip_scales(self.per_parameter_sq_norms(captured), self.max_grad_norm)
         scale = scale / self.expected_batch_size
         for layer, x, dy in captured:
             offsets = {
