@@ -5,6 +5,8 @@ were in (abstaining on the unsure), and turn the right guesses into an epsilon l
 confidence level. A bound above the accountant's epsilon proves a privacy bug.
 
 - :mod:`~rmt_kernels.audit.bound`: the paper's p-value and the epsilon lower bound.
+- :mod:`~rmt_kernels.audit.fdp`: the f-DP one-run bound (Mahloujifar, Melis and Chaudhuri,
+  ICML 2025): a mu-GDP lower bound, far tighter for Gaussian noise.
 - :mod:`~rmt_kernels.audit.guesses`: coin flips, guesses with abstention.
 - :mod:`~rmt_kernels.audit.strategy`: choosing the guess counts without voiding the bound.
 - :mod:`~rmt_kernels.audit.whitebox`: Dirac canaries through the native engine.
@@ -14,6 +16,12 @@ confidence level. A bound above the accountant's epsilon proves a privacy bug.
 """
 
 from rmt_kernels.audit.bound import epsilon_lower_bound, p_value
+from rmt_kernels.audit.fdp import (
+    dp_epsilon_lower_bound,
+    fdp_rejects,
+    gdp_epsilon_lower_bound,
+    gdp_mu_lower_bound,
+)
 from rmt_kernels.audit.gaussian import gaussian_delta, gaussian_epsilon
 from rmt_kernels.audit.guesses import count_correct, draw_inclusion, make_guesses
 from rmt_kernels.audit.strategy import (
@@ -33,10 +41,14 @@ __all__ = [
     "audit",
     "count_correct",
     "default_choices",
+    "dp_epsilon_lower_bound",
     "draw_inclusion",
     "epsilon_lower_bound",
+    "fdp_rejects",
     "gaussian_delta",
     "gaussian_epsilon",
+    "gdp_epsilon_lower_bound",
+    "gdp_mu_lower_bound",
     "make_guesses",
     "p_value",
 ]

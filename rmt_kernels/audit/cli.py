@@ -4,7 +4,10 @@
 
 trains a Dirac-canary model through ``make_private`` (:mod:`rmt_kernels.audit.whitebox`) and
 prints the accountant's epsilon, the audit's lower bound and its confidence. A bound above the
-accountant's epsilon is a privacy bug. Bad arguments: exit status 2 and one line on stderr.
+accountant's epsilon is a privacy bug. ``--method`` picks the bound: ``fdp`` (the f-DP one-run
+bound on mu-GDP, :mod:`rmt_kernels.audit.fdp`; the default at sample rate 1, where the claim is
+Gaussian) or ``steinke`` (the (eps, delta) bound; the default below sample rate 1). Bad
+arguments: exit status 2 and one line on stderr.
 """
 
 from __future__ import annotations
@@ -49,6 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--denoise-kappa", type=float, default=None, help="denoise at this kappa")
     p.add_argument("--accountant", default="prv", choices=("prv", "rdp", "gdp"))
+    p.add_argument(
+        "--method",
+        default="auto",
+        choices=("auto", "steinke", "fdp"),
+        help="the bound: fdp (f-DP, Mahloujifar et al.: a mu-GDP bound, tight for Gaussian "
+        "noise), steinke (Steinke et al.: (eps, delta), any mechanism); auto (default): fdp "
+        "at sample rate 1, where the claim is Gaussian, else steinke",
+    )
     p.add_argument("--seed", type=int, default=0, help="coin flips, data, sampling, noise")
     p.add_argument("--json", default=None, help="write the result here")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -73,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             denoise=None if args.denoise_kappa is None else {"kappa": args.denoise_kappa},
             accountant=args.accountant,
+            method=args.method,
         )
     except ValueError as e:
         sys.stderr.write(f"rmt-audit: error: {e}\n")
@@ -98,6 +110,13 @@ def main(argv: list[str] | None = None) -> int:
         f"audit lower bound:   {a.epsilon:.4f}  (confidence {1 - a.p_fail:g}; "
         f"{a.correct}/{a.guesses} guesses right of {a.canaries} canaries)"
     )
+    if a.mu is not None:
+        print(
+            f"mu-GDP:              claimed {cfg.claimed_mu:.4f}, lower bound {a.mu:.4f} "
+            "(f-DP one-run bound; epsilon above is its Gaussian epsilon at delta)"
+        )
+    else:
+        print("method:              steinke ((eps, delta) one-run bound)")
     verdict = "BUG: above the accountant" if a.epsilon > res.accountant_epsilon else "consistent"
     print(f"verdict:             {verdict}")
     if args.json:

@@ -14,6 +14,11 @@ wrong with probability ``p_fail``, is wrong more often). Two corrections, after 
   first part's coin flips and scores, the second part is a one-run audit of its own canaries (the
   first part's canaries are then just fixed data), so the theorem applies with ``m`` = its size.
 - :class:`Fixed`: one choice made in advance (no correction).
+
+Two bounds (``method``): ``"steinke"``, the (eps, delta) bound of :mod:`rmt_kernels.audit.bound`
+(sound for any mechanism), and ``"fdp"``, the f-DP bound of :mod:`rmt_kernels.audit.fdp` for a
+Gaussian claim (a bound on mu-GDP, reported with its epsilon at delta; far tighter for Gaussian
+noise, and sound when the claimed mechanism is a Gaussian one, e.g. DP-SGD at sample rate 1).
 """
 
 from __future__ import annotations
@@ -25,9 +30,13 @@ from collections.abc import Sequence
 import numpy as np
 
 from rmt_kernels.audit.bound import epsilon_lower_bound
+from rmt_kernels.audit.fdp import gdp_mu_lower_bound
+from rmt_kernels.audit.gaussian import gaussian_epsilon
 from rmt_kernels.audit.guesses import _check_scores
 
-__all__ = ["AuditResult", "Bonferroni", "Fixed", "Split", "audit", "default_choices"]
+__all__ = ["METHODS", "AuditResult", "Bonferroni", "Fixed", "Split", "audit", "default_choices"]
+
+METHODS = ("steinke", "fdp")
 
 
 def default_choices(num_canaries: int) -> list[tuple[int, int]]:
@@ -86,6 +95,9 @@ class AuditResult:
         k_plus, k_minus: the chosen numbers of IN and OUT guesses.
         hypotheses: how many choices shared ``p_fail`` (Bonferroni), else 1.
         strategy: "bonferroni", "split" or "fixed".
+        method: "steinke" or "fdp" (see the module docstring).
+        mu: under "fdp", the mu-GDP lower bound (``epsilon`` is the Gaussian mechanism's
+            epsilon at ``delta`` of this mu); None under "steinke".
     """
 
     epsilon: float
@@ -98,6 +110,8 @@ class AuditResult:
     k_minus: int
     hypotheses: int
     strategy: str
+    method: str = "steinke"
+    mu: float | None = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -129,11 +143,26 @@ def _check_choices(choices, m: int) -> np.ndarray:
     return c
 
 
-def _best(scores, included, choices, p_fail, delta):
+def _bounds(method: str, m: int, r, v, p_fail: float, delta: float):
+    """``(eps, mu)`` of each ``(r, v)``: mu is None under "steinke"."""
+    if method == "steinke":
+        return epsilon_lower_bound(m, r, v, p_fail=p_fail, delta=delta), None
+    mu = np.atleast_1d(gdp_mu_lower_bound(m, r, v, p_fail=p_fail))
+    return mu, mu  # ranked by mu (epsilon at delta is increasing in mu)
+
+
+def _to_eps(method: str, bound: float, delta: float) -> tuple[float, float | None]:
+    if method == "steinke":
+        return bound, None
+    return (gaussian_epsilon(bound, delta) if bound > 0 else 0.0), bound
+
+
+def _best(scores, included, choices, p_fail, delta, method="steinke"):
     r, v = _counts(scores, included, choices)
-    bounds = epsilon_lower_bound(scores.size, r, v, p_fail=p_fail, delta=delta)
+    bounds, _ = _bounds(method, scores.size, r, v, p_fail, delta)
     i = int(np.argmax(bounds))
-    return float(bounds[i]), int(r[i]), int(v[i]), int(choices[i, 0]), int(choices[i, 1])
+    eps, mu = _to_eps(method, float(bounds[i]), delta)
+    return eps, int(r[i]), int(v[i]), int(choices[i, 0]), int(choices[i, 1]), mu
 
 
 def audit(
@@ -143,6 +172,7 @@ def audit(
     p_fail: float = 0.05,
     delta: float = 0.0,
     strategy: Bonferroni | Split | Fixed | None = None,
+    method: str = "steinke",
 ) -> AuditResult:
     """The one-run epsilon lower bound from canary scores and their coin flips.
 
@@ -154,6 +184,8 @@ def audit(
         delta: the delta of the (eps, delta) claim tested, in [0, 1); keep ``m * delta`` small
             (the p-value has a ``2 m delta`` term).
         strategy: :class:`Bonferroni` (default), :class:`Split` or :class:`Fixed`.
+        method: "steinke" (the (eps, delta) bound, any mechanism) or "fdp" (the f-DP bound on
+            mu-GDP, for a Gaussian claim; needs ``delta > 0`` for its epsilon).
 
     Returns:
         An :class:`AuditResult`.
@@ -169,26 +201,32 @@ def audit(
         raise ValueError(f"p_fail must be a number in (0, 1), got {p_fail!r}")
     if not (isinstance(delta, (int, float)) and 0 <= delta < 1):
         raise ValueError(f"delta must be a number in [0, 1), got {delta!r}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method == "fdp" and delta <= 0:
+        raise ValueError(
+            f"delta must be > 0 with method 'fdp' (mu-GDP has no epsilon at 0), got {delta}"
+        )
     strategy = Bonferroni() if strategy is None else strategy
     m = s.size
     if isinstance(strategy, Fixed):
         choices = _check_choices([(strategy.k_plus, strategy.k_minus)], m)
-        eps, r, v, kp, km = _best(s, inc, choices, p_fail, delta)
-        return AuditResult(eps, p_fail, delta, m, r, v, kp, km, 1, "fixed")
+        eps, r, v, kp, km, mu = _best(s, inc, choices, p_fail, delta, method)
+        return AuditResult(eps, p_fail, delta, m, r, v, kp, km, 1, "fixed", method, mu)
     if isinstance(strategy, Bonferroni):
         raw = default_choices(m) if strategy.choices is None else strategy.choices
         choices = _check_choices(raw, m)
         h = choices.shape[0]
-        eps, r, v, kp, km = _best(s, inc, choices, p_fail / h, delta)
-        return AuditResult(eps, p_fail, delta, m, r, v, kp, km, h, "bonferroni")
+        eps, r, v, kp, km, mu = _best(s, inc, choices, p_fail / h, delta, method)
+        return AuditResult(eps, p_fail, delta, m, r, v, kp, km, h, "bonferroni", method, mu)
     if isinstance(strategy, Split):
         perm = np.random.default_rng(strategy.seed).permutation(m)
         n_a = round(strategy.fraction * m)
         if n_a < 2 or m - n_a < 1:
             raise ValueError(f"Split: {m} canaries are too few to split at {strategy.fraction}")
         a, b = perm[:n_a], perm[n_a:]
-        _, _, _, kp, km = _best(
-            s[a], inc[a], _check_choices(default_choices(n_a), n_a), p_fail, delta
+        _, _, _, kp, km, _ = _best(
+            s[a], inc[a], _check_choices(default_choices(n_a), n_a), p_fail, delta, method
         )
         # Carry the chosen counts over as score thresholds, which apply to any part.
         ranked = np.sort(s[a])[::-1]
@@ -197,7 +235,8 @@ def audit(
         truth = inc[b]
         r = int(guess_in.sum() + guess_out.sum())
         v = int((guess_in & truth).sum() + (guess_out & ~truth).sum())
-        eps = float(epsilon_lower_bound(b.size, r, v, p_fail=p_fail, delta=delta))
+        bound, _ = _bounds(method, b.size, np.int64(r), np.int64(v), p_fail, delta)
+        eps, mu = _to_eps(method, float(np.ravel(bound)[0]), delta)
         return AuditResult(
             eps,
             p_fail,
@@ -209,5 +248,7 @@ def audit(
             int(guess_out.sum()),
             1,
             "split",
+            method,
+            mu,
         )
     raise TypeError(f"strategy must be Bonferroni, Split or Fixed, got {strategy!r}")

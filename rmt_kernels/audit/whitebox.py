@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from rmt_kernels.audit.guesses import draw_inclusion
-from rmt_kernels.audit.strategy import AuditResult, Bonferroni, Fixed, Split, audit
+from rmt_kernels.audit.strategy import METHODS, AuditResult, Bonferroni, Fixed, Split, audit
 
 __all__ = ["WhiteBoxConfig", "WhiteBoxResult", "canary_signs", "white_box_audit"]
 
@@ -66,6 +66,12 @@ class WhiteBoxConfig:
         accountant: ``make_private``'s accountant ("prv", "rdp", "gdp").
         lr: SGD learning rate (the gradients do not depend on the weights: any value audits the
             same mechanism).
+        method: the bound: "fdp" (the f-DP bound on mu-GDP, :mod:`rmt_kernels.audit.fdp`),
+            "steinke" (the (eps, delta) bound, :mod:`rmt_kernels.audit.bound`), or "auto":
+            "fdp" at sample rate 1, where the accountant's claim is exactly Gaussian (``steps``
+            full-batch Gaussian steps compose to mu-GDP, ``mu = sqrt(steps) /
+            noise_multiplier``), else "steinke" (a Poisson-subsampled Gaussian is not a
+            Gaussian: comparing a mu-GDP bound with its epsilon would not be sound).
     """
 
     canaries: int = 1024
@@ -82,6 +88,7 @@ class WhiteBoxConfig:
     denoise: dict | None = None
     accountant: str = "prv"
     lr: float = 0.1
+    method: str = "auto"
 
     def __post_init__(self) -> None:
         def need(ok: bool, name: str, expected: str) -> None:
@@ -120,6 +127,22 @@ class WhiteBoxConfig:
         need(is_num(self.p_fail) and 0 < self.p_fail < 1, "p_fail", "in (0, 1)")
         need(is_int(self.seed) and self.seed >= 0, "seed", "an int >= 0")
         need(is_num(self.lr), "lr", "a finite number")
+        need(self.method in ("auto", *METHODS), "method", f"one of {('auto', *METHODS)}")
+
+    @property
+    def resolved_method(self) -> str:
+        """The bound used: ``method``, with "auto" resolved (see the attributes)."""
+        if self.method != "auto":
+            return self.method
+        return "fdp" if self.sample_rate == 1 else "steinke"
+
+    @property
+    def claimed_mu(self) -> float | None:
+        """The accountant's claim as mu-GDP at sample rate 1 (``sqrt(steps) / sigma``), else
+        None (not a Gaussian claim)."""
+        if self.sample_rate != 1:
+            return None
+        return math.sqrt(self.steps) / self.noise_multiplier
 
     @property
     def side(self) -> int:
@@ -144,6 +167,9 @@ class WhiteBoxResult:
             "config": dataclasses.asdict(self.config),
             "accountant_epsilon": self.accountant_epsilon,
             "epsilon_lower_bound": self.audit.epsilon,
+            "method": self.audit.method,
+            "claimed_mu": self.config.claimed_mu,
+            "mu_lower_bound": self.audit.mu,
             "confidence": 1 - self.audit.p_fail,
             "audit": self.audit.to_dict(),
         }
@@ -264,7 +290,14 @@ def white_box_audit(
             step += 1
             if progress is not None:
                 progress(1)
-    result = audit(scores.numpy(), included, p_fail=cfg.p_fail, delta=cfg.delta, strategy=strategy)
+    result = audit(
+        scores.numpy(),
+        included,
+        p_fail=cfg.p_fail,
+        delta=cfg.delta,
+        strategy=strategy,
+        method=cfg.resolved_method,
+    )
     return WhiteBoxResult(
         config=cfg,
         audit=result,
