@@ -182,7 +182,8 @@ def test_simulated_over_strong_mechanism_caught():
     Halving the noise (mu = 1, true epsilon 4.89) is NOT caught by the one-run bound: the
     Gaussian's privacy loss is unbounded and the one-run theorem is tight only for
     mechanisms whose guesses look like randomized response; here the bound is 1.90 < 2.25
-    (asserted below, so a change in this limit is noticed)."""
+    (asserted below, so a change in this limit is noticed). The f-DP bound catches it:
+    tests/test_audit_fdp.py::test_noise_halved_caught_where_steinke_is_not."""
     delta = 1e-6
     claimed = gaussian_epsilon(0.5, delta)
     for seed in range(3):

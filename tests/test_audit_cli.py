@@ -36,6 +36,19 @@ def test_cli_prints_and_writes_json(tmp_path, capsys):
     data = json.loads(out.read_text())
     assert data["mode"] == "white-box" and data["confidence"] == 0.95
     assert 0 <= data["epsilon_lower_bound"] < data["accountant_epsilon"]
+    # Sample rate 1: the default bound is the f-DP one on mu-GDP, beside the claimed mu.
+    assert data["method"] == "fdp" and "mu-GDP" in text
+    assert data["claimed_mu"] == 0.5 and 0 <= data["mu_lower_bound"] < 0.5
+
+
+def test_cli_method_steinke(tmp_path, capsys):
+    out = tmp_path / "audit.json"
+    argv = ["--canaries", "256", "--examples", "16", "--steps", "2", "--noise-multiplier", "4"]
+    rc = main([*argv, "--method", "steinke", "--json", str(out), "--no-progress"])
+    assert rc == 0
+    assert "steinke" in capsys.readouterr().out
+    data = json.loads(out.read_text())
+    assert data["method"] == "steinke" and data["mu_lower_bound"] is None
 
 
 @pytest.mark.parametrize(
@@ -47,6 +60,7 @@ def test_cli_prints_and_writes_json(tmp_path, capsys):
         ["--bogus"],
         ["--noise-multiplier", "-1"],
         ["--delta", "1"],
+        ["--method", "gdp"],
     ],
 )
 def test_cli_bad_arguments_exit_2_one_line(argv, capsys):

@@ -4,14 +4,18 @@ a bound below its accountant's epsilon; engines broken on purpose here give boun
 Set-up shared by the tests: m = 4096 Dirac canaries, 256 ordinary examples, full-batch steps
 (sample rate 1), 4 steps at noise multiplier 8, so each canary's score is a Gaussian mechanism
 with mu = sqrt(4) / 8 = 0.25: the accountant's epsilon at delta = 1e-12 is 1.68. The audit runs
-at p_fail = 1e-7 with the Bonferroni correction over its 24 guess counts.
+at p_fail = 1e-7 with the Bonferroni correction over its 24 guess counts, with the default
+method at sample rate 1: the f-DP bound on mu-GDP (rmt_kernels.audit.fdp), reported as the
+Gaussian epsilon at delta.
 
 False failures. Honest engine: by the one-run theorem the bound exceeds the true epsilon (<= the
 accountant's) with probability <= p_fail = 1e-7, so the honest tests fail falsely with
-probability < 1e-6 together (measured: bound 0.08). Broken engines: each bug makes the
-IN and OUT scores separate almost perfectly, and 2048 right guesses (the largest one-sided
-guess count) give a bound of 4.66 at this p_fail and delta, 2.8x the accountant's 1.68; the
-margins are stated per test. Seeds are fixed, so every run is the same.
+probability < 1e-6 together (measured: mu 0.020, epsilon 0.125; the Steinke bound: 0.077).
+Broken engines: each gross bug makes the IN and OUT scores separate almost perfectly, and 2048
+right guesses (the largest one-sided guess count) give mu 0.959, epsilon 6.92 at this p_fail and
+delta (the Steinke bound: 4.66), 4.1x the accountant's 1.68; the margins are stated per test.
+Noise halved is the subtle bug: it has a test of its own at a setting sized for it (below).
+Seeds are fixed, so every run is the same.
 """
 
 import numpy as np
@@ -62,7 +66,7 @@ def test_honest_engine_with_sampling_accumulation_and_denoising():
 
 def test_unclipped_canary_caught(monkeypatch):
     """Clip factors of 1: a canary's gradient has norm 100 C instead of C, so its score moves by
-    400 against noise of 16: every guess is right; 2048 of them give a bound of 4.66 (> 2.5 x
+    400 against noise of 16: every guess is right; 2048 of them give a bound of 6.92 (> 2.5 x
     1.68)."""
     real = engine_module.clip_scales
     # Whatever form the norms take (a total or per-parameter list), every factor becomes 1.
@@ -75,7 +79,7 @@ def test_unclipped_canary_caught(monkeypatch):
 def test_noise_reused_across_steps_caught(monkeypatch):
     """Noise keyed without the step (the same noise on every step): with each canary's balanced
     signs the repeated noise cancels exactly, OUT canaries score exactly 0 and IN ones 4: every
-    guess is right, bound >= 4.66 > 2.5 x 1.68."""
+    guess is right, bound 6.92 > 2.5 x 1.68."""
     real = engine_module.noise_offset
     monkeypatch.setattr(engine_module, "noise_offset", lambda step, i, n: real(0, i, n))
     res = white_box_audit(BASE)
@@ -86,15 +90,48 @@ def test_noise_reused_across_steps_caught(monkeypatch):
 def test_noise_too_small_caught(monkeypatch):
     """Noise std 1/16 of what the accountant is told (mu = 4 instead of 0.25). With 4 standard
     deviations between IN and OUT scores the 2048 most extreme guesses are all right (the
-    chance that one of them is wrong is below 1e-4), bound 4.66 > 2.5 x 1.68.
-
-    Halving the noise is below the one-run bound's resolution: the true epsilon becomes 3.45
-    (mu = 0.5) but this audit's bound is 0.48 (measured), see
-    tests/test_audit_bound.py::test_simulated_over_strong_mechanism_caught."""
+    chance that one of them is wrong is below 1e-4), bound 6.92 > 2.5 x 1.68."""
     real = PrivateEngine.sigma
     monkeypatch.setattr(PrivateEngine, "sigma", lambda self: real(self) / 16)
     res = white_box_audit(BASE)
     assert res.audit.epsilon > 2.5 * res.accountant_epsilon
+
+
+# Sized for noise halved: at BASE (mu 0.25, p_fail 1e-7) halving gives true mu 0.5 and the f-DP
+# bound only 0.10 (Steinke: epsilon 0.48). The one-run f-DP bound reaches about 0.6 of the true
+# mu at 95% confidence (0.4 at p_fail 1e-7, even with 262144 canaries), so a factor 2 is
+# separable at 95% and not at 1e-7: m = 32768, 2 full-batch steps at sigma sqrt(2), so the
+# claim is mu = 1 (epsilon 4.90 at delta 1e-6), and noise halved makes it mu = 2 (11.0).
+HALVED = WhiteBoxConfig(
+    canaries=32768,
+    examples=256,
+    steps=2,
+    noise_multiplier=2**0.5,
+    p_fail=0.05,
+    delta=1e-6,
+    seed=0,
+)
+
+
+def test_noise_halved_caught(monkeypatch):
+    """The engine as shipped gives mu 0.602 (epsilon 2.77) below its claim of 1 (4.90); with the
+    noise std halved the bound is mu 1.181 (epsilon 5.91): caught, at 95% confidence.
+
+    False failures. Honest run: the theorem bounds a bound above the truth by p_fail = 0.05;
+    the measured gap is 0.4 in mu, 10 standard deviations of the bound (0.037 over 30
+    simulated runs of this setting, tests/test_audit_fdp.py). Halved run: the bound must exceed
+    1; its mean over 30 simulated runs is 1.237, sd 0.055, min 1.141 (4.3 sd above 1). The
+    seed is fixed, so the run is the same every time. The Steinke bound of the halved run is
+    about 4.1 < 4.90: it does not catch this bug."""
+    honest = white_box_audit(HALVED)
+    assert honest.audit.method == "fdp" and honest.config.claimed_mu == pytest.approx(1.0)
+    assert honest.accountant_epsilon == pytest.approx(4.90, abs=0.05)
+    assert honest.audit.mu < 0.8 and honest.audit.epsilon < honest.accountant_epsilon
+    real = PrivateEngine.sigma
+    monkeypatch.setattr(PrivateEngine, "sigma", lambda self: real(self) / 2)
+    halved = white_box_audit(HALVED)
+    assert halved.accountant_epsilon == honest.accountant_epsilon
+    assert halved.audit.mu > 1.0 and halved.audit.epsilon > halved.accountant_epsilon
 
 
 def test_canary_signs_balanced():
@@ -113,6 +150,7 @@ def test_canary_signs_balanced():
         ({"delta": 0.0}, "delta"),
         ({"physical_batches": 0}, "physical_batches"),
         ({"p_fail": 1.0}, "p_fail"),
+        ({"method": "gdp"}, "method"),
     ],
 )
 def test_config_rejects_bad_values(kwargs, match):
