@@ -17,8 +17,8 @@ coins), for every ``i``
     R_{i+1} <= b(H_i),   R_i = E[T 1{T >= i}] / m,   H_i = E[(c - T) 1{T >= i}] / m
 
 (on ``C_j``, ``T_-j >= i`` is ``T >= i + 1``; on ``W_j`` it is ``T >= i``). With
-``a_k = P[T = k]``: ``R_i - R_{i+1} = k a_i / m`` at ``k = i`` and ``H_i - H_{i+1} = (c - i) a_i
-/ m``, and ``R_0 + H_0 = c / m`` (the a_k sum to 1).
+``a_k = P[T = k]``: ``R_i - R_{i+1} = i a_i / m``, ``H_i - H_{i+1} = (c - i) a_i / m``, and
+``R_0 + H_0 = c / m`` (the a_k sum to 1).
 
 The recursion. Suppose ``P[T >= v] >= tau``. The least total mass compatible with the
 constraints is built greedily from the top: ``a_v = tau`` (mass above ``v`` moved down to ``v``
@@ -37,7 +37,8 @@ Families of claims (``b^-1`` of each):
 
 - mu-GDP: ``b^-1(y) = Phi(Phi^-1(y) - mu)``. A weaker claim (larger mu) has a larger ``b``,
   a smaller ``b^-1``, so a smaller greedy total (the same induction): rejecting mu rejects
-  every mu' < mu, and the bound on mu is the largest rejected mu (bisection).
+  every mu' < mu, and the bound on mu is the largest rejected mu. So if the run is mu-GDP,
+  the bound exceeds mu only if mu itself is rejected: probability < p_fail.
 - (eps, delta)-DP: ``b(x) = min(1, e^eps x + delta, 1 - e^-eps (1 - delta - x))``, the
   trade-off of any (eps, delta)-DP mechanism; a sound epsilon lower bound for every mechanism.
 
