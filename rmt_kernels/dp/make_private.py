@@ -136,7 +136,10 @@ def make_private(
             and ``optimizer.noise_seed_is_secret`` is False. For experiments only. The Poisson
             sampling is seeded from the OS too, unless ``seed`` is given (then from
             ``data_loader.generator`` when it has one, for reproducible batches).
-        secure_mode: also never expose the seed (not in checkpoints); contradicts ``seed``.
+        secure_mode: draw the seed from the OS (as the default does) and also the Poisson
+            sampler's generator; contradicts ``seed``. A secret seed is never written to a log
+            or a checkpoint in either mode; only an explicit ``seed`` is checkpointed (so a
+            resume on the same data can replay its lost steps for free).
         accountant: "prv" (default), "rdp" or "gdp", Opacus's accountants.
         loss_reduction: "mean" if the loss averages over the batch, "sum" if it sums.
         process_group: the torch.distributed group to train in; by default the whole world when
