@@ -240,7 +240,7 @@ def build_report(repeats: int = 3) -> tuple[str, dict]:
         "Written by `python -m bench.gpu_report` (`make gpu-report`, also run by `make bench`) on "
         f"a machine without a GPU ({platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} when the CPU times were "
-        "taken: other jobs may share it), torch {torch.__version__}, triton "
+        f"taken: other jobs may share it), torch {torch.__version__}, triton "
         f"{__import__('triton').__version__}. Every figure below is either a compiler output "
         "(Triton + the wheel's ptxas) or arithmetic on the H200 spec sheet; **no GPU time is "
         "measured here**. It is the plan for the first GPU run (bench/gpu/run.sh): which kernel "
