@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 
 #include "cpu/dp_common.h"
 
@@ -24,32 +25,109 @@ bool use_gram_route(int64_t T, int64_t d_in, int64_t d_out) {
 
 // The Gram route's sum is symmetric in (t, s), so only the upper triangle is computed: the
 // sequence is cut into strips of kGramStrip rows, and strip i is multiplied against rows i.. T
-// (one bmm per strip and operand; the strip's diagonal block counts once, the rest twice).
+// (one GEMM per strip and operand; the strip's diagonal block counts once, the rest twice).
 // That is (T / strip + 1) / (2 T / strip) of the full T x T flops, 62.5% at T = 128. Measured
 // 2026-11-29 on a 2-core EPYC, RoBERTa shapes, B in {8, 32}, T in {64, 128}: strips of 32 are
 // 8-19% faster than tiles of 64 and 13-31% faster than full T x T bmm; strips of 16 and a
-// recursive halving of the triangle lose bmm efficiency again.
+// recursive halving of the triangle lose bmm efficiency again. Re-measured 2026-12-02 for the
+// float64 per-example dgemm below (2-core Xeon, AVX-512): strips of 32-48 best, 8/16/128 lose
+// 10-60%.
 constexpr int64_t kGramStrip = 32;
 
-// sum_{t,s} (x_t . x_s)(dy_t . dy_s) for a block of examples (n, T, d); float64 here (the
-// certified norms), any float dtype works.
-at::Tensor gram_sq_norms(const at::Tensor& x, const at::Tensor& dy) {
-  const int64_t T = x.size(1);
-  at::Tensor total;
-  for (int64_t i = 0; i < T; i += kGramStrip) {
-    const int64_t rows = std::min(kGramStrip, T - i);
-    at::Tensor g = at::bmm(x.narrow(1, i, rows), x.narrow(1, i, T - i).transpose(1, 2));
-    g.mul_(at::bmm(dy.narrow(1, i, rows), dy.narrow(1, i, T - i).transpose(1, 2)));
-    // 2 * (whole strip) - (its diagonal block): off-diagonal blocks stand for their mirror too.
-    at::Tensor part = g.sum({1, 2}).mul_(2.0).sub_(g.narrow(2, 0, rows).sum({1, 2}));
-    total = total.defined() ? total.add_(part) : part;
+// Per-example float64 work of the certified norms: each worker thread converts ONE example at a
+// time into its own float64 buffers (reused across its examples, so they stay in cache and no
+// page is faulted in per call) and runs single-threaded dgemm on them; the row norms come from
+// the Gram diagonals. Measured 2026-12-02 on a 2-core Xeon (AVX-512), norms alone, B 32, T 128:
+// 768x768 8.6 ms against 20.7 ms for the previous float64 formulation (bmm over 32 MiB blocks
+// converted up front, separate row-norm pass) and 4.9 ms for the uncertified float32 Gram;
+// 768x3072 24 against 31 and 16 ms. dgemm runs at half the sgemm rate, so ~1.5-2x the float32
+// time is what any float64 Gram costs.
+//
+// Why not float32 Gram strips plus a rigorous error term (and float64 only where it is large)?
+// With G^ = fl32(x x^T), |e_ts| <= gamma_d |x_t||x_s| (gamma_d = d 2^-24 / (1 - d 2^-24), any BLAS
+// order), the certified excess is sum_ts (gamma_din |x_t||x_s||G^dy_ts| + gamma_dout |dy_t||dy_s|
+// |G^x_ts| + gamma_din gamma_dout |x_t||x_s||dy_t||dy_s|): it sums |G_ts| over T^2 entries while
+// P = sum_ts G^x_ts G^dy_ts cancels, so excess / P ~ gamma_d T / sqrt(d) on random data and
+// ~gamma_d T when rows share a direction (real activations). Measured (T 64-128, RoBERTa widths):
+// 3e-4 to 1e-3 relative on random data, 2e-3 to 1.5e-2 on correlated data, while the float32
+// result is in fact within 1e-7. A test against 2^-20 would send every example to the float64
+// fallback (no gain); a loose one would inflate norms by up to 1.5% (clipping distorted, every
+// reference comparison at rtol 2e-5..1e-4 broken). Even a one-rounding-per-entry Gram leaves
+// ~2^-24 T. Hence float64 throughout, made cheap.
+struct Example64 {
+  at::Tensor x, dy;      // (T, d_in), (T, d_out) float64
+  at::Tensor gx, gdy;    // flat scratch for Gram strips or the per-example gradient
+};
+
+// sum_k a_k b_k in float64 with 8 independent partial sums: the compiler vectorises them (a single
+// running sum is a serial chain of dependent adds, 4x slower and more than the dgemm here). The
+// summation order is immaterial to the bounds (gamma_n holds for any order).
+double dot64(const double* a, const double* b, int64_t n) {
+  double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t k = 0;
+  for (; k + 8 <= n; k += 8) {
+    for (int j = 0; j < 8; ++j) acc[j] += a[k + j] * b[k + j];
   }
+  double s = 0.0;
+  for (; k < n; ++k) s += a[k] * b[k];
+  for (int j = 0; j < 8; ++j) s += acc[j];
+  return s;
+}
+
+// Sum over t of |x_t| |dy_t| (float64 row norms of the converted rows): S of the bound.
+double row_norm_products(const at::Tensor& x64, const at::Tensor& dy64) {
+  const int64_t T = x64.size(0), d_in = x64.size(1), d_out = dy64.size(1);
+  const double* xp = x64.const_data_ptr<double>();
+  const double* dp = dy64.const_data_ptr<double>();
+  double S = 0.0;
+  for (int64_t t = 0; t < T; ++t) {
+    const double* xt = xp + t * d_in;
+    const double* dt = dp + t * d_out;
+    S += std::sqrt(dot64(xt, xt, d_in)) * std::sqrt(dot64(dt, dt, d_out));
+  }
+  return S;
+}
+
+// P^ = sum_{t,s} (x_t . x_s)(dy_t . dy_s) of one example, float64, strip by strip. Also returns
+// S = sum_t sqrt(G^x_tt) sqrt(G^dy_tt) from the strips' diagonals: the row norms come for free,
+// with the same error bound as any other float64 sum of squares.
+double gram_sq_norm64(Example64& w, double* S) {
+  const int64_t T = w.x.size(0);
+  double total = 0.0, s_sum = 0.0;
+  for (int64_t i = 0; i < T; i += kGramStrip) {
+    const int64_t rows = std::min(kGramStrip, T - i), cols = T - i;
+    at::Tensor gx = w.gx.narrow(0, 0, rows * cols).view({rows, cols});
+    at::Tensor gdy = w.gdy.narrow(0, 0, rows * cols).view({rows, cols});
+    at::mm_out(gx, w.x.narrow(0, i, rows), w.x.narrow(0, i, cols).t());
+    at::mm_out(gdy, w.dy.narrow(0, i, rows), w.dy.narrow(0, i, cols).t());
+    const double* a = gx.const_data_ptr<double>();
+    const double* b = gdy.const_data_ptr<double>();
+    // The strip's diagonal block (columns < rows) counts once, the rest stands for its mirror.
+    double diag = 0.0, off = 0.0;
+    for (int64_t r = 0; r < rows; ++r) {
+      diag += dot64(a + r * cols, b + r * cols, rows);
+      off += dot64(a + r * cols + rows, b + r * cols + rows, cols - rows);
+      s_sum += std::sqrt(a[r * cols + r]) * std::sqrt(b[r * cols + r]);
+    }
+    total += diag + 2.0 * off;
+  }
+  *S = s_sum;
   return total;
 }
 
+// Q = fl(sum_ij G^_ij^2) with G^ = dy^T x in float64, one example.
+double per_example_sq_norm64(Example64& w) {
+  const int64_t d_in = w.x.size(1), d_out = w.dy.size(1);
+  at::Tensor g = w.gx.narrow(0, 0, d_out * d_in).view({d_out, d_in});
+  at::mm_out(g, w.dy.t(), w.x);
+  const double* a = g.const_data_ptr<double>();
+  return dot64(a, a, d_out * d_in);
+}
+
 // Certified upper bound of N_b = ||sum_t dy_t x_t^T||_F^2 (rmt_kernels.dp_ops.linear_sq_norms
-// states it). With S = sum_t |x_t| |dy_t| (float64 row norms; N <= S^2 by the triangle
-// inequality) and u = 2^-53, everything below in float64 from exactly converted inputs:
+// states it, linear_sq_norm_bound there proves it and computes the same formula). With
+// S = sum_t |x_t| |dy_t| (float64 row norms; N <= S^2 by the triangle inequality) and
+// u = 2^-53, everything below in float64 from exactly converted inputs:
 //   Gram route:  G^x_ts, G^dy_ts each off by <= gamma_d |x_t||x_s| (|dy_t||dy_s|), so
 //                |P^ - N| <= (gamma_din + gamma_dout + 3 gamma_{T^2+T+2} + ...) S^2
 //                bound = P^ + 2 (d_in + d_out + 3T^2 + 3T + 8) u S^2;
@@ -57,25 +135,26 @@ at::Tensor gram_sq_norms(const at::Tensor& x, const at::Tensor& dy) {
 //                so N <= (|G^| + gamma_T S)^2: bound = Q (1 + 2(d_in d_out + 2) u) + 4(T+1) u S^2
 //                with Q = fl(sum G^^2);
 //   trivial:     S^2 (1 + 3(d_in + d_out + T + 8) u).
-at::Tensor linear_sq_norms_block(const at::Tensor& x, const at::Tensor& dy, bool gram) {
-  const int64_t T = x.size(1), d_in = x.size(2), d_out = dy.size(2);
+// Any summation order is covered (the gamma_n bounds hold for every order, FMA or not), so the
+// per-example loops below may sum as they like.
+enum class Route { kRankOne, kGram, kPerExample };
+
+at::Tensor linear_sq_norm_bound(const at::Tensor& part, const at::Tensor& S, int64_t T,
+    int64_t d_in, int64_t d_out, Route route) {
   const double u = dp::kU64;
-  const at::Tensor xb = x.to(at::kDouble), dyb = dy.to(at::kDouble);
-  const at::Tensor S = (dp::row_norms64(xb) * dp::row_norms64(dyb)).sum(1);
   const at::Tensor S2 = S * S;
   const at::Tensor trivial = S2 * (1.0 + 3.0 * static_cast<double>(d_in + d_out + T + 8) * u);
-  at::Tensor route;
-  if (T == 1) {  // rank one: ||dy x^T||^2 = |dy|^2 |x|^2 = S^2, the trivial bound is exact
-    route = trivial;
-  } else if (gram) {
+  at::Tensor bound;
+  if (route == Route::kRankOne) {  // ||dy x^T||^2 = |dy|^2 |x|^2 = S^2: the trivial bound is exact
+    bound = trivial;
+  } else if (route == Route::kGram) {
     const double K = static_cast<double>(d_in + d_out + 3 * T * T + 3 * T + 8);
-    route = gram_sq_norms(xb, dyb) + S2 * (2.0 * K * u);
+    bound = part + S2 * (2.0 * K * u);
   } else {
-    const at::Tensor Q = at::bmm(dyb.transpose(1, 2), xb).square().sum({1, 2});
-    route = Q * (1.0 + 2.0 * static_cast<double>(d_in * d_out + 2) * u) +
+    bound = part * (1.0 + 2.0 * static_cast<double>(d_in * d_out + 2) * u) +
             S2 * (4.0 * static_cast<double>(T + 1) * u);
   }
-  return dp::certified(route, trivial, at::isfinite(S));
+  return dp::certified(bound, trivial, at::isfinite(S));
 }
 
 at::Tensor linear_sq_norms_cpu(const at::Tensor& x, const at::Tensor& dy) {
@@ -85,18 +164,39 @@ at::Tensor linear_sq_norms_cpu(const at::Tensor& x, const at::Tensor& dy) {
   dp::check_float(op, "dy", dy);
   const at::Tensor x3 = dp::as_sequence(x), dy3 = dp::as_sequence(dy);
   const int64_t B = x3.size(0), T = x3.size(1), d_in = x3.size(2), d_out = dy3.size(2);
-  at::Tensor out = at::empty({B}, x.options().dtype(at::kFloat));
-  const bool gram = use_gram_route(T, d_in, d_out);
-  // float64 copies of the inputs plus the Gram matrices or per-example gradients.
-  const int64_t per_example_bytes =
-      8 * (T * (d_in + d_out) + (T == 1 ? 0 : gram ? 2 * T * T : d_in * d_out));
-  const int64_t block = std::clamp<int64_t>(dp::kBlockBytes / per_example_bytes, 1, B);
-  for (int64_t b0 = 0; b0 < B; b0 += block) {
-    const int64_t n = std::min(block, B - b0);
-    out.narrow(0, b0, n).copy_(
-        linear_sq_norms_block(x3.narrow(0, b0, n), dy3.narrow(0, b0, n), gram));
+  const Route route = T == 1                          ? Route::kRankOne
+                      : use_gram_route(T, d_in, d_out) ? Route::kGram
+                                                       : Route::kPerExample;
+  const int64_t scratch = route == Route::kGram         ? std::min(kGramStrip, T) * T
+                          : route == Route::kPerExample ? d_in * d_out
+                                                        : 0;
+  const auto f64 = x.options().dtype(at::kDouble);
+  at::Tensor part = at::zeros({B}, f64), S = at::empty({B}, f64);
+  double* part_p = part.data_ptr<double>();
+  double* S_p = S.data_ptr<double>();
+  auto work = [&](int64_t b0, int64_t b1) {
+    Example64 w{at::empty({T, d_in}, f64), at::empty({T, d_out}, f64), at::empty({scratch}, f64),
+        at::empty({route == Route::kGram ? scratch : 0}, f64)};
+    for (int64_t b = b0; b < b1; ++b) {
+      w.x.copy_(x3[b]);  // exact conversion
+      w.dy.copy_(dy3[b]);
+      if (route == Route::kGram) {
+        part_p[b] = gram_sq_norm64(w, &S_p[b]);
+      } else {
+        S_p[b] = row_norm_products(w.x, w.dy);
+        if (route == Route::kPerExample) part_p[b] = per_example_sq_norm64(w);
+      }
+    }
+  };
+  // One example per task, single-threaded dgemm inside (at::parallel_for turns off nested
+  // parallelism): small GEMMs scale better across examples than within one. With fewer examples
+  // than threads, one loop and multi-threaded dgemm instead.
+  if (B >= at::get_num_threads()) {
+    at::parallel_for(0, B, 1, work);
+  } else {
+    work(0, B);
   }
-  return out;
+  return linear_sq_norm_bound(part, S, T, d_in, d_out, route);
 }
 
 at::Tensor linear_clipped_noisy_sum_cpu(const at::Tensor& x, const at::Tensor& dy,
