@@ -4,7 +4,9 @@ gradients by singular-value shrinkage before the optimizer step.
 This is the only place in rmt_kernels that imports Opacus, so ``import rmt_kernels`` never needs it.
 Written against opacus==1.6.0 (pinned in requirements/test.txt): the extension points used are
 ``DPOptimizer.scale_grad`` (the last thing ``pre_step`` does to ``p.grad`` before the accountant's
-step hook) and ``PrivacyEngine._prepare_optimizer``.
+step hook), ``PrivacyEngine._prepare_optimizer`` and, for certified ghost clipping (privacy
+invariant 6, :mod:`rmt_kernels.opacus.ghost`), ``PrivacyEngine._prepare_model`` and the
+``NORM_SAMPLERS`` / ``get_clipping_coef`` of Opacus's ghost-clipping module wrapper.
 
 Example:
     >>> from rmt_kernels.opacus import DenoisingPrivacyEngine
@@ -14,6 +16,11 @@ Example:
     ...     noise_multiplier=1.0, max_grad_norm=1.0, denoise={"kappa": 1.0, "norm": "preserve"})
 """
 
+from rmt_kernels.opacus.ghost import (
+    CERTIFIED_NORM_SAMPLERS,
+    CertifiedGradSampleHooksFastGradientClipping,
+    CertifiedGradSampleModuleFastGradientClipping,
+)
 from rmt_kernels.opacus.optimizers import (
     DENOISE_OPTIONS,
     DenoisingDistributedDPOptimizer,
@@ -28,7 +35,10 @@ from rmt_kernels.opacus.optimizers import (
 from rmt_kernels.opacus.privacy_engine import DenoisingPrivacyEngine
 
 __all__ = [
+    "CERTIFIED_NORM_SAMPLERS",
     "DENOISE_OPTIONS",
+    "CertifiedGradSampleHooksFastGradientClipping",
+    "CertifiedGradSampleModuleFastGradientClipping",
     "DenoisingDPOptimizer",
     "DenoisingDPOptimizerFastGradientClipping",
     "DenoisingDPPerLayerOptimizer",

@@ -7,6 +7,23 @@ accountant's step hook to the optimizer we return, so epsilon is counted exactly
 Written against opacus==1.6.0, where ``make_private`` calls ``self._prepare_optimizer(...)`` and
 then ``optimizer.attach_step_hook(self.accountant.get_optimizer_hook_fn(...))``.
 
+Ghost clipping (privacy invariant 6). ``grad_sample_mode="ghost"`` wraps the model in
+:class:`~rmt_kernels.opacus.ghost.CertifiedGradSampleModuleFastGradientClipping` (or its hooks-only
+form for ``wrap_model=False``): Opacus's ghost clipping, with per-example norms from rmt_kernels'
+certified ops (upper bounds of the exact norms, where Opacus's float32 Gram sums return 0 for a
+crafted cancelling example) and clip factors from ``clip_scales``. Plain ``opacus.PrivacyEngine``
+is unchanged. Trainable modules other than nn.Linear, nn.Embedding and nn.LayerNorm are refused
+in ghost mode (their norms cannot be certified); "ghost_fsdp" and "ghost_tp" are refused too.
+
+Hooks mode ("hooks", "functorch", "ew") is sound as Opacus does it: the optimizer computes each
+per-example gradient g_b explicitly, its norm from that same computed tensor, and releases
+``sum_b c_b g_b`` with ``c_b = min(1, C / (|g_b| + 1e-6))``. The norm and the released vector are
+one and the same array, so no cancelling input can make them disagree: a sum of squares has no
+cancellation, its float32 value is within a relative ``n 2^-24`` of the true one (n entries), and
+``c_b |g_b| <= C (1 + n 2^-24)``; the 1e-6 usually covers that. Only the float rounding of the
+final sum over examples remains, as in any float32 implementation. (How accurately g_b matches
+the exact gradient does not matter for privacy: g_b depends on example b alone.)
+
 Seeds (privacy invariant 9). Outside secure mode Opacus draws the noise and the Poisson sampling
 from torch's global generator, which scripts seed with a public ``torch.manual_seed(seed)``:
 anyone with the script could regenerate the noise and the batches. This engine instead gives both
@@ -25,10 +42,16 @@ from typing import Any
 import torch
 from opacus import PrivacyEngine
 from opacus.distributed import DifferentiallyPrivateDistributedDataParallel
+from opacus.grad_sample import AbstractGradSampleModule, GradSampleHooks
 from opacus.optimizers import DPOptimizer, get_optimizer_class
+from torch import nn
 from torch.distributed._composable.fsdp import FSDPModule
 from torch.nn.parallel import DistributedDataParallel
 
+from rmt_kernels.opacus.ghost import (
+    CertifiedGradSampleHooksFastGradientClipping,
+    CertifiedGradSampleModuleFastGradientClipping,
+)
 from rmt_kernels.opacus.optimizers import denoising_optimizer_class, validate_denoise_options
 
 __all__ = ["DenoisingPrivacyEngine"]
@@ -105,6 +128,72 @@ class DenoisingPrivacyEngine(PrivacyEngine):
             return super().make_private_with_epsilon(**kwargs)
         finally:
             self._denoise = previous
+
+    def _prepare_model(
+        self,
+        module: nn.Module,
+        *,
+        batch_first: bool = True,
+        max_grad_norm: float | list[float] = 1.0,
+        loss_reduction: str = "mean",
+        grad_sample_mode: str = "hooks",
+        wrap_model: bool = True,
+    ) -> Any:
+        """Opacus's model wrapper, with certified norms in ghost mode (module docstring).
+
+        Raises:
+            NotImplementedError: ghost mode with a module whose norms cannot be certified, or
+                "ghost_fsdp" / "ghost_tp" (their norm samplers are Opacus's float32 ones); before
+                any hook is attached.
+            ValueError: a model already wrapped by Opacus's (uncertified) ghost wrapper.
+        """
+        if "ghost" not in grad_sample_mode:
+            return super()._prepare_model(
+                module,
+                batch_first=batch_first,
+                max_grad_norm=max_grad_norm,
+                loss_reduction=loss_reduction,
+                grad_sample_mode=grad_sample_mode,
+                wrap_model=wrap_model,
+            )
+        if grad_sample_mode != "ghost":
+            raise NotImplementedError(
+                f"DenoisingPrivacyEngine: grad_sample_mode={grad_sample_mode!r} uses Opacus's "
+                "float32 ghost norms, which a crafted cancelling example defeats (invariant 6); "
+                "use grad_sample_mode='ghost' or 'hooks'"
+            )
+        self.validate(module=module, optimizer=None, data_loader=None)
+        if isinstance(module, (AbstractGradSampleModule, GradSampleHooks)):
+            if wrap_model and isinstance(module, CertifiedGradSampleModuleFastGradientClipping):
+                if module.batch_first != batch_first or module.loss_reduction != loss_reduction:
+                    raise ValueError(
+                        f"DenoisingPrivacyEngine: the given {type(module).__name__} has "
+                        f"batch_first={module.batch_first}, loss_reduction="
+                        f"{module.loss_reduction!r}; make_private asked for {batch_first}, "
+                        f"{loss_reduction!r}. Pass the plain nn.Module instead"
+                    )
+                return module
+            raise ValueError(
+                f"DenoisingPrivacyEngine: the module is already wrapped by Opacus "
+                f"({type(module).__name__}); pass the plain nn.Module so that ghost clipping "
+                "uses certified norms"
+            )
+        if not (isinstance(max_grad_norm, (int, float)) and not isinstance(max_grad_norm, bool)):
+            raise ValueError(
+                "DenoisingPrivacyEngine: ghost clipping takes one max_grad_norm (a number), got "
+                f"{type(max_grad_norm).__name__}"
+            )
+        cls = (
+            CertifiedGradSampleModuleFastGradientClipping
+            if wrap_model
+            else CertifiedGradSampleHooksFastGradientClipping
+        )
+        return cls(
+            module,
+            batch_first=batch_first,
+            loss_reduction=loss_reduction,
+            max_grad_norm=max_grad_norm,
+        )
 
     def _prepare_data_loader(self, data_loader, **kwargs: Any):
         """Opacus's loader, with Poisson sampling driven by an OS-seeded generator outside secure

@@ -1,0 +1,337 @@
+"""Certified ghost clipping for the Opacus drop-in (privacy invariant 6).
+
+Opacus's ghost clipping (``grad_sample_mode="ghost"``) computes each example's gradient norm
+without the gradient: for ``nn.Linear`` the Gram formula ``sum_{t,s} (x_t . x_s)(dy_t . dy_s)``
+in float32, clamped at 0. Cancelling inputs (x = [u, -u + 10 w], |u| = 3e4, equal output
+gradients) make it return 0 for a gradient of norm 10 |dy| |w|: the example gets clip factor 1
+and moves the released sum by far more than C. Its embedding norms (index_add in float32 over
+repeated ids with cancelling dy rows) and the explicit per-example gradients it uses for
+``nn.LayerNorm`` (a float32 sum over tokens) fail the same way.
+
+Here the module wrapper's norm samplers call rmt_kernels' certified ops (``linear_sq_norms``,
+``bias_sq_norms``, ``embedding_sq_norms``, ``layernorm_sq_norms``), each an upper bound of the
+exact squared norm of the gradient of the layer's inputs and output gradients (their docstrings
+give the bound and its proof), and the clip factors come from :func:`rmt_kernels.clip_scales`
+(float64 sum of the per-parameter bounds, rounded down; NaN, infinite or negative gives 0).
+
+Where. Opacus looks norm samplers up as ``self.NORM_SAMPLERS[type(module)]``, a class attribute
+that ``register_norm_sampler`` fills globally on ``GradSampleHooksFastGradientClipping``. Our
+subclasses shadow it with their own read-only table, so plain Opacus (``opacus.PrivacyEngine``)
+keeps its behaviour, and a norm sampler someone registers with Opacus never reaches our wrapper.
+``get_norm_sample`` and ``get_clipping_coef``, which Opacus's ghost loss calls between its two
+backward passes, are overridden for the certified combination.
+
+Mapping Opacus's conventions to the ops. The hooks hand a norm sampler ``(activations,
+backprops)`` with the batch dimension first (``batch_first=False`` is permuted by Opacus) and,
+for ``loss_reduction="mean"``, the backprops already multiplied by the batch size (the first
+backward pass is of the mean loss; the second is of ``sum_b c_b loss_b``), i.e. the output
+gradients of each example's own loss, which is what the clip factor ``c_b`` then scales. Every
+dimension between the batch and the features is a position of the same example (tokens, image
+rows...), so both are flattened to (B, T, d) for the ops.
+
+Refused (NotImplementedError naming the modules): a trainable module whose type is not exactly
+``nn.Linear``, ``nn.Embedding`` or ``nn.LayerNorm`` (Opacus's fallback computes explicit
+per-example gradients with an uncertified float32 norm, while the released gradient comes from a
+second backward pass: a cancelling input gets a norm that is not its gradient's), an
+``nn.Embedding`` with ``scale_grad_by_freq`` (its gradient depends on the other examples), and
+``use_ghost_clipping=False``. ``grad_sample_mode="hooks"`` accepts every module Opacus does and is
+sound (see :mod:`rmt_kernels.opacus.privacy_engine`).
+
+What remains float rounding, not covered by the bound (also true of plain Opacus): the second
+backward pass recomputes the output gradients scaled by ``c_b`` and sums them in float32, so the
+released contribution of an example equals ``c_b`` times its certified gradient up to rounding of
+order ``2^-24 c_b sum_t |dy_t| |x_t|``. On the crafted inputs above that is 1e-3 C. An example with
+a non-finite loss gets factor 0 but still makes the second pass NaN (0 * inf), as in Opacus: the
+native engine (rmt_kernels.dp), which sums from the same tensors it bounds, has neither issue.
+
+Written against opacus==1.6.0.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
+from typing import Any
+
+import torch
+from opacus.grad_sample import (
+    GradSampleHooksFastGradientClipping,
+    GradSampleModuleFastGradientClipping,
+)
+from opacus.utils.module_utils import trainable_modules
+from torch import nn
+
+from rmt_kernels import dp_ops
+
+__all__ = [
+    "CERTIFIED_NORM_SAMPLERS",
+    "CertifiedGradSampleHooksFastGradientClipping",
+    "CertifiedGradSampleModuleFastGradientClipping",
+    "certified_embedding_norm_sample",
+    "certified_layernorm_norm_sample",
+    "certified_linear_norm_sample",
+]
+
+# Opacus's norm sampler signature: (module, activations, backprops) -> {param: (B,) norms}.
+NormSampler = Callable[
+    [nn.Module, list[torch.Tensor], torch.Tensor], dict[nn.Parameter, torch.Tensor]
+]
+
+
+def _sqrt_up(sq: torch.Tensor) -> torch.Tensor:
+    """float32 ``r >= sqrt(sq)`` (NaN -> +inf), at most 2 ulps above.
+
+    Opacus stores per-parameter norms, not squares; ``clip_scales`` needs squares again. The
+    float64 square of a float32 value is exact (24 + 24 bits < 53, and float32's range squared
+    stays normal in float64), so ``r.double() ** 2 >= sq`` is an exact test, and the squares
+    recovered in :meth:`_CertifiedGhostMixin.get_clipping_coef` are still upper bounds.
+    """
+    q = torch.where(torch.isnan(sq), math.inf, sq.double())
+    r = q.sqrt().float()
+    inf = torch.full_like(r, math.inf)
+    for _ in range(2):  # the float64 root rounded to float32 is within one ulp of the true root
+        r = torch.where(r.double().square() < q, torch.nextafter(r, inf), r)
+    return r
+
+
+def _flatten(t: torch.Tensor, what: str, module: nn.Module) -> torch.Tensor:
+    """(B, ..., d) -> (B, T, d): the middle dimensions are positions of the same example."""
+    if t.dim() < 2:
+        raise ValueError(
+            f"certified ghost clipping: {type(module).__name__} {what} must be (B, ..., d) with "
+            f"the example first, got shape {list(t.shape)}"
+        )
+    return t.reshape(t.shape[0], -1, t.shape[-1])
+
+
+def _empty(batch: int, like: torch.Tensor) -> torch.Tensor:
+    """Norms of a batch with nothing in it (Poisson sampling may draw an empty batch; an
+    example may have no position): zero, which the ops would reject as an empty input."""
+    return like.new_zeros(batch, dtype=torch.float32)
+
+
+def certified_linear_norm_sample(
+    layer: nn.Linear, activations: list[torch.Tensor], backprops: torch.Tensor
+) -> dict[nn.Parameter, torch.Tensor]:
+    """Per-example gradient norms of an ``nn.Linear`` (weight and bias), certified upper bounds.
+
+    Replaces Opacus's ``compute_linear_norm_sample`` (float32 Gram sums, clamped at 0; backprops
+    of more than 3 dimensions were not handled). Returns ``{param: (B,) float32 norm bound}`` for
+    each parameter that requires a gradient, as Opacus's norm samplers do.
+    """
+    x = _flatten(activations[0], "input", layer)
+    dy = _flatten(backprops, "output gradient", layer)
+    if x.shape[:2] != dy.shape[:2]:
+        raise ValueError(
+            f"certified ghost clipping: nn.Linear input {list(activations[0].shape)} and output "
+            f"gradient {list(backprops.shape)} do not have the same examples and positions"
+        )
+    empty = x.numel() == 0 or dy.numel() == 0
+    out: dict[nn.Parameter, torch.Tensor] = {}
+    if layer.weight.requires_grad:
+        sq = _empty(x.shape[0], dy) if empty else dp_ops.linear_sq_norms(x, dy)
+        out[layer.weight] = _sqrt_up(sq)
+    if layer.bias is not None and layer.bias.requires_grad:
+        out[layer.bias] = _sqrt_up(_empty(dy.shape[0], dy) if empty else dp_ops.bias_sq_norms(dy))
+    return out
+
+
+def certified_embedding_norm_sample(
+    layer: nn.Embedding, activations: list[torch.Tensor], backprops: torch.Tensor
+) -> dict[nn.Parameter, torch.Tensor]:
+    """Per-example gradient norms of an ``nn.Embedding``, certified upper bounds.
+
+    Repeated ids add their dy rows before squaring (the op's Gram or sort-and-segment route in
+    float64 with an error term). Rows at ``padding_idx`` are zeroed first: autograd gives that row
+    no gradient, so the bound is the released gradient's, not Opacus's larger one.
+    """
+    ids = activations[0]
+    if ids.dim() == 0:
+        raise ValueError("certified ghost clipping: nn.Embedding input must be (B, ...) ids")
+    ids = ids.reshape(ids.shape[0], -1)
+    dy = _flatten(backprops, "output gradient", layer)
+    if ids.shape != dy.shape[:2]:
+        raise ValueError(
+            f"certified ghost clipping: nn.Embedding ids {list(activations[0].shape)} and output "
+            f"gradient {list(backprops.shape)} do not match"
+        )
+    if not layer.weight.requires_grad:
+        return {}
+    if dy.numel() == 0:
+        return {layer.weight: _sqrt_up(_empty(dy.shape[0], dy))}
+    if layer.padding_idx is not None:
+        dy = dy.masked_fill((ids == layer.padding_idx).unsqueeze(-1), 0)
+    return {layer.weight: _sqrt_up(dp_ops.embedding_sq_norms(ids, dy))}
+
+
+def certified_layernorm_norm_sample(
+    layer: nn.LayerNorm, activations: list[torch.Tensor], backprops: torch.Tensor
+) -> dict[nn.Parameter, torch.Tensor]:
+    """Per-example gradient norms of an ``nn.LayerNorm`` (weight and bias), certified.
+
+    Opacus has no norm sampler for LayerNorm: its ghost mode computed explicit per-example
+    gradients (a float32 sum over positions, exposed to cancellation) and their norms. A
+    normalisation over the last k dimensions is one over their flattened product, so the input
+    and output gradient are flattened to (B, T, prod(normalized_shape)) for the ops.
+    """
+    size = math.prod(layer.normalized_shape)
+    k = len(layer.normalized_shape)
+    x, dy = activations[0], backprops
+    if tuple(x.shape[-k:]) != tuple(layer.normalized_shape) or x.shape != dy.shape or x.dim() <= k:
+        raise ValueError(
+            f"certified ghost clipping: nn.LayerNorm{tuple(layer.normalized_shape)} input "
+            f"{list(x.shape)} and output gradient {list(dy.shape)} must both be (B, ..., "
+            f"{', '.join(map(str, layer.normalized_shape))})"
+        )
+    x = x.reshape(x.shape[0], -1, size)
+    dy = dy.reshape(dy.shape[0], -1, size)
+    empty = x.numel() == 0
+    out: dict[nn.Parameter, torch.Tensor] = {}
+    if layer.weight is not None and layer.weight.requires_grad:
+        sq = _empty(x.shape[0], dy) if empty else dp_ops.layernorm_sq_norms(x, dy, layer.eps)
+        out[layer.weight] = _sqrt_up(sq)
+    if layer.bias is not None and layer.bias.requires_grad:
+        out[layer.bias] = _sqrt_up(_empty(dy.shape[0], dy) if empty else dp_ops.bias_sq_norms(dy))
+    return out
+
+
+# Exact types, as Opacus matches them: a subclass may change forward, and with it the gradient.
+CERTIFIED_NORM_SAMPLERS: Mapping[type[nn.Module], NormSampler] = MappingProxyType(
+    {
+        nn.Linear: certified_linear_norm_sample,
+        nn.Embedding: certified_embedding_norm_sample,
+        nn.LayerNorm: certified_layernorm_norm_sample,
+    }
+)
+
+
+def check_certifiable(module: nn.Module, *, use_ghost_clipping: bool = True) -> None:
+    """Raise NotImplementedError unless every trainable module's norms can be certified.
+
+    Called before Opacus attaches any hook, so a refused model is left untouched.
+    """
+    if not use_ghost_clipping:
+        raise NotImplementedError(
+            "certified ghost clipping: use_ghost_clipping=False (fast gradient clipping) bounds "
+            "no norm; use grad_sample_mode='hooks' instead"
+        )
+    uncovered = []
+    for name, m in trainable_modules(module):
+        if type(m) not in CERTIFIED_NORM_SAMPLERS:
+            uncovered.append(f"{name or '<root>'} ({type(m).__name__})")
+        elif isinstance(m, nn.Embedding) and m.scale_grad_by_freq:
+            uncovered.append(f"{name} (nn.Embedding with scale_grad_by_freq=True)")
+    if uncovered:
+        raise NotImplementedError(
+            "DenoisingPrivacyEngine, grad_sample_mode='ghost': the per-example gradient norms of "
+            f"{', '.join(uncovered)} cannot be certified (invariant 6: a crafted input could "
+            "contribute more than max_grad_norm). Certified: exactly nn.Linear, nn.Embedding, "
+            "nn.LayerNorm. Freeze those modules, or use grad_sample_mode='hooks' (explicit "
+            "per-example gradients, clipped by their own norms), or the native engine "
+            "rmt_kernels.dp.make_private"
+        )
+
+
+class _CertifiedGhostMixin:
+    """Certified norm samplers and clip factors for Opacus's ghost-clipping hooks; see the
+    module docstring. Must come before the Opacus class in the bases."""
+
+    # Shadows Opacus's global registry for instances of our classes only.
+    NORM_SAMPLERS = CERTIFIED_NORM_SAMPLERS
+
+    # Set by Opacus's __init__; declared for type checkers.
+    trainable_parameters: list[nn.Parameter]
+    max_grad_norm: Any
+    _module: nn.Module
+
+    def _certified_sq_norms(self) -> list[torch.Tensor]:
+        """Per-parameter squared norm bounds (float64, exact squares of the stored float32
+        bounds), after checking that every parameter now trainable was bounded."""
+        known = {id(p) for p in self.trainable_parameters}
+        named = list(self._module.named_parameters())
+        late = [n for n, p in named if p.requires_grad and id(p) not in known]
+        if late:
+            # Opacus fixes its parameter list when it wraps the model; a parameter unfrozen since
+            # would get its gradient from the second backward pass with a clip factor that
+            # ignores it (invariant 8).
+            raise RuntimeError(
+                "certified ghost clipping: parameter(s) "
+                f"{', '.join(late)} became trainable after make_private; their norms are not "
+                "bounded. Unfreeze before make_private, or call make_private again"
+            )
+        if not any(p.requires_grad for _, p in named):
+            raise RuntimeError("certified ghost clipping: the model has no trainable parameter")
+        norms = []
+        for p in self.trainable_parameters:
+            if not p.requires_grad:
+                continue  # frozen since make_private: it gets no gradient
+            ns = getattr(p, "_norm_sample", None)
+            if ns is None:
+                raise RuntimeError(
+                    "certified ghost clipping: a trainable parameter has no per-example norm "
+                    "(was it used outside the wrapped module's forward?)"
+                )
+            norms.append(ns)
+        device = norms[0].device
+        sq = [n.detach().to(device).double().square() for n in norms]
+        sizes = {s.shape for s in sq}
+        if len(sizes) != 1 or len(next(iter(sizes))) != 1:
+            raise ValueError(
+                "certified ghost clipping: the layers saw different batch sizes "
+                f"({sorted(set(map(tuple, sizes)))}); every layer's first dimension must be the "
+                "example (batch_first)"
+            )
+        return sq
+
+    def get_norm_sample(self) -> torch.Tensor:
+        """Per-example gradient norms over all parameters: float32 upper bounds (rounded up)."""
+        sq = self._certified_sq_norms()
+        total = sq[0]
+        for s in sq[1:]:
+            total = total + s
+        # n float64 additions and this product each round by at most 2^-53 relative: a margin
+        # of (n + 2) 2^-52 keeps the total above the exact sum of the bounds.
+        norm = _sqrt_up(total * (1.0 + (len(sq) + 2) * 2.0**-52))
+        self.per_sample_gradient_norms = norm  # type: ignore[attr-defined]
+        return norm
+
+    def get_clipping_coef(self) -> torch.Tensor:
+        """Clip factors ``min(1, C / bound)`` from :func:`rmt_kernels.clip_scales`: float32,
+        rounded down, 0 for a NaN/infinite/negative bound (Opacus's ``C / (norm + 1e-6)`` on a
+        float32 total could round above ``C / norm`` and passes NaN through)."""
+        sq = self._certified_sq_norms()
+        max_grad_norm = self.max_grad_norm
+        if isinstance(max_grad_norm, torch.Tensor):
+            max_grad_norm = float(max_grad_norm)
+        scale = dp_ops.clip_scales(sq, max_grad_norm)
+        self.get_norm_sample()  # keeps Opacus's per_sample_gradient_norms up to date
+        return scale
+
+
+class CertifiedGradSampleModuleFastGradientClipping(
+    _CertifiedGhostMixin, GradSampleModuleFastGradientClipping
+):
+    """Opacus's ghost-clipping module wrapper with certified per-example norms (invariant 6).
+
+    Same constructor as :class:`opacus.grad_sample.GradSampleModuleFastGradientClipping`.
+
+    Raises:
+        NotImplementedError: a trainable module whose norms cannot be certified (see
+            :func:`check_certifiable`), before any hook is attached.
+    """
+
+    def __init__(self, m: nn.Module, **kwargs: Any) -> None:
+        check_certifiable(m, use_ghost_clipping=kwargs.get("use_ghost_clipping", True))
+        super().__init__(m, **kwargs)
+
+
+class CertifiedGradSampleHooksFastGradientClipping(
+    _CertifiedGhostMixin, GradSampleHooksFastGradientClipping
+):
+    """The hooks-only form (``make_private(..., wrap_model=False)``) of
+    :class:`CertifiedGradSampleModuleFastGradientClipping`."""
+
+    def __init__(self, m: nn.Module, **kwargs: Any) -> None:
+        check_certifiable(m, use_ghost_clipping=kwargs.get("use_ghost_clipping", True))
+        super().__init__(m, **kwargs)
