@@ -169,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train_config(args: argparse.Namespace):
-    from rmt_kernels.glue.train import TrainConfig
+    from rmt_kernels.glue.config import TrainConfig
 
     return TrainConfig(
         task=args.task,
@@ -243,46 +243,12 @@ def _one_line_warning(command: str):
 
 
 def _run(args: argparse.Namespace) -> int:
+    """Run the command; exit code 2 with a one-line message for a user's error."""
     try:
         if args.command == "train":
-            from rmt_kernels.glue.train import train
-
-            log = train(_train_config(args))
-            if int(os.environ.get("RANK", "0")) != 0:  # under torchrun rank 0 reports
-                return 0
-            final = log["evals"][-1]
-            privacy = ""
-            if args.dp:
-                eps = log["epsilon"]
-                privacy = (
-                    f", epsilon {eps:.3g} at delta {log['delta']:.3g}"
-                    if eps is not None
-                    else ", epsilon infinite (no noise)"
-                )
-                if log["config"]["noise_seed"] is not None:
-                    privacy += " (NOT private: public --noise-seed)"
-            print(
-                f"{log['task']}: {log['main_metric']} {final[log['main_metric']]:.4f} after "
-                f"{final['step']} steps{privacy}"
-            )
+            _train(args)
         elif args.command == "evaluate":
-            from rmt_kernels.glue.train import evaluate_saved
-
-            result = evaluate_saved(
-                args.task,
-                args.model,
-                args.data_dir,
-                max_length=args.max_length,
-                batch_size=args.batch_size,
-                eval_size=args.eval_size,
-                device=args.device,
-            )
-            text = json.dumps(result, indent=2)
-            if args.output:
-                from rmt_kernels.glue.train import write_json
-
-                write_json(args.output, result, "--output")
-            print(text)
+            _evaluate(args)
         else:
             from rmt_kernels.glue.compare import compare
 
@@ -292,3 +258,48 @@ def _run(args: argparse.Namespace) -> int:
         print(f"rmt-glue {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def _train(args: argparse.Namespace) -> None:
+    """``rmt-glue train``: train, then say the final main metric and the privacy spent."""
+    from rmt_kernels.glue.train import train
+
+    log = train(_train_config(args))
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun rank 0 reports
+        return
+    final = log["evals"][-1]
+    privacy = ""
+    if args.dp:
+        eps = log["epsilon"]
+        privacy = (
+            f", epsilon {eps:.3g} at delta {log['delta']:.3g}"
+            if eps is not None
+            else ", epsilon infinite (no noise)"
+        )
+        if log["config"]["noise_seed"] is not None:
+            privacy += " (NOT private: public --noise-seed)"
+    print(
+        f"{log['task']}: {log['main_metric']} {final[log['main_metric']]:.4f} after "
+        f"{final['step']} steps{privacy}"
+    )
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    """``rmt-glue evaluate``: a saved model's metrics, printed (and written to --output)."""
+    from rmt_kernels.glue.evaluation import evaluate_saved
+
+    result = evaluate_saved(
+        args.task,
+        args.model,
+        args.data_dir,
+        max_length=args.max_length,
+        batch_size=args.batch_size,
+        eval_size=args.eval_size,
+        device=args.device,
+    )
+    text = json.dumps(result, indent=2)
+    if args.output:
+        from rmt_kernels.glue.outputs import write_json
+
+        write_json(args.output, result, "--output")
+    print(text)

@@ -186,3 +186,36 @@ def encode(dataset, tokenizer, max_length: int, progress: bool = True) -> Encode
         labels=torch.tensor(labels, dtype=dtype),
         pad_token_id=pad,
     )
+
+
+def subset(dataset, size: int | None, seed: int, flag: str = "--train-size"):
+    """``size`` examples of ``dataset`` drawn by ``seed`` (in their original order), or all.
+
+    Raises:
+        ValueError: ``size`` below 1 or above the split's size (naming ``flag``).
+    """
+    if size is None:
+        return dataset
+    if size < 1:
+        raise ValueError(f"{flag} must be >= 1, got {size}")
+    if size > len(dataset):
+        raise ValueError(f"{flag} {size} is above the {len(dataset)} examples of the split")
+    if size == len(dataset):
+        return dataset
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
+    return dataset.select(sorted(order[:size].tolist()))
+
+
+class ExampleIndices(torch.utils.data.Dataset):
+    """Example indices: loaders (Poisson ones included) sample these and the loop pads the
+    examples itself, so an empty Poisson batch is just an empty index tensor."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor]:
+        # A tuple: Opacus's DPDataLoader reads the fields of an example to shape empty batches.
+        return (torch.tensor(i),)

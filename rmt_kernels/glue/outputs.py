@@ -1,0 +1,100 @@
+"""What ``rmt-glue`` writes: checked writable before training, then written atomically (a
+temporary sibling renamed into place, so a crash leaves the old file or the new): the JSON log
+as strict JSON, the fine-tuned model."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from rmt_kernels.glue.config import TrainConfig
+
+
+def _check_writable_folder(folder: Path, flag: str, what: Path) -> None:
+    """Create ``folder`` if needed and write a probe file in it (ValueError naming ``flag``)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / f".rmt-write-probe-{os.getpid()}", "wb") as probe:
+            probe.write(b"x")
+        (folder / f".rmt-write-probe-{os.getpid()}").unlink()
+    except OSError as err:
+        raise ValueError(
+            f"{flag} {what}: cannot write in {folder} ({err.strerror or err})"
+        ) from None
+
+
+def check_outputs(cfg: TrainConfig) -> None:
+    """Raise ValueError now, before any training, if an output of the run cannot be written."""
+    if cfg.output:
+        out = Path(cfg.output)
+        if out.is_dir():
+            raise ValueError(f"--output {out} is a folder; give a file name")
+        _check_writable_folder(out.parent, "--output", out)
+    if cfg.save:
+        save = Path(cfg.save)
+        if save.exists() and not save.is_dir():
+            raise ValueError(f"--save {save} is a file; give a folder")
+        _check_writable_folder(save.parent, "--save", save)
+    if cfg.checkpoint_dir:
+        folder = Path(cfg.checkpoint_dir)
+        _check_writable_folder(folder, "--checkpoint-dir", folder)
+
+
+def json_safe(value):
+    """``value`` with every non-finite float replaced by None (strict JSON has no Infinity/NaN:
+    an infinite epsilon, a diverged loss)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def write_json(path: str | Path, value, flag: str = "--output") -> None:
+    """Write ``value`` as strict JSON (non-finite floats as null) to ``path``, atomically: a
+    temporary file in the same folder, then a rename, so a crash leaves the old file or the new.
+
+    Raises:
+        ValueError: the file cannot be written (naming ``flag``).
+    """
+    path = Path(path)
+    text = json.dumps(json_safe(value), indent=2, allow_nan=False) + "\n"
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as err:
+        raise ValueError(f"{flag} {path}: cannot write it ({err.strerror or err})") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_model(model, tokenizer, folder: Path) -> None:
+    """``save_pretrained`` into a sibling temporary folder, then renamed into place, so a crash
+    never leaves half a model in ``--save``.
+
+    Raises:
+        ValueError: the folder cannot be written (naming ``--save``).
+    """
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if folder.exists():
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+    except OSError as err:
+        raise ValueError(f"--save {folder}: cannot write it ({err.strerror or err})") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,212 @@
+"""DP for ``rmt-glue``: the noise multiplier for a target epsilon, the engine that makes a model
+private (ours, or Opacus's), and the privacy spent so far.
+
+The noise seed is secret (from the OS, never written) unless ``--noise-seed`` makes it public;
+so is the batch sampling, since amplification by sampling assumes nobody knows which examples a
+batch holds.
+"""
+
+from __future__ import annotations
+
+import secrets
+import warnings
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from rmt_kernels.glue.config import TrainConfig, denoise_options
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+# The privacy budget when neither --epsilon nor --noise-multiplier is given: a common choice in
+# the DP fine-tuning literature (Li et al. 2022, Yu et al. 2022 report GLUE at epsilon 3 and 8).
+DEFAULT_EPSILON = 8.0
+
+
+def default_delta(examples: int) -> float:
+    """``--delta`` when not given: 1 / n^1.1, below 1/n as DP's delta must be."""
+    return 1 / examples**1.1
+
+
+def calibrate(
+    epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str
+) -> float:
+    """The noise multiplier that spends ``--epsilon`` over the run (Opacus's search).
+
+    Raises:
+        ValueError: no noise multiplier reaches ``epsilon`` (naming the flags to change).
+    """
+    from opacus.accountants import create_accountant
+    from opacus.accountants.utils import get_noise_multiplier
+
+    try:
+        sigma = get_noise_multiplier(
+            target_epsilon=epsilon,
+            target_delta=delta,
+            sample_rate=sample_rate,
+            steps=steps,
+            accountant=accountant,
+        )
+    except ValueError as err:
+        raise ValueError(
+            f"no noise multiplier reaches epsilon={epsilon} at delta={delta:.3g} over {steps} "
+            f"steps at sampling rate {sample_rate:.4g} (Opacus: {err}); raise --epsilon, or use "
+            "fewer steps or a smaller batch"
+        ) from err
+    # Opacus's search stops at the first sigma whose epsilon is below the target, and for tiny
+    # targets the accountants' numerics report epsilon <= 0 there: no real calibration.
+    accountant_check = create_accountant(mechanism=accountant)
+    accountant_check.history = [(sigma, sample_rate, steps)]
+    achieved = accountant_check.get_epsilon(delta=delta)
+    if not 0 < achieved <= epsilon * (1 + 1e-6):
+        raise ValueError(
+            f"no noise multiplier reaches epsilon={epsilon} at delta={delta:.3g} over {steps} "
+            f"steps at sampling rate {sample_rate:.4g}: Opacus's search ended at noise "
+            f"multiplier {sigma:.4g}, where the {accountant} accountant reports epsilon "
+            f"{achieved:.3g}; raise --epsilon"
+        )
+    return sigma
+
+
+def denoising_privacy_engine():
+    """``rmt_kernels.opacus.DenoisingPrivacyEngine`` where the tree has it, else None."""
+    try:
+        from rmt_kernels.opacus import DenoisingPrivacyEngine
+    except ImportError:
+        return None
+    return DenoisingPrivacyEngine
+
+
+def sampling_generator(cfg: TrainConfig) -> torch.Generator:
+    """The loader's generator: ``--seed`` orders the data only without DP or with a public
+    ``--noise-seed``; otherwise the batches are drawn from a secret seed, like the noise."""
+    public = not cfg.dp or cfg.noise_seed is not None
+    return torch.Generator().manual_seed(cfg.seed if public else secrets.randbits(62))
+
+
+@dataclass
+class Privacy:
+    """The run's privacy: its parameters, and the privacy spent after a number of steps."""
+
+    dp: bool
+    delta: float | None  # None without DP
+    noise_multiplier: float | None  # None without DP
+    # Private: DP with noise, keyed by a secret seed. A public --noise-seed lets anyone with the
+    # log regenerate the noise and subtract it, whatever epsilon the accountant reports.
+    private: bool
+    # Opacus's PrivacyEngine with --engine opacus (it reads per-sample gradients), else None.
+    opacus_engine: Any = None
+    # The accountant's epsilon at a delta (the engine's or the optimizer's); None without DP.
+    _get_epsilon: Callable[[float], float] | None = None
+    _spent: dict[int, float] = field(default_factory=dict)
+
+    def epsilon(self, step: int) -> float | None:
+        """Privacy spent after ``step`` steps (cached: Opacus's PRV accountant takes ~0.2 s);
+        infinite without noise; None without DP."""
+        if not self.dp:
+            return None
+        if step not in self._spent:
+            if self.noise_multiplier == 0 and step > 0:
+                self._spent[step] = float("inf")  # no noise, no privacy (accountants divide by 0)
+            else:
+                self._spent[step] = float(self._get_epsilon(self.delta))
+        return self._spent[step]
+
+
+def privatize(
+    cfg: TrainConfig,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: torch.utils.data.DataLoader,
+    *,
+    total_steps: int,
+    device: torch.device,
+) -> tuple[torch.nn.Module, torch.optim.Optimizer, torch.utils.data.DataLoader, Privacy]:
+    """(model, optimizer, loader) made private by ``--engine`` (unchanged with ``--no-dp``),
+    with the noise multiplier of ``--noise-multiplier`` or calibrated to ``--epsilon``."""
+    if not cfg.dp:
+        return (
+            model,
+            optimizer,
+            loader,
+            Privacy(dp=False, delta=None, noise_multiplier=None, private=False),
+        )
+    delta = cfg.delta if cfg.delta is not None else default_delta(len(loader.dataset))
+    noise_multiplier = cfg.noise_multiplier
+    if noise_multiplier is None:
+        target = cfg.epsilon if cfg.epsilon is not None else DEFAULT_EPSILON
+        noise_multiplier = calibrate(target, delta, 1 / len(loader), total_steps, cfg.accountant)
+    opacus_engine = None
+    if cfg.engine == "native":
+        model, optimizer, loader = _native(cfg, model, optimizer, loader, delta, noise_multiplier)
+    else:
+        opacus_engine, (model, optimizer, loader) = _opacus(
+            cfg, model, optimizer, loader, noise_multiplier, device
+        )
+    if cfg.noise_seed is not None:
+        warnings.warn(
+            f"--noise-seed {cfg.noise_seed}: the noise is reproducible from the log, so this run "
+            "is NOT private (epsilon is what a secret seed would give; for experiments only)",
+            stacklevel=4,  # the caller of train() (through _set_up and privatize)
+        )
+    privacy = Privacy(
+        dp=True,
+        delta=delta,
+        noise_multiplier=noise_multiplier,
+        private=cfg.noise_seed is None and bool(noise_multiplier),
+        opacus_engine=opacus_engine,
+        _get_epsilon=optimizer.get_epsilon if opacus_engine is None else opacus_engine.get_epsilon,
+    )
+    return model, optimizer, loader, privacy
+
+
+def _native(cfg: TrainConfig, model, optimizer, loader, delta: float, noise_multiplier: float):
+    """``rmt_kernels.dp.make_private`` (``--engine native``)."""
+    from rmt_kernels.dp import make_private
+
+    with warnings.catch_warnings():
+        # The CLI says it itself, in its own words, in privatize (and in the log).
+        warnings.filterwarnings("ignore", message="make_private: seed=")
+        return make_private(
+            model,
+            optimizer,
+            loader,
+            target_delta=delta,
+            max_grad_norm=cfg.max_grad_norm,
+            noise_multiplier=noise_multiplier,
+            denoise=denoise_options(cfg),
+            # The noise key: secret (from the OS, never written) unless --noise-seed.
+            seed=cfg.noise_seed,
+            secure_mode=cfg.noise_seed is None,
+            accountant=cfg.accountant,
+        )
+
+
+def _opacus(
+    cfg: TrainConfig, model, optimizer, loader, noise_multiplier: float, device: torch.device
+):
+    """(engine, (model, optimizer, loader)) of Opacus's PrivacyEngine, or of our drop-in
+    ``DenoisingPrivacyEngine`` with ``--denoise`` (``--engine opacus``)."""
+    engine_class = denoising_privacy_engine() if cfg.denoise else None
+    if engine_class is None:
+        from opacus import PrivacyEngine
+
+        engine_class = PrivacyEngine
+    engine = engine_class(accountant=cfg.accountant)
+    extra = {"denoise": denoise_options(cfg)} if cfg.denoise else {}
+    # Opacus draws its noise from this generator (without one, from the global RNG that --seed
+    # seeded): secret unless --noise-seed.
+    noise_seed = cfg.noise_seed if cfg.noise_seed is not None else secrets.randbits(63)
+    private = engine.make_private(
+        module=model,
+        optimizer=optimizer,
+        data_loader=loader,
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=cfg.max_grad_norm,
+        poisson_sampling=True,
+        noise_generator=torch.Generator(device).manual_seed(noise_seed),
+        **extra,
+    )
+    return engine, private
