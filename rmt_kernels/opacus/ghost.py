@@ -34,15 +34,24 @@ Refused (NotImplementedError naming the modules): a trainable module whose type 
 per-example gradients with an uncertified float32 norm, while the released gradient comes from a
 second backward pass: a cancelling input gets a norm that is not its gradient's), an
 ``nn.Embedding`` with ``scale_grad_by_freq`` (its gradient depends on the other examples), and
-``use_ghost_clipping=False``. ``grad_sample_mode="hooks"`` accepts every module Opacus does and is
+``use_ghost_clipping=False``. Embedding rows at ``padding_idx`` are left out of the bound (autograd
+gives them no gradient); Opacus counts them, which after a LayerNorm (whose output gradient at a
+zero padding row is ~1/sqrt(eps) large) overstates norms several-fold and over-clips.
+``grad_sample_mode="hooks"`` accepts every module Opacus does and is
 sound (see :mod:`rmt_kernels.opacus.privacy_engine`).
 
-What remains float rounding, not covered by the bound (also true of plain Opacus): the second
-backward pass recomputes the output gradients scaled by ``c_b`` and sums them in float32, so the
-released contribution of an example equals ``c_b`` times its certified gradient up to rounding of
-order ``2^-24 c_b sum_t |dy_t| |x_t|``. On the crafted inputs above that is 1e-3 C. An example with
-a non-finite loss gets factor 0 but still makes the second pass NaN (0 * inf), as in Opacus: the
-native engine (rmt_kernels.dp), which sums from the same tensors it bounds, has neither issue.
+What the bound does not cover: the float32 computation of the released sum. The second backward
+pass recomputes every output gradient with the factor ``c_b`` folded in (not a power of two, so
+it is rounded differently from the first pass the norms saw) and sums the B*T rows in float32, so
+the released contribution of an example equals ``c_b`` times its certified gradient only up to
+rounding of order ``2^-24 c_b sum_t |dy_t| |x_t|`` for this layer (and of order ``2^-24`` times
+the size of the cancelling terms anywhere upstream in the backward pass), part of which lands on
+the other examples' contributions (absorption). On the issue's input (|u| = 3e4) the example moves
+the released sum by C (1 + 3e-5); with embedding or LayerNorm rows [2^30, 40, -2^30] (a
+cancellation beyond float32's 2^-24, the only kind that fools Opacus there) the rounding alone
+moves it by 0.1-0.6 C. The native engine's fused sums round the same way.
+An example with a non-finite loss gets factor 0 but still makes the second pass NaN (0 * inf),
+as in Opacus.
 
 Written against opacus==1.6.0.
 """
