@@ -7,8 +7,9 @@
    at RoBERTa-base shapes, registers, spills, shared memory, float64 counts and H200 roofline
    times beside the CPU time, in bench/results/gpu-static.md. No GPU is measured.
 
-Raw results go to bench/out/; the tables to bench/results/<cpu|gpu>.md, committed when the
-numbers are worth keeping.
+Each part prints its table once, as it finishes (the long ones print their rows or progress as
+they go). Raw results go to bench/out/; all the tables together to bench/results/<cpu|gpu>.md,
+committed when the numbers are worth keeping.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ PARTS = ("denoise", "dp-ops", "dp-step", "gpu-static")
 
 
 def run_denoise(out_dir: Path) -> str:
+    """Run the denoise benchmark (pytest-benchmark); print and return our table of it
+    (pytest-benchmark's own table is turned off: it would show the same numbers again)."""
     json_path = out_dir / "denoise.json"
     code = pytest.main(
         [
@@ -36,16 +39,19 @@ def run_denoise(out_dir: Path) -> str:
             "no:cacheprovider",
             "--benchmark-only",
             "--benchmark-disable-gc",
+            "--benchmark-quiet",
             f"--benchmark-json={json_path}",
-            "--benchmark-columns=median,iqr,rounds",
         ]
     )
     if code != 0:
         raise SystemExit(f"denoise benchmark failed (pytest exit {code})")
-    return render(json_path)
+    table = render(json_path)
+    print("\n" + table, flush=True)
+    return table
 
 
 def run_script(module: str, out_file: Path, *args: str) -> str:
+    """Run ``python -m module --out out_file ARGS`` (it prints its own table); the table."""
     subprocess.run(
         [sys.executable, "-m", module, "--out", str(out_file), *args],
         cwd=HERE.parent,
@@ -82,7 +88,6 @@ def main(argv: list[str] | None = None) -> int:
         )
         sections.append(f"Static GPU plan (no GPU measured): {static.relative_to(HERE.parent)}")
     report = "\n\n".join(sections)
-    print("\n" + report)
     import torch
 
     device = "gpu" if torch.cuda.is_available() else "cpu"

@@ -1,6 +1,6 @@
 """Per-example norms + clipped noisy sum for RoBERTa-base layer shapes: ours vs Opacus.
 
-Run: ``.venv/bin/python bench/bench_dp_ops.py [--quick] [--out FILE]``.
+Run: ``.venv/bin/python -m bench.bench_dp_ops [--quick] [--out FILE]`` (from the repository root).
 
 For each weight (Linear 768x768, 768x3072, 3072x768; Embedding 50265x768), batch size
 B in {8, 32} and sequence length T in {64, 128}, four ways to get the same weight gradient:
@@ -27,7 +27,6 @@ after ``malloc_trim``), so it counts every allocation the call touches, on any a
 from __future__ import annotations
 
 import argparse
-import ctypes
 import datetime
 import os
 import platform
@@ -43,6 +42,7 @@ from opacus.grad_sample.linear import compute_linear_grad_sample, compute_linear
 from torch import nn
 
 import rmt_kernels
+from bench.memory import peak_increase_mib
 
 LINEAR_SHAPES = [(768, 768), (768, 3072), (3072, 768)]  # (d_in, d_out)
 VOCAB, EMBED_DIM = 50265, 768
@@ -50,27 +50,6 @@ BATCHES = [8, 32]
 SEQ_LENS = [64, 128]
 C, SIGMA = 1.0, 1.0
 METHODS = ("gemm", "ours", "hooks", "ghost", "norms", "noise", "copy")
-_LIBC = ctypes.CDLL("libc.so.6")
-
-
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field):
-                return int(line.split()[1])
-    raise RuntimeError(field)
-
-
-def peak_mib(fn: Callable[[], object]) -> float:
-    """Peak RSS increase (MiB) while ``fn`` runs."""
-    _LIBC.malloc_trim(0)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM to the current RSS
-    before = _rss_kib("VmRSS:")
-    result = fn()
-    peak = _rss_kib("VmHWM:")
-    del result
-    return (peak - before) / 1024
 
 
 def best_ms(methods: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
@@ -88,76 +67,77 @@ def best_ms(methods: dict[str, Callable[[], object]], repeats: int) -> dict[str,
     return {k: 1e3 * min(v) for k, v in times.items()}
 
 
-def noise_methods(zeros: torch.Tensor) -> tuple[Callable[[], object], Callable[[], object]]:
-    """Noise drawn onto a copy of ``zeros`` (what the op does), and the copy alone."""
-    return (
-        lambda: rmt_kernels.add_gaussian_noise(zeros, SIGMA * C, 0, 0),
-        lambda: zeros.clone(),
-    )
+def _methods(
+    dy: torch.Tensor,
+    weight_grad: Callable[[torch.Tensor], torch.Tensor],
+    ours: Callable[[], object],
+    norms: Callable[[], object],
+    grad_sample: Callable[[], torch.Tensor],
+    norm_sample: Callable[[], torch.Tensor],
+    weight_shape: tuple[int, int],
+) -> dict[str, Callable[[], object]]:
+    """The ``METHODS`` of one layer, from its pieces: ``weight_grad(dy)`` (the layer's weight
+    gradient of an output gradient), our two ops (``ours``, ``norms``) and Opacus's samplers of
+    per-example gradients and of their norms."""
+
+    def hooks():
+        gs = grad_sample()
+        scale = (C / (gs.flatten(1).norm(dim=1) + 1e-6)).clamp(max=1.0)
+        summed = torch.einsum("i,i...", scale, gs)
+        return summed + torch.normal(0.0, SIGMA * C, summed.shape)
+
+    def ghost():
+        scale = (C / (norm_sample() + 1e-6)).clamp(max=1.0)
+        summed = weight_grad(dy * scale[:, None, None])
+        return summed + torch.normal(0.0, SIGMA * C, summed.shape)
+
+    # Noise drawn onto a copy of zeros of the weight's shape (what the op does), and the copy.
+    zeros = torch.zeros(weight_shape)
+    noise = lambda: rmt_kernels.add_gaussian_noise(zeros, SIGMA * C, 0, 0)
+    copy = lambda: zeros.clone()
+    gemm = lambda: weight_grad(dy)
+    # In METHODS' order: best_ms times them round-robin in this order.
+    return dict(zip(METHODS, (gemm, ours, hooks, ghost, norms, noise, copy), strict=True))
 
 
 def linear_methods(B: int, T: int, d_in: int, d_out: int) -> dict[str, Callable[[], object]]:
+    """The ``METHODS`` for a ``d_in`` x ``d_out`` Linear on a (B, T, d_in) input."""
     x, dy = torch.randn(B, T, d_in), torch.randn(B, T, d_out)
     layer = nn.Linear(d_in, d_out, bias=False)
-
-    def gemm():
-        return dy.reshape(-1, d_out).T @ x.reshape(-1, d_in)
 
     def ours():
         scale = rmt_kernels.clip_scales(rmt_kernels.linear_sq_norms(x, dy), C)
         return rmt_kernels.linear_clipped_noisy_sum(x, dy, scale, SIGMA * C, 0, 0)
 
-    def norms():
-        return rmt_kernels.linear_sq_norms(x, dy)
-
-    zeros = torch.zeros(d_out, d_in)
-
-    def hooks():
-        gs = compute_linear_grad_sample(layer, [x], dy)[layer.weight]
-        scale = (C / (gs.flatten(1).norm(dim=1) + 1e-6)).clamp(max=1.0)
-        summed = torch.einsum("i,i...", scale, gs)
-        return summed + torch.normal(0.0, SIGMA * C, summed.shape)
-
-    def ghost():
-        norms = compute_linear_norm_sample(layer, [x], dy)[layer.weight]
-        scale = (C / (norms + 1e-6)).clamp(max=1.0)
-        summed = (dy * scale[:, None, None]).reshape(-1, d_out).T @ x.reshape(-1, d_in)
-        return summed + torch.normal(0.0, SIGMA * C, summed.shape)
-
-    return dict(zip(METHODS, (gemm, ours, hooks, ghost, norms, *noise_methods(zeros)), strict=True))
+    return _methods(
+        dy,
+        weight_grad=lambda d: d.reshape(-1, d_out).T @ x.reshape(-1, d_in),
+        ours=ours,
+        norms=lambda: rmt_kernels.linear_sq_norms(x, dy),
+        grad_sample=lambda: compute_linear_grad_sample(layer, [x], dy)[layer.weight],
+        norm_sample=lambda: compute_linear_norm_sample(layer, [x], dy)[layer.weight],
+        weight_shape=(d_out, d_in),
+    )
 
 
 def embedding_methods(B: int, T: int) -> dict[str, Callable[[], object]]:
+    """The ``METHODS`` for RoBERTa-base's word embedding on (B, T) token ids."""
     ids, dy = torch.randint(0, VOCAB, (B, T)), torch.randn(B, T, EMBED_DIM)
     layer = nn.Embedding(VOCAB, EMBED_DIM)
-
-    def gemm():
-        return torch.ops.aten.embedding_dense_backward(dy, ids, VOCAB, -1, False)
 
     def ours():
         scale = rmt_kernels.clip_scales(rmt_kernels.embedding_sq_norms(ids, dy), C)
         return rmt_kernels.embedding_clipped_noisy_sum(ids, dy, scale, VOCAB, SIGMA * C, 0, 0)
 
-    def norms():
-        return rmt_kernels.embedding_sq_norms(ids, dy)
-
-    zeros = torch.zeros(VOCAB, EMBED_DIM)
-
-    def hooks():
-        gs = compute_embedding_grad_sample(layer, [ids], dy)[layer.weight]
-        scale = (C / (gs.flatten(1).norm(dim=1) + 1e-6)).clamp(max=1.0)
-        summed = torch.einsum("i,i...", scale, gs)
-        return summed + torch.normal(0.0, SIGMA * C, summed.shape)
-
-    def ghost():
-        norms = compute_embedding_norm_sample(layer, [ids], dy)[layer.weight]
-        scale = (C / (norms + 1e-6)).clamp(max=1.0)
-        summed = torch.ops.aten.embedding_dense_backward(
-            dy * scale[:, None, None], ids, VOCAB, -1, False
-        )
-        return summed + torch.normal(0.0, SIGMA * C, summed.shape)
-
-    return dict(zip(METHODS, (gemm, ours, hooks, ghost, norms, *noise_methods(zeros)), strict=True))
+    return _methods(
+        dy,
+        weight_grad=lambda d: torch.ops.aten.embedding_dense_backward(d, ids, VOCAB, -1, False),
+        ours=ours,
+        norms=lambda: rmt_kernels.embedding_sq_norms(ids, dy),
+        grad_sample=lambda: compute_embedding_grad_sample(layer, [ids], dy)[layer.weight],
+        norm_sample=lambda: compute_embedding_norm_sample(layer, [ids], dy)[layer.weight],
+        weight_shape=(VOCAB, EMBED_DIM),
+    )
 
 
 def main() -> None:
@@ -194,7 +174,7 @@ def main() -> None:
                     methods = linear_methods(B, T, *dims)
                     per_example = B * dims[0] * dims[1] * 4 / 2**20
                 ms = best_ms(methods, repeats)
-                mem = {k: peak_mib(methods[k]) for k in ("ours", "hooks", "ghost")}
+                mem = {k: peak_increase_mib(methods[k]) for k in ("ours", "hooks", "ghost")}
                 noise = ms["noise"] - ms["copy"]
 
                 def cell(k, ms=ms):

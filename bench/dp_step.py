@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from bench.memory import peak_mib, reset_peak
 from bench.report import machine_description
 
 METHODS = ["non-private", "opacus hooks", "opacus ghost", "ours", "ours + denoise"]
@@ -39,14 +40,6 @@ ROBERTA_BASE = dict(
     eos_token_id=2,
     layer_norm_eps=1e-5,
 )
-
-
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field):
-                return int(line.split()[1])
-    raise RuntimeError(field)
 
 
 def run_method(method: str, layers: int, batch: int, length: int, steps: int) -> dict:
@@ -113,8 +106,7 @@ def run_method(method: str, layers: int, batch: int, length: int, steps: int) ->
     for _ in range(2):
         step()
     sync()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset the high-water mark: the peak below is the steps' own
+    reset_peak()  # the peak below is the steps' own
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = []
@@ -123,9 +115,7 @@ def run_method(method: str, layers: int, batch: int, length: int, steps: int) ->
         step()
         sync()
         times.append(time.perf_counter() - t0)
-    peak = (
-        torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else _rss_kib("VmHWM:") / 1024
-    )
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else peak_mib()
     return {
         "method": method,
         "median_s": statistics.median(times),
