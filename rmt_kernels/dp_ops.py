@@ -237,6 +237,14 @@ def linear_sq_norms(x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
     float32 Gram sum returns 0 or a negative number, it stays above ``N_b``. An example with a
     non-finite input gets ``+inf`` (:func:`clip_scales` then gives it factor 0).
 
+    Cost (CPU kernel): each example is converted to float64 on a worker thread and its Gram strips
+    run through single-threaded dgemm, about 1.5-2x the uncertified float32 Gram (dgemm runs at
+    half the sgemm rate). float32 Gram strips with a rigorous error term were measured and
+    rejected: that term sums ``gamma_d |x_t||x_s||G_ts|`` over all T^2 entries while ``N_b``
+    cancels, so it inflates the bound by ~``gamma_d T / sqrt(d)`` (3e-4..1e-3 on random data,
+    up to 1.5e-2 on real-looking activations at RoBERTa widths, T 64-128), and a switch to
+    float64 whenever it is not negligible would fire on every example.
+
     Args:
         x: layer input (B, d_in) or (B, T, d_in); float32, bfloat16 or float16.
         dy: gradient of the layer output (B, d_out) or (B, T, d_out), same B and T. Padding

@@ -322,3 +322,59 @@ def test_meta_tensor_beside_cpu_tensors_is_refused(name, call):
     # All on meta still traces.
     x, dy = torch.randn(2, 3, 4, device="meta"), torch.randn(2, 3, 5, device="meta")
     assert torch.ops.rmt.linear_sq_norms(x, dy).device.type == "meta"
+
+
+def _bias_truth(dy: torch.Tensor) -> list[float]:
+    """|sum_t dy_t|^2 per example from correctly rounded column sums (math.fsum): within a
+    relative 1e-15 of the exact value."""
+    return [math.fsum(math.fsum(col) ** 2 for col in b.double().T.tolist()) for b in dy]
+
+
+def _layouts(x: torch.Tensor, dy: torch.Tensor):
+    """The same values in the layouts the CPU kernels must read: contiguous, strided
+    (transposed storage), expanded (stride 0 over T) and half-precision inputs (their float32
+    values are the exact inputs)."""
+    yield "contiguous", x, dy
+    yield "strided", x.transpose(1, 2).contiguous().transpose(1, 2), dy.mT.contiguous().mT
+    yield "expanded", x[:, :1].expand_as(x), dy[:, :1].expand_as(dy)
+    yield "bf16", x.bfloat16(), dy.bfloat16()
+    yield "fp16", x.half(), dy.half()
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_cpu_norms_per_example_workers_every_layout_and_split(threads):
+    # The CPU kernels convert one example at a time into reused float64 buffers on worker threads
+    # (one loop with multi-threaded BLAS when B < threads), in Gram strips of 32 rows with a
+    # partial last strip, and the bias in row chunks of 256 KiB (d = 3000: several chunks).
+    # Every layout and split gives the certified, tight bound, also for a cancelling example.
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        gen = torch.Generator().manual_seed(17)
+        # (B, T, d_in, d_out): Gram over 2 strips, B below / above the thread count; per-example
+        # route; rank one.
+        for B, T, d_in, d_out in [(1, 40, 80, 80), (5, 40, 80, 80), (3, 20, 4, 3), (4, 1, 9, 5)]:
+            assert dp_ops.use_gram_route(T, d_in, d_out) == (d_in != 4)
+            x = torch.randn(B, T, d_in, generator=gen)
+            dy = torch.randn(B, T, d_out, generator=gen)
+            if T > 1:  # example 0 cancels: rows u and -u + 10 w, equal dy rows
+                x[0, :2] = _cancelling_pair(1, d_in, 3e4, gen)[0]  # fits float16
+                dy[0, 1] = dy[0, 0]
+            for name, xv, dyv in _layouts(x, dy):
+                xf, dyf = xv.float(), dyv.float()
+                bound = rmt_kernels.linear_sq_norms(xv, dyv)
+                truth = linear_truth(xf, dyf)
+                _assert_bound(bound, [t * (1 - 1e-12) for t in truth], f"linear {name}")
+                _assert_tight(bound[1:], truth[1:], margin=1e-12)
+                # Each example alone (the serial path) gives a certified bound too.
+                for b in range(B):
+                    alone = rmt_kernels.linear_sq_norms(xv[b : b + 1], dyv[b : b + 1])
+                    _assert_bound(alone, [truth[b] * (1 - 1e-12)], f"linear {name} alone")
+                bias = rmt_kernels.bias_sq_norms(dyv)
+                _assert_tight(bias, _bias_truth(dyf), margin=1e-12)
+        dy = torch.randn(3, 25, 3000, generator=gen)  # 10 rows per 256 KiB chunk: 10, 10, 5
+        dy[0, 1] = -dy[0, 0]
+        for _name, _, dyv in _layouts(dy[..., :1], dy):
+            _assert_tight(rmt_kernels.bias_sq_norms(dyv), _bias_truth(dyv.float()), margin=1e-12)
+    finally:
+        torch.set_num_threads(before)
