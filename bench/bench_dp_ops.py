@@ -69,6 +69,7 @@ def best_ms(methods: dict[str, Callable[[], object]], repeats: int) -> dict[str,
 
 def _methods(
     dy: torch.Tensor,
+    *,
     weight_grad: Callable[[torch.Tensor], torch.Tensor],
     ours: Callable[[], object],
     norms: Callable[[], object],

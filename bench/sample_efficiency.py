@@ -28,7 +28,9 @@ from dataclasses import asdict
 from pathlib import Path
 
 from rmt_kernels.glue.compare import read_log
-from rmt_kernels.glue.train import TrainConfig, train, versions
+from rmt_kernels.glue.config import TrainConfig
+from rmt_kernels.glue.fingerprint import versions
+from rmt_kernels.glue.train import train
 
 TASK = "sst2"
 EPSILON = 8.0

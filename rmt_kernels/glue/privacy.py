@@ -98,9 +98,9 @@ class Privacy:
     private: bool
     # Opacus's PrivacyEngine with --engine opacus (it reads per-sample gradients), else None.
     opacus_engine: Any = None
-    # The accountant's epsilon at a delta (the engine's or the optimizer's); None without DP.
-    _get_epsilon: Callable[[float], float] | None = None
-    _spent: dict[int, float] = field(default_factory=dict)
+    # The accountant's epsilon at a delta (Opacus's engine's or our optimizer's); None without DP.
+    get_epsilon: Callable[[float], float] | None = None
+    _spent: dict[int, float] = field(default_factory=dict, init=False, repr=False)
 
     def epsilon(self, step: int) -> float | None:
         """Privacy spent after ``step`` steps (cached: Opacus's PRV accountant takes ~0.2 s);
@@ -111,7 +111,7 @@ class Privacy:
             if self.noise_multiplier == 0 and step > 0:
                 self._spent[step] = float("inf")  # no noise, no privacy (accountants divide by 0)
             else:
-                self._spent[step] = float(self._get_epsilon(self.delta))
+                self._spent[step] = float(self.get_epsilon(self.delta))
         return self._spent[step]
 
 
@@ -157,7 +157,7 @@ def privatize(
         noise_multiplier=noise_multiplier,
         private=cfg.noise_seed is None and bool(noise_multiplier),
         opacus_engine=opacus_engine,
-        _get_epsilon=optimizer.get_epsilon if opacus_engine is None else opacus_engine.get_epsilon,
+        get_epsilon=optimizer.get_epsilon if opacus_engine is None else opacus_engine.get_epsilon,
     )
     return model, optimizer, loader, privacy
 
