@@ -75,6 +75,22 @@ double dot64(const double* a, const double* b, int64_t n) {
   return s;
 }
 
+// sum_k a_k^2 in float64 of float32 values (each widened exactly), 8 partial sums as dot64.
+double sum_sq64(const float* a, int64_t n) {
+  double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t k = 0;
+  for (; k + 8 <= n; k += 8) {
+    for (int j = 0; j < 8; ++j) {
+      const double v = static_cast<double>(a[k + j]);
+      acc[j] += v * v;
+    }
+  }
+  double s = 0.0;
+  for (; k < n; ++k) s += static_cast<double>(a[k]) * static_cast<double>(a[k]);
+  for (int j = 0; j < 8; ++j) s += acc[j];
+  return s;
+}
+
 // Sum over t of |x_t| |dy_t| (float64 row norms of the converted rows): S of the bound.
 double row_norm_products(const at::Tensor& x64, const at::Tensor& dy64) {
   const int64_t T = x64.size(0), d_in = x64.size(1), d_out = dy64.size(1);
@@ -233,9 +249,9 @@ at::Tensor linear_clipped_noisy_sum_cpu(const at::Tensor& x, const at::Tensor& d
 // Certified bound of ||sum_t dy_t||^2 (dp_common.h): v^ = sum_t dy_t in float64 is off by
 // <= gamma_T sum_t |dy_t| in norm, so with S = sum_t |dy_t| and Q = fl(|v^|^2):
 // bound = min(Q (1 + 2(d + 2) u) + 4 (T + 1) u S^2, S^2 (1 + 3 (d + T + 8) u)).
-// Computed per example on worker threads from one reused float64 copy of the example (any
-// summation order is covered): converting the whole (B, T, d) batch to float64 first cost 11x
-// the float32 sum (37 vs 3.3 ms at B 32, T 128, d 3072, 2026-12-02), more than the weight's norms.
+// Computed per example on worker threads (any summation order is covered): converting the whole
+// (B, T, d) batch to float64 first cost 12x the float32 sum (37 vs 3.0 ms at B 32, T 128,
+// d 3072, 2-core Xeon, 2026-12-02), more than the weight's norms; now 5.0 ms.
 constexpr int64_t kBiasChunkBytes = int64_t{256} << 10;
 
 at::Tensor bias_sq_norms_bound(const at::Tensor& dy3) {
@@ -245,22 +261,34 @@ at::Tensor bias_sq_norms_bound(const at::Tensor& dy3) {
   at::Tensor Q = at::empty({B}, f64), S = at::empty({B}, f64);
   double* Q_p = Q.data_ptr<double>();
   double* S_p = S.data_ptr<double>();
+  // float32 rows with unit stride are read in place (each element widened exactly as it is
+  // summed); other dtypes and layouts are converted kBiasChunkBytes of rows at a time, so the
+  // copy stays in L2.
+  const bool direct = dy3.scalar_type() == at::kFloat && dy3.stride(2) == 1;
   auto work = [&](int64_t b0, int64_t b1) {
-    // Rows are converted kBiasChunkBytes at a time, so the copy stays in L2.
     const int64_t chunk = std::clamp<int64_t>(kBiasChunkBytes / (8 * d), 1, T);
-    at::Tensor rows = at::empty({chunk, d}, f64);
+    at::Tensor rows = direct ? at::Tensor() : at::empty({chunk, d}, f64);
     std::vector<double> v(d);
     for (int64_t b = b0; b < b1; ++b) {
       std::fill(v.begin(), v.end(), 0.0);
       double s = 0.0;
-      for (int64_t t0 = 0; t0 < T; t0 += chunk) {
-        const int64_t n = std::min(chunk, T - t0);
-        rows.narrow(0, 0, n).copy_(dy3[b].narrow(0, t0, n));  // exact conversion
-        const double* p = rows.const_data_ptr<double>();
-        for (int64_t t = 0; t < n; ++t) {
-          const double* r = p + t * d;
-          s += std::sqrt(dot64(r, r, d));
-          for (int64_t k = 0; k < d; ++k) v[k] += r[k];
+      if (direct) {
+        const float* base = dy3.const_data_ptr<float>() + b * dy3.stride(0);
+        for (int64_t t = 0; t < T; ++t) {
+          const float* r = base + t * dy3.stride(1);
+          s += std::sqrt(sum_sq64(r, d));
+          for (int64_t k = 0; k < d; ++k) v[k] += static_cast<double>(r[k]);
+        }
+      } else {
+        for (int64_t t0 = 0; t0 < T; t0 += chunk) {
+          const int64_t n = std::min(chunk, T - t0);
+          rows.narrow(0, 0, n).copy_(dy3[b].narrow(0, t0, n));  // exact conversion
+          const double* p = rows.const_data_ptr<double>();
+          for (int64_t t = 0; t < n; ++t) {
+            const double* r = p + t * d;
+            s += std::sqrt(dot64(r, r, d));
+            for (int64_t k = 0; k < d; ++k) v[k] += r[k];
+          }
         }
       }
       S_p[b] = s;
