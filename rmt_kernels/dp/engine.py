@@ -1,17 +1,31 @@
 """The private step: per-example clipping over all parameters, noise once per logical step,
-optional denoising, accounting.
+post-processing (denoising), accounting.
 
-Data flow of one logical step (DESIGN.md): for each physical batch, hooks keep every tracked
-layer's input and output gradient -> per-example squared norms per parameter, summed into one
-total norm per example -> clip factors -> clipped sums. At ``step()``: Gaussian noise of std
-``noise_multiplier * max_grad_norm`` on every coordinate (fused into the last batch's sums) ->
-divide by the expected batch size -> denoise the selected 2-D weights -> ``param.grad`` -> the
-wrapped optimizer -> the accountant.
+The private step is a template of named stages (:class:`PrivateEngine`'s methods):
+
+1. clip and accumulate (:meth:`~PrivateEngine.accumulate_pending`, once per physical batch): hooks
+   keep every tracked layer's input and output gradient -> per-example squared norms per
+   parameter, summed into one total norm per example -> clip factors -> clipped sums, divided by
+   the expected batch size;
+2. add noise (:meth:`~PrivateEngine.add_noise`, at ``step()``): Gaussian noise of std
+   ``noise_multiplier * max_grad_norm`` on every coordinate of the sum, fused into the last
+   physical batch's clipped sums;
+3. all-reduce (:meth:`~PrivateEngine.all_reduce`): the sums of every rank added up;
+4. post-process (:func:`rmt_kernels.dp.postprocess.post_process` over
+   ``PrivateEngine.post_processors``, today the :class:`~rmt_kernels.dp.postprocess.Denoiser`):
+   reads only the released noisy gradient and public numbers;
+5. write gradients (:meth:`~PrivateEngine.write_gradients`): ``param.grad``, for the wrapped
+   optimizer;
+6. account (:meth:`~PrivateEngine.step_accounted`).
+
+:meth:`~PrivateEngine.privatize` runs 2-5; :class:`rmt_kernels.dp.DPOptimizer` runs it, the
+wrapped optimizer and 6. A new post-processor lands in rmt_kernels/dp/postprocess.py, not here.
 
 Under torch.distributed (rmt_kernels/dp/distributed.py has the reasoning): the clipped sums of
-every rank are all-reduced before denoising, rank 0 alone adds the noise, and the ranks agree on
-the seed. With a privacy ledger (rmt_kernels/dp/checkpoint.py) each logical step is recorded
-before its data touches the model.
+every rank are all-reduced before post-processing, rank 0 alone adds the noise, and the ranks
+agree on the seed. With a privacy ledger (rmt_kernels/dp/checkpoint.py) each logical step is
+recorded before its data touches the model. Checkpoints go through :meth:`PrivateEngine.state_dict`
+and :meth:`PrivateEngine.load_state_dict`.
 """
 
 from __future__ import annotations
@@ -20,23 +34,23 @@ import hashlib
 import math
 import secrets
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
 from rmt_kernels.dp import distributed
 from rmt_kernels.dp.capture import LayerCapture, LayoutError, TrackedLayer, trainable_layers
+from rmt_kernels.dp.postprocess import (  # noqa: F401  (MIN_DENOISE_DIM: re-exported)
+    MIN_DENOISE_DIM,
+    DenoiseFilter,
+    Denoiser,
+    PostProcessor,
+    denoise_linear_weights,
+    post_process,
+)
 from rmt_kernels.dp_ops import add_gaussian_noise, clip_scales, noise_offset
-from rmt_kernels.ops import denoise_many
-
-DenoiseFilter = Callable[[str, nn.Module, str, nn.Parameter], bool]
-
-
-# Marchenko-Pastur's edge is an asymptotic statement about large m and n. A classifier head
-# (2 x 384) has two singular values and no bulk: thresholding it at the "edge" zeroes its whole
-# gradient whenever the signal is below the noise (measured on SST-2: the head never learned).
-MIN_DENOISE_DIM = 32
 
 # Noise keys (Philox seeds) are signed 64-bit integers in the ops; 0 <= seed < 2^63.
 SEED_LIMIT = 2**63
@@ -61,19 +75,16 @@ def check_seed(seed: int | None, what: str = "seed") -> None:
         )
 
 
-def denoise_linear_weights(layer_name: str, module: nn.Module, name: str, p: nn.Parameter) -> bool:
-    """Default choice of what to denoise: the 2-D weights of ``nn.Linear`` layers.
-
-    Embedding gradients are row-sparse (only the rows of tokens in the batch), not low-rank, so
-    they are left alone. Whatever the filter, matrices whose smaller side is below the denoise
-    option ``min_dim`` (default ``MIN_DENOISE_DIM``) are never denoised.
-    """
-    return isinstance(module, nn.Linear) and name == "weight" and p.dim() == 2
-
-
 def seed_id_of(seed: int) -> str:
     """The privacy ledger's name of the noise stream of ``seed`` (a hash; never the seed)."""
     return hashlib.sha256(f"rmt-noise-seed:{seed}".encode()).hexdigest()[:16]
+
+
+def derived_seed(seed: int, salt: int) -> int:
+    """A fresh, reproducible seed in [0, 2^62) derived from ``seed`` and ``salt`` (re-keying the
+    noise on a resume that cannot replay: see :meth:`PrivateEngine.rekey_noise`)."""
+    digest = hashlib.sha256(f"rmt-rekey:{seed}:{salt}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 2
 
 
 class PrivateEngine:
@@ -121,10 +132,6 @@ class PrivateEngine:
         self.expected_batch_size = int(expected_batch_size)
         self.sample_rate = float(sample_rate)
         self.accountant = accountant
-        self.denoise_options = dict(denoise) if denoise is not None else None
-        min_dim = MIN_DENOISE_DIM
-        if self.denoise_options is not None:
-            min_dim = self.denoise_options.pop("min_dim", MIN_DENOISE_DIM)
         self.loss_reduction = loss_reduction
         self.secure_mode = secure_mode
         # The noise key is (seed, step, parameter index). By default the seed comes from the OS
@@ -158,19 +165,30 @@ class PrivateEngine:
         self.params: list[tuple[TrackedLayer, str, nn.Parameter]] = [
             (layer, name, p) for layer in self.layers for name, p in layer.params.items()
         ]
+        # The key of each parameter's gradient in the private step (the post-processors see
+        # these): its qualified name in the model, stable across processes and resumes.
+        self.param_names: list[str] = [
+            f"{layer.name}.{name}" if layer.name else name for layer, name, _ in self.params
+        ]
         self.verify_layout = bool(verify_layout)
         # Whether verify_layout() has passed (it runs once, at the first forward of a batch with
         # two examples or more).
         self.layout_verified = False
         self._param_index = {id(p): i for i, (_, _, p) in enumerate(self.params)}
-        self._denoised = {
-            id(p)
-            for layer, name, p in self.params
-            if denoise is not None
-            and p.dim() == 2
-            and min(p.shape) >= min_dim
-            and denoise_filter(layer.name, layer.module, name, p)
-        }
+        # Stage 4 of the step: post-processors of the released gradient, in order (a new one
+        # is appended here; rmt_kernels/dp/postprocess.py).
+        self.post_processors: list[PostProcessor] = []
+        self.denoiser: Denoiser | None = None
+        if denoise is not None:
+            self.denoiser = Denoiser(denoise)
+            # The filter decision, made once from the modules (only the engine knows them).
+            self.denoiser.restrict_to(
+                key
+                for key, (layer, name, p) in zip(self.param_names, self.params, strict=True)
+                if self.denoiser.eligible(p.shape)
+                and denoise_filter(layer.name, layer.module, name, p)
+            )
+            self.post_processors.append(self.denoiser)
         self.capture = LayerCapture(self.layers)
         self._hooks = [model.register_forward_pre_hook(self._before_forward, with_kwargs=True)]
         # A tracked parameter's own module turns its requires_grad off while it runs, so autograd
@@ -179,11 +197,10 @@ class PrivateEngine:
         for layer, name, p in self.params:
             full = f"{layer.name}.{name}" if layer.name else name
             self._hooks.append(p.register_hook(_refuse_direct_use(full)))
-        self._sums: dict[int, torch.Tensor] = {}
+        # The logical step's clipped sums so far, by parameter name.
+        self._sums: dict[str, torch.Tensor] = {}
         self.skip_next_step = False
-        # Set ``record_denoise_stats`` before a step to keep what take_denoise_stats() reports.
-        self.record_denoise_stats = False
-        self._recorded: list[tuple[str, float, torch.Tensor]] = []
+        self._record_denoise_stats = False
 
     def __repr__(self) -> str:  # never show the seed
         return (
@@ -217,8 +234,7 @@ class PrivateEngine:
         self.record_step()
         # A new physical batch while the previous one is still held: fold it into the sums
         # (no noise yet) so that several batches make one logical step.
-        if self.capture.pending():
-            self._accumulate(noise_std=0.0)
+        self.accumulate_pending()
         self.capture.batch_size = batch
         if self.verify_layout and not self.layout_verified and batch is not None and batch > 1:
             self.check_layout(module, args, kwargs)
@@ -403,6 +419,21 @@ class PrivateEngine:
             total = total + part.double()
         return total
 
+    def accumulate_pending(self) -> None:
+        """Stage 1: fold the physical batch held since its backward into the logical step's
+        clipped sums, without noise (the noise enters once per logical step, at
+        :meth:`add_noise`). Nothing happens when no batch is held.
+
+        Called at the next forward and by ``DPOptimizer.step`` after ``signal_skip_step``.
+        """
+        if self.capture.pending():
+            self._accumulate(noise_std=0.0)
+
+    def step_in_progress(self) -> bool:
+        """Whether a logical step has data not yet released (a held batch or partial sums):
+        a checkpoint must not be written then."""
+        return self.capture.pending() or bool(self._sums)
+
     def _accumulate(self, noise_std: float) -> None:
         """Fold the held physical batch into the clipped sums, adding noise if asked."""
         captured = self._grad_outputs(self.capture.take())
@@ -413,19 +444,19 @@ class PrivateEngine:
         scale = clip_scales(self.per_parameter_sq_norms(captured), self.max_grad_norm)
         scale = scale / self.expected_batch_size
         for layer, x, dy in captured:
+            index = {name: self._param_index[id(p)] for name, p in layer.params.items()}
             offsets = {
-                name: noise_offset(self.steps, self._param_index[id(p)], len(self.params))
-                for name, p in layer.params.items()
+                name: noise_offset(self.steps, i, len(self.params)) for name, i in index.items()
             }
             sums = layer.rule.clipped_noisy_sums(
                 layer.module, x, dy, scale, noise_std, self._seed, offsets
             )
-            for name, p in layer.params.items():
+            for name in layer.params:
                 if name not in sums:
                     raise RuntimeError(
                         f"DP engine: the rule of '{layer.name}' gave no sum for '{name}'"
                     )
-                key = id(p)
+                key = self.param_names[index[name]]
                 self._sums[key] = (
                     sums[name] if key not in self._sums else self._sums[key] + sums[name]
                 )
@@ -451,77 +482,98 @@ class PrivateEngine:
             self.ledger.append(self.steps, self.seed_id)
 
     def privatize(self) -> None:
-        """Turn the held batches into noisy, averaged (and denoised) gradients in ``p.grad``.
+        """Stages 2-5 of the step: turn the held batches into noisy, averaged, post-processed
+        gradients in ``p.grad`` (module docstring).
 
         Noise of std ``noise_multiplier * max_grad_norm`` on the sum (``sigma()`` on the
         average) enters every coordinate exactly once: fused into the last physical batch's
         sums, or added on its own when that batch was already folded in (or was empty). Across
-        ranks, rank 0 alone adds it and the sums are all-reduced before denoising.
+        ranks, rank 0 alone adds it and the sums are all-reduced before post-processing.
         """
         self.record_step()
-        # Std of the noise on the averaged gradient: noise_multiplier * max_grad_norm on the sum.
+        grads = self.add_noise()
+        grads = self.all_reduce(grads)
+        grads = self.post_process(grads)
+        self.write_gradients(grads)
+
+    def add_noise(self) -> dict[str, torch.Tensor]:
+        """Stage 2: the logical step's noisy averaged sums, by parameter name (and forget them).
+
+        The held physical batch is clipped and accumulated with the noise fused in; a sum
+        already folded in (several physical batches), or missing (an empty logical batch: zeros),
+        gets the noise on its own. Only rank 0 adds noise. Same noise key either way:
+        (seed, step, parameter index).
+        """
         noise_std = self.sigma() if self.rank == 0 else 0.0
         noised = set()
         if self.capture.pending():
             self._accumulate(noise_std=noise_std)
             noised = set(self._sums)
-        for i, (_, _, p) in enumerate(self.params):
-            key = id(p)
+        for i, (key, (_, _, p)) in enumerate(zip(self.param_names, self.params, strict=True)):
             if key not in self._sums:  # an empty logical batch: noise alone
                 self._sums[key] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
             if key not in noised and noise_std > 0:
                 offset = noise_offset(self.steps, i, len(self.params))
                 self._sums[key] = add_gaussian_noise(self._sums[key], noise_std, self._seed, offset)
         grads, self._sums = self._sums, {}
-        if self.world_size > 1:
-            start = time.perf_counter()
-            keys = [id(p) for _, _, p in self.params]
-            summed = distributed.all_reduce_sums([grads[k] for k in keys], self.process_group)
-            grads = dict(zip(keys, summed, strict=True))
-            self.allreduce_seconds += time.perf_counter() - start
-        # Denoising reads only the noisy averaged gradient and the public sigma (post-processing).
-        if self._denoised and self.noise_multiplier > 0:
-            keys = [k for k in grads if k in self._denoised]
-            options = dict(self.denoise_options)
-            # The sketch's test matrix only; a fresh one each step, derived from public counters.
-            options["seed"] = (options.get("seed", 0) + self.steps) % SEED_LIMIT
-            denoised = denoise_many([grads[k] for k in keys], self.sigma(), **options)
-            if self.record_denoise_stats:
-                self._record_denoise_stats(keys, grads, denoised)
-            for k, g in zip(keys, denoised, strict=True):
-                grads[k] = g
-        for _, _, p in self.params:
-            p.grad = grads[id(p)].to(p.dtype).view_as(p)
+        return grads
 
-    def _record_denoise_stats(self, keys, noisy, denoised) -> None:
-        """Keep each denoised matrix and its noisy norm (cheap); the SVDs wait for the call to
-        :meth:`take_denoise_stats`, outside the step."""
-        names = {
-            id(p): f"{layer.name}.{name}" if layer.name else name for layer, name, p in self.params
-        }
-        self._recorded = [
-            (names[k], float(torch.linalg.vector_norm(noisy[k])), g.detach().clone())
-            for k, g in zip(keys, denoised, strict=True)
-        ]
+    def all_reduce(self, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Stage 3: the sums of every rank added up (``grads`` itself on one process)."""
+        if self.world_size == 1:
+            return grads
+        start = time.perf_counter()
+        summed = distributed.all_reduce_sums(
+            [grads[k] for k in self.param_names], self.process_group
+        )
+        grads = dict(zip(self.param_names, summed, strict=True))
+        self.allreduce_seconds += time.perf_counter() - start
+        return grads
+
+    def post_process(self, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Stage 4: ``post_processors`` in order, on the released noisy gradient with the
+        public ``sigma()`` and step counter only (privacy invariant: post-processing)."""
+        return post_process(self.post_processors, grads, self.sigma(), self.steps)
+
+    def write_gradients(self, grads: dict[str, torch.Tensor]) -> None:
+        """Stage 5: ``p.grad`` of every privatised parameter, in its dtype.
+
+        Raises:
+            RuntimeError: a post-processor dropped a parameter's gradient.
+        """
+        missing = [k for k in self.param_names if k not in grads]
+        if missing:
+            raise RuntimeError(
+                f"DP engine: the post-processors returned no gradient for {missing[:3]} (a "
+                "post-processor must return every gradient it was given)"
+            )
+        for key, (_, _, p) in zip(self.param_names, self.params, strict=True):
+            p.grad = grads[key].to(p.dtype).view_as(p)
+
+    @property
+    def denoise_options(self) -> dict[str, Any] | None:
+        """The denoise options given (``min_dim`` left out), or None without denoising."""
+        if self.denoiser is None:
+            return None
+        return {k: v for k, v in self.denoiser.options.items() if k != "min_dim"}
+
+    @property
+    def record_denoise_stats(self) -> bool:
+        """Set before a step to keep what :meth:`take_denoise_stats` reports (it costs an SVD
+        per denoised matrix at the take)."""
+        return self._record_denoise_stats
+
+    @record_denoise_stats.setter
+    def record_denoise_stats(self, value: bool) -> None:
+        self._record_denoise_stats = bool(value)
+        if self.denoiser is not None:
+            self.denoiser.record_stats = self._record_denoise_stats
 
     def take_denoise_stats(self) -> dict[str, dict[str, float]]:
         """Per denoised parameter of the last step run with ``record_denoise_stats`` set: the
         kept rank and ||denoised|| / ||noisy|| (post-processing of the noisy gradient only).
         Empty if nothing was recorded; forgets what it returns."""
-        stats = {}
-        for name, noisy_norm, g in self._recorded:
-            values = torch.linalg.svdvals(g.float())
-            top = float(values.max()) if values.numel() else 0.0
-            # The op reconstructs only the kept components; the other values are rounding.
-            tol = top * max(g.shape) * torch.finfo(torch.float32).eps
-            stats[name] = {
-                "rank": int((values > tol).sum()) if top > 0 else 0,
-                "norm_ratio": float(torch.linalg.vector_norm(g)) / noisy_norm
-                if noisy_norm > 0
-                else 0.0,
-            }
-        self._recorded = []
-        return stats
+        return {} if self.denoiser is None else self.denoiser.take_stats()
 
     def step_accounted(self) -> None:
         """Count one logical step with the accountant (unless a crashed run's ledger entry for
@@ -532,6 +584,100 @@ class PrivateEngine:
                 noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate
             )
         self.steps += 1
+
+    # ---------------------------------------------------------------------------------------
+    # State: checkpoints, the privacy ledger, the noise key
+    # ---------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs of the engine (what rmt_kernels/dp/checkpoint.py saves).
+
+        ``steps`` (the logical step counter, part of the noise key), ``seed`` (the noise seed
+        only when the caller gave it, i.e. public: a secret one is never written, privacy
+        invariant 9; else None), ``seed_id`` (the ledger's name of the noise stream),
+        ``accountant`` (its state) and ``post_processors`` (each one's ``state_dict()``, in
+        order). Plain values and tensors: loadable with ``torch.load(weights_only=True)``.
+
+        Raises:
+            RuntimeError: a logical step is in progress (its partial sums are not state).
+        """
+        if self.step_in_progress():
+            raise RuntimeError(
+                "PrivateEngine.state_dict: a logical step is in progress; call it after step()"
+            )
+        return {
+            "steps": self.steps,
+            "seed": None if self.noise_seed_is_secret else self._seed,
+            "seed_id": self.seed_id,
+            "accountant": self.accountant.state_dict(),
+            "post_processors": [p.state_dict() for p in self.post_processors],
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (call on every rank).
+
+        The step counter, the accountant and each post-processor's state are restored. The
+        noise seed is adopted when ``state`` holds one (a public seed), with its stream id; with
+        a secret seed (``seed`` None) the engine keeps its own fresh seed (a new stream: no
+        noise key of the saved run is reused). A ``state`` without ``post_processors`` (a
+        checkpoint written before post-processors kept state, when the only one, the denoiser,
+        kept none) leaves them as they are. The current step will be recorded in the ledger
+        again at its first use.
+
+        Raises:
+            ValueError: ``post_processors`` does not match this engine's (another count).
+        """
+        processors = state.get("post_processors")
+        if processors is not None and len(processors) != len(self.post_processors):
+            raise ValueError(
+                f"PrivateEngine.load_state_dict: {len(processors)} post-processor states for "
+                f"{len(self.post_processors)} post-processors "
+                f"({', '.join(type(p).__name__ for p in self.post_processors) or 'none'})"
+            )
+        self.accountant.load_state_dict(state["accountant"])
+        self.steps = int(state["steps"])
+        if state.get("seed") is not None:
+            self._seed = int(state["seed"])
+            self.seed_id = seed_id_of(self._seed)
+        for processor, processor_state in zip(self.post_processors, processors or (), strict=False):
+            processor.load_state_dict(processor_state)
+        self._recorded_step = -1
+
+    def rekey_noise(self, salt: int) -> None:
+        """Move to a new noise stream: a seed derived from the current one and ``salt`` (e.g.
+        the privacy ledger's length), and its stream id.
+
+        For a resume that cannot replay the lost steps exactly (other data, unknown sampling
+        position) or a restart after a crash before the first checkpoint: with a new seed no
+        (seed, step, parameter) noise key of the crashed run is reused on other data. Not in
+        secure mode, whose seed is drawn fresh from the OS by every run already (and whose
+        stream id must stay random).
+
+        Raises:
+            RuntimeError: in secure mode.
+        """
+        if self.secure_mode:
+            raise RuntimeError(
+                "PrivateEngine.rekey_noise: a secure-mode run's seed is fresh from the OS already"
+            )
+        self._seed = derived_seed(self._seed, salt)
+        self.seed_id = seed_id_of(self._seed)
+        self._recorded_step = -1
+
+    def set_ledger(self, ledger, counted: Iterable[tuple[int, str]] | None = None) -> None:
+        """Record the following steps in ``ledger`` (a
+        :class:`~rmt_kernels.dp.checkpoint.PrivacyLedger`, or None for none).
+
+        Args:
+            ledger: where :meth:`record_step` appends (rank 0 only; None on the others).
+            counted: (step, seed id) pairs the accountant already counted (a crashed run's
+                steps, counted at resume): replaying one costs nothing. None keeps the set.
+        """
+        self.ledger = ledger
+        if counted is not None:
+            self.counted = set(counted)
+        # The current step is recorded again in the new ledger at its next use.
+        self._recorded_step = -1
 
     def zero_grad(self) -> None:
         """Forget held batches and partial sums (the start of a new logical step).

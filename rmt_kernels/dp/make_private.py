@@ -8,44 +8,12 @@ import warnings
 from torch import nn
 from torch.utils.data import DataLoader
 
-from rmt_kernels._checks import check_denoise_arguments
 from rmt_kernels.dp import distributed
-from rmt_kernels.dp.engine import DenoiseFilter, PrivateEngine, check_seed, denoise_linear_weights
+from rmt_kernels.dp.engine import PrivateEngine, check_seed
 from rmt_kernels.dp.optimizer import DPOptimizer
+from rmt_kernels.dp.postprocess import DenoiseFilter, check_denoise_options, denoise_linear_weights
 
 ACCOUNTANTS = ("prv", "rdp", "gdp")
-DENOISE_OPTIONS = ("shrinker", "kappa", "rank", "oversample", "niter", "norm", "seed", "min_dim")
-
-
-def _check_denoise_options(denoise: dict | None) -> None:
-    if denoise is None:
-        return
-    if not isinstance(denoise, dict):
-        raise TypeError(f"denoise must be None or a dict of denoise options, got {denoise!r}")
-    unknown = set(denoise) - set(DENOISE_OPTIONS)
-    if unknown:
-        raise ValueError(
-            f"denoise: unknown option(s) {sorted(unknown)}; expected some of {DENOISE_OPTIONS}"
-        )
-    import torch
-
-    min_dim = denoise.get("min_dim", 1)
-    if not isinstance(min_dim, int) or isinstance(min_dim, bool) or min_dim < 1:
-        raise ValueError(f"denoise: min_dim must be an int >= 1, got {min_dim!r}")
-    check_seed(denoise.get("seed", 0), "denoise: seed")
-    options = {
-        "shrinker": "frobenius",
-        "kappa": 1.0,
-        "rank": -1,
-        "oversample": 8,
-        "niter": 2,
-        "norm": "none",
-    }
-    options.update({k: v for k, v in denoise.items() if k not in ("seed", "min_dim")})
-    # Validated once against a dummy matrix big enough for any rank a layer might use.
-    rank = options["rank"]
-    size = max(2, rank if isinstance(rank, int) else 2)
-    check_denoise_arguments(torch.empty(size, size, device="meta"), 1.0, **options)
 
 
 def make_private(
@@ -123,8 +91,10 @@ def make_private(
             "debiased"}``, plus ``min_dim``: matrices whose smaller side is below it, default
             32, are left alone), or None for plain DP-SGD. Applied with ``sigma = noise_multiplier *
             max_grad_norm / expected_batch_size`` to the parameters ``denoise_filter`` selects
-            (by default the 2-D weights of nn.Linear layers). Post-processing: privacy is
-            unchanged.
+            (by default the 2-D weights of nn.Linear layers); a fixed ``rank`` is capped at
+            each matrix's smaller side. Post-processing: privacy is unchanged. Validated here by
+            :func:`rmt_kernels.dp.postprocess.check_denoise_options` (the Opacus drop-in's
+            check too); the denoiser is ``optimizer.engine.denoiser``.
         poisson_sampling: sample each logical batch by Poisson sampling (recommended: the
             accountant's analysis assumes it). With False the loader is used as given and the
             accountant is told the rate ``batch_size / len(dataset)``; for a rate below 1 that
@@ -187,7 +157,7 @@ def make_private(
         )
     if not isinstance(verify_layout, bool):
         raise TypeError(f"verify_layout must be a bool, got {type(verify_layout).__name__}")
-    _check_denoise_options(denoise)
+    check_denoise_options(denoise)
     if len(data_loader) == 0:
         raise ValueError("data_loader is empty")
 

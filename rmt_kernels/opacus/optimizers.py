@@ -1,28 +1,28 @@
 """Opacus DP optimizers whose noisy gradient is denoised before the parameter update.
 
 Opacus's ``DPOptimizer.pre_step`` is a template method: clip_and_accumulate -> add_noise ->
-scale_grad -> step_hook (the accountant). We override only ``scale_grad``: call Opacus's, then
-shrink every 2-D ``p.grad``. At that point ``p.grad`` is exactly the released DP gradient (clipped
-sum + noise, divided by the batch size), so denoising is post-processing and the privacy guarantee
-is unchanged; the accountant's hook still runs afterwards, untouched, from Opacus's own
-``pre_step``.
+scale_grad -> step_hook (the accountant). We override only ``scale_grad``: call Opacus's, then run
+the post-processing stage the native engine runs (:func:`rmt_kernels.dp.postprocess.post_process`
+with the same :class:`~rmt_kernels.dp.postprocess.Denoiser`; the options checked by the same
+:func:`~rmt_kernels.dp.postprocess.check_denoise_options`). At that point ``p.grad`` is exactly the
+released DP gradient (clipped sum + noise, divided by the batch size), so denoising is
+post-processing and the privacy guarantee is unchanged; the accountant's hook still runs
+afterwards, untouched, from Opacus's own ``pre_step``.
 
-Privacy invariant 4 (denoising reads only the noisy gradient and public hyper-parameters) holds by
-construction: :meth:`_DenoisingMixin._denoise_grads` reads ``p.grad`` and the optimizer's
+Denoising reads only the noisy gradient and public hyper-parameters, by construction:
+:meth:`_DenoisingMixin._denoise_grads` hands the post-processors ``p.grad`` and the optimizer's
 hyper-parameters (noise multiplier, clipping norm, expected batch size, number of accumulated
-physical batches, loss reduction) and nothing else: not ``grad_sample``, not ``summed_grad``,
-not the noise generator.
+physical batches, loss reduction) and nothing else: not ``grad_sample``, not ``summed_grad``, not
+the noise generator.
 
 Written against opacus==1.6.0.
 """
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping
 from typing import Any
 
-import torch
 from opacus.optimizers import (
     AdaClipDPOptimizer,
     DistributedDPOptimizer,
@@ -35,9 +35,13 @@ from opacus.optimizers import (
 )
 from torch.optim import Optimizer
 
-from rmt_kernels import ops
-from rmt_kernels._checks import check_denoise_arguments
-from rmt_kernels.dp.engine import MIN_DENOISE_DIM
+from rmt_kernels.dp.postprocess import (
+    DENOISE_OPTIONS,
+    Denoiser,
+    PostProcessor,
+    check_denoise_options,
+    post_process,
+)
 
 __all__ = [
     "DENOISE_OPTIONS",
@@ -51,72 +55,9 @@ __all__ = [
     "validate_denoise_options",
 ]
 
-# The keyword options of rmt_kernels.denoise, read from its signature so the two never drift.
-DENOISE_OPTIONS: dict[str, Any] = {
-    name: parameter.default
-    for name, parameter in inspect.signature(ops.denoise).parameters.items()
-    if parameter.kind is inspect.Parameter.KEYWORD_ONLY
-}
-# Not an op option: matrices whose smaller side is below it are left alone (see the engine's
-# MIN_DENOISE_DIM for why).
-DENOISE_OPTIONS["min_dim"] = MIN_DENOISE_DIM
-
-
-def validate_denoise_options(denoise: Mapping[str, Any] | None) -> dict[str, Any] | None:
-    """Check the ``denoise`` options when the optimizer is built, not at the first step.
-
-    A typo (``kapa=2``) or a bad value would otherwise surface only after the first forward and
-    backward pass of a possibly long job, or, worse, be silently ignored. Values are checked by the
-    op's own argument check, so the messages are the op's.
-
-    Args:
-        denoise: keyword options of :func:`rmt_kernels.denoise` (``shrinker``, ``kappa``,
-            ``rank``, ``oversample``, ``niter``, ``norm``, ``seed``), or None for no denoising.
-
-    Returns:
-        A plain dict copy of the options (so later changes to the caller's dict do not leak into
-        training), or None.
-
-    Raises:
-        TypeError: ``denoise`` is not a mapping, or names an unknown option.
-        ValueError: an option has an invalid value.
-    """
-    if denoise is None:
-        return None
-    if not isinstance(denoise, Mapping):
-        raise TypeError(
-            f"denoise must be a dict of rmt_kernels.denoise options or None, got "
-            f"{type(denoise).__name__}"
-        )
-    unknown = sorted(set(denoise) - set(DENOISE_OPTIONS))
-    if unknown:
-        raise TypeError(
-            f"denoise: unknown option(s) {', '.join(map(repr, unknown))}; valid options are "
-            f"{', '.join(sorted(DENOISE_OPTIONS))}"
-        )
-    options = {**DENOISE_OPTIONS, **denoise}
-    if not isinstance(options["seed"], int) or isinstance(options["seed"], bool):
-        raise TypeError(f"denoise: seed must be an int, got {type(options['seed']).__name__}")
-    for name in ("rank", "oversample", "niter", "min_dim"):
-        if not isinstance(options[name], int) or isinstance(options[name], bool):
-            raise TypeError(f"denoise: {name} must be an int, got {type(options[name]).__name__}")
-    if options["min_dim"] < 1:
-        raise ValueError(f"denoise: min_dim must be >= 1, got {options['min_dim']}")
-    # rank is checked against the real matrices at each step (it is capped per matrix there);
-    # here a meta matrix big enough for any rank checks everything else without allocating.
-    size = max(options["rank"], 1)
-    check_denoise_arguments(
-        torch.empty(size, size, device="meta"),
-        1.0,
-        options["shrinker"],
-        options["kappa"],
-        options["rank"],
-        options["oversample"],
-        options["niter"],
-        options["norm"],
-        options["seed"],
-    )
-    return dict(denoise)
+# The one check of the denoise options, shared with rmt_kernels.dp.make_private (kept under its
+# old name, which rmt_kernels.opacus exports).
+validate_denoise_options = check_denoise_options
 
 
 class _DenoisingMixin:
@@ -129,13 +70,18 @@ class _DenoisingMixin:
     # Set in __init__; declared for type checkers.
     denoise_options: dict[str, Any] | None
     denoise_steps: int
+    denoiser: Denoiser | None
+    post_processors: list[PostProcessor]
 
     def __init__(
         self, optimizer: Optimizer, *, denoise: Mapping[str, Any] | None = None, **kwargs: Any
     ) -> None:
         # Validated before Opacus touches the parameters, so a bad option fails cleanly.
-        self.denoise_options = validate_denoise_options(denoise)
-        # Steps denoised so far: varies the sketch's test matrix (see _denoise_grads).
+        self.denoise_options = check_denoise_options(denoise)
+        # Every 2-D gradient is a candidate (keys=None): Opacus knows no modules here.
+        self.denoiser = None if denoise is None else Denoiser(self.denoise_options)
+        self.post_processors = [] if self.denoiser is None else [self.denoiser]
+        # Steps denoised so far: the post-processors' step counter (the sketch's seed).
         self.denoise_steps = 0
         super().__init__(optimizer, **kwargs)  # type: ignore[call-arg]
 
@@ -168,52 +114,34 @@ class _DenoisingMixin:
         afterwards, so accounting is untouched and we do not fork Opacus's loop.
         """
         super().scale_grad()  # type: ignore[misc]
-        if self.denoise_options is not None:
+        if self.post_processors:
             self._denoise_grads()
 
     def _denoise_grads(self) -> None:
-        """Replace each 2-D ``p.grad`` by its shrinkage estimate.
+        """The post-processing stage (:func:`rmt_kernels.dp.postprocess.post_process`) on
+        ``p.grad``, keyed by the parameter's index in ``params``.
 
-        Reads only ``p.grad`` and public hyper-parameters (privacy invariant 4). 1-D (biases,
-        norms) and >2-D (convolution kernels) gradients are left exactly as Opacus made them: the
-        Marchenko-Pastur model is for matrices, and a reshaped kernel has no reason to be low-rank.
-        Every 2-D gradient whose smaller side is at least ``min_dim`` (default 32) is denoised,
-        embedding tables included (the native engine leaves embeddings alone by default); tiny
-        heads are left alone, as in the native engine.
+        Reads only ``p.grad`` and public hyper-parameters (post-processing). The
+        :class:`~rmt_kernels.dp.postprocess.Denoiser` shrinks every 2-D gradient whose smaller
+        side is at least ``min_dim`` (default 32): embedding tables included (the native engine
+        leaves embeddings alone by default), tiny heads left alone as in the native engine; 1-D
+        (biases, norms) and >2-D (convolution kernels) gradients are left exactly as Opacus made
+        them (the Marchenko-Pastur model is for matrices, and a reshaped kernel has no reason to
+        be low-rank). A fixed ``rank`` is capped per matrix. With no noise (``sigma`` 0) nothing
+        is denoised.
         """
         sigma = self.denoise_sigma()
-        if not sigma > 0:
-            # noise_multiplier == 0 (or max_grad_norm == 0): there is no noise, so nothing to
-            # denoise, and the bulk edge sigma * (sqrt(m) + sqrt(n)) would be 0, which the op
-            # rightly rejects. The gradient is left as Opacus made it.
-            return
-        options = dict(self.denoise_options or {})
-        min_dim = int(options.pop("min_dim", MIN_DENOISE_DIM))
-        params = [
-            p
-            for p in self.params  # type: ignore[attr-defined]
-            if p.grad is not None and p.grad.dim() == 2 and min(p.shape) >= min_dim
-        ]
-        if not params:
-            return
-        # The seed only drives the range finder's Gaussian test matrix, not privacy noise, so it
-        # needs no secrecy (unlike the noise generator in secure mode). It changes every step so a
-        # component the sketch happens to miss in one step is not missed in every step; the
-        # sequence is reproducible from the base seed.
-        base = int(options.get("seed", DENOISE_OPTIONS["seed"]))
-        options["seed"] = (base + self.denoise_steps) % 2**63  # stays an int64 seed
-        self.denoise_steps += 1
-        rank = int(options.pop("rank", DENOISE_OPTIONS["rank"]))
-        # A fixed rank is "at most rank components": capped per matrix, so one small matrix (a
-        # 2 x 64 classifier head) does not make a rank that suits the big ones an error. Matrices
-        # are grouped by their capped rank so denoise_many still batches equal shapes.
-        groups: dict[int, list[torch.nn.Parameter]] = {}
-        for p in params:
-            groups.setdefault(rank if rank == -1 else min(rank, *p.grad.shape), []).append(p)
-        for group_rank, group in groups.items():
-            estimates = ops.denoise_many([p.grad for p in group], sigma, rank=group_rank, **options)
-            for p, estimate in zip(group, estimates, strict=True):
-                p.grad = estimate
+        params = self.params  # type: ignore[attr-defined]
+        grads = {i: p.grad for i, p in enumerate(params) if p.grad is not None}
+        step = self.denoise_steps
+        # The step counter advances only on steps that denoise something (its meaning since
+        # the first release: the sketch seed of the t-th denoised step is seed + t).
+        if sigma > 0 and self.denoiser is not None and self.denoiser.selected(grads):
+            self.denoise_steps += 1
+        out = post_process(self.post_processors, grads, sigma, step)
+        for i, g in out.items():
+            if g is not grads[i]:
+                params[i].grad = g
 
 
 class _DistributedDenoisingMixin(_DenoisingMixin):
@@ -234,7 +162,7 @@ class _DistributedDenoisingMixin(_DenoisingMixin):
 
     def reduce_gradients(self) -> None:
         super().reduce_gradients()  # type: ignore[misc]
-        if self.denoise_options is not None:
+        if self.post_processors:
             self._denoise_grads()
 
     def _reduction_divisor(self) -> float:
