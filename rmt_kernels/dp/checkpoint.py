@@ -3,11 +3,14 @@ under-counting epsilon.
 
 File format (``FORMAT_VERSION``): ``MAGIC``, the version (uint32), the payload length (uint64)
 and the payload's SHA-256, then the payload (``torch.save`` of a dict: fingerprint, model and
-optimizer state, engine step counter, noise seed (outside secure mode), accountant history, the
-data fingerprint, each rank's sampler position and global RNG states (dropout), the caller's
-``extra``). A short, flipped or foreign file is refused, naming the file. Written atomically: a
-temporary file in the same folder, fsync, ``os.replace``, fsync of the folder, so a crash
-leaves the previous checkpoint or the new one, never half of one.
+optimizer state, the engine's ``state_dict()`` (step counter, noise seed when public, stream id,
+accountant history, post-processor states) with the ledger's length, the id of the data
+fingerprint's sidecar, each rank's sampler position and global RNG states (dropout), the
+caller's ``extra``). A checkpoint written before post-processors kept state has no
+``post_processors`` entry and loads as before (the denoiser, then the only one, keeps none). A
+short, flipped or foreign file is refused, naming the file. Written atomically: a temporary file
+in the same folder, fsync, ``os.replace``, fsync of the folder, so a crash leaves the previous
+checkpoint or the new one, never half of one.
 
 A secret noise seed (the default: drawn from the OS) is never written, nor, in secure mode, the
 sampler's generator state; only a seed the caller gave (``make_private(seed=N)``: reproducible,
@@ -82,7 +85,6 @@ from torch import nn
 
 from rmt_kernels import dp_ops
 from rmt_kernels.dp import distributed
-from rmt_kernels.dp.engine import seed_id_of
 from rmt_kernels.dp.optimizer import DPOptimizer
 
 FORMAT_VERSION = 1
@@ -215,7 +217,7 @@ def attach_ledger(
             )
         ledger.repair()
         ledger.path.parent.mkdir(parents=True, exist_ok=True)
-        engine.ledger = ledger
+        engine.set_ledger(ledger)
         return
     if Path(path).exists():
         raise CheckpointError(
@@ -238,15 +240,12 @@ def attach_ledger(
     if not engine.secure_mode:
         # A new key, so the restarted run's steps never share a (seed, step) with the killed
         # run's (secure mode drew a fresh seed and a random stream id already).
-        engine._seed = _noise_key(engine._seed, len(records))
-        engine.seed_id = seed_id_of(engine._seed)
-    engine.counted = counted
-    engine._recorded_step = -1
-    engine.ledger = None
+        engine.rekey_noise(len(records))
+    ledger = None
     if engine.rank == 0:
         ledger = _open_ledger(engine, path)
         ledger.repair()
-        engine.ledger = ledger
+    engine.set_ledger(ledger, counted)
     _barrier(engine)
 
 
@@ -263,8 +262,8 @@ def _fingerprint(engine) -> dict:
     """What a checkpoint must agree on with the run that loads it."""
     return {
         "parameters": [
-            [f"{layer.name}.{name}" if layer.name else name, list(p.shape), str(p.dtype)]
-            for layer, name, p in engine.params
+            [name, list(p.shape), str(p.dtype)]
+            for name, (_, _, p) in zip(engine.param_names, engine.params, strict=True)
         ],
         "privacy": {
             "noise_multiplier": engine.noise_multiplier,
@@ -359,7 +358,7 @@ def save_checkpoint(
     engine = _engine(optimizer)
     data = _data_fingerprint(data_loader, data_fingerprint)
     data_id = secrets.token_hex(16)
-    if engine.capture.pending() or engine._sums:
+    if engine.step_in_progress():
         raise RuntimeError("save_checkpoint: a logical step is in progress; save after step()")
     attach_ledger(optimizer, path)
     # Per rank: the sampler's position and the global RNGs (dropout draws from them: a resumed
@@ -381,10 +380,7 @@ def save_checkpoint(
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "engine": {
-                "steps": engine.steps,
-                "seed": engine._seed if _seed_is_public(engine) else None,
-                "seed_id": engine.seed_id,
-                "accountant": engine.accountant.state_dict(),
+                **engine.state_dict(),
                 "ledger_lines": len(engine.ledger.entries()),
             },
             "ranks": ranks,
@@ -486,12 +482,6 @@ def _check_fingerprint(path: Path, saved: dict, current: dict) -> None:
             )
 
 
-def _noise_key(seed: int, ledger_lines: int) -> int:
-    """A fresh, reproducible seed for a resume that cannot replay the lost steps' batches."""
-    digest = hashlib.sha256(f"rmt-rekey:{seed}:{ledger_lines}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 2
-
-
 def _saved_data(path: Path, state: dict) -> dict | None:
     """The data fingerprint of the checkpoint ``state`` read from ``path`` (None: unknown)."""
     try:
@@ -513,12 +503,6 @@ def checkpoint_extra(path: str | os.PathLike) -> dict | None:
     """
     state = _read(Path(path))
     return {"steps": int(state["engine"]["steps"]), "extra": state["extra"]}
-
-
-def _seed_is_public(engine) -> bool:
-    """Whether the noise seed was given by the caller (reproducible, not private) rather than
-    drawn from the OS: only a public seed is ever written (DESIGN.md invariant 9)."""
-    return not engine.secure_mode and not getattr(engine, "noise_seed_is_secret", False)
 
 
 def _replay_blockers(saved_seed, sampler_restored: bool, saved_data, current_data) -> list[str]:
@@ -594,23 +578,23 @@ def load_checkpoint(
         saved["seed"], sampler_restored, _saved_data(path, state), current_data
     )
     blockers = sorted({b for rank in _gather(blockers, engine) for b in rank})
+    # The engine first: it refuses post-processor states that are not its own before anything
+    # else is overwritten.
+    try:
+        engine.load_state_dict(saved)
+    except ValueError as err:
+        raise CheckpointError(f"checkpoint {path}: {err}") from err
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
-    engine.accountant.load_state_dict(saved["accountant"])
-    engine.steps = int(saved["steps"])
     torch.set_rng_state(mine["rng"])
     if mine["cuda_rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(mine["cuda_rng"])
-    engine._recorded_step = -1
     if sampler_restored:
         _sampler(data_loader).load_state_dict(mine["sampler"])
-    if saved["seed"] is not None:
-        engine._seed = int(saved["seed"])
-        if blockers:
-            # Other data (or an unknown position) under the same noise would publish the
-            # noise-free difference of the two steps: re-key, so no noise is ever reused.
-            engine._seed = _noise_key(engine._seed, len(entries))
-        engine.seed_id = seed_id_of(engine._seed)
+    if saved["seed"] is not None and blockers:
+        # Other data (or an unknown position) under the same noise would publish the
+        # noise-free difference of the two steps: re-key, so no noise is ever reused.
+        engine.rekey_noise(len(entries))
     counted = set(entries[: saved["ledger_lines"]])
     lost = 0
     for pair in entries[saved["ledger_lines"] :]:
@@ -621,12 +605,11 @@ def load_checkpoint(
             counted.add(pair)
             lost += 1
     # With a new seed (secure mode, re-keyed) no pair can match: every step counts again.
-    engine.counted = counted
-    engine.ledger = None
+    ledger = None
     if engine.rank == 0:
         ledger = _open_ledger(engine, path)
         ledger.repair()
-        engine.ledger = ledger
+    engine.set_ledger(ledger, counted)
     if blockers and lost:
         warnings.warn(
             f"checkpoint {path}: the {lost} step(s) run after it cannot be replayed for free "

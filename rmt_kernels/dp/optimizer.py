@@ -93,12 +93,13 @@ class DPOptimizer(torch.optim.Optimizer):
         # got into the model or the optimizer since make_private (checked at every step).
         self.engine.check_updates(self.param_groups)
         if self._skip_next:
-            if self.engine.capture.pending():
-                self.engine._accumulate(noise_std=0.0)
+            self.engine.accumulate_pending()
             self._last_skipped = True
             self._skip_next = False
             return None
         self._last_skipped = False
+        # The private step's template (rmt_kernels/dp/engine.py): noise, all-reduce,
+        # post-processing, p.grad; then the update and the accountant.
         self.engine.privatize()
         self.engine.step_accounted()
         return self.original_optimizer.step()
