@@ -1,5 +1,12 @@
 """The DP-SGD layer: make any model built from covered layers private, with fused clipping and
-noise and optional denoising."""
+noise and optional denoising.
+
+Where things are: make_private.py (the entry point), engine.py (the private step as a template:
+clip and accumulate, add noise, all-reduce, post-process, write gradients, account),
+postprocess.py (post-processors of the released gradient, the Denoiser, the one check of the
+denoise options; shared with rmt_kernels.opacus), optimizer.py (DPOptimizer), checkpoint.py
+(checkpoints and the privacy ledger, through the engine's state_dict), capture.py (the hooks),
+distributed.py (ranks, Poisson sampling)."""
 
 from rmt_kernels.dp.capture import LayoutError
 from rmt_kernels.dp.checkpoint import (
@@ -15,15 +22,19 @@ from rmt_kernels.dp.distributed import PoissonSampler
 from rmt_kernels.dp.engine import PrivateEngine, denoise_linear_weights
 from rmt_kernels.dp.make_private import make_private
 from rmt_kernels.dp.optimizer import DPOptimizer
+from rmt_kernels.dp.postprocess import Denoiser, PostProcessor, check_denoise_options
 
 __all__ = [
     "CheckpointError",
     "DPOptimizer",
+    "Denoiser",
     "LayoutError",
     "PoissonSampler",
+    "PostProcessor",
     "PrivateEngine",
     "ResumeWarning",
     "attach_ledger",
+    "check_denoise_options",
     "checkpoint_extra",
     "dataset_fingerprint",
     "denoise_linear_weights",

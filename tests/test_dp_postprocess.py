@@ -1,0 +1,377 @@
+"""The post-processing stage of the private step (rmt_kernels/dp/postprocess.py), shared by the
+native engine and the Opacus drop-in: what a post-processor sees, its state through a checkpoint,
+one Denoiser and one option check for both engines, and the engine's public step API."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from rmt_kernels.dp import CheckpointError, PrivateEngine, load_checkpoint, make_private
+from rmt_kernels.dp import save_checkpoint as save
+from rmt_kernels.dp.postprocess import (
+    DenoiseOptionError,
+    Denoiser,
+    PostProcessor,
+    check_denoise_options,
+)
+from rmt_kernels.dp_ops import add_gaussian_noise, noise_offset
+
+pytest.importorskip("opacus")
+
+# Public seeds keep these tests reproducible; the warning is tested in test_dp_adversarial.py.
+pytestmark = pytest.mark.filterwarnings("ignore:make_private. seed=:UserWarning")
+
+IN, HIDDEN, CLASSES, BATCH, C, SEED = 40, 48, 3, 8, 0.5, 1234
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(IN, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, CLASSES))
+
+
+def _data(n: int = BATCH, seed: int = 1) -> TensorDataset:
+    gen = torch.Generator().manual_seed(seed)
+    return TensorDataset(
+        torch.randn(n, IN, generator=gen), torch.randint(0, CLASSES, (n,), generator=gen)
+    )
+
+
+def _private(model=None, *, noise=1.0, denoise=None, poisson=False, n=BATCH, lr=0.0):
+    model = _mlp() if model is None else model
+    loader = DataLoader(_data(n), batch_size=BATCH, generator=torch.Generator().manual_seed(11))
+    return make_private(
+        model,
+        torch.optim.SGD(model.parameters(), lr=lr),
+        loader,
+        target_delta=1e-5,
+        max_grad_norm=C,
+        noise_multiplier=noise,
+        poisson_sampling=poisson,
+        seed=SEED,
+        accountant="rdp",
+        denoise=denoise,
+    )
+
+
+def _backward(model, x, y) -> None:
+    nn.functional.cross_entropy(model(x), y).backward()
+
+
+class Recorder(PostProcessor):
+    """Keeps what it is given; returns every gradient doubled (to see its output used)."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[dict[str, torch.Tensor], float, int]] = []
+
+    def __call__(self, grads, sigma, step):
+        self.seen.append(({k: g.clone() for k, g in grads.items()}, sigma, step))
+        return {k: 2 * g for k, g in grads.items()}
+
+
+class EMA(PostProcessor):
+    """A stateful post-processor: exponential moving average of the released gradients."""
+
+    def __init__(self, beta: float = 0.5) -> None:
+        self.beta = beta
+        self.m: dict[str, torch.Tensor] = {}
+
+    def __call__(self, grads, sigma, step):
+        for k, g in grads.items():
+            old = self.m.get(k)
+            self.m[k] = g.clone() if old is None else self.beta * old + (1 - self.beta) * g
+        return dict(self.m)
+
+    def state_dict(self):
+        return {"m": {k: v.clone() for k, v in self.m.items()}}
+
+    def load_state_dict(self, state):
+        self.m = {k: v.clone() for k, v in state["m"].items()}
+
+
+def _clean_grads() -> dict[str, torch.Tensor]:
+    """The noise-free clipped averaged gradient of one batch, by parameter name."""
+    model, opt, loader = _private(noise=0.0)
+    x, y = next(iter(loader))
+    _backward(model, x, y)
+    opt.step()
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("accumulated", [True, False])
+def test_post_processor_sees_clean_plus_the_engines_noise_and_public_numbers(accumulated):
+    clean = _clean_grads()
+    model, opt, loader = _private(noise=1.0)
+    engine = opt.engine
+    recorder = Recorder()
+    engine.post_processors.append(recorder)
+    x, y = next(iter(loader))
+    _backward(model, x, y)
+    if accumulated:  # folded in without noise: the noise is added on its own at the step
+        opt.signal_skip_step(True)
+        opt.step()
+        opt.zero_grad()
+    opt.step()
+    ((grads, sigma, step),) = recorder.seen
+    assert sigma == engine.sigma() == 1.0 * C / BATCH and step == 0
+    assert list(grads) == engine.param_names == [n for n, _ in model.named_parameters()]
+    for i, (name, p) in enumerate(model.named_parameters()):
+        offset = noise_offset(0, i, len(engine.params))
+        expected = add_gaussian_noise(clean[name], engine.sigma(), SEED, offset)
+        if accumulated:
+            assert torch.equal(grads[name], expected), name
+        else:  # the noise fused into the clipped sum: the same draw, rounded differently
+            torch.testing.assert_close(grads[name], expected, rtol=0, atol=1e-6, msg=name)
+        noise = grads[name] - clean[name]
+        # Never the clean gradient: every entry moved, by noise of std sigma (the smallest
+        # tensor has 3 entries: a loose bound, the 1920-entry one is checked tightly below).
+        assert bool((noise != 0).all()), name
+        if noise.numel() > 1000:
+            assert 0.85 < float(noise.std()) / engine.sigma() < 1.15, name
+        assert torch.equal(p.grad, 2 * grads[name]), name  # its output is what is written
+
+
+def test_a_post_processor_that_drops_a_gradient_is_refused():
+    model, opt, loader = _private()
+    opt.engine.post_processors.append(lambda grads, sigma, step: {})
+    x, y = next(iter(loader))
+    _backward(model, x, y)
+    with pytest.raises(RuntimeError, match=r"returned no gradient for \['0.weight'"):
+        opt.step()
+
+
+def _run(path: Path, steps: int, *, resume_at: int | None = None, restore_ema=True):
+    """Train ``steps`` logical steps over the Poisson loader with [Denoiser, EMA]; with
+    ``resume_at`` stop after that many steps, checkpoint, rebuild everything and resume."""
+
+    def build(seed):
+        model, opt, loader = _private(
+            _mlp(seed), denoise={"kappa": 0.5, "min_dim": 1}, poisson=True, n=64, lr=0.1
+        )
+        ema = EMA()
+        opt.engine.post_processors.append(ema)
+        return model, opt, loader, ema
+
+    model, opt, loader, ema = build(0)
+    while opt.engine.steps < steps:
+        for x, y in loader:
+            if len(x):
+                _backward(model, x, y)
+            opt.step()
+            opt.zero_grad()
+            if resume_at is not None and opt.engine.steps == resume_at:
+                save(path, model, opt, loader)
+                model, opt, loader, ema = build(7)  # another initialisation: all from the file
+                load_checkpoint(path, model, opt, loader)
+                if not restore_ema:
+                    ema.m = {}  # as if its state had not been checkpointed
+                resume_at = None
+                break
+            if opt.engine.steps == steps:
+                break
+    return {n: p.detach().clone() for n, p in model.named_parameters()}, ema
+
+
+def test_post_processor_state_round_trips_and_a_resumed_run_is_bit_identical(tmp_path):
+    straight, ema_straight = _run(tmp_path / "a.pt", 4)
+    resumed, ema_resumed = _run(tmp_path / "b.pt", 4, resume_at=2)
+    for n in straight:
+        assert torch.equal(straight[n], resumed[n]), n
+    for k in ema_straight.m:
+        assert torch.equal(ema_straight.m[k], ema_resumed.m[k]), k
+    # Guard: without its state the EMA restarts, and the resumed run differs.
+    forgot, _ = _run(tmp_path / "c.pt", 4, resume_at=2, restore_ema=False)
+    assert any(not torch.equal(straight[n], forgot[n]) for n in straight)
+
+
+def test_checkpoint_of_other_post_processors_is_refused(tmp_path):
+    model, opt, loader = _private(poisson=True, n=64, denoise={})
+    opt.engine.post_processors.append(EMA())
+    opt.step()
+    save(tmp_path / "c.pt", model, opt, loader)
+    model, opt, loader = _private(poisson=True, n=64, denoise={})
+    with pytest.raises(CheckpointError, match="2 post-processor states for 1 post-processors"):
+        load_checkpoint(tmp_path / "c.pt", model, opt, loader)
+
+
+def test_checkpoint_without_post_processor_states_still_loads(tmp_path, monkeypatch):
+    """A checkpoint written before post-processors kept state (same format version)."""
+    real = PrivateEngine.state_dict
+
+    def old_format(self):
+        state = real(self)
+        del state["post_processors"]
+        return state
+
+    model, opt, loader = _private(poisson=True, n=64, denoise={})
+    opt.step()
+    with monkeypatch.context() as m:
+        m.setattr(PrivateEngine, "state_dict", old_format)
+        save(tmp_path / "old.pt", model, opt, loader)
+    model, opt, loader = _private(poisson=True, n=64, denoise={})
+    load_checkpoint(tmp_path / "old.pt", model, opt, loader)
+    assert opt.engine.steps == 1 and opt.engine.post_processors == [opt.engine.denoiser]
+
+
+OPTIONS = {"kappa": 0.5, "min_dim": 1, "seed": 7}
+
+
+def test_both_engines_run_the_same_denoiser_with_the_same_result(monkeypatch):
+    from opacus import GradSampleModule
+
+    from rmt_kernels.opacus import DenoisingDPOptimizer
+
+    calls = []
+    real = Denoiser.__call__
+
+    def spy(self, grads, sigma, step):
+        out = real(self, grads, sigma, step)
+        calls.append((self, {k: g.clone() for k, g in grads.items()}, sigma, step, out))
+        return out
+
+    monkeypatch.setattr(Denoiser, "__call__", spy)
+    # The native engine: one step.
+    model, opt, loader = _private(denoise=OPTIONS)
+    x, y = next(iter(loader))
+    _backward(model, x, y)
+    opt.step()
+    ((denoiser, noisy, sigma, step, out),) = calls
+    assert denoiser is opt.engine.denoiser and type(denoiser) is Denoiser
+    assert not torch.equal(out["0.weight"], noisy["0.weight"])  # it did denoise
+    # The Opacus drop-in: a step goes through a Denoiser too.
+    gsm = GradSampleModule(_mlp())
+    opacus_opt = DenoisingDPOptimizer(
+        torch.optim.SGD(gsm.parameters(), lr=0.0),
+        noise_multiplier=1.0,
+        max_grad_norm=C,
+        expected_batch_size=BATCH,
+        generator=torch.Generator().manual_seed(1),
+        denoise=OPTIONS,
+    )
+    _backward(gsm, x, y)
+    opacus_opt.step()
+    assert calls[1][0] is opacus_opt.denoiser and type(opacus_opt.denoiser) is Denoiser
+    # Same noisy gradient, sigma and step in: the same result out of the drop-in's own path.
+    layer = nn.Linear(IN, HIDDEN)
+    opacus_opt = DenoisingDPOptimizer(
+        torch.optim.SGD(layer.parameters(), lr=0.0),
+        noise_multiplier=1.0,
+        max_grad_norm=C,
+        expected_batch_size=BATCH,
+        denoise=OPTIONS,
+    )
+    layer.weight.grad, layer.bias.grad = noisy["0.weight"].clone(), noisy["0.bias"].clone()
+    opacus_opt.denoise_sigma = lambda: sigma  # what scale_grad leaves: the engine's sigma
+    opacus_opt.denoise_steps = step
+    opacus_opt._denoise_grads()
+    assert torch.equal(layer.weight.grad, out["0.weight"])
+    assert torch.equal(layer.bias.grad, noisy["0.bias"])
+
+
+@pytest.mark.parametrize(
+    "denoise",
+    [
+        {"kapa": 2.0},
+        {"shrinker": "bogus"},
+        {"kappa": -1.0},
+        {"rank": 0},
+        {"seed": 1.5},
+        {"seed": None},
+        {"seed": 2**63},
+        {"niter": 2.0},
+        {"min_dim": 0},
+        {"min_dim": 2.0},
+        [("kappa", 1.0)],
+    ],
+)
+def test_one_validation_error_for_both_engines(denoise):
+    from rmt_kernels.opacus import DenoisingDPOptimizer, validate_denoise_options
+
+    errors = []
+    with pytest.raises((TypeError, ValueError)) as native:
+        _private(denoise=denoise)
+    errors.append(native.value)
+    model = _mlp()
+    with pytest.raises((TypeError, ValueError)) as opacus:
+        DenoisingDPOptimizer(
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            noise_multiplier=1.0,
+            max_grad_norm=C,
+            expected_batch_size=BATCH,
+            denoise=denoise,
+        )
+    errors.append(opacus.value)
+    with pytest.raises((TypeError, ValueError)) as direct:
+        check_denoise_options(denoise)
+    errors.append(direct.value)
+    assert len({type(e) for e in errors}) == 1 and len({str(e) for e in errors}) == 1, errors
+    assert validate_denoise_options is check_denoise_options
+
+
+def test_unknown_option_is_both_a_type_and_a_value_error():
+    # make_private raised ValueError for it, the Opacus drop-in TypeError: both still catch it.
+    for kind in (TypeError, ValueError, DenoiseOptionError):
+        with pytest.raises(kind, match=r"unknown option.*'kapa'"):
+            check_denoise_options({"kapa": 1.0})
+
+
+def test_a_fixed_rank_is_capped_per_matrix_in_the_native_engine_too():
+    # rank 45 is above the 40 x 48 weight's smaller side and the 3 x 48 head's: capped, as the
+    # Opacus drop-in always did (the native engine used to fail at the first step).
+    model, opt, loader = _private(denoise={"rank": 45, "min_dim": 1})
+    x, y = next(iter(loader))
+    _backward(model, x, y)
+    opt.step()
+    assert all(bool(p.grad.isfinite().all()) for p in model.parameters())
+
+
+def test_engine_public_step_api():
+    model, opt, loader = _private()
+    engine = opt.engine
+    x, y = next(iter(loader))
+    assert not engine.step_in_progress()
+    _backward(model, x, y)
+    assert engine.step_in_progress()
+    engine.accumulate_pending()  # folded in, not released: still in progress
+    assert engine.step_in_progress()
+    with pytest.raises(RuntimeError, match="logical step is in progress"):
+        engine.state_dict()
+    opt.step()
+    state = engine.state_dict()
+    assert state["steps"] == 1 and state["seed"] == SEED  # a public seed is state
+    assert state["post_processors"] == []
+    seed_id = engine.seed_id
+    engine.rekey_noise(3)
+    assert engine._seed != SEED and engine.seed_id != seed_id
+    again = PrivateEngine.__new__(PrivateEngine)  # derived_seed is a pure function
+    again._seed, again.secure_mode = SEED, False
+    again.rekey_noise(3)
+    assert again._seed == engine._seed
+
+
+def test_rekey_is_refused_in_secure_mode():
+    model = _mlp()
+    _, opt, _ = make_private(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.0),
+        DataLoader(_data(), batch_size=BATCH),
+        target_delta=1e-5,
+        max_grad_norm=C,
+        noise_multiplier=1.0,
+        secure_mode=True,
+    )
+    with pytest.raises(RuntimeError, match="fresh from the OS"):
+        opt.engine.rekey_noise(1)
+    assert opt.engine.state_dict()["seed"] is None  # a secret seed is never state
+
+
+def test_optimizer_and_checkpoint_use_only_the_engines_public_api():
+    for name in ("optimizer.py", "checkpoint.py"):
+        source = (ROOT / "rmt_kernels" / "dp" / name).read_text()
+        assert not re.findall(r"engine\._\w+", source), name
