@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from rmt_kernels import rounding
 from rmt_kernels._dp_checks import (
     check_activations,
     check_float,
@@ -324,9 +325,10 @@ def bias_clipped_noisy_sum(
 def embedding_sq_norms(ids: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
     """Squared norms of the per-example weight gradients of an ``nn.Embedding``.
 
-    ``||G_b||^2 = sum_{t,s} [ids_t == ids_s] (dy_t . dy_s)``: repeated tokens add up. For
-    T <= :data:`EMBEDDING_GRAM_MAX_T` the Gram route (blocks of examples); beyond, each example's
-    ids are sorted and the dy rows of equal ids summed (no (V, d) matrix per example).
+    ``||G_b||^2 = sum_{t,s} [ids_t == ids_s] (dy_t . dy_s)``: repeated tokens add up. The CPU
+    kernel sorts each example's ids and sums the dy rows of equal ids (T d work, one example per
+    worker thread, no (V, d) matrix per example); the device path does the same beyond
+    T = :data:`EMBEDDING_GRAM_MAX_T` and takes the Gram route (T^2 d) up to it.
 
     Certified upper bound, as :func:`linear_sq_norms` (repeated ids with cancelling dy rows are
     the crafted case), both routes in float64; with ``S = sum_t |dy_t|`` (>= ``||G_b||``):
@@ -462,15 +464,27 @@ def _linear_norms(module: nn.Linear, x, dy):
         out["weight"] = linear_sq_norms(x, dy)
     if _trainable(module, "bias"):
         out["bias"] = bias_sq_norms(dy)
+    rounding.remember_sq_norms(module, (x, dy), out)
     return out
 
 
 def _linear_sums(module: nn.Linear, x, dy, scale, noise_std, seed, offsets):
+    # Examples whose float32 rounding could exceed R C are summed apart (rmt_kernels/rounding.py).
+    op = "linear_clipped_noisy_sum"
+    guard = rounding.ReleaseGuard(op, module, (x, dy), scale, lambda: _linear_norms(module, x, dy))
     out = {}
     if _trainable(module, "weight"):
-        out["weight"] = linear_clipped_noisy_sum(x, dy, scale, noise_std, seed, offsets["weight"])
+        out["weight"] = guard.release(
+            "weight",
+            rounding.LinearTerms(x, dy),
+            lambda s: linear_clipped_noisy_sum(x, dy, s, noise_std, seed, offsets["weight"]),
+        )
     if _trainable(module, "bias"):
-        out["bias"] = bias_clipped_noisy_sum(dy, scale, noise_std, seed, offsets["bias"])
+        out["bias"] = guard.release(
+            "bias",
+            rounding.BiasTerms(dy),
+            lambda s: bias_clipped_noisy_sum(dy, s, noise_std, seed, offsets["bias"]),
+        )
     return out
 
 
@@ -485,22 +499,27 @@ def _embedding_norms(module: nn.Embedding, ids, dy):
     _check_embedding_module(module)
     if not _trainable(module, "weight"):
         return {}
-    return {"weight": embedding_sq_norms(ids, _embedding_grad_output(module, ids, dy))}
+    out = {"weight": embedding_sq_norms(ids, _embedding_grad_output(module, ids, dy))}
+    rounding.remember_sq_norms(module, (ids, dy), out)
+    return out
 
 
 def _embedding_sums(module: nn.Embedding, ids, dy, scale, noise_std, seed, offsets):
     _check_embedding_module(module)
     if not _trainable(module, "weight"):
         return {}
+    op = "embedding_clipped_noisy_sum"
+    guard = rounding.ReleaseGuard(
+        op, module, (ids, dy), scale, lambda: _embedding_norms(module, ids, dy)
+    )
+    dy = _embedding_grad_output(module, ids, dy)
     return {
-        "weight": embedding_clipped_noisy_sum(
-            ids,
-            _embedding_grad_output(module, ids, dy),
-            scale,
-            module.num_embeddings,
-            noise_std,
-            seed,
-            offsets["weight"],
+        "weight": guard.release(
+            "weight",
+            rounding.EmbeddingTerms(ids, dy),
+            lambda s: embedding_clipped_noisy_sum(
+                ids, dy, s, module.num_embeddings, noise_std, seed, offsets["weight"]
+            ),
         )
     }
 
@@ -519,18 +538,31 @@ def _layernorm_norms(module: nn.LayerNorm, x, dy):
         out["weight"] = layernorm_sq_norms(x, dy, module.eps)
     if _trainable(module, "bias"):
         out["bias"] = bias_sq_norms(dy)
+    rounding.remember_sq_norms(module, (x, dy), out)
     return out
 
 
 def _layernorm_sums(module: nn.LayerNorm, x, dy, scale, noise_std, seed, offsets):
     _check_layernorm_module(module)
+    op = "layernorm_clipped_noisy_sum"
+    guard = rounding.ReleaseGuard(
+        op, module, (x, dy), scale, lambda: _layernorm_norms(module, x, dy)
+    )
     out = {}
     if _trainable(module, "weight"):
-        out["weight"] = layernorm_clipped_noisy_sum(
-            x, dy, scale, module.eps, noise_std, seed, offsets["weight"]
+        out["weight"] = guard.release(
+            "weight",
+            rounding.LayerNormTerms(x, dy, module.eps),
+            lambda s: layernorm_clipped_noisy_sum(
+                x, dy, s, module.eps, noise_std, seed, offsets["weight"]
+            ),
         )
     if _trainable(module, "bias"):
-        out["bias"] = bias_clipped_noisy_sum(dy, scale, noise_std, seed, offsets["bias"])
+        out["bias"] = guard.release(
+            "bias",
+            rounding.BiasTerms(dy),
+            lambda s: bias_clipped_noisy_sum(dy, s, noise_std, seed, offsets["bias"]),
+        )
     return out
 
 

@@ -343,9 +343,10 @@ def _layouts(x: torch.Tensor, dy: torch.Tensor):
 
 @pytest.mark.parametrize("threads", [1, 2])
 def test_cpu_norms_per_example_workers_every_layout_and_split(threads):
-    # The CPU kernels convert one example at a time into reused float64 buffers on worker threads
-    # (one loop with multi-threaded BLAS when B < threads), in Gram strips of 32 rows with a
-    # partial last strip, and the bias in row chunks of 256 KiB (d = 3000: several chunks).
+    # The CPU kernels work one example at a time on worker threads (one loop with multi-threaded
+    # BLAS when B < threads), reading float32 rows in place or converting into reused float64
+    # buffers: Linear in Gram strips of 32 rows with a partial last strip, the bias in row chunks
+    # of 256 KiB (d = 3000: several chunks), the embedding by sorted ids.
     # Every layout and split gives the certified, tight bound, also for a cancelling example.
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -372,6 +373,12 @@ def test_cpu_norms_per_example_workers_every_layout_and_split(threads):
                     _assert_bound(alone, [truth[b] * (1 - 1e-12)], f"linear {name} alone")
                 bias = rmt_kernels.bias_sq_norms(dyv)
                 _assert_tight(bias, _bias_truth(dyf), margin=1e-12)
+                # Embedding (segment sums per example): repeated ids, int32 ids, 1-D ids.
+                ids = torch.randint(0, 6, (B, T), generator=gen)
+                emb = rmt_kernels.embedding_sq_norms(ids.int(), dyv)
+                _assert_tight(emb, exact_embedding(ids, dyf))
+                emb1 = rmt_kernels.embedding_sq_norms(ids[:, 0], dyv[:, 0])
+                _assert_tight(emb1, exact_embedding(ids[:, :1], dyf[:, :1]))
         dy = torch.randn(3, 25, 3000, generator=gen)  # 10 rows per 256 KiB chunk: 10, 10, 5
         dy[0, 1] = -dy[0, 0]
         for _name, _, dyv in _layouts(dy[..., :1], dy):

@@ -3,23 +3,28 @@
 // Example b's weight gradient has row v = sum_{t: ids_bt = v} dy_bt, so
 // ||G_b||^2 = sum_{t,s} [ids_bt == ids_bs] (dy_bt . dy_bs). Two routes, neither forming a
 // (num_embeddings x d) matrix per example:
-//   Gram:    block of examples, bmm dy dy^T masked by id equality (T^2 d per example);
+//   Gram:    dy dy^T masked by id equality (T^2 d per example; the device path for T <= 256);
 //   segment: sort each example's ids, sum the dy rows of equal ids, square (T d + T log T).
+// The CPU kernel takes the segment route for every T, one example per worker thread.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
+#include <vector>
 
 #include "cpu/dp_common.h"
 
 namespace rmt {
 namespace {
 
-// The Gram route's bmm beats sort + gather + index_add up to about this sequence length
-// (T^2 d against T d, but bmm runs near peak and the scatter does not). Measured 2026-11-29 on a
-// 2-core AMD EPYC, d = 768, B = 32: Gram 17 ms vs segment 19 ms at T = 256, 67 vs 55 ms at
-// T = 512. Also in rmt_kernels/dp_ops.py.
-constexpr int64_t kEmbeddingGramMaxT = 256;
+// The CPU norms take the segment route at every T, per example on worker threads: a sort of T
+// ids and one float64 pass over the rows, T d work against the Gram route's T^2 d. The ATen
+// formulation (sort, gather, index_add over the batch) lost to a bmm Gram up to T = 256; done
+// per example in place it wins everywhere. 2-core Xeon, 2026-12-02, d 768, half the positions
+// one padding id: B 32, T 128 1.4 ms against 3.7 ms for the uncertified float32 Gram blocks and
+// 33 ms for the float64 ones (minima); T 512: 11 against 74 and 172 ms. The device path keeps
+// its own rule (EMBEDDING_GRAM_MAX_T in rmt_kernels/dp_ops.py).
 
 void check_ids(const char* op, const at::Tensor& ids, const at::Tensor& dy) {
   const auto dtype = ids.scalar_type();
@@ -62,43 +67,92 @@ at::Tensor embedding_bound(const at::Tensor& route_part, const at::Tensor& S, in
   return dp::certified(route, trivial, at::isfinite(S));
 }
 
+// sum_k a_k^2 in float64 (8 independent partial sums, which the compiler vectorises; the order
+// is immaterial to the bound).
+template <typename scalar_t>
+double sum_sq64(const scalar_t* a, int64_t n) {
+  double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t k = 0;
+  for (; k + 8 <= n; k += 8) {
+    for (int j = 0; j < 8; ++j) {
+      const double v = static_cast<double>(a[k + j]);
+      acc[j] += v * v;
+    }
+  }
+  double s = 0.0;
+  for (; k < n; ++k) s += static_cast<double>(a[k]) * static_cast<double>(a[k]);
+  for (int j = 0; j < 8; ++j) s += acc[j];
+  return s;
+}
+
+// Example b: Q = sum over distinct ids of |sum of their dy rows|^2 and S = sum_t |dy_t|, float64.
+// `row(t)` points at dy_t (float or double, unit stride). A singleton id's |v|^2 is its row's
+// sum of squares, shared with S.
+template <typename scalar_t, typename Row>
+void segment_sums(const int64_t* id, int64_t T, int64_t d, Row row, std::vector<int64_t>& order,
+    std::vector<double>& v, double* Q, double* S) {
+  for (int64_t t = 0; t < T; ++t) order[t] = t;
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return id[a] < id[b]; });
+  double q = 0.0, s = 0.0;
+  for (int64_t g0 = 0; g0 < T;) {
+    int64_t g1 = g0 + 1;
+    while (g1 < T && id[order[g1]] == id[order[g0]]) ++g1;
+    if (g1 == g0 + 1) {
+      const double ss = sum_sq64(row(order[g0]), d);
+      s += std::sqrt(ss);
+      q += ss;
+    } else {
+      std::fill(v.begin(), v.end(), 0.0);
+      for (int64_t i = g0; i < g1; ++i) {
+        const scalar_t* r = row(order[i]);
+        s += std::sqrt(sum_sq64(r, d));
+        for (int64_t k = 0; k < d; ++k) v[k] += static_cast<double>(r[k]);
+      }
+      q += sum_sq64(v.data(), d);
+    }
+    g0 = g1;
+  }
+  *Q = q;
+  *S = s;
+}
+
 at::Tensor embedding_sq_norms_cpu(const at::Tensor& ids, const at::Tensor& dy) {
   constexpr const char* op = "embedding_sq_norms";
   check_ids(op, ids, dy);
-  const at::Tensor ids2 = ids.dim() == 1 ? ids.unsqueeze(1) : ids;
+  const at::Tensor ids2 = (ids.dim() == 1 ? ids.unsqueeze(1) : ids).to(at::kLong).contiguous();
   const at::Tensor dy3 = dp::as_sequence(dy);
   const int64_t B = dy3.size(0), T = dy3.size(1), d = dy3.size(2);
-  if (T <= kEmbeddingGramMaxT) {  // T == 1 included: the Gram route is then |dy|^2
-    at::Tensor out = at::empty({B}, dy.options().dtype(at::kFloat));
-    const int64_t block =
-        std::clamp<int64_t>(dp::kBlockBytes / (8 * (T * T + T * d)), 1, B);
-    for (int64_t b0 = 0; b0 < B; b0 += block) {
-      const int64_t n = std::min(block, B - b0);
-      const at::Tensor ib = ids2.narrow(0, b0, n);
-      const at::Tensor dyb = dy3.narrow(0, b0, n).to(at::kDouble);
-      at::Tensor g = at::bmm(dyb, dyb.transpose(1, 2));
-      g.mul_(ib.unsqueeze(2) == ib.unsqueeze(1));
-      const at::Tensor S = dp::row_norms64(dyb).sum(1);
-      out.narrow(0, b0, n).copy_(embedding_bound(g.sum({1, 2}), S, T, d, /*gram=*/true));
+  const auto f64 = dy.options().dtype(at::kDouble);
+  at::Tensor Q = at::empty({B}, f64), S = at::empty({B}, f64);
+  double* Q_p = Q.data_ptr<double>();
+  double* S_p = S.data_ptr<double>();
+  const int64_t* id_p = ids2.const_data_ptr<int64_t>();
+  // float32 rows with unit stride are read in place (widened exactly as summed); other dtypes
+  // and layouts are converted per example into a reused float64 buffer (exact).
+  const bool direct = dy3.scalar_type() == at::kFloat && dy3.stride(2) == 1;
+  auto work = [&](int64_t b0, int64_t b1) {
+    std::vector<int64_t> order(T);
+    std::vector<double> v(d);
+    at::Tensor buf = direct ? at::Tensor() : at::empty({T, d}, f64);
+    for (int64_t b = b0; b < b1; ++b) {
+      if (direct) {
+        const float* base = dy3.const_data_ptr<float>() + b * dy3.stride(0);
+        const int64_t st = dy3.stride(1);
+        segment_sums<float>(id_p + b * T, T, d, [&](int64_t t) { return base + t * st; }, order,
+            v, &Q_p[b], &S_p[b]);
+      } else {
+        buf.copy_(dy3[b]);
+        const double* base = buf.const_data_ptr<double>();
+        segment_sums<double>(id_p + b * T, T, d, [&](int64_t t) { return base + t * d; }, order,
+            v, &Q_p[b], &S_p[b]);
+      }
     }
-    return out;
+  };
+  if (B >= at::get_num_threads()) {
+    at::parallel_for(0, B, 1, work);
+  } else {
+    work(0, B);
   }
-  // Segment route: after sorting, equal ids of one example are adjacent; every example starts a
-  // new segment, so segments never straddle two examples.
-  const auto [sorted, perm] = ids2.sort(1);
-  const at::Tensor rows = dy3.gather(1, perm.unsqueeze(2).expand({B, T, d}))
-                              .reshape({B * T, d})
-                              .to(at::kDouble);
-  at::Tensor starts = at::ones({B, T}, ids.options().dtype(at::kBool));
-  starts.narrow(1, 1, T - 1).copy_(sorted.narrow(1, 1, T - 1) != sorted.narrow(1, 0, T - 1));
-  const at::Tensor flat_starts = starts.reshape({B * T});
-  const at::Tensor segment = flat_starts.cumsum(0) - 1;
-  const int64_t segments = flat_starts.sum().item<int64_t>();
-  const at::Tensor sums = at::zeros({segments, d}, rows.options()).index_add_(0, segment, rows);
-  const at::Tensor example =
-      at::arange(B, ids.options().dtype(at::kLong)).repeat_interleave(T).masked_select(flat_starts);
-  const at::Tensor Q = at::zeros({B}, rows.options()).index_add_(0, example, sums.square().sum(1));
-  const at::Tensor S = dp::row_norms64(rows.view({B, T, d})).sum(1);
   return embedding_bound(Q, S, T, d, /*gram=*/false);
 }
 
