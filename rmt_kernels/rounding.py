@@ -1,0 +1,314 @@
+"""Float32 rounding of the released clipped sum: no example can amplify it (DESIGN.md invariant 6).
+
+The problem. Each layer rule releases ``sum_b scale_b g_b`` (+ noise) from one float32 pass over
+the B*T token rows, ``g_b = sum_t dy_bt x_bt^T`` (Linear weight; bias, Embedding and LayerNorm
+alike). The certified norm bound makes ``||scale_b g_b|| <= C'`` exact (``C'`` the clip
+threshold, divided by the expected batch size in the engine), but the float32 pass rounds example
+b's terms, not its sum: its error is about ``u32 * scale_b * S_b`` with
+``S_b = sum_t |dy_bt| |x_bt|`` (u32 = 2^-24), and an example whose tokens cancel (rows
+``[2^30 w, a, -2^30 w]``, or ``x = [u, -u + v]`` with ``|u| >> |v|``) has ``S_b >> ||g_b||``.
+The certified bound caps ``scale_b S_b / C'`` near ``1 / sqrt(T u64)`` (~2^25), so such an
+example moved the released sum by ``C'`` plus up to ~0.6 ``C'`` of pure rounding, at the
+adversary's choice.
+
+The guard. Per parameter p and example b, the *spread* ``S^p_b`` is a float64 bound of what the
+float32 pass rounds for that example (Linear weight ``sum_t |x_t||dy_t|``; bias and Embedding
+``sum_t |dy_t|``; LayerNorm weight ``sum_t |dy_t * (|x_t - mean_t| + rms(x_t))| / sqrt(var_t +
+eps)``, which also covers the float32 error of ``xhat`` itself). The reference is the example's
+certified norm bound over the LAYER's trainable parameters, ``ref_b = sqrt(sum_{p in layer}
+N^p_b)`` (the bounds the rule's ``sq_norms`` returned for the same tensors: remembered here,
+recomputed if the rule is called on its own). An example with ``scale_b > 0`` and ``S^p_b > R
+ref_b`` (:data:`AMPLIFICATION_LIMIT`) is *flagged* for p: the float32 op gets clip factor 0 for it
+(the ops drop zero-scaled rows exactly), and its contribution is computed alone in float64 from its
+own rows, scaled by ``scale_b``, projected onto the ball of radius ``scale_b sqrt(N^p_b)`` (a no-op
+up to rounding, since ``||g^p_b||^2 <= N^p_b``; it makes the bound hold whatever the float64
+error), summed over the flagged examples in float64 and added to the float32 result after one cast.
+
+Why it holds. (1) Flagging depends on example b's own rows and clip factor only, so the
+mechanism stays per-example: adding example b* changes nothing about the others' path.
+(2) Flagged: its released vector over all parameters has norm
+``<= scale_b sqrt(sum_p N^p_b) = scale_b sqrt(q_b) <= C'`` (the clip factor's guarantee,
+:func:`rmt_kernels.dp_ops.clip_scales`), plus one float32 cast of the flagged sum and one float32
+addition (``u32`` relative to the released entries). Accuracy: Embedding, bias and LayerNorm sum
+the T float64 terms with compensated (TwoSum) summation, error ``<= u64 |sum| + gamma_T^2 sum
+|terms|`` (Ogita, Rump, Oishi 2005), exact for the crafted cases; the Linear weight uses one
+float64 GEMM per flagged example, error ``<= gamma_T S_b`` (Frobenius), which the certified
+bound's own error term (``>= 2 sqrt((T + 1) u64) S_b``) turns into ``<= sqrt(T u64) / 2 C'``
+(6e-8 C' at T = 128). (3) Not flagged: ``scale_b S^p_b <= R scale_b ref_b <= R C'`` for every
+parameter; over all parameters (disjoint coordinates, in quadrature) the float32 rounding of
+example b's own terms is ``<= sqrt(2) gamma R C'``: no input amplifies it beyond what an ordinary
+example with ``S / ||g|| = R`` has.
+
+What remains uncovered, as in every floating-point DP library (Opacus, TF Privacy): the ordinary
+float32 rounding of the sum of the non-flagged terms, ``<= gamma_K sum_{b not flagged}
+scale_b S_b`` entrywise-summed (K = B*T; in practice ~u32 sqrt(K) times that), which adding or
+removing an example can change through the summation order of the others' terms too; the
+released sum is the exact clipped sum only up to it. With and without one example, the released
+sums differ by ``C'`` plus that rounding, never by an amount the example controls beyond
+``gamma R C'``. Also the rounding of the clip factor's division by the expected batch size in the
+engine (``u32`` relative) and of adding the noise. Timing: a flagged example costs extra float64
+work (one per-example GEMM or a T-step compensated sum); the time of a step is not protected.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from rmt_kernels._dp_checks import check_same_device, check_scale_metadata, check_scale_values
+
+__all__ = [
+    "AMPLIFICATION_LIMIT",
+    "BiasTerms",
+    "EmbeddingTerms",
+    "LayerNormTerms",
+    "LinearTerms",
+    "ReleaseGuard",
+    "remember_sq_norms",
+]
+
+# R: an example whose float32 terms exceed R times its certified gradient norm (spread over the
+# layer's norm bound) is computed on its own in float64. Ordinary examples have spread / norm
+# about sqrt(T) (tokens' terms add like a random walk). Measured maxima: random data at T 512,
+# Linear and Embedding 23, LayerNorm 33 (also with two +20 sigma outlier dims); tiny BERT and
+# RoBERTa (hidden 128, T 128, padded, at init and after 30 Adam steps) 9.5 over every layer; no
+# example flagged in any. 2^8 leaves a 7x margin at T 512 while bounding the unflagged rounding
+# by ~gamma * 256 C'. (LayerNorm rows with |mean| ~ 30 sigma reach 500 at T 512 and are set
+# apart: their float32 xhat really is that far off.)
+AMPLIFICATION_LIMIT = 2.0**8
+# Remembered norm bounds per module: a module called several times in one forward has one entry
+# per call; beyond this many live entries the oldest is dropped (then recomputed if needed).
+_MAX_ENTRIES = 16
+
+_remembered: weakref.WeakKeyDictionary[nn.Module, list[tuple]] = weakref.WeakKeyDictionary()
+
+
+def _versions(tensors: tuple[torch.Tensor, ...]) -> tuple[int, ...] | None:
+    try:
+        return tuple(t._version for t in tensors)
+    except RuntimeError:  # inference tensors have no version counter: never remembered
+        return None
+
+
+def remember_sq_norms(
+    module: nn.Module, inputs: tuple[torch.Tensor, ...], norms: dict[str, torch.Tensor]
+) -> None:
+    """Record the certified squared-norm bounds a rule's ``sq_norms`` returned for ``inputs``.
+
+    The engine calls ``sq_norms`` and then ``clipped_noisy_sums`` on the same tensor objects;
+    :class:`ReleaseGuard` reuses the bounds instead of recomputing them. Entries are keyed by the
+    identity and version counter of every input tensor (weak references: nothing is kept alive),
+    so a tensor changed in place or a new tensor never matches.
+    """
+    versions = _versions(inputs)
+    if versions is None:
+        return
+    entries = [e for e in _remembered.get(module, []) if all(r() is not None for r in e[0])]
+    entries.append((tuple(weakref.ref(t) for t in inputs), versions, dict(norms)))
+    _remembered[module] = entries[-_MAX_ENTRIES:]
+
+
+def _recall(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor] | None:
+    versions = _versions(inputs)
+    if versions is None:
+        return None
+    for refs, vers, norms in reversed(_remembered.get(module, [])):
+        if vers == versions and all(r() is t for r, t in zip(refs, inputs, strict=True)):
+            return norms
+    return None
+
+
+def _seq(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dim() == 3 else t.unsqueeze(1)
+
+
+def _row_norms64(a: torch.Tensor) -> torch.Tensor:
+    # float64: a float32 norm under- or overflows for crafted magnitudes (|x| < 2^-63 squares to
+    # 0), which would hide a spread.
+    return torch.linalg.vector_norm(a, dim=-1, dtype=torch.float64)
+
+
+def _compensated_sum(terms: torch.Tensor, slots: torch.Tensor | None = None) -> torch.Tensor:
+    """``sum_t terms[:, t]`` (float64, (n, T, d)) per slot, by cascaded TwoSum (Sum2).
+
+    ``slots`` (n, T) assigns token t of example i to output row ``slots[i, t]`` (Embedding:
+    equal ids share a row); None sums all tokens into one row. Returns (n, T or 1, d). Error of
+    each output entry ``<= u |sum| + gamma_{T-1}^2 sum |terms|`` (Ogita, Rump, Oishi 2005,
+    Algorithm 4.4), for any magnitudes within float64's range.
+    """
+    n, T, d = terms.shape
+    rows = torch.arange(n, device=terms.device)
+    width = 1 if slots is None else T
+    s = terms.new_zeros(n, width, d)
+    c = terms.new_zeros(n, width, d)
+    for t in range(T):
+        j = torch.zeros(n, dtype=torch.long, device=terms.device) if slots is None else slots[:, t]
+        a, b = s[rows, j], terms[:, t]
+        total = a + b
+        bb = total - a
+        err = (a - (total - bb)) + (b - bb)  # TwoSum: a + b == total + err exactly
+        s[rows, j] = total
+        c[rows, j] += err
+    return s + c
+
+
+class LinearTerms:
+    """Terms of a Linear weight's per-example gradients ``sum_t dy_t x_t^T``."""
+
+    def __init__(self, x: torch.Tensor, dy: torch.Tensor) -> None:
+        self.x, self.dy = _seq(x), _seq(dy)
+
+    def spread(self) -> torch.Tensor:
+        """(B,) float64 ``sum_t |x_t| |dy_t|`` (>= the Frobenius norm of ``|dy|^T |x|``)."""
+        return (_row_norms64(self.x) * _row_norms64(self.dy)).sum(1)
+
+    def exact(self, idx: torch.Tensor) -> tuple[None, torch.Tensor]:
+        """float64 gradients (n, d_out, d_in) of examples ``idx``: one float64 GEMM each
+        (products exact, sums off by at most gamma_T times the spread)."""
+        return None, torch.bmm(self.dy[idx].double().mT, self.x[idx].double())
+
+
+class BiasTerms:
+    """Terms of a bias's per-example gradients ``sum_t dy_t``."""
+
+    def __init__(self, dy: torch.Tensor) -> None:
+        self.dy = _seq(dy)
+
+    def spread(self) -> torch.Tensor:
+        """(B,) float64 ``sum_t |dy_t|``."""
+        return _row_norms64(self.dy).sum(1)
+
+    def exact(self, idx: torch.Tensor) -> tuple[None, torch.Tensor]:
+        """float64 gradients (n, d), compensated sums of the exactly converted rows."""
+        return None, _compensated_sum(self.dy[idx].double())[:, 0]
+
+
+class EmbeddingTerms:
+    """Terms of an Embedding's per-example gradients: row v gets ``sum_{t: ids_t = v} dy_t``."""
+
+    def __init__(self, ids: torch.Tensor, dy: torch.Tensor) -> None:
+        self.ids = ids if ids.dim() == 2 else ids.unsqueeze(1)
+        self.dy = _seq(dy)
+
+    def spread(self) -> torch.Tensor:
+        """(B,) float64 ``sum_t |dy_t|``."""
+        return _row_norms64(self.dy).sum(1)
+
+    def exact(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Table rows (n, T) and float64 values (n, T, d): row ``rows[i, k]`` of the table gets
+        ``values[i, k]`` (compensated sum of the tokens with that id; unused slots are zero)."""
+        ids, dy = self.ids[idx], self.dy[idx].double()
+        sorted_ids, _ = ids.sort(1)
+        # Slot of token t: index of its id among the example's sorted ids (first occurrence).
+        slots = torch.searchsorted(sorted_ids, ids)
+        values = _compensated_sum(dy, slots)
+        rows = torch.zeros_like(sorted_ids)
+        rows.scatter_(1, slots, ids)
+        return rows, values
+
+
+class LayerNormTerms:
+    """Terms of a LayerNorm weight's per-example gradients ``sum_t dy_t * xhat_t``."""
+
+    def __init__(self, x: torch.Tensor, dy: torch.Tensor, eps: float) -> None:
+        self.x, self.dy, self.eps = _seq(x), _seq(dy), float(eps)
+
+    def _stats(self, x64: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean = x64.mean(2, keepdim=True)
+        return mean, ((x64 - mean).square().mean(2, keepdim=True) + self.eps).sqrt()
+
+    def spread(self) -> torch.Tensor:
+        """(B,) float64 ``sum_t |dy_t * w_t|``, ``w_t = (|x_t - mean_t| + rms(x_t)) / sqrt(var_t +
+        eps)``: covers the terms ``|dy_t * xhat_t|`` and the float32 error of ``xhat_t`` itself
+        (entry i off by ~u32 (|x_ti - mean_t| + the mean's error, ~u32 rms(x_t)) / sigma_t), so
+        a row that is nearly constant (|mean| >> sigma) counts as the amplifier it is."""
+        x64 = self.x.double()
+        mean, D = self._stats(x64)
+        rms = x64.square().mean(2, keepdim=True).sqrt()
+        w = ((x64 - mean).abs() + rms) / D  # var + eps = 0: inf or NaN, flagged
+        return torch.linalg.vector_norm(self.dy.double() * w, dim=2).sum(1)
+
+    def exact(self, idx: torch.Tensor) -> tuple[None, torch.Tensor]:
+        """float64 gradients (n, d) with ``xhat`` in float64 (0 where var + eps = 0, where the
+        layer's own output is not finite), compensated over tokens."""
+        x64 = self.x[idx].double()
+        mean, D = self._stats(x64)
+        xhat = torch.where(D > 0, (x64 - mean) / D, 0.0)
+        return None, _compensated_sum(self.dy[idx].double() * xhat)[:, 0]
+
+
+Terms = LinearTerms | BiasTerms | EmbeddingTerms | LayerNormTerms
+
+
+class ReleaseGuard:
+    """One layer rule call's split of each parameter's clipped sum (module docstring).
+
+    Args:
+        op: name for error messages (the rule's clipped-sum op).
+        module: the layer (key of the remembered norm bounds).
+        inputs: the rule's input tensors, as passed to its ``sq_norms`` (e.g. ``(x, dy)``).
+        scale: (B,) clip factors, finite and >= 0.
+        sq_norms: recomputes ``{param: (B,) certified squared-norm bound}`` when none was
+            remembered for these inputs.
+
+    Raises:
+        ValueError / TypeError naming ``scale``: wrong shape, dtype, device or values.
+    """
+
+    def __init__(
+        self,
+        op: str,
+        module: nn.Module,
+        inputs: tuple[torch.Tensor, ...],
+        scale: torch.Tensor,
+        sq_norms: Callable[[], dict[str, torch.Tensor]],
+    ) -> None:
+        check_scale_metadata(op, scale, inputs[-1].shape[0])
+        check_same_device(op, dy=inputs[-1], scale=scale)
+        check_scale_values(op, scale)
+        norms = _recall(module, inputs)
+        if norms is None:
+            norms = sq_norms()
+        self.norms = {name: n.detach().double() for name, n in norms.items()}
+        layer = sum(self.norms.values(), torch.zeros_like(scale, dtype=torch.float64))
+        self.reference = layer.sqrt()
+        self.scale = scale
+
+    def flagged(self, name: str, terms: Terms) -> torch.Tensor:
+        """(B,) bool: examples whose float32 rounding in parameter ``name`` would exceed R times
+        their clipped norm bound (a NaN spread is flagged too)."""
+        spread = terms.spread()
+        ok = spread <= AMPLIFICATION_LIMIT * self.reference
+        return (self.scale > 0) & ~ok
+
+    def release(
+        self, name: str, terms: Terms, fused: Callable[[torch.Tensor], torch.Tensor]
+    ) -> torch.Tensor:
+        """``fused(scale)`` (the float32 op, noise included) with the flagged examples' factors
+        set to 0, plus their float64 contributions, projected and cast once."""
+        flag = self.flagged(name, terms)
+        idx = flag.nonzero().flatten()
+        if idx.numel() == 0:
+            return fused(self.scale)
+        out = fused(torch.where(flag, 0.0, self.scale).to(self.scale.dtype))
+        rows, grads = terms.exact(idx)
+        s = self.scale[idx].double()
+        radius = s * self.norms[name][idx].sqrt()
+        values = grads * s.view(-1, *([1] * (grads.dim() - 1)))
+        norm = torch.linalg.vector_norm(values.flatten(1), dim=1)
+        # Projection onto the certified radius: a no-op up to rounding for exact arithmetic, a
+        # guarantee whatever the float64 error; a non-finite value contributes nothing.
+        factor = torch.where(norm > radius, radius / norm, 1.0)
+        factor = torch.where(torch.isfinite(norm), factor, 0.0)
+        values = values * factor.view_as(s).view(-1, *([1] * (grads.dim() - 1)))
+        if rows is None:
+            out += values.sum(0).to(out.dtype)
+        else:
+            table_rows, where = rows.flatten().unique(return_inverse=True)
+            total = values.new_zeros(table_rows.numel(), values.shape[-1])
+            total.index_add_(0, where, values.reshape(-1, values.shape[-1]))
+            out[table_rows] += total.to(out.dtype)
+        return out
