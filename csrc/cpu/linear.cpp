@@ -184,9 +184,11 @@ at::Tensor linear_sq_norms_cpu(const at::Tensor& x, const at::Tensor& dy) {
   const Route route = T == 1                          ? Route::kRankOne
                       : use_gram_route(T, d_in, d_out) ? Route::kGram
                                                        : Route::kPerExample;
-  const int64_t scratch = route == Route::kGram         ? std::min(kGramStrip, T) * T
-                          : route == Route::kPerExample ? d_in * d_out
-                                                        : 0;
+  if (route == Route::kRankOne) {  // S alone; batched (per-example tasks cost more than the work)
+    const at::Tensor S = (dp::row_norms64(x3) * dp::row_norms64(dy3)).sum(1);
+    return linear_sq_norm_bound(S, S, T, d_in, d_out, route);
+  }
+  const int64_t scratch = route == Route::kGram ? std::min(kGramStrip, T) * T : d_in * d_out;
   const auto f64 = x.options().dtype(at::kDouble);
   at::Tensor part = at::zeros({B}, f64), S = at::empty({B}, f64);
   double* part_p = part.data_ptr<double>();
@@ -201,7 +203,7 @@ at::Tensor linear_sq_norms_cpu(const at::Tensor& x, const at::Tensor& dy) {
         part_p[b] = gram_sq_norm64(w, &S_p[b]);
       } else {
         S_p[b] = row_norm_products(w.x, w.dy);
-        if (route == Route::kPerExample) part_p[b] = per_example_sq_norm64(w);
+        part_p[b] = per_example_sq_norm64(w);
       }
     }
   };
