@@ -129,6 +129,9 @@ def _crafted_linear(k: int, family: str, seed: int):
     else:  # x = [u, -u + v, 0]: -u + v rounded in float32, so the exact sum is u + fl(-u + v)
         x[CRAFTED] = torch.stack([u, -u + small * 2.0**k * 2**-18, torch.zeros(d_in)])
         dy[CRAFTED] = delta
+    if family.startswith("tiny"):  # x ~ 2^(k-120): its float32 squares underflow (k < 57)
+        x[CRAFTED] = torch.stack([u, small, -u]) * 2.0**-120
+        dy[CRAFTED] = delta * 2.0**60
     return x, dy
 
 
@@ -143,10 +146,13 @@ def test_linear_crafted_cancellation_is_released_exactly(k, family):
     _check(module, inputs, lambda x, dy, s: _exact_linear(x, dy, s, bias=True))
 
 
+@pytest.mark.parametrize("family", ["x-big", "tiny-small", "tiny-big"])
 @pytest.mark.parametrize("k", MAGNITUDES)
-def test_linear_without_bias_crafted_cancellation(k):
+def test_linear_without_bias_crafted_cancellation(k, family):
+    # tiny: x ~ 2^(k-120) with dy ~ 2^60 (a bias would get a huge bound and factor ~0): float32
+    # squares of x underflow to 0, and the spread must still see the terms.
     module = nn.Linear(5, 4, bias=False)
-    inputs = _crafted_linear(k, "x-big", seed=100 + k)
+    inputs = _crafted_linear(k, family, seed=100 + k)
     _check(module, inputs, lambda x, dy, s: _exact_linear(x, dy, s, bias=False))
 
 
