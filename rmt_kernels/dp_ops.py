@@ -57,7 +57,7 @@ __all__ = [
 ]
 
 # Bytes of intermediates (Gram matrices or per-example gradients) one block of examples may hold
-# in the norm computation; the same budget as csrc/cpu/dp_common.h.
+# in the device norm computation (the CPU kernels work one example per worker thread).
 BLOCK_BYTES = 32 << 20
 # Longest sequence for which the embedding norms take the Gram route; crossover measured on a
 # 2-core CPU at d = 768 (csrc/cpu/embedding.cpp has the numbers).
@@ -228,8 +228,9 @@ def linear_sq_norms(x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
 
     Example b's weight gradient is ``sum_t dy[b, t]^T x[b, t]`` (d_out x d_in). Per call the
     cheaper route is chosen (:func:`use_gram_route`): the Gram route
-    ``sum_{t,s} (x_t . x_s)(dy_t . dy_s)`` or explicit per-example products, in blocks of examples
-    bounded by :data:`BLOCK_BYTES`; neither all B gradients nor a B x T x T tensor is ever held.
+    ``sum_{t,s} (x_t . x_s)(dy_t . dy_s)`` or explicit per-example products, one example per
+    worker thread on CPU, in blocks of examples bounded by :data:`BLOCK_BYTES` on the device;
+    neither all B gradients nor a B x T x T tensor is ever held.
 
     Certified (DESIGN.md invariant 6): the result is an UPPER BOUND of the exact squared norm
     ``N_b`` (real arithmetic on the given float inputs), rounded up to float32; see

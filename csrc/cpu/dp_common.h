@@ -18,10 +18,6 @@
 namespace rmt {
 namespace dp {
 
-// Per-example blocks of the norm computation hold at most this many bytes of intermediates
-// (Gram matrices or per-example gradients): small enough to stay in the last-level cache's
-// neighbourhood and far below any per-batch allocation, large enough for efficient bmm calls.
-constexpr int64_t kBlockBytes = int64_t{32} << 20;
 // Elements of noise per parallel task: amortises the thread hand-off over ~0.1 ms of Philox.
 constexpr int64_t kNoiseGrain = int64_t{1} << 14;
 
