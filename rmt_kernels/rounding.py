@@ -13,8 +13,8 @@ adversary's choice.
 
 The guard. Per parameter p and example b, the *spread* ``S^p_b`` is an upper bound of what the
 float32 pass rounds for that example (Linear weight ``sum_t |x_t||dy_t|``; bias and Embedding
-``sum_t |dy_t|``; LayerNorm weight ``sum_t |dy_t * (|x_t - mean_t| + rms(x_t))| / sqrt(var_t +
-eps)``, which also covers the float32 error of ``xhat`` itself). The reference is the example's
+``sum_t |dy_t|``; LayerNorm weight ``sum_t (|dy_t * (x_t - mean_t)| + |dy_t| rms(x_t)) / sqrt(var_t
++ eps)``, which also covers the float32 error of ``xhat`` itself). The reference is the example's
 certified norm bound over the LAYER's trainable parameters, ``ref_b = sqrt(sum_{p in layer}
 N^p_b)`` (the bounds the rule's ``sq_norms`` returned for the same tensors: remembered here,
 recomputed if the rule is called on its own). An example with ``scale_b > 0`` and ``S^p_b > R
@@ -73,11 +73,11 @@ __all__ = [
 # R: an example whose float32 terms exceed R times its certified gradient norm (spread over the
 # layer's norm bound) is computed on its own in float64. Ordinary examples have spread / norm
 # about sqrt(T) (tokens' terms add like a random walk). Measured maxima: random data at T 512,
-# Linear and Embedding 23, LayerNorm 33 (also with two +20 sigma outlier dims); tiny BERT and
+# Linear and Embedding 23, LayerNorm 42 (40 with two +20 sigma outlier dims); tiny BERT and
 # RoBERTa (hidden 128, T 128, padded, at init and after 30 Adam steps) 9.5 over every layer; no
-# example flagged in any. 2^8 leaves a 7x margin at T 512 while bounding the unflagged rounding
-# by ~gamma * 256 C'. (LayerNorm rows with |mean| ~ 30 sigma reach 500 at T 512 and are set
-# apart: their float32 xhat really is that far off.)
+# example flagged in any. 2^8 leaves a 6x margin at T 512 while bounding the unflagged rounding
+# by ~gamma * 256 C'. (LayerNorm rows with |mean| ~ 30 sigma reach 770 at T 128 and are set
+# apart: their float32 xhat is off by ~u32 30 relative per entry.)
 AMPLIFICATION_LIMIT = 2.0**8
 # Remembered norm bounds per module: a module called several times in one forward has one entry
 # per call; beyond this many live entries the oldest is dropped (then recomputed if needed).
@@ -224,26 +224,38 @@ class LayerNormTerms:
     def __init__(self, x: torch.Tensor, dy: torch.Tensor, eps: float) -> None:
         self.x, self.dy, self.eps = _seq(x), _seq(dy), float(eps)
 
-    def _stats(self, x64: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mean = x64.mean(2, keepdim=True)
-        return mean, ((x64 - mean).square().mean(2, keepdim=True) + self.eps).sqrt()
-
     def spread(self) -> torch.Tensor:
-        """(B,) float64 ``sum_t |dy_t * w_t|``, ``w_t = (|x_t - mean_t| + rms(x_t)) / sqrt(var_t +
-        eps)``: covers the terms ``|dy_t * xhat_t|`` and the float32 error of ``xhat_t`` itself
-        (entry i off by ~u32 (|x_ti - mean_t| + the mean's error, ~u32 rms(x_t)) / sigma_t), so
-        a row that is nearly constant (|mean| >> sigma) counts as the amplifier it is."""
-        x64 = self.x.double()
-        mean, D = self._stats(x64)
-        rms = x64.square().mean(2, keepdim=True).sqrt()
-        w = ((x64 - mean).abs() + rms) / D  # var + eps = 0: inf or NaN, flagged
-        return torch.linalg.vector_norm(self.dy.double() * w, dim=2).sum(1)
+        """(B,) float64 ``sum_t (|dy_t * (x_t - mean_t)| + |dy_t| rms(x_t)) / sqrt(var_t + eps)``.
+
+        The first part covers the terms ``|dy_t * xhat_t|``, the second the float32 error of
+        ``xhat_t`` itself (entry i off by ~u32 (|x_ti - mean_t| + rms(x_t)) / sigma_t: the
+        mean's own error is ~u32 rms), so a nearly constant row (|mean| >> sigma) counts as the
+        amplifier it is. Upper bounds from float32 passes (one elementwise product ``dy * x``):
+        ``|dy * (x - mean)| <= |dy * x| + |mean| |dy|``, ``var >= rms^2 (1 - g) - mean_up^2``
+        with the float32 sums' error bounds; a row whose variance bound is 0 (eps = 0) gives inf
+        (flagged).
+        """
+        d = self.x.shape[-1]
+        g = (d + 4) * 2.0**-24  # relative error of a float32 sum of d terms (gamma_d) and more
+        n_x = _row_norm_bounds(self.x)
+        n_dy = _row_norm_bounds(self.dy)
+        prod = self.dy.float() * self.x.float()  # rounded (u32) and, below 2^-149, flushed
+        n_dx = (_row_norm_bounds(prod) + d**0.5 * 2.0**-149) * (1.0 + 2.0**-23)
+        total = self.x.sum(-1, dtype=torch.float32).double().abs()
+        mean_up = (total + g * d**0.5 * n_x) / d
+        rms_up = n_x / d**0.5
+        ms_lo = rms_up.square() * (1.0 - 3.0 * g)  # n_x's margin is <= g relative (squared)
+        var_lo = (ms_lo - mean_up.square()).clamp(min=0.0)
+        D_lo = (var_lo + self.eps).sqrt() * (1.0 - 2.0**-50)
+        per_token = (n_dx + mean_up * n_dy + n_dy * rms_up) / D_lo  # D_lo = 0: inf or NaN
+        return per_token.sum(1)
 
     def exact(self, idx: torch.Tensor) -> tuple[None, torch.Tensor]:
         """float64 gradients (n, d) with ``xhat`` in float64 (0 where var + eps = 0, where the
         layer's own output is not finite), compensated over tokens."""
         x64 = self.x[idx].double()
-        mean, D = self._stats(x64)
+        mean = x64.mean(2, keepdim=True)
+        D = ((x64 - mean).square().mean(2, keepdim=True) + self.eps).sqrt()
         xhat = torch.where(D > 0, (x64 - mean) / D, 0.0)
         return None, _compensated_sum(self.dy[idx].double() * xhat)[:, 0]
 
