@@ -1,8 +1,10 @@
 // Every op schema of the `rmt` library, in one place. Kernels live beside their backend:
 // csrc/cpu/*.cpp (C++), rmt_kernels/triton/ (CUDA, registered from Python), and the fake
-// (meta) implementations for tracing in rmt_kernels/ops.py.
+// (meta) implementations for tracing beside the public wrappers in rmt_kernels/ops.py.
 #include <Python.h>
 #include <torch/library.h>
+
+#include "constants.h"
 
 TORCH_LIBRARY(rmt, m) {
   // Singular-value-shrinkage denoising of a noisy gradient matrix (or a batch of them).
@@ -34,11 +36,35 @@ TORCH_LIBRARY(rmt, m) {
   m.def("add_gaussian_noise(Tensor x, float noise_std, int seed, int offset) -> Tensor");
 }
 
-// `import rmt_kernels._C` loads this shared library, which runs the registrations above.
-// The module itself exposes nothing.
+// `import rmt_kernels._C` loads this shared library, which runs the registrations above. The
+// module exposes the constants of csrc/constants.h, so that Python reads them instead of copying
+// them: INITIAL_RANK, MAX_POWER_ITERATIONS, and use_gram_route(T, d_in, d_out).
+namespace {
+
+PyObject* use_gram_route_py(PyObject* /*self*/, PyObject* args) {
+  long long T = 0, d_in = 0, d_out = 0;
+  if (!PyArg_ParseTuple(args, "LLL", &T, &d_in, &d_out)) return nullptr;
+  return PyBool_FromLong(rmt::use_gram_route(T, d_in, d_out));
+}
+
+PyMethodDef methods[] = {
+    {"use_gram_route", use_gram_route_py, METH_VARARGS,
+        "use_gram_route(T, d_in, d_out) -> bool: whether the Linear norms take the Gram route "
+        "(its cost T^2 (d_in + d_out) is at most the per-example route's T d_in d_out)."},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
+
 extern "C" {
 PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
+  PyObject* module = PyModule_Create(&module_def);
+  if (module == nullptr) return nullptr;
+  if (PyModule_AddIntConstant(module, "INITIAL_RANK", rmt::kInitialRank) < 0 ||
+      PyModule_AddIntConstant(module, "MAX_POWER_ITERATIONS", rmt::kMaxPowerIterations) < 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
 }
 }

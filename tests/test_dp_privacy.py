@@ -73,7 +73,7 @@ def test_unknown_layer_is_an_error_and_rules_can_be_registered():
     dp_ops.register_layer_rule(Scale, dp_ops.LayerRule(norms, sums))
     try:
         m, x, dy = Scale(), torch.randn(3, 2, 4), torch.randn(3, 2, 4)
-        from rmt_kernels.reference_dp import per_example_grads, per_example_sq_norms
+        from rmt_kernels.reference import per_example_grads, per_example_sq_norms
 
         expected = per_example_sq_norms(per_example_grads(m, x, dy))["gain"]
         got = dp_ops.get_layer_rule(m).sq_norms(m, x, dy)["gain"]
@@ -102,7 +102,7 @@ def test_clip_scales_bound_every_example():
 
 def test_embedding_padding_idx_gets_no_gradient_as_in_torch():
     # RoBERTa looks up its padding token (padding_idx=1) at every padded position.
-    from rmt_kernels.reference_dp import per_example_grads, per_example_sq_norms
+    from rmt_kernels.reference import per_example_grads, per_example_sq_norms
 
     m = nn.Embedding(7, 4, padding_idx=1)
     ids = torch.tensor([[1, 1, 3, 2], [5, 1, 1, 1], [1, 6, 6, 0]])

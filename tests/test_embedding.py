@@ -7,7 +7,7 @@ from torch import nn
 
 import rmt_kernels
 from rmt_kernels import dp_ops
-from rmt_kernels.reference_dp import clipped_sum, per_example_grads, per_example_sq_norms
+from rmt_kernels.reference import clipped_sum, per_example_grads, per_example_sq_norms
 
 # (B, T or None, vocabulary, d). A vocabulary of 5 forces many repeated tokens per example;
 # T = 300 > EMBEDDING_GRAM_MAX_T takes the sort-and-segment route.

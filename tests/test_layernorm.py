@@ -7,7 +7,7 @@ from torch import nn
 
 import rmt_kernels
 from rmt_kernels import dp_ops
-from rmt_kernels.reference_dp import clipped_sum, per_example_grads, per_example_sq_norms
+from rmt_kernels.reference import clipped_sum, per_example_grads, per_example_sq_norms
 
 
 def _close(actual, expected, rtol=2e-5):

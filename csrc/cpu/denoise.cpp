@@ -11,14 +11,10 @@
 #include <cmath>
 #include <string>
 
+#include "constants.h"
+
 namespace rmt {
 namespace {
-
-// The adaptive sketch starts at this rank and doubles: DP gradients rarely have more than a
-// handful of components above the bulk edge, so most matrices are settled by the first sketch.
-constexpr int64_t kInitialRank = 8;
-// More power iterations than this buy nothing in fp32; the cap keeps a typo from hanging a step.
-constexpr int64_t kMaxPowerIterations = 100;
 
 enum class Shrinker { kFrobenius, kOperator, kNuclear, kHard };
 enum class NormCorrection { kNone, kPreserve, kDebiased };

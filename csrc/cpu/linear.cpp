@@ -1,4 +1,4 @@
-// CPU kernels of the book-keeping DP ops for nn.Linear (weight and bias) and of the plain noise op.
+// CPU kernels of the book-keeping DP ops for nn.Linear (weight and bias).
 //
 // Per-example weight gradient of example b: G_b = dy_b^T x_b (d_out x d_in), summed over t.
 // Norms never form all B of them; the clipped sum is ONE GEMM over the B*T rows with the smaller
@@ -10,19 +10,13 @@
 #include <cmath>
 #include <vector>
 
+#include "constants.h"
 #include "cpu/dp_common.h"
 
 namespace rmt {
 namespace {
 
-// Route rule (also in rmt_kernels/dp_ops.py): per example the Gram ("ghost") route costs
-// T^2 (d_in + d_out) multiply-adds (x x^T and dy dy^T), the per-example route T d_in d_out
-// (dy^T x). Take the Gram route when it is cheaper: T (d_in + d_out) <= d_in d_out. For the
-// RoBERTa shapes at T <= 128 that is always the Gram route; long sequences on thin layers go
-// per-example.
-bool use_gram_route(int64_t T, int64_t d_in, int64_t d_out) {
-  return T * (d_in + d_out) <= d_in * d_out;
-}
+// use_gram_route: csrc/constants.h (shared with the device path).
 
 // The Gram route's sum is symmetric in (t, s), so only the upper triangle is computed: the
 // sequence is cut into strips of kGramStrip rows, and strip i is multiplied against rows i.. T
@@ -330,19 +324,6 @@ at::Tensor bias_clipped_noisy_sum_cpu(const at::Tensor& dy, const at::Tensor& sc
   return out;
 }
 
-// Noise for a gradient computed elsewhere (a custom layer rule): float32 copy of x + noise,
-// element k of the row-major flattening using counter offset + k.
-at::Tensor add_gaussian_noise_cpu(const at::Tensor& x, double noise_std, int64_t seed,
-    int64_t offset) {
-  constexpr const char* op = "add_gaussian_noise";
-  dp::check_float(op, "x", x);
-  dp::check_noise(op, noise_std, seed, offset, x.numel());
-  at::Tensor out = x.to(at::kFloat, /*non_blocking=*/false, /*copy=*/true,
-      at::MemoryFormat::Contiguous);
-  dp::add_noise_(out, noise_std, seed, offset);
-  return out;
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(rmt, CPU, m) {
@@ -350,7 +331,6 @@ TORCH_LIBRARY_IMPL(rmt, CPU, m) {
   m.impl("linear_clipped_noisy_sum", &linear_clipped_noisy_sum_cpu);
   m.impl("bias_sq_norms", &bias_sq_norms_cpu);
   m.impl("bias_clipped_noisy_sum", &bias_clipped_noisy_sum_cpu);
-  m.impl("add_gaussian_noise", &add_gaussian_noise_cpu);
 }
 
 }  // namespace rmt

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from rmt_kernels._dp_checks import FLOAT_DTYPES
+from rmt_kernels._checks import FLOAT_DTYPES
 from rmt_kernels.dp_ops import (
     LayerRule,
     _check_embedding_module,

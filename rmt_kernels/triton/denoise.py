@@ -11,14 +11,15 @@ import math
 
 import torch
 
+from rmt_kernels import _C
 from rmt_kernels._checks import check_denoise_arguments
 from rmt_kernels.linalg import cholesky_qr2, gram_svd
 from rmt_kernels.shrinkage import target_norm
 from rmt_kernels.triton.reconstruct import shrink_reconstruct
 from rmt_kernels.triton.sketch import gaussian_sketch
 
-# The adaptive sketch starts at this rank and doubles (same as csrc/cpu/denoise.cpp).
-INITIAL_RANK = 8
+# The adaptive sketch starts at this rank and doubles (csrc/constants.h).
+INITIAL_RANK: int = _C.INITIAL_RANK
 
 
 def denoise_triton(
