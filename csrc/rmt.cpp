@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include "constants.h"
+#include "cpu/philox.h"
 
 TORCH_LIBRARY(rmt, m) {
   // Singular-value-shrinkage denoising of a noisy gradient matrix (or a batch of them).
@@ -37,8 +38,9 @@ TORCH_LIBRARY(rmt, m) {
 }
 
 // `import rmt_kernels._C` loads this shared library, which runs the registrations above. The
-// module exposes the constants of csrc/constants.h, so that Python reads them instead of copying
-// them: INITIAL_RANK, MAX_POWER_ITERATIONS, and use_gram_route(T, d_in, d_out).
+// module exposes the constants Python shares with C++, so that it reads them instead of copying
+// them: INITIAL_RANK, MAX_POWER_ITERATIONS and use_gram_route(T, d_in, d_out) (csrc/constants.h),
+// TAIL_BITS (the noise stream's tail threshold, csrc/cpu/philox.h).
 namespace {
 
 PyObject* use_gram_route_py(PyObject* /*self*/, PyObject* args) {
@@ -61,7 +63,8 @@ PyObject* PyInit__C(void) {
   PyObject* module = PyModule_Create(&module_def);
   if (module == nullptr) return nullptr;
   if (PyModule_AddIntConstant(module, "INITIAL_RANK", rmt::kInitialRank) < 0 ||
-      PyModule_AddIntConstant(module, "MAX_POWER_ITERATIONS", rmt::kMaxPowerIterations) < 0) {
+      PyModule_AddIntConstant(module, "MAX_POWER_ITERATIONS", rmt::kMaxPowerIterations) < 0 ||
+      PyModule_AddIntConstant(module, "TAIL_BITS", rmt::philox::kTailBits) < 0) {
     Py_DECREF(module);
     return nullptr;
   }

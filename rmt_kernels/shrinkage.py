@@ -15,9 +15,9 @@ each applied only above the threshold ``kappa * (1 + sqrt(beta))`` and zero at o
 formulas turn positive again below ``1 - sqrt(beta)``). ``kappa`` scales the assumed noise level,
 so the shrinkers are evaluated at ``kappa * s`` and stay continuous at the threshold.
 
-These functions are the source of truth for every backend: the reference and the Triton path call
-them (the Triton kernel mirrors them in ``rmt_kernels/triton/reconstruct.py``), and the C++ kernel
-in ``csrc/cpu/denoise.cpp`` is tested against them.
+The formulas exist once per language: here (the reference, the Triton path's host code and the
+tests), ``_shrink`` in ``rmt_kernels/triton/reconstruct.py`` and ``shrink`` in
+``csrc/cpu/denoise.cpp``; tests/test_shrinkers_agree.py checks that the three agree on a grid.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 // CPU kernel of rmt::denoise: randomized range finder + Marchenko-Pastur shrinkage.
 //
-// All dense algebra goes through ATen (BLAS/LAPACK). The shrinkage formulas mirror
-// rmt_kernels/shrinkage.py (the Python source of truth, shared by the reference and the Triton
-// path); tests check this file against it.
+// All dense algebra goes through ATen (BLAS/LAPACK). `shrink` below is the C++ copy of the
+// shrinker formulas (rmt_kernels/shrinkage.py states them; the Triton copy is `_shrink` in
+// rmt_kernels/triton/reconstruct.py); tests/test_shrinkers_agree.py checks the three agree.
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
 #include <torch/library.h>

@@ -1,6 +1,7 @@
-// Counter-based Gaussian noise: the DP noise stream of every CPU kernel, drawn identically by the
-// Triton kernels (rmt_kernels/triton/gaussian.py, randn_quad), so a (seed, offset) key gives the
-// same noise on the CPU and on the GPU.
+// Counter-based Gaussian noise: the one written specification of the DP noise stream (every other
+// description points here). Every CPU kernel draws it; the Triton kernels draw the same values
+// (rmt_kernels/triton/gaussian.py, dp_randn), so a (seed, offset) key gives the same noise on the
+// CPU and on the GPU.
 //
 // The stream. Noise element e (a 64-bit index; a call keyed (seed, offset) gives its element k
 // the stream element e = offset + k, so for a (rows, cols) gradient e = offset + i * cols + j)
@@ -22,7 +23,7 @@
 //
 // Two calls never share noise as long as their element ranges [offset, offset + numel) are
 // disjoint or their seeds differ (a quad may straddle two calls; each uses its own lanes);
-// rmt_kernels.dp_ops.noise_offset gives each (step, parameter) its own 2^32-wide range.
+// rmt_kernels.noise_offset gives each (step, parameter) its own 2^32-wide range.
 //
 // Philox words and uniforms are bit-identical across backends; the normals pass through log,
 // sin and cos, whose last-ulp rounding depends on the implementation (Cephes polynomials here,

@@ -1,23 +1,12 @@
 """The DP noise sampler shared by every Triton kernel that adds privacy noise.
 
-The stream is defined in csrc/cpu/philox.h, which draws the same values on the CPU: stream element
-``e`` lies in quad ``q = e >> 2``, lane ``e & 3``; one Philox4x32-10 call per quad (key ``seed``,
-counter ``(low q, high q, 0, 0)``, i.e. ``tl.randint4x(seed, q)``) gives four words, and lanes
-(0, 1) / (2, 3) are the Box-Muller pairs ``r cos(theta), r sin(theta)`` of words (w0, w1) /
-(w2, w3). Four normals per Philox call instead of ``tl.randn``'s one is what makes the CPU noise
-~3x cheaper; here each element still runs its quad's Philox (a GPU has integer throughput to
-spare, and an element-wise definition keeps every kernel's epilogue a plain function of its
-indices).
-
-Untruncated tails: ``tl.randn`` takes the radius from one 32-bit uniform clamped at 1e-7, so
-``|z| <= 5.68``, a truncated Gaussian, for which the output region possible under one dataset and
-impossible under its neighbour has probability ~P(Z > 5.68 - 1/noise_multiplier) per coordinate and
-step, not negligible against delta. Where a pair's first word folds below ``TAIL_BITS``
-(probability 2^-20) the radius comes from a 63-bit uniform in float64, its low 32 bits from word
-``pair`` of a second Philox call on counter ``(low q, high q, 1, 0)``: ``|z| <= 9.4``, tail mass
-~1e-20. That
-float64 path runs only in blocks that hold a tail draw (a block-level branch), so the common case
-pays neither its float64 instructions nor the second Philox call.
+The stream (Philox4x32-10 per quad of elements, Box-Muller pairs, untruncated tails) is specified
+in csrc/cpu/philox.h, which draws the same values on the CPU; this file only implements it in
+Triton. Where it differs from the CPU loops: each element runs its quad's Philox itself (a GPU has
+integer throughput to spare, and an element-wise definition keeps every kernel's epilogue a plain
+function of its indices), and the float64 tail path runs only in blocks that hold a tail draw (a
+block-level branch), so the common case pays neither its float64 instructions nor the second
+Philox call.
 """
 
 from __future__ import annotations
@@ -25,10 +14,13 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from rmt_kernels import _C
+
 # A module-level constant read inside a kernel must be a tl.constexpr *instance*: the compiler
 # refuses any other global (an annotation ``TAIL_BITS: tl.constexpr = 2048`` leaves a plain int,
 # which the interpreter accepts and the compiler does not).
-TAIL_BITS = tl.constexpr(2048)  # folded first word < 2^11, i.e. u1 < 2^-20
+# Folded first word < 2^11, i.e. u1 < 2^-20 (kTailBits of csrc/cpu/philox.h).
+TAIL_BITS = tl.constexpr(_C.TAIL_BITS)
 
 
 @triton.jit

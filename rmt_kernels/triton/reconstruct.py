@@ -22,7 +22,8 @@ SHRINKER_CODES = {"frobenius": 0, "operator": 1, "nuclear": 2, "hard": 3}
 
 @triton.jit
 def _shrink(s, noise_scale, beta, SHRINKER: tl.constexpr):
-    """Shrunk values of ``s``; zero at or below the edge. Mirrors shrink_singular_values."""
+    """Shrunk values of ``s``; zero at or below the edge. The Triton copy of
+    rmt_kernels.shrinkage.shrink_singular_values (tests/test_shrinkers_agree.py)."""
     y = s / noise_scale
     t = y * y - (beta + 1.0)
     root = tl.sqrt(tl.maximum(t * t - 4.0 * beta, 0.0))
