@@ -67,24 +67,6 @@ at::Tensor embedding_bound(const at::Tensor& route_part, const at::Tensor& S, in
   return dp::certified(route, trivial, at::isfinite(S));
 }
 
-// sum_k a_k^2 in float64 (8 independent partial sums, which the compiler vectorises; the order
-// is immaterial to the bound).
-template <typename scalar_t>
-double sum_sq64(const scalar_t* a, int64_t n) {
-  double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t k = 0;
-  for (; k + 8 <= n; k += 8) {
-    for (int j = 0; j < 8; ++j) {
-      const double v = static_cast<double>(a[k + j]);
-      acc[j] += v * v;
-    }
-  }
-  double s = 0.0;
-  for (; k < n; ++k) s += static_cast<double>(a[k]) * static_cast<double>(a[k]);
-  for (int j = 0; j < 8; ++j) s += acc[j];
-  return s;
-}
-
 // Example b: Q = sum over distinct ids of |sum of their dy rows|^2 and S = sum_t |dy_t|, float64.
 // `row(t)` points at dy_t (float or double, unit stride). A singleton id's |v|^2 is its row's
 // sum of squares, shared with S.
@@ -98,17 +80,17 @@ void segment_sums(const int64_t* id, int64_t T, int64_t d, Row row, std::vector<
     int64_t g1 = g0 + 1;
     while (g1 < T && id[order[g1]] == id[order[g0]]) ++g1;
     if (g1 == g0 + 1) {
-      const double ss = sum_sq64(row(order[g0]), d);
+      const double ss = dp::sum_sq64(row(order[g0]), d);
       s += std::sqrt(ss);
       q += ss;
     } else {
       std::fill(v.begin(), v.end(), 0.0);
       for (int64_t i = g0; i < g1; ++i) {
         const scalar_t* r = row(order[i]);
-        s += std::sqrt(sum_sq64(r, d));
+        s += std::sqrt(dp::sum_sq64(r, d));
         for (int64_t k = 0; k < d; ++k) v[k] += static_cast<double>(r[k]);
       }
-      q += sum_sq64(v.data(), d);
+      q += dp::sum_sq64(v.data(), d);
     }
     g0 = g1;
   }

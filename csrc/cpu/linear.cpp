@@ -69,22 +69,6 @@ double dot64(const double* a, const double* b, int64_t n) {
   return s;
 }
 
-// sum_k a_k^2 in float64 of float32 values (each widened exactly), 8 partial sums as dot64.
-double sum_sq64(const float* a, int64_t n) {
-  double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t k = 0;
-  for (; k + 8 <= n; k += 8) {
-    for (int j = 0; j < 8; ++j) {
-      const double v = static_cast<double>(a[k + j]);
-      acc[j] += v * v;
-    }
-  }
-  double s = 0.0;
-  for (; k < n; ++k) s += static_cast<double>(a[k]) * static_cast<double>(a[k]);
-  for (int j = 0; j < 8; ++j) s += acc[j];
-  return s;
-}
-
 // Sum over t of |x_t| |dy_t| (float64 row norms of the converted rows): S of the bound.
 double row_norm_products(const at::Tensor& x64, const at::Tensor& dy64) {
   const int64_t T = x64.size(0), d_in = x64.size(1), d_out = dy64.size(1);
@@ -272,7 +256,7 @@ at::Tensor bias_sq_norms_bound(const at::Tensor& dy3) {
         const float* base = dy3.const_data_ptr<float>() + b * dy3.stride(0);
         for (int64_t t = 0; t < T; ++t) {
           const float* r = base + t * dy3.stride(1);
-          s += std::sqrt(sum_sq64(r, d));
+          s += std::sqrt(dp::sum_sq64(r, d));
           for (int64_t k = 0; k < d; ++k) v[k] += static_cast<double>(r[k]);
         }
       } else {
