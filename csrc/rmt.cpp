@@ -16,8 +16,8 @@ TORCH_LIBRARY(rmt, m) {
 
   // Fused DP-SGD gradient ops (book-keeping clipping): per-example squared gradient norms without
   // per-example gradients, and the clipped sum with counter-based Philox noise in one pass.
-  // Noise element k (row-major) uses Philox counter offset + k under key seed; see
-  // rmt_kernels.dp_ops for the meaning of every argument and how to pick offsets.
+  // Noise element k (row-major) is element offset + k of the stream of key seed (specified in
+  // csrc/cpu/philox.h); see rmt_kernels/ops.py for every argument and how to pick offsets.
   m.def("linear_sq_norms(Tensor x, Tensor dy) -> Tensor");
   m.def(
       "linear_clipped_noisy_sum(Tensor x, Tensor dy, Tensor scale, float noise_std, int seed, "
@@ -40,7 +40,8 @@ TORCH_LIBRARY(rmt, m) {
 // `import rmt_kernels._C` loads this shared library, which runs the registrations above. The
 // module exposes the constants Python shares with C++, so that it reads them instead of copying
 // them: INITIAL_RANK, MAX_POWER_ITERATIONS and use_gram_route(T, d_in, d_out) (csrc/constants.h),
-// TAIL_BITS (the noise stream's tail threshold, csrc/cpu/philox.h).
+// TAIL_BITS and NOISE_STREAM_VERSION (the noise stream's tail threshold and version,
+// csrc/cpu/philox.h).
 namespace {
 
 PyObject* use_gram_route_py(PyObject* /*self*/, PyObject* args) {
@@ -64,7 +65,9 @@ PyObject* PyInit__C(void) {
   if (module == nullptr) return nullptr;
   if (PyModule_AddIntConstant(module, "INITIAL_RANK", rmt::kInitialRank) < 0 ||
       PyModule_AddIntConstant(module, "MAX_POWER_ITERATIONS", rmt::kMaxPowerIterations) < 0 ||
-      PyModule_AddIntConstant(module, "TAIL_BITS", rmt::philox::kTailBits) < 0) {
+      PyModule_AddIntConstant(module, "TAIL_BITS", rmt::philox::kTailBits) < 0 ||
+      PyModule_AddIntConstant(module, "NOISE_STREAM_VERSION", rmt::philox::kNoiseStreamVersion) <
+          0) {
     Py_DECREF(module);
     return nullptr;
   }

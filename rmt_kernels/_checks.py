@@ -232,3 +232,84 @@ def check_layernorm(op: str, x: torch.Tensor, dy: torch.Tensor, eps: float) -> N
             f"{op}: dy must have the normalised size of x ({x.shape[-1]}), got {dy.shape[-1]}"
         )
     check_eps(op, eps)
+
+
+# ----------------------------------------------------------------------------------------------
+# Metadata checks of each fused DP op: what its fake (meta) and its device implementation both
+# check before anything else (the C++ kernels check the same).
+# ----------------------------------------------------------------------------------------------
+
+
+def check_linear(op: str, x: torch.Tensor, dy: torch.Tensor) -> None:
+    """Linear input and output gradient: float, matching B and T, one device."""
+    check_activations(op, "x", x, dy)
+    check_float(op, "x", x)
+    check_float(op, "dy", dy)
+    check_same_device(op, x=x, dy=dy)
+
+
+def check_bias(op: str, dy: torch.Tensor) -> None:
+    """Output gradient of a layer with a bias: (B, d) or (B, T, d), float."""
+    check_activations(op, "dy", dy, dy)
+    check_float(op, "dy", dy)
+
+
+def check_num_embeddings(op: str, num_embeddings: int) -> None:
+    """Rows of the embedding table: > 0."""
+    if num_embeddings <= 0:
+        raise ValueError(f"{op}: num_embeddings must be > 0, got {num_embeddings}")
+
+
+def check_linear_sum(x, dy, scale, noise_std, seed, offset) -> None:
+    """Arguments of ``linear_clipped_noisy_sum`` (metadata only)."""
+    op = "linear_clipped_noisy_sum"
+    check_linear(op, x, dy)
+    check_scale_metadata(op, scale, x.shape[0])
+    check_same_device(op, x=x, dy=dy, scale=scale)
+    check_noise(op, noise_std, seed, offset, dy.shape[-1] * x.shape[-1])
+
+
+def check_bias_sum(dy, scale, noise_std, seed, offset) -> None:
+    """Arguments of ``bias_clipped_noisy_sum`` (metadata only)."""
+    op = "bias_clipped_noisy_sum"
+    check_bias(op, dy)
+    check_scale_metadata(op, scale, dy.shape[0])
+    check_same_device(op, dy=dy, scale=scale)
+    check_noise(op, noise_std, seed, offset, dy.shape[-1])
+
+
+def check_embedding_norms(ids, dy) -> None:
+    """Arguments of ``embedding_sq_norms``."""
+    check_ids("embedding_sq_norms", ids, dy)
+    check_same_device("embedding_sq_norms", ids=ids, dy=dy)
+
+
+def check_embedding_sum(ids, dy, scale, num_embeddings, noise_std, seed, offset) -> None:
+    """Arguments of ``embedding_clipped_noisy_sum`` (metadata only; the id range needs data)."""
+    op = "embedding_clipped_noisy_sum"
+    check_ids(op, ids, dy)
+    check_num_embeddings(op, num_embeddings)
+    check_scale_metadata(op, scale, dy.shape[0])
+    check_same_device(op, ids=ids, dy=dy, scale=scale)
+    check_noise(op, noise_std, seed, offset, num_embeddings * dy.shape[-1])
+
+
+def check_layernorm_norms(x, dy, eps) -> None:
+    """Arguments of ``layernorm_sq_norms``."""
+    check_layernorm("layernorm_sq_norms", x, dy, eps)
+    check_same_device("layernorm_sq_norms", x=x, dy=dy)
+
+
+def check_layernorm_sum(x, dy, scale, eps, noise_std, seed, offset) -> None:
+    """Arguments of ``layernorm_clipped_noisy_sum`` (metadata only)."""
+    op = "layernorm_clipped_noisy_sum"
+    check_layernorm(op, x, dy, eps)
+    check_scale_metadata(op, scale, x.shape[0])
+    check_same_device(op, x=x, dy=dy, scale=scale)
+    check_noise(op, noise_std, seed, offset, x.shape[-1])
+
+
+def check_add_gaussian_noise(x, noise_std, seed, offset) -> None:
+    """Arguments of ``add_gaussian_noise``."""
+    check_float("add_gaussian_noise", "x", x)
+    check_noise("add_gaussian_noise", noise_std, seed, offset, x.numel())

@@ -1,19 +1,69 @@
-"""Public entry points of the ``torch.ops.rmt`` ops, their fake (meta) implementations and the
-CUDA kernels registered from Triton launchers.
+"""Public entry points of every ``torch.ops.rmt`` op, each followed in the last section by its fake
+(meta) implementation for tracing.
 
-Layers, plainly stacked: C++ schema (csrc/rmt.cpp) -> per-backend kernel (csrc/cpu for CPU,
-rmt_kernels/triton for CUDA) -> the documented Python functions below.
+Layers, plainly stacked: C++ schema (csrc/rmt.cpp) -> per-backend kernel (csrc/cpu/*.cpp for the
+CPU; rmt_kernels/triton/, registered for CUDA in rmt_kernels/triton/register.py) -> the documented
+Python functions below. Argument checks: rmt_kernels/_checks.py; slow references:
+rmt_kernels/reference.py; layer rules built on the DP ops: rmt_kernels/rules.py.
+
+Two families: ``denoise`` / ``denoise_many`` (singular-value shrinkage of a noisy gradient), and
+the fused DP-SGD gradient ops (book-keeping clipping, Bu et al.): per-example squared gradient
+norms without per-example gradients, and the clipped sum with Gaussian noise in one pass.
+
+Noise. Every op that adds noise takes ``(noise_std, seed, offset)``: element k of its output in
+row-major order (element (i, j) of a (d_out, d_in) weight gradient: k = i * d_in + j) receives
+``noise_std * randn(seed, offset + k)``, element ``offset + k`` of the stream of key ``seed``
+specified in csrc/cpu/philox.h (drawn on the GPU by rmt_kernels/triton/gaussian.py). Two calls
+share no noise when their element ranges ``[offset, offset + numel)`` are disjoint or their seeds
+differ. :func:`noise_offset` gives (step, parameter) a 2^32-wide range of its own; keep ``seed``
+fixed (and secret in secure mode) for a run and never reuse an offset with it.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 
-from rmt_kernels._checks import check_denoise_arguments
+from rmt_kernels import _C
+from rmt_kernels._checks import (
+    check_add_gaussian_noise,
+    check_bias,
+    check_bias_sum,
+    check_denoise_arguments,
+    check_embedding_norms,
+    check_embedding_sum,
+    check_layernorm_norms,
+    check_layernorm_sum,
+    check_linear,
+    check_linear_sum,
+)
 
-__all__ = ["denoise", "denoise_many"]
+__all__ = [
+    "NOISE_STREAM_VERSION",
+    "OFFSET_STRIDE",
+    "add_gaussian_noise",
+    "bias_clipped_noisy_sum",
+    "bias_sq_norms",
+    "clip_scales",
+    "denoise",
+    "denoise_many",
+    "embedding_clipped_noisy_sum",
+    "embedding_sq_norms",
+    "layernorm_clipped_noisy_sum",
+    "layernorm_sq_norms",
+    "linear_clipped_noisy_sum",
+    "linear_sq_norms",
+    "noise_offset",
+]
+
+# Width of the counter range of one (step, parameter): every parameter has < 2^32 elements.
+OFFSET_STRIDE = 1 << 32
+# Version of the noise stream's definition (kNoiseStreamVersion in csrc/cpu/philox.h). A run
+# resumed from a checkpoint replays its lost steps for free only if it draws the same noise, so
+# checkpoints record this and refuse another.
+NOISE_STREAM_VERSION: int = _C.NOISE_STREAM_VERSION
 
 
 def denoise(
@@ -129,48 +179,338 @@ def denoise_many(
     return out  # type: ignore[return-value]
 
 
-@torch.library.register_fake("rmt::denoise")
-def _denoise_fake(
-    grad: torch.Tensor,
-    sigma: float,
-    *,
-    shrinker: str = "frobenius",
-    kappa: float = 1.0,
-    rank: int = -1,
-    oversample: int = 8,
-    niter: int = 2,
-    norm: str = "none",
-    seed: int = 0,
+def noise_offset(step: int, param_index: int, num_params: int) -> int:
+    """Counter offset of parameter ``param_index`` (of ``num_params``) at ``step``.
+
+    Ranges of 2^32 counters, one per (step, parameter) in step-major order, so no two
+    (step, parameter) pairs ever share a counter under one seed. Raises ValueError if the
+    parameter index is out of range or the offset would leave int64 (about 2^31 / num_params
+    steps).
+    """
+    if not 0 <= param_index < num_params:
+        raise ValueError(
+            f"noise_offset: param_index must be in [0, num_params = {num_params}), "
+            f"got {param_index}"
+        )
+    if step < 0:
+        raise ValueError(f"noise_offset: step must be >= 0, got {step}")
+    offset = (step * num_params + param_index) * OFFSET_STRIDE
+    if offset + OFFSET_STRIDE > 2**63 - 1:
+        raise ValueError(f"noise_offset: step {step} leaves the int64 counter space")
+    return offset
+
+
+def clip_scales(
+    sq_norms: torch.Tensor | list[torch.Tensor] | tuple[torch.Tensor, ...], max_grad_norm: float
 ) -> torch.Tensor:
-    check_denoise_arguments(grad, sigma, shrinker, kappa, rank, oversample, niter, norm)
+    """Per-example clip factors ``min(1, C / sqrt(q))`` (float32, (B,)), rounded down.
+
+    ``sq_norms`` is either the per-example total ``q`` (B,) or a list of per-parameter squared
+    norms (each (B,)), which are then summed here in float64. Each must be an upper bound of the
+    true squared norm (what every ``*_sq_norms`` op returns). Guarantee, in exact arithmetic on the
+    returned float32 values: ``0 <= scale_b <= 1`` and ``scale_b * sqrt(q_b) <= C (1 - 2^-31)``,
+    where ``q_b`` is the exact sum of the given bounds, so an example whose true gradient norm is
+    at most ``sqrt(q_b)`` contributes at most ``C``. Proof: the float64 sum of n <= 2^22 bounds is
+    at least ``q (1 - 2^-31)`` (gamma_n with u = 2^-53; for one tensor it is exact), and
+    ``s = fl(fl(C / fl(sqrt(fl(q)))) (1 - 2^-29))`` is at most ``C / sqrt(q) * (1 + u)^3 /
+    ((1 - u)(1 - 2^-31)^(1/2)) * (1 - 2^-29) < C (1 - 2^-31) / sqrt(q)``; clamping to 1 only lowers
+    it, and the float32 value is rounded toward zero from ``s``. A total summed in float32
+    elsewhere may be low by ``n 2^-24`` relative and is not covered: pass the list instead.
+
+    A squared norm that is NaN, infinite or negative (no certified bound: a non-finite input
+    reached the norms) gives factor 0: the example contributes nothing and the step goes on
+    (a NaN factor would poison every sum, and an aborted step would reveal the example). A zero
+    norm gives factor 1.
+    """
+    if not (isinstance(max_grad_norm, (int, float)) and math.isfinite(max_grad_norm)):
+        raise ValueError(f"clip_scales: max_grad_norm must be a finite number, got {max_grad_norm}")
+    if not max_grad_norm > 0:
+        raise ValueError(f"clip_scales: max_grad_norm must be > 0, got {max_grad_norm}")
+    parts = list(sq_norms) if isinstance(sq_norms, (list, tuple)) else [sq_norms]
+    if not parts or not all(isinstance(p, torch.Tensor) and p.is_floating_point() for p in parts):
+        raise TypeError(
+            "clip_scales: sq_norms must be a floating-point torch.Tensor or a non-empty list "
+            "of them"
+        )
+    if len(parts) > 1 << 22:
+        raise ValueError(f"clip_scales: at most 2^22 squared-norm tensors, got {len(parts)}")
+    q = parts[0].detach().double()
+    for p in parts[1:]:
+        q = q + p.detach().double()
+    known = torch.isfinite(q) & (q >= 0)
+    s = (float(max_grad_norm) / q.sqrt()) * (1.0 - 2.0**-29)  # q = 0: inf, clamped to 1
+    s = torch.where(known, s.clamp(max=1.0), 0.0)
+    f = s.float()
+    return torch.where(f.double() > s, torch.nextafter(f, torch.zeros_like(f)), f)
+
+
+def linear_sq_norms(x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+    """Squared Frobenius norms of the per-example weight gradients of an ``nn.Linear``.
+
+    Example b's weight gradient is ``sum_t dy[b, t]^T x[b, t]`` (d_out x d_in). Per call the
+    cheaper route is chosen (``use_gram_route``, csrc/constants.h): the Gram route
+    ``sum_{t,s} (x_t . x_s)(dy_t . dy_s)`` or explicit per-example products, one example per
+    worker thread on CPU, in blocks of examples bounded by ``BLOCK_BYTES`` on the device;
+    neither all B gradients nor a B x T x T tensor is ever held.
+
+    Certified (DESIGN.md invariant 6): the result is an UPPER BOUND of the exact squared norm
+    ``N_b`` (real arithmetic on the given float inputs), rounded up to float32; see
+    ``triton.device.linear_sq_norm_bound`` for the formula and proof. For ordinary inputs it exceeds
+    ``N_b`` by a relative 1e-9 or less; for crafted cancelling inputs (x = [u, -u + 10 w]) where a
+    float32 Gram sum returns 0 or a negative number, it stays above ``N_b``. An example with a
+    non-finite input gets ``+inf`` (:func:`clip_scales` then gives it factor 0).
+
+    Cost (CPU kernel): each example is converted to float64 on a worker thread and its Gram strips
+    run through single-threaded dgemm, about 1.5-2x the uncertified float32 Gram (dgemm runs at
+    half the sgemm rate). float32 Gram strips with a rigorous error term were measured and
+    rejected: that term sums ``gamma_d |x_t||x_s||G_ts|`` over all T^2 entries while ``N_b``
+    cancels, so it inflates the bound by ~``gamma_d T / sqrt(d)`` (3e-4..1e-3 on random data,
+    up to 1.5e-2 on real-looking activations at RoBERTa widths, T 64-128), and a switch to
+    float64 whenever it is not negligible would fire on every example.
+
+    Args:
+        x: layer input (B, d_in) or (B, T, d_in); float32, bfloat16 or float16.
+        dy: gradient of the layer output (B, d_out) or (B, T, d_out), same B and T. Padding
+            positions contribute nothing when their dy (or x) rows are zero.
+
+    Returns:
+        float32 (B,), >= the exact squared norms; +inf where an input is not finite or the
+        bound exceeds float32's range.
+
+    Raises:
+        ValueError / TypeError naming the argument: wrong ndim, mismatched B or T, empty
+        dimension or batch, non-float dtype.
+    """
+    return torch.ops.rmt.linear_sq_norms(x, dy)
+
+
+def linear_clipped_noisy_sum(
+    x: torch.Tensor,
+    dy: torch.Tensor,
+    scale: torch.Tensor,
+    noise_std: float,
+    seed: int,
+    offset: int,
+) -> torch.Tensor:
+    """Clipped, noised sum of the per-example weight gradients of an ``nn.Linear``, one pass.
+
+    ``sum_b scale[b] * sum_t dy[b, t]^T x[b, t] + N(0, noise_std^2)``: one GEMM over the B*T rows
+    with row-scaled operands, noise added as the output is written (element (i, j) uses Philox
+    counter ``offset + i * d_in + j`` under ``seed``; the stream: csrc/cpu/philox.h).
+
+    Args:
+        x, dy: as in :func:`linear_sq_norms`.
+        scale: (B,) clip factors, finite and >= 0 (e.g. :func:`clip_scales`).
+        noise_std: std of the noise on the sum (``noise_multiplier * max_grad_norm``); 0 gives the
+            exact clipped sum.
+        seed: Philox key, >= 0.
+        offset: first Philox counter, >= 0; see :func:`noise_offset`.
+
+    Returns:
+        float32 (d_out, d_in), contiguous.
+
+    Raises:
+        ValueError / TypeError naming the argument: as :func:`linear_sq_norms`, plus scale of the
+        wrong shape, negative or non-finite; noise_std < 0 or not finite; negative seed or offset.
+    """
+    return torch.ops.rmt.linear_clipped_noisy_sum(
+        x, dy, scale, float(noise_std), int(seed), int(offset)
+    )
+
+
+def bias_sq_norms(dy: torch.Tensor) -> torch.Tensor:
+    """Squared norms of the per-example gradients ``sum_t dy[b, t]`` of a bias (Linear, LayerNorm).
+
+    Certified upper bound, as :func:`linear_sq_norms`: ``v^ = sum_t dy_t`` is formed in float64
+    (off by at most ``gamma_T S`` in norm, ``S = sum_t |dy_t|``), so with ``Q = fl(|v^|^2)``,
+    ``bound = min(Q (1 + 2(d + 2)u) + 4(T + 1)u S^2, S^2 (1 + 3(d + T + 8)u))``, u = 2^-53.
+
+    Args:
+        dy: output gradient (B, d) or (B, T, d), float.
+
+    Returns:
+        float32 (B,).
+    """
+    return torch.ops.rmt.bias_sq_norms(dy)
+
+
+def bias_clipped_noisy_sum(
+    dy: torch.Tensor, scale: torch.Tensor, noise_std: float, seed: int, offset: int
+) -> torch.Tensor:
+    """``sum_b scale[b] * sum_t dy[b, t] + N(0, noise_std^2)`` for a bias; float32 (d,).
+
+    Noise element j uses counter ``offset + j``. Arguments as in :func:`linear_clipped_noisy_sum`.
+    """
+    return torch.ops.rmt.bias_clipped_noisy_sum(dy, scale, float(noise_std), int(seed), int(offset))
+
+
+def embedding_sq_norms(ids: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+    """Squared norms of the per-example weight gradients of an ``nn.Embedding``.
+
+    ``||G_b||^2 = sum_{t,s} [ids_t == ids_s] (dy_t . dy_s)``: repeated tokens add up. The CPU
+    kernel sorts each example's ids and sums the dy rows of equal ids (T d work, one example per
+    worker thread, no (V, d) matrix per example); the device path does the same beyond
+    T = ``EMBEDDING_GRAM_MAX_T`` and takes the Gram route (T^2 d) up to it.
+
+    Certified upper bound, as :func:`linear_sq_norms` (repeated ids with cancelling dy rows are
+    the crafted case), both routes in float64; with ``S = sum_t |dy_t|`` (>= ``||G_b||``):
+    Gram ``P^ + 2(d + 3T^2 + 3T + 8)u S^2``; sort-and-segment ``Q (1 + 2(d + T + 2)u) +
+    4(T + 1)u S^2`` (``Q`` the float64 sum of squared segment sums, each off by at most
+    ``gamma_T`` times its rows' norms); the smaller of that and ``S^2 (1 + 3(d + T + 8)u)``.
+
+    Args:
+        ids: token ids (B,) or (B, T), int64 or int32.
+        dy: gradient of the embedding output, ids' shape + (d,), float.
+
+    Returns:
+        float32 (B,).
+    """
+    return torch.ops.rmt.embedding_sq_norms(ids, dy)
+
+
+def embedding_clipped_noisy_sum(
+    ids: torch.Tensor,
+    dy: torch.Tensor,
+    scale: torch.Tensor,
+    num_embeddings: int,
+    noise_std: float,
+    seed: int,
+    offset: int,
+) -> torch.Tensor:
+    """Clipped sum of per-example embedding gradients plus noise on every table entry.
+
+    Returns float32 (num_embeddings, d); noise element (v, j) uses counter ``offset + v * d + j``.
+    ids must lie in [0, num_embeddings). Other arguments as in :func:`linear_clipped_noisy_sum`.
+    """
+    return torch.ops.rmt.embedding_clipped_noisy_sum(
+        ids, dy, scale, int(num_embeddings), float(noise_std), int(seed), int(offset)
+    )
+
+
+def layernorm_sq_norms(x: torch.Tensor, dy: torch.Tensor, eps: float) -> torch.Tensor:
+    """Squared norms of the per-example weight gradients of a LayerNorm over the last dim.
+
+    Example b's gradient is ``sum_t dy[b, t] * xhat[b, t]``, ``xhat = (x - mean) / sqrt(var + eps)``
+    recomputed from the layer input ``x`` (what a forward hook sees). The bias is
+    :func:`bias_sq_norms`.
+
+    Certified upper bound of the squared norm with the EXACT ``xhat`` of the given ``x`` (where
+    ``var + eps > 0``; elsewhere the layer's own output is NaN), as :func:`linear_sq_norms`.
+    In float64 (u = 2^-53), per row: the mean is off by at most ``eta = 1.1(d + 3)u max|x|``;
+    the computed ``D^ = sqrt(var^ + eps)`` has ``D^^2 = (var + eps + e^2)(1 +- g)``,
+    ``g = 1.1(d + 8)u``, so ``var + eps >= L = D^^2 (1 - g) - eta^2`` and, with
+    ``rho = eta^2 / L``, ``|xhat - xhat^| <= eps_t = sqrt(d)(rho/2 + eta/D^ + 1.2(d + 12)u)``
+    (at most ``2.1 sqrt(d)``: both have norm <= sqrt(d)). Then ``||g_b|| <= sqrt(Q(1 + 2(d + 2)u))
+    + sum_t M_t (eps_t + 1.2(T + 1)u sqrt(d))`` with ``M_t = max|dy_t|``, ``Q = fl(|g^|^2)``, and
+    trivially ``||g_b|| <= sqrt(d) sum_t M_t``; the smaller is returned, squared, rounded up.
+
+    Args:
+        x: LayerNorm input (B, d) or (B, T, d); dy: output gradient of the same shape.
+        eps: the module's eps, finite and >= 0.
+
+    Returns:
+        float32 (B,).
+    """
+    return torch.ops.rmt.layernorm_sq_norms(x, dy, float(eps))
+
+
+def layernorm_clipped_noisy_sum(
+    x: torch.Tensor,
+    dy: torch.Tensor,
+    scale: torch.Tensor,
+    eps: float,
+    noise_std: float,
+    seed: int,
+    offset: int,
+) -> torch.Tensor:
+    """Clipped, noised sum of LayerNorm weight gradients; float32 (d,), noise j at offset + j."""
+    return torch.ops.rmt.layernorm_clipped_noisy_sum(
+        x, dy, scale, float(eps), float(noise_std), int(seed), int(offset)
+    )
+
+
+def add_gaussian_noise(x: torch.Tensor, noise_std: float, seed: int, offset: int) -> torch.Tensor:
+    """Return float32 ``x + noise_std * randn(seed, offset + k)`` (k: row-major element index).
+
+    For parameters whose clipped sum a custom :class:`rmt_kernels.rules.LayerRule` computes
+    itself.
+    """
+    return torch.ops.rmt.add_gaussian_noise(x, float(noise_std), int(seed), int(offset))
+
+
+# ----------------------------------------------------------------------------------------------
+# Fake (meta) implementations: shapes and metadata checks only, one per op
+# ----------------------------------------------------------------------------------------------
+
+# The keyword options of rmt::denoise with their defaults, read from the schema (csrc/rmt.cpp):
+# the dispatcher leaves out options left at their default.
+_DENOISE_DEFAULTS = {
+    a.name: a.default_value for a in torch.ops.rmt.denoise.default._schema.arguments if a.kwarg_only
+}
+
+
+@torch.library.register_fake("rmt::denoise")
+def _denoise_fake(grad: torch.Tensor, sigma: float, **options) -> torch.Tensor:
+    o = {**_DENOISE_DEFAULTS, **options}
+    check_denoise_arguments(
+        grad, sigma, o["shrinker"], o["kappa"], o["rank"], o["oversample"], o["niter"], o["norm"]
+    )
     return torch.empty(grad.shape, dtype=grad.dtype, device=grad.device)
 
 
-@torch.library.register_kernel("rmt::denoise", "cuda")
-def _denoise_cuda(
-    grad: torch.Tensor,
-    sigma: float,
-    *,
-    shrinker: str = "frobenius",
-    kappa: float = 1.0,
-    rank: int = -1,
-    oversample: int = 8,
-    niter: int = 2,
-    norm: str = "none",
-    seed: int = 0,
-) -> torch.Tensor:
-    # Imported here so that importing rmt_kernels never needs Triton (a CPU install has no use
-    # for it).
-    from rmt_kernels.triton.denoise import denoise_triton
+def _float_empty(like: torch.Tensor, *shape: int) -> torch.Tensor:
+    return like.new_empty(shape, dtype=torch.float32)
 
-    return denoise_triton(
-        grad,
-        sigma,
-        shrinker=shrinker,
-        kappa=kappa,
-        rank=rank,
-        oversample=oversample,
-        niter=niter,
-        norm=norm,
-        seed=seed,
-    )
+
+@torch.library.register_fake("rmt::linear_sq_norms")
+def _linear_sq_norms_fake(x, dy):
+    check_linear("linear_sq_norms", x, dy)
+    return _float_empty(x, x.shape[0])
+
+
+@torch.library.register_fake("rmt::linear_clipped_noisy_sum")
+def _linear_clipped_noisy_sum_fake(x, dy, scale, noise_std, seed, offset):
+    check_linear_sum(x, dy, scale, noise_std, seed, offset)
+    return _float_empty(x, dy.shape[-1], x.shape[-1])
+
+
+@torch.library.register_fake("rmt::bias_sq_norms")
+def _bias_sq_norms_fake(dy):
+    check_bias("bias_sq_norms", dy)
+    return _float_empty(dy, dy.shape[0])
+
+
+@torch.library.register_fake("rmt::bias_clipped_noisy_sum")
+def _bias_clipped_noisy_sum_fake(dy, scale, noise_std, seed, offset):
+    check_bias_sum(dy, scale, noise_std, seed, offset)
+    return _float_empty(dy, dy.shape[-1])
+
+
+@torch.library.register_fake("rmt::embedding_sq_norms")
+def _embedding_sq_norms_fake(ids, dy):
+    check_embedding_norms(ids, dy)
+    return _float_empty(dy, dy.shape[0])
+
+
+@torch.library.register_fake("rmt::embedding_clipped_noisy_sum")
+def _embedding_clipped_noisy_sum_fake(ids, dy, scale, num_embeddings, noise_std, seed, offset):
+    check_embedding_sum(ids, dy, scale, num_embeddings, noise_std, seed, offset)
+    return _float_empty(dy, num_embeddings, dy.shape[-1])
+
+
+@torch.library.register_fake("rmt::layernorm_sq_norms")
+def _layernorm_sq_norms_fake(x, dy, eps):
+    check_layernorm_norms(x, dy, eps)
+    return _float_empty(x, x.shape[0])
+
+
+@torch.library.register_fake("rmt::layernorm_clipped_noisy_sum")
+def _layernorm_clipped_noisy_sum_fake(x, dy, scale, eps, noise_std, seed, offset):
+    check_layernorm_sum(x, dy, scale, eps, noise_std, seed, offset)
+    return _float_empty(x, x.shape[-1])
+
+
+@torch.library.register_fake("rmt::add_gaussian_noise")
+def _add_gaussian_noise_fake(x, noise_std, seed, offset):
+    check_add_gaussian_noise(x, noise_std, seed, offset)
+    return x.new_empty(x.shape, dtype=torch.float32)

@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 import rmt_kernels
-from rmt_kernels import dp_ops
 from rmt_kernels.reference import clipped_sum, per_example_grads, per_example_sq_norms
+from rmt_kernels.triton import device as dp_ops  # the device paths and BLOCK_BYTES
 
 # (B, T or None for 2-D input, d_in, d_out): both norm routes, B = 1, T = 1, no sequence dim,
 # sizes that are not multiples of the Triton tiles.

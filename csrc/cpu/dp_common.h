@@ -2,7 +2,7 @@
 // argument checks that name the argument, and the noise "epilogue" that adds counter-based
 // Philox noise to a freshly computed clipped sum in place, so it is written once.
 //
-// The messages match rmt_kernels/_dp_checks.py (fake and Triton paths) word for word.
+// The messages match rmt_kernels/_checks.py (fake and Triton paths) word for word.
 #pragma once
 
 #include <ATen/ATen.h>

@@ -24,7 +24,7 @@ namespace {
 // per example in place it wins everywhere. 2-core Xeon, 2026-12-02, d 768, half the positions
 // one padding id: B 32, T 128 1.4 ms against 3.7 ms for the uncertified float32 Gram blocks and
 // 33 ms for the float64 ones (minima); T 512: 11 against 74 and 172 ms. The device path keeps
-// its own rule (EMBEDDING_GRAM_MAX_T in rmt_kernels/dp_ops.py).
+// its own rule (EMBEDDING_GRAM_MAX_T in rmt_kernels/triton/device.py).
 
 void check_ids(const char* op, const at::Tensor& ids, const at::Tensor& dy) {
   const auto dtype = ids.scalar_type();

@@ -37,7 +37,7 @@ void check_shapes(const char* op, const at::Tensor& x, const at::Tensor& dy) {
 }
 
 // Certified bound of ||g_b||^2, g_b = sum_t dy_t * xhat_t with the EXACT xhat of the given x
-// (rmt_kernels.dp_ops.layernorm_sq_norms states the proof). Per row (float64, u = 2^-53): the
+// (rmt_kernels.ops.layernorm_sq_norms states the proof). Per row (float64, u = 2^-53): the
 // mean is off by <= eta = 1.1 (d + 3) u max|x|, the computed D^ = sqrt(var^ + eps) satisfies
 // D^2 in (var + eps + e^2)(1 +- gam), gam = 1.1 (d + 8) u, hence var + eps >= L = D^2 (1 - gam)
 // - eta^2 and, with rho = eta^2 / L, |xhat - xhat^| <= eps_t = sqrt(d) (rho / 2 + eta / D^ +

@@ -119,8 +119,9 @@ double per_example_sq_norm64(Example64& w) {
   return dot64(a, a, d_out * d_in);
 }
 
-// Certified upper bound of N_b = ||sum_t dy_t x_t^T||_F^2 (rmt_kernels.dp_ops.linear_sq_norms
-// states it, linear_sq_norm_bound there proves it and computes the same formula). With
+// Certified upper bound of N_b = ||sum_t dy_t x_t^T||_F^2 (rmt_kernels.ops.linear_sq_norms
+// states it; rmt_kernels.triton.device.linear_sq_norm_bound proves it and computes the same
+// formula on the device path). With
 // S = sum_t |x_t| |dy_t| (float64 row norms; N <= S^2 by the triangle inequality) and
 // u = 2^-53, everything below in float64 from exactly converted inputs:
 //   Gram route:  G^x_ts, G^dy_ts each off by <= gamma_d |x_t||x_s| (|dy_t||dy_s|), so

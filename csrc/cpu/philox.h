@@ -37,6 +37,11 @@
 namespace rmt {
 namespace philox {
 
+// Version of the stream's definition above. 1 was tl.randn's layout (one normal per Philox call);
+// 2 is the quad layout. Change it with any change to the values drawn: checkpoints record it
+// (rmt_kernels.ops.NOISE_STREAM_VERSION reads it) and refuse to resume under another.
+constexpr int kNoiseStreamVersion = 2;
+
 constexpr uint32_t kKeyA = 0x9E3779B9u;
 constexpr uint32_t kKeyB = 0xBB67AE85u;
 constexpr uint32_t kRoundA = 0xD2511F53u;

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from rmt_kernels._checks import FLOAT_DTYPES
-from rmt_kernels.dp_ops import (
+from rmt_kernels.rules import (
     LayerRule,
     _check_embedding_module,
     _check_layernorm_module,
@@ -30,7 +30,7 @@ from rmt_kernels.dp_ops import (
 )
 
 # Module options a rule cannot follow, checked at make_private rather than at the first step.
-# The checks live beside the rules (rmt_kernels/dp_ops.py); they are called here early.
+# The checks live beside the rules (rmt_kernels/rules.py); they are called here early.
 _MODULE_CHECKS = {nn.Embedding: _check_embedding_module, nn.LayerNorm: _check_layernorm_module}
 
 

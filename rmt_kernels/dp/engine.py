@@ -50,7 +50,7 @@ from rmt_kernels.dp.postprocess import (  # noqa: F401  (MIN_DENOISE_DIM: re-exp
     denoise_linear_weights,
     post_process,
 )
-from rmt_kernels.dp_ops import add_gaussian_noise, clip_scales, noise_offset
+from rmt_kernels.ops import add_gaussian_noise, clip_scales, noise_offset
 
 # Noise keys (Philox seeds) are signed 64-bit integers in the ops; 0 <= seed < 2^63.
 SEED_LIMIT = 2**63

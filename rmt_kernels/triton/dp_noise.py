@@ -32,7 +32,7 @@ def _add_noise_kernel(out_ptr, seed, offset, noise_std, N, BLOCK: tl.constexpr):
 def add_noise_(out: torch.Tensor, noise_std: float, seed: int, offset: int) -> torch.Tensor:
     """Add ``noise_std * randn(seed, offset + k)`` to element k of contiguous float32 ``out``.
 
-    Arguments are assumed checked (rmt_kernels._dp_checks). ``noise_std == 0`` leaves ``out``
+    Arguments are assumed checked (rmt_kernels._checks). ``noise_std == 0`` leaves ``out``
     untouched, so the result is the exact clipped sum.
     """
     assert out.is_contiguous() and out.dtype == torch.float32

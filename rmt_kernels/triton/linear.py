@@ -90,7 +90,7 @@ def linear_clipped_noisy_sum_triton(
     seed: int,
     offset: int,
 ) -> torch.Tensor:
-    """Launch the fused kernel; arguments are assumed checked (rmt_kernels._dp_checks).
+    """Launch the fused kernel; arguments are assumed checked (rmt_kernels._checks).
 
     ``x`` (B, [T,] d_in) and ``dy`` (B, [T,] d_out) of any float dtype; ``scale`` (B,). Returns a
     new contiguous float32 (d_out, d_in) tensor.

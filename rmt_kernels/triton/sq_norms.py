@@ -11,7 +11,7 @@ atomics).
 Everything is float64 (inputs converted exactly, fp64 ``tl.dot``: DMMA on sm_80/sm_90, as fast
 there as the fp32 "ieee" FMA path it replaces): float32 Gram sums cancel catastrophically on
 crafted inputs (x = [u, -u + 10 w]). The result is the float64 sum P^, not yet a bound:
-rmt_kernels.dp_ops adds its rigorous rounding-error term (invariant 6 of DESIGN.md).
+rmt_kernels/triton/device.py adds its rigorous rounding-error term (invariant 6 of DESIGN.md).
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ def gram_sq_norms(x: torch.Tensor, dy: torch.Tensor, ids: bool = False) -> torch
     """float64 (B,) Gram-route sums ``P^ = sum_{t,s} G^x_ts G^dy_ts``; arguments assumed checked.
 
     ``x`` (B, T, d_in) float, or token ids (B, T) when ``ids``; ``dy`` (B, T, d_out). Not a bound
-    by itself: :func:`rmt_kernels.dp_ops.linear_sq_norms_device` adds the error term.
+    by itself: :func:`rmt_kernels.triton.device.linear_sq_norms_device` adds the error term.
     """
     # 16-bit loads feeding an fp64 tl.dot hit Triton 3.6's MMAv2 assertion "fp64 don't support
     # largeK MMA" (sm_80/sm_90); float32 copies (exact) avoid it.
