@@ -14,41 +14,12 @@ import torch  # noqa: F401
 from rmt_kernels import (
     _C,  # noqa: F401  (registers torch.ops.rmt.*)
     dp_ops,  # noqa: F401  (compatibility name of the DP ops)
+    ops,
+    rules,
 )
-from rmt_kernels.ops import (
-    add_gaussian_noise,
-    bias_clipped_noisy_sum,
-    bias_sq_norms,
-    clip_scales,
-    denoise,
-    denoise_many,
-    embedding_clipped_noisy_sum,
-    embedding_sq_norms,
-    layernorm_clipped_noisy_sum,
-    layernorm_sq_norms,
-    linear_clipped_noisy_sum,
-    linear_sq_norms,
-    noise_offset,
-)
-from rmt_kernels.rules import LayerRule, get_layer_rule, register_layer_rule
+from rmt_kernels.ops import *  # noqa: F403  (every public op wrapper, ops.__all__)
+from rmt_kernels.rules import *  # noqa: F403  (LayerRule, register_layer_rule, get_layer_rule)
 from rmt_kernels.triton import register as _register  # noqa: F401  (CUDA kernels)
 
-__all__ = [
-    "LayerRule",
-    "add_gaussian_noise",
-    "bias_clipped_noisy_sum",
-    "bias_sq_norms",
-    "clip_scales",
-    "denoise",
-    "denoise_many",
-    "embedding_clipped_noisy_sum",
-    "embedding_sq_norms",
-    "get_layer_rule",
-    "layernorm_clipped_noisy_sum",
-    "layernorm_sq_norms",
-    "linear_clipped_noisy_sum",
-    "linear_sq_norms",
-    "noise_offset",
-    "register_layer_rule",
-]
+__all__ = [*ops.__all__, *rules.__all__]
 __version__ = "0.1.0"

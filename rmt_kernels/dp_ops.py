@@ -5,29 +5,15 @@ Public wrappers and fake impls: rmt_kernels/ops.py; layer rules: rmt_kernels/rul
 still is.
 """
 
-from rmt_kernels.ops import (  # noqa: F401
-    NOISE_STREAM_VERSION,
-    OFFSET_STRIDE,
-    add_gaussian_noise,
-    bias_clipped_noisy_sum,
-    bias_sq_norms,
-    clip_scales,
-    embedding_clipped_noisy_sum,
-    embedding_sq_norms,
-    layernorm_clipped_noisy_sum,
-    layernorm_sq_norms,
-    linear_clipped_noisy_sum,
-    linear_sq_norms,
-    noise_offset,
-)
+from rmt_kernels import ops, rules
+from rmt_kernels.ops import *  # noqa: F403
+from rmt_kernels.ops import NOISE_STREAM_VERSION, OFFSET_STRIDE  # noqa: F401
+from rmt_kernels.rules import *  # noqa: F403
 from rmt_kernels.rules import (  # noqa: F401
     _RULES,
-    LayerRule,
     _check_embedding_module,
     _check_layernorm_module,
     _embedding_grad_output,
-    get_layer_rule,
-    register_layer_rule,
 )
 from rmt_kernels.triton.device import (  # noqa: F401
     BLOCK_BYTES,
@@ -46,19 +32,4 @@ from rmt_kernels.triton.device import (  # noqa: F401
     use_gram_route,
 )
 
-__all__ = [
-    "LayerRule",
-    "add_gaussian_noise",
-    "bias_clipped_noisy_sum",
-    "bias_sq_norms",
-    "clip_scales",
-    "embedding_clipped_noisy_sum",
-    "embedding_sq_norms",
-    "get_layer_rule",
-    "layernorm_clipped_noisy_sum",
-    "layernorm_sq_norms",
-    "linear_clipped_noisy_sum",
-    "linear_sq_norms",
-    "noise_offset",
-    "register_layer_rule",
-]
+__all__ = [name for name in [*ops.__all__, *rules.__all__] if not name.startswith("denoise")]

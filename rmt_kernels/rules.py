@@ -107,6 +107,15 @@ def _check_layernorm_module(module: nn.LayerNorm) -> None:
         )
 
 
+def _release_bias(guard: rounding.ReleaseGuard, dy, noise_std, seed, offset) -> torch.Tensor:
+    """The noisy clipped sum of a bias (Linear and LayerNorm alike) through the rounding guard."""
+    return guard.release(
+        "bias",
+        rounding.BiasTerms(dy),
+        lambda s: bias_clipped_noisy_sum(dy, s, noise_std, seed, offset),
+    )
+
+
 @register_layer_rule(nn.Linear)
 class LinearRule:
     """``nn.Linear``: weight (:func:`linear_sq_norms`) and bias (:func:`bias_sq_norms`)."""
@@ -137,11 +146,7 @@ class LinearRule:
                 lambda s: linear_clipped_noisy_sum(x, dy, s, noise_std, seed, offsets["weight"]),
             )
         if _trainable(module, "bias"):
-            out["bias"] = guard.release(
-                "bias",
-                rounding.BiasTerms(dy),
-                lambda s: bias_clipped_noisy_sum(dy, s, noise_std, seed, offsets["bias"]),
-            )
+            out["bias"] = _release_bias(guard, dy, noise_std, seed, offsets["bias"])
         return out
 
 
@@ -211,9 +216,5 @@ class LayerNormRule:
                 ),
             )
         if _trainable(module, "bias"):
-            out["bias"] = guard.release(
-                "bias",
-                rounding.BiasTerms(dy),
-                lambda s: bias_clipped_noisy_sum(dy, s, noise_std, seed, offsets["bias"]),
-            )
+            out["bias"] = _release_bias(guard, dy, noise_std, seed, offsets["bias"])
         return out
