@@ -28,7 +28,7 @@ Why it holds. (1) Flagging depends on example b's own rows and clip factor only,
 mechanism stays per-example: adding example b* changes nothing about the others' path.
 (2) Flagged: its released vector over all parameters has norm
 ``<= scale_b sqrt(sum_p N^p_b) = scale_b sqrt(q_b) <= C'`` (the clip factor's guarantee,
-:func:`rmt_kernels.dp_ops.clip_scales`), plus one float32 cast of the flagged sum and one float32
+:func:`rmt_kernels.ops.clip_scales`), plus one float32 cast of the flagged sum and one float32
 addition (``u32`` relative to the released entries). Accuracy: Embedding, bias and LayerNorm sum
 the T float64 terms with compensated (TwoSum) summation, error ``<= u64 |sum| + gamma_T^2 sum
 |terms|`` (Ogita, Rump, Oishi 2005), exact for the crafted cases; the Linear weight uses one
@@ -58,7 +58,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from rmt_kernels._dp_checks import check_same_device, check_scale_metadata, check_scale_values
+from rmt_kernels._checks import check_same_device, check_scale_metadata, check_scale_values
 
 __all__ = [
     "AMPLIFICATION_LIMIT",
