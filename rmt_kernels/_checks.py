@@ -130,6 +130,22 @@ def check_same_device(op: str, **tensors: torch.Tensor) -> None:
         raise ValueError(f"{op}: all tensor arguments must be on one device, got {where}")
 
 
+def _check_examples(
+    op: str, name: str, lead: torch.Tensor, dy: torch.Tensor, has_sequence: bool
+) -> None:
+    """A non-empty batch, and dy with the batch size (and sequence length) of ``lead``."""
+    if lead.shape[0] == 0:
+        raise ValueError(f"{op}: empty batch: {name} has shape {list(lead.shape)}")
+    if dy.shape[0] != lead.shape[0]:
+        raise ValueError(
+            f"{op}: dy must have the batch size of {name} ({lead.shape[0]}), got {dy.shape[0]}"
+        )
+    if has_sequence and dy.shape[1] != lead.shape[1]:
+        raise ValueError(
+            f"{op}: dy must have the sequence length of {name} ({lead.shape[1]}), got {dy.shape[1]}"
+        )
+
+
 def check_activations(op: str, x_name: str, x: torch.Tensor, dy: torch.Tensor) -> None:
     """x (B, d) or (B, T, d) and dy of the same ndim, batch and sequence length, nothing empty."""
     if x.dim() not in (2, 3):
@@ -140,16 +156,7 @@ def check_activations(op: str, x_name: str, x: torch.Tensor, dy: torch.Tensor) -
         raise ValueError(
             f"{op}: dy must have as many dimensions as {x_name} ({x.dim()}), got {dy.dim()}"
         )
-    if x.shape[0] == 0:
-        raise ValueError(f"{op}: empty batch: {x_name} has shape {list(x.shape)}")
-    if dy.shape[0] != x.shape[0]:
-        raise ValueError(
-            f"{op}: dy must have the batch size of {x_name} ({x.shape[0]}), got {dy.shape[0]}"
-        )
-    if x.dim() == 3 and dy.shape[1] != x.shape[1]:
-        raise ValueError(
-            f"{op}: dy must have the sequence length of {x_name} ({x.shape[1]}), got {dy.shape[1]}"
-        )
+    _check_examples(op, x_name, x, dy, has_sequence=x.dim() == 3)
     if any(s == 0 for s in x.shape):
         raise ValueError(f"{op}: {x_name} must not have an empty dimension, got {list(x.shape)}")
     if any(s == 0 for s in dy.shape):
@@ -166,16 +173,7 @@ def check_ids(op: str, ids: torch.Tensor, dy: torch.Tensor) -> None:
         raise ValueError(
             f"{op}: dy must have {ids.dim() + 1} dimensions (ids' shape + d), got {dy.dim()}"
         )
-    if ids.shape[0] == 0:
-        raise ValueError(f"{op}: empty batch: ids has shape {list(ids.shape)}")
-    if dy.shape[0] != ids.shape[0]:
-        raise ValueError(
-            f"{op}: dy must have the batch size of ids ({ids.shape[0]}), got {dy.shape[0]}"
-        )
-    if ids.dim() == 2 and dy.shape[1] != ids.shape[1]:
-        raise ValueError(
-            f"{op}: dy must have the sequence length of ids ({ids.shape[1]}), got {dy.shape[1]}"
-        )
+    _check_examples(op, "ids", ids, dy, has_sequence=ids.dim() == 2)
     if any(s == 0 for s in dy.shape):
         raise ValueError(f"{op}: dy must not have an empty dimension, got {list(dy.shape)}")
     check_float(op, "dy", dy)
