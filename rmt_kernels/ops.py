@@ -65,6 +65,11 @@ OFFSET_STRIDE = 1 << 32
 NOISE_STREAM_VERSION: int = _C.NOISE_STREAM_VERSION
 
 
+# ----------------------------------------------------------------------------------------------
+# Denoising
+# ----------------------------------------------------------------------------------------------
+
+
 def denoise(
     grad: torch.Tensor,
     sigma: float,
@@ -176,6 +181,11 @@ def denoise_many(
         for i, estimate in zip(indices, batch.unbind(0), strict=True):
             out[i] = estimate
     return out  # type: ignore[return-value]
+
+
+# ----------------------------------------------------------------------------------------------
+# The fused DP-SGD gradient ops, and the two helpers every caller of them needs
+# ----------------------------------------------------------------------------------------------
 
 
 def noise_offset(step: int, param_index: int, num_params: int) -> int:
