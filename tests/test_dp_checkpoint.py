@@ -76,12 +76,12 @@ def test_other_model_and_other_privacy_settings_are_refused(tmp_path):
 
 def test_a_checkpoint_of_another_noise_stream_is_refused(tmp_path, monkeypatch):
     # Replaying the lost steps costs nothing only with the same noise; a build whose noise stream
-    # differs (rmt_kernels.dp_ops.NOISE_STREAM_VERSION) must not resume the run.
-    from rmt_kernels import dp_ops
+    # differs (rmt_kernels.ops.NOISE_STREAM_VERSION, from csrc/cpu/philox.h) must not resume.
+    from rmt_kernels import ops
 
     path, _ = _saved(tmp_path)
     model, opt, loader = dp_workers.private(tiny_model(), noise=1.0)
-    monkeypatch.setattr(dp_ops, "NOISE_STREAM_VERSION", dp_ops.NOISE_STREAM_VERSION + 1)
+    monkeypatch.setattr(ops, "NOISE_STREAM_VERSION", ops.NOISE_STREAM_VERSION + 1)
     with pytest.raises(CheckpointError, match=r"noise_stream = 2 in the checkpoint, 3 in this run"):
         load_checkpoint(path, model, opt, loader)
 

@@ -103,8 +103,8 @@ def _drive_dp_ops(dtype: torch.dtype, noise: tuple[float, int, int]) -> set[str]
 
 
 def _drive_denoise(dtype: torch.dtype) -> set[str]:
-    """rmt::denoise's CUDA implementation (rmt_kernels.ops._denoise_cuda calls it): every
-    shrinker with and without the norm correction, both orientations, the fixed-rank path."""
+    """rmt::denoise's CUDA implementation (called by rmt_kernels.triton.register._denoise_cuda):
+    every shrinker with and without the norm correction, both orientations, the fixed-rank path."""
     # p < q: the output written as is; p > q (batched): written through a transposed view.
     wide, tall = _planted(1, 24, 40, dtype)[0], _planted(2, 40, 24, dtype)
     for shrinker in SHRINKERS:

@@ -83,7 +83,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rmt_kernels import dp_ops
+from rmt_kernels import ops
 from rmt_kernels.dp import distributed
 from rmt_kernels.dp.optimizer import DPOptimizer
 
@@ -275,7 +275,7 @@ def _fingerprint(engine) -> dict:
             "secure_mode": engine.secure_mode,
             "loss_reduction": engine.loss_reduction,
             "denoise": engine.denoise_options,
-            "noise_stream": dp_ops.NOISE_STREAM_VERSION,
+            "noise_stream": ops.NOISE_STREAM_VERSION,
         },
     }
 

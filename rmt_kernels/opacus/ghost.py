@@ -71,7 +71,7 @@ from opacus.grad_sample import (
 from opacus.utils.module_utils import trainable_modules
 from torch import nn
 
-from rmt_kernels import dp_ops
+from rmt_kernels import ops
 
 __all__ = [
     "CERTIFIED_NORM_SAMPLERS",
@@ -139,10 +139,10 @@ def certified_linear_norm_sample(
     empty = x.numel() == 0 or dy.numel() == 0
     out: dict[nn.Parameter, torch.Tensor] = {}
     if layer.weight.requires_grad:
-        sq = _empty(x.shape[0], dy) if empty else dp_ops.linear_sq_norms(x, dy)
+        sq = _empty(x.shape[0], dy) if empty else ops.linear_sq_norms(x, dy)
         out[layer.weight] = _sqrt_up(sq)
     if layer.bias is not None and layer.bias.requires_grad:
-        out[layer.bias] = _sqrt_up(_empty(dy.shape[0], dy) if empty else dp_ops.bias_sq_norms(dy))
+        out[layer.bias] = _sqrt_up(_empty(dy.shape[0], dy) if empty else ops.bias_sq_norms(dy))
     return out
 
 
@@ -171,7 +171,7 @@ def certified_embedding_norm_sample(
         return {layer.weight: _sqrt_up(_empty(dy.shape[0], dy))}
     if layer.padding_idx is not None:
         dy = dy.masked_fill((ids == layer.padding_idx).unsqueeze(-1), 0)
-    return {layer.weight: _sqrt_up(dp_ops.embedding_sq_norms(ids, dy))}
+    return {layer.weight: _sqrt_up(ops.embedding_sq_norms(ids, dy))}
 
 
 def certified_layernorm_norm_sample(
@@ -198,10 +198,10 @@ def certified_layernorm_norm_sample(
     empty = x.numel() == 0
     out: dict[nn.Parameter, torch.Tensor] = {}
     if layer.weight is not None and layer.weight.requires_grad:
-        sq = _empty(x.shape[0], dy) if empty else dp_ops.layernorm_sq_norms(x, dy, layer.eps)
+        sq = _empty(x.shape[0], dy) if empty else ops.layernorm_sq_norms(x, dy, layer.eps)
         out[layer.weight] = _sqrt_up(sq)
     if layer.bias is not None and layer.bias.requires_grad:
-        out[layer.bias] = _sqrt_up(_empty(dy.shape[0], dy) if empty else dp_ops.bias_sq_norms(dy))
+        out[layer.bias] = _sqrt_up(_empty(dy.shape[0], dy) if empty else ops.bias_sq_norms(dy))
     return out
 
 
@@ -313,7 +313,7 @@ class _CertifiedGhostMixin:
         max_grad_norm = self.max_grad_norm
         if isinstance(max_grad_norm, torch.Tensor):
             max_grad_norm = float(max_grad_norm)
-        scale = dp_ops.clip_scales(sq, max_grad_norm)
+        scale = ops.clip_scales(sq, max_grad_norm)
         self.get_norm_sample()  # keeps Opacus's per_sample_gradient_norms up to date
         return scale
 
