@@ -209,46 +209,25 @@ def _dataset(cfg: WhiteBoxConfig, included: np.ndarray):
     return torch.utils.data.TensorDataset(x, w, cid)
 
 
-def white_box_audit(
-    cfg: WhiteBoxConfig,
-    *,
-    strategy: Bonferroni | Split | Fixed | None = None,
-    progress: Callable[[int], None] | None = None,
-) -> WhiteBoxResult:
-    """Train once with Dirac canaries through ``make_private``, score them, bound epsilon.
-
-    Args:
-        cfg: the run (:class:`WhiteBoxConfig`).
-        strategy: how the numbers of guesses are chosen (default :class:`Bonferroni`).
-        progress: called with 1 after every logical step (e.g. ``tqdm.update``).
-
-    Returns:
-        A :class:`WhiteBoxResult`: with probability >= ``1 - p_fail``, if the engine is
-        (eps, delta)-DP then ``audit.epsilon <= eps``; so a bound above ``accountant_epsilon``
-        is a privacy bug (in the engine or in the accountant's inputs).
-    """
+def _private_run(cfg: WhiteBoxConfig, dataset):
+    """A fresh model (weights 0), SGD and loader through ``make_private`` for ``dataset``."""
     from rmt_kernels.dp import make_private
 
-    included = draw_inclusion(cfg.canaries, np.random.default_rng([cfg.seed, 0]))
-    signs = torch.from_numpy(canary_signs(cfg.canaries, cfg.steps, cfg.seed)).float()
-    dataset = _dataset(cfg, included)
-    side = cfg.side
     batch = max(1, round(cfg.sample_rate * len(dataset)))
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=batch, generator=torch.Generator().manual_seed(cfg.seed + 1)
     )
     # A container around the layer: the engine's model-level hooks and the layer's own hooks
     # then run in their usual order.
-    model = nn.Sequential(nn.Linear(side + EXTRA_COLUMNS, side, bias=False))
-    weight = model[0].weight
+    model = nn.Sequential(nn.Linear(cfg.side + EXTRA_COLUMNS, cfg.side, bias=False))
     with torch.no_grad():
-        weight.zero_()
+        model[0].weight.zero_()
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr)
     with warnings.catch_warnings():
         # A public noise seed makes the run reproducible; the scores never use it, so the
         # audit is of the same mechanism as a run with a secret seed.
         warnings.filterwarnings("ignore", message="make_private: seed=", category=UserWarning)
-        model, optimizer, loader = make_private(
+        return make_private(
             model,
             optimizer,
             loader,
@@ -260,48 +239,121 @@ def white_box_audit(
             accountant=cfg.accountant,
             loss_reduction="sum",
         )
-    rows = torch.arange(cfg.canaries) // side
-    cols = torch.arange(cfg.canaries) % side
-    # Units of C / expected batch: an IN canary adds ~1 per step it is sampled.
-    unit = cfg.max_grad_norm / max(1, round(len(loader.dataset) / len(loader)))
-    scores = torch.zeros(cfg.canaries, dtype=torch.float64)
-    step = 0
-    while step < cfg.steps:
-        for x, w, cid in loader:
-            if step == cfg.steps:
-                break
-            is_canary = cid >= 0
-            # This step's sign of each canary's gradient.
-            factor = torch.ones(cid.shape[0])
-            factor[is_canary] = signs[step, cid[is_canary]]
-            w = w * factor[:, None]
-            for xs, ws in zip(
-                x.tensor_split(cfg.physical_batches),
-                w.tensor_split(cfg.physical_batches),
-                strict=True,
-            ):
-                if xs.shape[0]:
-                    (-(model(xs) * ws).sum()).backward()
-            optimizer.step()
-            released = weight.grad[rows, cols].double()
-            # The canary's gradient direction is -s_t at its entry.
-            scores -= signs[step].double() * released / unit
-            optimizer.zero_grad()
-            step += 1
-            if progress is not None:
-                progress(1)
-    result = audit(
-        scores.numpy(),
-        included,
-        p_fail=cfg.p_fail,
-        delta=cfg.delta,
-        strategy=strategy,
-        method=cfg.resolved_method,
-    )
+
+
+def _unit(cfg: WhiteBoxConfig, loader) -> float:
+    """Units of C / expected batch: an IN canary adds ~1 per step it is sampled."""
+    return cfg.max_grad_norm / max(1, round(len(loader.dataset) / len(loader)))
+
+
+def _forward_backward(cfg: WhiteBoxConfig, model, batch, signs: torch.Tensor, step: int) -> None:
+    """The physical batches of logical step ``step`` (canary gradients signed by ``signs``)."""
+    x, w, cid = batch
+    is_canary = cid >= 0
+    # This step's sign of each canary's gradient.
+    factor = torch.ones(cid.shape[0])
+    factor[is_canary] = signs[step, cid[is_canary]]
+    w = w * factor[:, None]
+    for xs, ws in zip(
+        x.tensor_split(cfg.physical_batches), w.tensor_split(cfg.physical_batches), strict=True
+    ):
+        if xs.shape[0]:
+            (-(model(xs) * ws).sum()).backward()
+
+
+def _release(cfg: WhiteBoxConfig, model, optimizer) -> torch.Tensor:
+    """``optimizer.step()``; the released gradient at each canary's entry (float64)."""
+    optimizer.step()
+    rows = torch.arange(cfg.canaries) // cfg.side
+    cols = torch.arange(cfg.canaries) % cfg.side
+    released = model[0].weight.grad[rows, cols].double()
+    optimizer.zero_grad()
+    return released
+
+
+def _batches(loader):
+    """The loader's batches, epoch after epoch."""
+    while True:
+        yield from loader
+
+
+def _bound(
+    cfg: WhiteBoxConfig,
+    scores: torch.Tensor,
+    included: np.ndarray,
+    accountant_epsilon: float,
+    strategy: Bonferroni | Split | Fixed | None,
+) -> WhiteBoxResult:
+    """The audit of ``scores``. Under torch.distributed every rank must hold the same scores
+    (the released gradient is the same on every rank; checked: a RuntimeError otherwise); rank
+    0 computes the bound and sends it to the others."""
+    from rmt_kernels.dp import distributed
+
+    rank, world_size = distributed.world()
+    if world_size > 1:
+        import torch.distributed as dist
+
+        every = [None] * world_size
+        dist.all_gather_object(every, scores.numpy().tobytes())
+        if any(b != every[0] for b in every):
+            raise RuntimeError(
+                "white-box audit: the canary scores differ across ranks (the released "
+                "gradient must be the same on every rank)"
+            )
+    result = None
+    if rank == 0:
+        result = audit(
+            scores.numpy(),
+            included,
+            p_fail=cfg.p_fail,
+            delta=cfg.delta,
+            strategy=strategy,
+            method=cfg.resolved_method,
+        )
+    result = distributed.broadcast_object(result)
     return WhiteBoxResult(
         config=cfg,
         audit=result,
-        accountant_epsilon=float(optimizer.get_epsilon(cfg.delta)),
+        accountant_epsilon=accountant_epsilon,
         scores=scores.numpy(),
         included=included,
     )
+
+
+def white_box_audit(
+    cfg: WhiteBoxConfig,
+    *,
+    strategy: Bonferroni | Split | Fixed | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> WhiteBoxResult:
+    """Train once with Dirac canaries through ``make_private``, score them, bound epsilon.
+
+    Under torch.distributed (call it on every rank of an initialized default group, e.g. with
+    :func:`rmt_kernels.audit.distributed.white_box_audit_distributed`) every rank holds the
+    whole dataset and Poisson-samples its shard (``make_private``'s data loader), the engine
+    all-reduces the clipped sums and rank 0 alone adds the noise; the scores come from the
+    released ``p.grad``, the same on every rank (checked), and rank 0 computes the bound.
+
+    Args:
+        cfg: the run (:class:`WhiteBoxConfig`).
+        strategy: how the numbers of guesses are chosen (default :class:`Bonferroni`).
+        progress: called with 1 after every logical step (e.g. ``tqdm.update``).
+
+    Returns:
+        A :class:`WhiteBoxResult`: with probability >= ``1 - p_fail``, if the engine is
+        (eps, delta)-DP then ``audit.epsilon <= eps``; so a bound above ``accountant_epsilon``
+        is a privacy bug (in the engine or in the accountant's inputs).
+    """
+    included = draw_inclusion(cfg.canaries, np.random.default_rng([cfg.seed, 0]))
+    signs = torch.from_numpy(canary_signs(cfg.canaries, cfg.steps, cfg.seed)).float()
+    model, optimizer, loader = _private_run(cfg, _dataset(cfg, included))
+    unit = _unit(cfg, loader)
+    scores = torch.zeros(cfg.canaries, dtype=torch.float64)
+    batches = _batches(loader)
+    for step in range(cfg.steps):
+        _forward_backward(cfg, model, next(batches), signs, step)
+        # The canary's gradient direction is -s_t at its entry.
+        scores -= signs[step].double() * _release(cfg, model, optimizer) / unit
+        if progress is not None:
+            progress(1)
+    return _bound(cfg, scores, included, float(optimizer.get_epsilon(cfg.delta)), strategy)
