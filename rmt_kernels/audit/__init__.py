@@ -10,6 +10,9 @@ confidence level. A bound above the accountant's epsilon proves a privacy bug.
 - :mod:`~rmt_kernels.audit.guesses`: coin flips, guesses with abstention.
 - :mod:`~rmt_kernels.audit.strategy`: choosing the guess counts without voiding the bound.
 - :mod:`~rmt_kernels.audit.whitebox`: Dirac canaries through the native engine.
+- :mod:`~rmt_kernels.audit.distributed`: the white-box audit on several gloo processes.
+- :mod:`~rmt_kernels.audit.resume`: the white-box audit of a checkpointed, killed and resumed
+  run (the whole released sequence, replays included).
 - :mod:`~rmt_kernels.audit.blackbox`: mislabelled canaries, scored by the final model's loss.
 - :mod:`~rmt_kernels.audit.gaussian`: the Gaussian mechanism's exact epsilon (the yardstick).
 - ``rmt-audit`` / ``python -m rmt_kernels.audit``: the command.
