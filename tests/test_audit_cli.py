@@ -51,9 +51,25 @@ def test_cli_method_steinke(tmp_path, capsys):
     assert data["method"] == "steinke" and data["mu_lower_bound"] is None
 
 
+def test_cli_two_processes(tmp_path, capsys):
+    """--processes 2: the audit on 2 gloo processes; at sample rate 1 the released mechanism is
+    the one-process one (rank 0's noise key is the one-process key), so the scores, and the
+    bound, are those of the same run in this process."""
+    argv = ["--canaries", "256", "--examples", "16", "--steps", "2", "--noise-multiplier", "4"]
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    assert main([*argv, "--json", str(one), "--no-progress"]) == 0
+    assert main([*argv, "--processes", "2", "--json", str(two), "--no-progress"]) == 0
+    assert "2 processes" in capsys.readouterr().out
+    a, b = json.loads(one.read_text()), json.loads(two.read_text())
+    assert a["processes"] == 1 and b["processes"] == 2
+    assert b["epsilon_lower_bound"] == a["epsilon_lower_bound"] < b["accountant_epsilon"]
+    assert b["audit"] == a["audit"]
+
+
 @pytest.mark.parametrize(
     "argv",
     [
+        ["--processes", "0"],
         ["--steps", "0"],
         ["--canaries", "x"],
         ["--sample-rate", "2"],

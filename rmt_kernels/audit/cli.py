@@ -6,8 +6,9 @@ trains a Dirac-canary model through ``make_private`` (:mod:`rmt_kernels.audit.wh
 prints the accountant's epsilon, the audit's lower bound and its confidence. A bound above the
 accountant's epsilon is a privacy bug. ``--method`` picks the bound: ``fdp`` (the f-DP one-run
 bound on mu-GDP, :mod:`rmt_kernels.audit.fdp`; the default at sample rate 1, where the claim is
-Gaussian) or ``steinke`` (the (eps, delta) bound; the default below sample rate 1). Bad
-arguments: exit status 2 and one line on stderr.
+Gaussian) or ``steinke`` (the (eps, delta) bound; the default below sample rate 1).
+``--processes N`` runs the audit on N gloo processes (:mod:`rmt_kernels.audit.distributed`; no
+progress bar then). Bad arguments: exit status 2 and one line on stderr.
 """
 
 from __future__ import annotations
@@ -60,6 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
         "noise), steinke (Steinke et al.: (eps, delta), any mechanism); auto (default): fdp "
         "at sample rate 1, where the claim is Gaussian, else steinke",
     )
+    p.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="torch.distributed processes (gloo, CPU; default 1): the engine all-reduces the "
+        "clipped sums and rank 0 adds the noise",
+    )
     p.add_argument("--seed", type=int, default=0, help="coin flips, data, sampling, noise")
     p.add_argument("--json", default=None, help="write the result here")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -89,8 +97,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         sys.stderr.write(f"rmt-audit: error: {e}\n")
         return 2
+    if args.processes < 1:
+        sys.stderr.write(f"rmt-audit: error: --processes must be >= 1, got {args.processes}\n")
+        return 2
     bar = None
-    if not args.no_progress:
+    if not args.no_progress and args.processes == 1:
         try:
             from tqdm.auto import tqdm
 
@@ -100,12 +111,20 @@ def main(argv: list[str] | None = None) -> int:
     with warnings.catch_warnings():
         # Opacus's PRV accountant warns about log(0) at sample rate 1 (harmless).
         warnings.simplefilter("ignore", RuntimeWarning)
-        res = white_box_audit(cfg, progress=None if bar is None else bar.update)
+        if args.processes > 1:
+            from rmt_kernels.audit.distributed import white_box_audit_distributed
+
+            res = white_box_audit_distributed([cfg], world_size=args.processes)[0]
+        else:
+            res = white_box_audit(cfg, progress=None if bar is None else bar.update)
     if bar is not None:
         bar.close()
-    out = res.to_dict()
+    out = {**res.to_dict(), "processes": args.processes}
     a = res.audit
-    print(f"accountant epsilon:  {res.accountant_epsilon:.4f}  (delta {cfg.delta:g})")
+    print(
+        f"accountant epsilon:  {res.accountant_epsilon:.4f}  (delta {cfg.delta:g}; "
+        f"{args.processes} process{'es' if args.processes > 1 else ''})"
+    )
     print(
         f"audit lower bound:   {a.epsilon:.4f}  (confidence {1 - a.p_fail:g}; "
         f"{a.correct}/{a.guesses} guesses right of {a.canaries} canaries)"

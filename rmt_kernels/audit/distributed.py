@@ -18,7 +18,6 @@ every process (a monkeypatch made in the parent would not reach the spawned proc
 from __future__ import annotations
 
 import contextlib
-import os
 import tempfile
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
@@ -36,7 +35,7 @@ Plant = Callable[[int], AbstractContextManager]
 def _worker(
     rank: int,
     world_size: int,
-    init_file: str,
+    port: int,
     jobs: list[tuple[WhiteBoxConfig, Plant | None]],
     out: str,
 ) -> None:
@@ -44,9 +43,9 @@ def _worker(
 
     # Two processes on a shared CPU: one thread each, as the distributed tests run them.
     torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size
-    )
+    # The rendezvous store is the parent's (it picked a free port: no race for one here).
+    store = dist.TCPStore("127.0.0.1", port, world_size, is_master=False)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size)
     try:
         results = []
         for cfg, plant in jobs:
@@ -54,6 +53,9 @@ def _worker(
                 results.append(white_box_audit(cfg))
         if rank == 0:
             torch.save(results, Path(out) / "results.pt")
+        # No rank tears its connections down while another still uses them (gloo aborts the
+        # process then).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -81,6 +83,7 @@ def white_box_audit_distributed(
         RuntimeError: a process failed (its error is chained), e.g. the scores differed across
             ranks.
     """
+    import torch.distributed as dist
     import torch.multiprocessing as mp
 
     if not (isinstance(world_size, int) and not isinstance(world_size, bool) and world_size >= 2):
@@ -93,12 +96,13 @@ def white_box_audit_distributed(
         raise ValueError(
             f"plants must have one entry per config ({len(configs)}), got {len(plants)}"
         )
+    # The rendezvous store lives here, on a port the OS picks, while the processes run.
+    store = dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False)
     with tempfile.TemporaryDirectory(prefix="rmt-audit-") as tmp:
-        init_file = os.path.join(tmp, "store")
         try:
             mp.start_processes(
                 _worker,
-                args=(world_size, init_file, list(zip(configs, plants, strict=True)), tmp),
+                args=(world_size, store.port, list(zip(configs, plants, strict=True)), tmp),
                 nprocs=world_size,
                 join=True,
                 start_method="spawn",
