@@ -145,10 +145,11 @@ class PrivateEngine:
         # Every rank must draw the same noise (only rank 0 adds it, but a resumed or replayed
         # run must agree) and denoise alike: rank 0's seed wins.
         self._seed = distributed.broadcast_int(int(seed), process_group)
-        # Names the noise stream in the privacy ledger without revealing the seed: derived from
-        # it outside secure mode (a rerun with the same seed is recognised as a replay), random
-        # in secure mode (where a fresh seed is never a replay).
-        if secure_mode:
+        # Names the noise stream in the privacy ledger: derived from a public seed (a rerun with
+        # the same seed is recognised as a replay), random for a secret one (which is never a
+        # replay). A hash of a secret 62-bit seed written to the ledger would let anyone with
+        # the ledger test guesses of the seed offline, and the seed gives away all the noise.
+        if secure_mode or self.noise_seed_is_secret:
             self.seed_id = f"{distributed.broadcast_int(secrets.randbits(63), process_group):016x}"
         else:
             self.seed_id = seed_id_of(self._seed)
@@ -661,7 +662,12 @@ class PrivateEngine:
                 "PrivateEngine.rekey_noise: a secure-mode run's seed is fresh from the OS already"
             )
         self._seed = derived_seed(self._seed, salt)
-        self.seed_id = seed_id_of(self._seed)
+        if self.noise_seed_is_secret:
+            # From the old random id, never from the secret seed; the same on every rank.
+            self.seed_id = hashlib.sha256(f"rmt-rekey:{self.seed_id}:{salt}".encode()).hexdigest()
+            self.seed_id = self.seed_id[:16]
+        else:
+            self.seed_id = seed_id_of(self._seed)
         self._recorded_step = -1
 
     def set_ledger(self, ledger, counted: Iterable[tuple[int, str]] | None = None) -> None:
