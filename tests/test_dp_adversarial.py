@@ -560,3 +560,151 @@ def test_the_ledger_never_names_a_secret_seed_by_its_hash(tmp_path):
     with pytest.warns(UserWarning, match="NOT differentially private"):
         _, public, _ = _make(seed=42)
     assert public.engine.seed_id == seed_id_of(42)  # a public seed: recognised as a replay
+
+
+# Layout-verification breaks a reviewer found (reproducers of /tmp/rv): each one let one example
+# move the noise-free clipped sum by 2.5 C to 10.5 C; each must now be refused.
+
+
+def _one_step(model, x, y, loss_fn):
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, opt, _ = make_private(
+            model,
+            opt,
+            DataLoader(TensorDataset(x, y), batch_size=len(x)),
+            target_delta=1e-5,
+            max_grad_norm=C,
+            noise_multiplier=0.0,
+            poisson_sampling=False,
+            loss_reduction="sum",
+        )
+    loss_fn(model, x, y).backward()
+    opt.step()
+
+
+def _sum_out(m, x, y):
+    return m(x).sum()
+
+
+def _weighted(m, x, y):
+    return (m(x).squeeze(1) * y).sum()
+
+
+class _InPlaceAfter(nn.Module):
+    """Mutates the Linear's input in place after the Linear ran (the kept activation changes)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 1, bias=False)
+
+    def forward(self, x):
+        h = x * 1.0
+        out = self.lin(h)
+        with torch.no_grad():
+            h.copy_(h.mean(0, keepdim=True).expand_as(h) * 100)
+        return out
+
+
+def test_an_input_modified_in_place_after_the_layer_is_refused():
+    torch.manual_seed(0)
+    x = torch.randn(6, 4)
+    with pytest.raises(RuntimeError, match="modified in place"):
+        _one_step(_InPlaceAfter(), x, torch.zeros(6), _sum_out)
+
+
+class _GradModeBranch(nn.Module):
+    """Mixes the examples only when gradients are enabled (the old verification ran no_grad)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 1, bias=False)
+
+    def forward(self, x):
+        if torch.is_grad_enabled():
+            x = x.mean(0, keepdim=True).expand_as(x) * 100
+        return self.lin(x)
+
+
+def test_mixing_only_in_grad_mode_is_refused():
+    torch.manual_seed(0)
+    with pytest.raises(LayoutError, match="changing example"):
+        _one_step(_GradModeBranch(), torch.randn(6, 4), torch.zeros(6), _sum_out)
+
+
+class _HookMix(nn.Module):
+    """Forward rows untouched; a tensor hook sums the output gradient over dim 0 in backward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 1, bias=False)
+
+    def forward(self, x):
+        out = self.lin(x) * 1.0
+        if out.requires_grad:
+            out.register_hook(lambda g: g.sum(0, keepdim=True).expand_as(g))
+        return out
+
+
+class _SumInBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h):
+        return h.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.sum(0, keepdim=True).expand_as(g)
+
+
+class _FunctionMix(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 1, bias=False)
+
+    def forward(self, x):
+        return _SumInBackward.apply(self.lin(x))
+
+
+@pytest.mark.parametrize("model_cls", [_HookMix, _FunctionMix])
+def test_mixing_in_backward_only_is_refused(model_cls):
+    torch.manual_seed(0)
+    x = torch.randn(6, 4).abs() + 1
+    y = torch.tensor([-10.0, 1, 1, 1, 1, 1])
+    with pytest.raises(LayoutError, match="in backward"):
+        _one_step(model_cls(), x, y, _weighted)
+
+
+class _InteriorMix(nn.Module):
+    """Mixes only the interior rows (the old verification changed rows 0 and B - 1 only)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 1, bias=False)
+
+    def forward(self, x):
+        if len(x) > 2:
+            mid = x[1:-1].sum(0, keepdim=True).expand_as(x[1:-1])
+            x = torch.cat([x[:1], mid, x[-1:]])
+        return self.lin(x)
+
+
+class _MaxScale(nn.Module):
+    """Divides by the batch-wide max, which sits in an interior row (copying a partner into
+    row 0 or B - 1 never moves it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 1, bias=False)
+
+    def forward(self, x):
+        return self.lin(x / x.abs().amax())
+
+
+@pytest.mark.parametrize("model_cls", [_InteriorMix, _MaxScale])
+def test_interior_rows_and_outlier_statistics_are_refused(model_cls):
+    torch.manual_seed(0)
+    x = torch.randn(8, 4)
+    x[3] *= 50
+    with pytest.raises(LayoutError, match="changing example"):
+        _one_step(model_cls(), x, torch.ones(8), _weighted)

@@ -47,6 +47,10 @@ class TrackedLayer:
     calls: int = field(default=0)
     # The capture generation of the forward that produced ``activation`` (see keep_grad).
     generation: int = field(default=-1)
+    # The version counter of the input when it was kept: an in-place change of the input after
+    # the layer ran (``h.copy_(...)`` under no_grad) would make the rules clip a tensor the layer
+    # never saw, one that may mix the examples; refused in keep_grad and take.
+    version: int = field(default=-1)
     # requires_grad of each own parameter before the module's forward turned it off; None when
     # the module is not inside a forward.
     saved_requires_grad: dict[str, bool] | None = None
@@ -144,6 +148,9 @@ class LayerCapture:
         self.recording: list[tuple[str, str, torch.Tensor]] | None = None
         self.perturb_row: int | None = None
         self.perturb_generator: torch.Generator | None = None
+        # Recording mode: each tracked layer's (floating) output, made a leaf of the graph so the
+        # verification can run one backward and read every layer's output gradient.
+        self.leaves: list[tuple[str, torch.Tensor]] = []
         self._handles = []
         for layer in layers:
             self._handles.append(layer.module.register_forward_pre_hook(self._pre_hook(layer)))
@@ -218,7 +225,8 @@ class LayerCapture:
                     "weights); its per-example gradient would be the sum over uses, which the "
                     "layer rules do not compute yet"
                 )
-            layer.activation = x.detach()
+            layer.activation = x.detach()  # shares x's version counter
+            layer.version = x._version
             layer.generation = generation = self.generation
 
             def keep_grad(grad: torch.Tensor) -> None:
@@ -228,6 +236,7 @@ class LayerCapture:
                         "a batch that was already used (folded into the sums by a later forward, "
                         "or taken by step()); run backward before the next forward or step()"
                     )
+                self._check_version(layer)
                 self._leading(layer, "output gradient", grad, batch)
                 # Several backward passes over one forward (retain_graph): for a fixed input
                 # the per-example gradient is linear in the output gradient, so the sum of the
@@ -245,16 +254,30 @@ class LayerCapture:
 
         return hook
 
+    def _check_version(self, layer: TrackedLayer) -> None:
+        if layer.activation is not None and layer.activation._version != layer.version:
+            raise RuntimeError(
+                f"DP engine: the input of layer '{layer.name}' was modified in place after the "
+                "layer ran (an in-place op such as copy_, add_ or a slice assignment on the "
+                "tensor the layer received); the rules would clip a tensor the layer never saw, "
+                "which need not be one example per row. Use an out-of-place op"
+            )
+
     def _record(self, layer, x, output, recording) -> torch.Tensor:
         recording.append((layer.name, "input", x.detach().clone()))
         row = self.perturb_row
-        if row is not None and output.is_floating_point():
-            output = output.clone()
-            noise = torch.randn(
-                output[row].shape, generator=self.perturb_generator, dtype=torch.float32
-            )
-            size = float(output.detach().abs().max()) + 1.0
-            output[row] += (noise * size).to(output.device, output.dtype)
+        if output.is_floating_point():
+            # A fresh leaf: the verification's backward reads this layer's output gradient here
+            # (and the gradient stops here, so each layer is checked on its own).
+            output = output.detach().clone()
+            if row is not None:
+                noise = torch.randn(
+                    output[row].shape, generator=self.perturb_generator, dtype=torch.float32
+                )
+                size = float(output.abs().max()) + 1.0
+                output[row] += (noise * size).to(output.device, output.dtype)
+            output.requires_grad_()
+            self.leaves.append((layer.name, output))
         recording.append((layer.name, "output", output.detach().clone()))
         return output
 
@@ -274,6 +297,7 @@ class LayerCapture:
         for layer in self.layers:
             if layer.activation is None:
                 raise RuntimeError(f"DP engine: layer '{layer.name}' did not run forward")
+            self._check_version(layer)
             if layer.grad_output is None:
                 raise RuntimeError(
                     f"DP engine: no output gradient for layer '{layer.name}': call "

@@ -175,6 +175,9 @@ class PrivateEngine:
         # Whether verify_layout() has passed (it runs once, at the first forward of a batch with
         # two examples or more).
         self.layout_verified = False
+        # True while check_layout runs its own forwards (with gradients enabled): they are not
+        # physical batches.
+        self._verifying = False
         self._param_index = {id(p): i for i, (_, _, p) in enumerate(self.params)}
         # Stage 4 of the step: post-processors of the released gradient, in order (a new one
         # is appended here; rmt_kernels/dp/postprocess.py).
@@ -215,8 +218,8 @@ class PrivateEngine:
     # ---------------------------------------------------------------------------------------
 
     def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if not torch.is_grad_enabled():
-            return
+        if not torch.is_grad_enabled() or self._verifying:
+            return  # evaluation, or the layout verification's own forwards (check_layout)
         # A forward that raised inside a tracked layer left its parameters switched off.
         for layer in self.layers:
             self.capture.restore_requires_grad(layer)
@@ -255,19 +258,26 @@ class PrivateEngine:
         The rules are exact when (a) row b of every tracked layer's input depends on example b
         alone, and (b) row b of its output reaches only example b's loss. A shape check cannot
         see a sequence-first layer with T == B or an op that mixes examples (BatchNorm batch
-        statistics, attention over dim 0), so this runs the model twice more, without
-        gradients, on the same batch: for k in (0, B - 1), example k's rows of every batched
-        input are replaced by another example's and a random perturbation is added to row k of
-        every tracked layer's output (of the per-example copy, for a broadcast input such as
-        BERT's position ids). Every other row of every tracked layer's input and output, and of
-        every model output whose dim 0 is the batch, must stay unchanged (up to
-        ``LAYOUT_TOLERANCE`` of the tensor's largest entry): that tests (a) through the inputs
-        and (b) through the model's outputs. The global RNG and the model's buffers are
-        restored, so dropout and the user's forward are unaffected.
+        statistics, attention over dim 0), so this runs the model again on the same batch, with
+        gradients enabled (so code keyed on the grad mode takes its training branch; nothing is
+        kept and no ``.grad`` is written), for k in 0, B - 1 and up to two interior rows drawn
+        from an OS-random generator: example k's rows of every batched input get random values
+        (noise of twice the tensor's largest entry for floats, a different id within the
+        batch's range for integers, another example's rows otherwise) and a random
+        perturbation is added to row k of every tracked layer's output (of the per-example copy,
+        for a broadcast input such as BERT's position ids). Every other row of every tracked
+        layer's input and output, and of every model output whose dim 0 is the batch, must stay
+        unchanged (up to ``LAYOUT_TOLERANCE`` of the tensor's largest entry): that tests (a)
+        through the inputs and (b) through the model's outputs in forward. Then one backward
+        from a random cotangent on row k of the model's outputs must leave every tracked layer's
+        output gradient exactly zero outside row k: (b) in backward (a custom autograd Function
+        or a tensor hook that mixes rows). The global RNG and the model's buffers are restored,
+        so dropout and the user's forward are unaffected.
 
         What remains assumed (stated in :func:`make_private`): the loss is a sum or mean over
         examples of a function of the model output's row b; data-dependent behaviour that this
-        batch does not trigger is not seen.
+        batch and these perturbations do not trigger is not seen (in-place changes of a tracked
+        layer's input after it ran are refused at every step by the capture).
 
         Raises:
             LayoutError: a row of another example moved, the model's outputs have no tensor whose
@@ -288,33 +298,89 @@ class PrivateEngine:
         buffers = [(b, b.detach().clone()) for b in model.buffers()]
         generator = torch.Generator().manual_seed(0)  # the perturbation is public
 
+        def perturb(t: torch.Tensor, k: int, partner: int | None) -> torch.Tensor:
+            # Example k's rows get fresh values (random noise large enough to move any batch
+            # statistic such as a max; a random id within the batch's range for integer ids):
+            # copying a partner alone cannot show an op that only an outlier triggers.
+            t = t.clone()
+            if t.is_floating_point() and bool(t.isfinite().all()):
+                size = 2.0 * float(t.abs().max()) + 1.0
+                noise = torch.randn(t[k].shape, generator=generator, dtype=torch.float32)
+                t[k] = t[k] + (noise * size).to(t.device, t.dtype)
+            elif t.dtype not in (torch.bool,) and not t.is_complex() and not t.is_floating_point():
+                lo, hi = int(t.min()), int(t.max())
+                if hi > lo:
+                    # A random non-zero shift (mod the range): every id differs from the old one.
+                    shift = torch.randint(1, hi - lo + 1, t[k].shape, generator=generator)
+                    t[k] = (t[k] - lo + shift.to(t.device, t.dtype)) % (hi - lo + 1) + lo
+                elif partner is not None:
+                    t[k] = t[partner]
+            elif partner is not None:
+                t[k] = t[partner]
+            return t
+
         def run(k: int | None, partner: int | None):
             def replace(t):
-                if k is None or partner is None or not batched(t):
+                if k is None or not batched(t):
                     return t
-                t = t.clone()
-                t[k] = t[partner]
-                return t
+                return perturb(t, k, partner)
 
             a = tuple(replace(t) for t in args)
             kw = {n: replace(t) for n, t in kwargs.items()}
             record: list = []
             self.capture.recording, self.capture.perturb_row = record, k
             self.capture.perturb_generator = generator
+            self.capture.leaves = []
+            self._verifying = True
             try:
-                with torch.random.fork_rng(devices=devices), torch.no_grad():
+                # Gradients enabled: the verified forward takes the same grad-mode branches as
+                # training (code keyed on torch.is_grad_enabled() or requires_grad). The capture
+                # keeps nothing in recording mode, the tracked layers' parameters do not require
+                # grad while they run, and the backward below is torch.autograd.grad on the
+                # recorded leaves only, so no .grad is written.
+                with torch.random.fork_rng(devices=devices), torch.enable_grad():
                     torch.set_rng_state(cpu_state)
                     for d, state in zip(devices, cuda_states, strict=True):
                         torch.cuda.set_rng_state(state, d)
                     out = model(*a, **kw)
             finally:
+                self._verifying = False
                 self.capture.recording = self.capture.perturb_row = None
                 with torch.no_grad():
                     for b, saved in buffers:
                         b.copy_(saved)
-            return record, [t for t in _tensors(out) if batched(t)]
+            leaves, self.capture.leaves = self.capture.leaves, []
+            return record, [t for t in _tensors(out) if batched(t)], leaves
 
-        base, base_out = run(None, None)
+        def backward_rows(k: int, out: list[torch.Tensor], leaves: list) -> None:
+            # A random cotangent on row k of the model's outputs only: every tracked layer's
+            # output gradient must vanish outside row k. Catches mixing that happens in
+            # backward alone (a custom autograd.Function, a tensor hook summing over dim 0).
+            roots = [t for t in out if t.requires_grad and t.is_floating_point()]
+            if not roots or not leaves:
+                return
+            cots = []
+            for t in roots:
+                c = torch.zeros_like(t)
+                noise = torch.randn(t[k].shape, generator=generator, dtype=torch.float32)
+                c[k] = noise.to(t.device, t.dtype)
+                cots.append(c)
+            grads = torch.autograd.grad(
+                roots, [leaf for _, leaf in leaves], cots, allow_unused=True
+            )
+            for (name, _), g in zip(leaves, grads, strict=True):
+                if g is None:
+                    continue
+                if _row_mass_elsewhere(g, k):
+                    raise LayoutError(
+                        f"DP engine: layer '{name}' is not one example per row of dim 0 in "
+                        f"backward: a gradient on example {k}'s model output reached other rows "
+                        "of its output gradient. Something mixes the examples in backward only "
+                        "(a custom autograd.Function, a tensor hook summing over dim 0); "
+                        "per-example clipping would not bound one example's influence"
+                    )
+
+        base, base_out, _ = run(None, None)
         if not base_out:
             raise LayoutError(
                 "DP engine: cannot verify the layout: no tensor in the model's output has the "
@@ -322,9 +388,16 @@ class PrivateEngine:
                 "only its own loss). Return per-example outputs (e.g. logits) from the model, or "
                 "pass verify_layout=False to make_private and take responsibility for it"
             )
-        for k in (0, batch - 1):
+        # Rows 0 and B - 1, and up to two interior rows drawn from an OS-random generator (not
+        # from the data or a public seed, so a model cannot single out the rows checked).
+        rows = [0, batch - 1]
+        if batch > 2:
+            picker = torch.Generator().manual_seed(secrets.randbits(62))
+            interior = torch.randperm(batch - 2, generator=picker)[:2] + 1
+            rows += [int(i) for i in interior]
+        for k in rows:
             partner = next((j for j in range(batch) if j != k and _differs(inputs, k, j)), None)
-            record, out = run(k, partner)
+            record, out, leaves = run(k, partner)
             if [(n, w, t.shape) for n, w, t in record] != [(n, w, t.shape) for n, w, t in base]:
                 raise LayoutError(
                     "DP engine: cannot verify the layout: the tracked layers ran in another "
@@ -349,6 +422,7 @@ class PrivateEngine:
                         "other examples (a flattened or sequence-first layout, an op mixing dim "
                         "0); per-example clipping would not bound one example's influence"
                     )
+            backward_rows(k, out, leaves)
 
     def check_updates(self, param_groups) -> None:
         """Refuse a step that would update a parameter the engine did not privatise.
@@ -738,6 +812,13 @@ def _tensors(out) -> list[torch.Tensor]:
 
 def _differs(tensors: list[torch.Tensor], k: int, j: int) -> bool:
     return any(not torch.equal(t[k], t[j]) for t in tensors)
+
+
+def _row_mass_elsewhere(grad: torch.Tensor, k: int) -> bool:
+    """Whether a row other than ``k`` of ``grad`` is non-zero (NaN counts as non-zero)."""
+    keep = torch.ones(grad.shape[0], dtype=torch.bool, device=grad.device)
+    keep[k] = False
+    return bool((grad[keep] != 0).any())
 
 
 def _other_rows_moved(before: torch.Tensor, after: torch.Tensor, k: int) -> bool:
