@@ -54,11 +54,16 @@ def make_private(
       input of leading size 1, such as BERT's position ids, is a broadcast shared by the batch
       and gets one copy per example);
     - no op mixes examples: at the first forward of a batch with two examples or more the model
-      is run twice more without gradients, changing one example's inputs and perturbing its rows
-      in every tracked layer's output, and every other example's rows (in every tracked layer
-      and in every model output whose dim 0 is the batch) must stay unchanged. This catches a
+      is run again with gradients enabled (nothing kept, no ``.grad`` written) for example
+      k = 0, B - 1 and two OS-random interior rows, giving example k's inputs random values and
+      perturbing its rows in every tracked layer's output; every other example's rows (in every
+      tracked layer and in every model output whose dim 0 is the batch) must stay unchanged, and
+      a backward from row k of the outputs must leave every tracked layer's output gradient
+      zero outside row k. This catches a
       sequence-first model even with T == B, flattened (B*T, d) layers, attention or pooling
-      over dim 0, BatchNorm batch statistics and losses over pairs of outputs. *Assumed*: the
+      over dim 0, BatchNorm batch statistics, losses over pairs of outputs and mixing in
+      backward only (a custom autograd Function, a tensor hook); a tracked layer's input
+      modified in place after the layer ran is refused at every step. *Assumed*: the
       loss is a sum (``loss_reduction="sum"``) or mean over examples of a function of the model
       output's row b, and the model's data-dependent branches that the verified batch did not
       take mix no examples either (``verify_layout=False`` skips the check: then the whole
