@@ -28,6 +28,7 @@ import torch
 
 from rmt_kernels import _C
 from rmt_kernels._checks import (
+    INT64_MAX,
     check_add_gaussian_noise,
     check_bias,
     check_bias_sum,
@@ -204,7 +205,7 @@ def noise_offset(step: int, param_index: int, num_params: int) -> int:
     if step < 0:
         raise ValueError(f"noise_offset: step must be >= 0, got {step}")
     offset = (step * num_params + param_index) * OFFSET_STRIDE
-    if offset + OFFSET_STRIDE > 2**63 - 1:
+    if offset + OFFSET_STRIDE > INT64_MAX:
         raise ValueError(f"noise_offset: step {step} leaves the int64 counter space")
     return offset
 
