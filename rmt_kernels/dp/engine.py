@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from rmt_kernels._checks import SEED_LIMIT  # the ops' signed 64-bit noise key: [0, 2^63)
 from rmt_kernels.dp import distributed
 from rmt_kernels.dp.capture import LayerCapture, LayoutError, TrackedLayer, trainable_layers
 from rmt_kernels.dp.postprocess import (  # noqa: F401  (MIN_DENOISE_DIM: re-exported)
@@ -51,9 +52,6 @@ from rmt_kernels.dp.postprocess import (  # noqa: F401  (MIN_DENOISE_DIM: re-exp
     post_process,
 )
 from rmt_kernels.ops import add_gaussian_noise, clip_scales, noise_offset
-
-# Noise keys (Philox seeds) are signed 64-bit integers in the ops; 0 <= seed < 2^63.
-SEED_LIMIT = 2**63
 
 # Layout verification: a row of another example may move by at most this fraction of the largest
 # entry of its tensor when one example changes. Row-wise ops on equal shapes give bit-equal rows,
@@ -198,8 +196,7 @@ class PrivateEngine:
         # A tracked parameter's own module turns its requires_grad off while it runs, so autograd
         # reaches the parameter only through some other use: refuse that gradient (it would be
         # lost, or trained on unclipped) the moment backward computes it.
-        for layer, name, p in self.params:
-            full = f"{layer.name}.{name}" if layer.name else name
+        for full, (_, _, p) in zip(self.param_names, self.params, strict=True):
             self._hooks.append(p.register_hook(_refuse_direct_use(full)))
         # The logical step's clipped sums so far, by parameter name.
         self._sums: dict[str, torch.Tensor] = {}

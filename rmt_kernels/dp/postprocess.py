@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from rmt_kernels import ops
-from rmt_kernels._checks import check_denoise_arguments
+from rmt_kernels._checks import SEED_LIMIT, check_denoise_arguments
 
 __all__ = [
     "DENOISE_OPTIONS",
@@ -63,9 +63,6 @@ DenoiseFilter = Callable[[str, nn.Module, str, nn.Parameter], bool]
 # (2 x 384) has two singular values and no bulk: thresholding it at the "edge" zeroes its whole
 # gradient whenever the signal is below the noise (measured on SST-2: the head never learned).
 MIN_DENOISE_DIM = 32
-
-# The sketch seed is an int64 noise key of the op: 0 <= seed < 2^63.
-_SEED_LIMIT = 2**63
 
 # Every option of ``denoise=``: the keyword options of rmt_kernels.denoise (read from its
 # signature, so the two never drift) with their defaults, plus ``min_dim`` (not an op option:
@@ -273,7 +270,7 @@ class Denoiser(PostProcessor):
         if not keys:
             return grads
         options = {k: v for k, v in self.options.items() if k not in ("min_dim", "rank")}
-        options["seed"] = (options.get("seed", DENOISE_OPTIONS["seed"]) + step) % _SEED_LIMIT
+        options["seed"] = (options.get("seed", DENOISE_OPTIONS["seed"]) + step) % SEED_LIMIT
         rank = int(self.options.get("rank", DENOISE_OPTIONS["rank"]))
         groups: dict[int, list[Key]] = {}
         for k in keys:
