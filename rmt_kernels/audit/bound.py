@@ -53,6 +53,12 @@ def _check_counts(canaries, guesses, correct) -> tuple[np.ndarray, np.ndarray, n
     return m.astype(np.int64), r.astype(np.int64), v.astype(np.int64)
 
 
+def _check_p_fail(p_fail) -> None:
+    # A bool is rejected by the range already (True == 1, False == 0).
+    if not (isinstance(p_fail, (int, float)) and 0 < p_fail < 1):
+        raise ValueError(f"p_fail must be a number in (0, 1), got {p_fail!r}")
+
+
 def _check_delta(delta) -> np.ndarray:
     d = np.asarray(delta, dtype=np.float64)
     if np.any(~np.isfinite(d)) or np.any(d < 0) or np.any(d >= 1):
@@ -137,8 +143,7 @@ def epsilon_lower_bound(canaries, guesses, correct, *, p_fail: float, delta=0.0)
     Returns:
         float64 array of the broadcast shape, >= 0.
     """
-    if not (isinstance(p_fail, (int, float)) and 0 < p_fail < 1):
-        raise ValueError(f"p_fail must be a number in (0, 1), got {p_fail!r}")
+    _check_p_fail(p_fail)
     m, r, v = _check_counts(canaries, guesses, correct)
     d = _check_delta(delta)
     shape = np.broadcast_shapes(m.shape, r.shape, v.shape, d.shape)

@@ -61,7 +61,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import special
 
-from rmt_kernels.audit.bound import _check_counts
+from rmt_kernels.audit.bound import _check_counts, _check_p_fail
 from rmt_kernels.audit.gaussian import gaussian_epsilon
 
 __all__ = [
@@ -107,11 +107,6 @@ def dp_blow_up_inverse(eps: np.ndarray, delta: np.ndarray):
         return np.maximum(0.0, np.maximum(second, third))
 
     return inv
-
-
-def _check_p_fail(p_fail) -> None:
-    if not (isinstance(p_fail, (int, float)) and not isinstance(p_fail, bool) and 0 < p_fail < 1):
-        raise ValueError(f"p_fail must be a number in (0, 1), got {p_fail!r}")
 
 
 def fdp_rejects(blow_up_inverse, canaries, guesses, correct, *, p_fail: float) -> np.ndarray:

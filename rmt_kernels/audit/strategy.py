@@ -29,7 +29,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from rmt_kernels.audit.bound import epsilon_lower_bound
+from rmt_kernels.audit.bound import _check_p_fail, epsilon_lower_bound
 from rmt_kernels.audit.fdp import gdp_mu_lower_bound
 from rmt_kernels.audit.gaussian import gaussian_epsilon
 from rmt_kernels.audit.guesses import _check_scores
@@ -197,8 +197,7 @@ def audit(
             f"included must be a bool array of the scores' shape {s.shape}, "
             f"got {inc.dtype} {inc.shape}"
         )
-    if not (isinstance(p_fail, (int, float)) and 0 < p_fail < 1):
-        raise ValueError(f"p_fail must be a number in (0, 1), got {p_fail!r}")
+    _check_p_fail(p_fail)
     if not (isinstance(delta, (int, float)) and 0 <= delta < 1):
         raise ValueError(f"delta must be a number in [0, 1), got {delta!r}")
     if method not in METHODS:
