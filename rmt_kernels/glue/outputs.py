@@ -17,11 +17,11 @@ if TYPE_CHECKING:
 
 def _check_writable_folder(folder: Path, flag: str, what: Path) -> None:
     """Create ``folder`` if needed and write a probe file in it (ValueError naming ``flag``)."""
+    probe = folder / f".rmt-write-probe-{os.getpid()}"
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        with open(folder / f".rmt-write-probe-{os.getpid()}", "wb") as probe:
-            probe.write(b"x")
-        (folder / f".rmt-write-probe-{os.getpid()}").unlink()
+        probe.write_bytes(b"x")
+        probe.unlink()
     except OSError as err:
         raise ValueError(
             f"{flag} {what}: cannot write in {folder} ({err.strerror or err})"

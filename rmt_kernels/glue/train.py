@@ -15,7 +15,6 @@ evaluation, checkpoints (resume), their fingerprint, outputs, distributed.
 
 from __future__ import annotations
 
-import math
 import resource
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -37,7 +36,7 @@ from rmt_kernels.glue.model import (
     shared_positions,
     unwrap,
 )
-from rmt_kernels.glue.outputs import check_outputs, save_model, write_json
+from rmt_kernels.glue.outputs import check_outputs, json_safe, save_model, write_json
 from rmt_kernels.glue.privacy import Privacy, privatize, sampling_generator
 from rmt_kernels.glue.resume import Checkpointer, plan_checkpoint, resolve_optimisation
 from rmt_kernels.glue.tasks import Task, get_task
@@ -337,7 +336,8 @@ def _evaluate(run: Run, progress: Progress, bar) -> None:
         "seconds": progress.seconds,
         "samples": progress.samples,
         "samples_per_s": progress.samples / progress.seconds if progress.seconds else None,
-        "epsilon": finite_or_none(epsilon),
+        # null when infinite (no noise): the returned log says what the written one says.
+        "epsilon": json_safe(epsilon),
         "train_loss": sum(progress.losses) / len(progress.losses) if progress.losses else None,
     }
     progress.losses = []
@@ -370,11 +370,6 @@ def _finish(run: Run) -> None:
     leave_distributed()
     if run.cfg.save:
         save_model(unwrap(run.model), run.tokenizer, Path(run.cfg.save))
-
-
-def finite_or_none(value: float | None) -> float | None:
-    """``value``, or None when it is infinite or NaN (an epsilon without noise)."""
-    return value if value is None or math.isfinite(value) else None
 
 
 def peak_memory_mib(device: torch.device) -> float:
