@@ -156,7 +156,7 @@ class Checkpointer:
         optimisation flags a resume inherits, and the settings a resume compares."""
         from rmt_kernels.dp import save_checkpoint
 
-        optimisation = {"optimizer": cfg.optimizer, "lr": cfg.lr}
+        optimisation = {"optimizer": cfg.optimizer, "lr": cfg.lr, "weight_decay": cfg.weight_decay}
         save_checkpoint(
             self.plan.path,
             model,
@@ -165,7 +165,7 @@ class Checkpointer:
             {
                 **state,
                 "evals": evals,
-                "config": {**optimisation, "weight_decay": cfg.weight_decay},
+                "config": optimisation,
                 "settings": self.settings,
             },
             data_fingerprint=self.data_fingerprint,
