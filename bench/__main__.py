@@ -81,11 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         sections.append(run_script("bench.dp_step", out_dir / "dp_step.md", *steps))
     if "gpu-static" in parts:
         static = HERE / "results" / "gpu-static.md"
-        subprocess.run(
-            [sys.executable, "-m", "bench.gpu_report", "--out", str(static)],
-            cwd=HERE.parent,
-            check=True,
-        )
+        run_script("bench.gpu_report", static)  # its table stays in its own file
         sections.append(f"Static GPU plan (no GPU measured): {static.relative_to(HERE.parent)}")
     report = "\n\n".join(sections)
     import torch
