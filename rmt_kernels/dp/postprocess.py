@@ -173,6 +173,22 @@ class PostProcessor:
         """
         raise NotImplementedError
 
+    #: Set by a stage that needs the released gradient itself as well as the previous stage's
+    #: output (for example an Adam whose second moment is computed from the noisy gradient
+    #: while its numerator is denoised): :func:`post_process` then also passes
+    #: ``released=`` (the stage-4 input, untouched) and ``released_sigma=`` (its noise std).
+    needs_released: bool = False
+
+    def output_sigma(self, sigma: float, step: int) -> float:
+        """Per-entry noise std of this stage's output, given its input's ``sigma`` at ``step``.
+
+        :func:`post_process` hands it to the next stage as that stage's ``sigma``. The default
+        (unchanged) suits a stage that leaves the noise as it is or one after which no noise
+        level is meaningful (shrinkage); a linear filter (an EMA of the noisy gradients)
+        overrides it with its exact output noise std. A public function of public numbers.
+        """
+        return sigma
+
     def state_dict(self) -> dict[str, Any]:
         """What must survive a checkpoint (plain values and tensors); empty by default."""
         return {}
@@ -197,9 +213,18 @@ def post_process(
     step: int,
 ) -> dict[Key, torch.Tensor]:
     """The post-processing stage of the private step: each processor in turn, each fed the
-    previous one's output (both engines call this)."""
+    previous one's output and its noise std (:meth:`PostProcessor.output_sigma`); a processor
+    with ``needs_released`` also gets the stage's input (both engines call this)."""
+    released, released_sigma = grads, sigma
     for processor in processors:
-        grads = processor(grads, sigma, step)
+        # Plain callables (grads, sigma, step) -> grads are accepted as stages too.
+        if getattr(processor, "needs_released", False):
+            out = processor(grads, sigma, step, released=released, released_sigma=released_sigma)
+        else:
+            out = processor(grads, sigma, step)
+        output_sigma = getattr(processor, "output_sigma", None)
+        sigma = sigma if output_sigma is None else output_sigma(sigma, step)
+        grads = out
     return grads
 
 
