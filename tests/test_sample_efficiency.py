@@ -15,7 +15,7 @@ def _log(method: str, seed: int, accuracies: list[float], step_seconds: float) -
     for i, acc in enumerate(accuracies, 1):
         record = {"step": 5 * i, "seconds": 5 * i * step_seconds, "accuracy": acc}
         record["samples_per_s"] = 256 / step_seconds
-        if method == "dp+denoise":
+        if method == "shrink-grad":
             record["denoise"] = {
                 "bert.encoder.layer.0.attention.self.query.weight": {"rank": i, "norm_ratio": 0.1},
                 "bert.encoder.layer.0.intermediate.dense.weight": {"rank": 2, "norm_ratio": 0.2},
@@ -34,7 +34,7 @@ def _log(method: str, seed: int, accuracies: list[float], step_seconds: float) -
             "max_grad_norm": 1.0,
             "lr": 1e-3,
             "eval_every": 5,
-            "denoise_options": {"kappa": 1.0} if method == "dp+denoise" else None,
+            "denoise_options": {"kappa": 1.0} if method == "shrink-grad" else None,
         },
         "derived": {
             "trainable_parameters": 10,
@@ -56,12 +56,12 @@ def logs(tmp_path):
         # Plain DP-SGD ends at 0.80 on average: targets 0.72 and 0.76.
         ("dp", 0): [0.5, 0.6, 0.73, 0.78, 0.82],
         ("dp", 1): [0.5, 0.5, 0.6, 0.77, 0.78],
-        ("dp+denoise", 0): [0.6, 0.75, 0.8, 0.81, 0.83],
-        ("dp+denoise", 1): [0.5, 0.73, 0.74, 0.79, 0.8],
+        ("shrink-grad", 0): [0.6, 0.75, 0.8, 0.81, 0.83],
+        ("shrink-grad", 1): [0.5, 0.73, 0.74, 0.79, 0.8],
         ("non-private", 0): [0.8, 0.85, 0.86, 0.87, 0.88],
     }
     for (method, seed), accs in runs.items():
-        path = tmp_path / f"{method.replace('+', '-')}-seed{seed}.json"
+        path = tmp_path / f"{method}-seed{seed}.json"
         path.write_text(json.dumps(_log(method, seed, accs, step_seconds=2.0)))
     return tmp_path
 
@@ -78,18 +78,22 @@ def test_summary_targets_and_steps(logs):
     assert summary["reference"] == pytest.approx(0.80)
     assert summary["targets"][0.90] == pytest.approx(0.72)
     assert summary["targets"][0.95] == pytest.approx(0.76)
-    dp, den = summary["methods"]["dp"], summary["methods"]["dp+denoise"]
+    dp, den = summary["methods"]["dp"], summary["methods"]["shrink-grad"]
     assert [h[0] for h in dp[0.90]] == [15, 20] and [h[0] for h in dp[0.95]] == [20, 20]
     assert [h[0] for h in den[0.90]] == [10, 10] and [h[0] for h in den[0.95]] == [15, 20]
     assert den[0.95][1] == (20, 40.0)
     table = markdown(summary, load_logs(logs), "python -m bench.sample_efficiency")
-    assert "| dp+denoise | 2 | 0.8150 ± 0.0212 (0.8000-0.8300) | 10.0 ± 0.0 (10.0-10.0)" in table
-    assert "| non-private | 1 | 0.8800 |" in table
+    # Last 4 evaluations: seed 0 (0.75+0.80+0.81+0.83)/4 = 0.7975, seed 1 0.765 -> 0.7812 ± 0.0230.
+    assert (
+        "| shrink-grad | 0.001 | 2 | 0.8150 ± 0.0212 (0.8000-0.8300) | 0.7812 ± 0.0230 "
+        "(0.7650-0.7975) | 10.0 ± 0.0 (10.0-10.0)" in table
+    )
+    assert "| non-private | 0.001 | 1 | 0.8800 | 0.8650 |" in table
 
 
 def test_never_reaching_is_reported_not_hidden(logs):
-    path = logs / "dp-denoise-seed1.json"
-    path.write_text(json.dumps(_log("dp+denoise", 1, [0.5, 0.5, 0.5, 0.5, 0.5], 2.0)))
+    path = logs / "shrink-grad-seed1.json"
+    path.write_text(json.dumps(_log("shrink-grad", 1, [0.5, 0.5, 0.5, 0.5, 0.5], 2.0)))
     summary = summarise(load_logs(logs))
     table = markdown(summary, load_logs(logs), "cmd")
     assert "10.0, 1/2 never" in table
@@ -106,3 +110,29 @@ def test_summary_only_writes_table_and_png(logs, capsys):
 def test_no_plain_dp_log_is_a_clear_error(tmp_path):
     with pytest.raises(SystemExit, match="no plain DP-SGD log"):
         main(["--summary-only", "--out", str(tmp_path)])
+
+
+def test_sweep_table_marks_each_methods_best_lr(tmp_path, capsys):
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    for name, lr, accs in [
+        ("dp", 1e-3, [0.5, 0.7, 0.75, 0.76, 0.77]),
+        ("dp", 3e-3, [0.6, 0.78, 0.8, 0.81, 0.8]),
+        ("shrink-grad", 3e-3, [0.5, 0.5, 0.6, 0.7, 0.7]),
+    ]:
+        log = _log(name, 0, accs, step_seconds=1.0)
+        log["config"]["lr"] = lr
+        (sweep / f"{name}-lr{lr:g}-seed0.json").write_text(json.dumps(log))
+    assert main(["--summary-only", "--sweep", "1", "--out", str(tmp_path)]) == 0
+    text = (sweep / "sweep.md").read_text()
+    # Reference 0.80 (best plain final): 95% = 0.76, reached at step 10 by lr 3e-3, 20 by 1e-3.
+    assert "| dp **best** | 0.003 |" in text and "| dp | 0.001 |" in text
+    assert "(0.8000)" in text
+    row = next(line for line in text.splitlines() if line.startswith("| dp | 0.001"))
+    assert row.split("|")[7].strip() == "20"
+    assert "| shrink-grad | 0.003 |" in text  # a single lr is not marked
+
+
+def test_unknown_method_is_a_clear_error():
+    with pytest.raises(SystemExit):
+        main(["--summary-only", "--lr", "nope=1e-3"])

@@ -1,0 +1,80 @@
+"""The methods the sample-efficiency experiment compares, as ``rmt-glue train`` settings.
+
+A method is a name, a one-line description and the ``TrainConfig`` fields it sets on top of the
+shared set-up (bench/sample_efficiency.py), plus its own learning rate: every method is compared
+at the best learning rate found for it on SST-2 (``--sweep``; the record is
+``bench/results/sst2-minilm-100/tuning.md``), never at one shared value, because a denoiser may
+pay off precisely by allowing a larger step.
+
+The post-processing options (filters, moment and trajectory shrinkage, DP-Adam) are the flags
+of ``rmt-glue train``; each reads only the released noisy gradient and public numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+# The Frobenius shrinker at the bulk edge: the theory's default (kappa is swept separately).
+SHRINK = {"kappa": 1.0, "shrinker": "frobenius", "norm": "none", "min_dim": 32}
+
+
+@dataclass(frozen=True)
+class Method:
+    """One arm of the experiment.
+
+    Attributes:
+        name: file-name-safe identifier (logs are ``<name>-seed<seed>.json``).
+        description: what it does, for the table.
+        overrides: ``TrainConfig`` fields set on top of the shared set-up.
+        lr: its learning rate (the best of its sweep on SST-2, seed 0).
+        private: False for the non-private reference.
+    """
+
+    name: str
+    description: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+    lr: float = 3e-3
+    private: bool = True
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("dp", "DP-SGD, AdamW (baseline)", {}, lr=3e-3),
+        Method("dp-adambc", "DP-AdamBC (noise variance removed from v)", {"dp_adam": "bc"}),
+        Method("ema", "EMA filter (beta 0.9), then AdamW", {"filter": "ema", "filter_beta": 0.9}),
+        Method("disk", "DiSK filter, then AdamW", {"filter": "disk"}),
+        Method(
+            "shrink-grad",
+            "gradient shrinkage (kappa 1), then AdamW",
+            {"denoise": True, "denoise_options": dict(SHRINK)},
+        ),
+        Method(
+            "shrink-moment",
+            "first-moment shrinkage at its exact noise level, v from the noisy gradient",
+            {"denoise": True, "denoise_target": "moment", "denoise_options": dict(SHRINK)},
+        ),
+        Method(
+            "shrink-trajectory",
+            "shrinkage of the accumulated update, SGD",
+            {"denoise": True, "denoise_target": "trajectory", "denoise_options": dict(SHRINK)},
+        ),
+        Method("non-private", "no privacy (reference)", {"dp": False}, lr=1e-4, private=False),
+    )
+}
+
+
+def get_method(name: str) -> Method:
+    """The method called ``name``.
+
+    Raises:
+        ValueError: no such method (the message lists them).
+    """
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; methods are {', '.join(METHODS)}") from None
+
+
+__all__ = ["METHODS", "SHRINK", "Method", "get_method"]
