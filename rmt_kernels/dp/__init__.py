@@ -4,7 +4,9 @@ noise and optional denoising.
 Where things are: make_private.py (the entry point), engine.py (the private step as a template:
 clip and accumulate, add noise, all-reduce, post-process, write gradients, account),
 postprocess.py (post-processors of the released gradient, the Denoiser, the one check of the
-denoise options; shared with rmt_kernels.opacus), optimizer.py (DPOptimizer), checkpoint.py
+denoise options; shared with rmt_kernels.opacus), chain.py (an engine's chain of post-processors),
+temporal.py (EMA and DiSK filters), dp_adam.py (a DP-aware Adam stage), stage_state.py (their
+checkpoint state), optimizer.py (DPOptimizer), checkpoint.py
 (checkpoints and the privacy ledger, through the engine's state_dict), capture.py (the hooks),
 distributed.py (ranks, Poisson sampling)."""
 
@@ -19,15 +21,19 @@ from rmt_kernels.dp.checkpoint import (
     save_checkpoint,
 )
 from rmt_kernels.dp.distributed import PoissonSampler
+from rmt_kernels.dp.dp_adam import DPAdam
 from rmt_kernels.dp.engine import PrivateEngine, denoise_linear_weights
 from rmt_kernels.dp.make_private import make_private
 from rmt_kernels.dp.optimizer import DPOptimizer
 from rmt_kernels.dp.postprocess import Denoiser, PostProcessor, check_denoise_options
+from rmt_kernels.dp.temporal import EMAFilter, ema_noise_std
 
 __all__ = [
     "CheckpointError",
+    "DPAdam",
     "DPOptimizer",
     "Denoiser",
+    "EMAFilter",
     "LayoutError",
     "PoissonSampler",
     "PostProcessor",
@@ -38,6 +44,7 @@ __all__ = [
     "checkpoint_extra",
     "dataset_fingerprint",
     "denoise_linear_weights",
+    "ema_noise_std",
     "load_checkpoint",
     "make_private",
     "save_checkpoint",

@@ -12,14 +12,16 @@ The private step is a template of named stages (:class:`PrivateEngine`'s methods
    physical batch's clipped sums;
 3. all-reduce (:meth:`~PrivateEngine.all_reduce`): the sums of every rank added up;
 4. post-process (:func:`rmt_kernels.dp.postprocess.post_process` over
-   ``PrivateEngine.post_processors``, today the :class:`~rmt_kernels.dp.postprocess.Denoiser`):
+   ``PrivateEngine.post_processors``, the chain of rmt_kernels/dp/chain.py: a
+   :class:`~rmt_kernels.dp.postprocess.Denoiser`, temporal filters, a DP-aware Adam, ...):
    reads only the released noisy gradient and public numbers;
 5. write gradients (:meth:`~PrivateEngine.write_gradients`): ``param.grad``, for the wrapped
    optimizer;
 6. account (:meth:`~PrivateEngine.step_accounted`).
 
 :meth:`~PrivateEngine.privatize` runs 2-5; :class:`rmt_kernels.dp.DPOptimizer` runs it, the
-wrapped optimizer and 6. A new post-processor lands in rmt_kernels/dp/postprocess.py, not here.
+wrapped optimizer and 6. A new post-processor is a stage of the chain (its own file in
+rmt_kernels/dp/), not a change here.
 
 Under torch.distributed (rmt_kernels/dp/distributed.py has the reasoning): the clipped sums of
 every rank are all-reduced before post-processing, rank 0 alone adds the noise, and the ranks
@@ -34,7 +36,7 @@ import hashlib
 import math
 import secrets
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -43,6 +45,14 @@ from torch import nn
 from rmt_kernels._checks import SEED_LIMIT  # the ops' signed 64-bit noise key: [0, 2^63)
 from rmt_kernels.dp import distributed
 from rmt_kernels.dp.capture import LayerCapture, LayoutError, TrackedLayer, trainable_layers
+from rmt_kernels.dp.chain import (
+    build_chain,
+    first_denoiser,
+    set_record_stats,
+    spectral_stages,
+    stage_input_sigmas,
+    take_stats,
+)
 from rmt_kernels.dp.postprocess import (  # noqa: F401  (MIN_DENOISE_DIM: re-exported)
     MIN_DENOISE_DIM,
     DenoiseFilter,
@@ -102,6 +112,7 @@ class PrivateEngine:
         accountant,
         denoise: dict | None = None,
         denoise_filter: DenoiseFilter = denoise_linear_weights,
+        post_processors: Sequence[PostProcessor] | None = None,
         loss_reduction: str = "mean",
         seed: int | None = None,
         secure_mode: bool = False,
@@ -177,20 +188,26 @@ class PrivateEngine:
         # physical batches.
         self._verifying = False
         self._param_index = {id(p): i for i, (_, _, p) in enumerate(self.params)}
-        # Stage 4 of the step: post-processors of the released gradient, in order (a new one
-        # is appended here; rmt_kernels/dp/postprocess.py).
-        self.post_processors: list[PostProcessor] = []
-        self.denoiser: Denoiser | None = None
-        if denoise is not None:
-            self.denoiser = Denoiser(denoise)
-            # The filter decision, made once from the modules (only the engine knows them).
-            self.denoiser.restrict_to(
+        # Stage 4 of the step: post-processors of the released gradient, in order
+        # (rmt_kernels/dp/chain.py: ``denoise=`` is a Denoiser at the front of the chain).
+        self.post_processors: list[PostProcessor] = build_chain(denoise, post_processors)
+        # The filter decision, made once from the modules (only the engine knows them), for
+        # every stage that shrinks matrices; a stage restricted by its caller keeps only the
+        # keys both choose.
+        for stage in spectral_stages(self.post_processors):
+            chosen = {
                 key
                 for key, (layer, name, p) in zip(self.param_names, self.params, strict=True)
-                if self.denoiser.eligible(p.shape)
-                and denoise_filter(layer.name, layer.module, name, p)
+                if stage.eligible(p.shape) and denoise_filter(layer.name, layer.module, name, p)
+            }
+            given = getattr(stage, "keys", None)
+            stage.restrict_to(
+                k for k in self.param_names if k in chosen and (given is None or k in given)
             )
-            self.post_processors.append(self.denoiser)
+        #: The first Denoiser of the chain (``denoise=``'s when given), or None.
+        self.denoiser: Denoiser | None = first_denoiser(self.post_processors)
+        # The noise std each stage was given at the last step recorded (for the statistics).
+        self._stage_sigmas: list[float] | None = None
         self.capture = LayerCapture(self.layers)
         self._hooks = [model.register_forward_pre_hook(self._before_forward, with_kwargs=True)]
         # A tracked parameter's own module turns its requires_grad off while it runs, so autograd
@@ -605,7 +622,10 @@ class PrivateEngine:
     def post_process(self, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Stage 4: ``post_processors`` in order, on the released noisy gradient with the
         public ``sigma()`` and step counter only (privacy invariant: post-processing)."""
-        return post_process(self.post_processors, grads, self.sigma(), self.steps)
+        out = post_process(self.post_processors, grads, self.sigma(), self.steps)
+        if self._record_denoise_stats:
+            self._stage_sigmas = stage_input_sigmas(self.post_processors, self.sigma(), self.steps)
+        return out
 
     def write_gradients(self, grads: dict[str, torch.Tensor]) -> None:
         """Stage 5: ``p.grad`` of every privatised parameter, in its dtype.
@@ -638,14 +658,18 @@ class PrivateEngine:
     @record_denoise_stats.setter
     def record_denoise_stats(self, value: bool) -> None:
         self._record_denoise_stats = bool(value)
-        if self.denoiser is not None:
-            self.denoiser.record_stats = self._record_denoise_stats
+        set_record_stats(self.post_processors, self._record_denoise_stats)
 
     def take_denoise_stats(self) -> dict[str, dict[str, float]]:
-        """Per denoised parameter of the last step run with ``record_denoise_stats`` set: the
-        kept rank and ||denoised|| / ||noisy|| (post-processing of the noisy gradient only).
+        """Per denoised parameter of the last step run with ``record_denoise_stats`` set, for
+        every stage of the chain that shrinks matrices: the kept rank, ||denoised|| / ||input||
+        (post-processing of the noisy gradient only), ``sigma`` (the noise level the stage
+        shrank at: the released gradient's for a Denoiser first in the chain, a filtered
+        moment's after a temporal filter) and ``stage`` (its index in ``post_processors``).
         Empty if nothing was recorded; forgets what it returns."""
-        return {} if self.denoiser is None else self.denoiser.take_stats()
+        stats = take_stats(self.post_processors, self._stage_sigmas)
+        self._stage_sigmas = None
+        return stats
 
     def step_accounted(self) -> None:
         """Count one logical step with the accountant (unless a crashed run's ledger entry for

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable, Sequence
 
 from torch import nn
 from torch.utils.data import DataLoader
 
 from rmt_kernels.dp import distributed
+from rmt_kernels.dp.chain import build_chain
 from rmt_kernels.dp.engine import PrivateEngine, check_seed
 from rmt_kernels.dp.optimizer import DPOptimizer
-from rmt_kernels.dp.postprocess import DenoiseFilter, check_denoise_options, denoise_linear_weights
+from rmt_kernels.dp.postprocess import DenoiseFilter, PostProcessor, denoise_linear_weights
 
 ACCOUNTANTS = ("prv", "rdp", "gdp")
 
@@ -28,6 +30,7 @@ def make_private(
     epochs: int | None = None,
     denoise: dict | None = None,
     denoise_filter: DenoiseFilter = denoise_linear_weights,
+    post_processors: Sequence[PostProcessor | Callable] | None = None,
     poisson_sampling: bool = True,
     seed: int | None = None,
     secure_mode: bool = False,
@@ -99,7 +102,17 @@ def make_private(
             (by default the 2-D weights of nn.Linear layers); a fixed ``rank`` is capped at
             each matrix's smaller side. Post-processing: privacy is unchanged. Validated here by
             :func:`rmt_kernels.dp.postprocess.check_denoise_options` (the Opacus drop-in's
-            check too); the denoiser is ``optimizer.engine.denoiser``.
+            check too); the denoiser is ``optimizer.engine.denoiser``. With
+            ``post_processors`` too, this Denoiser is the chain's first stage.
+        post_processors: the post-processing chain of the released gradient, in order
+            (rmt_kernels/dp/chain.py): e.g. ``[EMAFilter(0.9), Denoiser({"kappa": 1.0}),
+            DPAdam(beta1=0.0)]`` (first-moment shrinkage with a DP-aware Adam; then use
+            ``SGD(lr, momentum=0)`` as ``optimizer``). Each stage gets the previous one's
+            output and its exact noise std; every Denoiser (and TrajectoryDenoiser) in it is
+            restricted to the matrices ``denoise_filter`` selects. ``denoise=D`` with
+            ``post_processors=[A, ...]`` is the chain ``[Denoiser(D), A, ...]``. Their states
+            are in ``optimizer.engine.state_dict()`` (checkpoints). Post-processing: privacy is
+            unchanged.
         poisson_sampling: sample each logical batch by Poisson sampling (recommended: the
             accountant's analysis assumes it). With False the loader is used as given and the
             accountant is told the rate ``batch_size / len(dataset)``; for a rate below 1 that
@@ -162,7 +175,8 @@ def make_private(
         )
     if not isinstance(verify_layout, bool):
         raise TypeError(f"verify_layout must be a bool, got {type(verify_layout).__name__}")
-    check_denoise_options(denoise)
+    # Checked (and the Denoiser of ``denoise`` built) before any data is touched.
+    chain = build_chain(denoise, post_processors)
     if len(data_loader) == 0:
         raise ValueError("data_loader is empty")
 
@@ -232,8 +246,9 @@ def make_private(
         expected_batch_size=expected_batch_size,
         sample_rate=sample_rate,
         accountant=create_accountant(mechanism=accountant),
-        denoise=denoise,
+        denoise=None,  # the chain's first stage
         denoise_filter=denoise_filter,
+        post_processors=chain,
         loss_reduction=loss_reduction,
         seed=seed,
         secure_mode=secure_mode,

@@ -20,6 +20,14 @@ import os
 import sys
 import warnings
 
+from rmt_kernels.glue.stages import (
+    DEFAULT_DISK_KAPPA,
+    DEFAULT_FILTER_BETA,
+    DENOISE_TARGETS,
+    DP_ADAM,
+    FILTERS,
+    LR_SCHEDULES,
+)
 from rmt_kernels.glue.tasks import TASKS
 from rmt_kernels.shrinkage import NORM_CORRECTIONS, SHRINKERS
 
@@ -89,6 +97,40 @@ def _add_train(sub) -> None:
         type=int,
         help="leave matrices whose smaller side is below this alone (default 32: heads)",
     )
+    g.add_argument(
+        "--denoise-target",
+        choices=DENOISE_TARGETS,
+        default="gradient",
+        help="what --denoise shrinks: each step's noisy gradient (default), the filtered first "
+        "moment at its exact noise level (then a DP-Adam with beta1 0 and v from the released "
+        "gradient, and SGD), or the accumulated update W_t - W_0 (SGD, constant lr)",
+    )
+    g = p.add_argument_group("temporal filter and DP-aware Adam (post-processing)")
+    g.add_argument(
+        "--filter",
+        choices=FILTERS,
+        default="none",
+        help="average the noisy gradients over steps: ema (bias-corrected, --filter-beta) or "
+        "disk (DiSK's simplified Kalman filter, --disk-kappa); default none",
+    )
+    g.add_argument(
+        "--filter-beta",
+        type=float,
+        help="the EMA's decay for --filter ema and --denoise-target moment (default 0.9)",
+    )
+    g.add_argument(
+        "--disk-kappa",
+        type=float,
+        help="DiSK's weight of the new gradient, in (0, 1] (default 0.7)",
+    )
+    g.add_argument(
+        "--dp-adam",
+        choices=DP_ADAM,
+        default="none",
+        help="none: --optimizer as given (AdamW by default); plain: Adam's direction as a "
+        "post-processing stage, applied by SGD; bc: the same with DP-AdamBC's noise-variance "
+        "correction of the second moment",
+    )
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch-size", type=_positive_int, default=64, help="logical batch")
     g.add_argument(
@@ -111,6 +153,12 @@ def _add_train(sub) -> None:
     )
     g.add_argument(
         "--weight-decay", type=float, help="default 0; with --resume the checkpointed run's"
+    )
+    g.add_argument(
+        "--lr-schedule",
+        choices=LR_SCHEDULES,
+        default="constant",
+        help="constant (default) or linear: decay to 0 over the run (Li et al. 2021)",
     )
     g.add_argument(
         "--seed",
@@ -207,6 +255,12 @@ def _train_config(args: argparse.Namespace):
             "niter": args.niter,
             "min_dim": args.min_dim,
         },
+        filter=args.filter,
+        filter_beta=DEFAULT_FILTER_BETA if args.filter_beta is None else args.filter_beta,
+        disk_kappa=DEFAULT_DISK_KAPPA if args.disk_kappa is None else args.disk_kappa,
+        denoise_target=args.denoise_target,
+        dp_adam=args.dp_adam,
+        lr_schedule=args.lr_schedule,
         freeze_embeddings=args.freeze_embeddings,
         pooling=args.pooling,
         device=args.device,
@@ -228,6 +282,13 @@ def main(argv: list[str] | None = None) -> int:
         given = [f"--{k}" for k in denoise_flags if getattr(args, k) is not None]
         if given:
             parser.error(f"{', '.join(given)} only apply with --denoise")
+    if args.command == "train":
+        if args.filter_beta is not None and not (
+            args.filter == "ema" or args.denoise_target == "moment"
+        ):
+            parser.error("--filter-beta only applies with --filter ema or --denoise-target moment")
+        if args.disk_kappa is not None and args.filter != "disk":
+            parser.error("--disk-kappa only applies with --filter disk")
     if args.command == "train" and args.steps is not None and args.epochs is not None:
         parser.error("give --steps or --epochs, not both")
     with warnings.catch_warnings():

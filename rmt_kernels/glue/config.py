@@ -9,6 +9,15 @@ from dataclasses import dataclass, field
 import torch
 
 from rmt_kernels.glue.distributed import distributed_env
+from rmt_kernels.glue.stages import (
+    DEFAULT_DISK_KAPPA,
+    DEFAULT_FILTER_BETA,
+    DENOISE_TARGETS,
+    DP_ADAM,
+    FILTERS,
+    LR_SCHEDULES,
+    uses_sgd,
+)
 from rmt_kernels.glue.tasks import get_task
 
 # Defaults of the optimisation flags a resume inherits from its checkpoint when not given.
@@ -54,6 +63,13 @@ class TrainConfig:
     seed: int = 0
     denoise: bool = False
     denoise_options: dict = field(default_factory=dict)
+    # The post-processing chain (rmt_kernels/glue/stages.py) and the learning-rate schedule.
+    filter: str = "none"
+    filter_beta: float = DEFAULT_FILTER_BETA
+    disk_kappa: float = DEFAULT_DISK_KAPPA
+    denoise_target: str = "gradient"
+    dp_adam: str = "none"
+    lr_schedule: str = "constant"
     freeze_embeddings: bool = False
     pooling: str = "cls"
     device: str | None = None
@@ -75,6 +91,7 @@ class TrainConfig:
         self._check_model()
         self._check_privacy()
         self._check_optimisation()
+        self._check_stages()
         self._check_run()
 
     def _check_schedule(self) -> None:
@@ -158,6 +175,60 @@ class TrainConfig:
         if self.eval_every < 0:
             raise ValueError(
                 f"--eval-every must be >= 0 (0: at the end only), got {self.eval_every}"
+            )
+
+    def _check_stages(self) -> None:
+        for flag, value, choices in (
+            ("--filter", self.filter, FILTERS),
+            ("--denoise-target", self.denoise_target, DENOISE_TARGETS),
+            ("--dp-adam", self.dp_adam, DP_ADAM),
+            ("--lr-schedule", self.lr_schedule, LR_SCHEDULES),
+        ):
+            if value not in choices:
+                raise ValueError(f"{flag} must be one of {', '.join(choices)}, got {value!r}")
+        if not (0 <= self.filter_beta < 1):
+            raise ValueError(f"--filter-beta must be in [0, 1), got {self.filter_beta}")
+        if not (0 < self.disk_kappa <= 1):
+            raise ValueError(f"--disk-kappa must be in (0, 1], got {self.disk_kappa}")
+        staged = (
+            self.filter != "none" or self.dp_adam != "none" or self.denoise_target != "gradient"
+        )
+        if staged and not self.dp:
+            raise ValueError(
+                "--filter, --dp-adam and --denoise-target post-process the DP gradient: they "
+                "need DP (drop --no-dp)"
+            )
+        if self.denoise_target != "gradient" and not self.denoise:
+            raise ValueError(
+                f"--denoise-target {self.denoise_target} shrinks with --denoise's options: give "
+                "--denoise"
+            )
+        if self.denoise_target == "trajectory":
+            # W_t = W_0 - lr * D_t, the identity the trajectory denoiser relies on, holds for
+            # SGD at one learning rate without weight decay on the released gradients.
+            if self.filter != "none" or self.dp_adam != "none":
+                raise ValueError(
+                    "--denoise-target trajectory shrinks the sum of the released gradients: it "
+                    "takes no --filter and no --dp-adam"
+                )
+            if self.lr_schedule != "constant":
+                raise ValueError(
+                    "--denoise-target trajectory needs --lr-schedule constant (W_t = W_0 - lr * "
+                    "D_t holds at one learning rate)"
+                )
+            if self.weight_decay:
+                raise ValueError(
+                    "--denoise-target trajectory needs --weight-decay 0 (W_t = W_0 - lr * D_t)"
+                )
+        if uses_sgd(self) and self.optimizer not in (None, "sgd"):
+            raise ValueError(
+                f"--optimizer {self.optimizer}: with --dp-adam {self.dp_adam} / --denoise-target "
+                f"{self.denoise_target} the chain ends in an Adam (or trajectory) direction "
+                "that plain SGD applies: give --optimizer sgd or leave it out"
+            )
+        if staged and self.engine != "native":
+            raise ValueError(
+                "--filter, --dp-adam and --denoise-target are for --engine native for now"
             )
 
     def _check_run(self) -> None:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from rmt_kernels.glue.config import TrainConfig, denoise_options
+from rmt_kernels.glue.stages import post_processors
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -176,7 +177,8 @@ def _native(cfg: TrainConfig, model, optimizer, loader, delta: float, noise_mult
             target_delta=delta,
             max_grad_norm=cfg.max_grad_norm,
             noise_multiplier=noise_multiplier,
-            denoise=denoise_options(cfg),
+            # --denoise and the other post-processing flags, as one chain of stages.
+            post_processors=post_processors(cfg),
             # The noise key: secret (from the OS, never written) unless --noise-seed.
             seed=cfg.noise_seed,
             secure_mode=cfg.noise_seed is None,

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from rmt_kernels.glue import stages
 from rmt_kernels.glue.config import (
     DEFAULT_LR,
     DEFAULT_OPTIMIZER,
@@ -75,10 +76,25 @@ def plan_checkpoint(cfg: TrainConfig) -> CheckpointPlan | None:
 
 
 def resolve_optimisation(cfg: TrainConfig, resumed: dict | None) -> TrainConfig:
-    """--optimizer, --lr, --weight-decay: given, else the checkpointed run's, else the default.
-    A resume cannot change the optimizer (its state is the checkpoint's); a new --lr or
-    --weight-decay is honoured, and said."""
+    """--optimizer, --lr, --weight-decay: given, else the checkpointed run's, else the default
+    (SGD when the post-processing chain ends in a DP-Adam or trajectory direction,
+    rmt_kernels/glue/stages.py). A resume cannot change the optimizer (its state is the
+    checkpoint's) nor the chain's flags (--denoise and its options, --filter, --filter-beta,
+    --disk-kappa, --denoise-target, --dp-adam: the stages' states are the checkpoint's) nor
+    --lr-schedule; a new --lr or --weight-decay is honoured, and said."""
     old = ((resumed or {}).get("extra") or {}).get("config") or {}
+    saved_stages = old.get("stages")
+    if resumed is not None and saved_stages is not None:
+        now = {**stages.flags(cfg), "lr_schedule": cfg.lr_schedule}
+        changed = [k for k in now if k in saved_stages and saved_stages[k] != now[k]]
+        if changed:
+            said = ", ".join(f"{k}={saved_stages[k]!r} (now {now[k]!r})" for k in changed)
+            raise ValueError(
+                f"--resume: the checkpointed run was trained with {said}; its post-processing "
+                "state cannot continue under other flags: resume with the same ones, or start "
+                "a new run"
+            )
+    default_optimizer = "sgd" if stages.uses_sgd(cfg) else DEFAULT_OPTIMIZER
     if cfg.optimizer is not None and old.get("optimizer") not in (None, cfg.optimizer):
         raise ValueError(
             f"--resume: the checkpointed run trains with --optimizer {old['optimizer']}, whose "
@@ -87,7 +103,7 @@ def resolve_optimisation(cfg: TrainConfig, resumed: dict | None) -> TrainConfig:
         )
     resolved = {}
     for name, flag, default in (
-        ("optimizer", "--optimizer", DEFAULT_OPTIMIZER),
+        ("optimizer", "--optimizer", default_optimizer),
         ("lr", "--lr", DEFAULT_LR),
         ("weight_decay", "--weight-decay", DEFAULT_WEIGHT_DECAY),
     ):
@@ -156,7 +172,13 @@ class Checkpointer:
         optimisation flags a resume inherits, and the settings a resume compares."""
         from rmt_kernels.dp import save_checkpoint
 
-        optimisation = {"optimizer": cfg.optimizer, "lr": cfg.lr, "weight_decay": cfg.weight_decay}
+        optimisation = {
+            "optimizer": cfg.optimizer,
+            "lr": cfg.lr,
+            "weight_decay": cfg.weight_decay,
+            # What a resume may not change (resolve_optimisation).
+            "stages": {**stages.flags(cfg), "lr_schedule": cfg.lr_schedule},
+        }
         save_checkpoint(
             self.plan.path,
             model,

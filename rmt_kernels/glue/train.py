@@ -39,6 +39,7 @@ from rmt_kernels.glue.model import (
 from rmt_kernels.glue.outputs import check_outputs, json_safe, save_model, write_json
 from rmt_kernels.glue.privacy import Privacy, privatize, sampling_generator
 from rmt_kernels.glue.resume import Checkpointer, plan_checkpoint, resolve_optimisation
+from rmt_kernels.glue.stages import learning_rate
 from rmt_kernels.glue.tasks import Task, get_task
 
 
@@ -261,6 +262,9 @@ def _timed_step(run: Run, progress: Progress, indices: torch.Tensor) -> float | 
         # Per-layer kept rank and shrunk-to-noisy norm ratio, on evaluation steps only (the
         # SVDs run with the evaluation, outside the timed step).
         engine.record_denoise_stats = _due(progress.step + 1, run.total_steps, run.cfg.eval_every)
+    # --lr-schedule: a function of the step alone (a resume continues it exactly).
+    for group in run.optimizer.param_groups:
+        group["lr"] = learning_rate(run.cfg, progress.step, run.total_steps)
     start = time.perf_counter()
     batch_loss = _logical_step(run, indices)
     if run.device.type == "cuda":

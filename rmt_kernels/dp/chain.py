@@ -1,0 +1,127 @@
+"""The post-processing chain of an engine: ``denoise=`` and ``post_processors=`` made into one
+checked list of stages, and what both engines ask of it (which stages denoise, the noise level
+each stage was given, their statistics).
+
+Both engines (``rmt_kernels.dp.make_private`` and the Opacus drop-in) build their chain here:
+
+- ``post_processors=[...]``: the stages, in order (each a
+  :class:`~rmt_kernels.dp.postprocess.PostProcessor`, or a plain callable ``(grads, sigma,
+  step) -> grads``);
+- ``denoise={...}``: shorthand for a :class:`~rmt_kernels.dp.postprocess.Denoiser` with those
+  options. With both, the Denoiser comes FIRST: ``denoise=D, post_processors=[A, B]`` is the
+  chain ``[Denoiser(D), A, B]`` (shrink the released gradient, then filter: what ``denoise=``
+  always did, with stages appended after it). To shrink later in the chain (a filtered moment),
+  put the Denoiser in ``post_processors`` and leave ``denoise`` None.
+
+Checks: a stage object appears once (two places would share one running state); a ``terminal``
+stage (one whose output is a step direction, not a noisy gradient:
+:class:`~rmt_kernels.dp.dp_adam.DPAdam`, :class:`~rmt_kernels.dp.trajectory.TrajectoryDenoiser`)
+is the last.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from typing import Any
+
+from rmt_kernels.dp.postprocess import Denoiser, PostProcessor
+
+__all__ = [
+    "build_chain",
+    "first_denoiser",
+    "set_record_stats",
+    "spectral_stages",
+    "stage_input_sigmas",
+    "take_stats",
+]
+
+Key = Hashable
+
+
+def build_chain(
+    denoise: Mapping[str, Any] | None,
+    post_processors: Iterable[PostProcessor | Callable] | None,
+) -> list[PostProcessor]:
+    """The checked chain of stages (module docstring).
+
+    Raises:
+        TypeError: ``post_processors`` is not a sequence of post-processors or callables.
+        ValueError: a stage appears twice, or a terminal stage is not last.
+        DenoiseOptionError, TypeError, ValueError: bad ``denoise`` options.
+    """
+    if post_processors is not None and (
+        isinstance(post_processors, (str, bytes, Mapping))
+        or not isinstance(post_processors, Iterable)
+    ):
+        raise TypeError(
+            "post_processors must be a list of post-processors (rmt_kernels.dp.PostProcessor) "
+            f"or None, got {type(post_processors).__name__}"
+        )
+    chain: list[PostProcessor] = [] if denoise is None else [Denoiser(denoise)]
+    for i, stage in enumerate(post_processors or ()):
+        if not (isinstance(stage, PostProcessor) or callable(stage)):
+            raise TypeError(
+                f"post_processors[{i}] must be a PostProcessor or a callable (grads, sigma, step) "
+                f"-> grads, got {type(stage).__name__}"
+            )
+        if any(stage is other for other in chain):
+            raise ValueError(
+                f"post_processors[{i}] ({stage!r}) appears twice in the chain: each place needs "
+                "its own stage (its own running state)"
+            )
+        chain.append(stage)
+    for i, stage in enumerate(chain[:-1]):
+        if getattr(stage, "terminal", False):
+            raise ValueError(
+                f"{stage!r} outputs a step direction, not a noisy gradient: it must be the last "
+                f"stage, but {chain[i + 1]!r} follows it"
+            )
+    return chain
+
+
+def spectral_stages(chain: Sequence[Any]) -> list[Any]:
+    """The stages that shrink matrices and take the engine's choice of what to denoise (those
+    with ``restrict_to`` and ``eligible``: a Denoiser, a TrajectoryDenoiser)."""
+    return [s for s in chain if hasattr(s, "restrict_to") and hasattr(s, "eligible")]
+
+
+def first_denoiser(chain: Sequence[Any]) -> Denoiser | None:
+    """The first :class:`~rmt_kernels.dp.postprocess.Denoiser` of the chain, or None."""
+    return next((s for s in chain if isinstance(s, Denoiser)), None)
+
+
+def stage_input_sigmas(chain: Sequence[Any], sigma: float, step: int) -> list[float]:
+    """The noise std each stage was given at the step just run (what
+    :func:`~rmt_kernels.dp.postprocess.post_process` computed: ``output_sigma`` of the stage
+    before, a pure function of public numbers and the stage's state after the call)."""
+    sigmas = []
+    for stage in chain:
+        sigmas.append(sigma)
+        output_sigma = getattr(stage, "output_sigma", None)
+        sigma = sigma if output_sigma is None else output_sigma(sigma, step)
+    return sigmas
+
+
+def take_stats(chain: Sequence[Any], sigmas: Sequence[float] | None) -> dict[Key, dict[str, Any]]:
+    """Per denoised matrix of the last step recorded: each spectral stage's ``take_stats()``
+    (kept rank, norm ratio) plus ``sigma``, the noise level it shrank at, and ``stage``, its
+    place in the chain. A matrix shrunk by two stages is keyed ``"<key>@<stage>"`` the second
+    time."""
+    stats: dict[Key, dict[str, Any]] = {}
+    for index, stage in enumerate(chain):
+        if not (hasattr(stage, "take_stats") and hasattr(stage, "restrict_to")):
+            continue
+        for key, values in stage.take_stats().items():
+            record = {**values, "stage": index}
+            if sigmas is not None:
+                record["sigma"] = float(sigmas[index])
+            stats[key if key not in stats else f"{key}@{index}"] = record
+    return stats
+
+
+def set_record_stats(chain: Sequence[Any], value: bool) -> None:
+    """Set ``record_stats`` on every spectral stage (their statistics cost an SVD per matrix at
+    the take, so they are recorded only when asked)."""
+    for stage in spectral_stages(chain):
+        if hasattr(stage, "record_stats"):
+            stage.record_stats = value

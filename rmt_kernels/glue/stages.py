@@ -1,0 +1,127 @@
+"""The post-processing chain of ``rmt-glue train`` (``--filter``, ``--denoise-target``,
+``--dp-adam``), the optimizer it implies, and ``--lr-schedule``.
+
+The chain (rmt_kernels/dp/chain.py) by flags, each stage a post-processor of the released noisy
+gradient (privacy unchanged):
+
+- ``--denoise-target gradient`` (default): [Denoiser (``--denoise``)] + [filter (``--filter``)]
+  + [DPAdam (``--dp-adam``)]: each step's noisy gradient is shrunk (today's denoising), then
+  filtered;
+- ``--denoise-target moment``: [filter (``--filter ema`` when none: EMA with ``--filter-beta``;
+  or DiSK)] + [Denoiser at the filtered gradient's exact noise level] + [DPAdam(beta1=0,
+  v from the released gradient)]: first-moment shrinkage (needs ``--denoise``);
+  ``--dp-adam bc`` subtracts the noise variance from v, ``none``/``plain`` do not;
+- ``--denoise-target trajectory``: [TrajectoryDenoiser]: shrinkage of the accumulated update
+  (needs ``--denoise``; SGD at a constant learning rate without weight decay, no filter, no
+  DP-Adam: the identity W_t = W_0 - lr * D_t needs exactly that).
+
+DPAdam (``--dp-adam plain|bc``, or the moment target) is the last stage and the optimizer is
+then plain SGD (momentum 0; ``--weight-decay`` is then AdamW's decoupled decay); its beta1 is 0
+when a filter comes before it (the numerator is already a moment), else 0.9; its v is always
+computed from the released gradient (the same as from its input when nothing precedes it).
+Without a DPAdam stage the optimizer is ``--optimizer`` (AdamW by default, as before).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from rmt_kernels.glue.config import TrainConfig
+
+FILTERS = ("none", "ema", "disk")
+DENOISE_TARGETS = ("gradient", "moment", "trajectory")
+DP_ADAM = ("none", "plain", "bc")
+LR_SCHEDULES = ("constant", "linear")
+# Adam's usual first-moment decay; DiSK's default Kalman gain (its authors' code, kappa 0.7).
+DEFAULT_FILTER_BETA = 0.9
+DEFAULT_DISK_KAPPA = 0.7
+# Adam's usual decays for the DPAdam stage (Kingma & Ba; Li et al. 2021 fine-tune with them).
+ADAM_BETA1 = 0.9
+ADAM_BETA2 = 0.999
+
+
+def uses_sgd(cfg: TrainConfig) -> bool:
+    """Whether the chain ends in a direction for plain SGD (a DPAdam stage or the trajectory)."""
+    return cfg.dp_adam != "none" or cfg.denoise_target in ("moment", "trajectory")
+
+
+def flags(cfg: TrainConfig) -> dict[str, Any]:
+    """The chain's flags, as a checkpoint keeps them (a resume cannot change them)."""
+    return {
+        "filter": cfg.filter,
+        "filter_beta": cfg.filter_beta,
+        "disk_kappa": cfg.disk_kappa,
+        "denoise_target": cfg.denoise_target,
+        "dp_adam": cfg.dp_adam,
+        "denoise": cfg.denoise,
+        "denoise_options": {k: v for k, v in cfg.denoise_options.items() if v is not None},
+    }
+
+
+def _filter(cfg: TrainConfig, name: str):
+    from rmt_kernels.dp.temporal import EMAFilter
+
+    if name == "ema":
+        return EMAFilter(cfg.filter_beta)
+    try:
+        from rmt_kernels.dp.temporal import DiSKFilter
+    except ImportError:
+        raise ValueError("--filter disk is not in this version of rmt_kernels yet") from None
+    return DiSKFilter(cfg.disk_kappa)
+
+
+def post_processors(cfg: TrainConfig) -> list:
+    """The chain of stages of these flags (empty: plain DP-SGD); options checked by
+    ``TrainConfig.check``."""
+    from rmt_kernels.dp.dp_adam import DPAdam
+    from rmt_kernels.dp.postprocess import Denoiser
+    from rmt_kernels.glue.config import denoise_options
+
+    options = denoise_options(cfg)
+    chain: list = []
+    if cfg.denoise_target == "trajectory":
+        try:
+            from rmt_kernels.dp.trajectory import TrajectoryDenoiser
+        except ImportError:
+            raise ValueError(
+                "--denoise-target trajectory is not in this version of rmt_kernels yet"
+            ) from None
+
+        return [TrajectoryDenoiser(options)]
+    if cfg.denoise_target == "moment":
+        chain.append(_filter(cfg, "ema" if cfg.filter == "none" else cfg.filter))
+        chain.append(Denoiser(options))
+        chain.append(
+            DPAdam(
+                beta1=0.0,
+                beta2=ADAM_BETA2,
+                variance_correction=cfg.dp_adam == "bc",
+                second_moment_from="released",
+            )
+        )
+        return chain
+    if options is not None:
+        chain.append(Denoiser(options))
+    if cfg.filter != "none":
+        chain.append(_filter(cfg, cfg.filter))
+    if cfg.dp_adam != "none":
+        chain.append(
+            DPAdam(
+                beta1=0.0 if cfg.filter != "none" else ADAM_BETA1,
+                beta2=ADAM_BETA2,
+                variance_correction=cfg.dp_adam == "bc",
+                second_moment_from="released",
+            )
+        )
+    return chain
+
+
+def learning_rate(cfg: TrainConfig, step: int, total_steps: int) -> float:
+    """The learning rate of step ``step`` (0-based) of ``total_steps``: ``--lr`` (constant), or
+    ``--lr * (1 - step / total_steps)`` (linear decay to 0 over the run, as Li et al. 2021; the
+    last step still moves, at ``--lr / total_steps``). A function of the step alone, so a
+    resumed run continues the schedule exactly."""
+    if cfg.lr_schedule == "linear":
+        return cfg.lr * (1 - step / total_steps)
+    return cfg.lr

@@ -1,0 +1,458 @@
+"""Post-processing stages across steps (rmt_kernels/dp/temporal.py, dp_adam.py, trajectory.py)
+and the chain both engines build (chain.py): what each stage reads (privacy), exactness against
+straightforward references, the filtered gradient's noise level against simulation, and their
+state through a resume."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from rmt_kernels.dp import make_private
+from rmt_kernels.dp.chain import build_chain
+from rmt_kernels.dp.dp_adam import DPAdam
+from rmt_kernels.dp.postprocess import Denoiser, post_process
+from rmt_kernels.dp.temporal import EMAFilter, ema_noise_std
+from rmt_kernels.dp_ops import add_gaussian_noise, noise_offset
+
+pytest.importorskip("opacus")
+
+# Public seeds keep these tests reproducible; the warning is tested in test_dp_adversarial.py.
+pytestmark = pytest.mark.filterwarnings("ignore:make_private. seed=:UserWarning")
+
+IN, HIDDEN, CLASSES, BATCH, C, SEED = 40, 48, 3, 8, 0.5, 1234
+# Two-sided normal quantile for a per-check false failure of 2e-8 (a few dozen checks per test
+# stay far below 1e-6 together).
+Z = 5.6
+
+
+def _mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(IN, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, CLASSES))
+
+
+def _data(n: int, seed: int = 1) -> TensorDataset:
+    gen = torch.Generator().manual_seed(seed)
+    return TensorDataset(
+        torch.randn(n, IN, generator=gen), torch.randint(0, CLASSES, (n,), generator=gen)
+    )
+
+
+def _private(model=None, *, noise=1.0, chain=None, denoise=None, n=BATCH, lr=0.1, poisson=False):
+    model = _mlp() if model is None else model
+    loader = DataLoader(_data(n), batch_size=BATCH, generator=torch.Generator().manual_seed(11))
+    return make_private(
+        model,
+        torch.optim.SGD(model.parameters(), lr=lr),
+        loader,
+        target_delta=1e-5,
+        max_grad_norm=C,
+        noise_multiplier=noise,
+        poisson_sampling=poisson,
+        seed=SEED,
+        accountant="rdp",
+        denoise=denoise,
+        post_processors=chain,
+    )
+
+
+def _backward(model, x, y) -> None:
+    nn.functional.cross_entropy(model(x), y).backward()
+
+
+def _noisy(shape, sigma, seed, t):
+    gen = torch.Generator().manual_seed(seed * 1000 + t)
+    return torch.randn(shape, generator=gen) * sigma
+
+
+# ------------------------------------------------------------------------------------------
+# EMAFilter: exactness, the noise formula, state
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bias_correction", [True, False])
+@pytest.mark.parametrize("beta", [0.0, 0.5, 0.9, 0.99])
+def test_ema_filter_equals_a_float64_reference(beta, bias_correction):
+    ema = EMAFilter(beta, bias_correction=bias_correction)
+    m = {k: torch.zeros(s, dtype=torch.float64) for k, s in (("a", (5, 7)), ("b", (3,)))}
+    for t in range(1, 13):
+        grads = {"a": torch.randn(5, 7), "b": torch.randn(3)}
+        out = ema(grads, 0.1, step=99)
+        for k, g in grads.items():
+            m[k] = beta * m[k] + (1 - beta) * g.double()
+            expected = m[k] / (1 - beta**t) if bias_correction else m[k]
+            assert out[k].dtype == g.dtype
+            torch.testing.assert_close(out[k].double(), expected, rtol=2e-6, atol=1e-7)
+        assert ema.output_sigma(0.1, 99) == pytest.approx(
+            ema_noise_std(0.1, beta, t, bias_correction=bias_correction), rel=1e-12
+        )
+
+
+def test_ema_noise_formula_matches_simulation():
+    """Pure noise in, the output's per-entry std out: the sample variance of N i.i.d. entries
+    has relative std sqrt(2 / (N - 1)); Z of those bounds each check (false failure < 1e-6)."""
+    s, beta, shape = 0.3, 0.9, (400, 500)
+    n = shape[0] * shape[1]
+    ema = EMAFilter(beta)
+    checked = 0
+    for t in range(1, 61):
+        out = ema({"w": _noisy(shape, s, 7, t)}, s, t)["w"].double()
+        predicted = s * math.sqrt(
+            (1 - beta) * (1 - beta ** (2 * t)) / ((1 + beta) * (1 - beta**t) ** 2)
+        )
+        assert ema.output_sigma(s, t) == pytest.approx(predicted, rel=1e-12)
+        if t in (1, 2, 3, 5, 10, 20, 60):
+            ratio = float(out.var()) / predicted**2
+            assert abs(ratio - 1) < Z * math.sqrt(2 / (n - 1)), (t, ratio)
+            checked += 1
+    assert checked == 7
+    # The asymptote the issue quotes: ~0.23 s at beta 0.9.
+    assert ema_noise_std(1.0, 0.9, 10**6) == pytest.approx(math.sqrt(0.1 / 1.9), rel=1e-9)
+    # Guard: the formula without bias correction is far off at t = 5 (the test can fail).
+    wrong = ema_noise_std(s, beta, 5, bias_correction=False)
+    assert abs(wrong**2 / ema_noise_std(s, beta, 5) ** 2 - 1) > 10 * Z * math.sqrt(2 / (n - 1))
+
+
+def test_ema_tracks_a_changing_sigma_exactly():
+    ema = EMAFilter(0.8)
+    sigmas = [0.1, 0.3, 0.2, 0.2, 0.05]
+    var = 0.0
+    for t, s in enumerate(sigmas, 1):
+        ema({"w": torch.zeros(2, 2)}, s, 0)
+        var = 0.64 * var + 0.04 * s**2
+        assert ema.output_sigma(s, 0) == pytest.approx(math.sqrt(var) / (1 - 0.8**t), rel=1e-12)
+
+
+def test_a_denoiser_after_the_ema_shrinks_at_the_moments_noise_level(monkeypatch):
+    seen = []
+    real = Denoiser.__call__
+
+    def spy(self, grads, sigma, step):
+        seen.append(sigma)
+        return real(self, grads, sigma, step)
+
+    monkeypatch.setattr(Denoiser, "__call__", spy)
+    chain = [EMAFilter(0.9), Denoiser({"kappa": 1.0})]
+    for t in range(1, 6):
+        post_process(chain, {"w": torch.randn(40, 50)}, 0.5, t)
+        assert seen[-1] == pytest.approx(ema_noise_std(0.5, 0.9, t), rel=1e-12)
+
+
+def _round_trip(state):
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+def test_ema_state_round_trips_and_is_validated():
+    ema = EMAFilter(0.9)
+    for _ in range(3):
+        ema({"a": torch.randn(4, 4), 3: torch.randn(2)}, 0.2, 0)
+    state = _round_trip(ema.state_dict())
+    other = EMAFilter(0.9)
+    other.load_state_dict(state)
+    g = {"a": torch.randn(4, 4), 3: torch.randn(2)}
+    a, b = ema(g, 0.2, 0), other(g, 0.2, 0)
+    assert all(torch.equal(a[k], b[k]) for k in g)
+    assert ema.output_sigma(0.2, 0) == other.output_sigma(0.2, 0)
+    with pytest.raises(ValueError, match=r"beta=0\.9, this stage has beta=0\.5"):
+        EMAFilter(0.5).load_state_dict(state)
+    with pytest.raises(ValueError, match="not a EMAFilter state"):
+        EMAFilter(0.9).load_state_dict({"t": 1})
+    bad = {**state, "m": {"a": torch.full((4, 4), float("nan"))}}
+    with pytest.raises(ValueError, match="not finite"):
+        EMAFilter(0.9).load_state_dict(bad)
+    with pytest.raises(ValueError, match="gradients changed"):
+        ema({"a": torch.randn(4, 4)}, 0.2, 0)
+    for beta in (1.0, -0.1):
+        with pytest.raises(ValueError, match="beta must be in"):
+            EMAFilter(beta)
+
+
+# ------------------------------------------------------------------------------------------
+# DPAdam
+# ------------------------------------------------------------------------------------------
+
+
+def test_plain_dp_adam_with_sgd_is_torch_adam():
+    torch.manual_seed(3)
+    w0 = torch.randn(6, 5)
+    a, b = w0.clone().requires_grad_(), w0.clone().requires_grad_()
+    adam = torch.optim.Adam([a], lr=0.01, betas=(0.9, 0.999), eps=1e-8)
+    sgd = torch.optim.SGD([b], lr=0.01)
+    stage = DPAdam(variance_correction=False, second_moment_from="input")
+    for _ in range(20):
+        g = torch.randn(6, 5)
+        a.grad = g.clone()
+        adam.step()
+        b.grad = stage({"w": g.clone()}, 0.1, 0)["w"]
+        sgd.step()
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("beta1", [0.0, 0.9])
+@pytest.mark.parametrize("source", ["released", "input"])
+@pytest.mark.parametrize("correction", [True, False])
+def test_dp_adam_equals_a_float64_reference(beta1, source, correction):
+    stage = DPAdam(beta1=beta1, beta2=0.99, eps=1e-6, variance_correction=correction,
+                   second_moment_from=source, floor=1e-4)  # fmt: skip
+    m = v = torch.zeros(7, 3, dtype=torch.float64)
+    phi = 0.0
+    for t in range(1, 9):
+        x, released = torch.randn(7, 3) * 0.1, torch.randn(7, 3) * 0.1
+        s_in, s_rel = 0.05 * t, 0.07
+        out = post_process([stage], {"w": x}, s_in, 0) if source == "input" else None
+        if source == "released":
+            out = stage({"w": x}, s_in, 0, released={"w": released}, released_sigma=s_rel)
+        y = (released if source == "released" else x).double()
+        s_y = s_rel if source == "released" else s_in
+        m = beta1 * m + (1 - beta1) * x.double()
+        v = 0.99 * v + 0.01 * y * y
+        phi = 0.99 * phi + 0.01 * s_y**2
+        m_hat, v_hat = m / (1 - beta1**t), v / (1 - 0.99**t)
+        if correction:
+            v_hat = torch.clamp(v_hat - phi / (1 - 0.99**t), min=1e-4)
+        expected = m_hat / (v_hat.sqrt() + 1e-6)
+        torch.testing.assert_close(out["w"].double(), expected, rtol=1e-5, atol=1e-6)
+    assert math.isnan(stage.output_sigma(0.1, 0)) and stage.terminal
+
+
+def test_dp_adam_bc_subtracts_the_noise_variance():
+    """On pure noise, v_hat -> s^2: DP-AdamBC's corrected v is ~0 (floored), Adam's is s^2."""
+    s = 0.01
+    plain = DPAdam(variance_correction=False, second_moment_from="input", beta2=0.9)
+    bc = DPAdam(variance_correction=True, second_moment_from="input", beta2=0.9, floor=1e-12)
+    for t in range(200):
+        g = {"w": _noisy((300, 300), s, 5, t)}
+        a, b = plain(g, s, 0)["w"], bc(g, s, 0)["w"]
+    # Adam's update of pure noise has entries of size ~|m_hat| / s ~ 0.2; DP-AdamBC's are
+    # larger wherever the corrected v fell to the floor.
+    assert float(b.abs().median()) > 10 * float(a.abs().median())
+
+
+def test_dp_adam_needs_the_released_gradient_and_checks_its_options():
+    with pytest.raises(ValueError, match="needs the released gradient"):
+        DPAdam()({"w": torch.zeros(2)}, 0.1, 0)
+    with pytest.raises(ValueError, match="second_moment_from must be one of"):
+        DPAdam(second_moment_from="clean")
+    with pytest.raises(ValueError, match="beta2 must be in"):
+        DPAdam(beta2=1.0)
+    with pytest.raises(ValueError, match="floor must be > 0"):
+        DPAdam(floor=0.0)
+
+
+def test_dp_adam_state_round_trips():
+    stage = DPAdam()
+    for _ in range(4):
+        g = {"w": torch.randn(3, 3)}
+        stage(g, 0.1, 0, released=g, released_sigma=0.1)
+    other = DPAdam()
+    other.load_state_dict(_round_trip(stage.state_dict()))
+    g = {"w": torch.randn(3, 3)}
+    r = {"w": torch.randn(3, 3)}
+    assert torch.equal(
+        stage(g, 0.1, 0, released=r, released_sigma=0.1)["w"],
+        other(g, 0.1, 0, released=r, released_sigma=0.1)["w"],
+    )
+    with pytest.raises(ValueError, match="variance_correction=True, this stage has"):
+        DPAdam(variance_correction=False).load_state_dict(stage.state_dict())
+
+
+# ------------------------------------------------------------------------------------------
+# The chain in the native engine
+# ------------------------------------------------------------------------------------------
+
+
+def test_chain_rules():
+    ema, adam = EMAFilter(), DPAdam()
+    with pytest.raises(ValueError, match="must be the last stage"):
+        build_chain(None, [adam, ema])
+    with pytest.raises(ValueError, match="appears twice"):
+        build_chain(None, [ema, ema])
+    with pytest.raises(TypeError, match="post_processors must be a list"):
+        build_chain(None, ema)
+    with pytest.raises(TypeError, match=r"post_processors\[0\] must be a PostProcessor"):
+        build_chain(None, [3])
+    # denoise= is a Denoiser at the front.
+    chain = build_chain({"kappa": 0.5}, [ema])
+    assert type(chain[0]) is Denoiser and chain[0].options == {"kappa": 0.5} and chain[1] is ema
+
+
+def _clean_grads() -> dict[str, torch.Tensor]:
+    model, opt, loader = _private(noise=0.0)
+    x, y = next(iter(loader))
+    _backward(model, x, y)
+    opt.step()
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def _copy(value):
+    return {k: g.clone() for k, g in value.items()} if isinstance(value, dict) else value
+
+
+class Spy:
+    """Wraps a stage's ``__call__`` to keep a copy of every argument it gets."""
+
+    def __init__(self, stage, monkeypatch):
+        self.calls: list[tuple[tuple, dict]] = []
+        real = type(stage).__call__
+
+        def call(this, *args, **kwargs):
+            if this is stage:
+                copied = {k: _copy(v) for k, v in kwargs.items()}
+                self.calls.append((tuple(_copy(a) for a in args), copied))
+            return real(this, *args, **kwargs)
+
+        monkeypatch.setattr(type(stage), "__call__", call)
+
+
+def _stage_chains():
+    return {
+        "ema": lambda: [EMAFilter(0.9)],
+        "moment": lambda: [
+            EMAFilter(0.9),
+            Denoiser({"kappa": 1.0, "min_dim": 1}),
+            DPAdam(beta1=0.0),
+        ],
+        "dp_adam_bc": lambda: [DPAdam()],
+        "dp_adam_input": lambda: [EMAFilter(0.5), DPAdam(second_moment_from="input")],
+    }
+
+
+@pytest.mark.parametrize("name", list(_stage_chains()))
+def test_the_clean_gradient_never_reaches_a_stage(name, monkeypatch):
+    """Every stage gets the released gradient (clean + the engine's noise, exactly) or what an
+    earlier stage made of it, and public numbers; what reaches ``p.grad`` is the same chain run
+    again, outside the engine, on the recorded released gradients alone."""
+    clean = _clean_grads()
+    chain = _stage_chains()[name]()
+    spies = [Spy(stage, monkeypatch) for stage in chain]
+    # lr 0: the weights stay, so each step's clean gradient is the same full batch's.
+    model, opt, loader = _private(noise=1.0, chain=chain, lr=0.0)
+    engine = opt.engine
+    released_per_step, written = [], []
+    for step in range(3):
+        x, y = next(iter(loader))
+        _backward(model, x, y)
+        opt.step()
+        written.append({n: p.grad.clone() for n, p in model.named_parameters()})
+        opt.zero_grad()
+        (args, _) = spies[0].calls[-1]
+        grads, sigma, seen_step = args
+        assert sigma == engine.sigma() and seen_step == step
+        released_per_step.append(grads)
+    # The first stage's input is the noisy release of the clean gradient (the engine's noise
+    # draw, fused into the clipped sum: rounded differently), every entry moved.
+    for step, grads in enumerate(released_per_step):
+        for i, key in enumerate(engine.param_names):
+            offset = noise_offset(step, i, len(engine.params))
+            noisy = add_gaussian_noise(clean[key], engine.sigma(), SEED, offset)
+            torch.testing.assert_close(grads[key], noisy, rtol=0, atol=1e-6)
+            assert bool((grads[key] != clean[key]).all()), key
+    # A stage that needs the released gradient gets exactly the first stage's input.
+    for stage, spy in zip(chain, spies, strict=True):
+        if getattr(stage, "needs_released", False):
+            for (_, kwargs), released in zip(spy.calls, released_per_step, strict=True):
+                assert kwargs["released_sigma"] == engine.sigma()
+                assert all(torch.equal(kwargs["released"][k], released[k]) for k in released)
+    # The same chain, fresh, on the recorded releases alone: the same gradients written.
+    replay = _stage_chains()[name]()
+    for stage in replay:
+        if hasattr(stage, "restrict_to"):
+            stage.restrict_to(engine.denoiser.keys)
+    monkeypatch.undo()
+    for step, (released, out) in enumerate(zip(released_per_step, written, strict=True)):
+        got = post_process(replay, released, engine.sigma(), step)
+        for key in out:
+            assert torch.equal(got[key].to(out[key].dtype), out[key]), (step, key)
+
+
+def test_every_denoiser_in_the_chain_takes_the_engines_filter_decision():
+    chain = [EMAFilter(), Denoiser({"min_dim": 1}), Denoiser({"min_dim": 1}, keys=["0.weight"])]
+    _, opt, _ = _private(chain=chain)
+    # nn.Linear weights only (denoise_linear_weights), never biases.
+    assert chain[1].keys == frozenset({"0.weight", "2.weight"})
+    assert chain[2].keys == frozenset({"0.weight"})  # a caller's restriction narrows it
+    assert opt.engine.denoiser is chain[1]
+
+
+def test_denoise_and_post_processors_together_put_the_denoiser_first():
+    ema = EMAFilter()
+    _, opt, _ = _private(chain=[ema], denoise={"kappa": 0.5})
+    chain = opt.engine.post_processors
+    assert len(chain) == 2 and type(chain[0]) is Denoiser and chain[1] is ema
+    assert opt.engine.denoiser is chain[0] and opt.engine.denoise_options == {"kappa": 0.5}
+
+
+def test_denoise_stats_say_the_noise_level_each_stage_used():
+    model, opt, loader = _private(chain=[EMAFilter(0.9), Denoiser({"kappa": 0.5}), DPAdam(0.0)])
+    engine = opt.engine
+    for step in range(3):
+        engine.record_denoise_stats = step == 2
+        x, y = next(iter(loader))
+        _backward(model, x, y)
+        opt.step()
+        opt.zero_grad()
+    stats = engine.take_denoise_stats()
+    assert set(stats) == {"0.weight"}  # 40 x 48; the 3 x 48 head is below min_dim
+    record = stats["0.weight"]
+    assert record["stage"] == 1
+    assert record["sigma"] == pytest.approx(ema_noise_std(engine.sigma(), 0.9, 3), rel=1e-12)
+    assert 0 <= record["rank"] <= 40 and record["norm_ratio"] >= 0
+
+
+def _train(chain_factory, steps, *, resume_at=None, forget=False):
+    """``steps`` private steps of an MLP through the chain; with ``resume_at``, the engine,
+    model and optimizer states go through torch.save / torch.load(weights_only=True) there and
+    a fresh model (another init), optimizer and chain continue (``forget``: without the
+    stages' states)."""
+
+    def build(init):
+        # One full batch per step: the data of step k does not depend on where a run resumed.
+        model, opt, loader = _private(_mlp(init), chain=chain_factory(), lr=0.05)
+        return model, opt, loader
+
+    model, opt, loader = build(0)
+    done = 0
+    while done < steps:
+        for x, y in loader:
+            _backward(model, x, y)
+            opt.step()
+            opt.zero_grad()
+            done += 1
+            if done == resume_at:
+                saved = _round_trip(
+                    {
+                        "engine": opt.engine.state_dict(),
+                        "model": model.state_dict(),
+                        "optimizer": opt.state_dict(),
+                    }
+                )
+                if forget:
+                    del saved["engine"]["post_processors"]
+                model, opt, loader = build(7)
+                model.load_state_dict(saved["model"])
+                opt.load_state_dict(saved["optimizer"])
+                opt.engine.load_state_dict(saved["engine"])
+                break
+            if done == steps:
+                break
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("name", list(_stage_chains()))
+def test_a_resumed_run_is_bit_identical(name):
+    factory = _stage_chains()[name]
+    straight = _train(factory, 6)
+    resumed = _train(factory, 6, resume_at=3)
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key
+    # Guard: a resume without the stages' states differs.
+    forgot = _train(factory, 6, resume_at=3, forget=True)
+    assert any(not torch.equal(straight[k], forgot[k]) for k in straight)
