@@ -17,7 +17,14 @@ from rmt_kernels.dp import make_private
 from rmt_kernels.dp.chain import build_chain
 from rmt_kernels.dp.dp_adam import DPAdam
 from rmt_kernels.dp.postprocess import Denoiser, post_process
-from rmt_kernels.dp.temporal import EMAFilter, ema_noise_std
+from rmt_kernels.dp.temporal import (
+    DiSKExtrapolation,
+    DiSKFilter,
+    EMAFilter,
+    disk_noise_std,
+    ema_noise_std,
+)
+from rmt_kernels.dp.trajectory import TrajectoryDenoiser
 from rmt_kernels.dp_ops import add_gaussian_noise, noise_offset
 
 pytest.importorskip("opacus")
@@ -265,6 +272,147 @@ def test_dp_adam_state_round_trips():
 
 
 # ------------------------------------------------------------------------------------------
+# DiSK
+# ------------------------------------------------------------------------------------------
+
+
+def test_disk_filter_equals_a_float64_reference_and_its_noise_formula():
+    kappa = 0.7
+    disk = DiSKFilter(kappa)
+    d = None
+    for t in range(1, 10):
+        g = torch.randn(6, 4)
+        out = disk({"w": g}, 0.2, 0)["w"]
+        d = g.double() if d is None else (1 - kappa) * d + kappa * g.double()
+        torch.testing.assert_close(out.double(), d, rtol=2e-6, atol=1e-7)
+        # Sum of squared weights of the g's in d_t, times sigma^2.
+        weights = [(1 - kappa) ** (t - 1)] + [
+            kappa * (1 - kappa) ** (t - s) for s in range(2, t + 1)
+        ]
+        assert disk.output_sigma(0.2, 0) == pytest.approx(
+            0.2 * math.sqrt(sum(w * w for w in weights)), rel=1e-12
+        )
+        assert disk.output_sigma(0.2, 0) == pytest.approx(disk_noise_std(0.2, kappa, t), rel=1e-12)
+
+
+def test_disk_noise_formula_matches_simulation():
+    s, kappa, shape = 0.3, 0.6, (400, 500)
+    n = shape[0] * shape[1]
+    disk = DiSKFilter(kappa)
+    for t in range(1, 21):
+        out = disk({"w": _noisy(shape, s, 9, t)}, s, t)["w"].double()
+        if t in (1, 2, 5, 20):
+            ratio = float(out.var()) / disk_noise_std(s, kappa, t) ** 2
+            assert abs(ratio - 1) < Z * math.sqrt(2 / (n - 1)), (t, ratio)
+
+
+def _quadratic(seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randn(12, 8, generator=gen, dtype=torch.float64)
+    b = torch.randn(12, generator=gen, dtype=torch.float64)
+    return lambda x: a.T @ (a @ x - b)  # the gradient of 0.5 |a x - b|^2
+
+
+@pytest.mark.parametrize("with_adam", [False, True])
+def test_disk_chain_with_sgd_is_disk(with_adam):
+    """The reference: DiSK's loop on a quadratic with known noise, x_{t+1} = x_t - lr a_t,
+    a_t = d_t (DiSK-SGD) or an Adam direction of d_t, d_t filtered from the gradient at
+    z_t = x_t + gamma (x_t - x_{t-1}). The chain: the parameters hold z, SGD applies its
+    output, x = z + lr * iterate_offset()."""
+    grad, kappa, lr = _quadratic(), 0.6, 0.05
+    gamma = (1 - kappa) / kappa
+    noise = [torch.randn(8, dtype=torch.float64) * 0.1 for _ in range(15)]
+    # Reference.
+    x_prev = x = torch.zeros(8, dtype=torch.float64)
+    d = None
+    reference_adam = DPAdam(beta1=0.0, variance_correction=False, second_moment_from="input")
+    xs = []
+    for t in range(15):
+        z = x + gamma * (x - x_prev)
+        g = grad(z) + noise[t]
+        d = g if d is None else (1 - kappa) * d + kappa * g
+        a = reference_adam({"w": d}, 0.1, t)["w"] if with_adam else d
+        x_prev, x = x, x - lr * a
+        xs.append(x)
+    # The chain.
+    stages = [DiSKFilter(kappa)]
+    if with_adam:
+        stages.append(DPAdam(beta1=0.0, variance_correction=False, second_moment_from="input"))
+    stages.append(DiSKExtrapolation(kappa))
+    z = torch.zeros(8, dtype=torch.float64)
+    for t in range(15):
+        u = post_process(stages, {"w": grad(z) + noise[t]}, 0.1, t)["w"]
+        z = z - lr * u
+        x = z + lr * stages[-1].iterate_offset()["w"]
+        # The stages compute in float32: agreement to its rounding (a wrong gamma or weight
+        # convention is off by percents).
+        torch.testing.assert_close(x, xs[t], rtol=1e-5, atol=1e-6)
+    if not with_adam:  # DiSK-SGD: z moves by the released gradient itself (after step 1)
+        stages = [DiSKFilter(kappa), DiSKExtrapolation(kappa)]
+        for t in range(4):
+            g = torch.randn(8, dtype=torch.float64)
+            u = post_process(stages, {"w": g}, 0.1, t)["w"]
+            torch.testing.assert_close(u, g / kappa if t == 0 else g, rtol=1e-5, atol=1e-6)
+
+
+def test_disk_extrapolation_may_only_end_the_chain():
+    build_chain(None, [DiSKFilter(), DPAdam(0.0), DiSKExtrapolation()])
+    with pytest.raises(ValueError, match="must be the last stage"):
+        build_chain(None, [DiSKExtrapolation(), DiSKFilter()])
+    with pytest.raises(ValueError, match="kappa must be in"):
+        DiSKFilter(0.0)
+
+
+# ------------------------------------------------------------------------------------------
+# TrajectoryDenoiser
+# ------------------------------------------------------------------------------------------
+
+
+def test_trajectory_denoiser_equals_shrinking_the_running_sum(monkeypatch):
+    options = {"kappa": 0.5, "min_dim": 1, "seed": 5}
+    stage = TrajectoryDenoiser(options)
+    reference = Denoiser(options)  # the same op sequence (seeds, any warm start) on the sums
+    total, previous, lr, w = torch.zeros(30, 40), torch.zeros(30, 40), 0.1, torch.zeros(30, 40)
+    sigmas = []
+    for t in range(6):
+        sigma = 0.2
+        grads = {"w": torch.randn(30, 40) * sigma, "b": torch.randn(40)}
+        stage.record_stats = t == 5
+        out = stage(grads, sigma, t)
+        total = total + grads["w"]
+        sigmas.append(sigma)
+        level = math.sqrt(sum(s * s for s in sigmas))
+        assert stage.noise_std() == pytest.approx(level, rel=1e-12)
+        shrunk = reference({"w": total.clone()}, level, t)["w"]
+        assert torch.equal(out["w"], shrunk - previous) or t == 0
+        if t == 0:
+            assert torch.equal(out["w"], shrunk)
+        assert out["b"] is grads["b"]  # not a matrix: passed on
+        previous = shrunk
+        w = w - lr * out["w"]
+    # Plain SGD at a constant lr: W_t = W_0 - lr * D_t (up to the rounding of the steps).
+    torch.testing.assert_close(w, -lr * previous, rtol=1e-5, atol=1e-6)
+    stats = stage.take_stats()
+    assert stats["w"]["sigma"] == pytest.approx(0.2 * math.sqrt(6), rel=1e-12)
+    assert math.isnan(stage.output_sigma(0.2, 0)) and stage.terminal
+
+
+def test_trajectory_state_round_trips_and_is_validated():
+    stage = TrajectoryDenoiser({"kappa": 0.5, "min_dim": 1})
+    for t in range(3):
+        stage({"w": torch.randn(8, 9), "b": torch.randn(9)}, 0.3, t)
+    other = TrajectoryDenoiser({"kappa": 0.5, "min_dim": 1})
+    other.load_state_dict(_round_trip(stage.state_dict()))
+    g = {"w": torch.randn(8, 9), "b": torch.randn(9)}
+    assert torch.equal(stage(g, 0.3, 3)["w"], other(g, 0.3, 3)["w"])
+    restricted = TrajectoryDenoiser({"kappa": 0.5, "min_dim": 1}, keys=["v"])
+    with pytest.raises(ValueError, match="which it does not shrink"):
+        restricted.load_state_dict(stage.state_dict())
+    with pytest.raises(ValueError, match="changed since the last step"):
+        stage({"w": torch.randn(8, 10), "b": torch.randn(9)}, 0.3, 4)
+
+
+# ------------------------------------------------------------------------------------------
 # The chain in the native engine
 # ------------------------------------------------------------------------------------------
 
@@ -322,6 +470,14 @@ def _stage_chains():
         ],
         "dp_adam_bc": lambda: [DPAdam()],
         "dp_adam_input": lambda: [EMAFilter(0.5), DPAdam(second_moment_from="input")],
+        "disk": lambda: [DiSKFilter(0.7), DiSKExtrapolation(0.7)],
+        "disk_adam": lambda: [
+            DiSKFilter(0.6),
+            Denoiser({"kappa": 0.5, "min_dim": 1}),
+            DPAdam(beta1=0.0),
+            DiSKExtrapolation(0.6),
+        ],
+        "trajectory": lambda: [TrajectoryDenoiser({"kappa": 0.5, "min_dim": 1})],
     }
 
 
@@ -363,9 +519,9 @@ def test_the_clean_gradient_never_reaches_a_stage(name, monkeypatch):
                 assert all(torch.equal(kwargs["released"][k], released[k]) for k in released)
     # The same chain, fresh, on the recorded releases alone: the same gradients written.
     replay = _stage_chains()[name]()
-    for stage in replay:
+    for stage, original in zip(replay, chain, strict=True):
         if hasattr(stage, "restrict_to"):
-            stage.restrict_to(engine.denoiser.keys)
+            stage.restrict_to(original.keys)
     monkeypatch.undo()
     for step, (released, out) in enumerate(zip(released_per_step, written, strict=True)):
         got = post_process(replay, released, engine.sigma(), step)

@@ -5,13 +5,15 @@ combinations exit 2 with a clear message."""
 
 from __future__ import annotations
 
+import math
 import re
 
 import pytest
 
 from rmt_kernels.dp.dp_adam import DPAdam
 from rmt_kernels.dp.postprocess import Denoiser
-from rmt_kernels.dp.temporal import EMAFilter, ema_noise_std
+from rmt_kernels.dp.temporal import DiSKExtrapolation, DiSKFilter, EMAFilter, ema_noise_std
+from rmt_kernels.dp.trajectory import TrajectoryDenoiser
 from rmt_kernels.glue.config import TrainConfig
 from rmt_kernels.glue.stages import learning_rate, post_processors
 from tests.test_glue_cli import base, run, tiny, train_tiny  # noqa: F401 (fixtures)
@@ -44,6 +46,16 @@ def test_the_flags_build_the_chain_they_say():
     assert [type(s) for s in chain] == [EMAFilter, Denoiser, DPAdam]
     assert chain[0].beta == 0.95 and chain[2].beta1 == 0.0
     assert chain[2].second_moment_from == "released" and not chain[2].variance_correction
+    # DiSK: its filter, then its extrapolation last (after a DPAdam for DiSK-Adam).
+    chain = post_processors(_cfg(filter="disk", disk_kappa=0.6))
+    assert [type(s) for s in chain] == [DiSKFilter, DiSKExtrapolation]
+    assert chain[0].kappa == chain[1].kappa == 0.6
+    chain = post_processors(
+        _cfg(filter="disk", dp_adam="bc", denoise=True, denoise_target="moment")
+    )
+    assert [type(s) for s in chain] == [DiSKFilter, Denoiser, DPAdam, DiSKExtrapolation]
+    chain = post_processors(_cfg(denoise=True, denoise_target="trajectory"))
+    assert [type(s) for s in chain] == [TrajectoryDenoiser]
 
 
 def test_linear_schedule_decays_to_zero_over_the_run():
@@ -59,15 +71,23 @@ def test_linear_schedule_decays_to_zero_over_the_run():
         ["--dp-adam", "plain", "--lr-schedule", "linear"],
         ["--dp-adam", "bc", "--filter", "ema"],
         ["--denoise", "--denoise-target", "moment", "--dp-adam", "bc", "--kappa", 0.5],
+        ["--filter", "disk", "--disk-kappa", 0.6],
+        ["--filter", "disk", "--dp-adam", "bc", "--save", "SAVE"],
+        ["--denoise", "--denoise-target", "trajectory", "--kappa", 0.5],
     ],
 )
 def test_tiny_runs_with_each_flag(tiny, tmp_path, extra):  # noqa: F811
+    extra = [tmp_path / "saved" if a == "SAVE" else a for a in extra]
     log = train_tiny(tiny, tmp_path / "log.json", *PRIVATE, *extra)
     cfg = log["config"]
     assert [e["step"] for e in log["evals"]] == [2, 3]
     assert all(0 <= e["accuracy"] <= 1 for e in log["evals"])
-    if "--dp-adam" in extra or "moment" in extra:
+    if "--dp-adam" in extra or "moment" in extra or "disk" in extra or "trajectory" in extra:
         assert cfg["optimizer"] == "sgd"
+    if "trajectory" in extra:  # the sum's level: sigma * sqrt(t)
+        for e in log["evals"]:
+            for s in e["denoise"].values():
+                assert s["sigma"] == pytest.approx(1.0 / 8 * math.sqrt(e["step"]))
     if "moment" in extra:
         # The moment's noise level at each evaluation step, for every denoised matrix.
         sigma = 1.0 * 1.0 / 8  # noise multiplier * C / batch
@@ -79,9 +99,15 @@ def test_tiny_runs_with_each_flag(tiny, tmp_path, extra):  # noqa: F811
                 assert s["sigma"] == pytest.approx(ema_noise_std(sigma, 0.9, e["step"]))
 
 
-def test_a_resume_continues_the_stages_exactly(tiny, tmp_path):  # noqa: F811
-    # (A constant lr: the 2-step first part of a linear schedule would decay over 2 steps.)
-    flags = ["--denoise", "--denoise-target", "moment", "--dp-adam", "bc", "--kappa", 0.5]
+@pytest.mark.parametrize(
+    "flags",
+    [
+        # (A constant lr: the 2-step first part of a linear schedule would decay over 2 steps.)
+        ["--denoise", "--denoise-target", "moment", "--dp-adam", "bc", "--kappa", 0.5],
+        ["--filter", "disk", "--dp-adam", "plain"],  # evaluated at DiSK's iterate, resumed at z
+    ],
+)
+def test_a_resume_continues_the_stages_exactly(tiny, tmp_path, flags):  # noqa: F811
     whole = train_tiny(tiny, tmp_path / "whole.json", *PRIVATE, *flags)
     ckpt = ["--checkpoint-dir", tmp_path / "ckpt", "--checkpoint-every", 1]
     train_tiny(tiny, tmp_path / "part.json", *PRIVATE, *flags, *ckpt, "--steps", 2)

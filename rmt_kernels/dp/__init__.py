@@ -5,10 +5,10 @@ Where things are: make_private.py (the entry point), engine.py (the private step
 clip and accumulate, add noise, all-reduce, post-process, write gradients, account),
 postprocess.py (post-processors of the released gradient, the Denoiser, the one check of the
 denoise options; shared with rmt_kernels.opacus), chain.py (an engine's chain of post-processors),
-temporal.py (EMA and DiSK filters), dp_adam.py (a DP-aware Adam stage), stage_state.py (their
-checkpoint state), optimizer.py (DPOptimizer), checkpoint.py
-(checkpoints and the privacy ledger, through the engine's state_dict), capture.py (the hooks),
-distributed.py (ranks, Poisson sampling)."""
+temporal.py (EMA and DiSK filters), dp_adam.py (a DP-aware Adam stage), trajectory.py
+(shrinkage of the accumulated update), stage_state.py (their checkpoint state), optimizer.py
+(DPOptimizer), checkpoint.py (checkpoints and the privacy ledger, through the engine's
+state_dict), capture.py (the hooks), distributed.py (ranks, Poisson sampling)."""
 
 from rmt_kernels.dp.capture import LayoutError
 from rmt_kernels.dp.checkpoint import (
@@ -26,24 +26,35 @@ from rmt_kernels.dp.engine import PrivateEngine, denoise_linear_weights
 from rmt_kernels.dp.make_private import make_private
 from rmt_kernels.dp.optimizer import DPOptimizer
 from rmt_kernels.dp.postprocess import Denoiser, PostProcessor, check_denoise_options
-from rmt_kernels.dp.temporal import EMAFilter, ema_noise_std
+from rmt_kernels.dp.temporal import (
+    DiSKExtrapolation,
+    DiSKFilter,
+    EMAFilter,
+    disk_noise_std,
+    ema_noise_std,
+)
+from rmt_kernels.dp.trajectory import TrajectoryDenoiser
 
 __all__ = [
     "CheckpointError",
     "DPAdam",
     "DPOptimizer",
     "Denoiser",
+    "DiSKExtrapolation",
+    "DiSKFilter",
     "EMAFilter",
     "LayoutError",
     "PoissonSampler",
     "PostProcessor",
     "PrivateEngine",
     "ResumeWarning",
+    "TrajectoryDenoiser",
     "attach_ledger",
     "check_denoise_options",
     "checkpoint_extra",
     "dataset_fingerprint",
     "denoise_linear_weights",
+    "disk_noise_std",
     "ema_noise_std",
     "load_checkpoint",
     "make_private",

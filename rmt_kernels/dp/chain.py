@@ -15,8 +15,9 @@ Both engines (``rmt_kernels.dp.make_private`` and the Opacus drop-in) build thei
 
 Checks: a stage object appears once (two places would share one running state); a ``terminal``
 stage (one whose output is a step direction, not a noisy gradient:
-:class:`~rmt_kernels.dp.dp_adam.DPAdam`, :class:`~rmt_kernels.dp.trajectory.TrajectoryDenoiser`)
-is the last.
+:class:`~rmt_kernels.dp.dp_adam.DPAdam`, :class:`~rmt_kernels.dp.trajectory.TrajectoryDenoiser`,
+:class:`~rmt_kernels.dp.temporal.DiSKExtrapolation`) is the last, except that a stage marked
+``after_direction`` (DiSKExtrapolation, which turns a direction into DiSK's) may follow one.
 """
 
 from __future__ import annotations
@@ -71,10 +72,11 @@ def build_chain(
             )
         chain.append(stage)
     for i, stage in enumerate(chain[:-1]):
-        if getattr(stage, "terminal", False):
+        after = chain[i + 1]
+        if getattr(stage, "terminal", False) and not getattr(after, "after_direction", False):
             raise ValueError(
                 f"{stage!r} outputs a step direction, not a noisy gradient: it must be the last "
-                f"stage, but {chain[i + 1]!r} follows it"
+                f"stage, but {after!r} follows it"
             )
     return chain
 
@@ -104,7 +106,8 @@ def stage_input_sigmas(chain: Sequence[Any], sigma: float, step: int) -> list[fl
 
 def take_stats(chain: Sequence[Any], sigmas: Sequence[float] | None) -> dict[Key, dict[str, Any]]:
     """Per denoised matrix of the last step recorded: each spectral stage's ``take_stats()``
-    (kept rank, norm ratio) plus ``sigma``, the noise level it shrank at, and ``stage``, its
+    (kept rank, norm ratio) plus ``sigma``, the noise level it shrank at (its input's, unless
+    the stage reports its own: a TrajectoryDenoiser's sum), and ``stage``, its
     place in the chain. A matrix shrunk by two stages is keyed ``"<key>@<stage>"`` the second
     time."""
     stats: dict[Key, dict[str, Any]] = {}
@@ -114,7 +117,8 @@ def take_stats(chain: Sequence[Any], sigmas: Sequence[float] | None) -> dict[Key
         for key, values in stage.take_stats().items():
             record = {**values, "stage": index}
             if sigmas is not None:
-                record["sigma"] = float(sigmas[index])
+                # A stage that shrinks at its own level (the trajectory's sum) says it.
+                record.setdefault("sigma", float(sigmas[index]))
             stats[key if key not in stats else f"{key}@{index}"] = record
     return stats
 

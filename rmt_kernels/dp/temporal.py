@@ -9,7 +9,8 @@ its own noise level. Its bulk edge is lower than one step's (about 0.23x at beta
 gain as a larger batch, for free, still post-processing ("first-moment shrinkage").
 
 - :class:`EMAFilter`: Adam's first moment, m_t = beta m_{t-1} + (1 - beta) g_t, bias-corrected.
-- :class:`DiSKFilter`: the simplified Kalman filter of DiSK (Zhang et al., ICLR 2025).
+- :class:`DiSKFilter`: the simplified Kalman filter of DiSK (Zhang et al., ICLR 2025), and
+  :class:`DiSKExtrapolation`, its last stage (the gradient at DiSK's extrapolated point).
 
 Each reads only the gradients and sigma it is given (post-processing), keeps its running state
 in ``state_dict()`` (tensors keyed by the gradients' keys, loadable with
@@ -36,7 +37,13 @@ from rmt_kernels.dp.stage_state import (
     same_keys,
 )
 
-__all__ = ["EMAFilter", "ema_noise_std"]
+__all__ = [
+    "DiSKExtrapolation",
+    "DiSKFilter",
+    "EMAFilter",
+    "disk_noise_std",
+    "ema_noise_std",
+]
 
 Key = Hashable
 
@@ -180,3 +187,205 @@ class EMAFilter(PostProcessor):
         if (t == 0) != (not m):
             raise ValueError(f"EMAFilter.load_state_dict: t={t} with {len(m)} moments")
         self.t, self._noise_var, self._m = t, float(noise_var), m
+
+
+def disk_noise_std(sigma: float, kappa: float, t: int) -> float:
+    """Per-entry noise std of :class:`DiSKFilter`'s output after ``t`` gradients each with
+    i.i.d. noise of std ``sigma``.
+
+    d_1 = g_1 and d_t = (1 - kappa) d_{t-1} + kappa g_t, so with r = (1 - kappa)^2 the noise
+    variance is sigma^2 (r^(t-1) + kappa^2 (1 - r^(t-1)) / (1 - r)), i.e.::
+
+        sigma * sqrt(r^(t-1) + kappa (1 - r^(t-1)) / (2 - kappa))
+
+    (sqrt(kappa / (2 - kappa)) sigma for large t: 0.74 sigma at kappa 0.7; sigma at kappa 1).
+    """
+    kappa = _check_unit_interval("kappa", kappa, closed_low=False)
+    if t < 1:
+        raise ValueError(f"t must be >= 1, got {t}")
+    r = (1 - kappa) ** 2
+    return sigma * math.sqrt(r ** (t - 1) + kappa * (1 - r ** (t - 1)) / (2 - kappa))
+
+
+class DiSKFilter(PostProcessor):
+    """DiSK's simplified Kalman filter of the noisy gradients (Zhang, Bu, Balle, Hong,
+    Razaviyayn & Mirrokni, ICLR 2025, arXiv 2410.03883), the form without an extra gradient.
+
+    What it computes. At its t-th call, for every gradient g_t it is given (float32)::
+
+        d_1 = g_1,    d_t = (1 - kappa) d_{t-1} + kappa g_t
+
+    DiSK is this filter with the gradient g_t evaluated not at the iterate x_t but at the
+    extrapolated point z_t = x_t + gamma (x_t - x_{t-1}), gamma = (1 - kappa) / kappa: the
+    Kalman prediction step's Hessian-vector product H (x_t - x_{t-1}), approximated by a finite
+    difference, folds into that one evaluation (with another gamma it needs a second gradient,
+    at x_t, which no post-processor can provide). Read alone this stage is the filter at the
+    current point (an EMA with weight kappa on the new gradient, initialised at g_1); with
+    :class:`DiSKExtrapolation` as the chain's last stage the model's parameters hold z_t and
+    the run is DiSK exactly (its docstring has the algebra, and the DiSK-SGD special case).
+
+    The paper's update (its README and Algorithm 1: weight kappa on the new gradient) is
+    followed; the authors' Opacus code (``research/disk_optimizer``, ``lerp_(grad, 1 -
+    kappa)``) weighs the new gradient by 1 - kappa with the same gamma = (1 - kappa) / kappa,
+    which agrees only at kappa 0.5. Default kappa 0.7 (their default).
+
+    A linear filter: its output's noise is Gaussian, i.i.d. per entry, of std
+    :meth:`output_sigma` (tracked exactly; :func:`disk_noise_std` for a constant sigma), so a
+    Denoiser may follow at that level.
+
+    Args:
+        kappa: the Kalman gain, the weight of the new gradient, in (0, 1] (1: the identity).
+    """
+
+    def __init__(self, kappa: float = 0.7) -> None:
+        self.kappa = _check_unit_interval("DiSKFilter: kappa", kappa, closed_low=False)
+        #: Calls so far.
+        self.t = 0
+        self._noise_var = 0.0
+        self._d: dict[Key, torch.Tensor] = {}
+
+    def __repr__(self) -> str:
+        return f"DiSKFilter(kappa={self.kappa})"
+
+    def __call__(
+        self, grads: dict[Key, torch.Tensor], sigma: float, step: int
+    ) -> dict[Key, torch.Tensor]:
+        """One step of the filter; the estimates d_t, by key, in the gradients' dtypes
+        (``step`` is not used)."""
+        same_keys("DiSKFilter", self._d, grads)
+        self.t += 1
+        k = self.kappa
+        first = self.t == 1
+        self._noise_var = sigma**2 if first else (1 - k) ** 2 * self._noise_var + k**2 * sigma**2
+        out = {}
+        for key, g in grads.items():
+            if first:
+                d = self._d[key] = g.detach().float().clone()
+            else:
+                d = self._d[key]
+                if d.device != g.device:  # loaded from a checkpoint onto another device
+                    d = self._d[key] = d.to(g.device)
+                d.mul_(1 - k).add_(g.float(), alpha=k)
+            out[key] = d.to(g.dtype, copy=True)
+        return out
+
+    def output_sigma(self, sigma: float, step: int) -> float:
+        """Per-entry noise std of the last output (exact; :func:`disk_noise_std` for a
+        constant sigma). Before the first call: ``sigma``."""
+        return sigma if self.t == 0 else math.sqrt(self._noise_var)
+
+    def state_dict(self) -> dict[str, Any]:
+        """``kappa`` (checked at load), ``t``, ``noise_var`` and ``d`` (float32, by key)."""
+        return {
+            "kappa": self.kappa,
+            "t": self.t,
+            "noise_var": self._noise_var,
+            "d": clone_tensors(self._d),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output.
+
+        Raises:
+            TypeError, ValueError: not a DiSKFilter state, another kappa, or a bad value.
+        """
+        state = check_fields("DiSKFilter", state, ("kappa", "t", "noise_var", "d"))
+        check_hyper_parameters("DiSKFilter", state, {"kappa": self.kappa})
+        t = check_step_count("DiSKFilter", state["t"])
+        noise_var = state["noise_var"]
+        if not (isinstance(noise_var, numbers.Real) and 0 <= noise_var < math.inf):
+            raise ValueError(f"DiSKFilter.load_state_dict: bad noise_var {noise_var!r}")
+        d = check_tensors("DiSKFilter", state["d"], "d")
+        if (t == 0) != (not d):
+            raise ValueError(f"DiSKFilter.load_state_dict: t={t} with {len(d)} estimates")
+        self.t, self._noise_var, self._d = t, float(noise_var), d
+
+
+class DiSKExtrapolation(PostProcessor):
+    """The last stage of DiSK: moves the model's parameters along DiSK's extrapolated points,
+    so that the next gradient is evaluated at z_{t+1} = x_{t+1} + gamma (x_{t+1} - x_t),
+    gamma = (1 - kappa) / kappa (see :class:`DiSKFilter`).
+
+    The model's parameters hold z_t, not DiSK's iterate x_t. With a ``direction`` a_t per step
+    (this stage's input: the filter's d_t for DiSK-SGD, a DPAdam direction for DiSK-Adam) and
+    plain SGD at a constant learning rate eta applied to this stage's output u_t::
+
+        u_1 = (1 + gamma) a_1,    u_t = (1 + gamma) a_t - gamma a_{t-1}
+
+    gives z_{t+1} = z_t - eta u_t, which is exactly DiSK's x_{t+1} = x_t - eta a_t with
+    z_t = x_t + gamma (x_t - x_{t-1}) (x_0 = x_1: no extrapolation at the first step). The
+    iterate itself is x_t = z_t + eta * gamma * a_{t-1} (:meth:`iterate_offset` times the
+    learning rate): evaluate there (it is also x_t = kappa z_t + (1 - kappa) x_{t-1}, an
+    average of the z's). Under a learning-rate schedule the same output moves x by
+    -eta_t a_t + gamma (eta_t - eta_{t-1}) a_{t-1} per step: DiSK up to a drift of the order of
+    the schedule's change per step.
+
+    DiSK-SGD is DP-SGD in disguise: with a_t = d_t, u_t = (1/kappa)(d_t - (1 - kappa) d_{t-1})
+    = g_t for t >= 2 (and g_1 / kappa at t = 1), so z follows plain DP-SGD on the released
+    gradients and x is the exponential average of the z's. Its gain (if any) is in evaluating
+    at x; the recipe with an adaptive step (DiSK-Adam: ``[DiSKFilter(k), DPAdam(beta1=0.0),
+    DiSKExtrapolation(k)]``) is not so reducible.
+
+    Output: a step direction, not a noisy gradient (``terminal``; ``output_sigma`` NaN). It may
+    follow another terminal stage (a DPAdam): ``after_direction``.
+
+    Args:
+        kappa: DiSK's Kalman gain (the same as the :class:`DiSKFilter`'s), in (0, 1].
+    """
+
+    terminal = True
+    #: May come after a stage whose output is a direction (DPAdam).
+    after_direction = True
+
+    def __init__(self, kappa: float = 0.7) -> None:
+        self.kappa = _check_unit_interval("DiSKExtrapolation: kappa", kappa, closed_low=False)
+        self.gamma = (1 - self.kappa) / self.kappa
+        self.t = 0
+        self._previous: dict[Key, torch.Tensor] = {}
+
+    def __repr__(self) -> str:
+        return f"DiSKExtrapolation(kappa={self.kappa})"
+
+    def __call__(
+        self, grads: dict[Key, torch.Tensor], sigma: float, step: int
+    ) -> dict[Key, torch.Tensor]:
+        """The SGD directions u_t of the extrapolated points, by key (``step`` unused)."""
+        same_keys("DiSKExtrapolation", self._previous, grads)
+        self.t += 1
+        out = {}
+        for key, a in grads.items():
+            a32 = a.detach().float()
+            u = a32 * (1 + self.gamma)
+            previous = self._previous.get(key)
+            if previous is not None:
+                u.sub_(previous.to(a.device), alpha=self.gamma)
+            self._previous[key] = a32.clone()
+            out[key] = u.to(a.dtype)
+        return out
+
+    def iterate_offset(self) -> dict[Key, torch.Tensor]:
+        """gamma * a_{t-1} by key: DiSK's iterate is x_t = z_t + lr * this (constant lr; the
+        last step's lr under a schedule); empty before the first step."""
+        return {k: self.gamma * a for k, a in self._previous.items()}
+
+    def output_sigma(self, sigma: float, step: int) -> float:
+        """NaN: the output is a step direction."""
+        return math.nan
+
+    def state_dict(self) -> dict[str, Any]:
+        """``kappa`` (checked at load), ``t`` and ``previous`` (a_{t-1}, float32, by key)."""
+        return {"kappa": self.kappa, "t": self.t, "previous": clone_tensors(self._previous)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output.
+
+        Raises:
+            TypeError, ValueError: not a DiSKExtrapolation state, another kappa, a bad value.
+        """
+        state = check_fields("DiSKExtrapolation", state, ("kappa", "t", "previous"))
+        check_hyper_parameters("DiSKExtrapolation", state, {"kappa": self.kappa})
+        t = check_step_count("DiSKExtrapolation", state["t"])
+        previous = check_tensors("DiSKExtrapolation", state["previous"], "previous")
+        if (t == 0) != (not previous):
+            raise ValueError(f"DiSKExtrapolation.load_state_dict: t={t} with {len(previous)}")
+        self.t, self._previous = t, previous

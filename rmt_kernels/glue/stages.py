@@ -15,11 +15,18 @@ gradient (privacy unchanged):
   (needs ``--denoise``; SGD at a constant learning rate without weight decay, no filter, no
   DP-Adam: the identity W_t = W_0 - lr * D_t needs exactly that).
 
-DPAdam (``--dp-adam plain|bc``, or the moment target) is the last stage and the optimizer is
-then plain SGD (momentum 0; ``--weight-decay`` is then AdamW's decoupled decay); its beta1 is 0
-when a filter comes before it (the numerator is already a moment), else 0.9; its v is always
-computed from the released gradient (the same as from its input when nothing precedes it).
-Without a DPAdam stage the optimizer is ``--optimizer`` (AdamW by default, as before).
+``--filter disk`` is DiSK (rmt_kernels/dp/temporal.py): its filter where ``--filter`` goes and
+its extrapolation last; the model then holds DiSK's extrapolated point, and evaluations and
+``--save`` use its iterate (the point plus the last step's learning rate times
+``DiSKExtrapolation.iterate_offset()``). With ``--dp-adam none`` that is DiSK-SGD (plain DP-SGD
+on the extrapolated points, evaluated at their average), with ``plain``/``bc`` DiSK-Adam.
+
+DPAdam (``--dp-adam plain|bc``, or the moment target) is the last stage (before DiSK's
+extrapolation) and the optimizer is then plain SGD (momentum 0; ``--weight-decay`` is then
+AdamW's decoupled decay); its beta1 is 0 when a filter comes before it (the numerator is
+already a moment), else 0.9; its v is always computed from the released gradient (the same as
+from its input when nothing precedes it). Without a DPAdam stage (and without DiSK) the
+optimizer is ``--optimizer`` (AdamW by default, as before).
 """
 
 from __future__ import annotations
@@ -42,8 +49,13 @@ ADAM_BETA2 = 0.999
 
 
 def uses_sgd(cfg: TrainConfig) -> bool:
-    """Whether the chain ends in a direction for plain SGD (a DPAdam stage or the trajectory)."""
-    return cfg.dp_adam != "none" or cfg.denoise_target in ("moment", "trajectory")
+    """Whether the chain ends in a direction for plain SGD (a DPAdam stage, DiSK's
+    extrapolation or the trajectory)."""
+    return (
+        cfg.dp_adam != "none"
+        or cfg.filter == "disk"
+        or cfg.denoise_target in ("moment", "trajectory")
+    )
 
 
 def flags(cfg: TrainConfig) -> dict[str, Any]:
@@ -64,10 +76,8 @@ def _filter(cfg: TrainConfig, name: str):
 
     if name == "ema":
         return EMAFilter(cfg.filter_beta)
-    try:
-        from rmt_kernels.dp.temporal import DiSKFilter
-    except ImportError:
-        raise ValueError("--filter disk is not in this version of rmt_kernels yet") from None
+    from rmt_kernels.dp.temporal import DiSKFilter
+
     return DiSKFilter(cfg.disk_kappa)
 
 
@@ -81,12 +91,7 @@ def post_processors(cfg: TrainConfig) -> list:
     options = denoise_options(cfg)
     chain: list = []
     if cfg.denoise_target == "trajectory":
-        try:
-            from rmt_kernels.dp.trajectory import TrajectoryDenoiser
-        except ImportError:
-            raise ValueError(
-                "--denoise-target trajectory is not in this version of rmt_kernels yet"
-            ) from None
+        from rmt_kernels.dp.trajectory import TrajectoryDenoiser
 
         return [TrajectoryDenoiser(options)]
     if cfg.denoise_target == "moment":
@@ -100,7 +105,7 @@ def post_processors(cfg: TrainConfig) -> list:
                 second_moment_from="released",
             )
         )
-        return chain
+        return chain + _disk_extrapolation(cfg)
     if options is not None:
         chain.append(Denoiser(options))
     if cfg.filter != "none":
@@ -114,7 +119,30 @@ def post_processors(cfg: TrainConfig) -> list:
                 second_moment_from="released",
             )
         )
-    return chain
+    return chain + _disk_extrapolation(cfg)
+
+
+def _disk_extrapolation(cfg: TrainConfig) -> list:
+    """DiSK's last stage with ``--filter disk`` (the gradient at its extrapolated point), else
+    nothing."""
+    if cfg.filter != "disk":
+        return []
+    from rmt_kernels.dp.temporal import DiSKExtrapolation
+
+    return [DiSKExtrapolation(cfg.disk_kappa)]
+
+
+def disk_iterate_offset(engine) -> dict | None:
+    """With ``--filter disk``: by parameter name, what to add (times the last step's learning
+    rate) to the parameters, which hold DiSK's extrapolated point z_t, to get its iterate x_t
+    (evaluated and saved); None without DiSK."""
+    from rmt_kernels.dp.temporal import DiSKExtrapolation
+
+    stage = next(
+        (s for s in getattr(engine, "post_processors", ()) if isinstance(s, DiSKExtrapolation)),
+        None,
+    )
+    return None if stage is None else stage.iterate_offset()
 
 
 def learning_rate(cfg: TrainConfig, step: int, total_steps: int) -> float:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import resource
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,7 @@ from rmt_kernels.glue.model import (
 from rmt_kernels.glue.outputs import check_outputs, json_safe, save_model, write_json
 from rmt_kernels.glue.privacy import Privacy, privatize, sampling_generator
 from rmt_kernels.glue.resume import Checkpointer, plan_checkpoint, resolve_optimisation
-from rmt_kernels.glue.stages import learning_rate
+from rmt_kernels.glue.stages import disk_iterate_offset, learning_rate
 from rmt_kernels.glue.tasks import Task, get_task
 
 
@@ -346,7 +347,8 @@ def _evaluate(run: Run, progress: Progress, bar) -> None:
     }
     progress.losses = []
     eval_batch = run.physical * EVAL_BATCH_FACTOR
-    record.update(evaluate(run.model, run.eval_data, run.task, eval_batch, run.device))
+    with _at_disk_iterate(run, step):
+        record.update(evaluate(run.model, run.eval_data, run.task, eval_batch, run.device))
     engine = run.native_engine
     if engine is not None:
         stats = engine.take_denoise_stats()
@@ -370,10 +372,46 @@ def _checkpoint(run: Run, progress: Progress) -> None:
 
 
 def _finish(run: Run) -> None:
-    """Leave torchrun's process group; save the model (``--save``, rank 0)."""
+    """Leave torchrun's process group; save the model (``--save``, rank 0; with ``--filter
+    disk`` at DiSK's iterate)."""
     leave_distributed()
     if run.cfg.save:
-        save_model(unwrap(run.model), run.tokenizer, Path(run.cfg.save))
+        with _at_disk_iterate(run, run.total_steps):
+            save_model(unwrap(run.model), run.tokenizer, Path(run.cfg.save))
+
+
+def _private_params(run: Run) -> dict:
+    """The privatised parameters by the key the post-processors use (the native engine's
+    parameter names; the Opacus drop-in's indices)."""
+    engine = run.native_engine
+    if engine is not None:
+        return dict(zip(engine.param_names, (p for _, _, p in engine.params), strict=True))
+    return dict(enumerate(getattr(run.optimizer, "params", [])))
+
+
+@contextmanager
+def _at_disk_iterate(run: Run, step: int):
+    """With ``--filter disk`` the parameters hold DiSK's extrapolated point z_t: move them to
+    its iterate x_t = z_t + lr * offset (the learning rate of step ``step``, the last one run)
+    for the block, then put z_t back exactly (rmt_kernels/glue/stages.py)."""
+    holder = run.native_engine or run.optimizer
+    offset = disk_iterate_offset(holder) if run.cfg.dp and step > 0 else None
+    if not offset:
+        yield
+        return
+    lr = learning_rate(run.cfg, step - 1, run.total_steps)
+    params = _private_params(run)
+    moved = [(params[k], d) for k, d in offset.items()]
+    saved = [p.detach().clone() for p, _ in moved]
+    with torch.no_grad():
+        for p, d in moved:
+            p.add_(d.to(p.device, p.dtype), alpha=lr)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for (p, _), s in zip(moved, saved, strict=True):
+                p.copy_(s)
 
 
 def peak_memory_mib(device: torch.device) -> float:
