@@ -612,3 +612,78 @@ def test_a_resumed_run_is_bit_identical(name):
     # Guard: a resume without the stages' states differs.
     forgot = _train(factory, 6, resume_at=3, forget=True)
     assert any(not torch.equal(straight[k], forgot[k]) for k in straight)
+
+
+# ------------------------------------------------------------------------------------------
+# The Opacus drop-in
+# ------------------------------------------------------------------------------------------
+
+
+def _opacus_pair(chain, *, noise=1.0, seed=5):
+    """A plain Opacus DPOptimizer and our twin with ``chain``, on copies of one model, with
+    noise generators seeded alike: the same released gradients."""
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+
+    from rmt_kernels.opacus import DenoisingDPOptimizer
+
+    made = []
+    for post_processors in (None, chain):
+        gsm = GradSampleModule(_mlp())
+        kwargs = dict(
+            noise_multiplier=noise,
+            max_grad_norm=C,
+            expected_batch_size=BATCH,
+            generator=torch.Generator().manual_seed(seed),
+        )
+        sgd = torch.optim.SGD(gsm.parameters(), lr=0.0)
+        if post_processors is None:
+            made.append((gsm, DPOptimizer(sgd, **kwargs)))
+        else:
+            made.append((gsm, DenoisingDPOptimizer(sgd, post_processors=chain, **kwargs)))
+    return made
+
+
+@pytest.mark.parametrize("name", list(_stage_chains()))
+def test_the_drop_in_feeds_the_chain_the_released_gradient_only(name, monkeypatch):
+    """Opacus's released p.grad (a plain DPOptimizer with the same noise draws) is what the
+    chain's first stage gets; what the twin writes is the chain replayed on those alone."""
+    chain = _stage_chains()[name]()
+    spy = Spy(chain[0], monkeypatch)
+    (plain_model, plain), (model, twin) = _opacus_pair(chain)
+    x, y = _data(BATCH)[:]
+    released, written, steps = [], [], []
+    for _ in range(3):
+        for m, opt in ((plain_model, plain), (model, twin)):
+            _backward(m, x, y)
+            steps.append(twin.denoise_steps)
+            opt.step()
+        released.append({i: p.grad.clone() for i, p in enumerate(plain.params)})
+        written.append({i: p.grad.clone() for i, p in enumerate(twin.params)})
+        for opt in (plain, twin):
+            opt.zero_grad()
+    sigma = 1.0 * C / BATCH  # Opacus's noise std on the sum, over the expected batch
+    for (args, _), grads in zip(spy.calls, released, strict=True):
+        got, got_sigma, _ = args
+        assert got_sigma == sigma
+        assert set(got) == set(grads) and all(torch.equal(got[i], grads[i]) for i in grads)
+    replay = _stage_chains()[name]()
+    monkeypatch.undo()
+    for t, (grads, out) in enumerate(zip(released, written, strict=True)):
+        again = post_process(replay, grads, sigma, steps[2 * t + 1])
+        assert all(torch.equal(again[i].to(out[i].dtype), out[i]) for i in out), t
+
+
+def test_the_drop_in_advances_the_sketch_seed_for_any_shrinking_stage():
+    (_, _), (model, twin) = _opacus_pair([TrajectoryDenoiser({"min_dim": 1})])
+    x, y = _data(BATCH)[:]
+    for t in range(3):
+        assert twin.denoise_steps == t
+        _backward(model, x, y)
+        twin.step()
+        twin.zero_grad()
+    # A chain without one leaves it at 0, as before.
+    (_, _), (model, twin) = _opacus_pair([EMAFilter()])
+    _backward(model, x, y)
+    twin.step()
+    assert twin.denoise_steps == 0

@@ -74,6 +74,10 @@ def test_linear_schedule_decays_to_zero_over_the_run():
         ["--filter", "disk", "--disk-kappa", 0.6],
         ["--filter", "disk", "--dp-adam", "bc", "--save", "SAVE"],
         ["--denoise", "--denoise-target", "trajectory", "--kappa", 0.5],
+        # The Opacus drop-in runs the same chains.
+        ["--engine", "opacus", "--filter", "ema", "--dp-adam", "bc"],
+        ["--engine", "opacus", "--filter", "disk", "--dp-adam", "plain"],
+        ["--engine", "opacus", "--denoise", "--denoise-target", "moment"],
     ],
 )
 def test_tiny_runs_with_each_flag(tiny, tmp_path, extra):  # noqa: F811
@@ -84,11 +88,13 @@ def test_tiny_runs_with_each_flag(tiny, tmp_path, extra):  # noqa: F811
     assert all(0 <= e["accuracy"] <= 1 for e in log["evals"])
     if "--dp-adam" in extra or "moment" in extra or "disk" in extra or "trajectory" in extra:
         assert cfg["optimizer"] == "sgd"
+    if "opacus" in extra:
+        assert all("denoise" not in e for e in log["evals"])
     if "trajectory" in extra:  # the sum's level: sigma * sqrt(t)
         for e in log["evals"]:
             for s in e["denoise"].values():
                 assert s["sigma"] == pytest.approx(1.0 / 8 * math.sqrt(e["step"]))
-    if "moment" in extra:
+    if "moment" in extra and "opacus" not in extra:  # (the native engine logs the stats)
         # The moment's noise level at each evaluation step, for every denoised matrix.
         sigma = 1.0 * 1.0 / 8  # noise multiplier * C / batch
         for e in log["evals"]:

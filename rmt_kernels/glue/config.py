@@ -178,6 +178,9 @@ class TrainConfig:
             )
 
     def _check_stages(self) -> None:
+        # Imported here: privacy.py reads this module's TrainConfig.
+        from rmt_kernels.glue.privacy import denoising_privacy_engine
+
         for flag, value, choices in (
             ("--filter", self.filter, FILTERS),
             ("--denoise-target", self.denoise_target, DENOISE_TARGETS),
@@ -226,9 +229,10 @@ class TrainConfig:
                 f"{self.denoise_target} the chain ends in an Adam (or trajectory) direction "
                 "that plain SGD applies: give --optimizer sgd or leave it out"
             )
-        if staged and self.engine != "native":
+        if staged and self.engine == "opacus" and denoising_privacy_engine() is None:
             raise ValueError(
-                "--filter, --dp-adam and --denoise-target are for --engine native for now"
+                "--engine opacus with --filter, --dp-adam or --denoise-target needs "
+                "rmt_kernels.opacus.DenoisingPrivacyEngine, which this installation lacks"
             )
 
     def _check_run(self) -> None:

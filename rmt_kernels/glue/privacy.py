@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from rmt_kernels.glue.config import TrainConfig, denoise_options
+from rmt_kernels.glue.config import TrainConfig
 from rmt_kernels.glue.stages import post_processors
 
 if TYPE_CHECKING:
@@ -190,14 +190,17 @@ def _opacus(
     cfg: TrainConfig, model, optimizer, loader, noise_multiplier: float, device: torch.device
 ):
     """(engine, (model, optimizer, loader)) of Opacus's PrivacyEngine, or of our drop-in
-    ``DenoisingPrivacyEngine`` with ``--denoise`` (``--engine opacus``)."""
-    engine_class = denoising_privacy_engine() if cfg.denoise else None
+    ``DenoisingPrivacyEngine`` with ``--denoise`` or another post-processing flag (``--engine
+    opacus``)."""
+    chain = post_processors(cfg)
+    engine_class = denoising_privacy_engine() if chain else None
     if engine_class is None:
         from opacus import PrivacyEngine
 
         engine_class = PrivacyEngine
     engine = engine_class(accountant=cfg.accountant)
-    extra = {"denoise": denoise_options(cfg)} if cfg.denoise else {}
+    # --denoise and the other post-processing flags, as one chain of stages.
+    extra = {"post_processors": chain} if chain else {}
     # Opacus draws its noise from this generator (without one, from the global RNG that --seed
     # seeded): secret unless --noise-seed.
     noise_seed = cfg.noise_seed if cfg.noise_seed is not None else secrets.randbits(63)

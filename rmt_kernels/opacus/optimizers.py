@@ -20,7 +20,7 @@ Written against opacus==1.6.0.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from opacus.optimizers import (
@@ -35,6 +35,7 @@ from opacus.optimizers import (
 )
 from torch.optim import Optimizer
 
+from rmt_kernels.dp.chain import build_chain, first_denoiser, spectral_stages
 from rmt_kernels.dp.postprocess import (
     DENOISE_OPTIONS,
     Denoiser,
@@ -74,14 +75,23 @@ class _DenoisingMixin:
     post_processors: list[PostProcessor]
 
     def __init__(
-        self, optimizer: Optimizer, *, denoise: Mapping[str, Any] | None = None, **kwargs: Any
+        self,
+        optimizer: Optimizer,
+        *,
+        denoise: Mapping[str, Any] | None = None,
+        post_processors: Sequence[PostProcessor | Callable] | None = None,
+        **kwargs: Any,
     ) -> None:
         # Validated before Opacus touches the parameters, so a bad option fails cleanly.
         self.denoise_options = check_denoise_options(denoise)
-        # Every 2-D gradient is a candidate (keys=None): Opacus knows no modules here.
-        self.denoiser = None if denoise is None else Denoiser(self.denoise_options)
-        self.post_processors = [] if self.denoiser is None else [self.denoiser]
-        # Steps denoised so far: the post-processors' step counter (the sketch's seed).
+        # The chain, as the native engine builds it (rmt_kernels/dp/chain.py: ``denoise`` is a
+        # Denoiser at its front). Every 2-D gradient is a Denoiser's candidate (keys=None):
+        # Opacus knows no modules here.
+        self.post_processors = build_chain(self.denoise_options, post_processors)
+        self.denoiser = first_denoiser(self.post_processors)
+        # Steps denoised so far: the post-processors' step counter (the sketch's seed). The
+        # temporal stages count their own steps (every released step), so this counter keeps
+        # the meaning it always had.
         self.denoise_steps = 0
         super().__init__(optimizer, **kwargs)  # type: ignore[call-arg]
 
@@ -135,8 +145,9 @@ class _DenoisingMixin:
         grads = {i: p.grad for i, p in enumerate(params) if p.grad is not None}
         step = self.denoise_steps
         # The step counter advances only on steps that denoise something (its meaning since
-        # the first release: the sketch seed of the t-th denoised step is seed + t).
-        if sigma > 0 and self.denoiser is not None and self.denoiser.selected(grads):
+        # the first release: the sketch seed of the t-th denoised step is seed + t), whichever
+        # stage of the chain does (a Denoiser, a TrajectoryDenoiser).
+        if sigma > 0 and any(s.selected(grads) for s in spectral_stages(self.post_processors)):
             self.denoise_steps += 1
         out = post_process(self.post_processors, grads, sigma, step)
         for i, g in out.items():

@@ -1,4 +1,6 @@
-"""A PrivacyEngine whose ``make_private(..., denoise={...})`` returns a denoising DP optimizer.
+"""A PrivacyEngine whose ``make_private(..., denoise={...}, post_processors=[...])`` returns a
+DP optimizer that post-processes the noisy gradient (denoising, temporal filters, a DP-aware
+Adam: the chain of rmt_kernels/dp/chain.py, shared with the native engine).
 
 Only Opacus's ``_prepare_optimizer`` is extended: Opacus still wraps the model, builds the
 Poisson data loader, picks the optimizer flavour and the noise generator, and attaches the
@@ -36,7 +38,7 @@ from __future__ import annotations
 
 import secrets
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -48,6 +50,7 @@ from torch import nn
 from torch.distributed._composable.fsdp import FSDPModule
 from torch.nn.parallel import DistributedDataParallel
 
+from rmt_kernels.dp.chain import build_chain
 from rmt_kernels.opacus.ghost import (
     CertifiedGradSampleHooksFastGradientClipping,
     CertifiedGradSampleModuleFastGradientClipping,
@@ -62,12 +65,16 @@ _UNSET: Any = object()
 
 
 class DenoisingPrivacyEngine(PrivacyEngine):
-    """Opacus's PrivacyEngine with a ``denoise`` option on ``make_private`` and
-    ``make_private_with_epsilon``.
+    """Opacus's PrivacyEngine with ``denoise`` and ``post_processors`` options on
+    ``make_private`` and ``make_private_with_epsilon``.
 
     ``denoise`` is a dict of :func:`rmt_kernels.denoise` options (``{}`` for the defaults) or None
-    (the default), in which case the engine returns exactly the optimizer Opacus would. The
-    options are validated before anything is wrapped, so a typo fails before the model is touched.
+    (the default); ``post_processors`` a list of stages (rmt_kernels/dp/chain.py: e.g.
+    ``[EMAFilter(0.9), Denoiser({"kappa": 1.0}), DPAdam(beta1=0.0)]``, then a plain SGD as the
+    wrapped optimizer) or None. With both None the engine returns exactly the optimizer Opacus
+    would. Both are validated before anything is wrapped, so a typo fails before the model is
+    touched. The stages' keys are the parameters' indices in ``optimizer.params``; every 2-D
+    gradient is a Denoiser's candidate (Opacus knows no modules).
 
     Example:
         >>> engine = DenoisingPrivacyEngine(accountant="rdp")
@@ -82,52 +89,73 @@ class DenoisingPrivacyEngine(PrivacyEngine):
         super().__init__(accountant=accountant, secure_mode=secure_mode)
         # Options of the make_private call in progress: Opacus's make_private forwards its
         # **kwargs to the optimizer, the criterion and (via make_private_with_epsilon) to
-        # get_noise_multiplier, so ``denoise`` travels on the engine instead of through kwargs.
+        # get_noise_multiplier, so ``denoise`` and ``post_processors`` travel on the engine
+        # instead of through kwargs.
         self._denoise: dict[str, Any] | None = None
+        self._post_processors: list | None = None
         # Whether the noise of the last make_private comes from a seed nobody chose: True for
         # the default (OS-seeded generator) and secure mode, False with a caller's
         # noise_generator; None before make_private. The optimizer carries the same attribute.
         self.noise_seed_is_secret: bool | None = None
 
     def make_private(  # type: ignore[override]
-        self, *, denoise: Mapping[str, Any] | None = _UNSET, **kwargs: Any
+        self,
+        *,
+        denoise: Mapping[str, Any] | None = _UNSET,
+        post_processors: Sequence[Any] | None = _UNSET,
+        **kwargs: Any,
     ) -> tuple[Any, ...]:
-        """Opacus's ``make_private`` plus ``denoise`` (see the class docstring).
+        """Opacus's ``make_private`` plus ``denoise`` and ``post_processors`` (see the class
+        docstring; the chain is built as in :func:`rmt_kernels.dp.make_private`: ``denoise=D``
+        is a Denoiser at the front of ``post_processors``).
 
         Returns what Opacus returns: (module, optimizer, data_loader), or (module, optimizer,
-        criterion, data_loader) for ghost clipping; the optimizer denoises when ``denoise`` is
-        not None.
+        criterion, data_loader) for ghost clipping; the optimizer post-processes when
+        ``denoise`` or ``post_processors`` is given.
 
         Raises:
-            TypeError / ValueError: an unknown or invalid ``denoise`` option.
-            NotImplementedError: ``denoise`` with an optimizer flavour that has no denoising twin
-                (distributed, FSDP, adaptive clipping).
+            TypeError / ValueError: an unknown or invalid ``denoise`` option, or a bad chain.
+            NotImplementedError: post-processing with an optimizer flavour that has no twin
+                (FSDP, adaptive clipping).
         """
-        previous = self._denoise
+        previous = self._denoise, self._post_processors
         if denoise is not _UNSET:
             self._denoise = validate_denoise_options(denoise)
+        if post_processors is not _UNSET:
+            self._post_processors = None if post_processors is None else list(post_processors)
         try:
-            if self._denoise is not None:
+            if self._post_processing():
+                build_chain(self._denoise, self._post_processors)  # checked before any wrap
                 _check_flavour_early(kwargs)
             return super().make_private(**kwargs)
         finally:
-            self._denoise = previous
+            self._denoise, self._post_processors = previous
 
     def make_private_with_epsilon(  # type: ignore[override]
-        self, *, denoise: Mapping[str, Any] | None = None, **kwargs: Any
+        self,
+        *,
+        denoise: Mapping[str, Any] | None = None,
+        post_processors: Sequence[Any] | None = None,
+        **kwargs: Any,
     ) -> tuple[Any, ...]:
-        """Opacus's ``make_private_with_epsilon`` plus ``denoise``.
+        """Opacus's ``make_private_with_epsilon`` plus ``denoise`` and ``post_processors``.
 
-        The noise multiplier is calibrated for the target epsilon exactly as in Opacus: denoising
-        is post-processing and costs no privacy.
+        The noise multiplier is calibrated for the target epsilon exactly as in Opacus:
+        post-processing costs no privacy.
         """
         options = validate_denoise_options(denoise)
-        previous, self._denoise = self._denoise, options
+        previous = self._denoise, self._post_processors
+        self._denoise = options
+        self._post_processors = None if post_processors is None else list(post_processors)
         try:
-            # Opacus calls self.make_private, i.e. ours, without ``denoise``: see _UNSET.
+            # Opacus calls self.make_private, i.e. ours, without them: see _UNSET.
             return super().make_private_with_epsilon(**kwargs)
         finally:
-            self._denoise = previous
+            self._denoise, self._post_processors = previous
+
+    def _post_processing(self) -> bool:
+        """Whether the make_private call in progress post-processes (a twin optimizer)."""
+        return self._denoise is not None or bool(self._post_processors)
 
     def _prepare_model(
         self,
@@ -237,7 +265,7 @@ class DenoisingPrivacyEngine(PrivacyEngine):
 
     def _build_optimizer(self, **kwargs: Any) -> DPOptimizer:
         opacus_optimizer = super()._prepare_optimizer(**kwargs)
-        if self._denoise is None:
+        if not self._post_processing():
             return opacus_optimizer
         twin = denoising_optimizer_class(type(opacus_optimizer))
         for key in ("optimizer", "noise_generator", "distributed", "clipping", "grad_sample_mode"):
@@ -245,6 +273,7 @@ class DenoisingPrivacyEngine(PrivacyEngine):
         return twin(
             opacus_optimizer.original_optimizer,
             denoise=self._denoise,
+            post_processors=self._post_processors,
             generator=opacus_optimizer.generator,
             secure_mode=opacus_optimizer.secure_mode,
             **kwargs,
