@@ -153,20 +153,29 @@ def test_denoise_is_post_processing_of_the_noisy_gradient(monkeypatch):
     # The denoiser (rmt_kernels/dp/postprocess.py) calls the op through rmt_kernels.ops.
     import rmt_kernels.ops as ops_module
 
-    seen = {}
+    seen = {"grads": []}
     real = ops_module.denoise_many
+    real_warm = getattr(ops_module, "denoise_warm", None)
 
     def spy(grads, sigma, **options):
-        seen["grads"] = [g.clone() for g in grads]
+        seen["grads"] += [g.clone() for g in grads]
         seen["sigma"] = sigma
         seen["options"] = options
         return real(grads, sigma, **options)
+
+    def spy_warm(grad, sigma, basis=None, **options):  # the warm-started path, one matrix
+        seen["grads"].append(grad.clone())
+        seen["sigma"] = sigma
+        seen["options"] = options
+        return real_warm(grad, sigma, basis, **options)
 
     batch = padded_batch(batch=8)
     plain, plain_opt, _ = _private(tiny_model(), batch, noise=1.0, lr=0.0)
     _backward(plain, batch)
     plain_opt.step()
     monkeypatch.setattr(ops_module, "denoise_many", spy)
+    if real_warm is not None:
+        monkeypatch.setattr(ops_module, "denoise_warm", spy_warm)
     model, opt, _ = _private(tiny_model(), batch, noise=1.0, lr=0.0, denoise={"kappa": 0.5})
     _backward(model, batch)
     opt.step()
@@ -207,6 +216,7 @@ def test_denoise_stats_report_kept_rank_and_norm_ratio():
     import rmt_kernels.ops as ops_module
 
     real = ops_module.denoise_many
+    real_warm = getattr(ops_module, "denoise_warm", None)
 
     def spy(grads, sigma, **options):
         out = real(grads, sigma, **options)
@@ -214,11 +224,20 @@ def test_denoise_stats_report_kept_rank_and_norm_ratio():
             noisy[id(d)] = (g.clone(), d)
         return out
 
+    def spy_warm(grad, sigma, basis=None, **options):  # the warm-started path, one matrix
+        out = real_warm(grad, sigma, basis, **options)
+        noisy[id(out[0])] = (grad.clone(), out[0])
+        return out
+
     ops_module.denoise_many, saved = spy, ops_module.denoise_many
+    if real_warm is not None:
+        ops_module.denoise_warm = spy_warm
     try:
         opt.step()
     finally:
         ops_module.denoise_many = saved
+        if real_warm is not None:
+            ops_module.denoise_warm = real_warm
     stats = engine.take_denoise_stats()
     assert engine.take_denoise_stats() == {}
     names = set(engine.denoiser.keys)
