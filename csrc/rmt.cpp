@@ -12,7 +12,13 @@ TORCH_LIBRARY(rmt, m) {
   // See rmt_kernels.denoise for the meaning of every argument.
   m.def(
       "denoise(Tensor grad, float sigma, *, str shrinker=\"frobenius\", float kappa=1.0, "
-      "int rank=-1, int oversample=8, int niter=2, str norm=\"none\", int seed=0) -> Tensor");
+      "int rank=-1, int oversample=8, int niter=-1, str norm=\"none\", int seed=0) -> Tensor");
+  // The same, started from a basis (for example the one it returned at the last step): returns
+  // (estimate, new basis, passes). See rmt_kernels.denoise_warm.
+  m.def(
+      "denoise_warm(Tensor grad, float sigma, Tensor basis, str shrinker=\"frobenius\", "
+      "float kappa=1.0, int rank=-1, int oversample=8, int niter=-1, str norm=\"none\", "
+      "int seed=0) -> (Tensor, Tensor, Tensor)");
 
   // Fused DP-SGD gradient ops (book-keeping clipping): per-example squared gradient norms without
   // per-example gradients, and the clipped sum with counter-based Philox noise in one pass.
@@ -39,7 +45,9 @@ TORCH_LIBRARY(rmt, m) {
 
 // `import rmt_kernels._C` loads this shared library, which runs the registrations above. The
 // module exposes the constants Python shares with C++, so that it reads them instead of copying
-// them: INITIAL_RANK, MAX_POWER_ITERATIONS and use_gram_route(T, d_in, d_out) (csrc/constants.h),
+// them: INITIAL_RANK, MAX_POWER_ITERATIONS, the stopping rule of the range finder
+// (RITZ_TOLERANCE, RITZ_WINDOW, COLD_PASSES, MAX_ADAPTIVE_PASSES), BASIS_MARGIN and
+// use_gram_route(T, d_in, d_out) (csrc/constants.h),
 // TAIL_BITS and NOISE_STREAM_VERSION (the noise stream's tail threshold and version,
 // csrc/cpu/philox.h).
 namespace {
@@ -65,6 +73,11 @@ PyObject* PyInit__C(void) {
   if (module == nullptr) return nullptr;
   if (PyModule_AddIntConstant(module, "INITIAL_RANK", rmt::kInitialRank) < 0 ||
       PyModule_AddIntConstant(module, "MAX_POWER_ITERATIONS", rmt::kMaxPowerIterations) < 0 ||
+      PyModule_AddIntConstant(module, "MAX_ADAPTIVE_PASSES", rmt::kMaxAdaptivePasses) < 0 ||
+      PyModule_AddIntConstant(module, "COLD_PASSES", rmt::kColdPasses) < 0 ||
+      PyModule_AddIntConstant(module, "BASIS_MARGIN", rmt::kBasisMargin) < 0 ||
+      PyModule_AddObject(module, "RITZ_TOLERANCE", PyFloat_FromDouble(rmt::kRitzTolerance)) < 0 ||
+      PyModule_AddObject(module, "RITZ_WINDOW", PyFloat_FromDouble(rmt::kRitzWindow)) < 0 ||
       PyModule_AddIntConstant(module, "TAIL_BITS", rmt::philox::kTailBits) < 0 ||
       PyModule_AddIntConstant(module, "NOISE_STREAM_VERSION", rmt::philox::kNoiseStreamVersion) <
           0) {

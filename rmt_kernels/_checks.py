@@ -89,9 +89,10 @@ def check_denoise_arguments(
         raise ValueError(
             f"denoise: oversample must be between 0 and {MAX_OVERSAMPLE}, got {oversample}"
         )
-    if not 0 <= niter <= MAX_POWER_ITERATIONS:
+    if not -1 <= niter <= MAX_POWER_ITERATIONS:
         raise ValueError(
-            f"denoise: niter must be between 0 and {MAX_POWER_ITERATIONS}, got {niter}"
+            f"denoise: niter must be -1 (adaptive) or between 0 and {MAX_POWER_ITERATIONS}, "
+            f"got {niter}"
         )
     if shrinker not in SHRINKERS:
         raise ValueError(
@@ -101,6 +102,43 @@ def check_denoise_arguments(
     if norm not in NORM_CORRECTIONS:
         raise ValueError(
             f"denoise: norm must be one of 'none', 'preserve', 'debiased', got '{norm}'"
+        )
+
+
+def check_denoise_basis(grad: torch.Tensor, basis: torch.Tensor) -> None:
+    """Raise a ValueError/TypeError naming ``basis`` unless it can start ``denoise_warm`` on grad.
+
+    ``basis``: (m, k) for a matrix grad (m, n), (b, m, k) for a batch (b, m, n); float32, on
+    grad's device, 0 <= k <= min(m, n). Metadata only (runs on fake tensors); NaN/Inf in it are
+    checked by each kernel. Call after :func:`check_denoise_arguments` (grad is known good).
+    """
+    op = "denoise_warm"
+    if not isinstance(basis, torch.Tensor):
+        raise TypeError(f"{op}: basis must be a torch.Tensor, got {type(basis).__name__}")
+    if basis.dim() != grad.dim():
+        layout = "(m, k)" if grad.dim() == 2 else "(b, m, k)"
+        raise ValueError(
+            f"{op}: basis must have {grad.dim()} dimensions like grad ({layout}), got {basis.dim()}"
+        )
+    if grad.dim() == 3 and basis.shape[0] != grad.shape[0]:
+        raise ValueError(
+            f"{op}: basis must have one block per matrix of grad ({grad.shape[0]}), "
+            f"got {basis.shape[0]}"
+        )
+    if basis.shape[-2] != grad.shape[-2]:
+        raise ValueError(
+            f"{op}: basis must have m = {grad.shape[-2]} rows (grad's rows), got {basis.shape[-2]}"
+        )
+    full_rank = min(grad.shape[-2], grad.shape[-1])
+    if basis.shape[-1] > full_rank:
+        raise ValueError(
+            f"{op}: basis must have at most min(m, n) = {full_rank} columns, got {basis.shape[-1]}"
+        )
+    if basis.dtype != torch.float32:
+        raise TypeError(f"{op}: basis must be float32, got {basis.dtype}")
+    if basis.device != grad.device:
+        raise ValueError(
+            f"{op}: basis must be on grad's device ({grad.device}), got {basis.device}"
         )
 
 

@@ -33,6 +33,7 @@ from rmt_kernels._checks import (
     check_bias,
     check_bias_sum,
     check_denoise_arguments,
+    check_denoise_basis,
     check_embedding_norms,
     check_embedding_sum,
     check_layernorm_norms,
@@ -49,6 +50,7 @@ __all__ = [
     "clip_scales",
     "denoise",
     "denoise_many",
+    "denoise_warm",
     "embedding_clipped_noisy_sum",
     "embedding_sq_norms",
     "layernorm_clipped_noisy_sum",
@@ -64,6 +66,11 @@ OFFSET_STRIDE = 1 << 32
 # resumed from a checkpoint replays its lost steps for free only if it draws the same noise, so
 # checkpoints record this and refuse another.
 NOISE_STREAM_VERSION: int = _C.NOISE_STREAM_VERSION
+# The range finder's stopping rule and the margin of denoise_warm's basis (csrc/constants.h).
+RITZ_TOLERANCE: float = _C.RITZ_TOLERANCE
+RITZ_WINDOW: float = _C.RITZ_WINDOW
+MAX_ADAPTIVE_PASSES: int = _C.MAX_ADAPTIVE_PASSES
+BASIS_MARGIN: int = _C.BASIS_MARGIN
 
 
 # ----------------------------------------------------------------------------------------------
@@ -79,17 +86,27 @@ def denoise(
     kappa: float = 1.0,
     rank: int = -1,
     oversample: int = 8,
-    niter: int = 2,
+    niter: int = -1,
     norm: str = "none",
     seed: int = 0,
 ) -> torch.Tensor:
     """Denoise a noisy gradient matrix by Marchenko-Pastur singular-value shrinkage.
 
-    Same as ``torch.ops.rmt.denoise(grad, sigma, ...)``. A randomized range finder (Gaussian test
-    matrix, ``niter`` power iterations, a small core SVD) finds the components above the noise
-    bulk; their singular values are shrunk and everything at or below ``kappa`` times the bulk
-    edge ``sigma * (sqrt(m) + sqrt(n))`` is zeroed. It reads only the noisy matrix and ``sigma``,
-    so applied to a DP-SGD gradient it is post-processing: the privacy guarantee is unchanged.
+    Same as ``torch.ops.rmt.denoise(grad, sigma, ...)``. A randomized block Krylov range finder
+    (Gaussian sketch, then passes of ``grad^T`` and ``grad`` over a growing orthonormal basis,
+    Musco & Musco 2015; each pass ends with a Rayleigh-Ritz SVD) finds the components above the
+    noise bulk; their singular values are shrunk and everything at or below ``kappa`` times the
+    bulk edge ``sigma * (sqrt(m) + sqrt(n))`` is zeroed. It reads only the noisy matrix and
+    ``sigma``, so applied to a DP-SGD gradient it is post-processing: the privacy guarantee is
+    unchanged.
+
+    Stopping (``niter=-1``, the default): after each pass the Ritz values are compared with those
+    half a pass further on (the product the next pass needs anyway); the range finder stops once
+    every value within ``RITZ_WINDOW`` of the threshold or above moved by at most
+    ``RITZ_TOLERANCE`` (relative) and both keep the same components, or after
+    ``MAX_ADAPTIVE_PASSES`` passes. Components near the threshold are exactly those that converge
+    slowly and decide what is kept, so the rule is about them. :func:`denoise_warm` is the same
+    started from a basis (the last step's), which usually settles in its first pass.
 
     Args:
         grad: noisy matrix (m, n) or batch of matrices (b, m, n), float32, bfloat16 or float16,
@@ -103,7 +120,10 @@ def denoise(
         rank: -1 (adaptive: the sketch grows until its ``rank``-th value is below the threshold,
             so every component above it is kept) or a fixed number of components to keep at most.
         oversample: extra sketch columns beyond ``rank``, for accuracy of the kept components.
-        niter: power iterations of the range finder (0 to 100).
+        niter: -1 (adaptive, the default: stop on the rule above) or a fixed number of power
+            iterations, 0 to 100: ``niter + 1`` passes, ``2 niter + 2`` products with grad, as
+            before (each pass now extends a Krylov basis instead of replacing it: at least as
+            accurate per pass).
         norm: ``"none"``; ``"preserve"`` rescales the estimate to ``||grad||_F``; ``"debiased"``
             rescales it to ``sqrt(max(||grad||_F^2 - sigma^2 m n, 0))``. A zero estimate stays zero.
         seed: seed of the Gaussian test matrix; same seed and input give the same output.
@@ -114,7 +134,7 @@ def denoise(
     Raises:
         ValueError / TypeError naming the argument: wrong ndim, empty dimension, non-float dtype,
         sigma or kappa not finite and positive, rank outside [1, min(m, n)] and not -1, negative
-        oversample or niter, unknown shrinker or norm, NaN or Inf in ``grad``.
+        oversample, niter below -1, unknown shrinker or norm, NaN or Inf in ``grad``.
 
     Example:
         >>> g = torch.randn(768, 3072) * 0.01            # a noisy DP gradient
@@ -126,6 +146,78 @@ def denoise(
     return torch.ops.rmt.denoise(
         grad,
         float(sigma),
+        shrinker=shrinker,
+        kappa=float(kappa),
+        rank=int(rank),
+        oversample=int(oversample),
+        niter=int(niter),
+        norm=norm,
+        seed=int(seed),
+    )
+
+
+def denoise_warm(
+    grad: torch.Tensor,
+    sigma: float,
+    basis: torch.Tensor | None = None,
+    *,
+    shrinker: str = "frobenius",
+    kappa: float = 1.0,
+    rank: int = -1,
+    oversample: int = 8,
+    niter: int = -1,
+    norm: str = "none",
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`denoise` started from a basis, returning the basis to start the next call from.
+
+    Same as ``torch.ops.rmt.denoise_warm(grad, sigma, basis, ...)``. The range finder starts
+    from ``basis`` plus ``oversample`` fresh Gaussian sketch columns (seeded by ``seed``) instead
+    of a sketch alone. A DP gradient's subspace moves slowly from one step to the next, so the
+    basis this returned at the last step usually settles the range finder in its first pass
+    (two products with grad instead of at least three). With no basis (``None`` or k = 0) it is a
+    cold start: the estimate is exactly :func:`denoise`'s. The basis is a function of the noisy
+    matrix and public numbers only, so keeping it across DP-SGD steps is post-processing.
+
+    Args:
+        grad, sigma: as in :func:`denoise`.
+        basis: (m, k) float32 for grad (m, n), or (b, m, k) for a batch (b, m, n); on grad's
+            device, 0 <= k <= min(m, n), finite. Need not be orthonormal (it is
+            orthonormalised; repeated or zero columns are harmless). None: a cold start.
+        shrinker, kappa, rank, oversample, niter, norm, seed: as in :func:`denoise`.
+
+    Returns:
+        ``(estimate, new_basis, passes)``: the estimate (a new contiguous tensor like ``grad``);
+        ``new_basis`` float32 (m, k') or (b, m, k') with orthonormal columns, the left singular
+        vectors of the kept components and of the next ``BASIS_MARGIN`` below them
+        (k' = min(kept + BASIS_MARGIN, width of the range finder), kept the most components
+        any matrix of the batch kept); ``passes`` an int64 0-d tensor on grad's device, the
+        number of products with grad or grad^T this call took (each reads grad once: 2 for a
+        warm start that settles in its first pass, 3 or more for a cold start).
+
+    Raises:
+        as :func:`denoise`, plus ValueError / TypeError naming ``basis``: wrong number of
+        dimensions, rows or batch size, more than min(m, n) columns, not float32, on another
+        device, NaN or Inf.
+
+    Tracing: k' depends on the data. The fake implementation gives it an unbacked symbolic
+    size (``torch.compile`` needs ``capture_dynamic_output_shape_ops``, else it breaks the graph
+    there); meta tensors are refused after the argument checks.
+
+    Example:
+        >>> basis = None
+        >>> for step in range(3):
+        ...     g = torch.randn(768, 3072) * 0.01
+        ...     clean, basis, passes = rmt_kernels.denoise_warm(g, 0.01, basis)
+    """
+    check_denoise_arguments(grad, sigma, shrinker, kappa, rank, oversample, niter, norm, seed)
+    if basis is None:
+        basis = grad.new_empty((*grad.shape[:-1], 0), dtype=torch.float32)
+    check_denoise_basis(grad, basis)
+    return torch.ops.rmt.denoise_warm(
+        grad,
+        float(sigma),
+        basis,
         shrinker=shrinker,
         kappa=float(kappa),
         rank=int(rank),
@@ -466,6 +558,29 @@ def _denoise_fake(grad: torch.Tensor, sigma: float, **options) -> torch.Tensor:
         grad, sigma, o["shrinker"], o["kappa"], o["rank"], o["oversample"], o["niter"], o["norm"]
     )
     return torch.empty(grad.shape, dtype=grad.dtype, device=grad.device)
+
+
+@torch.library.register_fake("rmt::denoise_warm")
+def _denoise_warm_fake(
+    grad: torch.Tensor,
+    sigma: float,
+    basis: torch.Tensor,
+    shrinker: str = _DENOISE_DEFAULTS["shrinker"],
+    kappa: float = _DENOISE_DEFAULTS["kappa"],
+    rank: int = _DENOISE_DEFAULTS["rank"],
+    oversample: int = _DENOISE_DEFAULTS["oversample"],
+    niter: int = _DENOISE_DEFAULTS["niter"],
+    norm: str = _DENOISE_DEFAULTS["norm"],
+    seed: int = _DENOISE_DEFAULTS["seed"],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    check_denoise_arguments(grad, sigma, shrinker, kappa, rank, oversample, niter, norm)
+    check_denoise_basis(grad, basis)
+    # The new basis's width depends on how many components the data keeps: an unbacked size,
+    # bounded by the matrix's smaller side (meta tensors, which have no such sizes, stop here).
+    width = torch.library.get_ctx().new_dynamic_size(min=0, max=min(grad.shape[-2:]))
+    estimate = torch.empty(grad.shape, dtype=grad.dtype, device=grad.device)
+    new_basis = grad.new_empty((*grad.shape[:-1], width), dtype=torch.float32)
+    return estimate, new_basis, grad.new_empty((), dtype=torch.int64)
 
 
 def _float_empty(like: torch.Tensor, *shape: int) -> torch.Tensor:

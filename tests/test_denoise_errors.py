@@ -62,7 +62,7 @@ CASES = [
     (GOOD, 0.1, {"shrinker": "soft"}, ValueError, "shrinker"),
     (GOOD, 0.1, {"norm": "l2"}, ValueError, "norm"),
     (GOOD, 0.1, {"oversample": -1}, ValueError, "oversample"),
-    (GOOD, 0.1, {"niter": -1}, ValueError, "niter"),
+    (GOOD, 0.1, {"niter": -2}, ValueError, "niter"),
     (GOOD, 0.1, {"niter": 10**9}, ValueError, "niter"),
 ]
 

@@ -30,7 +30,7 @@ def denoise_triton(
     kappa: float = 1.0,
     rank: int = -1,
     oversample: int = 8,
-    niter: int = 2,
+    niter: int = -1,
     norm: str = "none",
     seed: int = 0,
 ) -> torch.Tensor:
@@ -47,6 +47,9 @@ def denoise_triton(
     noise_scale = kappa * sigma * math.sqrt(q)
     threshold = noise_scale * (1.0 + math.sqrt(beta))
 
+    # The adaptive stopping rule (niter = -1) of the CPU kernel is not on the device path yet:
+    # it takes the former default, two power iterations.
+    niter = 2 if niter < 0 else niter
     k = rank if rank > 0 else min(INITIAL_RANK, p)
     while True:
         width = min(k + oversample, p)
