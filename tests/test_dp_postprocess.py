@@ -12,10 +12,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from rmt_kernels import ops
 from rmt_kernels.dp import CheckpointError, PrivateEngine, load_checkpoint, make_private
 from rmt_kernels.dp import save_checkpoint as save
 from rmt_kernels.dp.engine import derived_seed, seed_id_of
 from rmt_kernels.dp.postprocess import (
+    DENOISE_OPTIONS,
     DenoiseOptionError,
     Denoiser,
     PostProcessor,
@@ -288,6 +290,9 @@ def test_both_engines_run_the_same_denoiser_with_the_same_result(monkeypatch):
         {"niter": 2.0},
         {"min_dim": 0},
         {"min_dim": 2.0},
+        {"warm_start": 1},
+        {"warm_start": "no"},
+        {"warm_start": None},
         [("kappa", 1.0)],
     ],
 )
@@ -375,3 +380,266 @@ def test_optimizer_and_checkpoint_use_only_the_engines_public_api():
     for name in ("optimizer.py", "checkpoint.py"):
         source = (ROOT / "rmt_kernels" / "dp" / name).read_text()
         assert not re.findall(r"engine\._\w+", source), name
+
+
+# ------------------------------------------------------------------------------------------
+# Warm starts: the Denoiser keeps each matrix's basis across steps (issue 14, item 2)
+# ------------------------------------------------------------------------------------------
+
+
+class Passthrough(PostProcessor):
+    """Keeps the released gradients it is given (run first: the stage's input) and changes
+    nothing."""
+
+    def __init__(self) -> None:
+        self.seen: list[dict[str, torch.Tensor]] = []
+
+    def __call__(self, grads, sigma, step):
+        self.seen.append({k: g.clone() for k, g in grads.items()})
+        return grads
+
+
+class WarmSpy:
+    """Records what denoise_warm is given and returns, and refuses denoise_many (or the
+    reverse, ``cold=True``)."""
+
+    def __init__(self, monkeypatch, *, cold: bool = False) -> None:
+        self.calls: list[dict] = []
+        self._warm, self._many = ops.denoise_warm, ops.denoise_many
+        if cold:
+            monkeypatch.setattr(ops, "denoise_warm", self._refused)
+            monkeypatch.setattr(ops, "denoise_many", self.many)
+        else:
+            monkeypatch.setattr(ops, "denoise_warm", self.warm)
+            monkeypatch.setattr(ops, "denoise_many", self._refused)
+
+    def warm(self, grad, sigma, basis=None, **options):
+        estimate, new_basis, passes = self._warm(grad, sigma, basis, **options)
+        self.calls.append(
+            {
+                "grad": grad.clone(),
+                "sigma": sigma,
+                "basis": None if basis is None else basis.clone(),
+                "options": options,
+                "estimate": estimate.clone(),
+                "new_basis": new_basis.clone(),
+                "passes": int(passes),
+            }
+        )
+        return estimate, new_basis, passes
+
+    def many(self, grads, sigma, **options):
+        out = self._many(grads, sigma, **options)
+        self.calls.append({"grads": [g.clone() for g in grads], "options": options, "out": out})
+        return out
+
+    @staticmethod
+    def _refused(*args, **kwargs):
+        raise AssertionError("the other denoising path was taken")
+
+
+def test_warm_start_is_on_by_default_and_not_an_op_option():
+    assert DENOISE_OPTIONS["warm_start"] is True
+    assert check_denoise_options({"warm_start": False}) == {"warm_start": False}
+    assert Denoiser().warm_start and not Denoiser({"warm_start": False}).warm_start
+
+
+def test_the_warm_start_basis_is_a_function_of_released_gradients_only(monkeypatch):
+    """Privacy invariant 4 with a state: the op sees the released noisy gradient and a basis the
+    op itself returned at the step before, so the whole chain can be recomputed from the
+    released gradients and public numbers alone, and the clean gradient never reaches it."""
+    spy = WarmSpy(monkeypatch)
+    clean = _clean_grads()
+    options = {"kappa": 0.5, "min_dim": 1, "seed": 3}
+    model, opt, loader = _private(denoise=options, lr=0.1)
+    engine = opt.engine
+    released = Passthrough()
+    engine.post_processors.insert(0, released)
+    written = []
+    batches = list(loader)
+    for step in range(3):
+        x, y = batches[step % len(batches)]
+        _backward(model, x, y)
+        opt.step()
+        written.append({n: p.grad.clone() for n, p in model.named_parameters()})
+        opt.zero_grad()
+    keys = sorted(engine.denoiser.keys)
+    assert keys == ["0.weight", "2.weight"] and len(spy.calls) == 3 * len(keys)
+    for step in range(3):
+        calls = spy.calls[step * len(keys) : (step + 1) * len(keys)]
+        for key, call in zip(keys, calls, strict=True):
+            assert torch.equal(call["grad"], released.seen[step][key]), (step, key)
+            assert call["sigma"] == engine.sigma() and call["options"]["seed"] == 3 + step
+            if step == 0:
+                assert call["basis"] is None
+                assert not torch.equal(call["grad"], clean[key])  # noisy, never the clean one
+            else:
+                previous = spy.calls[(step - 1) * len(keys) + keys.index(key)]
+                assert torch.equal(call["basis"], previous["new_basis"]), (step, key)
+    # Replayed from the released gradients alone (no model, no data): same outputs, same state.
+    replay = Denoiser(options, keys=keys)
+    for step in range(3):
+        out = replay(released.seen[step], engine.sigma(), step)
+        for key in keys:
+            assert torch.equal(out[key], written[step][key]), (step, key)
+    assert_same_state(replay.state_dict(), engine.denoiser.state_dict())
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys() and a.get("shapes") == b.get("shapes")
+    for key, basis in a.get("bases", {}).items():
+        assert torch.equal(basis, b["bases"][key]), key
+
+
+def _low_rank_steps(steps: int, shapes=((64, 48), (40, 72)), seed: int = 0):
+    """A slowly rotating rank-2 signal under unit noise: ``steps`` dicts of noisy matrices."""
+    gen = torch.Generator().manual_seed(seed)
+    out = [{} for _ in range(steps)]
+    for i, (m, n) in enumerate(shapes):
+        u = torch.linalg.qr(torch.randn(m, 2, generator=gen))[0]
+        v = torch.linalg.qr(torch.randn(n, 2, generator=gen))[0]
+        for t in range(steps):
+            drift = 0.05 * t * torch.linalg.qr(torch.randn(m, 2, generator=gen))[0]
+            signal = 4.0 * (m**0.5 + n**0.5) * ((u + drift) @ v.T)
+            out[t][f"w{i}"] = signal + torch.randn(m, n, generator=gen)
+    return out
+
+
+def test_denoiser_state_round_trips_and_a_resumed_denoiser_is_bit_identical(tmp_path):
+    steps = _low_rank_steps(4)
+    straight = Denoiser()
+    outs = [straight(grads, 1.0, t) for t, grads in enumerate(steps)]
+    first = Denoiser()
+    for t in range(2):
+        first(steps[t], 1.0, t)
+    torch.save(first.state_dict(), tmp_path / "state.pt")
+    state = torch.load(tmp_path / "state.pt", weights_only=True)
+    assert set(state["bases"]) == {"w0", "w1"} and state["shapes"] == {
+        "w0": [64, 48],
+        "w1": [40, 72],
+    }
+    assert all(
+        b.dtype == torch.float32 and b.shape[0] == m
+        for b, m in zip(state["bases"].values(), (64, 40), strict=True)
+    )
+    resumed = Denoiser()
+    resumed.load_state_dict(state)
+    for t in (2, 3):
+        out = resumed(steps[t], 1.0, t)
+        for key in out:
+            assert torch.equal(out[key], outs[t][key]), (t, key)
+    assert_same_state(resumed.state_dict(), straight.state_dict())
+    # Guard: started cold at step 2, the output differs (the bases do matter).
+    cold = Denoiser()(steps[2], 1.0, 2)
+    assert any(not torch.equal(cold[k], outs[2][k]) for k in cold)
+
+
+def _state(m: int = 64, n: int = 48, k: int = 3, key="w0", **change):
+    basis = torch.linalg.qr(torch.randn(m, k))[0]
+    state = {"bases": {key: basis}, "shapes": {key: [m, n]}}
+    for name, value in change.items():
+        state[name] = value
+    return state
+
+
+@pytest.mark.parametrize(
+    ("state", "match"),
+    [
+        ({"bases": {}}, "expected the entries 'bases' and 'shapes'"),
+        ({**_state(), "extra": 1}, "expected the entries"),
+        (_state(shapes={"w1": [64, 48]}), r"keys \['w0', 'w1'\] have a basis or a shape"),
+        (_state(shapes={"w0": [64]}), r"shape of 'w0' must be \[m, n\]"),
+        (_state(shapes={"w0": [64, 48.0]}), r"shape of 'w0' must be \[m, n\]"),
+        (_state(shapes={"w0": [64, 8]}), r"at least min_dim = 32, got \[64, 8\]"),
+        (
+            _state(bases={"w0": torch.zeros(48, 3)}),
+            r"\(a 64 x 48 gradient\) must be a float32 "
+            r"\(64, k\) tensor with k <= 48, got a torch.float32 tensor of shape \(48, 3\)",
+        ),
+        (_state(bases={"w0": torch.zeros(64, 3, dtype=torch.float64)}), "torch.float64 tensor"),
+        (_state(bases={"w0": torch.zeros(64, 49)}), r"k <= 48"),
+        (_state(bases={"w0": torch.zeros(2, 64, 3)}), "float32"),
+        (_state(bases={"w0": [[0.0]]}), "got list"),
+        (_state(bases={"w0": torch.full((64, 3), float("nan"))}), "NaN or Inf"),
+        (_state(key="other"), "a basis for 'other', which this denoiser does not denoise"),
+    ],
+)
+def test_denoiser_state_is_checked_on_load(state, match):
+    denoiser = Denoiser(keys=["w0", "w1"])
+    good = _state()
+    denoiser.load_state_dict(good)
+    with pytest.raises(ValueError, match=match):
+        denoiser.load_state_dict(state)
+    assert_same_state(denoiser.state_dict(), good)  # a refused state changes nothing
+
+
+def test_bases_are_refused_by_a_cold_denoiser_and_an_empty_state_means_cold():
+    with pytest.raises(ValueError, match="warm_start=False"):
+        Denoiser({"warm_start": False}).load_state_dict(_state())
+    Denoiser({"warm_start": False}).load_state_dict({})
+    denoiser = Denoiser()
+    denoiser.load_state_dict(_state())
+    denoiser.load_state_dict({})  # a checkpoint written before the denoiser kept state
+    assert denoiser.state_dict() == {}
+    with pytest.raises(TypeError, match="state must be a dict"):
+        denoiser.load_state_dict([])
+
+
+def test_keys_that_appear_disappear_or_change_shape_start_cold(monkeypatch):
+    spy = WarmSpy(monkeypatch)
+    steps = _low_rank_steps(3, shapes=((64, 48), (40, 72), (48, 36)))
+    denoiser = Denoiser()
+    denoiser({k: steps[0][k] for k in ("w0", "w1")}, 1.0, 0)
+    assert [c["basis"] is None for c in spy.calls] == [True, True]
+    # w0 comes back transposed (same key, another shape), w1 is gone, w2 is new.
+    with pytest.warns(
+        UserWarning,
+        match=r"'w0' is \(48, 64\), its warm-start basis was for a "
+        r"\(64, 48\) matrix: starting this one cold",
+    ):
+        denoiser({"w0": steps[1]["w0"].T.contiguous(), "w2": steps[1]["w2"]}, 1.0, 1)
+    assert [c["basis"] is None for c in spy.calls[2:]] == [True, True]
+    assert denoiser.state_dict()["shapes"] == {"w0": [48, 64], "w2": [48, 36]}
+    # w1 comes back: it lost its basis when a step went by without it; w0 and w2 are warm.
+    denoiser(
+        {"w0": steps[2]["w0"].T.contiguous(), "w1": steps[2]["w1"], "w2": steps[2]["w2"]}, 1.0, 2
+    )
+    assert [c["basis"] is None for c in spy.calls[4:]] == [False, True, False]
+    # A step that denoises nothing (no noise) keeps the bases as they are.
+    before = denoiser.state_dict()
+    denoiser(steps[2], 0.0, 3)
+    assert_same_state(denoiser.state_dict(), before)
+
+
+def test_warm_start_off_is_the_cold_path_of_before(monkeypatch):
+    spy = WarmSpy(monkeypatch, cold=True)
+    grads = _low_rank_steps(1)[0]
+    options = {"warm_start": False, "rank": 60, "seed": 4}
+    denoiser = Denoiser(options)
+    denoiser.record_stats = True
+    out = denoiser(grads, 1.0, 2)
+    # One denoise_many call per capped rank (48 and 40), the op's options only, seed + step.
+    assert [c["options"] for c in spy.calls] == [{"seed": 6, "rank": 48}, {"seed": 6, "rank": 40}]
+    for key, call in zip(grads, spy.calls, strict=True):
+        expected = ops.denoise(grads[key], 1.0, seed=6, rank=call["options"]["rank"])
+        assert torch.equal(out[key], expected), key
+    assert denoiser.state_dict() == {}
+    stats = denoiser.take_stats()
+    assert set(stats) == {"w0", "w1"} and all("passes" not in s for s in stats.values())
+
+
+def test_stats_report_the_passes_each_matrix_took(monkeypatch):
+    spy = WarmSpy(monkeypatch)
+    model, opt, loader = _private(denoise={"kappa": 0.5, "min_dim": 1})
+    engine = opt.engine
+    engine.record_denoise_stats = True
+    x, y = next(iter(loader))
+    for _ in range(2):
+        _backward(model, x, y)
+        opt.step()
+        stats = engine.take_denoise_stats()
+        calls = spy.calls[-2:]
+        assert list(stats) == ["0.weight", "2.weight"]
+        for (key, s), call in zip(stats.items(), calls, strict=True):
+            assert isinstance(s["passes"], int) and s["passes"] == call["passes"] >= 1, key
+            assert {"rank", "norm_ratio", "passes"} <= set(s)

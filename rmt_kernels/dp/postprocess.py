@@ -22,12 +22,13 @@ across steps goes in ``state_dict()`` (plain Python values and tensors: a checkp
 ``torch.load(weights_only=True)``) and comes back through ``load_state_dict()``, so that a resumed
 run is bit-identical to an uninterrupted one.
 
-A new post-processor (a temporal filter, moment shrinkage, warm-started denoising with a basis
-kept across steps) is one new subclass in this module, appended to the engine's
-``post_processors`` list; the engines do not change. :func:`post_process` is the stage itself.
+A new post-processor (a temporal filter, moment shrinkage) is one new subclass of
+:class:`PostProcessor`, appended to the engine's ``post_processors`` list; the engines do not
+change. :func:`post_process` is the stage itself.
 
 The one that exists today is :class:`Denoiser` (singular-value shrinkage of the 2-D gradients,
-:func:`rmt_kernels.denoise`). Its options are validated in one place,
+:func:`rmt_kernels.denoise_warm`, warm-started from each matrix's basis of the step before; or
+:func:`rmt_kernels.denoise` with ``warm_start=False``). Its options are validated in one place,
 :func:`check_denoise_options`, for both engines.
 """
 
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 import inspect
 import numbers
+import warnings
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -65,15 +67,21 @@ DenoiseFilter = Callable[[str, nn.Module, str, nn.Parameter], bool]
 MIN_DENOISE_DIM = 32
 
 # Every option of ``denoise=``: the keyword options of rmt_kernels.denoise (read from its
-# signature, so the two never drift) with their defaults, plus ``min_dim`` (not an op option:
-# matrices whose smaller side is below it are left alone, see MIN_DENOISE_DIM).
+# signature, so the two never drift) with their defaults, plus two that are not op options:
+# ``min_dim`` (matrices whose smaller side is below it are left alone, see MIN_DENOISE_DIM) and
+# ``warm_start`` (start each matrix's range finder from its basis of the step before,
+# rmt_kernels.denoise_warm: a gradient's subspace moves slowly, so one pass usually settles it).
 DENOISE_OPTIONS: dict[str, Any] = {
     name: parameter.default
     for name, parameter in inspect.signature(ops.denoise).parameters.items()
     if parameter.kind is inspect.Parameter.KEYWORD_ONLY
 }
 DENOISE_OPTIONS["min_dim"] = MIN_DENOISE_DIM
+DENOISE_OPTIONS["warm_start"] = True
 INT_OPTIONS = ("seed", "rank", "oversample", "niter", "min_dim")
+BOOL_OPTIONS = ("warm_start",)
+# The options that are the Denoiser's own, never passed to the op.
+NOT_OP_OPTIONS = ("min_dim", "warm_start")
 
 
 class DenoiseOptionError(TypeError, ValueError):
@@ -95,8 +103,8 @@ def check_denoise_options(denoise: Mapping[str, Any] | None) -> dict[str, Any] |
 
     Args:
         denoise: keyword options of :func:`rmt_kernels.denoise` (``shrinker``, ``kappa``,
-            ``rank``, ``oversample``, ``niter``, ``norm``, ``seed``) plus ``min_dim``, or None
-            for no denoising.
+            ``rank``, ``oversample``, ``niter``, ``norm``, ``seed``) plus ``min_dim`` and
+            ``warm_start`` (a bool), or None for no denoising.
 
     Returns:
         A plain dict copy of the options as given (no defaults filled in, so later changes to
@@ -126,6 +134,10 @@ def check_denoise_options(denoise: Mapping[str, Any] | None) -> dict[str, Any] |
         if not isinstance(value, numbers.Integral) or isinstance(value, bool):
             raise TypeError(f"denoise: {name} must be an int, got {type(value).__name__}")
         options[name] = int(value)  # a NumPy integer would overflow silently in seed + step
+    for name in BOOL_OPTIONS:
+        # Exactly a bool: a 0/1 or a "no" string would read as the opposite of a typo's intent.
+        if not isinstance(options[name], bool):
+            raise TypeError(f"denoise: {name} must be a bool, got {type(options[name]).__name__}")
     if options["min_dim"] < 1:
         raise ValueError(f"denoise: min_dim must be >= 1, got {options['min_dim']}")
     # A meta matrix big enough for any rank checks everything else without allocating.
@@ -229,22 +241,34 @@ def post_process(
 
 
 class Denoiser(PostProcessor):
-    """Singular-value shrinkage of the noisy 2-D gradients (:func:`rmt_kernels.ops.denoise_many`).
+    """Singular-value shrinkage of the noisy 2-D gradients, warm-started across steps.
 
     Which gradients: those whose key is in ``keys`` (all when ``keys`` is None: the Opacus
     drop-in), 2-D, with a smaller side of at least ``min_dim``. The native engine makes the
     ``denoise_filter`` decision once, from the modules it tracks, and passes it with
     :meth:`restrict_to`. A fixed ``rank`` is "at most rank components": capped per matrix, so one
-    small matrix does not make a rank that suits the big ones an error; matrices are grouped by
-    their capped rank so :func:`~rmt_kernels.ops.denoise_many` still batches equal shapes.
+    small matrix does not make a rank that suits the big ones an error.
+
+    Warm starts (option ``warm_start``, the default): each matrix goes through
+    :func:`rmt_kernels.ops.denoise_warm` with the basis that op returned for the same key at the
+    last step that denoised anything (none at a key's first step: a cold start). A gradient's
+    subspace moves slowly, so the range finder started there usually settles in one pass. The
+    basis is a function of released noisy gradients, the public ``sigma`` and public seeds only,
+    so keeping it is post-processing. It is this post-processor's state (:meth:`state_dict`):
+    a resumed run starts from the same bases and denoises bit-identically. A step that denoises
+    anything keeps the bases of exactly the keys it denoised (a key that is absent at a step
+    starts cold when it comes back); a basis is never reused for a matrix of another shape (a
+    warning, and a cold start). With ``warm_start=False`` every matrix starts cold, through
+    :func:`rmt_kernels.ops.denoise_many` (matrices grouped by their capped rank, so equal shapes
+    are still batched on a GPU), and nothing is kept across steps.
 
     The sketch's test matrix (not privacy noise: it needs no secrecy) is seeded with
     ``seed + step``: a component the sketch misses in one step is not missed in every step, and
-    the sequence is reproducible from public numbers. Nothing is kept across steps
-    (``state_dict()`` is empty).
+    the sequence is reproducible from public numbers.
 
-    Set ``record_stats`` before a step to keep, for :meth:`take_stats`, each denoised matrix and
-    its noisy norm (cheap; the SVDs wait for the call).
+    Set ``record_stats`` before a step to keep, for :meth:`take_stats`, each denoised matrix, its
+    noisy norm and (warm starts) the passes the range finder took (cheap; the SVDs wait for the
+    call).
 
     Args:
         options: ``denoise`` options (validated by :func:`check_denoise_options`).
@@ -257,12 +281,17 @@ class Denoiser(PostProcessor):
     def __init__(
         self, options: Mapping[str, Any] | None = None, *, keys: Iterable[Key] | None = None
     ):
-        #: The options as given (``min_dim`` included), validated.
+        #: The options as given (``min_dim`` and ``warm_start`` included), validated.
         self.options: dict[str, Any] = check_denoise_options(options or {}) or {}
         self.min_dim: int = int(self.options.get("min_dim", MIN_DENOISE_DIM))
+        self.warm_start: bool = bool(self.options.get("warm_start", DENOISE_OPTIONS["warm_start"]))
         self.keys: frozenset[Key] | None = None if keys is None else frozenset(keys)
         self.record_stats = False
-        self._recorded: list[tuple[Key, float, torch.Tensor]] = []
+        self._recorded: list[tuple[Key, float, torch.Tensor, torch.Tensor | None]] = []
+        # Warm-start state: by key, the basis denoise_warm returned at the last step that
+        # denoised anything, and the shape of the gradient it came from.
+        self._bases: dict[Key, torch.Tensor] = {}
+        self._shapes: dict[Key, tuple[int, int]] = {}
 
     def __repr__(self) -> str:
         return f"Denoiser({self.options!r})"
@@ -288,39 +317,73 @@ class Denoiser(PostProcessor):
         self, grads: dict[Key, torch.Tensor], sigma: float, step: int
     ) -> dict[Key, torch.Tensor]:
         """Denoise the selected gradients at noise std ``sigma`` (none when ``sigma`` is 0: no
-        noise, nothing to denoise, and the bulk edge would be 0, which the op rejects)."""
+        noise, nothing to denoise, and the bulk edge would be 0, which the op rejects; the
+        warm-start bases are then left as they are)."""
         if not sigma > 0:
             return grads
         keys = self.selected(grads)
         if not keys:
             return grads
-        options = {k: v for k, v in self.options.items() if k not in ("min_dim", "rank")}
+        options = {k: v for k, v in self.options.items() if k not in (*NOT_OP_OPTIONS, "rank")}
         options["seed"] = (options.get("seed", DENOISE_OPTIONS["seed"]) + step) % SEED_LIMIT
         rank = int(self.options.get("rank", DENOISE_OPTIONS["rank"]))
-        groups: dict[int, list[Key]] = {}
-        for k in keys:
-            groups.setdefault(rank if rank == -1 else min(rank, *grads[k].shape), []).append(k)
         out = dict(grads)
-        for group_rank, group in groups.items():
-            # Looked up on the module at call time (tests spy on it there).
-            estimates = ops.denoise_many(
-                [grads[k] for k in group], sigma, rank=group_rank, **options
-            )
-            for k, estimate in zip(group, estimates, strict=True):
-                out[k] = estimate
+        passes: dict[Key, torch.Tensor] = {}
+        if self.warm_start:
+            bases, shapes = {}, {}
+            for k in keys:
+                g = grads[k]
+                # Looked up on the module at call time (tests spy on it there).
+                out[k], bases[k], passes[k] = ops.denoise_warm(
+                    g, sigma, self._start_basis(k, g), rank=_capped(rank, g), **options
+                )
+                shapes[k] = (int(g.shape[0]), int(g.shape[1]))
+            self._bases, self._shapes = bases, shapes
+        else:
+            groups: dict[int, list[Key]] = {}
+            for k in keys:
+                groups.setdefault(_capped(rank, grads[k]), []).append(k)
+            for group_rank, group in groups.items():
+                estimates = ops.denoise_many(
+                    [grads[k] for k in group], sigma, rank=group_rank, **options
+                )
+                for k, estimate in zip(group, estimates, strict=True):
+                    out[k] = estimate
         if self.record_stats:
             self._recorded = [
-                (k, float(torch.linalg.vector_norm(grads[k])), out[k].detach().clone())
+                (
+                    k,
+                    float(torch.linalg.vector_norm(grads[k])),
+                    out[k].detach().clone(),
+                    passes.get(k),
+                )
                 for k in keys
             ]
         return out
 
+    def _start_basis(self, key: Key, grad: torch.Tensor) -> torch.Tensor | None:
+        """The basis to start ``key``'s range finder from: last step's, on ``grad``'s device,
+        or None (a cold start) when there is none or it was for a matrix of another shape."""
+        basis = self._bases.get(key)
+        if basis is None:
+            return None
+        if self._shapes[key] != tuple(grad.shape):
+            warnings.warn(
+                f"Denoiser: the gradient of {key!r} is {tuple(grad.shape)}, its warm-start basis "
+                f"was for a {self._shapes[key]} matrix: starting this one cold",
+                stacklevel=3,
+            )
+            return None
+        return basis.to(grad.device)
+
     def take_stats(self) -> dict[Key, dict[str, float]]:
-        """Per matrix denoised at the last step run with ``record_stats`` set: the kept rank
-        and ||denoised|| / ||noisy|| (post-processing of the noisy gradient only). Empty if
-        nothing was recorded; forgets what it returns."""
+        """Per matrix denoised at the last step run with ``record_stats`` set: the kept rank,
+        ||denoised|| / ||noisy|| (post-processing of the noisy gradient only) and, with warm
+        starts, ``passes``: the passes over the matrix its range finder took (1 when last
+        step's basis settled it at once). Empty if nothing was recorded; forgets what it
+        returns."""
         stats = {}
-        for key, noisy_norm, g in self._recorded:
+        for key, noisy_norm, g, passes in self._recorded:
             values = torch.linalg.svdvals(g.float())
             top = float(values.max()) if values.numel() else 0.0
             # The op reconstructs only the kept components; the other values are rounding.
@@ -331,5 +394,94 @@ class Denoiser(PostProcessor):
                 if noisy_norm > 0
                 else 0.0,
             }
+            if passes is not None:
+                stats[key]["passes"] = int(passes)
         self._recorded = []
         return stats
+
+    def state_dict(self) -> dict[str, Any]:
+        """The warm-start bases: ``{"bases": {key: (m, k) float32 tensor}, "shapes": {key:
+        [m, n]}}`` (the gradient's shape each basis came from), or ``{}`` when there are none
+        (``warm_start=False``, or no step denoised yet). Copies: later steps do not change it."""
+        if not self._bases:
+            return {}
+        return {
+            "bases": {k: b.detach().clone() for k, b in self._bases.items()},
+            "shapes": {k: list(shape) for k, shape in self._shapes.items()},
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (``{}``: no bases, every key starts cold).
+
+        Raises:
+            TypeError: ``state`` is not a mapping.
+            ValueError: naming the key: other entries than ``bases`` and ``shapes``, bases
+                given to a denoiser with ``warm_start=False``, a key it does not denoise, a
+                shape that is not two sizes it would denoise, a basis that is not a finite
+                float32 (m, k) tensor with k <= min(m, n) for its m x n gradient.
+        """
+        where = "Denoiser.load_state_dict"
+        if not isinstance(state, Mapping):
+            raise TypeError(f"{where}: state must be a dict, got {type(state).__name__}")
+        if not state:
+            self._bases, self._shapes = {}, {}
+            return
+        if set(state) != {"bases", "shapes"}:
+            raise ValueError(
+                f"{where}: expected the entries 'bases' and 'shapes', got {sorted(state, key=str)}"
+            )
+        if not self.warm_start:
+            raise ValueError(
+                f"{where}: the state holds warm-start bases, but this denoiser has "
+                "warm_start=False (the saved run had it on)"
+            )
+        bases, shapes = state["bases"], state["shapes"]
+        if not isinstance(bases, Mapping) or not isinstance(shapes, Mapping):
+            raise ValueError(f"{where}: 'bases' and 'shapes' must be dicts keyed like the grads")
+        if set(bases) != set(shapes):
+            odd = sorted(set(bases) ^ set(shapes), key=str)
+            raise ValueError(f"{where}: keys {odd} have a basis or a shape but not both")
+        loaded_bases, loaded_shapes = {}, {}
+        for key, basis in bases.items():
+            if self.keys is not None and key not in self.keys:
+                raise ValueError(
+                    f"{where}: a basis for {key!r}, which this denoiser does not denoise"
+                )
+            shape = shapes[key]
+            if (
+                not isinstance(shape, (list, tuple))
+                or len(shape) != 2
+                or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape)
+                or not self.eligible(shape)
+            ):
+                raise ValueError(
+                    f"{where}: the shape of {key!r} must be [m, n], two sizes of at least "
+                    f"min_dim = {self.min_dim}, got {shape!r}"
+                )
+            m, n = shape
+            if (
+                not isinstance(basis, torch.Tensor)
+                or basis.dtype != torch.float32
+                or basis.dim() != 2
+                or basis.shape[0] != m
+                or basis.shape[1] > min(m, n)
+            ):
+                what = (
+                    f"a {basis.dtype} tensor of shape {tuple(basis.shape)}"
+                    if isinstance(basis, torch.Tensor)
+                    else type(basis).__name__
+                )
+                raise ValueError(
+                    f"{where}: the basis of {key!r} (a {m} x {n} gradient) must be a float32 "
+                    f"({m}, k) tensor with k <= {min(m, n)}, got {what}"
+                )
+            if not bool(torch.isfinite(basis).all()):
+                raise ValueError(f"{where}: the basis of {key!r} has NaN or Inf entries")
+            loaded_bases[key] = basis.detach().clone()
+            loaded_shapes[key] = (m, n)
+        self._bases, self._shapes = loaded_bases, loaded_shapes
+
+
+def _capped(rank: int, grad: torch.Tensor) -> int:
+    """A fixed ``rank`` capped at the matrix's smaller side (-1, adaptive, as it is)."""
+    return rank if rank == -1 else min(rank, *grad.shape)
