@@ -332,3 +332,81 @@ def test_a_secret_seed_is_never_written_and_its_lost_steps_are_charged(tmp_path)
     dp_workers.backward(model, _examples(loader, 1))
     opt.step()
     assert opt.engine.accountant.history == [(1.0, dp_workers.BATCH / dp_workers.DATASET, 3)]
+
+
+# ------------------------------------------------------------------------------------------
+# The denoiser's warm-start bases are checkpointed (issue 14, item 2)
+# ------------------------------------------------------------------------------------------
+
+DENOISE = {"kappa": 0.5}  # warm starts: the default
+
+
+def _denoised_run(path, steps: int, *, resume_at: int | None = None, keep_bases: bool = True):
+    """``steps`` logical steps with the warm-started denoiser (every 2-D weight of the tiny
+    model is at least 32 on a side), lr 0.1; with ``resume_at``, checkpoint after that many
+    steps, rebuild from another initialisation and seed, load and go on."""
+
+    def build(seed):
+        return dp_workers.private(
+            tiny_model(seed=seed), noise=1.0, denoise=DENOISE, seed=1234 + seed
+        )
+
+    model, opt, loader = build(0)
+    attach_ledger(opt, path)
+    for step in range(steps):
+        dp_workers.backward(model, dp_workers.batch_of(step, None))
+        opt.step()
+        opt.zero_grad()
+        if step + 1 == resume_at:
+            save_checkpoint(path, model, opt, loader)
+            model, opt, loader = build(9)
+            load_checkpoint(path, model, opt, loader)
+            if not keep_bases:  # as if the bases had not been checkpointed
+                opt.engine.denoiser.load_state_dict({})
+    return dp_workers.params(model), opt.engine.denoiser.state_dict()
+
+
+def test_a_resumed_run_denoises_bit_identically_from_the_checkpointed_bases(tmp_path):
+    from rmt_kernels.dp.checkpoint import _read
+
+    straight, bases = _denoised_run(tmp_path / "a" / "ckpt.pt", 4)
+    resumed, resumed_bases = _denoised_run(tmp_path / "b" / "ckpt.pt", 4, resume_at=2)
+    for n in straight:
+        assert torch.equal(straight[n], resumed[n]), n
+    assert bases["shapes"] == resumed_bases["shapes"]
+    for key, basis in bases["bases"].items():
+        assert torch.equal(basis, resumed_bases["bases"][key]), key
+    # The checkpoint (read with weights_only=True) holds a basis per denoised matrix.
+    (saved,) = _read(tmp_path / "b" / "ckpt.pt")["engine"]["post_processors"]
+    assert set(saved["bases"]) == set(bases["bases"]) and len(saved["bases"]) >= 12
+    for key, basis in saved["bases"].items():
+        assert basis.dtype == torch.float32 and basis.shape[0] == saved["shapes"][key][0], key
+    # Guard: a resume that starts the denoiser cold ends elsewhere (the test can fail).
+    forgot, _ = _denoised_run(tmp_path / "c" / "ckpt.pt", 4, resume_at=2, keep_bases=False)
+    assert any(not torch.equal(straight[n], forgot[n]) for n in straight)
+
+
+def test_a_checkpoint_with_a_bad_basis_is_refused(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    model, opt, loader = dp_workers.private(tiny_model(), noise=1.0, denoise=DENOISE)
+    attach_ledger(opt, path)
+    dp_workers.backward(model, dp_workers.batch_of(0, None))
+    opt.step()
+    real = type(opt.engine.denoiser).state_dict
+
+    def truncated(self):  # a basis with a row too few, as from another model's matrix
+        state = real(self)
+        key = next(iter(state["bases"]))
+        state["bases"][key] = state["bases"][key][1:]
+        return state
+
+    monkeypatch.setattr(type(opt.engine.denoiser), "state_dict", truncated)
+    save_checkpoint(path, model, opt, loader)
+    monkeypatch.undo()
+    model, opt, loader = dp_workers.private(tiny_model(seed=9), noise=1.0, denoise=DENOISE)
+    before = dp_workers.params(model)
+    with pytest.raises(CheckpointError, match=r"Denoiser.load_state_dict: the basis of .* must be"):
+        load_checkpoint(path, model, opt, loader)
+    # Refused before the model was touched, and no basis of it kept.
+    assert all(torch.equal(p, before[n]) for n, p in dp_workers.params(model).items())
+    assert opt.engine.denoiser.state_dict() == {}

@@ -4,11 +4,15 @@ under-counting epsilon.
 File format (``FORMAT_VERSION``): ``MAGIC``, the version (uint32), the payload length (uint64)
 and the payload's SHA-256, then the payload (``torch.save`` of a dict: fingerprint, model and
 optimizer state, the engine's ``state_dict()`` (step counter, noise seed when public, stream id,
-accountant history, post-processor states) with the ledger's length, the id of the data
-fingerprint's sidecar, each rank's sampler position and global RNG states (dropout), the
-caller's ``extra``). A checkpoint written before post-processors kept state has no
-``post_processors`` entry and loads as before (the denoiser, then the only one, keeps none). A
-short, flipped or foreign file is refused, naming the file. Written atomically: a temporary file
+accountant history, post-processor states: the denoiser's warm-start bases, one float32
+(m, k) tensor per denoised matrix, so that a resumed run denoises bit-identically) with the
+ledger's length, the id of the data fingerprint's sidecar, each rank's sampler position and
+global RNG states (dropout), the caller's ``extra``). A checkpoint written before
+post-processors kept state has no ``post_processors`` entry and loads as before; one written
+before warm starts has an empty denoiser state and loads too, its next step starting cold. A
+post-processor state that its post-processor refuses (a basis of the wrong shape) refuses the
+checkpoint before the model is touched. A short, flipped or foreign file is refused, naming
+the file. Written atomically: a temporary file
 in the same folder, fsync, ``os.replace``, fsync of the folder, so a crash leaves the previous
 checkpoint or the new one, never half of one.
 
@@ -53,7 +57,8 @@ would publish the noise-free difference of the two steps. So a free replay needs
 The data fingerprint lives beside the checkpoint, in ``<checkpoint>.data``, tied to it by a random
 id: a hash of the whole training set lets anyone who knows all examples but one test guesses of
 that one, so it is as private as the data (keep it with the data; the checkpoint itself holds
-nothing derived from the data but the private model, optimizer state and public counters). A
+nothing derived from the data but the private model, optimizer state, post-processor states,
+which are functions of the released noisy gradients as the model is, and public counters). A
 missing or foreign sidecar is unverifiable.
 
 When any fails, the resume is NOT refused: the noise is re-keyed (a seed derived from the old one
