@@ -74,30 +74,88 @@ def _dataset(n: int = 64, seed: int = 2) -> TensorDataset:
 
 
 class _Spy:
-    """Records what denoise_many is given and returns the real op's result."""
+    """Records what the denoising ops are given (``denoise_many``: the cold path;
+    ``denoise_warm``: warm starts, the default) and returns the real ops' results.
+
+    ``matrices``: one record per matrix denoised; ``calls``: those records grouped into steps
+    (consecutive records with the same sketch seed: the seed is ``seed + step``).
+    """
 
     def __init__(self) -> None:
-        self.calls: list[dict] = []
-        self._real = rmt_kernels.ops.denoise_many
+        self.matrices: list[dict] = []
+        self._many = rmt_kernels.ops.denoise_many
+        self._warm = rmt_kernels.ops.denoise_warm
 
-    def __call__(self, grads, sigmas, **options):
+    def many(self, grads, sigmas, **options):
         grads = list(grads)
-        out = self._real(grads, sigmas, **options)
-        self.calls.append(
+        out = self._many(grads, sigmas, **options)
+        for g, o in zip(grads, out, strict=True):
+            self._record(g, sigmas, options, o, basis=None, new_basis=None, passes=None)
+        return out
+
+    def warm(self, grad, sigma, basis=None, **options):
+        estimate, new_basis, passes = self._warm(grad, sigma, basis, **options)
+        self._record(grad, sigma, options, estimate, basis, new_basis, passes)
+        return estimate, new_basis, passes
+
+    def _record(self, grad, sigma, options, out, basis, new_basis, passes) -> None:
+        self.matrices.append(
             {
-                "grads": [g.detach().clone() for g in grads],
-                "sigma": sigmas,
-                "options": options,
-                "out": [o.clone() for o in out],
+                "grad": grad.detach().clone(),
+                "sigma": sigma,
+                "options": dict(options),
+                "out": out.clone(),
+                "basis": None if basis is None else basis.clone(),
+                "new_basis": None if new_basis is None else new_basis.clone(),
+                "passes": None if passes is None else int(passes),
             }
         )
-        return out
+
+    @property
+    def calls(self) -> list[dict]:
+        return self.group(self.matrices)
+
+    @staticmethod
+    def group(records: list[dict]) -> list[dict]:
+        """Per step: ``sigma``, ``options`` (the first matrix's), and per matrix ``grads``,
+        ``out``, ``ranks``, ``bases``, ``new_bases``, ``passes``."""
+        steps: list[dict] = []
+        for r in records:
+            if not steps or steps[-1]["options"]["seed"] != r["options"]["seed"]:
+                steps.append(
+                    {
+                        "sigma": r["sigma"],
+                        "options": r["options"],
+                        "grads": [],
+                        "out": [],
+                        "ranks": [],
+                        "bases": [],
+                        "new_bases": [],
+                        "passes": [],
+                    }
+                )
+            step = steps[-1]
+            assert step["sigma"] == r["sigma"]
+            for name, value in (
+                ("grads", r["grad"]),
+                ("out", r["out"]),
+                ("ranks", r["options"]["rank"]),
+                ("bases", r["basis"]),
+                ("new_bases", r["new_basis"]),
+                ("passes", r["passes"]),
+            ):
+                step[name].append(value)
+        return steps
+
+    def install(self, setattr_) -> None:
+        setattr_(rmt_kernels.ops, "denoise_many", self.many)
+        setattr_(rmt_kernels.ops, "denoise_warm", self.warm)
 
 
 @pytest.fixture
 def spy(monkeypatch) -> _Spy:
     spy = _Spy()
-    monkeypatch.setattr(rmt_kernels.ops, "denoise_many", spy)
+    spy.install(monkeypatch.setattr)
     return spy
 
 
@@ -170,17 +228,18 @@ def test_no_denoise_is_bit_identical_to_opacus(opacus_class):
         (DPPerLayerOptimizer, 1, "mean"),
     ],
 )
+@pytest.mark.parametrize("warm_start", [True, False])
 def test_denoise_sees_exactly_opacus_noisy_scaled_grads(
-    spy, opacus_class, accumulate, loss_reduction
+    spy, opacus_class, accumulate, loss_reduction, warm_start
 ):
-    steps = 2
+    steps = 3
     _, plain_opt, plain = _run_direct(
         opacus_class, steps=steps, accumulate=accumulate, loss_reduction=loss_reduction
     )
     model, opt, ours = _run_direct(
         opacus_class,
         twin=True,
-        denoise={"seed": 5, "min_dim": 1},
+        denoise={"seed": 5, "min_dim": 1, "warm_start": warm_start},
         steps=steps,
         accumulate=accumulate,
         loss_reduction=loss_reduction,
@@ -204,6 +263,14 @@ def test_denoise_sees_exactly_opacus_noisy_scaled_grads(
         for name in names:
             if name not in matrices:  # biases: exactly as Opacus made them
                 assert torch.equal(ours[step][name], plain[step][name]), (step, name)
+        # The warm start: each matrix's basis is the one the op returned for it at the step
+        # before (none at the first), so it too is a function of released gradients only.
+        previous = spy.calls[step - 1]["new_bases"] if step else [None] * len(matrices)
+        for name, basis, old in zip(matrices, call["bases"], previous, strict=True):
+            if not warm_start or old is None:
+                assert basis is None, (step, name)
+            else:
+                assert torch.equal(basis, old), (step, name)
     assert opt.accumulated_iterations == accumulate
 
 
@@ -225,8 +292,8 @@ def test_zero_noise_skips_denoising(spy):
 def test_fixed_rank_is_capped_per_matrix(spy):
     # The head is 3 x 16: rank 5 would be invalid for it alone, so it gets 3.
     _run_direct(DPOptimizer, twin=True, denoise={"rank": 5, "min_dim": 1}, steps=1)
-    ranks = sorted(call["options"]["rank"] for call in spy.calls)
-    assert ranks == [3, 5]
+    ((call,),) = [spy.calls]
+    assert sorted(call["ranks"]) == [3, 5]
 
 
 def test_batch_memory_manager_uses_the_logical_batch(spy):
@@ -524,17 +591,17 @@ def _distributed_worker(rank: int, init_file: str, out_dir: str) -> None:
         "gloo", init_method=f"file://{init_file}", rank=rank, world_size=_WORLD_SIZE
     )
     spy = _Spy()
-    rmt_kernels.ops.denoise_many = spy
+    spy.install(setattr)
     results = []
     try:
         for opacus_class, loss_reduction in _DISTRIBUTED_CASES:
             runs = {}
             for twin in (False, True):
-                calls_before = len(spy.calls)
+                before = len(spy.matrices)
                 model, optimizer = _distributed_step(opacus_class, loss_reduction, twin, rank)
                 runs[twin] = {
                     "grads": {n: p.grad.clone() for n, p in model.named_parameters()},
-                    "calls": spy.calls[calls_before:],
+                    "calls": _Spy.group(spy.matrices[before:]),
                     "noise_std": NOISE * optimizer.max_grad_norm,
                     "expected_batch_size": optimizer.expected_batch_size,
                 }
@@ -676,3 +743,140 @@ def test_convergence_smoke():
     assert optimizer.denoise_steps > 0
     print(f"accuracy {accuracy:.3f} after {optimizer.denoise_steps} denoised steps")
     assert accuracy > 0.85, accuracy
+
+
+# ------------------------------------------------------------------------------------------
+# Warm-start state through a checkpoint (issue 14, item 2)
+# ------------------------------------------------------------------------------------------
+
+WARM = {"seed": 5, "min_dim": 1}
+
+
+def _dropin(init: int = 0, denoise: dict | None = WARM):
+    """A DenoisingDPOptimizer (SGD with momentum: optimizer state too) and its noise generator;
+    ``init`` != 0 moves every weight (a resume must overwrite them all)."""
+    model = GradSampleModule(_model())
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(float(init))
+    generator = torch.Generator().manual_seed(123)
+    optimizer = DenoisingDPOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+        noise_multiplier=NOISE,
+        max_grad_norm=CLIP,
+        expected_batch_size=BATCH,
+        generator=generator,
+        denoise=denoise,
+    )
+    return model, optimizer, generator
+
+
+def _dropin_run(path, steps: int, *, resume_at: int | None = None, keep_bases: bool = True):
+    """Train ``steps`` steps; with ``resume_at``, save model, optimizer and noise generator
+    after that many steps (torch.save), rebuild from other weights and load it back
+    (torch.load(weights_only=True)). Returns the final weights and the denoiser's state."""
+    model, optimizer, generator = _dropin()
+    criterion = nn.CrossEntropyLoss()
+    for step, (x, y) in enumerate(_batches(steps)):
+        optimizer.zero_grad()
+        criterion(model(x), y).backward()
+        optimizer.step()
+        if step + 1 == resume_at:
+            torch.save(
+                {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "generator": generator.get_state(),
+                },
+                path,
+            )
+            model, optimizer, generator = _dropin(init=3)
+            state = torch.load(path, weights_only=True)
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            generator.set_state(state["generator"])
+            if not keep_bases:  # as if the bases had not been checkpointed
+                optimizer.denoiser.load_state_dict({})
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    return weights, optimizer.denoiser.state_dict(), optimizer.denoise_steps
+
+
+def test_a_resumed_dropin_run_denoises_bit_identically(tmp_path, spy):
+    straight, bases, steps = _dropin_run(tmp_path / "a.pt", 4)
+    assert steps == 4 and set(bases["bases"]) == {0, 2}  # the two weight matrices
+    resumed, resumed_bases, resumed_steps = _dropin_run(tmp_path / "b.pt", 4, resume_at=2)
+    assert resumed_steps == 4
+    for name in straight:
+        assert torch.equal(straight[name], resumed[name]), name
+    for key, basis in bases["bases"].items():
+        assert torch.equal(basis, resumed_bases["bases"][key]), key
+    # The resumed run's third step started from the bases the checkpoint carried.
+    third = spy.calls[4 + 2]  # 4 straight steps, then 2 before the checkpoint
+    assert all(b is not None for b in third["bases"])
+    # Guard: started cold after the resume, the run differs (the test can fail).
+    forgot, _, _ = _dropin_run(tmp_path / "c.pt", 4, resume_at=2, keep_bases=False)
+    assert any(not torch.equal(straight[n], forgot[n]) for n in straight)
+
+
+def test_opacus_checkpoints_carry_the_denoising_state(tmp_path):
+    """Opacus's own PrivacyEngine.save_checkpoint/load_checkpoint go through the optimizer's
+    state_dict, so the warm-start bases and the sketch seeds' step counter travel with it."""
+
+    def build():
+        engine = DenoisingPrivacyEngine(accountant="rdp")
+        model = _model()
+        model, optimizer, loader = engine.make_private(
+            module=model,
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            data_loader=DataLoader(_dataset(64), batch_size=16),
+            noise_multiplier=NOISE,
+            max_grad_norm=CLIP,
+            denoise=WARM,
+        )
+        return engine, model, optimizer, loader
+
+    engine, model, optimizer, loader = build()
+    x, y = next(iter(loader))
+    nn.CrossEntropyLoss()(model(x), y).backward()
+    optimizer.step()
+    assert optimizer.denoiser.state_dict()  # bases after a denoised step
+    engine.save_checkpoint(path=tmp_path / "o.pt", module=model, optimizer=optimizer)
+    engine, model, fresh, _ = build()
+    engine.load_checkpoint(path=tmp_path / "o.pt", module=model, optimizer=fresh)
+    assert fresh.denoise_steps == optimizer.denoise_steps == 1
+    saved, loaded = optimizer.denoiser.state_dict(), fresh.denoiser.state_dict()
+    assert saved["shapes"] == loaded["shapes"]
+    for key, basis in saved["bases"].items():
+        assert torch.equal(basis, loaded["bases"][key]), key
+
+
+def test_dropin_denoising_state_is_checked_on_load():
+    model, optimizer, _ = _dropin()
+    for x, y in _batches(1):
+        nn.CrossEntropyLoss()(model(x), y).backward()
+        optimizer.step()
+    state = optimizer.state_dict()
+    assert set(state) == {"state", "param_groups", "rmt_denoise"}
+    # Without denoising the drop-in's state dict is Opacus's, and it refuses denoising state.
+    _, plain, _ = _dropin(denoise=None)
+    assert set(plain.state_dict()) == {"state", "param_groups"}
+    with pytest.raises(ValueError, match="denoise=None"):
+        plain.load_state_dict(state)
+    _, fresh, _ = _dropin()
+    bad = {**state, "rmt_denoise": {**state["rmt_denoise"], "post_processors": []}}
+    with pytest.raises(ValueError, match="0 post-processor states for 1 post-processors"):
+        fresh.load_state_dict(bad)
+    bad = {**state, "rmt_denoise": {**state["rmt_denoise"], "steps": -1}}
+    with pytest.raises(ValueError, match="'steps' must be an int >= 0"):
+        fresh.load_state_dict(bad)
+    basis = state["rmt_denoise"]["post_processors"][0]["bases"][0]
+    wrong = {"bases": {0: basis[:-1]}, "shapes": {0: [HIDDEN, IN]}}
+    bad = {**state, "rmt_denoise": {"steps": 1, "post_processors": [wrong]}}
+    with pytest.raises(ValueError, match=r"basis of 0 \(a 16 x 12 gradient\) must be a float32"):
+        fresh.load_state_dict(bad)
+    assert fresh.denoise_steps == 0 and fresh.denoiser.state_dict() == {}  # nothing was loaded
+    fresh.load_state_dict(state)
+    assert fresh.denoise_steps == 1
+    # A plain torch state dict (no denoising entry) leaves the denoising state alone.
+    fresh.load_state_dict(optimizer.original_optimizer.state_dict())
+    assert fresh.denoise_steps == 1 and fresh.denoiser.state_dict()

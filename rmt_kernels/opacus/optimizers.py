@@ -9,6 +9,11 @@ released DP gradient (clipped sum + noise, divided by the batch size), so denois
 post-processing and the privacy guarantee is unchanged; the accountant's hook still runs
 afterwards, untouched, from Opacus's own ``pre_step``.
 
+What denoising keeps across steps (the sketch seeds' step counter and the post-processors'
+state: the Denoiser's warm-start bases) rides in the optimizer's ``state_dict()`` under
+``"rmt_denoise"``, so Opacus's own ``PrivacyEngine.save_checkpoint``/``load_checkpoint`` resume
+denoising exactly.
+
 Denoising reads only the noisy gradient and public hyper-parameters, by construction:
 :meth:`_DenoisingMixin._denoise_grads` hands the post-processors ``p.grad`` and the optimizer's
 hyper-parameters (noise multiplier, clipping norm, expected batch size, number of accumulated
@@ -56,6 +61,9 @@ __all__ = [
     "validate_denoise_options",
 ]
 
+# The optimizer state_dict entry that holds the denoising state (DenoisingDPOptimizer.state_dict).
+_STATE_KEY = "rmt_denoise"
+
 # The one check of the denoise options, shared with rmt_kernels.dp.make_private (kept under its
 # old name, which rmt_kernels.opacus exports).
 validate_denoise_options = check_denoise_options
@@ -94,6 +102,69 @@ class _DenoisingMixin:
         # the meaning it always had.
         self.denoise_steps = 0
         super().__init__(optimizer, **kwargs)  # type: ignore[call-arg]
+
+    def state_dict(self) -> dict[str, Any]:
+        """Opacus's (the wrapped optimizer's state dict) plus, when denoising,
+        ``"rmt_denoise"``: ``{"steps": denoise_steps, "post_processors": [each one's
+        state_dict()]}``. Plain values and tensors (``torch.load(weights_only=True)`` loads it);
+        torch optimizers ignore the extra entry."""
+        state = super().state_dict()  # type: ignore[misc]
+        if self.post_processors:
+            state = {
+                **state,
+                _STATE_KEY: {
+                    "steps": self.denoise_steps,
+                    # A plain callable stage keeps no state.
+                    "post_processors": [
+                        p.state_dict() if hasattr(p, "state_dict") else {}
+                        for p in self.post_processors
+                    ],
+                },
+            }
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned. A state without ``"rmt_denoise"`` (a
+        plain torch or Opacus optimizer's) leaves the denoising state as it is.
+
+        Raises:
+            ValueError: ``"rmt_denoise"`` given to an optimizer that does not denoise, or with
+                another number of post-processor states, or a bad step counter; or a
+                post-processor refused its state (its message).
+        """
+        extra = state_dict.get(_STATE_KEY)
+        if extra is not None:
+            where = f"{type(self).__name__}.load_state_dict"
+            if not isinstance(extra, Mapping):
+                raise ValueError(
+                    f"{where}: {_STATE_KEY!r} must be a dict, got {type(extra).__name__}"
+                )
+            processors = extra.get("post_processors")
+            steps = extra.get("steps")
+            if not self.post_processors:
+                raise ValueError(
+                    f"{where}: the state holds denoising state; this optimizer has no "
+                    "post-processors (denoise=None)"
+                )
+            if not isinstance(processors, (list, tuple)) or len(processors) != len(
+                self.post_processors
+            ):
+                count = len(processors) if isinstance(processors, (list, tuple)) else processors
+                raise ValueError(
+                    f"{where}: {count} post-processor states for "
+                    f"{len(self.post_processors)} post-processors"
+                )
+            if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+                raise ValueError(f"{where}: 'steps' must be an int >= 0, got {steps!r}")
+            # The post-processors first: they check their state before anything is replaced.
+            for processor, processor_state in zip(self.post_processors, processors, strict=True):
+                if hasattr(processor, "load_state_dict"):
+                    processor.load_state_dict(processor_state)
+                elif processor_state:
+                    raise ValueError(f"{where}: a state for {processor!r}, which keeps none")
+            self.denoise_steps = steps
+            state_dict = {k: v for k, v in state_dict.items() if k != _STATE_KEY}
+        super().load_state_dict(state_dict)  # type: ignore[misc]
 
     def _noise_std(self) -> float:
         """Std of the noise ``add_noise`` just put on each entry of the clipped sum."""
