@@ -1,6 +1,9 @@
 """``python -m bench`` (what ``make bench`` runs): every benchmark side by side, as tables.
 
 1. denoise: one model step of denoising on RoBERTa-base's 72 weight shapes (pytest-benchmark);
+   denoise-edge: the same shapes near the Marchenko-Pastur edge and at rank 4, cold and warm-
+   started, against svd_lowrank and the full SVD, with issue 14's targets beside the measured
+   ratios (bench/bench_denoise_edge.py; its tables also in bench/results/denoise-edge-<device>.md);
 2. dp ops: per-example norms + clipped noisy sums per layer shape, ours vs Opacus;
 3. dp step: one DP fine-tuning step, non-private vs Opacus vs ours (each in its own process);
 4. gpu-static: the static GPU plan (bench/gpu_report.py): every Triton kernel built for sm_80/90/100
@@ -24,7 +27,7 @@ import pytest
 from bench.report import render
 
 HERE = Path(__file__).resolve().parent
-PARTS = ("denoise", "dp-ops", "dp-step", "gpu-static")
+PARTS = ("denoise", "denoise-edge", "dp-ops", "dp-step", "gpu-static")
 
 
 def run_denoise(out_dir: Path) -> str:
@@ -74,6 +77,14 @@ def main(argv: list[str] | None = None) -> int:
     sections = []
     if "denoise" in parts:
         sections.append(run_denoise(out_dir))
+    if "denoise-edge" in parts:
+        import torch
+
+        device = "gpu" if torch.cuda.is_available() else "cpu"
+        # A --quick run's numbers are not worth keeping: they stay in bench/out/.
+        folder = out_dir if args.quick else HERE / "results"
+        edge = folder / f"denoise-edge-{device}.md"
+        sections.append(run_script("bench.bench_denoise_edge", edge, *quick))
     if "dp-ops" in parts:
         sections.append(run_script("bench.bench_dp_ops", out_dir / "dp_ops.md", *quick))
     if "dp-step" in parts:

@@ -41,11 +41,14 @@ def synchronized(fn):
     return run
 
 
-def lowrank_shrink(grads: list[torch.Tensor], sigma: float) -> list[torch.Tensor]:
-    """What a user would write with torch.svd_lowrank and our shrinker, one matrix at a time."""
+def lowrank_shrink(
+    grads: list[torch.Tensor], sigma: float, *, q: int = WIDTH, niter: int = NITER
+) -> list[torch.Tensor]:
+    """What a user would write with torch.svd_lowrank and our shrinker, one matrix at a time
+    (sketch width ``q``, ``niter`` power iterations)."""
     out = []
     for g in grads:
-        u, s, v = torch.svd_lowrank(g, q=WIDTH, niter=NITER)
+        u, s, v = torch.svd_lowrank(g, q=q, niter=niter)
         eta = shrink_singular_values(s, g.shape[0], g.shape[1], sigma)
         out.append((u * eta) @ v.T)
     return out
