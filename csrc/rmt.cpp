@@ -46,7 +46,8 @@ TORCH_LIBRARY(rmt, m) {
 // `import rmt_kernels._C` loads this shared library, which runs the registrations above. The
 // module exposes the constants Python shares with C++, so that it reads them instead of copying
 // them: INITIAL_RANK, MAX_POWER_ITERATIONS, the stopping rule of the range finder
-// (RITZ_TOLERANCE, RITZ_WINDOW, COLD_PASSES, MAX_ADAPTIVE_PASSES), BASIS_MARGIN and
+// (RITZ_TOLERANCE, RITZ_WINDOW, RISE_STEPS, RISE_MARGIN, COLD_PASSES,
+// MAX_ADAPTIVE_PASSES, DIRECTION_FLOOR), BASIS_MARGIN and
 // use_gram_route(T, d_in, d_out) (csrc/constants.h),
 // TAIL_BITS and NOISE_STREAM_VERSION (the noise stream's tail threshold and version,
 // csrc/cpu/philox.h).
@@ -78,6 +79,10 @@ PyObject* PyInit__C(void) {
       PyModule_AddIntConstant(module, "BASIS_MARGIN", rmt::kBasisMargin) < 0 ||
       PyModule_AddObject(module, "RITZ_TOLERANCE", PyFloat_FromDouble(rmt::kRitzTolerance)) < 0 ||
       PyModule_AddObject(module, "RITZ_WINDOW", PyFloat_FromDouble(rmt::kRitzWindow)) < 0 ||
+      PyModule_AddObject(module, "RISE_STEPS", PyFloat_FromDouble(rmt::kRiseSteps)) < 0 ||
+      PyModule_AddObject(module, "RISE_MARGIN", PyFloat_FromDouble(rmt::kRiseMargin)) < 0 ||
+      PyModule_AddObject(module, "DIRECTION_FLOOR", PyFloat_FromDouble(rmt::kDirectionFloor)) <
+          0 ||
       PyModule_AddIntConstant(module, "TAIL_BITS", rmt::philox::kTailBits) < 0 ||
       PyModule_AddIntConstant(module, "NOISE_STREAM_VERSION", rmt::philox::kNoiseStreamVersion) <
           0) {

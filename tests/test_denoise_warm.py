@@ -67,7 +67,7 @@ def test_warm_sequence_matches_exact_and_settles_sooner(m, n):
         exact = denoise_exact(noisy, 0.1)
         assert rel_err(out, clean) <= 1.02 * rel_err(exact, clean) + 1e-6
         (cold_passes if step == 0 else warm_passes).append(int(passes))
-    assert max(warm_passes) <= cold_passes[0] + 1
+    assert max(warm_passes) < cold_passes[0]
 
 
 def test_a_basis_that_holds_the_signal_settles_sooner():
@@ -76,7 +76,7 @@ def test_a_basis_that_holds_the_signal_settles_sooner():
     _, basis, cold = rmt_kernels.denoise_warm(noisy, 0.1)
     again = clean + 0.1 * torch.randn(100, 150, generator=torch.Generator().manual_seed(9))
     out, _, passes = rmt_kernels.denoise_warm(again, 0.1, basis)
-    assert int(passes) < int(cold)
+    assert int(passes) <= 4 < int(cold)  # two passes: grad^T, grad, grad^T, grad
     assert rel_err(out, denoise_exact(again, 0.1)) < 0.01
 
 

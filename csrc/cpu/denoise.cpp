@@ -127,49 +127,78 @@ at::Tensor shrink(const at::Tensor& s, double noise_scale, double beta, Shrinker
 }
 
 // A ~ left diag(values) right^T: Rayleigh-Ritz triplets, values descending, left (b, m, W) and
-// right (b, n, W) with orthonormal columns.
+// right (b, n, W). `basis` (b, m, W): orthonormal left Ritz vectors of the Krylov basis, the
+// start of the next call (equal to `left` where the estimate is the basis's own).
 struct Ritz {
-  at::Tensor left, values, right;
+  at::Tensor left, values, right, basis;
   int64_t passes = 0;
 };
 
-// Relative size below which a direction of M = A^T Q is dropped when the values half a pass
-// ahead are computed: A applied to it would be float32 rounding divided by a tiny number.
-constexpr double kDirectionFloor = 1e-4;
-
-// Singular values (b, W) of A P_V, V = orth(M), from M (b, n, W) and AM = A M (b, m, W): the
-// Rayleigh-Ritz values of the right Krylov space, half a pass ahead of those of Q. Only compared
-// with the estimate's values (never used for the estimate), so values are enough.
-at::Tensor values_ahead(const at::Tensor& m, const at::Tensor& am) {
-  const at::Tensor m64 = m.to(at::kDouble);
-  auto [evals, evecs] = at::linalg_eigh(at::matmul(m64.transpose(1, 2), m64));
-  const at::Tensor s = evals.clamp_min(0.0).sqrt();  // ascending
-  const at::Tensor top = std::get<0>(s.max(1, true));
-  const at::Tensor inv = at::where(s > kDirectionFloor * top, 1.0 / s.clamp_min(1e-300),
-      at::zeros_like(s));
-  const at::Tensor av = at::matmul(am.to(at::kDouble), evecs * inv.unsqueeze(1));
-  return at::linalg_svdvals(av).to(at::kFloat);
+// Products of the blocks so far, kept in float64 as they grow: G1 = M^T M and G2 = (AM)^T (AM),
+// M = A^T Q = [Z_0 .. Z_j], AM = [Y_1 .. Y_{j+1}] (Y_{i+1} = A Z_i).
+at::Tensor grow_gram(const at::Tensor& gram, const at::Tensor& old_cols, const at::Tensor& cols) {
+  const at::Tensor diag = at::matmul(cols.transpose(1, 2), cols);
+  if (!gram.defined()) return diag;
+  const at::Tensor off = at::matmul(old_cols.transpose(1, 2), cols);  // (b, W, w)
+  return at::cat({at::cat({gram, off}, 2), at::cat({off.transpose(1, 2), diag}, 2)}, 1);
 }
 
-// Whether the estimate's values `now` (b, W) and those half a pass ahead agree on what matters,
-// in every matrix of the batch:
-// - the shrunk values moved by at most kRitzTolerance * noise_scale in norm (a component that
-//   crosses the threshold moves them by its whole shrunk value), and
-// - no value within kRitzWindow below the threshold is still rising by more than
-//   kRitzTolerance (relative): a component about to cross it.
-bool settled(const at::Tensor& now, const at::Tensor& ahead, double threshold,
-    double noise_scale, double beta, Shrinker shrinker) {
-  const int64_t r = std::min(now.size(1), ahead.size(1));
-  const at::Tensor a = ahead.narrow(1, 0, r), n = now.narrow(1, 0, r);
-  const at::Tensor moved = (shrink(a, noise_scale, beta, shrinker) -
-                               shrink(n, noise_scale, beta, shrinker))
-                               .square()
-                               .sum(1)
-                               .sqrt();
-  if ((moved > kRitzTolerance * noise_scale).any().item<bool>()) return false;
-  const at::Tensor rising = (a >= kRitzWindow * threshold) & (a <= threshold) &
-                            ((a - n) > kRitzTolerance * a);
-  return !rising.any().item<bool>();
+// The two estimates of a pass from G1 and G2 alone (float64, b x W x W).
+// now:   P_Q A, whose SVD is M = V_L diag(s_L) E^T (E, s_L^2 the eigenpairs of G1).
+// ahead: A P_V, V = orth(M) = M C, C = E diag(1 / s_L) (directions under kDirectionFloor left
+//        out); its SVD is A V = (AM C X diag(1 / s_R)) diag(s_R) X^T with X, s_R^2 the eigenpairs
+//        of C^T G2 C. So V_L^T V_R = X and U_L^T U_R = diag(s_L) X diag(1 / s_R), and
+//        <now, ahead>_F = sum_ij eta_L,i s_L,i X_ij^2 eta_R,j / s_R,j needs no tall product.
+struct Lookahead {
+  at::Tensor s_now, e, s_ahead, x, cx;  // (b, W), (b, W, W), (b, W), (b, W, W), C X
+};
+
+Lookahead look_ahead(const at::Tensor& g1, const at::Tensor& g2) {
+  auto [lam, e] = at::linalg_eigh(g1);
+  lam = lam.flip(1).clamp_min(0.0);
+  e = e.flip(2);
+  const at::Tensor s_now = lam.sqrt();
+  const at::Tensor top = s_now.narrow(1, 0, 1);
+  const at::Tensor inv =
+      at::where(s_now > kDirectionFloor * top, 1.0 / s_now.clamp_min(1e-300), at::zeros_like(s_now));
+  const at::Tensor c = e * inv.unsqueeze(1);
+  auto [mu, x] = at::linalg_eigh(at::matmul(at::matmul(c.transpose(1, 2), g2), c));
+  x = x.flip(2);
+  return {s_now, e, mu.flip(1).clamp_min(0.0).sqrt(), x, at::matmul(c, x)};
+}
+
+// Whether the pass is final (the rule of kRitzTolerance in csrc/constants.h), in every matrix.
+bool settled(const Lookahead& la, double noise_scale, double beta, Shrinker shrinker, bool guard) {
+  const double threshold = noise_scale * (1.0 + std::sqrt(beta));
+  const at::Tensor &s_now = la.s_now, &s_ahead = la.s_ahead;
+  const at::Tensor eta_now = shrink(s_now, noise_scale, beta, shrinker);
+  const at::Tensor eta_ahead = shrink(s_ahead, noise_scale, beta, shrinker);
+  const at::Tensor& x = la.x;
+  const at::Tensor weight_ahead =
+      at::where(eta_ahead > 0, eta_ahead / s_ahead.clamp_min(1e-300), at::zeros_like(eta_ahead));
+  const at::Tensor cross =
+      at::matmul(at::matmul((eta_now * s_now).unsqueeze(1), x.square()), weight_ahead.unsqueeze(2))
+          .squeeze(2)
+          .squeeze(1);
+  at::Tensor change = (eta_now.square().sum(1) + eta_ahead.square().sum(1) - 2.0 * cross)
+                          .clamp_min(0.0);
+  // Values still rising toward the threshold count with the shrunk value they would reach.
+  const at::Tensor projected = s_ahead + kRiseSteps * (s_ahead - s_now);
+  const at::Tensor rising = (s_ahead >= kRitzWindow * threshold) & (s_ahead <= threshold) &
+                            (projected > (1.0 + kRiseMargin) * threshold) & guard;
+  const at::Tensor potential = at::where(
+      rising, shrink(projected, noise_scale, beta, shrinker), at::zeros_like(projected));
+  change = change + potential.square().sum(1);
+  // Error scale of the exact Frobenius shrinker: per kept component x^2 - eta^2 (x the debiased
+  // value), in units of noise_scale^2, plus one noise component.
+  const at::Tensor y = s_ahead / noise_scale;
+  const at::Tensor t = y * y - (beta + 1.0);
+  const at::Tensor x2 = (t + (t * t - 4.0 * beta).clamp_min(0.0).sqrt()) * 0.5;
+  const at::Tensor eta_f = shrink(s_ahead, noise_scale, beta, Shrinker::kFrobenius) / noise_scale;
+  const at::Tensor loss = at::where(eta_f > 0, (x2 - eta_f * eta_f).clamp_min(0.0),
+      at::zeros_like(x2));
+  const at::Tensor scale = (loss.sum(1) + 1.0) * (noise_scale * noise_scale);
+  return (change <= kRitzTolerance * kRitzTolerance * scale).all().item<bool>();
 }
 
 // A NaN or Inf anywhere in grad reaches its row of a product with grad (0 * NaN is NaN):
@@ -180,19 +209,44 @@ bool check_is_finite(const at::Tensor& product) {
   return true;
 }
 
+// The next Krylov block: y orthonormalised against q (b, m, W) and within itself. Block
+// classical Gram-Schmidt twice, then Householder QR of the thin remainder; where a column lost
+// most of its norm to q (the Krylov space is exhausted: an exactly low-rank grad), a Householder
+// QR of [q, y] instead, which stays orthonormal whatever y holds.
+at::Tensor next_block(const at::Tensor& q, const at::Tensor& y) {
+  at::Tensor r = y - at::matmul(q, at::matmul(q.transpose(1, 2), y));
+  r = r - at::matmul(q, at::matmul(q.transpose(1, 2), r));
+  const at::Tensor kept = r.norm(2, {1}) >= 1e-2 * y.norm(2, {1});
+  if (kept.all().item<bool>()) return orthonormal_basis(r);
+  return orthonormal_basis(at::cat({q, y}, 2)).narrow(2, q.size(2), y.size(2));
+}
+
+// Orthonormal columns that equal `left` where it already is orthonormal (up to rounding): the
+// Householder QR of `left` with R's signs moved back into Q. A column whose value is (nearly)
+// zero carries no direction (0 / 0) and is replaced by the same column of `fallback` (b, m, W),
+// an orthonormal basis of the same Krylov space.
+at::Tensor orthonormal_like(const at::Tensor& left, const at::Tensor& values,
+    const at::Tensor& fallback) {
+  const at::Tensor top = values.narrow(1, 0, 1);
+  const at::Tensor usable = (values > 1e-6 * top) & (top > 0);
+  auto [q, r] = at::linalg_qr(at::where(usable.unsqueeze(1), left, fallback), "reduced");
+  const at::Tensor signs = at::where(r.diagonal(0, 1, 2) < 0, -1.0, 1.0).to(q.scalar_type());
+  return q * signs.unsqueeze(1);
+}
+
 // Block Krylov range finder (Musco & Musco 2015) started from `start` (b, m, k0) plus fresh
-// Gaussian columns: Q_0 = orth([start, G]), Q_{j+1} = orth(A A^T Q_j) against Q_0..Q_j, and after
-// each pass the Rayleigh-Ritz triplets of A on span(Q_0..Q_j) (the SVD of A^T [Q_0..Q_j]). A fixed
-// niter >= 0 takes niter + 1 passes; niter = -1 stops on the rule of `settled`. `passes` counts
-// the products with grad or grad^T (reads of grad): a cold start's sketch, then per pass one
-// with grad^T and (but for a last fixed pass) one with grad.
+// columns: Q_0 = orth([start, fresh]), Q_{j+1} = orth(A A^T Q_j) against Q_0..Q_j. Each pass
+// multiplies by A^T (Z_j = A^T Q_j) and, unless it is a fixed schedule's last, by A
+// (Y_{j+1} = A Z_j). A fixed niter >= 0 takes niter + 1 passes and returns Rayleigh-Ritz on
+// span(Q_0..Q_niter); niter = -1 stops on the rule of `settled` and returns the estimate half a
+// pass ahead. `passes` counts the products with grad or grad^T (reads of grad).
 Ritz krylov_range(const at::Tensor& a, at::Tensor start, int64_t rank, int64_t oversample,
     int64_t niter, double noise_scale, double beta, Shrinker shrinker, uint64_t seed,
     bool check_finite) {
   const double threshold = noise_scale * (1.0 + std::sqrt(beta));
   const int64_t b = a.size(0), m = a.size(1), n = a.size(2);
   const int64_t full = std::min(m, n);
-  const at::Tensor at_ = a.transpose(1, 2);
+  const at::Tensor a_t = a.transpose(1, 2);
   auto gen = at::make_generator<at::CPUGeneratorImpl>(seed);
   const int64_t k0_in = start.defined() ? start.size(2) : 0;
   int64_t k = rank > 0 ? rank : std::min(std::max(kInitialRank, k0_in), full);
@@ -204,8 +258,8 @@ Ritz krylov_range(const at::Tensor& a, at::Tensor start, int64_t rank, int64_t o
     // Fresh columns. A cold start sketches, A Omega (Halko, Martinsson & Tropp 2011): one
     // product with grad, after which its first pass is the classic randomized SVD. A warm start
     // already holds grad's main directions (the last step's), so its fresh columns are plain
-    // Gaussian vectors: the Krylov passes turn them into a search for new directions, and the
-    // start costs no product.
+    // Gaussian vectors: the passes turn them into a search for new directions, and the start
+    // costs no product.
     at::Tensor block;
     if (fresh > 0 && k0 == 0) {
       block = at::matmul(a, at::randn({b, n, fresh}, gen, a.options()));
@@ -216,46 +270,66 @@ Ritz krylov_range(const at::Tensor& a, at::Tensor start, int64_t rank, int64_t o
     } else {
       block = start;
     }
-    // A cold start's first passes look at a random subspace: a component just above the
-    // threshold has not shown yet, so the rule starts to apply after kColdPasses.
     const int64_t min_passes = k0 > 0 ? 1 : kColdPasses;
-    std::vector<at::Tensor> qs{orthonormal_basis(block)}, zs, ys;
+    at::Tensor q = orthonormal_basis(block), q_last = q;
+    at::Tensor mz, am, m64, am64, g1, g2;  // M, AM and their float64 copies and Gram matrices
+    bool ahead = false;
     for (int64_t pass = 1;; ++pass) {
-      const at::Tensor z = at::matmul(at_, qs.back());  // (b, n, w)
+      const at::Tensor z = at::matmul(a_t, q_last);  // (b, n, w)
       ++est.passes;
       check_finite = check_finite && !check_is_finite(z);
-      zs.push_back(z);
-      const at::Tensor mz = zs.size() == 1 ? z : at::cat(zs, 2);  // A^T Q, (b, n, W)
-      const at::Tensor q = qs.size() == 1 ? qs[0] : at::cat(qs, 2);
+      mz = mz.defined() ? at::cat({mz, z}, 2) : z;
+      const int64_t total = mz.size(2);
+      const bool last = total >= full ||  // the whole column space: exact
+                        (niter >= 0 && pass >= niter + 1) ||
+                        (niter < 0 && pass >= kMaxAdaptivePasses);
+      if (last && (niter >= 0 || total >= full)) break;
+      const at::Tensor y = at::matmul(a, z);  // A A^T Q_j: the next block and the look ahead
+      ++est.passes;
+      am = am.defined() ? at::cat({am, y}, 2) : y;
+      const at::Tensor z64 = z.to(at::kDouble), y64 = y.to(at::kDouble);
+      g1 = grow_gram(g1, m64, z64);
+      g2 = grow_gram(g2, am64, y64);
+      m64 = m64.defined() ? at::cat({m64, z64}, 2) : z64;
+      am64 = am64.defined() ? at::cat({am64, y64}, 2) : y64;
+      if (niter < 0 && (last || pass >= min_passes)) {
+        const Lookahead la = look_ahead(g1, g2);
+        // A warm start watches for rising values in its first pass only: there they are the
+        // start basis's components that the new noise pushed under the threshold. Later, its
+        // fresh columns rise through the window as any search does; a new component that
+        // crosses the threshold still shows in the estimates' difference.
+        const bool guard = k0 == 0 || pass == 1;
+        if (last || settled(la, noise_scale, beta, shrinker, guard)) {
+          // The estimate half a pass ahead: left AM C X / s_R, right M C X (float32 products
+          // with small float64 factors). The basis for the next call: Q E, orthonormal.
+          const at::Tensor cx = la.cx.to(at::kFloat);
+          const at::Tensor s = la.s_ahead.to(at::kFloat);
+          est.values = s;
+          est.right = at::matmul(mz, cx);
+          est.left = at::matmul(am, cx) / s.clamp_min(1e-30).unsqueeze(1);
+          est.basis = orthonormal_like(est.left, s, at::matmul(q, la.e.to(at::kFloat)));
+          ahead = true;
+          break;
+        }
+      }
+      const int64_t next = std::min(y.size(2), full - total);
+      q_last = next_block(q, y.narrow(2, 0, next));
+      q = at::cat({q, q_last}, 2);
+    }
+    if (!ahead) {
       // P_Q A = Q (A^T Q)^T; the SVD of A^T Q = V S Wb^T gives A ~ (Q Wb) S V^T.
       auto [v, values, wh] = at::linalg_svd(mz, /*full_matrices=*/false);
       est.left = at::matmul(q, wh.transpose(1, 2));
       est.values = values;
       est.right = v;
-      const int64_t total = mz.size(2);
-      if (total >= full) break;  // the whole column space: exact
-      if (niter >= 0 && pass >= niter + 1) break;
-      if (niter < 0 && pass >= kMaxAdaptivePasses) break;
-      const at::Tensor y = at::matmul(a, z);  // A A^T Q_j: the next block, and a look ahead
-      ++est.passes;
-      ys.push_back(y);
-      if (niter < 0 && pass >= min_passes &&
-          settled(values, values_ahead(mz, ys.size() == 1 ? y : at::cat(ys, 2)), threshold,
-              noise_scale, beta, shrinker)) {
-        break;
-      }
-      // The next block, orthogonal to all before it: the last columns of a Householder QR of
-      // [Q, Y], which stays orthonormal when Y has (numerically) nothing new.
-      const int64_t next = std::min(y.size(2), full - total);
-      const at::Tensor basis = orthonormal_basis(at::cat({q, y.narrow(2, 0, next)}, 2));
-      qs.push_back(basis.narrow(2, total, next));
+      est.basis = est.left;
     }
     if (rank > 0 || est.values.size(1) >= full || k >= full) break;
     // Adaptive rank: done once the k-th value of every matrix is at or below the threshold, so
     // every component above it was found with `oversample` columns to spare. Otherwise start
     // again, twice as wide, from what was found (a warm start).
     if ((est.values.select(1, k - 1) <= threshold).all().item<bool>()) break;
-    start = est.left.narrow(2, 0, std::min(k, est.left.size(2))).contiguous();
+    start = est.basis.narrow(2, 0, std::min(k, est.basis.size(2))).contiguous();
     k = std::min(2 * k, full);
   }
   return est;
@@ -303,7 +377,7 @@ std::tuple<at::Tensor, at::Tensor, int64_t> denoise_impl(const at::Tensor& grad,
   const at::Tensor kept_columns = (eta > 0).any(0).nonzero();
   const int64_t kept = kept_columns.numel() == 0 ? 0 : kept_columns.max().item<int64_t>() + 1;
   const at::Tensor new_basis =
-      est.left.narrow(2, 0, std::min(kept + kBasisMargin, width)).contiguous();
+      est.basis.narrow(2, 0, std::min(kept + kBasisMargin, width)).contiguous();
   // Fast path for the common DP case: nothing above the edge, so no reconstruction.
   if (kept == 0) {
     return {at::zeros(grad.sizes(), grad.options().memory_format(at::MemoryFormat::Contiguous)),
