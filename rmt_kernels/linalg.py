@@ -58,3 +58,42 @@ def gram_svd(c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     evals, evecs = torch.linalg.eigh(_finite_gram(c))
     s = evals.flip(-1).clamp_min(0.0).sqrt()
     return s.to(c.dtype), evecs.flip(-1).to(c.dtype)
+
+
+def _unit_columns(q: torch.Tensor) -> bool:
+    """Whether every column has unit norm (one host synchronisation): what CholeskyQR gives
+    unless the block had (nearly) dependent columns."""
+    return bool(((q.double().square().sum(-2) - 1.0).abs() < 1e-5).all())
+
+
+def orthonormal_block(y: torch.Tensor) -> torch.Tensor:
+    """Orthonormal basis (b, m, w) float32 of the columns of ``y`` (b, m, w).
+
+    CholeskyQR2, or Householder QR (``torch.linalg.qr``, slow on GPUs for batches) where the
+    columns of ``y`` are (nearly) dependent, so the result is always orthonormal: the range
+    finder's basis must be, even for a repeated or zero warm-start column. Columns that are
+    orthonormal already come back unchanged (CholeskyQR's R has a positive diagonal).
+    """
+    q = cholesky_qr2(y.float())
+    if _unit_columns(q):
+        return q
+    return torch.linalg.qr(y.float(), mode="reduced")[0]
+
+
+def next_krylov_block(q: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The next block of a block Krylov basis: ``y`` (b, m, w) orthonormalised against the
+    orthonormal ``q`` (b, m, W) and within itself (``next_block`` in csrc/cpu/denoise.cpp).
+
+    Block classical Gram-Schmidt twice, CholeskyQR2, and once more against ``q``; where a column
+    lost most of its norm to ``q`` (the Krylov space is exhausted: an exactly low-rank matrix) or
+    the result is not orthonormal, the last columns of a Householder QR of ``[q, y]``.
+    """
+    r = y - q @ (q.mT @ y)
+    r = r - q @ (q.mT @ r)
+    if bool((r.norm(dim=-2) >= 1e-2 * y.norm(dim=-2)).all()):
+        block = cholesky_qr2(r)
+        block = block - q @ (q.mT @ block)
+        block = _cholesky_qr_step(block)
+        if _unit_columns(block):
+            return block
+    return torch.linalg.qr(torch.cat([q, y], -1), mode="reduced")[0][..., q.shape[-1] :]

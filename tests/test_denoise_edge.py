@@ -105,7 +105,8 @@ def test_rank_64_near_the_edge(m, n):
 
 
 @pytest.mark.parametrize(
-    "options", [{"shrinker": "operator"}, {"shrinker": "hard"}, {"kappa": 0.8}, {"norm": "debiased"}]
+    "options",
+    [{"shrinker": "operator"}, {"shrinker": "hard"}, {"kappa": 0.8}, {"norm": "debiased"}],
 )
 def test_other_options_near_the_edge(options):
     _check("edge", 300, 517, seed=2, **options)

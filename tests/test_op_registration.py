@@ -44,3 +44,27 @@ def test_export_keeps_the_op():
 
     program = torch.export.export(Denoise(), (torch.randn(16, 24),))
     assert "rmt.denoise" in str(program.graph)
+
+
+@pytest.mark.parametrize("shape", [(20, 30), (30, 20), (2, 20, 30)])
+@pytest.mark.parametrize("options", [{}, {"rank": 2, "norm": "preserve"}, {"niter": 1}])
+def test_opcheck_denoise_warm(shape, options):
+    grad = planted(shape[-2], shape[-1], 2, batch=shape[0] if len(shape) == 3 else None)[0]
+    basis = torch.randn(*shape[:-1], 3)
+    torch.library.opcheck(torch.ops.rmt.denoise_warm.default, (grad, 0.1, basis), options)
+
+
+def test_compiled_function_calls_denoise_warm():
+    # The new basis's width is data-dependent: traced as an unbacked size.
+    torch._dynamo.reset()
+
+    def step(g: torch.Tensor, basis: torch.Tensor):
+        out, new_basis, passes = torch.ops.rmt.denoise_warm(g, 0.2, basis)
+        return 0.5 * out, new_basis, passes
+
+    grad, basis = planted(48, 64, 2)[0], torch.randn(48, 4)
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+        compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+        got = compiled(grad, basis)
+    for a, b in zip(got, step(grad, basis), strict=True):
+        torch.testing.assert_close(a, b)

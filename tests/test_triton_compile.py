@@ -29,7 +29,7 @@ import rmt_kernels.triton  # noqa: E402
 from rmt_kernels import dp_ops  # noqa: E402
 from rmt_kernels.shrinkage import SHRINKERS  # noqa: E402
 from rmt_kernels.triton import aot  # noqa: E402
-from rmt_kernels.triton.denoise import denoise_triton  # noqa: E402
+from rmt_kernels.triton.denoise import denoise_triton, denoise_warm_triton  # noqa: E402
 from rmt_kernels.triton.reconstruct import SHRINKER_CODES  # noqa: E402
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -103,9 +103,9 @@ def _drive_dp_ops(dtype: torch.dtype, noise: tuple[float, int, int]) -> set[str]
 
 
 def _drive_denoise(dtype: torch.dtype) -> set[str]:
-    """rmt::denoise's CUDA implementation (called by rmt_kernels.triton.register._denoise_cuda):
-    every shrinker with and without the norm correction, both orientations, the fixed-rank path."""
-    # p < q: the output written as is; p > q (batched): written through a transposed view.
+    """rmt::denoise's and rmt::denoise_warm's CUDA implementations (rmt_kernels.triton.register):
+    every shrinker with and without the norm correction, wide and tall (batched), the fixed-rank
+    and fixed-niter paths, a warm start."""
     wide, tall = _planted(1, 24, 40, dtype)[0], _planted(2, 40, 24, dtype)
     for shrinker in SHRINKERS:
         for norm in ("none", "preserve"):
@@ -113,7 +113,10 @@ def _drive_denoise(dtype: torch.dtype) -> set[str]:
     denoise_triton(tall, 0.01, shrinker="frobenius")
     denoise_triton(tall, 0.01, shrinker="hard", norm="debiased")
     denoise_triton(wide, 0.01, rank=2)
-    return {"denoise"}
+    denoise_triton(wide, 0.01, niter=1)
+    _, basis, _ = denoise_warm_triton(tall, 0.01, torch.empty(2, 40, 0))
+    denoise_warm_triton(tall, 0.01, basis)
+    return {"denoise", "denoise_warm"}
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ run compiled on CUDA), against the reference on small, awkward shapes."""
 import pytest
 import torch
 
+import rmt_kernels
 from rmt_kernels.linalg import cholesky_qr2, gram_svd
 from rmt_kernels.reference import denoise_exact
 from rmt_kernels.shrinkage import SHRINKERS, norm_correction_factor, shrink_singular_values
@@ -12,7 +13,7 @@ from tests.helpers import planted, rel_err
 pytestmark = pytest.mark.triton
 triton = pytest.importorskip("triton")
 
-from rmt_kernels.triton.denoise import denoise_triton  # noqa: E402
+from rmt_kernels.triton.denoise import denoise_triton, denoise_warm_triton  # noqa: E402
 from rmt_kernels.triton.reconstruct import shrink_reconstruct  # noqa: E402
 from rmt_kernels.triton.sketch import gaussian_sketch  # noqa: E402
 
@@ -176,6 +177,45 @@ def test_denoise_triton_every_niter_matches_exact(niter, m, n, tolerance):
     assert rel_err(out, denoise_exact(noisy, 0.1)) < tolerance
 
 
+def _orthonormal(basis: torch.Tensor) -> bool:
+    eye = torch.eye(basis.shape[-1], device=basis.device).expand(*basis.shape[:-2], -1, -1)
+    return torch.allclose(basis.mT @ basis, eye, atol=1e-5)
+
+
+@pytest.mark.parametrize(("m", "n"), [(40, 56), (56, 40), (33, 47)])
+def test_denoise_warm_triton_cold_then_warm(m, n):
+    noisy, clean = planted(m, n, 3, strength=(1.5, 3.0))
+    empty = torch.empty(m, 0, device=DEVICE)
+    out, basis, passes = denoise_warm_triton(noisy.to(DEVICE), 0.1, empty)
+    assert torch.equal(out, denoise_triton(noisy.to(DEVICE), 0.1))
+    assert basis.dtype == torch.float32 and basis.shape[0] == m and _orthonormal(basis)
+    assert passes.dtype == torch.int64 and passes.dim() == 0 and int(passes) >= 5
+    again = clean + 0.1 * torch.randn(m, n, generator=torch.Generator().manual_seed(3))
+    out, new_basis, warm_passes = denoise_warm_triton(again.to(DEVICE), 0.1, basis)
+    assert rel_err(out.cpu(), denoise_exact(again, 0.1)) < 0.02
+    assert _orthonormal(new_basis) and int(warm_passes) < int(passes)
+    # The CPU kernel takes the same steps (other random numbers).
+    _, _, cpu_passes = rmt_kernels.denoise_warm(again, 0.1, basis.cpu())
+    assert abs(int(cpu_passes) - int(warm_passes)) <= 2
+
+
+def test_denoise_warm_triton_batched_and_options():
+    noisy, _ = planted(30, 50, 2, batch=2, strength=(1.5, 3.0))
+    basis = torch.randn(2, 30, 4, device=DEVICE)
+    for options in ({}, {"rank": 1, "norm": "debiased"}, {"niter": 1}):
+        out, new_basis, _ = denoise_warm_triton(noisy.to(DEVICE), 0.1, basis, **options)
+        exact_options = {k: v for k, v in options.items() if k != "niter"}
+        assert rel_err(out.cpu(), denoise_exact(noisy, 0.1, **exact_options)) < 0.02
+        assert new_basis.shape[:2] == (2, 30) and _orthonormal(new_basis)
+
+
+def test_denoise_triton_fixed_niter_costs_what_it_did():
+    noisy, _ = planted(40, 60, 2)
+    for niter in (0, 2):
+        _, _, passes = denoise_warm_triton(noisy.to(DEVICE), 0.1, torch.empty(40, 0), niter=niter)
+        assert int(passes) == 2 * niter + 2
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (bench/gpu/run.sh runs it)")
 def test_the_op_dispatches_to_triton_on_cuda():
     noisy, _ = planted(96, 64, 3)
@@ -183,3 +223,8 @@ def test_the_op_dispatches_to_triton_on_cuda():
     assert out.is_cuda
     assert rel_err(out.cpu(), denoise_exact(noisy, 0.1)) < 0.02
     torch.library.opcheck(torch.ops.rmt.denoise.default, (noisy.cuda(), 0.1), {})
+    basis = torch.randn(96, 4, device="cuda")
+    out, new_basis, passes = torch.ops.rmt.denoise_warm(noisy.cuda(), 0.1, basis)
+    assert out.is_cuda and new_basis.is_cuda and passes.is_cuda
+    assert rel_err(out.cpu(), denoise_exact(noisy, 0.1)) < 0.02
+    torch.library.opcheck(torch.ops.rmt.denoise_warm.default, (noisy.cuda(), 0.1, basis), {})

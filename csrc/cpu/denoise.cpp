@@ -94,8 +94,38 @@ void check_basis(const at::Tensor& grad, const at::Tensor& basis) {
 // Householder QR through LAPACK: stays orthonormal even when the block is rank-deficient
 // (an exactly low-rank or all-zero gradient, a repeated warm-start column), which Cholesky-based
 // QR does not.
-at::Tensor orthonormal_basis(const at::Tensor& y) {
+at::Tensor householder_basis(const at::Tensor& y) {
   return std::get<0>(at::linalg_qr(y, "reduced"));
+}
+
+// One shifted CholeskyQR step in float64 (the Gram matrix of a thin block, a w x w Cholesky
+// factor, one triangular solve): level-3 BLAS only, where LAPACK's tall Householder QR runs
+// panel by panel. The shift lets the factorisation succeed on (nearly) dependent columns; the
+// caller checks the result and falls back to Householder QR there.
+at::Tensor cholesky_qr_step(const at::Tensor& y64) {
+  const at::Tensor gram = at::matmul(y64.transpose(1, 2), y64);
+  const at::Tensor shift = 1e-12 * gram.diagonal(0, 1, 2).sum(1) + 1e-300;
+  const at::Tensor eye = at::eye(gram.size(1), gram.options());
+  const at::Tensor lower =
+      std::get<0>(at::linalg_cholesky_ex(gram + shift.view({-1, 1, 1}) * eye));
+  // y L^-T, as the transpose of L^-1 y^T.
+  return at::linalg_solve_triangular(lower, y64.transpose(1, 2), /*upper=*/false)
+      .transpose(1, 2);
+}
+
+// Whether every column of a block has unit norm: what CholeskyQR gives unless the block had
+// (nearly) dependent columns.
+bool unit_columns(const at::Tensor& q64) {
+  return ((q64.square().sum(1) - 1.0).abs() < 1e-6).all().item<bool>();
+}
+
+// An orthonormal basis of the columns of y (b, m, w), float32: CholeskyQR2 (Fukaya et al. 2014),
+// or Householder QR where y's columns are (nearly) dependent. Where y's columns are orthonormal
+// already it returns them (CholeskyQR's R has a positive diagonal).
+at::Tensor orthonormal_basis(const at::Tensor& y) {
+  const at::Tensor q64 = cholesky_qr_step(cholesky_qr_step(y.to(at::kDouble)));
+  if (!unit_columns(q64)) return householder_basis(y);
+  return q64.to(at::kFloat);
 }
 
 // Shrunk singular values; zero at or below the threshold kappa * bulk edge. noise_scale is
@@ -127,8 +157,8 @@ at::Tensor shrink(const at::Tensor& s, double noise_scale, double beta, Shrinker
 }
 
 // A ~ left diag(values) right^T: Rayleigh-Ritz triplets, values descending, left (b, m, W) and
-// right (b, n, W). `basis` (b, m, W): orthonormal left Ritz vectors of the Krylov basis, the
-// start of the next call (equal to `left` where the estimate is the basis's own).
+// right (b, n, W). `basis` (b, m, W): orthonormal left Ritz vectors of the Krylov basis (equal
+// to `left` where the estimate is the basis's own, close to it where it is the one ahead).
 struct Ritz {
   at::Tensor left, values, right, basis;
   int64_t passes = 0;
@@ -210,28 +240,32 @@ bool check_is_finite(const at::Tensor& product) {
 }
 
 // The next Krylov block: y orthonormalised against q (b, m, W) and within itself. Block
-// classical Gram-Schmidt twice, then Householder QR of the thin remainder; where a column lost
-// most of its norm to q (the Krylov space is exhausted: an exactly low-rank grad), a Householder
-// QR of [q, y] instead, which stays orthonormal whatever y holds.
+// classical Gram-Schmidt twice, CholeskyQR2, and once more against q (a block with nearly
+// dependent columns amplifies what is left of q in it). Where a column lost most of its norm to
+// q (the Krylov space is exhausted: an exactly low-rank grad) or the result is not orthonormal,
+// a Householder QR of [q, y] instead, which stays orthonormal whatever y holds.
 at::Tensor next_block(const at::Tensor& q, const at::Tensor& y) {
-  at::Tensor r = y - at::matmul(q, at::matmul(q.transpose(1, 2), y));
-  r = r - at::matmul(q, at::matmul(q.transpose(1, 2), r));
-  const at::Tensor kept = r.norm(2, {1}) >= 1e-2 * y.norm(2, {1});
-  if (kept.all().item<bool>()) return orthonormal_basis(r);
-  return orthonormal_basis(at::cat({q, y}, 2)).narrow(2, q.size(2), y.size(2));
+  const at::Tensor qt = q.transpose(1, 2);
+  at::Tensor r = y - at::matmul(q, at::matmul(qt, y));
+  r = r - at::matmul(q, at::matmul(qt, r));
+  if ((r.norm(2, {1}) >= 1e-2 * y.norm(2, {1})).all().item<bool>()) {
+    const at::Tensor q64 = q.to(at::kDouble);
+    at::Tensor b64 = cholesky_qr_step(cholesky_qr_step(r.to(at::kDouble)));
+    b64 = b64 - at::matmul(q64, at::matmul(q64.transpose(1, 2), b64));
+    b64 = cholesky_qr_step(b64);
+    if (unit_columns(b64)) return b64.to(at::kFloat);
+  }
+  return householder_basis(at::cat({q, y}, 2)).narrow(2, q.size(2), y.size(2));
 }
 
-// Orthonormal columns that equal `left` where it already is orthonormal (up to rounding): the
-// Householder QR of `left` with R's signs moved back into Q. A column whose value is (nearly)
-// zero carries no direction (0 / 0) and is replaced by the same column of `fallback` (b, m, W),
-// an orthonormal basis of the same Krylov space.
+// Orthonormal columns that equal `left` (b, m, k) where it already is orthonormal (up to
+// rounding). A column whose value is (nearly) zero carries no direction (0 / 0) and is replaced
+// by the same column of `fallback`, an orthonormal basis of the same Krylov space.
 at::Tensor orthonormal_like(const at::Tensor& left, const at::Tensor& values,
     const at::Tensor& fallback) {
   const at::Tensor top = values.narrow(1, 0, 1);
   const at::Tensor usable = (values > 1e-6 * top) & (top > 0);
-  auto [q, r] = at::linalg_qr(at::where(usable.unsqueeze(1), left, fallback), "reduced");
-  const at::Tensor signs = at::where(r.diagonal(0, 1, 2) < 0, -1.0, 1.0).to(q.scalar_type());
-  return q * signs.unsqueeze(1);
+  return orthonormal_basis(at::where(usable.unsqueeze(1), left, fallback));
 }
 
 // Block Krylov range finder (Musco & Musco 2015) started from `start` (b, m, k0) plus fresh
@@ -307,7 +341,7 @@ Ritz krylov_range(const at::Tensor& a, at::Tensor start, int64_t rank, int64_t o
           est.values = s;
           est.right = at::matmul(mz, cx);
           est.left = at::matmul(am, cx) / s.clamp_min(1e-30).unsqueeze(1);
-          est.basis = orthonormal_like(est.left, s, at::matmul(q, la.e.to(at::kFloat)));
+          est.basis = at::matmul(q, la.e.to(at::kFloat));
           ahead = true;
           break;
         }
@@ -343,9 +377,9 @@ struct Options {
 };
 
 // Shared body of both ops. grad (m, n) or (b, m, n); start (b, m, k0) or undefined.
-// Returns (estimate like grad, new basis (b, m, k'), passes).
+// Returns (estimate like grad, new basis (b, m, k') if want_basis, passes).
 std::tuple<at::Tensor, at::Tensor, int64_t> denoise_impl(const at::Tensor& grad,
-    const at::Tensor& start, const Options& o) {
+    const at::Tensor& start, const Options& o, bool want_basis) {
   const bool batched = grad.dim() == 3;
   const at::Tensor a = (batched ? grad : grad.unsqueeze(0)).to(at::kFloat);
   const int64_t m = a.size(1), n = a.size(2);
@@ -376,8 +410,14 @@ std::tuple<at::Tensor, at::Tensor, int64_t> denoise_impl(const at::Tensor& grad,
   // Only components up to the last one kept in any matrix are reconstructed.
   const at::Tensor kept_columns = (eta > 0).any(0).nonzero();
   const int64_t kept = kept_columns.numel() == 0 ? 0 : kept_columns.max().item<int64_t>() + 1;
-  const at::Tensor new_basis =
-      est.basis.narrow(2, 0, std::min(kept + kBasisMargin, width)).contiguous();
+  // The next call's start: the estimate's own left vectors (orthonormalised: those of the
+  // estimate ahead are only up to rounding), kept components first.
+  at::Tensor new_basis;
+  if (want_basis) {
+    const int64_t k = std::min(kept + kBasisMargin, width);
+    new_basis = orthonormal_like(est.left.narrow(2, 0, k), est.values.narrow(1, 0, k),
+        est.basis.narrow(2, 0, k));
+  }
   // Fast path for the common DP case: nothing above the edge, so no reconstruction.
   if (kept == 0) {
     return {at::zeros(grad.sizes(), grad.options().memory_format(at::MemoryFormat::Contiguous)),
@@ -395,7 +435,7 @@ at::Tensor denoise_cpu(const at::Tensor& grad, double sigma, c10::string_view sh
   check_arguments("denoise", grad, sigma, kappa, rank, oversample, niter);
   const Options o{sigma, kappa, parse_shrinker("denoise", shrinker), parse_norm("denoise", norm),
       rank, oversample, niter, seed};
-  return std::get<0>(denoise_impl(grad, at::Tensor(), o));
+  return std::get<0>(denoise_impl(grad, at::Tensor(), o, /*want_basis=*/false));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> denoise_warm_cpu(const at::Tensor& grad,
@@ -407,7 +447,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> denoise_warm_cpu(const at::Tensor
       parse_norm("denoise_warm", norm), rank, oversample, niter, seed};
   at::Tensor start;
   if (basis.size(-1) > 0) start = (grad.dim() == 3 ? basis : basis.unsqueeze(0)).contiguous();
-  auto [out, new_basis, passes] = denoise_impl(grad, start, o);
+  auto [out, new_basis, passes] = denoise_impl(grad, start, o, /*want_basis=*/true);
   if (grad.dim() == 2) new_basis = new_basis.squeeze(0);
   return {out, new_basis, at::scalar_tensor(passes, grad.options().dtype(at::kLong))};
 }

@@ -1,9 +1,9 @@
 """The CUDA kernel of every ``torch.ops.rmt`` op, registered in one table.
 
-The kernels themselves sit beside this file: rmt::denoise in denoise.py, the fused DP ops in
-device.py (torch code and the launchers of linear.py, sq_norms.py and dp_noise.py). Neither this
-module nor device.py imports Triton: it is imported when a kernel first runs, so a CPU install
-never needs it.
+The kernels themselves sit beside this file: rmt::denoise and rmt::denoise_warm in denoise.py,
+the fused DP ops in device.py (torch code and the launchers of linear.py, sq_norms.py and
+dp_noise.py). Neither this module nor device.py imports Triton: it is imported when a kernel
+first runs, so a CPU install never needs it.
 """
 
 from __future__ import annotations
@@ -21,8 +21,15 @@ def _denoise_cuda(grad: torch.Tensor, sigma: float, **options) -> torch.Tensor:
     return denoise_triton(grad, sigma, **options)
 
 
+def _denoise_warm_cuda(grad: torch.Tensor, sigma: float, basis: torch.Tensor, *args, **options):
+    from rmt_kernels.triton.denoise import denoise_warm_triton
+
+    return denoise_warm_triton(grad, sigma, basis, *args, **options)
+
+
 _CUDA_KERNELS = {
     "denoise": _denoise_cuda,
+    "denoise_warm": _denoise_warm_cuda,
     "linear_sq_norms": device.linear_sq_norms_device,
     "linear_clipped_noisy_sum": device.linear_clipped_noisy_sum_device,
     "bias_sq_norms": device.bias_sq_norms_device,
