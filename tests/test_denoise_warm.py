@@ -32,8 +32,11 @@ def _rotating(m: int, n: int, rank: int, steps: int, *, angle: float = 0.05, see
         clean = (u * values) @ v.T
         noise = sigma * torch.randn(m, n, generator=gen, dtype=torch.float64)
         yield (clean + noise).float(), clean.float()
-        u = torch.linalg.qr(u + angle * torch.randn(m, rank, generator=gen, dtype=torch.float64))[0]
-        v = torch.linalg.qr(v + angle * torch.randn(n, rank, generator=gen, dtype=torch.float64))[0]
+        # A random direction of norm ~angle per column: each singular vector turns by ~angle.
+        du = torch.randn(m, rank, generator=gen, dtype=torch.float64) / math.sqrt(m)
+        dv = torch.randn(n, rank, generator=gen, dtype=torch.float64) / math.sqrt(n)
+        u = torch.linalg.qr(u + angle * du)[0]
+        v = torch.linalg.qr(v + angle * dv)[0]
 
 
 @pytest.mark.parametrize(("m", "n"), SHAPES)
