@@ -410,3 +410,15 @@ def test_a_checkpoint_with_a_bad_basis_is_refused(tmp_path, monkeypatch):
     # Refused before the model was touched, and no basis of it kept.
     assert all(torch.equal(p, before[n]) for n, p in dp_workers.params(model).items())
     assert opt.engine.denoiser.state_dict() == {}
+    # ... and before the engine's step counter and accountant were replaced.
+    assert opt.engine.steps == 0 and opt.engine.accountant.history == []
+    # The engine alone refuses it the same way (the post-processors are loaded first).
+    saved = real(opt.engine.denoiser)
+    engine_state = {**opt.engine.state_dict(), "steps": 5}
+    key = "bad"
+    engine_state["post_processors"] = [
+        {"bases": {key: torch.zeros(3, 2)}, "shapes": {key: (4, 4)}}
+    ]
+    with pytest.raises(ValueError, match="Denoiser.load_state_dict"):
+        opt.engine.load_state_dict(engine_state)
+    assert opt.engine.steps == 0 and saved == {}

@@ -537,3 +537,23 @@ def test_python_dash_m_entry_point(tiny):
     assert out.returncode == 2, out.stderr[-2000:]
     assert "unknown task 'nope'" in out.stderr
     assert math.isfinite(len(out.stderr))
+
+
+def test_warm_start_flag_needs_denoise(base, capsys):
+    assert run(*base, "--no-warm-start") == 2
+    assert "--warm-start only apply with --denoise" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("warm", [True, False])
+def test_warm_start_flag_reaches_the_denoiser(base, tmp_path, warm):
+    """--warm-start (the default) logs how many passes each matrix took; --no-warm-start runs
+    the cold path, which records none."""
+    out = tmp_path / "log.json"
+    flag = "--warm-start" if warm else "--no-warm-start"
+    assert run(*base, "--denoise", flag, "--eval-every", "1", "--output", out) == 0
+    log = json.loads(out.read_text())
+    assert log["config"]["denoise_options"]["warm_start"] is warm
+    stats = log["evals"][-1]["denoise"]
+    assert stats and all(("passes" in s) is warm for s in stats.values())
+    if warm:
+        assert all(s["passes"] >= 1 for s in stats.values())

@@ -730,13 +730,16 @@ class PrivateEngine:
                 f"{len(self.post_processors)} post-processors "
                 f"({', '.join(type(p).__name__ for p in self.post_processors) or 'none'})"
             )
+        # Post-processors first: they validate their state (e.g. the warm-start bases' shapes)
+        # and raise before anything is replaced, so a refused state leaves the step counter and
+        # the accountant as they were.
+        for processor, processor_state in zip(self.post_processors, processors or (), strict=False):
+            processor.load_state_dict(processor_state)
         self.accountant.load_state_dict(state["accountant"])
         self.steps = int(state["steps"])
         if state.get("seed") is not None:
             self._seed = int(state["seed"])
             self.seed_id = seed_id_of(self._seed)
-        for processor, processor_state in zip(self.post_processors, processors or (), strict=False):
-            processor.load_state_dict(processor_state)
         self._recorded_step = -1
 
     def rekey_noise(self, salt: int) -> None:

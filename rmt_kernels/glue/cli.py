@@ -91,7 +91,18 @@ def _add_train(sub) -> None:
     g.add_argument("--shrinker", choices=SHRINKERS, help="default frobenius")
     g.add_argument("--norm", choices=NORM_CORRECTIONS, help="norm correction (default none)")
     g.add_argument("--rank", type=int, help="sketch rank (-1: adaptive)")
-    g.add_argument("--niter", type=int, help="power iterations of the sketch")
+    g.add_argument(
+        "--niter",
+        type=int,
+        help="-1 (default): Krylov passes until the estimate near the edge settles; "
+        "N >= 0: exactly N + 1 passes",
+    )
+    g.add_argument(
+        "--warm-start",
+        action=argparse.BooleanOptionalAction,
+        help="start each matrix's range finder from its basis of the step before (default on; "
+        "the basis is a function of released gradients only)",
+    )
     g.add_argument(
         "--min-dim",
         type=int,
@@ -254,6 +265,7 @@ def _train_config(args: argparse.Namespace):
             "rank": args.rank,
             "niter": args.niter,
             "min_dim": args.min_dim,
+            "warm_start": args.warm_start,
         },
         filter=args.filter,
         filter_beta=DEFAULT_FILTER_BETA if args.filter_beta is None else args.filter_beta,
@@ -277,9 +289,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``rmt-glue``; returns the exit code (2 for a user's error)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    denoise_flags = ("kappa", "shrinker", "norm", "rank", "niter", "min_dim")
+    denoise_flags = ("kappa", "shrinker", "norm", "rank", "niter", "min_dim", "warm_start")
     if args.command == "train" and not args.denoise:
-        given = [f"--{k}" for k in denoise_flags if getattr(args, k) is not None]
+        given = [f"--{k.replace('_', '-')}" for k in denoise_flags if getattr(args, k) is not None]
         if given:
             parser.error(f"{', '.join(given)} only apply with --denoise")
     if args.command == "train":
