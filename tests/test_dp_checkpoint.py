@@ -416,9 +416,7 @@ def test_a_checkpoint_with_a_bad_basis_is_refused(tmp_path, monkeypatch):
     saved = real(opt.engine.denoiser)
     engine_state = {**opt.engine.state_dict(), "steps": 5}
     key = "bad"
-    engine_state["post_processors"] = [
-        {"bases": {key: torch.zeros(3, 2)}, "shapes": {key: (4, 4)}}
-    ]
-    with pytest.raises(ValueError, match="Denoiser.load_state_dict"):
+    engine_state["post_processors"] = [{"bases": {key: torch.zeros(3, 2)}, "shapes": {key: (4, 4)}}]
+    with pytest.raises(ValueError, match=r"Denoiser\.load_state_dict"):
         opt.engine.load_state_dict(engine_state)
     assert opt.engine.steps == 0 and saved == {}
