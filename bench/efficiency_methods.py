@@ -42,9 +42,23 @@ METHODS: dict[str, Method] = {
     m.name: m
     for m in (
         Method("dp", "DP-SGD, AdamW (baseline)", {}, lr=3e-3),
+        # Removing the noise variance from v scales the step by about s / |signal| per entry:
+        # its learning rates are an order of magnitude below Adam's.
         Method("dp-adambc", "DP-AdamBC (noise variance removed from v)", {"dp_adam": "bc"}),
-        Method("ema", "EMA filter (beta 0.9), then AdamW", {"filter": "ema", "filter_beta": 0.9}),
-        Method("disk", "DiSK filter, then AdamW", {"filter": "disk"}),
+        # Adam's first moment already is an EMA filter at beta 0.9 (with --dp-adam plain the
+        # chain [EMA(0.9), DPAdam(beta1=0)] is Adam); the low-pass anchor (DOPPLER's idea) is
+        # a longer filter ahead of Adam's normaliser. An EMA in front of AdamW would average
+        # twice and shrink v by the filter's variance factor (it diverged at lr 3e-3).
+        Method(
+            "ema",
+            "EMA low-pass filter (beta 0.97), v from the noisy gradient (Adam's normaliser)",
+            {"filter": "ema", "filter_beta": 0.97, "dp_adam": "plain"},
+        ),
+        # DiSK-Adam (--filter disk with --dp-adam none is DiSK-SGD, i.e. DP-SGD at the
+        # extrapolated points: not an Adam-family anchor).
+        Method(
+            "disk", "DiSK filter (kappa 0.7), then Adam", {"filter": "disk", "dp_adam": "plain"}
+        ),
         Method(
             "shrink-grad",
             "gradient shrinkage (kappa 1), then AdamW",
