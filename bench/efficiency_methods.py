@@ -69,10 +69,25 @@ METHODS: dict[str, Method] = {
             "first-moment shrinkage at its exact noise level, v from the noisy gradient",
             {"denoise": True, "denoise_target": "moment", "denoise_options": dict(SHRINK)},
         ),
+        # The trajectory identity W_t = W_0 - lr * D_t needs SGD at a constant rate; its
+        # reference is plain DP-SGD with the same optimizer and schedule (SGD's learning rates
+        # are of another scale than Adam's).
+        Method(
+            "dp-sgd",
+            "DP-SGD, plain SGD at a constant rate (the trajectory's reference)",
+            {"optimizer": "sgd", "lr_schedule": "constant"},
+            lr=1.0,
+        ),
         Method(
             "shrink-trajectory",
-            "shrinkage of the accumulated update, SGD",
-            {"denoise": True, "denoise_target": "trajectory", "denoise_options": dict(SHRINK)},
+            "shrinkage of the accumulated update, SGD at a constant rate",
+            {
+                "denoise": True,
+                "denoise_target": "trajectory",
+                "denoise_options": dict(SHRINK),
+                "lr_schedule": "constant",
+            },
+            lr=1.0,
         ),
         Method("non-private", "no privacy (reference)", {"dp": False}, lr=1e-4, private=False),
     )
