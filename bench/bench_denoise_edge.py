@@ -321,7 +321,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one layer's 6 shapes, fewer repeats")
     parser.add_argument("--out", help="also write the tables to this file")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="torch CPU threads (default: torch's). On a machine another process keeps busy, "
+        "2 threads wait on each other at every BLAS call and the times measure the scheduler",
+    )
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     shapes = roberta_base_weight_shapes()
     if args.quick:
         shapes = shapes[:6]

@@ -91,41 +91,47 @@ void check_basis(const at::Tensor& grad, const at::Tensor& basis) {
       ": basis contains NaN or Inf");
 }
 
-// Householder QR through LAPACK: stays orthonormal even when the block is rank-deficient
-// (an exactly low-rank or all-zero gradient, a repeated warm-start column), which Cholesky-based
-// QR does not.
-at::Tensor householder_basis(const at::Tensor& y) {
-  return std::get<0>(at::linalg_qr(y, "reduced"));
+// The range finder keeps its tall blocks as rows: an (len, w) block of columns is stored as its
+// transpose (w, len), w contiguous rows (see RowBlocks below).
+
+// Householder QR through LAPACK of the columns the rows of `rows` (b, w, len) stand for, as rows:
+// stays orthonormal even when the block is rank-deficient (an exactly low-rank or all-zero
+// gradient, a repeated warm-start column), which Cholesky-based QR does not.
+at::Tensor householder_rows(const at::Tensor& rows) {
+  return std::get<0>(at::linalg_qr(rows.transpose(1, 2), "reduced")).transpose(1, 2).contiguous();
 }
 
-// One shifted CholeskyQR step in float64 (the Gram matrix of a thin block, a w x w Cholesky
-// factor, one triangular solve): level-3 BLAS only, where LAPACK's tall Householder QR runs
-// panel by panel. The shift lets the factorisation succeed on (nearly) dependent columns; the
-// caller checks the result and falls back to Householder QR there.
-at::Tensor cholesky_qr_step(const at::Tensor& y64) {
-  const at::Tensor gram = at::matmul(y64.transpose(1, 2), y64);
+// One shifted CholeskyQR step on rows (b, w, len) float32: the w x w Gram matrix (a float32
+// GEMM), its Cholesky factor L and L^-1 in float64 (small), and L^-1 rows (a float32 GEMM):
+// level-3 BLAS only, where LAPACK's tall Householder QR runs panel by panel. The shift lets the
+// factorisation succeed on (nearly) dependent rows; the caller checks the result (float32 Gram
+// matrices resolve condition numbers up to ~1e3 per step, which the Krylov blocks stay well
+// within) and falls back to Householder QR where it is not orthonormal.
+at::Tensor cholesky_qr_step(const at::Tensor& rows) {
+  const at::Tensor gram = at::matmul(rows, rows.transpose(1, 2)).to(at::kDouble);
   const at::Tensor shift = 1e-12 * gram.diagonal(0, 1, 2).sum(1) + 1e-300;
   const at::Tensor eye = at::eye(gram.size(1), gram.options());
   const at::Tensor lower =
       std::get<0>(at::linalg_cholesky_ex(gram + shift.view({-1, 1, 1}) * eye));
-  // y L^-T, as the transpose of L^-1 y^T.
-  return at::linalg_solve_triangular(lower, y64.transpose(1, 2), /*upper=*/false)
-      .transpose(1, 2);
+  const at::Tensor inverse = at::linalg_solve_triangular(lower, eye, /*upper=*/false);
+  return at::matmul(inverse.to(at::kFloat), rows);
 }
 
-// Whether every column of a block has unit norm: what CholeskyQR gives unless the block had
-// (nearly) dependent columns.
-bool unit_columns(const at::Tensor& q64) {
-  return ((q64.square().sum(1) - 1.0).abs() < 1e-6).all().item<bool>();
+// Whether rows (b, w, len) are orthonormal to float32 accuracy (and finite): what CholeskyQR
+// gives unless the block had (nearly) dependent rows.
+bool orthonormal(const at::Tensor& rows) {
+  const at::Tensor gram = at::matmul(rows, rows.transpose(1, 2));
+  const at::Tensor eye = at::eye(gram.size(1), gram.options());
+  return ((gram - eye).abs() < 1e-4).all().item<bool>();
 }
 
-// An orthonormal basis of the columns of y (b, m, w), float32: CholeskyQR2 (Fukaya et al. 2014),
-// or Householder QR where y's columns are (nearly) dependent. Where y's columns are orthonormal
-// already it returns them (CholeskyQR's R has a positive diagonal).
-at::Tensor orthonormal_basis(const at::Tensor& y) {
-  const at::Tensor q64 = cholesky_qr_step(cholesky_qr_step(y.to(at::kDouble)));
-  if (!unit_columns(q64)) return householder_basis(y);
-  return q64.to(at::kFloat);
+// Orthonormal rows spanning those of `rows` (b, w, len), float32: CholeskyQR2 (Fukaya et al.
+// 2014), or Householder QR where the rows are (nearly) dependent. Rows that are orthonormal
+// already come back unchanged up to rounding (CholeskyQR's R has a positive diagonal).
+at::Tensor orthonormal_rows(const at::Tensor& rows) {
+  const at::Tensor q = cholesky_qr_step(cholesky_qr_step(rows));
+  if (!orthonormal(q)) return householder_rows(rows);
+  return q;
 }
 
 // Shrunk singular values; zero at or below the threshold kappa * bulk edge. noise_scale is
@@ -156,75 +162,145 @@ at::Tensor shrink(const at::Tensor& s, double noise_scale, double beta, Shrinker
   return at::where(above, shrunk * noise_scale, at::zeros_like(shrunk));
 }
 
-// A ~ left diag(values) right^T: Rayleigh-Ritz triplets, values descending, left (b, m, W) and
-// right (b, n, W). `basis` (b, m, W): orthonormal left Ritz vectors of the Krylov basis (equal
-// to `left` where the estimate is the basis's own, close to it where it is the one ahead).
-struct Ritz {
-  at::Tensor left, values, right, basis;
-  int64_t passes = 0;
-};
-
-// Products of the blocks so far, kept in float64 as they grow: G1 = M^T M and G2 = (AM)^T (AM),
-// M = A^T Q = [Z_0 .. Z_j], AM = [Y_1 .. Y_{j+1}] (Y_{i+1} = A Z_i).
-at::Tensor grow_gram(const at::Tensor& gram, const at::Tensor& old_cols, const at::Tensor& cols) {
-  const at::Tensor diag = at::matmul(cols.transpose(1, 2), cols);
-  if (!gram.defined()) return diag;
-  const at::Tensor off = at::matmul(old_cols.transpose(1, 2), cols);  // (b, W, w)
-  return at::cat({at::cat({gram, off}, 2), at::cat({off.transpose(1, 2), diag}, 2)}, 1);
+// The rows of (A X)^T for rows x (b, w, n) of X^T: as A x^T, then transposed (a copy of the thin
+// result). MKL runs this form at the speed of a stream over A for any w <= 16; x A^T, the
+// direct form, is up to twice as slow for w between 8 and 14 (measured, 2.13 CPU build).
+at::Tensor times_a(const at::Tensor& a, const at::Tensor& x) {
+  return at::matmul(a, x.transpose(1, 2)).transpose(1, 2).contiguous();
 }
 
-// The two estimates of a pass from G1 and G2 alone (float64, b x W x W).
-// now:   P_Q A, whose SVD is M = V_L diag(s_L) E^T (E, s_L^2 the eigenpairs of G1).
+// A ~ left^T diag(values) right: Rayleigh-Ritz triplets, values (b, W) descending, the singular
+// vectors as rows: left (b, W, m), right (b, W, n). `basis` (b, W, m): orthonormal left Ritz
+// vectors of the Krylov basis (equal to `left` where the estimate is the basis's own, close to
+// it where it is the one ahead). Each is kept as a small factor times tall rows, so only the
+// rows a caller needs (the kept components and a margin) are ever formed.
+struct Ritz {
+  at::Tensor values;
+  at::Tensor left_factor, left_rows, right_factor, right_rows, basis_factor, basis_rows;
+  bool left_divide = false, right_divide = false;  // divide by the values (A v / s, A^T u / s)
+  int64_t passes = 0;
+
+  // factor (b, W, W') @ rows (b, W', len), first k rows; an undefined factor: rows as they are.
+  at::Tensor first(const at::Tensor& factor, const at::Tensor& rows, bool divide,
+      int64_t k) const {
+    const at::Tensor out = factor.defined() ? at::matmul(factor.narrow(1, 0, k), rows)
+                                            : rows.narrow(1, 0, k);
+    if (!divide) return out;
+    return out / values.narrow(1, 0, k).clamp_min(1e-30).unsqueeze(2);
+  }
+  at::Tensor left(int64_t k) const { return first(left_factor, left_rows, left_divide, k); }
+  at::Tensor right(int64_t k) const { return first(right_factor, right_rows, right_divide, k); }
+  at::Tensor basis(int64_t k) const { return first(basis_factor, basis_rows, false, k); }
+};
+
+// A growing set of row blocks (b, used, len) in a buffer of fixed capacity, with the float64
+// Gram matrix of its rows: the blocks of the Krylov range finder, stored as rows (a block of w
+// columns of an (len, w) matrix is w contiguous rows), so that appending one is a copy of its
+// rows only (no growing concatenation) and products with grad are GEMMs on contiguous operands.
+// The Gram matrix is accumulated in float64 from float64 copies of the rows: the estimate half a
+// pass ahead divides by the small singular values of the Krylov basis, so it needs the Gram
+// matrices of the float32 rows to float64 accuracy (only the new rows are converted, and only
+// their products with the old ones computed).
+struct RowBlocks {
+  at::Tensor rows, rows64, gram;  // (b, cap, len) float32, float64; (b, cap, cap) float64
+  int64_t used = 0;
+
+  RowBlocks(int64_t b, int64_t cap, int64_t len, const at::TensorOptions& options, bool with_gram) {
+    rows = at::empty({b, cap, len}, options.dtype(at::kFloat));
+    if (with_gram) {
+      rows64 = at::empty({b, cap, len}, options.dtype(at::kDouble));
+      gram = at::empty({b, cap, cap}, options.dtype(at::kDouble));
+    }
+  }
+  at::Tensor view() const { return rows.narrow(1, 0, used); }
+  at::Tensor gram_view() const { return gram.narrow(1, 0, used).narrow(2, 0, used); }
+
+  void append(const at::Tensor& block) {  // (b, w, len) float32
+    const int64_t w = block.size(1);
+    rows.narrow(1, used, w).copy_(block);
+    if (gram.defined()) {
+      const at::Tensor new64 = rows64.narrow(1, used, w);
+      new64.copy_(block);
+      const at::Tensor diag = at::matmul(new64, new64.transpose(1, 2));
+      gram.narrow(1, used, w).narrow(2, used, w).copy_(diag);
+      if (used > 0) {
+        const at::Tensor off = at::matmul(rows64.narrow(1, 0, used), new64.transpose(1, 2));
+        gram.narrow(1, 0, used).narrow(2, used, w).copy_(off);
+        gram.narrow(1, used, w).narrow(2, 0, used).copy_(off.transpose(1, 2));
+      }
+    }
+    used += w;
+  }
+};
+
+// The estimates of the range finder, one per product with grad after the first pass, from the
+// Gram matrices G1 = M^T M and G2 = (AM)^T (AM) alone (float64, b x W x W; M = A^T Q, AM = A M):
+// now:   P_Q A, whose SVD is M = V_L diag(s_L) E^T (E, s_L^2 the eigenpairs of G1): left Q E,
+//        right M E / s_L. Available once A^T Q_j is known.
 // ahead: A P_V, V = orth(M) = M C, C = E diag(1 / s_L) (directions under kDirectionFloor left
 //        out); its SVD is A V = (AM C X diag(1 / s_R)) diag(s_R) X^T with X, s_R^2 the eigenpairs
-//        of C^T G2 C. So V_L^T V_R = X and U_L^T U_R = diag(s_L) X diag(1 / s_R), and
-//        <now, ahead>_F = sum_ij eta_L,i s_L,i X_ij^2 eta_R,j / s_R,j needs no tall product.
-struct Lookahead {
-  at::Tensor s_now, e, s_ahead, x, cx;  // (b, W), (b, W, W), (b, W), (b, W, W), C X
+//        of C^T G2 C: left AM C X / s_R, right M C X. Available once A M is known, half a pass
+//        after "now".
+// Consecutive estimates differ by a Frobenius distance that needs no tall product: see settled.
+struct Now {
+  at::Tensor s, e;  // (b, W), (b, W, W)
 };
 
-Lookahead look_ahead(const at::Tensor& g1, const at::Tensor& g2) {
+Now now_estimate(const at::Tensor& g1) {
   auto [lam, e] = at::linalg_eigh(g1);
-  lam = lam.flip(1).clamp_min(0.0);
-  e = e.flip(2);
-  const at::Tensor s_now = lam.sqrt();
-  const at::Tensor top = s_now.narrow(1, 0, 1);
-  const at::Tensor inv =
-      at::where(s_now > kDirectionFloor * top, 1.0 / s_now.clamp_min(1e-300), at::zeros_like(s_now));
-  const at::Tensor c = e * inv.unsqueeze(1);
-  auto [mu, x] = at::linalg_eigh(at::matmul(at::matmul(c.transpose(1, 2), g2), c));
-  x = x.flip(2);
-  return {s_now, e, mu.flip(1).clamp_min(0.0).sqrt(), x, at::matmul(c, x)};
+  return {lam.flip(1).clamp_min(0.0).sqrt(), e.flip(2)};
 }
 
-// Whether the pass is final (the rule of kRitzTolerance in csrc/constants.h), in every matrix.
-bool settled(const Lookahead& la, double noise_scale, double beta, Shrinker shrinker, bool guard) {
+struct Ahead {
+  at::Tensor s, x, cx;  // s_R (b, W), X (b, W, W), C X
+};
+
+Ahead ahead_estimate(const Now& now, const at::Tensor& g2) {
+  const at::Tensor top = now.s.narrow(1, 0, 1);
+  const at::Tensor inv = at::where(
+      now.s > kDirectionFloor * top, 1.0 / now.s.clamp_min(1e-300), at::zeros_like(now.s));
+  const at::Tensor c = now.e * inv.unsqueeze(1);
+  auto [mu, x] = at::linalg_eigh(at::matmul(at::matmul(c.transpose(1, 2), g2), c));
+  x = x.flip(2);
+  return {mu.flip(1).clamp_min(0.0).sqrt(), x, at::matmul(c, x)};
+}
+
+// <now, ahead>_F / (eta_now_i eta_ahead_j) summed as eta_now^T K eta_ahead: V_L^T V_R = X and
+// U_L^T U_R = diag(s_L) X diag(1 / s_R), so K = diag(s_L) X^2 diag(1 / s_R).
+at::Tensor kernel_now_ahead(const Now& now, const Ahead& ahead) {
+  return now.s.unsqueeze(2) * ahead.x.square() / ahead.s.clamp_min(1e-300).unsqueeze(1);
+}
+
+// Whether the newer of two consecutive estimates (values s_old, s_new; their inner product
+// eta_old^T kernel eta_new) is final: the rule of kRitzTolerance in csrc/constants.h, in every
+// matrix.
+bool settled(const at::Tensor& s_old, const at::Tensor& s_new, const at::Tensor& kernel,
+    double noise_scale, double beta, Shrinker shrinker, bool guard) {
   const double threshold = noise_scale * (1.0 + std::sqrt(beta));
-  const at::Tensor &s_now = la.s_now, &s_ahead = la.s_ahead;
-  const at::Tensor eta_now = shrink(s_now, noise_scale, beta, shrinker);
-  const at::Tensor eta_ahead = shrink(s_ahead, noise_scale, beta, shrinker);
-  const at::Tensor& x = la.x;
-  const at::Tensor weight_ahead =
-      at::where(eta_ahead > 0, eta_ahead / s_ahead.clamp_min(1e-300), at::zeros_like(eta_ahead));
+  const at::Tensor eta_old = shrink(s_old, noise_scale, beta, shrinker);
+  const at::Tensor eta_new = shrink(s_new, noise_scale, beta, shrinker);
   const at::Tensor cross =
-      at::matmul(at::matmul((eta_now * s_now).unsqueeze(1), x.square()), weight_ahead.unsqueeze(2))
+      at::matmul(at::matmul(eta_old.unsqueeze(1), kernel), eta_new.unsqueeze(2))
           .squeeze(2)
           .squeeze(1);
-  at::Tensor change = (eta_now.square().sum(1) + eta_ahead.square().sum(1) - 2.0 * cross)
-                          .clamp_min(0.0);
-  // Values still rising toward the threshold count with the shrunk value they would reach.
-  const at::Tensor projected = s_ahead + kRiseSteps * (s_ahead - s_now);
-  const at::Tensor rising = (s_ahead >= kRitzWindow * threshold) & (s_ahead <= threshold) &
+  at::Tensor change =
+      (eta_old.square().sum(1) + eta_new.square().sum(1) - 2.0 * cross).clamp_min(0.0);
+  // Values still rising toward the threshold count with the shrunk value they would reach
+  // (the first min(W_old, W_new) values are compared in order).
+  const int64_t w = std::min(s_old.size(1), s_new.size(1));
+  const at::Tensor s_cur = s_new.narrow(1, 0, w);
+  const at::Tensor projected = s_cur + kRiseSteps * (s_cur - s_old.narrow(1, 0, w));
+  const at::Tensor rising = (s_cur >= kRitzWindow * threshold) & (s_cur <= threshold) &
                             (projected > (1.0 + kRiseMargin) * threshold) & guard;
   const at::Tensor potential = at::where(
       rising, shrink(projected, noise_scale, beta, shrinker), at::zeros_like(projected));
   change = change + potential.square().sum(1);
   // Error scale of the exact Frobenius shrinker: per kept component x^2 - eta^2 (x the debiased
   // value), in units of noise_scale^2, plus one noise component.
-  const at::Tensor y = s_ahead / noise_scale;
+  const at::Tensor y = s_new / noise_scale;
   const at::Tensor t = y * y - (beta + 1.0);
   const at::Tensor x2 = (t + (t * t - 4.0 * beta).clamp_min(0.0).sqrt()) * 0.5;
-  const at::Tensor eta_f = shrink(s_ahead, noise_scale, beta, Shrinker::kFrobenius) / noise_scale;
+  const at::Tensor eta_f = shrink(s_new, noise_scale, beta, Shrinker::kFrobenius) / noise_scale;
   const at::Tensor loss = at::where(eta_f > 0, (x2 - eta_f * eta_f).clamp_min(0.0),
       at::zeros_like(x2));
   const at::Tensor scale = (loss.sum(1) + 1.0) * (noise_scale * noise_scale);
@@ -239,131 +315,141 @@ bool check_is_finite(const at::Tensor& product) {
   return true;
 }
 
-// The next Krylov block: y orthonormalised against q (b, m, W) and within itself. Block
-// classical Gram-Schmidt twice, CholeskyQR2, and once more against q (a block with nearly
-// dependent columns amplifies what is left of q in it). Where a column lost most of its norm to
-// q (the Krylov space is exhausted: an exactly low-rank grad) or the result is not orthonormal,
-// a Householder QR of [q, y] instead, which stays orthonormal whatever y holds.
+// The next Krylov block, as rows: y (b, w, len) orthonormalised against the orthonormal rows q
+// (b, W, len) and within itself, in float32: block classical Gram-Schmidt with
+// reorthogonalisation (BCGS2: project out q, CholeskyQR, twice; Barlow & Smoktunowicz 2013).
+// Where a row lost most of its norm to q (the Krylov space is exhausted: an exactly low-rank
+// grad) or the result is not orthonormal, the last rows of a Householder QR of [q, y] instead,
+// which stays orthonormal whatever y holds.
 at::Tensor next_block(const at::Tensor& q, const at::Tensor& y) {
   const at::Tensor qt = q.transpose(1, 2);
-  at::Tensor r = y - at::matmul(q, at::matmul(qt, y));
-  r = r - at::matmul(q, at::matmul(qt, r));
-  if ((r.norm(2, {1}) >= 1e-2 * y.norm(2, {1})).all().item<bool>()) {
-    const at::Tensor q64 = q.to(at::kDouble);
-    at::Tensor b64 = cholesky_qr_step(cholesky_qr_step(r.to(at::kDouble)));
-    b64 = b64 - at::matmul(q64, at::matmul(q64.transpose(1, 2), b64));
-    b64 = cholesky_qr_step(b64);
-    if (unit_columns(b64)) return b64.to(at::kFloat);
+  at::Tensor r = y - at::matmul(at::matmul(y, qt), q);
+  if ((r.norm(2, {2}) >= 1e-2 * y.norm(2, {2})).all().item<bool>()) {
+    r = cholesky_qr_step(r);
+    r = r - at::matmul(at::matmul(r, qt), q);
+    r = cholesky_qr_step(r);
+    if (orthonormal(r)) return r;
   }
-  return householder_basis(at::cat({q, y}, 2)).narrow(2, q.size(2), y.size(2));
+  return householder_rows(at::cat({q, y}, 1)).narrow(1, q.size(1), y.size(1)).contiguous();
 }
 
-// Orthonormal columns that equal `left` (b, m, k) where it already is orthonormal (up to
-// rounding). A column whose value is (nearly) zero carries no direction (0 / 0) and is replaced
-// by the same column of `fallback`, an orthonormal basis of the same Krylov space.
+// Orthonormal rows that equal `left` (b, k, m) where it already is orthonormal (up to
+// rounding). A row whose value is (nearly) zero carries no direction (0 / 0) and is replaced
+// by the same row of `fallback`, an orthonormal basis of the same Krylov space.
 at::Tensor orthonormal_like(const at::Tensor& left, const at::Tensor& values,
     const at::Tensor& fallback) {
   const at::Tensor top = values.narrow(1, 0, 1);
   const at::Tensor usable = (values > 1e-6 * top) & (top > 0);
-  return orthonormal_basis(at::where(usable.unsqueeze(1), left, fallback));
+  return orthonormal_rows(at::where(usable.unsqueeze(2), left, fallback));
 }
 
-// Block Krylov range finder (Musco & Musco 2015) started from `start` (b, m, k0) plus fresh
+// Block Krylov range finder (Musco & Musco 2015) started from `start` (b, k0, m rows) plus fresh
 // columns: Q_0 = orth([start, fresh]), Q_{j+1} = orth(A A^T Q_j) against Q_0..Q_j. Each pass
 // multiplies by A^T (Z_j = A^T Q_j) and, unless it is a fixed schedule's last, by A
 // (Y_{j+1} = A Z_j). A fixed niter >= 0 takes niter + 1 passes and returns Rayleigh-Ritz on
 // span(Q_0..Q_niter); niter = -1 stops on the rule of `settled` and returns the estimate half a
-// pass ahead. `passes` counts the products with grad or grad^T (reads of grad).
+// pass ahead. `passes` counts the products with grad or grad^T (reads of grad). All blocks are
+// rows (b, w, len): Z_j^T = Q_j^T A and Y_{j+1}^T = Z_j^T A^T.
 Ritz krylov_range(const at::Tensor& a, at::Tensor start, int64_t rank, int64_t oversample,
     int64_t niter, double noise_scale, double beta, Shrinker shrinker, uint64_t seed,
     bool check_finite) {
   const double threshold = noise_scale * (1.0 + std::sqrt(beta));
   const int64_t b = a.size(0), m = a.size(1), n = a.size(2);
   const int64_t full = std::min(m, n);
-  const at::Tensor a_t = a.transpose(1, 2);
   auto gen = at::make_generator<at::CPUGeneratorImpl>(seed);
-  const int64_t k0_in = start.defined() ? start.size(2) : 0;
+  const int64_t k0_in = start.defined() ? start.size(1) : 0;
   int64_t k = rank > 0 ? rank : std::min(std::max(kInitialRank, k0_in), full);
+  const int64_t max_passes = niter >= 0 ? niter + 1 : kMaxAdaptivePasses;
   Ritz est;
   for (;;) {
-    const int64_t k0 = start.defined() ? start.size(2) : 0;
+    const int64_t k0 = start.defined() ? start.size(1) : 0;
     const int64_t width = std::min(std::max(k + oversample, k0), full);
     const int64_t fresh = width - k0;
-    // Fresh columns. A cold start sketches, A Omega (Halko, Martinsson & Tropp 2011): one
+    // Fresh rows. A cold start sketches, Omega^T A^T (Halko, Martinsson & Tropp 2011): one
     // product with grad, after which its first pass is the classic randomized SVD. A warm start
-    // already holds grad's main directions (the last step's), so its fresh columns are plain
+    // already holds grad's main directions (the last step's), so its fresh rows are plain
     // Gaussian vectors: the passes turn them into a search for new directions, and the start
     // costs no product.
     at::Tensor block;
     if (fresh > 0 && k0 == 0) {
-      block = at::matmul(a, at::randn({b, n, fresh}, gen, a.options()));
+      block = times_a(a, at::randn({b, fresh, n}, gen, a.options()));
       ++est.passes;
       check_finite = check_finite && !check_is_finite(block);
     } else if (fresh > 0) {
-      block = at::cat({start, at::randn({b, m, fresh}, gen, a.options())}, 2);
+      block = at::cat({start, at::randn({b, fresh, m}, gen, a.options())}, 1);
     } else {
       block = start;
     }
-    const int64_t min_passes = k0 > 0 ? 1 : kColdPasses;
-    at::Tensor q = orthonormal_basis(block), q_last = q;
-    at::Tensor mz, am, m64, am64, g1, g2;  // M, AM and their float64 copies and Gram matrices
-    bool ahead = false;
+    // Q, M = A^T Q (with G1 = M^T M) and AM (with G2 = (AM)^T AM), as rows. The Krylov basis
+    // never holds more than min(m, n) columns.
+    const int64_t cap = std::min(full, width * max_passes);
+    RowBlocks q(b, cap, m, a.options(), /*with_gram=*/false);
+    RowBlocks mz(b, cap, n, a.options(), /*with_gram=*/niter < 0);
+    RowBlocks am(b, cap, m, a.options(), /*with_gram=*/niter < 0);
+    at::Tensor q_last = orthonormal_rows(block);
+    q.append(q_last);
+    bool done = false;
     for (int64_t pass = 1;; ++pass) {
-      const at::Tensor z = at::matmul(a_t, q_last);  // (b, n, w)
+      const at::Tensor z = at::matmul(q_last, a);  // (b, w, n): (A^T Q_j)^T
       ++est.passes;
       check_finite = check_finite && !check_is_finite(z);
-      mz = mz.defined() ? at::cat({mz, z}, 2) : z;
-      const int64_t total = mz.size(2);
+      mz.append(z);
+      const int64_t total = mz.used;
+      // A warm start watches for rising values in its first pass only: there they are the
+      // start basis's components that the new noise pushed under the threshold. Later, its
+      // fresh columns rise through the window as any search does; a new component that crosses
+      // the threshold still shows in the estimates' difference.
+      const bool cold = k0 == 0;
       const bool last = total >= full ||  // the whole column space: exact
-                        (niter >= 0 && pass >= niter + 1) ||
-                        (niter < 0 && pass >= kMaxAdaptivePasses);
+                        pass >= max_passes;
       if (last && (niter >= 0 || total >= full)) break;
-      const at::Tensor y = at::matmul(a, z);  // A A^T Q_j: the next block and the look ahead
+      const at::Tensor y = times_a(a, z);  // (A A^T Q_j)^T: the next block and the look ahead
       ++est.passes;
-      am = am.defined() ? at::cat({am, y}, 2) : y;
-      const at::Tensor z64 = z.to(at::kDouble), y64 = y.to(at::kDouble);
-      g1 = grow_gram(g1, m64, z64);
-      g2 = grow_gram(g2, am64, y64);
-      m64 = m64.defined() ? at::cat({m64, z64}, 2) : z64;
-      am64 = am64.defined() ? at::cat({am64, y64}, 2) : y64;
-      if (niter < 0 && (last || pass >= min_passes)) {
-        const Lookahead la = look_ahead(g1, g2);
-        // A warm start watches for rising values in its first pass only: there they are the
-        // start basis's components that the new noise pushed under the threshold. Later, its
-        // fresh columns rise through the window as any search does; a new component that
-        // crosses the threshold still shows in the estimates' difference.
-        const bool guard = k0 == 0 || pass == 1;
-        if (last || settled(la, noise_scale, beta, shrinker, guard)) {
-          // The estimate half a pass ahead: left AM C X / s_R, right M C X (float32 products
-          // with small float64 factors). The basis for the next call: Q E, orthonormal.
-          const at::Tensor cx = la.cx.to(at::kFloat);
-          const at::Tensor s = la.s_ahead.to(at::kFloat);
-          est.values = s;
-          est.right = at::matmul(mz, cx);
-          est.left = at::matmul(am, cx) / s.clamp_min(1e-30).unsqueeze(1);
-          est.basis = at::matmul(q, la.e.to(at::kFloat));
-          ahead = true;
+      am.append(y);
+      if (niter < 0 && (last || pass >= (cold ? kColdPasses : 1))) {
+        const Now now = now_estimate(mz.gram_view());
+        const Ahead ahead = ahead_estimate(now, am.gram_view());
+        if (last || settled(now.s, ahead.s, kernel_now_ahead(now, ahead), noise_scale, beta,
+                        shrinker, cold || pass == 1)) {
+          // The estimate half a pass ahead: left (AM C X / s_R)^T, right (M C X)^T (float32
+          // products with small float64 factors). The basis for the next call: (Q E)^T,
+          // orthonormal.
+          const at::Tensor cx_t = ahead.cx.transpose(1, 2).to(at::kFloat);
+          est.values = ahead.s.to(at::kFloat);
+          est.left_factor = cx_t;
+          est.left_rows = am.view();
+          est.left_divide = true;
+          est.right_factor = cx_t;
+          est.right_rows = mz.view();
+          est.right_divide = false;
+          est.basis_factor = now.e.transpose(1, 2).to(at::kFloat);
+          est.basis_rows = q.view();
+          done = true;
           break;
         }
       }
-      const int64_t next = std::min(y.size(2), full - total);
-      q_last = next_block(q, y.narrow(2, 0, next));
-      q = at::cat({q, q_last}, 2);
+      const int64_t next = std::min(y.size(1), full - total);
+      q_last = next_block(q.view(), y.narrow(1, 0, next));
+      q.append(q_last);
     }
-    if (!ahead) {
+    if (!done) {
       // P_Q A = Q (A^T Q)^T; the SVD of A^T Q = V S Wb^T gives A ~ (Q Wb) S V^T.
-      auto [v, values, wh] = at::linalg_svd(mz, /*full_matrices=*/false);
-      est.left = at::matmul(q, wh.transpose(1, 2));
+      auto [v, values, wh] = at::linalg_svd(mz.view().transpose(1, 2), /*full_matrices=*/false);
       est.values = values;
-      est.right = v;
-      est.basis = est.left;
+      est.left_factor = at::Tensor();
+      est.left_rows = at::matmul(wh, q.view());
+      est.left_divide = est.right_divide = false;
+      est.right_factor = at::Tensor();
+      est.right_rows = v.transpose(1, 2);
+      est.basis_factor = at::Tensor();
+      est.basis_rows = est.left_rows;
     }
     if (rank > 0 || est.values.size(1) >= full || k >= full) break;
     // Adaptive rank: done once the k-th value of every matrix is at or below the threshold, so
     // every component above it was found with `oversample` columns to spare. Otherwise start
     // again, twice as wide, from what was found (a warm start).
     if ((est.values.select(1, k - 1) <= threshold).all().item<bool>()) break;
-    start = est.basis.narrow(2, 0, std::min(k, est.basis.size(2))).contiguous();
+    start = est.basis(std::min(k, est.values.size(1))).contiguous();
     k = std::min(2 * k, full);
   }
   return est;
@@ -376,7 +462,7 @@ struct Options {
   int64_t rank, oversample, niter, seed;
 };
 
-// Shared body of both ops. grad (m, n) or (b, m, n); start (b, m, k0) or undefined.
+// Shared body of both ops. grad (m, n) or (b, m, n); start (b, k0, m) rows or undefined.
 // Returns (estimate like grad, new basis (b, m, k') if want_basis, passes).
 std::tuple<at::Tensor, at::Tensor, int64_t> denoise_impl(const at::Tensor& grad,
     const at::Tensor& start, const Options& o, bool want_basis) {
@@ -415,16 +501,17 @@ std::tuple<at::Tensor, at::Tensor, int64_t> denoise_impl(const at::Tensor& grad,
   at::Tensor new_basis;
   if (want_basis) {
     const int64_t k = std::min(kept + kBasisMargin, width);
-    new_basis = orthonormal_like(est.left.narrow(2, 0, k), est.values.narrow(1, 0, k),
-        est.basis.narrow(2, 0, k));
+    new_basis = orthonormal_like(est.left(k), est.values.narrow(1, 0, k), est.basis(k))
+                    .transpose(1, 2)
+                    .contiguous();
   }
   // Fast path for the common DP case: nothing above the edge, so no reconstruction.
   if (kept == 0) {
     return {at::zeros(grad.sizes(), grad.options().memory_format(at::MemoryFormat::Contiguous)),
         new_basis, est.passes};
   }
-  const at::Tensor left = est.left.narrow(2, 0, kept) * eta.narrow(1, 0, kept).unsqueeze(1);
-  at::Tensor out = at::matmul(left, est.right.narrow(2, 0, kept).transpose(1, 2));
+  const at::Tensor left = est.left(kept) * eta.narrow(1, 0, kept).unsqueeze(2);
+  at::Tensor out = at::matmul(left.transpose(1, 2), est.right(kept));
   if (!batched) out = out.squeeze(0);
   return {out.to(grad.scalar_type()).contiguous(), new_basis, est.passes};
 }
@@ -446,7 +533,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> denoise_warm_cpu(const at::Tensor
   const Options o{sigma, kappa, parse_shrinker("denoise_warm", shrinker),
       parse_norm("denoise_warm", norm), rank, oversample, niter, seed};
   at::Tensor start;
-  if (basis.size(-1) > 0) start = (grad.dim() == 3 ? basis : basis.unsqueeze(0)).contiguous();
+  if (basis.size(-1) > 0) {
+    start = (grad.dim() == 3 ? basis : basis.unsqueeze(0)).transpose(1, 2).contiguous();
+  }
   auto [out, new_basis, passes] = denoise_impl(grad, start, o, /*want_basis=*/true);
   if (grad.dim() == 2) new_basis = new_basis.squeeze(0);
   return {out, new_basis, at::scalar_tensor(passes, grad.options().dtype(at::kLong))};
