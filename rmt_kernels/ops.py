@@ -179,12 +179,16 @@ def denoise_warm(
     """:func:`denoise` started from a basis, returning the basis to start the next call from.
 
     Same as ``torch.ops.rmt.denoise_warm(grad, sigma, basis, ...)``. The range finder starts
-    from ``basis`` plus ``oversample`` fresh Gaussian sketch columns (seeded by ``seed``) instead
-    of a sketch alone. A DP gradient's subspace moves slowly from one step to the next, so the
-    basis this returned at the last step settles the range finder sooner: measured, 2 products
-    with grad on pure noise (cold: 5-7), 4 for strong signals (cold: 7), 4-6 on spectra crossing
-    the edge (cold: 7-9), within 2% of the exact shrinker's error. A warm start watches for
-    values rising toward the threshold in its first pass only (those of the basis's components
+    from ``basis`` plus fresh Gaussian columns (seeded by ``seed``) instead of a sketch alone:
+    with the adaptive rank (``rank=-1``), ``max(oversample - BASIS_MARGIN, 0)`` of them, or more
+    where the block would be narrower than the initial rank of 8 (the basis's own last
+    ``BASIS_MARGIN`` columns, the components just below the threshold at the last step, do the
+    rest of the oversampling's work); with a fixed rank, ``rank + oversample`` columns in all. A
+    DP gradient's subspace moves slowly from one step to the next, so the basis this returned at
+    the last step settles the range finder sooner: measured, 2 products with grad on pure noise
+    (cold: 5-7), 4 for strong signals (cold: 7), 4-6 on spectra crossing the edge (cold: 7-9),
+    within 2% of the exact shrinker's error. A warm start watches for values rising toward the
+    threshold in its first pass only (those of the basis's components
     that the new noise pushed under it): a component that is new at this step and still below
     the threshold after that pass is left to the next step. With no basis (``None`` or k = 0) it
     is a cold start: the estimate is exactly :func:`denoise`'s. The basis is a function of the

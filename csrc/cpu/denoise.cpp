@@ -162,6 +162,33 @@ at::Tensor shrink(const at::Tensor& s, double noise_scale, double beta, Shrinker
   return at::where(above, shrunk * noise_scale, at::zeros_like(shrunk));
 }
 
+// `shrink` for one value: the same formulas, for the stopping rule's loops over a few dozen
+// values (where a tensor expression per step costs more in dispatch than in arithmetic).
+double shrink_value(double s, double noise_scale, double beta, Shrinker shrinker) {
+  const double y = s / noise_scale;
+  if (!(y > 1.0 + std::sqrt(beta))) return 0.0;
+  const double t = y * y - (beta + 1.0);
+  const double root = std::sqrt(std::max(t * t - 4.0 * beta, 0.0));
+  double shrunk = 0.0;
+  switch (shrinker) {
+    case Shrinker::kFrobenius:
+      shrunk = root / y;
+      break;
+    case Shrinker::kOperator:
+      shrunk = std::sqrt(std::max((t + root) * 0.5, 0.0));
+      break;
+    case Shrinker::kNuclear: {
+      const double x = std::sqrt(std::max((t + root) * 0.5, 0.0));
+      shrunk = std::max(x * x * x * x - std::sqrt(beta) * x * y - beta, 0.0) / (x * x * y);
+      break;
+    }
+    case Shrinker::kHard:
+      shrunk = y;
+      break;
+  }
+  return shrunk * noise_scale;
+}
+
 // The rows of (A X)^T for rows x (b, w, n) of X^T: as A x^T, then transposed (a copy of the thin
 // result). MKL runs this form at the speed of a stream over A for any w <= 16; x A^T, the
 // direct form, is up to twice as slow for w between 8 and 14 (measured, 2.13 CPU build).
@@ -274,37 +301,62 @@ at::Tensor kernel_now_ahead(const Now& now, const Ahead& ahead) {
 // Whether the newer of two consecutive estimates (values s_old, s_new; their inner product
 // eta_old^T kernel eta_new) is final: the rule of kRitzTolerance in csrc/constants.h, in every
 // matrix.
-bool settled(const at::Tensor& s_old, const at::Tensor& s_new, const at::Tensor& kernel,
+bool settled(const at::Tensor& s_old_in, const at::Tensor& s_new_in, const at::Tensor& kernel_in,
     double noise_scale, double beta, Shrinker shrinker, bool guard) {
   const double threshold = noise_scale * (1.0 + std::sqrt(beta));
-  const at::Tensor eta_old = shrink(s_old, noise_scale, beta, shrinker);
-  const at::Tensor eta_new = shrink(s_new, noise_scale, beta, shrinker);
-  const at::Tensor cross =
-      at::matmul(at::matmul(eta_old.unsqueeze(1), kernel), eta_new.unsqueeze(2))
-          .squeeze(2)
-          .squeeze(1);
-  at::Tensor change =
-      (eta_old.square().sum(1) + eta_new.square().sum(1) - 2.0 * cross).clamp_min(0.0);
-  // Values still rising toward the threshold count with the shrunk value they would reach
-  // (the first min(W_old, W_new) values are compared in order).
-  const int64_t w = std::min(s_old.size(1), s_new.size(1));
-  const at::Tensor s_cur = s_new.narrow(1, 0, w);
-  const at::Tensor projected = s_cur + kRiseSteps * (s_cur - s_old.narrow(1, 0, w));
-  const at::Tensor rising = (s_cur >= kRitzWindow * threshold) & (s_cur <= threshold) &
-                            (projected > (1.0 + kRiseMargin) * threshold) & guard;
-  const at::Tensor potential = at::where(
-      rising, shrink(projected, noise_scale, beta, shrinker), at::zeros_like(projected));
-  change = change + potential.square().sum(1);
-  // Error scale of the exact Frobenius shrinker: per kept component x^2 - eta^2 (x the debiased
-  // value), in units of noise_scale^2, plus one noise component.
-  const at::Tensor y = s_new / noise_scale;
-  const at::Tensor t = y * y - (beta + 1.0);
-  const at::Tensor x2 = (t + (t * t - 4.0 * beta).clamp_min(0.0).sqrt()) * 0.5;
-  const at::Tensor eta_f = shrink(s_new, noise_scale, beta, Shrinker::kFrobenius) / noise_scale;
-  const at::Tensor loss = at::where(eta_f > 0, (x2 - eta_f * eta_f).clamp_min(0.0),
-      at::zeros_like(x2));
-  const at::Tensor scale = (loss.sum(1) + 1.0) * (noise_scale * noise_scale);
-  return (change <= kRitzTolerance * kRitzTolerance * scale).all().item<bool>();
+  const at::Tensor s_old_t = s_old_in.contiguous(), s_new_t = s_new_in.contiguous(),
+                   kernel_t = kernel_in.contiguous();
+  const int64_t b = s_old_t.size(0), wo = s_old_t.size(1), wn = s_new_t.size(1);
+  const int64_t w = std::min(wo, wn);
+  const double* s_old_all = s_old_t.data_ptr<double>();
+  const double* s_new_all = s_new_t.data_ptr<double>();
+  const double* kernel_all = kernel_t.data_ptr<double>();
+  std::vector<double> eta_old(wo), eta_new(wn);
+  for (int64_t i = 0; i < b; ++i) {
+    const double* s_old = s_old_all + i * wo;
+    const double* s_new = s_new_all + i * wn;
+    const double* kernel = kernel_all + i * wo * wn;
+    double change = 0.0, loss = 0.0;
+    for (int64_t j = 0; j < wo; ++j) {
+      eta_old[j] = shrink_value(s_old[j], noise_scale, beta, shrinker);
+      change += eta_old[j] * eta_old[j];
+    }
+    for (int64_t j = 0; j < wn; ++j) {
+      eta_new[j] = shrink_value(s_new[j], noise_scale, beta, shrinker);
+      change += eta_new[j] * eta_new[j];
+    }
+    for (int64_t j = 0; j < wo; ++j) {
+      if (eta_old[j] == 0.0) continue;
+      for (int64_t l = 0; l < wn; ++l) {
+        change -= 2.0 * eta_old[j] * kernel[j * wn + l] * eta_new[l];
+      }
+    }
+    change = std::max(change, 0.0);
+    for (int64_t j = 0; j < w; ++j) {
+      // Values still rising toward the threshold count with the shrunk value they would reach
+      // (the first min(W_old, W_new) values are compared in order).
+      const double projected = s_new[j] + kRiseSteps * (s_new[j] - s_old[j]);
+      if (guard && s_new[j] >= kRitzWindow * threshold && s_new[j] <= threshold &&
+          projected > (1.0 + kRiseMargin) * threshold) {
+        const double potential = shrink_value(projected, noise_scale, beta, shrinker);
+        change += potential * potential;
+      }
+    }
+    // Error scale of the exact Frobenius shrinker: per kept component x^2 - eta^2 (x the
+    // debiased value), in units of noise_scale^2, plus one noise component.
+    for (int64_t j = 0; j < wn; ++j) {
+      const double eta_f = shrink_value(s_new[j], noise_scale, beta, Shrinker::kFrobenius);
+      if (eta_f <= 0.0) continue;
+      const double y = s_new[j] / noise_scale;
+      const double t = y * y - (beta + 1.0);
+      const double x2 = (t + std::sqrt(std::max(t * t - 4.0 * beta, 0.0))) * 0.5;
+      const double e = eta_f / noise_scale;
+      loss += std::max(x2 - e * e, 0.0);
+    }
+    const double scale = (loss + 1.0) * (noise_scale * noise_scale);
+    if (!(change <= kRitzTolerance * kRitzTolerance * scale)) return false;
+  }
+  return true;
 }
 
 // A NaN or Inf anywhere in grad reaches its row of a product with grad (0 * NaN is NaN):
@@ -361,9 +413,17 @@ Ritz krylov_range(const at::Tensor& a, at::Tensor start, int64_t rank, int64_t o
   int64_t k = rank > 0 ? rank : std::min(std::max(kInitialRank, k0_in), full);
   const int64_t max_passes = niter >= 0 ? niter + 1 : kMaxAdaptivePasses;
   Ritz est;
-  for (;;) {
+  for (bool first_round = true;; first_round = false) {
     const int64_t k0 = start.defined() ? start.size(1) : 0;
-    const int64_t width = std::min(std::max(k + oversample, k0), full);
+    int64_t width = std::min(std::max(k + oversample, k0), full);
+    if (first_round && k0 > 0 && rank < 0) {
+      // A caller's warm start (denoise_warm's basis: the kept components and kBasisMargin
+      // more): the basis's margin columns do the oversampling's work, so only the rest of it is
+      // fresh. The block is as wide as a cold sketch of the kept rank (measured on near-edge
+      // and rank-4 sequences: the same passes and error as `oversample` fresh columns, and a
+      // narrower block is cheaper in every product and Gram matrix).
+      width = std::min(std::max(k0 + std::max<int64_t>(oversample - kBasisMargin, 0), k), full);
+    }
     const int64_t fresh = width - k0;
     // Fresh rows. A cold start sketches, Omega^T A^T (Halko, Martinsson & Tropp 2011): one
     // product with grad, after which its first pass is the classic randomized SVD. A warm start

@@ -111,9 +111,15 @@ def _krylov_range(a, a_in, start, rank, oversample, niter, sh: _Shrink, seed):
     k = rank if rank > 0 else min(max(INITIAL_RANK, k0_in), full)
     passes, checked = 0, False
     generator = torch.Generator(device=a.device).manual_seed(seed)
+    first_round = True
     while True:
         k0 = 0 if start is None else start.shape[2]
         width = min(max(k + oversample, k0), full)
+        if first_round and k0 > 0 and rank < 0:
+            # A caller's warm start: its basis's BASIS_MARGIN columns past the kept ones do the
+            # oversampling's work, only the rest is fresh (as the CPU kernel).
+            width = min(max(k0 + max(oversample - BASIS_MARGIN, 0), k), full)
+        first_round = False
         fresh = width - k0
         finite = torch.ones((), dtype=torch.bool, device=a.device)
         if fresh > 0 and k0 == 0:
