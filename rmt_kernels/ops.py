@@ -180,10 +180,11 @@ def denoise_warm(
 
     Same as ``torch.ops.rmt.denoise_warm(grad, sigma, basis, ...)``. The range finder starts
     from ``basis`` plus fresh Gaussian columns (seeded by ``seed``) instead of a sketch alone:
-    with the adaptive rank (``rank=-1``), ``max(oversample - BASIS_MARGIN, 0)`` of them, or more
-    where the block would be narrower than the initial rank of 8 (the basis's own last
-    ``BASIS_MARGIN`` columns, the components just below the threshold at the last step, do the
-    rest of the oversampling's work); with a fixed rank, ``rank + oversample`` columns in all. A
+    with the adaptive rank (``rank=-1``), as many as fill the block to 16 columns (the widest
+    that costs no more than a narrower one in the products with grad), at least
+    ``oversample - BASIS_MARGIN`` (the basis's own last ``BASIS_MARGIN`` columns, the components
+    just below the threshold at the last step, do the rest of the oversampling's work) and at
+    most ``oversample``; with a fixed rank, ``rank + oversample`` columns in all. A
     DP gradient's subspace moves slowly from one step to the next, so the basis this returned at
     the last step settles the range finder sooner: measured, 2 products with grad on pure noise
     (cold: 5-7), 4 for strong signals (cold: 7), 4-6 on spectra crossing the edge (cold: 7-9),

@@ -418,11 +418,13 @@ Ritz krylov_range(const at::Tensor& a, at::Tensor start, int64_t rank, int64_t o
     int64_t width = std::min(std::max(k + oversample, k0), full);
     if (first_round && k0 > 0 && rank < 0) {
       // A caller's warm start (denoise_warm's basis: the kept components and kBasisMargin
-      // more): the basis's margin columns do the oversampling's work, so only the rest of it is
-      // fresh. The block is as wide as a cold sketch of the kept rank (measured on near-edge
-      // and rank-4 sequences: the same passes and error as `oversample` fresh columns, and a
-      // narrower block is cheaper in every product and Gram matrix).
-      width = std::min(std::max(k0 + std::max<int64_t>(oversample - kBasisMargin, 0), k), full);
+      // more): the fresh columns fill the block up to 2 kInitialRank = 16 columns, the widest
+      // that MKL multiplies with grad at the cost of a narrower one (wider costs ~1.4x), and
+      // are at least oversample - kBasisMargin (the basis's margin columns do the rest of the
+      // oversampling's work) and at most oversample.
+      const int64_t fresh = std::clamp(2 * kInitialRank - k0,
+          std::max<int64_t>(oversample - kBasisMargin, 0), oversample);
+      width = std::min(std::max(k0 + fresh, k), full);
     }
     const int64_t fresh = width - k0;
     // Fresh rows. A cold start sketches, Omega^T A^T (Halko, Martinsson & Tropp 2011): one

@@ -116,9 +116,10 @@ def _krylov_range(a, a_in, start, rank, oversample, niter, sh: _Shrink, seed):
         k0 = 0 if start is None else start.shape[2]
         width = min(max(k + oversample, k0), full)
         if first_round and k0 > 0 and rank < 0:
-            # A caller's warm start: its basis's BASIS_MARGIN columns past the kept ones do the
-            # oversampling's work, only the rest is fresh (as the CPU kernel).
-            width = min(max(k0 + max(oversample - BASIS_MARGIN, 0), k), full)
+            # A caller's warm start: fresh columns fill the block up to 2 INITIAL_RANK, at least
+            # oversample - BASIS_MARGIN, at most oversample (as the CPU kernel).
+            fresh = min(max(2 * INITIAL_RANK - k0, max(oversample - BASIS_MARGIN, 0)), oversample)
+            width = min(max(k0 + fresh, k), full)
         first_round = False
         fresh = width - k0
         finite = torch.ones((), dtype=torch.bool, device=a.device)
