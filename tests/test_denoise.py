@@ -1,5 +1,7 @@
 """rmt::denoise on the CPU (the C++ kernel) against the full-SVD reference."""
 
+import math
+
 import pytest
 import torch
 
@@ -121,6 +123,26 @@ def test_zero_and_exactly_low_rank_inputs():
     # No noise at all: rank-deficient sketches must still give a finite, exact answer.
     out = rmt_kernels.denoise(clean, 0.1, shrinker="hard")
     assert rel_err(out, clean) < 1e-4
+
+
+@pytest.mark.parametrize(("m", "n"), [(200, 300), (300, 200)])
+def test_wide_dynamic_range_keeps_the_basis_orthonormal(m, n):
+    # Singular values from 3e3 down to 2 times the bulk edge: the Krylov blocks are as
+    # ill-conditioned as float32 data gets, which the float32 orthonormalisation (CholeskyQR
+    # with float32 Gram matrices, Householder where it is not orthonormal) must survive. Every
+    # component is kept, so each must be found to the exact shrinker's accuracy.
+    gen = torch.Generator().manual_seed(7)
+    values = bulk_edge(m, n, 0.1) * torch.logspace(math.log10(3e3), math.log10(2.0), 12)
+    u = torch.linalg.qr(torch.randn(m, 12, generator=gen, dtype=torch.float64))[0]
+    v = torch.linalg.qr(torch.randn(n, 12, generator=gen, dtype=torch.float64))[0]
+    noisy = ((u * values.double()) @ v.T + 0.1 * torch.randn(m, n, generator=gen)).float()
+    exact = denoise_exact(noisy, 0.1)
+    for basis in (None, torch.randn(m, 5, generator=gen)):
+        out, new_basis, _ = rmt_kernels.denoise_warm(noisy, 0.1, basis)
+        assert torch.isfinite(out).all()
+        assert rel_err(out, exact) < 1e-3
+        eye = torch.eye(new_basis.shape[1])
+        assert torch.allclose(new_basis.T @ new_basis, eye, atol=1e-5)
 
 
 def test_same_seed_same_output_and_seed_matters():
