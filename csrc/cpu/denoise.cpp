@@ -12,9 +12,11 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <limits>
 #include <cmath>
 #include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "constants.h"
@@ -102,28 +104,74 @@ at::Tensor householder_rows(const at::Tensor& rows) {
   return std::get<0>(at::linalg_qr(rows.transpose(1, 2), "reduced")).transpose(1, 2).contiguous();
 }
 
+// L^-1 for the shifted Cholesky factor L of each w x w Gram matrix (b, w, w), float32 out,
+// float64 inside: plain loops, as the matrices are a few dozen wide (a chain of tensor ops costs
+// more in dispatch than in arithmetic here). The shift lets the factorisation succeed on
+// (nearly) dependent rows; where it still breaks down the factor is NaN, which the caller's
+// orthonormality check turns into its Householder fallback.
+at::Tensor shifted_cholesky_inverse(const at::Tensor& gram) {
+  const at::Tensor g64 = gram.to(at::kDouble).contiguous();
+  const int64_t b = g64.size(0), w = g64.size(1);
+  at::Tensor out = at::zeros({b, w, w}, gram.options().dtype(at::kFloat));
+  std::vector<double> l(w * w), inv(w * w);
+  for (int64_t i = 0; i < b; ++i) {
+    const double* g = g64.data_ptr<double>() + i * w * w;
+    float* o = out.data_ptr<float>() + i * w * w;
+    double trace = 0.0;
+    for (int64_t j = 0; j < w; ++j) trace += g[j * w + j];
+    const double shift = 1e-12 * trace + 1e-300;
+    bool ok = true;
+    for (int64_t j = 0; j < w && ok; ++j) {
+      double d = g[j * w + j] + shift;
+      for (int64_t k = 0; k < j; ++k) d -= l[j * w + k] * l[j * w + k];
+      if (!(d > 0.0)) {
+        ok = false;
+        break;
+      }
+      l[j * w + j] = std::sqrt(d);
+      for (int64_t r = j + 1; r < w; ++r) {
+        double v = g[r * w + j];
+        for (int64_t k = 0; k < j; ++k) v -= l[r * w + k] * l[j * w + k];
+        l[r * w + j] = v / l[j * w + j];
+      }
+    }
+    if (!ok) {
+      for (int64_t j = 0; j < w * w; ++j) o[j] = std::numeric_limits<float>::quiet_NaN();
+      continue;
+    }
+    for (int64_t j = 0; j < w; ++j) {
+      inv[j * w + j] = 1.0 / l[j * w + j];
+      for (int64_t r = j + 1; r < w; ++r) {
+        double v = 0.0;
+        for (int64_t k = j; k < r; ++k) v -= l[r * w + k] * inv[k * w + j];
+        inv[r * w + j] = v / l[r * w + r];
+      }
+      for (int64_t r = j; r < w; ++r) o[r * w + j] = static_cast<float>(inv[r * w + j]);
+    }
+  }
+  return out;
+}
+
 // One shifted CholeskyQR step on rows (b, w, len) float32: the w x w Gram matrix (a float32
-// GEMM), its Cholesky factor L and L^-1 in float64 (small), and L^-1 rows (a float32 GEMM):
-// level-3 BLAS only, where LAPACK's tall Householder QR runs panel by panel. The shift lets the
-// factorisation succeed on (nearly) dependent rows; the caller checks the result (float32 Gram
-// matrices resolve condition numbers up to ~1e3 per step, which the Krylov blocks stay well
-// within) and falls back to Householder QR where it is not orthonormal.
+// GEMM), L^-1 of its shifted Cholesky factor (float64, small), and L^-1 rows (a float32 GEMM):
+// level-3 BLAS only, where LAPACK's tall Householder QR runs panel by panel. The caller checks
+// the result (float32 Gram matrices resolve condition numbers up to ~1e3 per step, which the
+// Krylov blocks stay well within) and falls back to Householder QR where it is not orthonormal.
 at::Tensor cholesky_qr_step(const at::Tensor& rows) {
-  const at::Tensor gram = at::matmul(rows, rows.transpose(1, 2)).to(at::kDouble);
-  const at::Tensor shift = 1e-12 * gram.diagonal(0, 1, 2).sum(1) + 1e-300;
-  const at::Tensor eye = at::eye(gram.size(1), gram.options());
-  const at::Tensor lower =
-      std::get<0>(at::linalg_cholesky_ex(gram + shift.view({-1, 1, 1}) * eye));
-  const at::Tensor inverse = at::linalg_solve_triangular(lower, eye, /*upper=*/false);
-  return at::matmul(inverse.to(at::kFloat), rows);
+  return at::matmul(shifted_cholesky_inverse(at::matmul(rows, rows.transpose(1, 2))), rows);
 }
 
 // Whether rows (b, w, len) are orthonormal to float32 accuracy (and finite): what CholeskyQR
 // gives unless the block had (nearly) dependent rows.
 bool orthonormal(const at::Tensor& rows) {
-  const at::Tensor gram = at::matmul(rows, rows.transpose(1, 2));
-  const at::Tensor eye = at::eye(gram.size(1), gram.options());
-  return ((gram - eye).abs() < 1e-4).all().item<bool>();
+  const at::Tensor gram = at::matmul(rows, rows.transpose(1, 2)).contiguous();
+  const int64_t w = gram.size(1);
+  const float* g = gram.data_ptr<float>();
+  for (int64_t i = 0; i < gram.numel(); ++i) {
+    const int64_t r = (i / w) % w, c = i % w;
+    if (!(std::abs(g[i] - (r == c ? 1.0f : 0.0f)) < 1e-4f)) return false;
+  }
+  return true;
 }
 
 // Orthonormal rows spanning those of `rows` (b, w, len), float32: CholeskyQR2 (Fukaya et al.
@@ -274,9 +322,31 @@ struct Now {
   at::Tensor s, e;  // (b, W), (b, W, W)
 };
 
+// Eigenpairs of symmetric (b, W, W) float64 matrices, largest first: values as sqrt(max(., 0))
+// (singular values from a Gram matrix), vectors as columns.
+std::pair<at::Tensor, at::Tensor> descending_eigh(const at::Tensor& sym) {
+  auto [lam, vec] = at::linalg_eigh(sym);
+  lam = lam.contiguous();
+  vec = vec.contiguous();
+  const int64_t b = sym.size(0), w = sym.size(1);
+  at::Tensor s = at::empty({b, w}, lam.options());
+  at::Tensor v = at::empty({b, w, w}, vec.options());
+  for (int64_t i = 0; i < b; ++i) {
+    const double* l_in = lam.data_ptr<double>() + i * w;
+    const double* v_in = vec.data_ptr<double>() + i * w * w;
+    double* s_out = s.data_ptr<double>() + i * w;
+    double* v_out = v.data_ptr<double>() + i * w * w;
+    for (int64_t j = 0; j < w; ++j) {
+      s_out[j] = std::sqrt(std::max(l_in[w - 1 - j], 0.0));
+      for (int64_t r = 0; r < w; ++r) v_out[r * w + j] = v_in[r * w + (w - 1 - j)];
+    }
+  }
+  return {s, v};
+}
+
 Now now_estimate(const at::Tensor& g1) {
-  auto [lam, e] = at::linalg_eigh(g1);
-  return {lam.flip(1).clamp_min(0.0).sqrt(), e.flip(2)};
+  auto [s, e] = descending_eigh(g1);
+  return {s, e};
 }
 
 struct Ahead {
@@ -284,19 +354,37 @@ struct Ahead {
 };
 
 Ahead ahead_estimate(const Now& now, const at::Tensor& g2) {
-  const at::Tensor top = now.s.narrow(1, 0, 1);
-  const at::Tensor inv = at::where(
-      now.s > kDirectionFloor * top, 1.0 / now.s.clamp_min(1e-300), at::zeros_like(now.s));
-  const at::Tensor c = now.e * inv.unsqueeze(1);
-  auto [mu, x] = at::linalg_eigh(at::matmul(at::matmul(c.transpose(1, 2), g2), c));
-  x = x.flip(2);
-  return {mu.flip(1).clamp_min(0.0).sqrt(), x, at::matmul(c, x)};
+  const int64_t b = now.s.size(0), w = now.s.size(1);
+  at::Tensor c = now.e.clone();
+  for (int64_t i = 0; i < b; ++i) {
+    const double* s = now.s.data_ptr<double>() + i * w;
+    double* ci = c.data_ptr<double>() + i * w * w;
+    for (int64_t j = 0; j < w; ++j) {
+      const double inv = s[j] > kDirectionFloor * s[0] ? 1.0 / std::max(s[j], 1e-300) : 0.0;
+      for (int64_t r = 0; r < w; ++r) ci[r * w + j] *= inv;
+    }
+  }
+  auto [s_ahead, x] = descending_eigh(at::matmul(at::matmul(c.transpose(1, 2), g2), c));
+  return {s_ahead, x, at::matmul(c, x)};
 }
 
 // <now, ahead>_F / (eta_now_i eta_ahead_j) summed as eta_now^T K eta_ahead: V_L^T V_R = X and
 // U_L^T U_R = diag(s_L) X diag(1 / s_R), so K = diag(s_L) X^2 diag(1 / s_R).
 at::Tensor kernel_now_ahead(const Now& now, const Ahead& ahead) {
-  return now.s.unsqueeze(2) * ahead.x.square() / ahead.s.clamp_min(1e-300).unsqueeze(1);
+  const int64_t b = now.s.size(0), w = now.s.size(1);
+  at::Tensor k = at::empty({b, w, w}, now.s.options());
+  for (int64_t i = 0; i < b; ++i) {
+    const double* s_l = now.s.data_ptr<double>() + i * w;
+    const double* s_r = ahead.s.data_ptr<double>() + i * w;
+    const double* x = ahead.x.data_ptr<double>() + i * w * w;
+    double* ki = k.data_ptr<double>() + i * w * w;
+    for (int64_t r = 0; r < w; ++r) {
+      for (int64_t j = 0; j < w; ++j) {
+        ki[r * w + j] = s_l[r] * x[r * w + j] * x[r * w + j] / std::max(s_r[j], 1e-300);
+      }
+    }
+  }
+  return k;
 }
 
 // Whether the newer of two consecutive estimates (values s_old, s_new; their inner product
