@@ -82,7 +82,8 @@ def orthonormal_block(y: torch.Tensor) -> torch.Tensor:
 
 def next_krylov_block(q: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """The next block of a block Krylov basis: ``y`` (b, m, w) orthonormalised against the
-    orthonormal ``q`` (b, m, W) and within itself (``next_block`` in csrc/cpu/denoise.cpp).
+    orthonormal ``q`` (b, m, W) and within itself (``next_block`` in csrc/cpu/denoise.cpp does
+    the same with float32 Gram matrices, BCGS2, which MKL runs faster on CPUs).
 
     Block classical Gram-Schmidt twice, CholeskyQR2, and once more against ``q``; where a column
     lost most of its norm to ``q`` (the Krylov space is exhausted: an exactly low-rank matrix) or
