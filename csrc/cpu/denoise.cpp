@@ -297,12 +297,12 @@ struct RowBlocks {
     if (gram.defined()) {
       const at::Tensor new64 = rows64.narrow(1, used, w);
       new64.copy_(block);
-      const at::Tensor diag = at::matmul(new64, new64.transpose(1, 2));
-      gram.narrow(1, used, w).narrow(2, used, w).copy_(diag);
+      // The new rows against all rows so far (itself included): one GEMM, the Gram matrix's new
+      // columns, and their transpose its new rows.
+      const at::Tensor cols = at::matmul(rows64.narrow(1, 0, used + w), new64.transpose(1, 2));
+      gram.narrow(1, 0, used + w).narrow(2, used, w).copy_(cols);
       if (used > 0) {
-        const at::Tensor off = at::matmul(rows64.narrow(1, 0, used), new64.transpose(1, 2));
-        gram.narrow(1, 0, used).narrow(2, used, w).copy_(off);
-        gram.narrow(1, used, w).narrow(2, 0, used).copy_(off.transpose(1, 2));
+        gram.narrow(1, used, w).narrow(2, 0, used).copy_(cols.narrow(1, 0, used).transpose(1, 2));
       }
     }
     used += w;
