@@ -69,6 +69,18 @@ METHODS: dict[str, Method] = {
             "first-moment shrinkage at its exact noise level, v from the noisy gradient",
             {"denoise": True, "denoise_target": "moment", "denoise_options": dict(SHRINK)},
         ),
+        # The combination: DiSK (the best anchor measured) as the filter whose output is shrunk
+        # at its exact noise level (disk_noise_std), then Adam's normaliser.
+        Method(
+            "disk-moment",
+            "DiSK filter, its output shrunk at its exact noise level, then Adam's normaliser",
+            {
+                "filter": "disk",
+                "denoise": True,
+                "denoise_target": "moment",
+                "denoise_options": dict(SHRINK),
+            },
+        ),
         # The trajectory identity W_t = W_0 - lr * D_t needs SGD at a constant rate; its
         # reference is plain DP-SGD with the same optimizer and schedule (SGD's learning rates
         # are of another scale than Adam's).
