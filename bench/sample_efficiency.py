@@ -15,7 +15,7 @@ writes an ``rmt-glue train`` JSON log; the summary (final dev accuracy, steps an
 seconds to 90% and 95% of plain DP-SGD's final accuracy, spread over seeds) is a markdown table
 and a PNG. ``--reuse`` keeps finished runs' logs, so an interrupted experiment resumes.
 
-Defaults are sized for the 2-core CPU this project is developed on (about 15 minutes per run of
+Defaults are sized for the 2-core CPU this project is developed on (about 10 minutes per run of
 100 steps of 512). On a GPU, ``--steps 300 --batch-size 1024 --physical-batch-size 256
 --max-length 128`` is the setting of the DP fine-tuning literature (untested here: no GPU).
 """
@@ -46,7 +46,7 @@ from rmt_kernels.glue.train import train
 TASK = "sst2"
 EPSILON = 8.0
 # Logical batch 512 for 100 steps: 51k examples (three quarters of an epoch of SST-2) per run,
-# ~15 minutes on 2 cores (length-sorted physical batches). Poisson sampling at q = 512 / 67349.
+# ~10 minutes on 2 cores (length-sorted physical batches). Poisson sampling at q = 512 / 67349.
 # The per-entry noise std of the averaged gradient is sigma * C / B: at B = 256 no encoder
 # gradient's singular value cleared the Marchenko-Pastur edge (bench/results/sst2-minilm/
 # tuning.md), at B = 1024 rank-1 components did; 512 with 100 steps is in between, where the
