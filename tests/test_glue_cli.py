@@ -258,6 +258,12 @@ def train_tiny(tiny, out: Path, *extra) -> dict:
                 "--secure-mode",
             ],
         ),
+        # --denoise alone shrinks the first moment (SGD underneath); each step's gradient when
+        # asked for (under AdamW, the optimizer's default).
+        (
+            "denoise-gradient",
+            ["--denoise", "--denoise-target", "gradient", "--kappa", 0.5, "--noise-multiplier", 1],
+        ),
         ("opacus", ["--engine", "opacus", "--physical-batch-size", 2, "--noise-multiplier", 1]),
     ],
 )
@@ -282,9 +288,13 @@ def test_end_to_end_tiny_run_writes_the_log(tiny, tmp_path, mode, extra):
             assert 7.9 < log["epsilon"] <= 8.0 + 1e-6 and log["noise_multiplier"] > 0
         else:
             assert log["noise_multiplier"] == 1.0
-    assert log["config"]["denoise"] == (mode == "denoise")
+    assert log["config"]["denoise"] == mode.startswith("denoise")
     assert log["config"]["pooling"] == ("mean" if mode == "dp" else "cls")
-    if mode == "denoise":
+    # The target as resolved: never None in the log.
+    target = {"denoise": "moment"}.get(mode, "gradient")
+    assert log["config"]["denoise_target"] == target
+    assert log["config"]["optimizer"] == ("sgd" if target == "moment" else "adamw")
+    if mode.startswith("denoise"):
         # Per-layer kept rank and denoised-to-noisy norm ratio at every evaluation: the
         # encoder's Linear weights (32 x 32, 64 x 32), not the 2 x 32 head (min_dim 32).
         for e in log["evals"]:
@@ -293,6 +303,8 @@ def test_end_to_end_tiny_run_writes_the_log(tiny, tmp_path, mode, extra):
             assert not any("classifier" in name for name in stats)
             for s in stats.values():
                 assert 0 <= s["rank"] <= 32 and 0 <= s["norm_ratio"] <= 1.5
+                # The moment's Denoiser comes after its EMA filter, the gradient's first.
+                assert s["stage"] == (1 if target == "moment" else 0)
     else:
         assert all("denoise" not in e for e in log["evals"])
 

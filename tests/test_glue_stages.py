@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import asdict
 
 import pytest
 
@@ -14,7 +15,10 @@ from rmt_kernels.dp.dp_adam import DPAdam
 from rmt_kernels.dp.postprocess import Denoiser
 from rmt_kernels.dp.temporal import DiSKExtrapolation, DiSKFilter, EMAFilter, ema_noise_std
 from rmt_kernels.dp.trajectory import TrajectoryDenoiser
+from rmt_kernels.glue import stages
+from rmt_kernels.glue.cli import _train_config, build_parser
 from rmt_kernels.glue.config import TrainConfig
+from rmt_kernels.glue.resume import resolve_optimisation
 from rmt_kernels.glue.stages import learning_rate, post_processors
 from tests.test_glue_cli import base, run, tiny, train_tiny  # noqa: F401 (fixtures)
 
@@ -32,10 +36,14 @@ def test_the_flags_build_the_chain_they_say():
     assert post_processors(_cfg()) == []
     chain = post_processors(_cfg(filter="ema", filter_beta=0.8))
     assert [type(s) for s in chain] == [EMAFilter] and chain[0].beta == 0.8
-    chain = post_processors(_cfg(denoise=True, denoise_options={"kappa": 0.5}))
+    chain = post_processors(
+        _cfg(denoise=True, denoise_target="gradient", denoise_options={"kappa": 0.5})
+    )
     assert [type(s) for s in chain] == [Denoiser]
     # gradient target: shrink, then filter, then Adam (beta1 0 after a filter).
-    chain = post_processors(_cfg(denoise=True, filter="ema", dp_adam="bc"))
+    chain = post_processors(
+        _cfg(denoise=True, denoise_target="gradient", filter="ema", dp_adam="bc")
+    )
     assert [type(s) for s in chain] == [Denoiser, EMAFilter, DPAdam]
     assert chain[2].beta1 == 0.0 and chain[2].variance_correction
     chain = post_processors(_cfg(dp_adam="plain"))
@@ -56,6 +64,75 @@ def test_the_flags_build_the_chain_they_say():
     assert [type(s) for s in chain] == [DiSKFilter, Denoiser, DPAdam, DiSKExtrapolation]
     chain = post_processors(_cfg(denoise=True, denoise_target="trajectory"))
     assert [type(s) for s in chain] == [TrajectoryDenoiser]
+
+
+def _cli_cfg(*flags) -> TrainConfig:
+    """The TrainConfig ``rmt-glue train`` makes of these flags (nothing read, nothing run)."""
+    argv = ["train", "--task", "sst2", "--model", "m", *map(str, flags)]
+    return _train_config(build_parser().parse_args(argv))
+
+
+@pytest.mark.parametrize(
+    "flags, target, chain",
+    [
+        # --denoise alone shrinks the first moment: EMA, shrink at its level, DP-Adam, SGD.
+        (["--denoise"], "moment", [EMAFilter, Denoiser, DPAdam]),
+        (["--denoise", "--optimizer", "sgd"], "moment", [EMAFilter, Denoiser, DPAdam]),
+        # AdamW asked for: the per-step gradient, the only target AdamW composes with.
+        (["--denoise", "--optimizer", "adamw"], "gradient", [Denoiser]),
+        (["--denoise", "--denoise-target", "gradient"], "gradient", [Denoiser]),
+        # Without --denoise the target is unused: gradient.
+        ([], "gradient", []),
+        (["--optimizer", "sgd"], "gradient", []),
+        (["--filter", "ema"], "gradient", [EMAFilter]),
+    ],
+)
+def test_a_denoise_target_left_out_is_resolved_when_the_config_is_made(flags, target, chain):
+    cfg = _cli_cfg(*flags)
+    assert cfg.denoise_target == target and asdict(cfg)["denoise_target"] == target
+    cfg.check()
+    built = post_processors(cfg)
+    assert [type(s) for s in built] == chain
+    if target == "moment":
+        assert built[0].beta == 0.9 and built[2].beta1 == 0.0
+        assert built[2].second_moment_from == "released" and not built[2].variance_correction
+    given = flags[flags.index("--optimizer") + 1] if "--optimizer" in flags else None
+    default = "sgd" if target == "moment" else "adamw"
+    assert resolve_optimisation(cfg, None).optimizer == (given or default)
+    if "--denoise-target" not in flags:  # The same for a TrainConfig made in Python.
+        made = TrainConfig(task="sst2", model="m", denoise=cfg.denoise, optimizer=given)
+        assert made.denoise_target == target
+
+
+def _checkpoint(cfg: TrainConfig | None, optimizer: str) -> dict:
+    """checkpoint_extra of a run of ``cfg`` (None: a checkpoint older than the chain's flags)."""
+    config = {"optimizer": optimizer, "lr": 5e-4, "weight_decay": 0.0}
+    if cfg is not None:
+        config["stages"] = {**stages.flags(cfg), "lr_schedule": cfg.lr_schedule}
+    return {"steps": 1, "extra": {"config": config}}
+
+
+def test_a_resume_without_the_target_continues_the_checkpointed_one():
+    resume = ["--denoise", "--checkpoint-dir", "ckpt", "--resume"]
+    cfg = _cli_cfg(*resume)
+    assert cfg.denoise_target is None  # known once the checkpoint is read
+    cfg.check()  # checked as a new run's
+    gradient_run = _cli_cfg("--denoise", "--denoise-target", "gradient")
+    gradient = _checkpoint(gradient_run, "adamw")
+    for checkpoint in (gradient, _checkpoint(None, "adamw")):  # (older: gradient, the only one)
+        resumed = resolve_optimisation(cfg, checkpoint)
+        assert (resumed.denoise_target, resumed.optimizer) == ("gradient", "adamw")
+    resumed = resolve_optimisation(cfg, _checkpoint(_cli_cfg("--denoise"), "sgd"))
+    assert (resumed.denoise_target, resumed.optimizer) == ("moment", "sgd")
+    # Nothing to resume: a new run's target.
+    assert resolve_optimisation(cfg, None).denoise_target == "moment"
+    # A config dict that names gradient (a log's, a checkpoint's) stays gradient.
+    old = TrainConfig(**{**asdict(gradient_run), "checkpoint_dir": "ckpt", "resume": True})
+    assert old.denoise_target == "gradient"
+    assert resolve_optimisation(old, gradient).denoise_target == "gradient"
+    # A target given must still be the checkpointed one.
+    with pytest.raises(ValueError, match=r"denoise_target='gradient' \(now 'moment'\)"):
+        resolve_optimisation(_cli_cfg(*resume, "--denoise-target", "moment"), gradient)
 
 
 def test_linear_schedule_decays_to_zero_over_the_run():
@@ -122,6 +199,40 @@ def test_a_resume_continues_the_stages_exactly(tiny, tmp_path, flags):  # noqa: 
         assert resumed["evals"][-1][key] == whole["evals"][-1][key], key
 
 
+@pytest.mark.parametrize(
+    "flags, resume_flags, target",
+    [
+        # A run of --denoise alone (the moment; --filter-beta is its EMA's decay).
+        (["--denoise", "--filter-beta", 0.8], ["--denoise", "--filter-beta", 0.8], "moment"),
+        # A checkpoint of gradient shrinkage, resumed with --denoise alone: still the gradient.
+        (["--denoise", "--denoise-target", "gradient"], ["--denoise"], "gradient"),
+    ],
+)
+def test_the_log_and_checkpoint_hold_the_resolved_target(
+    tiny,  # noqa: F811
+    tmp_path,
+    flags,
+    resume_flags,
+    target,
+):
+    from rmt_kernels.dp import checkpoint_extra
+
+    whole = train_tiny(tiny, tmp_path / "whole.json", *PRIVATE, *flags)
+    ckpt = ["--checkpoint-dir", tmp_path / "ckpt", "--checkpoint-every", 1]
+    part = train_tiny(tiny, tmp_path / "part.json", *PRIVATE, *flags, *ckpt, "--steps", 2)
+    saved = checkpoint_extra(tmp_path / "ckpt" / "checkpoint.pt")["extra"]["config"]
+    resumed = train_tiny(
+        tiny, tmp_path / "resumed.json", *PRIVATE, *resume_flags, *ckpt, "--resume"
+    )
+    optimizer = "sgd" if target == "moment" else "adamw"
+    for log in (whole, part, resumed):
+        assert log["config"]["denoise_target"] == target
+        assert log["config"]["optimizer"] == optimizer
+    assert saved["stages"]["denoise_target"] == target and saved["optimizer"] == optimizer
+    for key in ("eval_loss", "accuracy"):
+        assert resumed["evals"][-1][key] == whole["evals"][-1][key], key
+
+
 def test_a_resume_cannot_change_the_stages(tiny, tmp_path, capsys):  # noqa: F811
     ckpt = ["--checkpoint-dir", tmp_path / "ckpt"]
     train_tiny(tiny, tmp_path / "a.json", *PRIVATE, *ckpt, "--filter", "ema", "--steps", 2)
@@ -142,6 +253,10 @@ def test_a_resume_cannot_change_the_stages(tiny, tmp_path, capsys):  # noqa: F81
         (["--lr-schedule", "cosine"], "invalid choice: 'cosine'"),
         (["--denoise-target", "moment"], "--denoise-target moment shrinks with --denoise"),
         (["--filter-beta", "0.5"], "--filter-beta only applies with --filter ema"),
+        (
+            ["--denoise", "--optimizer", "adamw", "--filter-beta", "0.5"],
+            "--filter-beta only applies with --filter ema",
+        ),
         (["--disk-kappa", "0.5", "--filter", "ema"], "--disk-kappa only applies with --filter"),
         (["--filter", "ema", "--filter-beta", "1"], r"--filter-beta must be in \[0, 1\)"),
         (["--dp-adam", "bc", "--optimizer", "adamw"], "--optimizer adamw: with --dp-adam bc"),

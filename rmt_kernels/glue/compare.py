@@ -37,7 +37,8 @@ def describe(log: dict, path: str | Path) -> str:
         if cfg.get("engine") == "opacus":
             setup += " opacus"
         if cfg.get("denoise"):
-            setup += " + denoise"
+            target = cfg.get("denoise_target")
+            setup += f" + denoise ({target})" if target else " + denoise"
     return f"{Path(path).stem} ({setup})"
 
 

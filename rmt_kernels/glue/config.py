@@ -1,10 +1,20 @@
 """``rmt-glue train``'s options (``TrainConfig``, the ``config`` of the JSON log), their checks
-and defaults, and ``--device``."""
+and defaults, and ``--device``.
+
+``--denoise-target`` left out (``denoise_target`` None) is resolved by
+``rmt_kernels.glue.stages.denoise_target``: ``moment`` with ``--denoise`` (first-moment
+shrinkage, plain SGD underneath), ``gradient`` with ``--denoise --optimizer adamw`` (per-step
+gradient shrinkage, the only target that composes with AdamW) and without ``--denoise``
+(unused). A new run resolves it when the config is made (``TrainConfig.__post_init__``); a resume
+with ``--denoise`` when its checkpoint is read (``rmt_kernels.glue.resume.resolve_optimisation``:
+the checkpointed run's target, ``gradient`` for a checkpoint older than the targets). The log
+and the checkpoints always hold the resolved name.
+"""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -16,6 +26,7 @@ from rmt_kernels.glue.stages import (
     DP_ADAM,
     FILTERS,
     LR_SCHEDULES,
+    denoise_target,
     uses_sgd,
 )
 from rmt_kernels.glue.tasks import get_task
@@ -67,7 +78,9 @@ class TrainConfig:
     filter: str = "none"
     filter_beta: float = DEFAULT_FILTER_BETA
     disk_kappa: float = DEFAULT_DISK_KAPPA
-    denoise_target: str = "gradient"
+    # None: not given; resolved in __post_init__ (a resume with --denoise: from its checkpoint,
+    # in resume.resolve_optimisation), so the log and checkpoints hold the resolved name.
+    denoise_target: str | None = None
     dp_adam: str = "none"
     lr_schedule: str = "constant"
     freeze_embeddings: bool = False
@@ -80,19 +93,30 @@ class TrainConfig:
     checkpoint_every: int = 0
     resume: bool = False
 
+    def __post_init__(self) -> None:
+        # --denoise-target not given: moment with --denoise (gradient with --optimizer adamw),
+        # gradient without (stages.denoise_target). A resume with --denoise continues its
+        # checkpointed run's target, known once the checkpoint is read (resolve_optimisation).
+        if self.denoise_target is None and not (self.resume and self.denoise):
+            self.denoise_target = denoise_target(self.denoise, self.optimizer, None)
+
     def check(self) -> None:
         """Raise ValueError on options that cannot go together (before any data is read).
 
         The checks run in a fixed order (the first failing one is reported): the schedule, the
-        model, the privacy flags, the optimisation flags, then where and how the run runs.
+        model, the privacy flags, the optimisation flags, then where and how the run runs. A
+        resume's ``--denoise-target`` not yet resolved is checked as a new run's.
         """
         get_task(self.task)
-        self._check_schedule()
-        self._check_model()
-        self._check_privacy()
-        self._check_optimisation()
-        self._check_stages()
-        self._check_run()
+        cfg = self
+        if cfg.denoise_target is None:
+            cfg = replace(self, denoise_target=denoise_target(self.denoise, self.optimizer, None))
+        cfg._check_schedule()
+        cfg._check_model()
+        cfg._check_privacy()
+        cfg._check_optimisation()
+        cfg._check_stages()
+        cfg._check_run()
 
     def _check_schedule(self) -> None:
         if self.steps is not None and self.epochs is not None:

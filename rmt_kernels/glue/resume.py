@@ -81,9 +81,20 @@ def resolve_optimisation(cfg: TrainConfig, resumed: dict | None) -> TrainConfig:
     rmt_kernels/glue/stages.py). A resume cannot change the optimizer (its state is the
     checkpoint's) nor the chain's flags (--denoise and its options, --filter, --filter-beta,
     --disk-kappa, --denoise-target, --dp-adam: the stages' states are the checkpoint's) nor
-    --lr-schedule; a new --lr or --weight-decay is honoured, and said."""
+    --lr-schedule; a new --lr or --weight-decay is honoured, and said. A resume with --denoise
+    and no --denoise-target continues the checkpointed run's target (``gradient`` for a
+    checkpoint older than the targets); with nothing to resume it gets a new run's
+    (stages.denoise_target), so the returned config always names its target."""
     old = ((resumed or {}).get("extra") or {}).get("config") or {}
     saved_stages = old.get("stages")
+    if cfg.denoise_target is None:  # --resume --denoise without --denoise-target
+        checkpointed = None
+        if resumed is not None:
+            checkpointed = (saved_stages or {}).get("denoise_target", "gradient")
+        cfg = replace(
+            cfg,
+            denoise_target=stages.denoise_target(cfg.denoise, cfg.optimizer, None, checkpointed),
+        )
     if resumed is not None and saved_stages is not None:
         now = {**stages.flags(cfg), "lr_schedule": cfg.lr_schedule}
         changed = [k for k in now if k in saved_stages and saved_stages[k] != now[k]]
