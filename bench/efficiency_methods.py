@@ -65,7 +65,8 @@ METHODS: dict[str, Method] = {
         Method(
             "shrink-grad",
             "gradient shrinkage (kappa 1), then AdamW",
-            {"denoise": True, "denoise_options": dict(SHRINK)},
+            # Explicit: --denoise alone now means first-moment shrinkage.
+            {"denoise": True, "denoise_target": "gradient", "denoise_options": dict(SHRINK)},
         ),
         Method(
             "shrink-moment",
