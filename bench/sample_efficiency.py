@@ -15,7 +15,7 @@ writes an ``rmt-glue train`` JSON log; the summary (final dev accuracy, steps an
 seconds to 90% and 95% of plain DP-SGD's final accuracy, spread over seeds) is a markdown table
 and a PNG. ``--reuse`` keeps finished runs' logs, so an interrupted experiment resumes.
 
-Defaults are sized for the 2-core CPU this project is developed on (about 10 minutes per run of
+Defaults are sized for the 2-core CPU this project is developed on (10-15 minutes per run of
 100 steps of 512). On a GPU, ``--steps 300 --batch-size 1024 --physical-batch-size 256
 --max-length 128`` is the setting of the DP fine-tuning literature (untested here: no GPU).
 """
@@ -41,6 +41,7 @@ from bench.efficiency_report import (
 from rmt_kernels.glue.compare import read_log
 from rmt_kernels.glue.config import TrainConfig
 from rmt_kernels.glue.fingerprint import versions
+from rmt_kernels.glue.resume import resolve_optimisation
 from rmt_kernels.glue.train import train
 
 TASK = "sst2"
@@ -141,10 +142,14 @@ def sweep_configs(args: argparse.Namespace) -> list[tuple[str, int, TrainConfig]
 
 
 def _same_run(log: dict, cfg: TrainConfig) -> bool:
-    """Whether a finished log was written by this configuration (progress and output aside)."""
+    """Whether a finished log was written by this configuration (progress and output aside).
+
+    The log holds the configuration as training resolved it (optimizer, weight decay and
+    denoising target filled in), so ``cfg`` is compared after the same resolution."""
     ignored = ("progress", "output", "denoise_options")
     old = {k: v for k, v in log.get("config", {}).items() if k not in ignored}
-    new = {k: v for k, v in asdict(cfg).items() if k not in ignored}
+    resolved = resolve_optimisation(cfg, None)
+    new = {k: v for k, v in asdict(resolved).items() if k not in ignored}
     old_steps = log.get("derived", {}).get("steps")
     done = bool(log.get("evals")) and log["evals"][-1]["step"] == old_steps
     return done and all(old.get(k) == v for k, v in new.items())

@@ -136,3 +136,24 @@ def test_sweep_table_marks_each_methods_best_lr(tmp_path, capsys):
 def test_unknown_method_is_a_clear_error():
     with pytest.raises(SystemExit):
         main(["--summary-only", "--lr", "nope=1e-3"])
+
+
+def test_reuse_recognises_a_finished_run_by_its_resolved_config(tmp_path):
+    """--reuse keeps a finished log: its config is the one training resolved (optimizer and
+    weight decay filled in), so the comparison resolves too; another lr, or an unfinished
+    log, is trained again."""
+    from dataclasses import asdict, replace
+
+    from bench.sample_efficiency import _same_run, build_parser, run_configs
+    from rmt_kernels.glue.resume import resolve_optimisation
+
+    args = build_parser().parse_args(["--model", "/x/model", "--out", str(tmp_path)])
+    for name in ("lr", "override", "tag"):
+        setattr(args, name, dict(getattr(args, name)))
+    for name, _, cfg in run_configs(args):
+        written = asdict(resolve_optimisation(cfg, None))
+        assert written["optimizer"] is not None and written["weight_decay"] is not None, name
+        log = {"config": written, "derived": {"steps": 100}, "evals": [{"step": 100}]}
+        assert _same_run(log, cfg), name
+        assert not _same_run(log, replace(cfg, lr=cfg.lr * 2)), name
+        assert not _same_run({**log, "evals": [{"step": 50}]}, cfg), name
