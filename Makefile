@@ -44,8 +44,9 @@ gpu-report: $(BUILT)
 
 # The sample-efficiency experiment (pretrained MiniLM on SST-2, epsilon 8, 100 steps of 512:
 # plain DP-SGD against filters, DP-AdamBC and shrinkage of gradient, moment and trajectory;
-# bench/efficiency_methods.py). 10 methods x 3 seeds at about 10 minutes a run: about 5 hours
-# on 2 CPU cores; --reuse resumes an interrupted one. DATA: a GLUE folder with SST-2.
+# bench/efficiency_methods.py). 10 private methods x 3 seeds and the non-private reference: 31 runs
+# at 10-15 minutes each, about 6 hours on 2 CPU cores; --reuse resumes an interrupted one.
+# DATA: a GLUE folder with SST-2.
 DATA ?= ../shared/data/glue
 experiment: $(BUILT)
 	$(PY) -m bench.sample_efficiency --data-dir $(DATA) --reuse

@@ -138,6 +138,29 @@ def test_unknown_method_is_a_clear_error():
         main(["--summary-only", "--lr", "nope=1e-3"])
 
 
+def test_every_method_is_a_valid_training_config(tmp_path):
+    """Each arm's overrides pass TrainConfig's checks (a misspelt field or option would
+    otherwise fail hours into `make experiment`); the tuned kappa reaches the config."""
+    from bench.efficiency_methods import METHODS
+    from bench.sample_efficiency import build_parser, run_configs
+
+    args = build_parser().parse_args(["--model", "/x/model", "--out", str(tmp_path)])
+    for name in ("lr", "override", "tag"):
+        setattr(args, name, dict(getattr(args, name)))
+    runs = run_configs(args)
+    private = [m for m in METHODS.values() if m.private]
+    assert len(runs) == 3 * len(private) + (len(METHODS) - len(private))
+    configs = {(name, seed): cfg for name, seed, cfg in runs}
+    for method in METHODS.values():
+        cfg = configs[method.name, 0]
+        assert cfg.lr == method.lr and cfg.dp == method.private
+        for key, value in method.overrides.items():
+            assert getattr(cfg, key) == value, (method.name, key)
+    tuned = configs["shrink-grad-kappa0.75", 1]
+    assert tuned.denoise_options["kappa"] == 0.75 and tuned.denoise_target == "gradient"
+    assert tuned.noise_seed == 1
+
+
 def test_reuse_recognises_a_finished_run_by_its_resolved_config(tmp_path):
     """--reuse keeps a finished log: its config is the one training resolved (optimizer and
     weight decay filled in), so the comparison resolves too; another lr, or an unfinished
