@@ -276,12 +276,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    import sys
-
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, with the repeatable METHOD=VALUE options as dicts by method."""
     args = build_parser().parse_args(argv)
     for name in ("lr", "override", "tag"):
         setattr(args, name, dict(getattr(args, name)))
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    import sys
+
+    args = parse_args(argv)
     given = sys.argv[1:] if argv is None else argv
     command = " ".join(["python -m bench.sample_efficiency", *given])
     if not args.summary_only:
@@ -304,4 +310,12 @@ if __name__ == "__main__":
     raise SystemExit(main())
 
 
-__all__ = ["first_reaching", "load_logs", "main", "markdown", "summarise", "versions"]
+__all__ = [
+    "first_reaching",
+    "load_logs",
+    "main",
+    "markdown",
+    "parse_args",
+    "summarise",
+    "versions",
+]

@@ -142,12 +142,9 @@ def test_every_method_is_a_valid_training_config(tmp_path):
     """Each arm's overrides pass TrainConfig's checks (a misspelt field or option would
     otherwise fail hours into `make experiment`); the tuned kappa reaches the config."""
     from bench.efficiency_methods import METHODS
-    from bench.sample_efficiency import build_parser, run_configs
+    from bench.sample_efficiency import parse_args, run_configs
 
-    args = build_parser().parse_args(["--model", "/x/model", "--out", str(tmp_path)])
-    for name in ("lr", "override", "tag"):
-        setattr(args, name, dict(getattr(args, name)))
-    runs = run_configs(args)
+    runs = run_configs(parse_args(["--model", "/x/model", "--out", str(tmp_path)]))
     private = [m for m in METHODS.values() if m.private]
     assert len(runs) == 3 * len(private) + (len(METHODS) - len(private))
     configs = {(name, seed): cfg for name, seed, cfg in runs}
@@ -167,12 +164,10 @@ def test_reuse_recognises_a_finished_run_by_its_resolved_config(tmp_path):
     log, is trained again."""
     from dataclasses import asdict, replace
 
-    from bench.sample_efficiency import _same_run, build_parser, run_configs
+    from bench.sample_efficiency import _same_run, parse_args, run_configs
     from rmt_kernels.glue.resume import resolve_optimisation
 
-    args = build_parser().parse_args(["--model", "/x/model", "--out", str(tmp_path)])
-    for name in ("lr", "override", "tag"):
-        setattr(args, name, dict(getattr(args, name)))
+    args = parse_args(["--model", "/x/model", "--out", str(tmp_path)])
     for name, _, cfg in run_configs(args):
         written = asdict(resolve_optimisation(cfg, None))
         assert written["optimizer"] is not None and written["weight_decay"] is not None, name
