@@ -65,7 +65,7 @@ METHODS: dict[str, Method] = {
         Method(
             "shrink-grad",
             "gradient shrinkage (kappa 1), then AdamW",
-            # Explicit: --denoise alone now means first-moment shrinkage.
+            # Explicit, as every arm: an arm must not change when a default does.
             {"denoise": True, "denoise_target": "gradient", "denoise_options": dict(SHRINK)},
         ),
         # Below kappa 1 the threshold sits inside the noise bulk (a fixed share of the noise

@@ -39,7 +39,7 @@ from bench.efficiency_report import (
     tuning_table,
 )
 from rmt_kernels.glue.compare import read_log
-from rmt_kernels.glue.config import TrainConfig
+from rmt_kernels.glue.config import TrainConfig, denoise_options
 from rmt_kernels.glue.fingerprint import versions
 from rmt_kernels.glue.resume import resolve_optimisation
 from rmt_kernels.glue.train import train
@@ -144,12 +144,14 @@ def sweep_configs(args: argparse.Namespace) -> list[tuple[str, int, TrainConfig]
 def _same_run(log: dict, cfg: TrainConfig) -> bool:
     """Whether a finished log was written by this configuration (progress and output aside).
 
-    The log holds the configuration as training resolved it (optimizer, weight decay and
-    denoising target filled in), so ``cfg`` is compared after the same resolution."""
-    ignored = ("progress", "output", "denoise_options")
+    The log holds the configuration as training resolved it (optimizer, weight decay, the
+    denoising target and kappa filled in; the denoise options as the op gets them), so ``cfg``
+    is compared after the same resolution."""
+    ignored = ("progress", "output")
     old = {k: v for k, v in log.get("config", {}).items() if k not in ignored}
     resolved = resolve_optimisation(cfg, None)
     new = {k: v for k, v in asdict(resolved).items() if k not in ignored}
+    new["denoise_options"] = denoise_options(resolved)
     old_steps = log.get("derived", {}).get("steps")
     done = bool(log.get("evals")) and log["evals"][-1]["step"] == old_steps
     return done and all(old.get(k) == v for k, v in new.items())

@@ -245,24 +245,22 @@ def train_tiny(tiny, out: Path, *extra) -> dict:
             ],
         ),
         ("no-dp", ["--no-dp", "--physical-batch-size", 4]),
+        # --denoise alone shrinks each step's gradient at kappa 0.75 (under AdamW, the
+        # optimizer's default); the first moment when asked for (SGD underneath).
+        ("denoise", ["--denoise", "--noise-multiplier", 1, "--secure-mode"]),
         (
-            "denoise",
+            "denoise-moment",
             [
                 "--denoise",
+                "--denoise-target",
+                "moment",
                 "--kappa",
                 0.5,
                 "--norm",
                 "preserve",
                 "--noise-multiplier",
                 1,
-                "--secure-mode",
             ],
-        ),
-        # --denoise alone shrinks the first moment (SGD underneath); each step's gradient when
-        # asked for (under AdamW, the optimizer's default).
-        (
-            "denoise-gradient",
-            ["--denoise", "--denoise-target", "gradient", "--kappa", 0.5, "--noise-multiplier", 1],
         ),
         ("opacus", ["--engine", "opacus", "--physical-batch-size", 2, "--noise-multiplier", 1]),
     ],
@@ -291,9 +289,11 @@ def test_end_to_end_tiny_run_writes_the_log(tiny, tmp_path, mode, extra):
     assert log["config"]["denoise"] == mode.startswith("denoise")
     assert log["config"]["pooling"] == ("mean" if mode == "dp" else "cls")
     # The target as resolved: never None in the log.
-    target = {"denoise": "moment"}.get(mode, "gradient")
+    target = {"denoise-moment": "moment"}.get(mode, "gradient")
     assert log["config"]["denoise_target"] == target
     assert log["config"]["optimizer"] == ("sgd" if target == "moment" else "adamw")
+    if mode.startswith("denoise"):  # kappa as resolved: given, or the target's default
+        assert log["config"]["denoise_options"]["kappa"] == {"denoise": 0.75}.get(mode, 0.5)
     if mode.startswith("denoise"):
         # Per-layer kept rank and denoised-to-noisy norm ratio at every evaluation: the
         # encoder's Linear weights (32 x 32, 64 x 32), not the 2 x 32 head (min_dim 32).

@@ -75,12 +75,12 @@ def _cli_cfg(*flags) -> TrainConfig:
 @pytest.mark.parametrize(
     "flags, target, chain",
     [
-        # --denoise alone shrinks the first moment: EMA, shrink at its level, DP-Adam, SGD.
-        (["--denoise"], "moment", [EMAFilter, Denoiser, DPAdam]),
-        (["--denoise", "--optimizer", "sgd"], "moment", [EMAFilter, Denoiser, DPAdam]),
-        # AdamW asked for: the per-step gradient, the only target AdamW composes with.
+        # --denoise alone shrinks each step's gradient (under AdamW, or SGD when asked for).
+        (["--denoise"], "gradient", [Denoiser]),
+        (["--denoise", "--optimizer", "sgd"], "gradient", [Denoiser]),
         (["--denoise", "--optimizer", "adamw"], "gradient", [Denoiser]),
-        (["--denoise", "--denoise-target", "gradient"], "gradient", [Denoiser]),
+        # The first moment when asked for: EMA, shrink at its level, DP-Adam, SGD.
+        (["--denoise", "--denoise-target", "moment"], "moment", [EMAFilter, Denoiser, DPAdam]),
         # Without --denoise the target is unused: gradient.
         ([], "gradient", []),
         (["--optimizer", "sgd"], "gradient", []),
@@ -104,6 +104,35 @@ def test_a_denoise_target_left_out_is_resolved_when_the_config_is_made(flags, ta
         assert made.denoise_target == target
 
 
+@pytest.mark.parametrize(
+    "flags, kappa",
+    [
+        # Left out: the best measured for the target (stages.DEFAULT_KAPPA, tuning.md).
+        (["--denoise"], 0.75),
+        (["--denoise", "--denoise-target", "gradient"], 0.75),
+        (["--denoise", "--denoise-target", "moment"], 1.0),
+        (["--denoise", "--denoise-target", "trajectory", "--lr-schedule", "constant"], 1.0),
+        # Given: as given, on every target.
+        (["--denoise", "--kappa", 1], 1.0),
+        (["--denoise", "--denoise-target", "moment", "--kappa", 0.5], 0.5),
+    ],
+)
+def test_a_kappa_left_out_is_the_targets_default_and_reaches_the_denoiser(flags, kappa):
+    cfg = _cli_cfg(*flags)
+    assert cfg.denoise_options["kappa"] == kappa  # so the log and the checkpoint hold it
+    cfg.check()
+    denoiser = next(
+        s for s in post_processors(cfg) if isinstance(s, (Denoiser, TrajectoryDenoiser))
+    )
+    assert denoiser.options["kappa"] == kappa
+    assert resolve_optimisation(cfg, None).denoise_options["kappa"] == kappa
+    # The same for a TrainConfig made in Python; nothing is filled in without --denoise.
+    made = TrainConfig(task="sst2", model="m", denoise=True, denoise_target=cfg.denoise_target)
+    if "--kappa" not in flags:
+        assert made.denoise_options == {"kappa": kappa}
+    assert "kappa" not in TrainConfig(task="sst2", model="m").denoise_options
+
+
 def _checkpoint(cfg: TrainConfig | None, optimizer: str) -> dict:
     """checkpoint_extra of a run of ``cfg`` (None: a checkpoint older than the chain's flags)."""
     config = {"optimizer": optimizer, "lr": 5e-4, "weight_decay": 0.0}
@@ -122,10 +151,11 @@ def test_a_resume_without_the_target_continues_the_checkpointed_one():
     for checkpoint in (gradient, _checkpoint(None, "adamw")):  # (older: gradient, the only one)
         resumed = resolve_optimisation(cfg, checkpoint)
         assert (resumed.denoise_target, resumed.optimizer) == ("gradient", "adamw")
-    resumed = resolve_optimisation(cfg, _checkpoint(_cli_cfg("--denoise"), "sgd"))
+    moment = _checkpoint(_cli_cfg("--denoise", "--denoise-target", "moment"), "sgd")
+    resumed = resolve_optimisation(cfg, moment)
     assert (resumed.denoise_target, resumed.optimizer) == ("moment", "sgd")
     # Nothing to resume: a new run's target.
-    assert resolve_optimisation(cfg, None).denoise_target == "moment"
+    assert resolve_optimisation(cfg, None).denoise_target == "gradient"
     # A config dict that names gradient (a log's, a checkpoint's) stays gradient.
     old = TrainConfig(**{**asdict(gradient_run), "checkpoint_dir": "ckpt", "resume": True})
     assert old.denoise_target == "gradient"
@@ -133,6 +163,42 @@ def test_a_resume_without_the_target_continues_the_checkpointed_one():
     # A target given must still be the checkpointed one.
     with pytest.raises(ValueError, match=r"denoise_target='gradient' \(now 'moment'\)"):
         resolve_optimisation(_cli_cfg(*resume, "--denoise-target", "moment"), gradient)
+
+
+def _unrecorded_kappa(checkpoint: dict) -> dict:
+    """``checkpoint`` as written before --kappa was always recorded (left out: it was 1)."""
+    saved = checkpoint["extra"]["config"]["stages"]
+    options = {k: v for k, v in saved["denoise_options"].items() if k != "kappa"}
+    saved["denoise_options"] = options
+    return checkpoint
+
+
+def test_a_resume_without_kappa_continues_the_checkpointed_one():
+    """A run's kappa never changes under it: a resume that leaves --kappa out gets the
+    checkpoint's, and an old checkpoint that did not record it (trained at 1, every target's
+    default then) resumes at 1, not at today's default 0.75 for the gradient."""
+    resume = ["--denoise", "--checkpoint-dir", "ckpt", "--resume"]
+    cfg = _cli_cfg(*resume)
+    assert cfg.denoise_options.get("kappa") is None  # known once the checkpoint is read
+    for trained in (0.75, 1.0, 0.5):
+        run = _cli_cfg("--denoise", "--kappa", trained)
+        resumed = resolve_optimisation(cfg, _checkpoint(run, "adamw"))
+        assert resumed.denoise_options["kappa"] == trained
+    unrecorded = _unrecorded_kappa(_checkpoint(_cli_cfg("--denoise"), "adamw"))
+    assert resolve_optimisation(cfg, unrecorded).denoise_options["kappa"] == 1.0
+    assert resolve_optimisation(_cli_cfg(*resume, "--kappa", 1), unrecorded)
+    unrecorded_moment = _unrecorded_kappa(
+        _checkpoint(_cli_cfg("--denoise", "--denoise-target", "moment"), "sgd")
+    )
+    assert resolve_optimisation(cfg, unrecorded_moment).denoise_options["kappa"] == 1.0
+    # A checkpoint older than the chain's flags (gradient at the op's default, 1).
+    assert resolve_optimisation(cfg, _checkpoint(None, "adamw")).denoise_options["kappa"] == 1.0
+    # Nothing to resume: a new run's default.
+    assert resolve_optimisation(cfg, None).denoise_options["kappa"] == 0.75
+    # Another kappa given is refused, the unrecorded 1 included.
+    for checkpoint in (_checkpoint(_cli_cfg("--denoise", "--kappa", 1), "adamw"), unrecorded):
+        with pytest.raises(ValueError, match=r"'kappa': 1.0.*\(now \{.*'kappa': 0.75"):
+            resolve_optimisation(_cli_cfg(*resume, "--kappa", 0.75), checkpoint)
 
 
 def test_linear_schedule_decays_to_zero_over_the_run():
@@ -200,20 +266,28 @@ def test_a_resume_continues_the_stages_exactly(tiny, tmp_path, flags):  # noqa: 
 
 
 @pytest.mark.parametrize(
-    "flags, resume_flags, target",
+    "flags, resume_flags, target, kappa",
     [
-        # A run of --denoise alone (the moment; --filter-beta is its EMA's decay).
-        (["--denoise", "--filter-beta", 0.8], ["--denoise", "--filter-beta", 0.8], "moment"),
-        # A checkpoint of gradient shrinkage, resumed with --denoise alone: still the gradient.
-        (["--denoise", "--denoise-target", "gradient"], ["--denoise"], "gradient"),
+        # A run of the moment (--filter-beta is its EMA's decay), resumed with the same flags.
+        (
+            ["--denoise", "--denoise-target", "moment", "--filter-beta", 0.8],
+            ["--denoise", "--denoise-target", "moment", "--filter-beta", 0.8],
+            "moment",
+            1.0,
+        ),
+        # A run of --denoise alone, resumed with --denoise alone.
+        (["--denoise"], ["--denoise"], "gradient", 0.75),
+        # A checkpoint of gradient shrinkage at kappa 1, resumed with --denoise alone: still 1.
+        (["--denoise", "--kappa", 1], ["--denoise"], "gradient", 1.0),
     ],
 )
-def test_the_log_and_checkpoint_hold_the_resolved_target(
+def test_the_log_and_checkpoint_hold_the_resolved_target_and_kappa(
     tiny,  # noqa: F811
     tmp_path,
     flags,
     resume_flags,
     target,
+    kappa,
 ):
     from rmt_kernels.dp import checkpoint_extra
 
@@ -228,7 +302,9 @@ def test_the_log_and_checkpoint_hold_the_resolved_target(
     for log in (whole, part, resumed):
         assert log["config"]["denoise_target"] == target
         assert log["config"]["optimizer"] == optimizer
+        assert log["config"]["denoise_options"]["kappa"] == kappa
     assert saved["stages"]["denoise_target"] == target and saved["optimizer"] == optimizer
+    assert saved["stages"]["denoise_options"]["kappa"] == kappa
     for key in ("eval_loss", "accuracy"):
         assert resumed["evals"][-1][key] == whole["evals"][-1][key], key
 
@@ -253,10 +329,7 @@ def test_a_resume_cannot_change_the_stages(tiny, tmp_path, capsys):  # noqa: F81
         (["--lr-schedule", "cosine"], "invalid choice: 'cosine'"),
         (["--denoise-target", "moment"], "--denoise-target moment shrinks with --denoise"),
         (["--filter-beta", "0.5"], "--filter-beta only applies with --filter ema"),
-        (
-            ["--denoise", "--optimizer", "adamw", "--filter-beta", "0.5"],
-            "--filter-beta only applies with --filter ema",
-        ),
+        (["--denoise", "--filter-beta", "0.5"], "--filter-beta only applies with --filter ema"),
         (["--disk-kappa", "0.5", "--filter", "ema"], "--disk-kappa only applies with --filter"),
         (["--filter", "ema", "--filter-beta", "1"], r"--filter-beta must be in \[0, 1\)"),
         (["--dp-adam", "bc", "--optimizer", "adamw"], "--optimizer adamw: with --dp-adam bc"),

@@ -90,9 +90,16 @@ def _add_train(sub) -> None:
     g.add_argument(
         "--denoise",
         action="store_true",
-        help="shrink the noisy 2-D weight gradients' first moment (--denoise-target)",
+        help="shrink the noisy 2-D weight gradients' singular values (each step's, under AdamW, "
+        "by default; --denoise-target)",
     )
-    g.add_argument("--kappa", type=float, help="threshold at kappa x the bulk edge (default 1)")
+    g.add_argument(
+        "--kappa",
+        type=float,
+        help="threshold at kappa x the bulk edge (default: 0.75 for --denoise-target gradient, 1 "
+        "for moment and trajectory, the best measured for each; with --resume the checkpointed "
+        "run's)",
+    )
     g.add_argument("--shrinker", choices=SHRINKERS, help="default frobenius")
     g.add_argument("--norm", choices=NORM_CORRECTIONS, help="norm correction (default none)")
     g.add_argument("--rank", type=int, help="sketch rank (-1: adaptive)")
@@ -116,11 +123,11 @@ def _add_train(sub) -> None:
     g.add_argument(
         "--denoise-target",
         choices=DENOISE_TARGETS,
-        help="what --denoise shrinks: the filtered first moment at its exact noise level (then "
-        "a DP-Adam with beta1 0 and v from the released gradient, applied by plain SGD; the "
-        "default), each step's noisy gradient (the default with --optimizer adamw, the only "
-        "target AdamW composes with), or the accumulated update W_t - W_0 (SGD, constant lr). "
-        "With --resume: the checkpointed run's, unless given",
+        help="what --denoise shrinks: each step's noisy gradient (the default; the only target "
+        "AdamW composes with), the filtered first moment at its exact noise level (then a "
+        "DP-Adam with beta1 0 and v from the released gradient, applied by plain SGD), or the "
+        "accumulated update W_t - W_0 (SGD, constant lr). With --resume: the checkpointed "
+        "run's, unless given",
     )
     g = p.add_argument_group("temporal filter and DP-aware Adam (post-processing)")
     g.add_argument(
@@ -167,8 +174,8 @@ def _add_train(sub) -> None:
         "--optimizer",
         choices=("adamw", "sgd"),
         help="default adamw (sgd when the chain ends in an Adam or trajectory direction: "
-        "--dp-adam plain|bc, --filter disk, --denoise-target moment|trajectory, --denoise "
-        "alone); with --resume the checkpointed run's (it cannot change)",
+        "--dp-adam plain|bc, --filter disk, --denoise-target moment|trajectory); with --resume "
+        "the checkpointed run's (it cannot change)",
     )
     g.add_argument(
         "--weight-decay", type=float, help="default 0; with --resume the checkpointed run's"
@@ -303,12 +310,9 @@ def main(argv: list[str] | None = None) -> int:
         if given:
             parser.error(f"{', '.join(given)} only apply with --denoise")
     if args.command == "train":
-        target = denoise_target(args.denoise, args.optimizer, args.denoise_target)
+        target = denoise_target(args.denoise_target)
         if args.filter_beta is not None and not (args.filter == "ema" or target == "moment"):
-            parser.error(
-                "--filter-beta only applies with --filter ema or --denoise-target moment "
-                "(--denoise's default)"
-            )
+            parser.error("--filter-beta only applies with --filter ema or --denoise-target moment")
         if args.disk_kappa is not None and args.filter != "disk":
             parser.error("--disk-kappa only applies with --filter disk")
     if args.command == "train" and args.steps is not None and args.epochs is not None:

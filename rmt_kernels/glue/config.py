@@ -1,14 +1,15 @@
 """``rmt-glue train``'s options (``TrainConfig``, the ``config`` of the JSON log), their checks
 and defaults, and ``--device``.
 
-``--denoise-target`` left out (``denoise_target`` None) is resolved by
-``rmt_kernels.glue.stages.denoise_target``: ``moment`` with ``--denoise`` (first-moment
-shrinkage, plain SGD underneath), ``gradient`` with ``--denoise --optimizer adamw`` (per-step
-gradient shrinkage, the only target that composes with AdamW) and without ``--denoise``
-(unused). A new run resolves it when the config is made (``TrainConfig.__post_init__``); a resume
-with ``--denoise`` when its checkpoint is read (``rmt_kernels.glue.resume.resolve_optimisation``:
-the checkpointed run's target, ``gradient`` for a checkpoint older than the targets). The log
-and the checkpoints always hold the resolved name.
+``--denoise-target`` and ``--kappa`` left out (None) are resolved by
+``rmt_kernels.glue.stages``: the target is ``gradient`` (``denoise_target``; with ``--denoise``
+each step's noisy gradient is shrunk, under AdamW by default) and kappa the best measured for
+the target (``with_default_kappa``: 0.75 for the gradient, 1 for the moment and the
+trajectory). A new run resolves both when the config is made (``TrainConfig.__post_init__``); a
+resume with ``--denoise`` when its checkpoint is read
+(``rmt_kernels.glue.resume.resolve_optimisation``: the checkpointed run's target and kappa;
+``gradient`` for a checkpoint older than the targets, kappa 1 for one that did not record it).
+The log and the checkpoints always hold the resolved values.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from rmt_kernels.glue.stages import (
     LR_SCHEDULES,
     denoise_target,
     uses_sgd,
+    with_default_kappa,
 )
 from rmt_kernels.glue.tasks import get_task
 
@@ -94,11 +96,15 @@ class TrainConfig:
     resume: bool = False
 
     def __post_init__(self) -> None:
-        # --denoise-target not given: moment with --denoise (gradient with --optimizer adamw),
-        # gradient without (stages.denoise_target). A resume with --denoise continues its
-        # checkpointed run's target, known once the checkpoint is read (resolve_optimisation).
-        if self.denoise_target is None and not (self.resume and self.denoise):
-            self.denoise_target = denoise_target(self.denoise, self.optimizer, None)
+        # --denoise-target and --kappa not given: the defaults (stages.denoise_target,
+        # stages.with_default_kappa). A resume with --denoise continues its checkpointed run's
+        # target and kappa, known once the checkpoint is read (resolve_optimisation).
+        if self.resume and self.denoise:
+            return
+        if self.denoise_target is None:
+            self.denoise_target = denoise_target(None)
+        if self.denoise:
+            self.denoise_options = with_default_kappa(self.denoise_options, self.denoise_target)
 
     def check(self) -> None:
         """Raise ValueError on options that cannot go together (before any data is read).
@@ -110,7 +116,7 @@ class TrainConfig:
         get_task(self.task)
         cfg = self
         if cfg.denoise_target is None:
-            cfg = replace(self, denoise_target=denoise_target(self.denoise, self.optimizer, None))
+            cfg = replace(self, denoise_target=denoise_target(None))
         cfg._check_schedule()
         cfg._check_model()
         cfg._check_privacy()

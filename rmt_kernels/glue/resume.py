@@ -82,19 +82,32 @@ def resolve_optimisation(cfg: TrainConfig, resumed: dict | None) -> TrainConfig:
     checkpoint's) nor the chain's flags (--denoise and its options, --filter, --filter-beta,
     --disk-kappa, --denoise-target, --dp-adam: the stages' states are the checkpoint's) nor
     --lr-schedule; a new --lr or --weight-decay is honoured, and said. A resume with --denoise
-    and no --denoise-target continues the checkpointed run's target (``gradient`` for a
-    checkpoint older than the targets); with nothing to resume it gets a new run's
-    (stages.denoise_target), so the returned config always names its target."""
+    and no --denoise-target (or no --kappa) continues the checkpointed run's target (``gradient``
+    for a checkpoint older than the targets) and kappa (1 for a checkpoint that did not record
+    it: every target's default then); with nothing to resume it gets a new run's
+    (stages.denoise_target, stages.with_default_kappa), so the returned config always names
+    both."""
     old = ((resumed or {}).get("extra") or {}).get("config") or {}
     saved_stages = old.get("stages")
+    if saved_stages is not None and saved_stages.get("denoise"):
+        saved_options = saved_stages.get("denoise_options") or {}
+        if saved_options.get("kappa") is None:
+            saved_stages = {
+                **saved_stages,
+                "denoise_options": {**saved_options, "kappa": stages.UNRECORDED_KAPPA},
+            }
     if cfg.denoise_target is None:  # --resume --denoise without --denoise-target
         checkpointed = None
         if resumed is not None:
             checkpointed = (saved_stages or {}).get("denoise_target", "gradient")
-        cfg = replace(
-            cfg,
-            denoise_target=stages.denoise_target(cfg.denoise, cfg.optimizer, None, checkpointed),
-        )
+        cfg = replace(cfg, denoise_target=stages.denoise_target(None, checkpointed))
+    if cfg.denoise:  # --kappa left out: the checkpointed run's, else a new run's
+        checkpointed = None
+        if resumed is not None:
+            saved_options = (saved_stages or {}).get("denoise_options") or {}
+            checkpointed = saved_options.get("kappa", stages.UNRECORDED_KAPPA)
+        options = stages.with_default_kappa(cfg.denoise_options, cfg.denoise_target, checkpointed)
+        cfg = replace(cfg, denoise_options=options)
     if resumed is not None and saved_stages is not None:
         now = {**stages.flags(cfg), "lr_schedule": cfg.lr_schedule}
         changed = [k for k in now if k in saved_stages and saved_stages[k] != now[k]]
