@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 from bench.efficiency_methods import METHODS, Method, get_method
@@ -39,7 +38,7 @@ from bench.efficiency_report import (
     tuning_table,
 )
 from rmt_kernels.glue.compare import read_log
-from rmt_kernels.glue.config import TrainConfig, denoise_options
+from rmt_kernels.glue.config import TrainConfig, logged_config
 from rmt_kernels.glue.fingerprint import versions
 from rmt_kernels.glue.resume import resolve_optimisation
 from rmt_kernels.glue.train import train
@@ -149,9 +148,8 @@ def _same_run(log: dict, cfg: TrainConfig) -> bool:
     is compared after the same resolution."""
     ignored = ("progress", "output")
     old = {k: v for k, v in log.get("config", {}).items() if k not in ignored}
-    resolved = resolve_optimisation(cfg, None)
-    new = {k: v for k, v in asdict(resolved).items() if k not in ignored}
-    new["denoise_options"] = denoise_options(resolved)
+    new = logged_config(resolve_optimisation(cfg, None))
+    new = {k: v for k, v in new.items() if k not in ignored}
     old_steps = log.get("derived", {}).get("steps")
     done = bool(log.get("evals")) and log["evals"][-1]["step"] == old_steps
     return done and all(old.get(k) == v for k, v in new.items())

@@ -162,17 +162,15 @@ def test_reuse_recognises_a_finished_run_by_its_resolved_config(tmp_path):
     """--reuse keeps a finished log: its config is the one training resolved (optimizer,
     weight decay and kappa filled in), so the comparison resolves too; another lr, another
     kappa, or an unfinished log, is trained again."""
-    from dataclasses import asdict, replace
+    from dataclasses import replace
 
     from bench.sample_efficiency import _same_run, parse_args, run_configs
-    from rmt_kernels.glue.config import denoise_options
+    from rmt_kernels.glue.config import logged_config
     from rmt_kernels.glue.resume import resolve_optimisation
 
     args = parse_args(["--model", "/x/model", "--out", str(tmp_path)])
     for name, _, cfg in run_configs(args):
-        resolved = resolve_optimisation(cfg, None)
-        # As rmt_kernels/glue/train.py writes it.
-        written = {**asdict(resolved), "denoise_options": denoise_options(resolved)}
+        written = logged_config(resolve_optimisation(cfg, None))  # as train() writes it
         assert written["optimizer"] is not None and written["weight_decay"] is not None, name
         log = {"config": written, "derived": {"steps": 100}, "evals": [{"step": 100}]}
         assert _same_run(log, cfg), name

@@ -15,7 +15,7 @@ The log and the checkpoints always hold the resolved values.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
@@ -322,3 +322,9 @@ def denoise_options(cfg: TrainConfig) -> dict | None:
     if not cfg.denoise:
         return None
     return {k: v for k, v in cfg.denoise_options.items() if v is not None}
+
+
+def logged_config(cfg: TrainConfig) -> dict:
+    """``cfg`` as the JSON log's ``config`` holds it: every field, the denoise options as the op
+    receives them (:func:`denoise_options`)."""
+    return {**asdict(cfg), "denoise_options": denoise_options(cfg)}

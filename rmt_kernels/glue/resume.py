@@ -89,23 +89,17 @@ def resolve_optimisation(cfg: TrainConfig, resumed: dict | None) -> TrainConfig:
     both."""
     old = ((resumed or {}).get("extra") or {}).get("config") or {}
     saved_stages = old.get("stages")
-    if saved_stages is not None and saved_stages.get("denoise"):
-        saved_options = saved_stages.get("denoise_options") or {}
-        if saved_options.get("kappa") is None:
-            saved_stages = {
-                **saved_stages,
-                "denoise_options": {**saved_options, "kappa": stages.UNRECORDED_KAPPA},
-            }
+    saved_options = (saved_stages or {}).get("denoise_options") or {}
+    saved_kappa = saved_options.get("kappa", stages.UNRECORDED_KAPPA)
+    if saved_stages is not None and saved_stages.get("denoise"):  # its kappa, recorded or not
+        saved_stages = {**saved_stages, "denoise_options": {**saved_options, "kappa": saved_kappa}}
     if cfg.denoise_target is None:  # --resume --denoise without --denoise-target
         checkpointed = None
         if resumed is not None:
             checkpointed = (saved_stages or {}).get("denoise_target", "gradient")
         cfg = replace(cfg, denoise_target=stages.denoise_target(None, checkpointed))
     if cfg.denoise:  # --kappa left out: the checkpointed run's, else a new run's
-        checkpointed = None
-        if resumed is not None:
-            saved_options = (saved_stages or {}).get("denoise_options") or {}
-            checkpointed = saved_options.get("kappa", stages.UNRECORDED_KAPPA)
+        checkpointed = saved_kappa if resumed is not None else None
         options = stages.with_default_kappa(cfg.denoise_options, cfg.denoise_target, checkpointed)
         cfg = replace(cfg, denoise_options=options)
     if resumed is not None and saved_stages is not None:

@@ -18,13 +18,13 @@ from __future__ import annotations
 import resource
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from rmt_kernels.glue.config import TrainConfig, denoise_options, parse_device
+from rmt_kernels.glue.config import TrainConfig, logged_config, parse_device
 from rmt_kernels.glue.data import Encoded, ExampleIndices, encode, load_split, subset
 from rmt_kernels.glue.distributed import init_distributed, leave_distributed
 from rmt_kernels.glue.evaluation import EVAL_BATCH_FACTOR, evaluate, evaluate_saved
@@ -224,8 +224,7 @@ def _new_log(run: Run, trainable_parameters: int) -> dict:
         "private": run.privacy.private,
         "delta": run.privacy.delta,
         "noise_multiplier": run.privacy.noise_multiplier,
-        # Denoise options as the op receives them (unset ones take the op's defaults).
-        "config": {**asdict(cfg), "denoise_options": denoise_options(cfg)},
+        "config": logged_config(cfg),
         "derived": {
             "train_examples": len(run.train_data),
             "eval_examples": len(run.eval_data),
