@@ -28,13 +28,16 @@ change. :func:`post_process` is the stage itself.
 
 The one that exists today is :class:`Denoiser` (singular-value shrinkage of the 2-D gradients,
 :func:`rmt_kernels.denoise_warm`, warm-started from each matrix's basis of the step before; or
-:func:`rmt_kernels.denoise` with ``warm_start=False``). Its options are validated in one place,
+:func:`rmt_kernels.denoise` with ``warm_start=False``; with ``passthrough_below_edge`` only the
+matrices whose released spectrum shows a component above the noise, see
+:func:`detection_threshold`). Its options are validated in one place,
 :func:`check_denoise_options`, for both engines.
 """
 
 from __future__ import annotations
 
 import inspect
+import math
 import numbers
 import warnings
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
@@ -49,13 +52,16 @@ from rmt_kernels._checks import SEED_LIMIT, check_denoise_arguments
 __all__ = [
     "DENOISE_OPTIONS",
     "MIN_DENOISE_DIM",
+    "PASSTHROUGH_TW_QUANTILE",
     "DenoiseFilter",
     "DenoiseOptionError",
     "Denoiser",
     "PostProcessor",
     "check_denoise_options",
     "denoise_linear_weights",
+    "detection_threshold",
     "post_process",
+    "top_singular_value",
 ]
 
 Key = Hashable
@@ -68,9 +74,11 @@ MIN_DENOISE_DIM = 32
 
 # Every option of ``denoise=``: the keyword options of rmt_kernels.denoise (read from its
 # signature, so the two never drift) with their defaults, plus two that are not op options:
-# ``min_dim`` (matrices whose smaller side is below it are left alone, see MIN_DENOISE_DIM) and
+# ``min_dim`` (matrices whose smaller side is below it are left alone, see MIN_DENOISE_DIM),
 # ``warm_start`` (start each matrix's range finder from its basis of the step before,
-# rmt_kernels.denoise_warm: a gradient's subspace moves slowly, so one pass usually settles it).
+# rmt_kernels.denoise_warm: a gradient's subspace moves slowly, so one pass usually settles it)
+# and ``passthrough_below_edge`` (shrink a matrix only while its released spectrum shows a
+# component above the noise; pass it through unchanged otherwise: see detection_threshold).
 DENOISE_OPTIONS: dict[str, Any] = {
     name: parameter.default
     for name, parameter in inspect.signature(ops.denoise).parameters.items()
@@ -78,10 +86,23 @@ DENOISE_OPTIONS: dict[str, Any] = {
 }
 DENOISE_OPTIONS["min_dim"] = MIN_DENOISE_DIM
 DENOISE_OPTIONS["warm_start"] = True
+DENOISE_OPTIONS["passthrough_below_edge"] = False
 INT_OPTIONS = ("seed", "rank", "oversample", "niter", "min_dim")
-BOOL_OPTIONS = ("warm_start",)
+BOOL_OPTIONS = ("warm_start", "passthrough_below_edge")
 # The options that are the Denoiser's own, never passed to the op.
-NOT_OP_OPTIONS = ("min_dim", "warm_start")
+NOT_OP_OPTIONS = ("min_dim", "warm_start", "passthrough_below_edge")
+
+# The Tracy-Widom (beta = 1) quantile above which ``passthrough_below_edge`` calls a matrix's top
+# singular value a detection. For an m x n matrix of i.i.d. N(0, s^2) entries, (lambda - mu) /
+# scale of its top eigenvalue lambda = top singular value^2 / s^2 tends to TW1 with mu =
+# (sqrt(m - 1/2) + sqrt(n - 1/2))^2 (Johnstone 2001, with Ma 2012's half-unit centring;
+# measured here at 64 x 32 to 1536 x 384: mean -1.2, sd 1.2-1.3, as TW1's -1.21 and 1.27).
+# TW1's upper tail is about exp(-(2/3) t^(3/2)) / (4 sqrt(pi) t^(3/4)), 1.4e-7 at t = 7: pure
+# noise is shrunk by mistake about once in 7 million matrix-steps (a MiniLM run of 60 steps has
+# 2,160). The margin this adds to the bulk edge is 4.0% at 384 x 384 and 2.5% at 384 x 1536: a
+# component of the clean gradient is detected once its singular value is a little above the BBP
+# transition s (m n)^(1/4), where the noisy top value leaves the bulk.
+PASSTHROUGH_TW_QUANTILE = 7.0
 
 
 class DenoiseOptionError(TypeError, ValueError):
@@ -240,6 +261,39 @@ def post_process(
     return grads
 
 
+def detection_threshold(m: int, n: int, sigma: float) -> float:
+    """The singular value above which an m x n matrix's released spectrum shows a component
+    above the noise: the top singular value of an m x n matrix of i.i.d. N(0, sigma^2) entries
+    exceeds it with probability about 1.4e-7 (:data:`PASSTHROUGH_TW_QUANTILE`).
+
+    It is the bulk edge ``sigma (sqrt(m) + sqrt(n))`` (with Johnstone's half-unit centring) plus
+    a Tracy-Widom margin: with ``a = sqrt(m - 1/2)``, ``b = sqrt(n - 1/2)``, the squared top
+    singular value of pure noise over ``sigma^2`` is about ``(a + b)^2 + (a + b) (1/a +
+    1/b)^(1/3) TW1``; the threshold puts TW1 at its quantile :data:`PASSTHROUGH_TW_QUANTILE`. A
+    function of the shape and the public ``sigma`` alone.
+
+    Raises:
+        ValueError: ``m`` or ``n`` below 1, or ``sigma`` not a finite number > 0.
+    """
+    if m < 1 or n < 1:
+        raise ValueError(f"detection_threshold: m and n must be >= 1, got {m} x {n}")
+    if not (sigma > 0 and math.isfinite(sigma)):
+        raise ValueError(f"detection_threshold: sigma must be a finite number > 0, got {sigma}")
+    a, b = math.sqrt(m - 0.5), math.sqrt(n - 0.5)
+    centre, scale = (a + b) ** 2, (a + b) * (1 / a + 1 / b) ** (1 / 3)
+    return sigma * math.sqrt(centre + scale * PASSTHROUGH_TW_QUANTILE)
+
+
+def top_singular_value(grad: torch.Tensor) -> float:
+    """The largest singular value of a 2-D ``grad`` (in float32; NaN if it is not finite)."""
+    g = grad.detach().float()
+    if not bool(torch.isfinite(g).all()):
+        return math.nan
+    # LAPACK's SVD of a tall matrix is about 3x faster than of its wide transpose on the CPU.
+    g = g if g.shape[0] >= g.shape[1] else g.T
+    return float(torch.linalg.matrix_norm(g, ord=2))
+
+
 class Denoiser(PostProcessor):
     """Singular-value shrinkage of the noisy 2-D gradients, warm-started across steps.
 
@@ -266,6 +320,19 @@ class Denoiser(PostProcessor):
     ``seed + step``: a component the sketch misses in one step is not missed in every step, and
     the sequence is reproducible from public numbers.
 
+    Passthrough (option ``passthrough_below_edge``, off by default): at each step, a selected
+    matrix is shrunk only if its top singular value exceeds :func:`detection_threshold` (the
+    bulk edge plus a Tracy-Widom margin: a component stands above the noise); otherwise it is
+    passed on unchanged (the same tensor: bit-identical to not denoising it). Kappa-1 shrinkage
+    of a matrix with nothing above the edge returns zero, and a run of zeros starves AdamW's
+    second moment v, so that the first component to appear takes a step of about one learning
+    rate per entry in one coherent direction (what made per-step shrinkage at kappa 1 collapse
+    on SST-2). Passed through, such a matrix is a plain DP-Adam step, v keeps the noise's scale,
+    and a matrix that is shrunk is never zeroed (it has a component above the edge). The
+    decision reads the released matrix and the public ``sigma`` only: post-processing. A matrix
+    with NaN or Inf entries goes to the op, which refuses it as without the option. A matrix
+    passed through keeps no warm-start basis (it starts cold when it is next shrunk).
+
     Set ``record_stats`` before a step to keep, for :meth:`take_stats`, each denoised matrix, its
     noisy norm and (warm starts) the passes the range finder took (cheap; the SVDs wait for the
     call).
@@ -285,9 +352,17 @@ class Denoiser(PostProcessor):
         self.options: dict[str, Any] = check_denoise_options(options or {}) or {}
         self.min_dim: int = int(self.options.get("min_dim", MIN_DENOISE_DIM))
         self.warm_start: bool = bool(self.options.get("warm_start", DENOISE_OPTIONS["warm_start"]))
+        #: Shrink only the matrices whose released spectrum shows a component above the noise.
+        self.passthrough: bool = bool(self.options.get("passthrough_below_edge", False))
         self.keys: frozenset[Key] | None = None if keys is None else frozenset(keys)
         self.record_stats = False
-        self._recorded: list[tuple[Key, float, torch.Tensor, torch.Tensor | None]] = []
+        # (key, noisy norm, output, passes, shrunk) of each selected matrix at the recorded step.
+        self._recorded: list[tuple[Key, float, torch.Tensor, torch.Tensor | None, bool]] = []
+        # Passthrough telemetry (cheap, every step): by key, the top singular value over the
+        # detection threshold at the last step, and [steps shrunk, steps seen] since the last
+        # take_stats.
+        self._top_ratio: dict[Key, float] = {}
+        self._counts: dict[Key, list[int]] = {}
         # Warm-start state: by key, the basis denoise_warm returned at the last step that
         # denoised anything, and the shape of the gradient it came from.
         self._bases: dict[Key, torch.Tensor] = {}
@@ -324,6 +399,7 @@ class Denoiser(PostProcessor):
         keys = self.selected(grads)
         if not keys:
             return grads
+        shrunk = self._detected(grads, sigma, keys) if self.passthrough else keys
         options = {k: v for k, v in self.options.items() if k not in (*NOT_OP_OPTIONS, "rank")}
         options["seed"] = (options.get("seed", DENOISE_OPTIONS["seed"]) + step) % SEED_LIMIT
         rank = int(self.options.get("rank", DENOISE_OPTIONS["rank"]))
@@ -331,7 +407,7 @@ class Denoiser(PostProcessor):
         passes: dict[Key, torch.Tensor] = {}
         if self.warm_start:
             bases, shapes = {}, {}
-            for k in keys:
+            for k in shrunk:
                 g = grads[k]
                 # Looked up on the module at call time (tests spy on it there).
                 out[k], bases[k], passes[k] = ops.denoise_warm(
@@ -341,7 +417,7 @@ class Denoiser(PostProcessor):
             self._bases, self._shapes = bases, shapes
         else:
             groups: dict[int, list[Key]] = {}
-            for k in keys:
+            for k in shrunk:
                 groups.setdefault(_capped(rank, grads[k]), []).append(k)
             for group_rank, group in groups.items():
                 estimates = ops.denoise_many(
@@ -350,16 +426,38 @@ class Denoiser(PostProcessor):
                 for k, estimate in zip(group, estimates, strict=True):
                     out[k] = estimate
         if self.record_stats:
+            shrunk_keys = set(shrunk)
             self._recorded = [
                 (
                     k,
                     float(torch.linalg.vector_norm(grads[k])),
                     out[k].detach().clone(),
                     passes.get(k),
+                    k in shrunk_keys,
                 )
                 for k in keys
             ]
         return out
+
+    def _detected(
+        self, grads: Mapping[Key, torch.Tensor], sigma: float, keys: Sequence[Key]
+    ) -> list[Key]:
+        """The keys whose released matrix has a singular value above
+        :func:`detection_threshold` (or a NaN or Inf entry, for the op to refuse), in order;
+        counts the decisions for :meth:`take_stats`."""
+        detected = []
+        for k in keys:
+            g = grads[k]
+            top = top_singular_value(g)
+            ratio = top / detection_threshold(int(g.shape[0]), int(g.shape[1]), sigma)
+            shrink = not ratio <= 1.0  # NaN: not finite, shrunk so that the op refuses it
+            if shrink:
+                detected.append(k)
+            self._top_ratio[k] = ratio
+            counts = self._counts.setdefault(k, [0, 0])
+            counts[0] += int(shrink)
+            counts[1] += 1
+        return detected
 
     def _start_basis(self, key: Key, grad: torch.Tensor) -> torch.Tensor | None:
         """The basis to start ``key``'s range finder from: last step's, on ``grad``'s device,
@@ -380,10 +478,27 @@ class Denoiser(PostProcessor):
         """Per matrix denoised at the last step run with ``record_stats`` set: the kept rank,
         ||denoised|| / ||noisy|| (post-processing of the noisy gradient only) and, with warm
         starts, ``passes``: the passes over the matrix its range finder took (1 when last
-        step's basis settled it at once). Empty if nothing was recorded; forgets what it
-        returns."""
+        step's basis settled it at once). With ``passthrough_below_edge`` also
+        ``passthrough`` (True: passed on unchanged at that step, rank min(m, n), ratio 1),
+        ``top_ratio`` (its top singular value over :func:`detection_threshold`) and
+        ``shrunk_steps`` of ``steps``: how many of the steps since the last call shrank it
+        (every step's decision, not only the recorded one's). Empty if nothing was recorded;
+        forgets what it returns."""
         stats = {}
-        for key, noisy_norm, g, passes in self._recorded:
+        for key, noisy_norm, g, passes, shrunk in self._recorded:
+            if self.passthrough:
+                counts = self._counts.get(key, [0, 0])
+                extra = {
+                    "passthrough": not shrunk,
+                    "top_ratio": self._top_ratio[key],
+                    "shrunk_steps": counts[0],
+                    "steps": counts[1],
+                }
+                if not shrunk:
+                    stats[key] = {"rank": min(g.shape), "norm_ratio": 1.0, **extra}
+                    continue
+            else:
+                extra = {}
             values = torch.linalg.svdvals(g.float())
             top = float(values.max()) if values.numel() else 0.0
             # The op reconstructs only the kept components; the other values are rounding.
@@ -396,7 +511,9 @@ class Denoiser(PostProcessor):
             }
             if passes is not None:
                 stats[key]["passes"] = int(passes)
+            stats[key].update(extra)
         self._recorded = []
+        self._counts = {}
         return stats
 
     def state_dict(self) -> dict[str, Any]:

@@ -121,6 +121,14 @@ def _add_train(sub) -> None:
         help="leave matrices whose smaller side is below this alone (default 32: heads)",
     )
     g.add_argument(
+        "--denoise-passthrough",
+        action="store_true",
+        default=None,
+        help="shrink a matrix only at the steps where its released spectrum shows a component "
+        "above the noise (top singular value above the bulk edge plus a Tracy-Widom margin); "
+        "pass it through unchanged otherwise (never a zeroed matrix)",
+    )
+    g.add_argument(
         "--denoise-target",
         choices=DENOISE_TARGETS,
         help="what --denoise shrinks: each step's noisy gradient (the default; the only target "
@@ -281,6 +289,7 @@ def _train_config(args: argparse.Namespace):
             "niter": args.niter,
             "min_dim": args.min_dim,
             "warm_start": args.warm_start,
+            "passthrough_below_edge": args.denoise_passthrough,
         },
         filter=args.filter,
         filter_beta=DEFAULT_FILTER_BETA if args.filter_beta is None else args.filter_beta,
@@ -304,7 +313,16 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``rmt-glue``; returns the exit code (2 for a user's error)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    denoise_flags = ("kappa", "shrinker", "norm", "rank", "niter", "min_dim", "warm_start")
+    denoise_flags = (
+        "kappa",
+        "shrinker",
+        "norm",
+        "rank",
+        "niter",
+        "min_dim",
+        "warm_start",
+        "denoise_passthrough",
+    )
     if args.command == "train" and not args.denoise:
         given = [f"--{k.replace('_', '-')}" for k in denoise_flags if getattr(args, k) is not None]
         if given:
