@@ -175,8 +175,10 @@ def test_poisson_sampler_shards_cover_the_dataset_and_resume_exactly():
     it = iter(s)
     head = [next(it) for _ in range(3)]
     state = s.state_dict()
-    resumed = sampler(1)
-    resumed.generator.manual_seed(999)  # overwritten by the state
+    # Another key, overwritten by the state's (a public sampler's state holds its key).
+    resumed = PoissonSampler(
+        num_samples=50, sample_rate=0.3, steps=8, rank=1, world_size=2, key=999
+    )
     resumed.load_state_dict(state)
     assert head + list(resumed) == whole
     # The epoch after: as an uninterrupted sampler's second epoch.

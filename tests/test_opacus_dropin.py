@@ -367,8 +367,14 @@ def test_accountant_counts_steps_like_opacus(spy):
 
 
 def test_engine_without_denoise_returns_opacus_optimizer():
-    _, opt = _engine_run(DenoisingPrivacyEngine, steps=1)
+    # With a caller's noise_generator (Opacus's noise path): exactly Opacus's class. Without
+    # one: its twin, which only draws Philox noise keyed from the OS (tests/test_secrets.py).
+    generator = torch.Generator().manual_seed(0)
+    with pytest.warns(UserWarning, match="private only if that generator's seed is secret"):
+        _, opt = _engine_run(DenoisingPrivacyEngine, steps=1, noise_generator=generator)
     assert type(opt) is DPOptimizer
+    _, opt = _engine_run(DenoisingPrivacyEngine, steps=1)
+    assert type(opt) is DenoisingDPOptimizer and opt.post_processors == []
 
 
 def test_make_private_with_epsilon(spy):

@@ -16,11 +16,14 @@ the file. Written atomically: a temporary file
 in the same folder, fsync, ``os.replace``, fsync of the folder, so a crash leaves the previous
 checkpoint or the new one, never half of one.
 
-A secret noise seed (the default: drawn from the OS) is never written, nor, in secure mode, the
-sampler's generator state; only a seed the caller gave (``make_private(seed=N)``: reproducible,
-not private) is. A resumed run with a secret seed draws a fresh one from the OS; that is safe
-because the noise key is (seed, step, parameter): with a new seed no key of the crashed run is
-reused, and the steps it lost are counted (below).
+A secret noise seed (the default: drawn from the OS) is never written, nor a secret sampling
+key (drawn from the OS unless the loader's generator keys a run with a public seed): the
+sampler's entry holds its position, and its key only when the caller chose it. Only a seed the
+caller gave (``make_private(seed=N)``: reproducible, not private) is written. A resumed run
+with a secret seed draws a fresh one from the OS; that is safe because the noise key is (seed,
+step, parameter): with a new seed no key of the crashed run is reused, and the steps it lost
+are counted (below). A resumed secret sampler continues its position with a fresh key: fresh,
+independent batches, and the lost steps are charged.
 
 The privacy ledger (``<checkpoint>.ledger``, rank 0 writes it). Before the data of logical step
 k touches the model (its first forward, or the noise-only step of an empty batch) one line
@@ -36,8 +39,9 @@ touched data. The resumed run then skips counting a step whose (step, seed_id) p
 ledger: with the same seed and the same sampler position it draws the same batch and the same
 noise, so it releases the same mechanism output again, which costs nothing; an uninterrupted run
 and a crashed-and-resumed one end at the same epsilon. A resume that cannot replay (secure
-mode's fresh seed, or a data loader whose position was not restored, for which the seed is
-re-keyed so that no noise is reused on other data) counts the lost steps in addition.
+mode's fresh seed, a secret sampling key, or a data loader whose position was not restored,
+for which the seed is re-keyed so that no noise is reused on other data) counts the lost
+steps in addition.
 
 Free replay only on the same data. The replay argument assumes the resumed run recomputes the
 lost steps exactly: same data, same preprocessing, same code path. Releasing the same noise on
@@ -45,7 +49,7 @@ other data (a smaller max length, another training subset, another dataset of th
 would publish the noise-free difference of the two steps. So a free replay needs ALL of:
 
 - the noise seed is in the checkpoint (a public seed: a secret one is never written);
-- the data loader is given and its sampling position restored;
+- the data loader is given and its sampling position and (public) key restored;
 - the data fingerprint saved with the checkpoint is verifiable and equal to the resumed run's: a
   SHA-256 of the loader's dataset when it is a ``TensorDataset`` (or a ``Subset`` of one: dtypes,
   shapes and bytes of every tensor, the subset's indices) and/or the caller's ``data_fingerprint``
@@ -373,7 +377,9 @@ def save_checkpoint(
         "rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
     }
-    if data_loader is not None and not engine.secure_mode:
+    if data_loader is not None:
+        # The position always; the sampling key only when it is public (a secret sampler's
+        # state_dict holds nothing that determines its key, in secure mode or not).
         local["sampler"] = _sampler(data_loader).state_dict()
     ranks = _gather(local, engine)
     if engine.rank == 0:
@@ -510,15 +516,22 @@ def checkpoint_extra(path: str | os.PathLike) -> dict | None:
     return {"steps": int(state["engine"]["steps"]), "extra": state["extra"]}
 
 
-def _replay_blockers(saved_seed, sampler_restored: bool, saved_data, current_data) -> list[str]:
-    """Why the lost steps cannot be replayed for free (empty: they can; module docstring)."""
+def _replay_blockers(saved_seed, saved_sampler, saved_data, current_data) -> list[str]:
+    """Why the lost steps cannot be replayed for free (empty: they can; module docstring).
+
+    ``saved_sampler``: the sampler state restored into this run's loader (None: none was)."""
     blockers = []
     if saved_seed is None:
         blockers.append(
             "the noise seed is secret (drawn from the OS, never written), so a fresh one was drawn"
         )
-    if not sampler_restored:
+    if saved_sampler is None:
         blockers.append("the data loader's sampling position was not restored")
+    elif not distributed.PoissonSampler.restores_batches(saved_sampler):
+        blockers.append(
+            "the sampling key is secret (drawn from the OS, never written), so the lost steps' "
+            "batches cannot be drawn again"
+        )
     if saved_data is None or current_data is None:
         blockers.append(
             "the training data cannot be verified (the checkpoint or this run has neither a "
@@ -576,11 +589,11 @@ def load_checkpoint(
             "privacy spent cannot be established"
         )
     mine = state["ranks"][engine.rank]
-    sampler_restored = data_loader is not None and mine["sampler"] is not None
+    saved_sampler = mine["sampler"] if data_loader is not None else None
     # Every rank decides on its own data; one blocker on any rank re-keys them all (the ranks
     # must agree on the noise key).
     blockers = _replay_blockers(
-        saved["seed"], sampler_restored, _saved_data(path, state), current_data
+        saved["seed"], saved_sampler, _saved_data(path, state), current_data
     )
     blockers = sorted({b for rank in _gather(blockers, engine) for b in rank})
     # The engine first: it refuses post-processor states that are not its own before anything
@@ -594,8 +607,8 @@ def load_checkpoint(
     torch.set_rng_state(mine["rng"])
     if mine["cuda_rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(mine["cuda_rng"])
-    if sampler_restored:
-        _sampler(data_loader).load_state_dict(mine["sampler"])
+    if saved_sampler is not None:
+        _sampler(data_loader).load_state_dict(saved_sampler)
     if saved["seed"] is not None and blockers:
         # Other data (or an unknown position) under the same noise would publish the
         # noise-free difference of the two steps: re-key, so no noise is ever reused.

@@ -15,7 +15,8 @@ rank's examples from it would be only ``sigma * C * sqrt((W - 1) / W)``.
 
 Sampling (:class:`PoissonSampler`): every example of the dataset is in the logical batch with
 probability ``sample_rate`` (the GLOBAL rate the accountant sees): the dataset is split into
-``world_size`` shards and each rank Poisson-samples its shard with an independent generator.
+``world_size`` shards and each rank Poisson-samples its shard from its own keyed stream (a
+128-bit key from the OS unless the run is explicitly public).
 Unlike Opacus's ``DistributedUniformWithReplacementSampler`` it yields empty local batches too:
 skipping one would put the ranks out of step (each logical step is one collective) and reveal
 that the batch was empty.
@@ -27,6 +28,7 @@ import hashlib
 import secrets
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -115,11 +117,24 @@ def all_reduce_sums(
     return out  # type: ignore[return-value]
 
 
+# Bits of an OS-drawn sampling key. numpy's Philox4x64 takes a 128-bit key and uses all of it
+# (torch's CPU generator, mt19937, keeps only the low 32 bits of its seed: a secret drawn for
+# it would have 32 bits of entropy, and batch membership would be recoverable by search).
+SAMPLING_KEY_BITS = 128
+
+
 def rank_seed(base: int, rank: int) -> int:
-    """A 63-bit generator seed for ``rank`` from a shared ``base``: distinct ranks get
-    independent sampling streams even when every rank was given the same base seed."""
+    """A 128-bit sampling key for ``rank`` from a shared ``base``: distinct ranks get
+    independent sampling streams even when every rank was given the same base."""
     digest = hashlib.sha256(f"rmt-sampler:{base}:{rank}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
+    return int.from_bytes(digest[:16], "little")
+
+
+def key_from_generator(generator: torch.Generator) -> int:
+    """A 128-bit sampling key drawn from a caller's ``generator`` (a public, reproducible key:
+    the generator's own seed determines it)."""
+    words = torch.randint(0, 2**32, (4,), generator=generator, dtype=torch.int64).tolist()
+    return sum(int(w) << (32 * i) for i, w in enumerate(words))
 
 
 class PoissonSampler(torch.utils.data.Sampler):
@@ -127,17 +142,29 @@ class PoissonSampler(torch.utils.data.Sampler):
 
     Each ``__iter__`` is an epoch of ``steps`` batches (default ``1 / sample_rate``); batch b of
     an epoch holds each index of this rank's shard independently with probability
-    ``sample_rate``, and may be empty. :meth:`state_dict` gives the position (epoch, batches
-    drawn, generator state) so a resumed run draws exactly the batches an uninterrupted one would.
+    ``sample_rate``, and may be empty.
+
+    The uniforms of a batch are a pure function of (key, rank, epoch, position): numpy's
+    Philox4x64 keyed by the 128-bit ``key`` with the counter (0, rank, position, epoch), so no
+    two batches share a counter and a resume needs no generator state. A secret key (the
+    default: drawn from the OS) is never in :meth:`state_dict` nor in a pickle; a resumed secret
+    sampler continues the position with a fresh key, so it cannot redraw the batches drawn
+    before (``restores_batches(state)`` is False for its state).
 
     Args:
         num_samples: dataset size (all ranks together).
         sample_rate: probability that an example is in a logical batch (the global rate).
+        steps: batches per epoch (default ``int(1 / sample_rate)``, as Opacus).
         rank, world_size: this rank's shard is ``indices[rank::world_size]`` of a permutation
             (the identity for one process) fixed by ``shuffle_seed + epoch``, the same on every
             rank.
-        generator: the sampling randomness of this rank (must differ across ranks); None draws a
-            seed from the OS.
+        key: a public sampling key in [0, 2^128) (reproducible batches; written in
+            :meth:`state_dict`), or None.
+        generator: a caller's torch generator to draw a public key from (e.g. the data
+            loader's, for a reproducible run), or None.
+        shuffle_seed: the public seed of the shard permutation.
+
+    With neither ``key`` nor ``generator``, the key is drawn from the OS (secret).
     """
 
     def __init__(
@@ -148,6 +175,7 @@ class PoissonSampler(torch.utils.data.Sampler):
         steps: int | None = None,
         rank: int = 0,
         world_size: int = 1,
+        key: int | None = None,
         generator: torch.Generator | None = None,
         shuffle_seed: int = 0,
     ) -> None:
@@ -157,19 +185,36 @@ class PoissonSampler(torch.utils.data.Sampler):
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size = {world_size}), got {rank}")
+        if key is not None and generator is not None:
+            raise ValueError("PoissonSampler: give key or generator, not both")
+        if generator is not None:
+            key = key_from_generator(generator)
         self.num_samples = num_samples
         self.sample_rate = float(sample_rate)
         self.steps = int(steps) if steps is not None else int(1 / sample_rate)
         self.rank, self.world_size = rank, world_size
-        if generator is None:
-            generator = torch.Generator().manual_seed(secrets.randbits(63))
-        self.generator = generator
+        # Whether the key came from the OS: then nothing that determines it is ever written.
+        self.secret = key is None
+        self._key = _check_key(key) if key is not None else secrets.randbits(SAMPLING_KEY_BITS)
         self.shuffle_seed = shuffle_seed
         self.epoch = 0
         self.position = 0  # batches of the current epoch handed out so far
 
     def __len__(self) -> int:
         return self.steps
+
+    def __getstate__(self) -> dict:
+        # A pickle (torch.save of the loader, a deepcopy) must not carry a secret key: the
+        # copy gets a fresh one from the OS in __setstate__ (a new, independent stream).
+        state = dict(self.__dict__)
+        if self.secret:
+            state["_key"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        if self._key is None:
+            self._key = secrets.randbits(SAMPLING_KEY_BITS)
 
     def _shard(self) -> torch.Tensor:
         if self.world_size == 1:
@@ -178,12 +223,18 @@ class PoissonSampler(torch.utils.data.Sampler):
         order = torch.randperm(self.num_samples, generator=shuffle)
         return order[self.rank :: self.world_size]
 
+    def _mask(self, count: int) -> torch.Tensor:
+        """Membership of the current batch: ``count`` uniforms of the batch's own counter."""
+        counter = [0, self.rank, self.position, self.epoch]
+        uniforms = np.random.Generator(np.random.Philox(key=self._key, counter=counter))
+        return torch.from_numpy(uniforms.random(count) < self.sample_rate)
+
     def __iter__(self) -> Iterator[list[int]]:
         if self.position >= self.steps:
             self.epoch, self.position = self.epoch + 1, 0
         shard = self._shard()
         while self.position < self.steps:
-            mask = torch.rand(len(shard), generator=self.generator) < self.sample_rate
+            mask = self._mask(len(shard))
             # Counted before the yield: after the consumer receives batch b, the state is
             # "b + 1 batches drawn", which is what a checkpoint taken after its step must record.
             self.position += 1
@@ -191,24 +242,41 @@ class PoissonSampler(torch.utils.data.Sampler):
         self.epoch, self.position = self.epoch + 1, 0
 
     def state_dict(self) -> dict:
-        """Position and generator state (a checkpoint's data-loader entry)."""
+        """Position, shard and, for a public sampler only, the key (a checkpoint's data-loader
+        entry). A secret sampler's state holds nothing that determines its key."""
         return {
             "epoch": self.epoch,
             "position": self.position,
-            "generator": self.generator.get_state(),
+            "key": None if self.secret else self._key,
             "rank": self.rank,
             "world_size": self.world_size,
         }
 
+    @staticmethod
+    def restores_batches(state: dict) -> bool:
+        """Whether loading ``state`` makes the sampler redraw the batches the saved one drew
+        (only a public key is saved; a state of an older format holds no key either)."""
+        return state.get("key") is not None
+
     def load_state_dict(self, state: dict) -> None:
-        """Continue from a :meth:`state_dict` (the next ``__iter__`` resumes mid-epoch)."""
+        """Continue from a :meth:`state_dict` (the next ``__iter__`` resumes mid-epoch); a
+        public key is adopted, a secret sampler's state keeps this sampler's own key."""
         if (state["rank"], state["world_size"]) != (self.rank, self.world_size):
             raise ValueError(
                 f"sampler state of rank {state['rank']}/{state['world_size']} loaded into rank "
                 f"{self.rank}/{self.world_size}"
             )
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
-        self.generator.set_state(state["generator"])
+        if self.restores_batches(state):
+            self._key, self.secret = _check_key(state["key"]), False
+
+
+def _check_key(key) -> int:
+    if not isinstance(key, int) or isinstance(key, bool):
+        raise TypeError(f"PoissonSampler: key must be an int, got {type(key).__name__}")
+    if not 0 <= key < 2**SAMPLING_KEY_BITS:
+        raise ValueError(f"PoissonSampler: key must be in [0, 2**{SAMPLING_KEY_BITS}), got {key}")
+    return key
 
 
 def poisson_loader(
@@ -222,8 +290,9 @@ def poisson_loader(
     """A loader over ``data_loader``'s dataset with a :class:`PoissonSampler` (this rank's shard)
     and Opacus's collate that shapes empty batches.
 
-    The sampler's seed comes from ``data_loader.generator`` (reproducible runs) mixed with the
-    rank, or from the OS when there is none or in secure mode.
+    The sampler's key comes from ``data_loader.generator`` (reproducible runs, public) mixed
+    with the rank, or from the OS (128 bits, each rank its own) when there is none or in secure
+    mode.
     """
     from opacus.data_loader import dtype_safe, shape_safe, wrap_collate_with_empty
     from torch.utils.data import DataLoader, IterableDataset, default_collate
@@ -231,16 +300,14 @@ def poisson_loader(
     dataset = data_loader.dataset
     if isinstance(dataset, IterableDataset):
         raise ValueError("data_loader: Poisson sampling needs a map-style dataset, not iterable")
-    if data_loader.generator is not None and not secure_mode:
-        base = int(torch.randint(0, 2**62, (1,), generator=data_loader.generator))
-    else:
-        base = secrets.randbits(62)
+    public = data_loader.generator is not None and not secure_mode
+    base = key_from_generator(data_loader.generator) if public else None
     sampler = PoissonSampler(
         num_samples=len(dataset),
         sample_rate=sample_rate,
         rank=rank,
         world_size=world_size,
-        generator=torch.Generator().manual_seed(rank_seed(base, rank)),
+        key=rank_seed(base, rank) if public else None,
     )
     first = dataset[0]
     collate = wrap_collate_with_empty(
@@ -254,7 +321,19 @@ def poisson_loader(
         collate_fn=collate,
         num_workers=data_loader.num_workers,
         pin_memory=data_loader.pin_memory,
-        # Each iter() draws a worker seed from this generator; without one it would draw from
-        # the global RNG and shift dropout's stream, so a resumed run would not replay exactly.
-        generator=torch.Generator().manual_seed(rank_seed(base, world_size + rank)),
+        generator=worker_seed_generator(
+            None if base is None else rank_seed(base, world_size + rank)
+        ),
     )
+
+
+def worker_seed_generator(seed: int | None) -> torch.Generator:
+    """The generator a Poisson loader draws its worker seeds from at each ``iter()``.
+
+    Without one the DataLoader would draw from the global RNG and shift dropout's stream, so a
+    resumed run would not replay exactly. It seeds only the workers' own randomness (e.g. data
+    augmentation, which is part of each example's gradient), never which examples form a batch
+    nor the noise, so it is no privacy secret; mt19937 keeps the low 32 bits of ``seed``.
+    ``seed`` None: one from the OS.
+    """
+    return torch.Generator().manual_seed((secrets.randbits(64) if seed is None else seed) % 2**64)

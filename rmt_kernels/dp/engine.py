@@ -148,7 +148,9 @@ class PrivateEngine:
         # In secure mode it is also never stored anywhere a log or checkpoint could show it.
         self.noise_seed_is_secret = seed is None
         if seed is None:
-            seed = secrets.randbits(62)
+            # All 63 bits the ops' signed 64-bit Philox key can hold (the noise stream uses every
+            # key bit: 2^63 candidates to search, unlike a torch generator's 2^32).
+            seed = secrets.randbits(63)
         self.process_group = process_group
         self.rank, self.world_size = distributed.world(process_group)
         # Every rank must draw the same noise (only rank 0 adds it, but a resumed or replayed

@@ -8,7 +8,6 @@ batch holds.
 
 from __future__ import annotations
 
-import secrets
 import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -80,11 +79,12 @@ def denoising_privacy_engine():
     return DenoisingPrivacyEngine
 
 
-def sampling_generator(cfg: TrainConfig) -> torch.Generator:
-    """The loader's generator: ``--seed`` orders the data only without DP or with a public
-    ``--noise-seed``; otherwise the batches are drawn from a secret seed, like the noise."""
+def sampling_generator(cfg: TrainConfig) -> torch.Generator | None:
+    """The loader's generator: ``--seed`` orders the data without DP, and keys the Poisson
+    sampling of a run with a public ``--noise-seed``. Otherwise None: the engine draws a
+    128-bit sampling key from the OS itself (a torch generator keeps only 32 bits of a seed)."""
     public = not cfg.dp or cfg.noise_seed is not None
-    return torch.Generator().manual_seed(cfg.seed if public else secrets.randbits(62))
+    return torch.Generator().manual_seed(cfg.seed) if public else None
 
 
 @dataclass
@@ -193,25 +193,33 @@ def _opacus(
     ``DenoisingPrivacyEngine`` with ``--denoise`` or another post-processing flag (``--engine
     opacus``)."""
     chain = post_processors(cfg)
-    engine_class = denoising_privacy_engine() if chain else None
+    # A secret run needs the drop-in: its noise is Philox keyed by 63 bits from the OS and its
+    # batches come from a 128-bit key (Opacus's torch generators keep 32 bits of a seed).
+    engine_class = denoising_privacy_engine() if chain or cfg.noise_seed is None else None
     if engine_class is None:
+        if chain or cfg.noise_seed is None:
+            raise ValueError(
+                "--engine opacus needs rmt_kernels.opacus (a secret run or post-processing)"
+            )
         from opacus import PrivacyEngine
 
         engine_class = PrivacyEngine
     engine = engine_class(accountant=cfg.accountant)
     # --denoise and the other post-processing flags, as one chain of stages.
     extra = {"post_processors": chain} if chain else {}
-    # Opacus draws its noise from this generator (without one, from the global RNG that --seed
-    # seeded): secret unless --noise-seed.
-    noise_seed = cfg.noise_seed if cfg.noise_seed is not None else secrets.randbits(63)
-    private = engine.make_private(
-        module=model,
-        optimizer=optimizer,
-        data_loader=loader,
-        noise_multiplier=noise_multiplier,
-        max_grad_norm=cfg.max_grad_norm,
-        poisson_sampling=True,
-        noise_generator=torch.Generator(device).manual_seed(noise_seed),
-        **extra,
-    )
+    if cfg.noise_seed is not None:
+        # Public and reproducible (--noise-seed): Opacus's noise from a generator seeded with it.
+        extra["noise_generator"] = torch.Generator(device).manual_seed(cfg.noise_seed)
+    with warnings.catch_warnings():
+        # The CLI says it itself, in its own words, in privatize (and in the log).
+        warnings.filterwarnings("ignore", message="DenoisingPrivacyEngine: noise_generator given")
+        private = engine.make_private(
+            module=model,
+            optimizer=optimizer,
+            data_loader=loader,
+            noise_multiplier=noise_multiplier,
+            max_grad_norm=cfg.max_grad_norm,
+            poisson_sampling=True,
+            **extra,
+        )
     return engine, private

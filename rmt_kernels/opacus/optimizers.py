@@ -28,6 +28,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import torch
 from opacus.optimizers import (
     AdaClipDPOptimizer,
     DistributedDPOptimizer,
@@ -38,6 +39,7 @@ from opacus.optimizers import (
     FSDPOptimizerFastGradientClipping,
     SimpleDistributedPerLayerOptimizer,
 )
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from torch.optim import Optimizer
 
 from rmt_kernels.dp.chain import build_chain, first_denoiser, spectral_stages
@@ -48,6 +50,7 @@ from rmt_kernels.dp.postprocess import (
     check_denoise_options,
     post_process,
 )
+from rmt_kernels.ops import OFFSET_STRIDE, add_gaussian_noise, noise_offset
 
 __all__ = [
     "DENOISE_OPTIONS",
@@ -60,6 +63,9 @@ __all__ = [
     "denoising_optimizer_class",
     "validate_denoise_options",
 ]
+
+# Bits of the OS-drawn Philox noise key: all the ops' signed 64-bit key can hold.
+NOISE_SEED_BITS = 63
 
 # The optimizer state_dict entry that holds the denoising state (DenoisingDPOptimizer.state_dict).
 _STATE_KEY = "rmt_denoise"
@@ -88,9 +94,22 @@ class _DenoisingMixin:
         *,
         denoise: Mapping[str, Any] | None = None,
         post_processors: Sequence[PostProcessor | Callable] | None = None,
+        noise_seed: int | None = None,
         **kwargs: Any,
     ) -> None:
         # Validated before Opacus touches the parameters, so a bad option fails cleanly.
+        if noise_seed is not None and not (
+            isinstance(noise_seed, int) and 0 <= noise_seed < 2**NOISE_SEED_BITS
+        ):
+            raise ValueError(
+                f"noise_seed must be None or an int in [0, 2**{NOISE_SEED_BITS}) (the Philox "
+                f"noise key is a signed 64-bit integer), got {noise_seed!r}"
+            )
+        # The Philox noise key (add_noise); None: Opacus's noise from ``generator``. Kept out of
+        # state_dict() and of pickles (torch's Optimizer pickles only its param groups/state).
+        self._noise_seed = noise_seed
+        # Releases noised so far: the step part of each noise counter, never reused under a key.
+        self._noise_step = 0
         self.denoise_options = check_denoise_options(denoise)
         # The chain, as the native engine builds it (rmt_kernels/dp/chain.py: ``denoise`` is a
         # Denoiser at its front). Every 2-D gradient is a Denoiser's candidate (keys=None):
@@ -102,6 +121,41 @@ class _DenoisingMixin:
         # the meaning it always had.
         self.denoise_steps = 0
         super().__init__(optimizer, **kwargs)  # type: ignore[call-arg]
+        if noise_seed is not None:
+            for i, p in enumerate(self.params):  # type: ignore[attr-defined]
+                if p.numel() > OFFSET_STRIDE:
+                    raise ValueError(
+                        f"parameter {i} has {p.numel()} elements: the Philox noise gives each "
+                        f"parameter {OFFSET_STRIDE} counters, so its noise would overlap the next "
+                        "parameter's; split it"
+                    )
+
+    def add_noise(self) -> None:
+        """Opacus's ``add_noise`` with the noise of the package's Philox stream when the
+        optimizer has a ``noise_seed``: ``p.grad = summed_grad + N(0, std^2)`` drawn at counter
+        ``noise_offset(release, parameter index, parameter count)``, so every (release,
+        parameter) pair has its own 2^32 counters under the key and no noise is ever reused.
+        Without a seed, or on a rank that Opacus does not let noise, Opacus's own method runs.
+        """
+        if self._noise_seed is None or not self._adds_noise():
+            super().add_noise()  # type: ignore[misc]
+            return
+        std = self._noise_std()
+        params = self.params  # type: ignore[attr-defined]
+        for i, p in enumerate(params):
+            _check_processed_flag(p.summed_grad)
+            noise = torch.zeros(p.summed_grad.shape, dtype=torch.float32, device=p.device)
+            if std > 0:
+                offset = noise_offset(self._noise_step, i, len(params))
+                noise = add_gaussian_noise(noise, std, self._noise_seed, offset)
+            p.grad = (p.summed_grad + noise.to(p.summed_grad.dtype)).view_as(p)
+            _mark_as_processed(p.summed_grad)
+        self._noise_step += 1
+
+    def _adds_noise(self) -> bool:
+        """Whether this optimizer adds the noise (every rank but rank 0 of a distributed run
+        adds none in Opacus)."""
+        return True
 
     def state_dict(self) -> dict[str, Any]:
         """Opacus's (the wrapped optimizer's state dict) plus, when denoising,
@@ -237,6 +291,9 @@ class _DistributedDenoisingMixin(_DenoisingMixin):
     deterministic on the device (it is on the CPU, tested with two ranks); denoising on rank 0
     and broadcasting would not need that, at the cost of one more collective per step.
     """
+
+    def _adds_noise(self) -> bool:
+        return self.rank == 0  # type: ignore[attr-defined]
 
     def scale_grad(self) -> None:
         # Skip _DenoisingMixin.scale_grad: before the all-reduce each rank holds a partial sum.

@@ -26,12 +26,19 @@ cancellation, its float32 value is within a relative ``n 2^-24`` of the true one
 final sum over examples remains, as in any float32 implementation. (How accurately g_b matches
 the exact gradient does not matter for privacy: g_b depends on example b alone.)
 
-Seeds (privacy invariant 9). Outside secure mode Opacus draws the noise and the Poisson sampling
-from torch's global generator, which scripts seed with a public ``torch.manual_seed(seed)``:
-anyone with the script could regenerate the noise and the batches. This engine instead gives both
-their own generators seeded from the OS, unless the caller passes ``noise_generator`` (then the
-run's privacy rests on that generator's seed being secret, which the engine cannot know: it warns
-and reports ``noise_seed_is_secret = False``). Secure mode is Opacus's, unchanged (torchcsprng).
+Seeds. Outside secure mode Opacus draws the noise and the Poisson sampling from torch
+generators: the global one, which scripts seed with a public ``torch.manual_seed(seed)``, or a
+caller's, whose mt19937 keeps only the low 32 bits of any seed (a seed scan recovers it from
+one released step). This engine instead draws the noise from the package's Philox stream
+(``rmt_kernels.ops.add_gaussian_noise``, counter ``noise_offset(step, parameter, count)``) keyed
+by 63 bits from the OS, through a twin of Opacus's optimizer class (only ``add_noise`` differs;
+under torch.distributed only rank 0 noises, as in Opacus), and the batches from a
+:class:`~rmt_kernels.dp.distributed.PoissonSampler` keyed by 128 bits from the OS
+(:class:`KeyedDPDataLoader`). Neither key is in any ``state_dict`` or pickle. A caller's
+``noise_generator`` keeps Opacus's noise path (the run's privacy then rests on that generator's
+seed being secret, which the engine cannot know: it warns and reports ``noise_seed_is_secret =
+False``). Secure mode is Opacus's, unchanged (torchcsprng). A flavour without a twin (adaptive
+clipping) is refused outside secure mode without a ``noise_generator``.
 """
 
 from __future__ import annotations
@@ -41,21 +48,27 @@ import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import torch
 from opacus import PrivacyEngine
+from opacus.data_loader import DPDataLoader
 from opacus.distributed import DifferentiallyPrivateDistributedDataParallel
 from opacus.grad_sample import AbstractGradSampleModule, GradSampleHooks
 from opacus.optimizers import DPOptimizer, get_optimizer_class
 from torch import nn
 from torch.distributed._composable.fsdp import FSDPModule
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
 
+from rmt_kernels.dp import distributed
 from rmt_kernels.dp.chain import build_chain
 from rmt_kernels.opacus.ghost import (
     CertifiedGradSampleHooksFastGradientClipping,
     CertifiedGradSampleModuleFastGradientClipping,
 )
-from rmt_kernels.opacus.optimizers import denoising_optimizer_class, validate_denoise_options
+from rmt_kernels.opacus.optimizers import (
+    NOISE_SEED_BITS,
+    denoising_optimizer_class,
+    validate_denoise_options,
+)
 
 __all__ = ["DenoisingPrivacyEngine"]
 
@@ -126,7 +139,8 @@ class DenoisingPrivacyEngine(PrivacyEngine):
         try:
             if self._post_processing():
                 build_chain(self._denoise, self._post_processors)  # checked before any wrap
-                _check_flavour_early(kwargs)
+            if self._post_processing() or self._philox_noise(kwargs):
+                _check_flavour_early(kwargs, self._post_processing())
             return super().make_private(**kwargs)
         finally:
             self._denoise, self._post_processors = previous
@@ -152,6 +166,11 @@ class DenoisingPrivacyEngine(PrivacyEngine):
             return super().make_private_with_epsilon(**kwargs)
         finally:
             self._denoise, self._post_processors = previous
+
+    def _philox_noise(self, make_private_kwargs: Mapping[str, Any]) -> bool:
+        """Whether the make_private call draws the package's Philox noise (a twin optimizer):
+        outside secure mode, without a caller's noise_generator."""
+        return not self.secure_mode and make_private_kwargs.get("noise_generator") is None
 
     def _post_processing(self) -> bool:
         """Whether the make_private call in progress post-processes (a twin optimizer)."""
@@ -224,27 +243,26 @@ class DenoisingPrivacyEngine(PrivacyEngine):
         )
 
     def _prepare_data_loader(self, data_loader, **kwargs: Any):
-        """Opacus's loader, with Poisson sampling driven by an OS-seeded generator outside secure
-        mode (Opacus would use torch's global generator, whose seed is often public: knowing
-        which examples formed each batch voids the amplification by sampling)."""
+        """Opacus's loader; outside secure mode its Poisson batches come from a
+        :class:`~rmt_kernels.dp.distributed.PoissonSampler` keyed by 128 bits from the OS
+        (Opacus would draw them from a torch generator, whose seed keeps 32 bits, or from the
+        global one, whose seed is often public: knowing which examples formed each batch voids
+        the amplification by sampling)."""
+        loader = super()._prepare_data_loader(data_loader, **kwargs)
         if self.secure_mode or not kwargs.get("poisson_sampling", False):
-            return super()._prepare_data_loader(data_loader, **kwargs)
-        # Opacus hands self.secure_rng to the Poisson sampler; lend it a secret generator.
-        self.secure_rng = torch.Generator().manual_seed(secrets.randbits(63))
-        try:
-            return super()._prepare_data_loader(data_loader, **kwargs)
-        finally:
-            self.secure_rng = None
+            return loader
+        return KeyedDPDataLoader(loader)
 
     def _prepare_optimizer(self, **kwargs: Any) -> DPOptimizer:
-        """Let Opacus choose the flavour and generator, then build its denoising twin.
+        """Let Opacus choose the flavour and generator, then build its twin.
 
         Building Opacus's optimizer first (cheap: it only wraps the torch optimizer) reuses its
         choice of class (clipping, distributed, grad_sample_mode) and of noise generator (the
         engine's secure RNG in secure mode), so neither is duplicated here. Outside secure mode
-        and without a caller's ``noise_generator``, the generator is one seeded from the OS
-        (see the module docstring).
+        and without a caller's ``noise_generator``, the twin draws the package's Philox noise
+        keyed by 63 bits from the OS (see the module docstring).
         """
+        noise_seed = None
         if self.secure_mode:
             secret = True
         elif kwargs.get("noise_generator") is not None:
@@ -252,22 +270,23 @@ class DenoisingPrivacyEngine(PrivacyEngine):
             warnings.warn(
                 "DenoisingPrivacyEngine: noise_generator given: the run is private only if that "
                 "generator's seed is secret (a seed in a script or log lets anyone subtract the "
-                "noise); noise_seed_is_secret is False. Leave it None for an OS-seeded one",
+                "noise; a torch generator keeps only 32 bits of its seed); noise_seed_is_secret "
+                "is False. Leave it None for Philox noise keyed from the OS",
                 stacklevel=4,  # the caller of make_private
             )
         else:
-            kwargs["noise_generator"] = _os_seeded_generator(kwargs["optimizer"])
+            noise_seed = secrets.randbits(NOISE_SEED_BITS)
             secret = True
         self.noise_seed_is_secret = secret
-        optimizer = self._build_optimizer(**kwargs)
+        optimizer = self._build_optimizer(noise_seed, **kwargs)
         optimizer.noise_seed_is_secret = secret
         return optimizer
 
-    def _build_optimizer(self, **kwargs: Any) -> DPOptimizer:
+    def _build_optimizer(self, noise_seed: int | None, **kwargs: Any) -> DPOptimizer:
         opacus_optimizer = super()._prepare_optimizer(**kwargs)
-        if not self._post_processing():
+        if not self._post_processing() and noise_seed is None:
             return opacus_optimizer
-        twin = denoising_optimizer_class(type(opacus_optimizer))
+        twin = _twin_class(type(opacus_optimizer), self._post_processing())
         for key in ("optimizer", "noise_generator", "distributed", "clipping", "grad_sample_mode"):
             kwargs.pop(key, None)
         return twin(
@@ -276,27 +295,69 @@ class DenoisingPrivacyEngine(PrivacyEngine):
             post_processors=self._post_processors,
             generator=opacus_optimizer.generator,
             secure_mode=opacus_optimizer.secure_mode,
+            noise_seed=noise_seed,
             **kwargs,
         )
 
 
-def _os_seeded_generator(optimizer: torch.optim.Optimizer) -> torch.Generator:
-    """A generator on the parameters' device, seeded from the OS (Opacus draws the noise of
-    every parameter from one generator on the parameter's device)."""
-    devices = {p.device for group in optimizer.param_groups for p in group["params"]}
-    if len(devices) > 1:
-        raise ValueError(
-            "DenoisingPrivacyEngine: the parameters live on several devices "
-            f"({sorted(map(str, devices))}) and Opacus draws all the noise from one generator: "
-            "use secure_mode=True, or pass a noise_generator seeded secretly"
+class KeyedDPDataLoader(DPDataLoader):
+    """Opacus's :class:`~opacus.data_loader.DPDataLoader` (its dataset, collate that shapes
+    empty batches, ``sample_rate``, length and loader options) whose batches come from a
+    :class:`~rmt_kernels.dp.distributed.PoissonSampler` with a secret 128-bit key.
+
+    Each batch holds each example independently with probability ``sample_rate``, as
+    Opacus's sampler; ``len()`` is the same ``int(1 / sample_rate)``, so Opacus's accountant
+    sees the same rate. Under torch.distributed each rank samples its shard of the same
+    shuffled permutation, as Opacus's distributed sampler, but empty local batches are yielded
+    rather than skipped (the ranks stay in step). The key is never written (not in the
+    sampler's ``state_dict``, not in a pickle).
+    """
+
+    def __init__(self, like: DPDataLoader) -> None:
+        rank, world_size = distributed.world() if like.distributed else (0, 1)
+        self.sample_rate = like.sample_rate
+        self.distributed = like.distributed
+        sampler = distributed.PoissonSampler(
+            num_samples=len(like.dataset),
+            sample_rate=like.sample_rate,
+            steps=len(like),
+            rank=rank,
+            world_size=world_size,
         )
-    device = devices.pop() if devices else torch.device("cpu")
-    return torch.Generator(device=device).manual_seed(secrets.randbits(63))
+        DataLoader.__init__(
+            self,
+            like.dataset,
+            batch_sampler=sampler,
+            collate_fn=like.collate_fn,
+            num_workers=like.num_workers,
+            pin_memory=like.pin_memory,
+            timeout=like.timeout,
+            worker_init_fn=like.worker_init_fn,
+            multiprocessing_context=like.multiprocessing_context,
+            generator=distributed.worker_seed_generator(None),
+            prefetch_factor=like.prefetch_factor,
+            persistent_workers=like.persistent_workers,
+        )
 
 
-def _check_flavour_early(make_private_kwargs: dict[str, Any]) -> None:
-    """Raise NotImplementedError for a flavour without a denoising twin before Opacus wraps the
-    model (which attaches hooks to the caller's module), not after.
+def _twin_class(opacus_class: type[DPOptimizer], post_processing: bool) -> type[DPOptimizer]:
+    """The twin of ``opacus_class``, with an error naming the reason it is needed."""
+    try:
+        return denoising_optimizer_class(opacus_class)
+    except NotImplementedError as err:
+        if post_processing:
+            raise
+        raise NotImplementedError(
+            f"DenoisingPrivacyEngine: {opacus_class.__name__} has no twin that draws Philox "
+            "noise, and its own torch generator keeps only 32 bits of a secret seed. Pass "
+            "secure_mode=True, or a noise_generator you seed secretly (the run is then "
+            "reported as noise_seed_is_secret=False)"
+        ) from err
+
+
+def _check_flavour_early(make_private_kwargs: dict[str, Any], post_processing: bool) -> None:
+    """Raise NotImplementedError for a flavour without a twin before Opacus wraps the model
+    (which attaches hooks to the caller's module), not after.
 
     Repeats Opacus 1.6.0's choice of optimizer class from make_private's arguments. It is only a
     courtesy: ``_prepare_optimizer`` checks the class Opacus actually built either way.
@@ -313,4 +374,4 @@ def _check_flavour_early(make_private_kwargs: dict[str, Any]) -> None:
         )
     except ValueError:
         return  # a combination Opacus itself rejects, with its own message, a moment later
-    denoising_optimizer_class(opacus_class)
+    _twin_class(opacus_class, post_processing)
