@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from bench.efficiency_methods import METHODS
+from bench.efficiency_methods import METHODS, Method
 from rmt_kernels.glue.compare import read_log
 
 FRACTIONS = (0.90, 0.95)
@@ -30,6 +30,17 @@ def first_reaching(log: dict, target: float, metric: str = "accuracy") -> tuple[
         if record[metric] >= target:
             return record["step"], record["seconds"]
     return None
+
+
+def samples_per_second(log: dict) -> float:
+    """Training throughput of a run: its last evaluation's ``samples_per_s``, or for a private
+    run (whose log keeps the exact batch sizes out) the expected examples per second, steps per
+    second times the expected batch size (public: sampling rate x training examples)."""
+    last = log["evals"][-1]
+    if last.get("samples_per_s") is not None:
+        return last["samples_per_s"]
+    derived = log["derived"]
+    return last["steps_per_s"] * derived["sample_rate"] * derived["train_examples"]
 
 
 def tail_accuracy(log: dict, evals: int = TAIL_EVALS) -> float:
@@ -49,10 +60,11 @@ def _spread(values: Sequence[float], fmt: str) -> str:
     )
 
 
-def load_logs(out: Path) -> dict[str, list[dict]]:
-    """Finished logs in ``out`` (``<method>-seed<n>.json``) by method, in METHODS order."""
+def load_logs(out: Path, methods: Mapping[str, Method] = METHODS) -> dict[str, list[dict]]:
+    """Finished logs in ``out`` (``<method>-seed<n>.json``) by method, in ``methods``'s order
+    (the experiment's arms)."""
     logs: dict[str, list[dict]] = {}
-    for name in METHODS:
+    for name in methods:
         paths = sorted(out.glob(f"{name}-seed*.json"))
         if paths:
             logs[name] = [read_log(path) for path in paths]
@@ -74,7 +86,7 @@ def summarise(logs: dict[str, list[dict]]) -> dict:
             "lr": runs[0]["config"]["lr"],
             "final": [log["evals"][-1]["accuracy"] for log in runs],
             "tail": [tail_accuracy(log) for log in runs],
-            "samples_per_s": [log["evals"][-1]["samples_per_s"] for log in runs],
+            "samples_per_s": [samples_per_second(log) for log in runs],
         }
         for fraction, target in summary["targets"].items():
             row[fraction] = [first_reaching(log, target) for log in runs]
@@ -113,8 +125,15 @@ def setup_text(first: dict) -> str:
     )
 
 
-def markdown(summary: dict, logs: dict[str, list[dict]], command: str) -> str:
-    """The results table, the targets and the set-up, as markdown."""
+def markdown(
+    summary: dict,
+    logs: dict[str, list[dict]],
+    command: str,
+    methods: Mapping[str, Method] = METHODS,
+    note: str = "",
+) -> str:
+    """The results table, the targets and the set-up (with ``note``, a paragraph on what the
+    logs do not say, such as how the privacy budget is treated), as markdown."""
     lines = [
         f"# Sample efficiency on SST-2 ({time.strftime('%Y-%m-%d')})",
         "",
@@ -122,6 +141,7 @@ def markdown(summary: dict, logs: dict[str, list[dict]], command: str) -> str:
         "",
         setup_text(logs[BASELINE][0]),
         "",
+        *([note, ""] if note else []),
         f"Targets: 90% and 95% of plain DP-SGD's final dev accuracy (mean over seeds, "
         f"{summary['reference']:.4f}): {summary['targets'][0.90]:.4f} and "
         f"{summary['targets'][0.95]:.4f}. Steps are resolved to the evaluation interval; "
@@ -141,13 +161,16 @@ def markdown(summary: dict, logs: dict[str, list[dict]], command: str) -> str:
             f"{_spread(row['samples_per_s'], '.1f')} |"
         )
     lines += ["", "Methods:", ""]
-    lines += [f"- `{m}`: {METHODS[m].description}" for m in summary["methods"]]
+    lines += [f"- `{m}`: {methods[m].description}" for m in summary["methods"]]
     return "\n".join(lines) + "\n"
 
 
-def tuning_table(logs: list[dict], reference: float | None) -> str:
-    """The sweep as markdown: one row per run (method, lr, options), sorted by method then lr,
-    with the best learning rate of each method marked (highest mean of the last evaluations)."""
+def tuning_table(
+    logs: list[dict], reference: float | None, methods: Mapping[str, Method] = METHODS
+) -> str:
+    """The sweep as markdown: one row per run (method, lr, options), sorted by method (in
+    ``methods``'s order) then lr, with the best learning rate of each method marked (highest
+    mean of the last evaluations)."""
     rows: dict[str, list[dict]] = {}
     for log in logs:
         rows.setdefault(log["method"], []).append(log)
@@ -156,7 +179,8 @@ def tuning_table(logs: list[dict], reference: float | None) -> str:
         "reference | accuracy every evaluation |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for method in sorted(rows, key=lambda m: list(METHODS).index(m) if m in METHODS else 99):
+    order = list(methods)
+    for method in sorted(rows, key=lambda m: order.index(m) if m in order else len(order)):
         runs = sorted(rows[method], key=lambda log: log["config"]["lr"])
         best = max(runs, key=tail_accuracy)
         for log in runs:
@@ -183,9 +207,14 @@ def _layer_kind(name: str) -> str:
     return name
 
 
-def plot(logs: dict[str, list[dict]], summary: dict, output: Path) -> Path:
-    """Accuracy vs step and vs seconds (mean and min-max over seeds) for every method, and the
-    denoisers' kept norm ratio per method over training."""
+def plot(
+    logs: dict[str, list[dict]],
+    summary: dict,
+    output: Path,
+    methods: Mapping[str, Method] = METHODS,
+) -> Path:
+    """Accuracy vs step and vs seconds (mean and min-max over seeds) for every method (colours
+    by place in ``methods``), and the denoisers' kept norm ratio per method over training."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -193,7 +222,7 @@ def plot(logs: dict[str, list[dict]], summary: dict, output: Path) -> Path:
 
     fig, axes = plt.subplots(1, 3, figsize=(19, 5.5))
     cmap = plt.get_cmap("tab10")
-    colors = {m: ("tab:gray" if m == "non-private" else cmap(i)) for i, m in enumerate(METHODS)}
+    colors = {m: ("tab:gray" if m == "non-private" else cmap(i)) for i, m in enumerate(methods)}
     for method, runs in logs.items():
         steps = [r["step"] for r in runs[0]["evals"]]
         accs = [[r["accuracy"] for r in log["evals"]] for log in runs]

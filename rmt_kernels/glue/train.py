@@ -78,7 +78,11 @@ class Run:
 
 @dataclass
 class Progress:
-    """Where the loop stands; a resume restores ``step``, ``seconds`` and ``samples``."""
+    """Where the loop stands; a resume restores ``step``, ``seconds`` and ``samples``.
+
+    ``samples`` and ``losses`` are statistics of the training batches themselves (exact Poisson
+    batch sizes, unnoised mean losses): a private run keeps them out of its log, progress bar and
+    checkpoint (``_released``), since the accountant counts neither."""
 
     step: int = 0
     seconds: float = 0.0  # in the timed steps (evaluation and checkpoints left out)
@@ -250,8 +254,27 @@ def _restore(run: Run) -> Progress:
     if extra is None:
         return Progress()
     if run.rank == 0:  # the one log
-        run.log["evals"] = extra["evals"]
-    return Progress(step=extra["step"], seconds=extra["seconds"], samples=extra["samples"])
+        # A checkpoint of a private run written before its log was cleaned may still carry the
+        # training statistics: they stay out of this run's log.
+        run.log["evals"] = [_released(run, record) for record in extra["evals"]]
+    # A private run's checkpoint has no sample count (None): the resumed count starts at 0 and
+    # is never shown.
+    return Progress(step=extra["step"], seconds=extra["seconds"], samples=extra["samples"] or 0)
+
+
+# What an evaluation record says about the training batches themselves: their exact sizes and
+# mean (unnoised) loss. Cross entropy has unbounded sensitivity and the batch sizes are the
+# Poisson sampling's outcome, which amplification by sampling assumes secret; the accountant
+# counts neither, so a private run never writes them.
+TRAINING_STATISTICS = ("samples", "samples_per_s", "train_loss")
+
+
+def _released(run: Run, record: dict) -> dict:
+    """``record`` as the log may hold it: without ``TRAINING_STATISTICS`` in a private run
+    (a run without DP, without noise or with a public ``--noise-seed`` keeps them)."""
+    if not run.privacy.private:
+        return record
+    return {k: v for k, v in record.items() if k not in TRAINING_STATISTICS}
 
 
 def _timed_step(run: Run, progress: Progress, indices: torch.Tensor) -> float | None:
@@ -319,9 +342,13 @@ def _logical_step(run: Run, indices: torch.Tensor) -> float | None:
 
 
 def _show(bar, postfix: dict[str, str], run: Run, progress: Progress, loss: float | None) -> None:
-    """The progress bar's loss, throughput and (about 20 times a run) epsilon."""
-    postfix["loss"] = f"{loss:.4f}" if loss is not None else "-"
-    postfix["samples/s"] = f"{progress.samples / progress.seconds:.1f}"
+    """The progress bar's loss and throughput (a private run: steps/s, which says nothing about
+    the batches) and (about 20 times a run) epsilon."""
+    if run.privacy.private:
+        postfix["steps/s"] = f"{progress.step / progress.seconds:.2f}" if progress.seconds else "-"
+    else:
+        postfix["loss"] = f"{loss:.4f}" if loss is not None else "-"
+        postfix["samples/s"] = f"{progress.samples / progress.seconds:.1f}"
     # Epsilon about 20 times a run: each accountant call costs a fraction of a second.
     step, total_steps = progress.step, run.total_steps
     if run.cfg.dp and (step % max(1, total_steps // 20) == 0 or step == total_steps):
@@ -338,12 +365,14 @@ def _evaluate(run: Run, progress: Progress, bar) -> None:
         "step": step,
         "epoch": step / run.steps_per_epoch,
         "seconds": progress.seconds,
+        "steps_per_s": step / progress.seconds if progress.seconds else None,
         "samples": progress.samples,
         "samples_per_s": progress.samples / progress.seconds if progress.seconds else None,
         # null when infinite (no noise): the returned log says what the written one says.
         "epsilon": json_safe(epsilon),
         "train_loss": sum(progress.losses) / len(progress.losses) if progress.losses else None,
     }
+    record = _released(run, record)
     progress.losses = []
     eval_batch = run.physical * EVAL_BATCH_FACTOR
     with _at_disk_iterate(run, step):
@@ -365,8 +394,10 @@ def _evaluate(run: Run, progress: Progress, bar) -> None:
 
 
 def _checkpoint(run: Run, progress: Progress) -> None:
-    """Save the run where it stands (the log's evaluations with it)."""
-    state = {"step": progress.step, "seconds": progress.seconds, "samples": progress.samples}
+    """Save the run where it stands (the log's evaluations with it; a private run's checkpoint
+    holds no sample count, like its log)."""
+    samples = None if run.privacy.private else progress.samples
+    state = {"step": progress.step, "seconds": progress.seconds, "samples": samples}
     run.checkpointer.save(run.model, run.optimizer, run.loader, run.cfg, state, run.log["evals"])
 
 
