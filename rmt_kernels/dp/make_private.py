@@ -10,6 +10,11 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from rmt_kernels.dp import distributed
+from rmt_kernels.dp.calibration import (
+    MAX_TARGET_EPSILON,
+    calibrate_noise_multiplier,
+    warn_delta,
+)
 from rmt_kernels.dp.chain import build_chain
 from rmt_kernels.dp.engine import PrivateEngine, check_seed
 from rmt_kernels.dp.optimizer import DPOptimizer
@@ -89,11 +94,13 @@ def make_private(
             GLOBAL logical batch); with ``poisson_sampling`` it is replaced by a Poisson-sampling
             loader (what the accountant's analysis assumes) over this rank's shard, see
             :class:`rmt_kernels.dp.distributed.PoissonSampler`.
-        target_delta: the delta of the (epsilon, delta) guarantee.
+        target_delta: the delta of the (epsilon, delta) guarantee, in (0, 1); a warning says
+            when it is not below 1 / len(dataset).
         max_grad_norm: C, the per-example clipping norm over all parameters together.
         noise_multiplier: sigma (noise std = sigma * C); or give ``target_epsilon``.
-        target_epsilon: calibrate sigma (with Opacus's get_noise_multiplier) to spend this over
-            ``epochs``.
+        target_epsilon: calibrate sigma (Opacus's search, bounded in time:
+            :func:`rmt_kernels.dp.calibration.calibrate_noise_multiplier`) to spend this over
+            ``epochs``; at most 100.
         epochs: the run length for calibration (required with ``target_epsilon``).
         denoise: options of :func:`rmt_kernels.denoise` (e.g. ``{"kappa": 1.0, "norm":
             "debiased"}``, plus ``min_dim``: matrices whose smaller side is below it, default
@@ -144,9 +151,8 @@ def make_private(
         and the data loader to iterate.
     """
     from opacus.accountants import create_accountant
-    from opacus.accountants.utils import get_noise_multiplier
 
-    if not (0 < target_delta < 1):
+    if not (isinstance(target_delta, (int, float)) and 0 < target_delta < 1):
         raise ValueError(f"target_delta must be in (0, 1), got {target_delta}")
     if not (isinstance(max_grad_norm, (int, float)) and 0 < max_grad_norm < float("inf")):
         raise ValueError(f"max_grad_norm must be a finite number > 0, got {max_grad_norm}")
@@ -160,6 +166,11 @@ def make_private(
         raise ValueError(
             f"target_epsilon must be a finite number > 0, got {target_epsilon} (for no privacy, "
             "train without make_private)"
+        )
+    if target_epsilon is not None and target_epsilon > MAX_TARGET_EPSILON:
+        raise ValueError(
+            f"target_epsilon must be at most {MAX_TARGET_EPSILON:g}, got {target_epsilon}: a "
+            "larger epsilon bounds nothing (give noise_multiplier for a fixed noise)"
         )
     if noise_multiplier is not None and not (
         isinstance(noise_multiplier, (int, float)) and 0 <= noise_multiplier < math.inf
@@ -181,6 +192,9 @@ def make_private(
         raise ValueError("data_loader is empty")
 
     dataset_size = len(data_loader.dataset)
+    # delta >= 1/n lets a mechanism publish an example outright: said, not refused (the
+    # library leaves the choice to its caller; rmt-glue refuses it).
+    warn_delta(target_delta, dataset_size, "target_delta")
     if poisson_sampling:
         sample_rate = 1 / len(data_loader)
         expected_batch_size = max(1, round(sample_rate * dataset_size))
@@ -232,12 +246,9 @@ def make_private(
         )
     distributed.broadcast_parameters(model, process_group)
     if target_epsilon is not None:
-        noise_multiplier = get_noise_multiplier(
-            target_epsilon=target_epsilon,
-            target_delta=target_delta,
-            sample_rate=sample_rate,
-            epochs=epochs,
-            accountant=accountant,
+        # Opacus's search, bounded in time (an absurd target hung it for minutes).
+        noise_multiplier = calibrate_noise_multiplier(
+            target_epsilon, target_delta, sample_rate, int(epochs / sample_rate), accountant
         )
     engine = PrivateEngine(
         model,

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from rmt_kernels.dp.calibration import check_delta, run_epsilon
 from rmt_kernels.glue.config import TrainConfig
 from rmt_kernels.glue.stages import post_processors
 
@@ -33,41 +34,27 @@ def default_delta(examples: int) -> float:
 def calibrate(
     epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str
 ) -> float:
-    """The noise multiplier that spends ``--epsilon`` over the run (Opacus's search).
+    """The noise multiplier that spends ``--epsilon`` over the run (Opacus's search, bounded in
+    time: ``rmt_kernels.dp.calibration``).
 
     Raises:
-        ValueError: no noise multiplier reaches ``epsilon`` (naming the flags to change).
+        ValueError: ``--epsilon`` is absurd (above ``MAX_TARGET_EPSILON``), no noise multiplier
+            reaches it, or the search ran out of time (naming the flags to change).
     """
-    from opacus.accountants import create_accountant
-    from opacus.accountants.utils import get_noise_multiplier
+    from rmt_kernels.dp.calibration import MAX_TARGET_EPSILON, calibrate_noise_multiplier
 
-    try:
-        sigma = get_noise_multiplier(
-            target_epsilon=epsilon,
-            target_delta=delta,
-            sample_rate=sample_rate,
-            steps=steps,
-            accountant=accountant,
+    if epsilon > MAX_TARGET_EPSILON:
+        raise ValueError(
+            f"--epsilon {epsilon:g} is above {MAX_TARGET_EPSILON:g}, where no (epsilon, delta) "
+            "statement bounds anything: give --noise-multiplier for a fixed noise, or --no-dp"
         )
+    try:
+        return calibrate_noise_multiplier(epsilon, delta, sample_rate, steps, accountant)
     except ValueError as err:
         raise ValueError(
-            f"no noise multiplier reaches epsilon={epsilon} at delta={delta:.3g} over {steps} "
-            f"steps at sampling rate {sample_rate:.4g} (Opacus: {err}); raise --epsilon, or use "
-            "fewer steps or a smaller batch"
-        ) from err
-    # Opacus's search stops at the first sigma whose epsilon is below the target, and for tiny
-    # targets the accountants' numerics report epsilon <= 0 there: no real calibration.
-    accountant_check = create_accountant(mechanism=accountant)
-    accountant_check.history = [(sigma, sample_rate, steps)]
-    achieved = accountant_check.get_epsilon(delta=delta)
-    if not 0 < achieved <= epsilon * (1 + 1e-6):
-        raise ValueError(
-            f"no noise multiplier reaches epsilon={epsilon} at delta={delta:.3g} over {steps} "
-            f"steps at sampling rate {sample_rate:.4g}: Opacus's search ended at noise "
-            f"multiplier {sigma:.4g}, where the {accountant} accountant reports epsilon "
-            f"{achieved:.3g}; raise --epsilon"
-        )
-    return sigma
+            f"{err}; raise --epsilon, use fewer steps or a smaller batch, or give "
+            "--noise-multiplier"
+        ) from None
 
 
 def denoising_privacy_engine():
@@ -134,11 +121,17 @@ def privatize(
             loader,
             Privacy(dp=False, delta=None, noise_multiplier=None, private=False),
         )
-    delta = cfg.delta if cfg.delta is not None else default_delta(len(loader.dataset))
+    examples = len(loader.dataset)
+    delta = cfg.delta if cfg.delta is not None else default_delta(examples)
+    # Before any step touches data: a delta that protects nobody, and an accountant that cannot
+    # give this run a positive epsilon at its last step, end the run here (exit 2), not later.
+    check_delta(delta, examples, "--delta")
     noise_multiplier = cfg.noise_multiplier
     if noise_multiplier is None:
         target = cfg.epsilon if cfg.epsilon is not None else DEFAULT_EPSILON
         noise_multiplier = calibrate(target, delta, 1 / len(loader), total_steps, cfg.accountant)
+    else:
+        run_epsilon(noise_multiplier, delta, 1 / len(loader), total_steps, cfg.accountant)
     opacus_engine = None
     if cfg.engine == "native":
         model, optimizer, loader = _native(cfg, model, optimizer, loader, delta, noise_multiplier)
