@@ -42,3 +42,35 @@ def with_singular_values(values: torch.Tensor, m: int, n: int, seed: int = 0) ->
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """||a - b||_F / ||b||_F in float64."""
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def assert_gaussian_noise(
+    noise: torch.Tensor, std: float, *, rel: float = 0.05, p_false: float = 1e-6
+) -> None:
+    """Assert that ``noise`` (any shape, pooled) holds i.i.d. N(0, std^2) draws.
+
+    Two checks share the false-failure budget ``p_false``: the mean, as
+    sum / (std sqrt(n)) ~ N(0, 1) within its two-sided p_false / 2 quantile; and the scale, as
+    sum(x^2) / std^2 ~ chi-square(n) (the mean is known to be 0, so no degree of freedom is
+    lost) within its two-sided p_false / 2 interval. The scale check must also have the power
+    to catch a standard deviation off by ``rel`` either way: refused (an error in the test
+    itself) unless n is so large that a draw of std * (1 +- rel) lands inside the interval
+    with probability below ``p_false`` as well (about 20,000 coordinates for 5% at 1e-6).
+    """
+    from scipy.stats import chi2, norm
+
+    x = noise.detach().double().flatten()
+    n = x.numel()
+    lo, hi = chi2.ppf(p_false / 4, n), chi2.isf(p_false / 4, n)
+    miss = max(chi2.cdf(hi / (1 + rel) ** 2, n), chi2.sf(lo / (1 - rel) ** 2, n))
+    assert miss < p_false, (
+        f"{n} coordinates cannot tell a {rel:.0%} std error at {p_false}: a draw at that "
+        f"error passes with probability {miss:.2g}; pool more"
+    )
+    z = (x.sum() / (std * math.sqrt(n))).item()
+    assert abs(z) < norm.isf(p_false / 4), f"mean of the noise {z:.2f} standard errors from 0"
+    ratio = (x.square().sum() / std**2).item()
+    assert lo < ratio < hi, (
+        f"noise std / expected std ({std:.4g}) = {math.sqrt(ratio / n):.4f} over {n} "
+        f"coordinates: outside [{math.sqrt(lo / n):.4f}, {math.sqrt(hi / n):.4f}]"
+    )

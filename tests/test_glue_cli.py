@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import subprocess
 import sys
@@ -24,6 +23,7 @@ from rmt_kernels.glue import TASKS, get_task
 from rmt_kernels.glue.cli import main
 from rmt_kernels.glue.data import load_local_split
 from rmt_kernels.glue.tasks import accuracy, f1, matthews_correlation, pearson, spearman
+from tests.helpers import assert_gaussian_noise
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 GLUE = SHARED / "data" / "glue"
@@ -114,9 +114,13 @@ def test_loads_each_task_of_the_shared_glue_folder(name):
 
 @needs_glue
 def test_glue_quirks_quotes_bom_and_headerless_cola():
-    # A sentence with an unbalanced quote stays one field (QUOTE_NONE) ...
-    sst2 = load_local_split(TASKS["sst2"], "validation", GLUE)
-    assert any('"' in s for s in sst2["text_a"]) or len(sst2) == 872
+    # A sentence with an unbalanced quote stays one field (QUOTE_NONE): MRPC dev's first pair
+    # opens a quote it never closes, which a quote-aware reader runs into the following rows.
+    mrpc_dev = load_local_split(TASKS["mrpc"], "validation", GLUE)
+    assert len(mrpc_dev) == 408
+    quoted = '"The foodservice pie business does not fit our long-term growth strategy.'
+    assert mrpc_dev[0]["text_b"] == quoted
+    assert mrpc_dev[1]["text_a"].startswith("Magnarelli said Racicot hated")
     # ... MRPC's BOM does not hide its 'Quality' label column, CoLA's first row is data.
     mrpc = load_local_split(TASKS["mrpc"], "train", GLUE)
     assert mrpc[0]["label"] == 1 and mrpc[0]["text_a"].startswith("Amrozi accused")
@@ -379,22 +383,40 @@ def test_secure_mode_is_for_the_native_engine(base, capsys):
     assert "--secure-mode is for DP with --engine native" in capsys.readouterr().err
 
 
-def test_empty_poisson_batches_are_noise_only_steps(tiny, tmp_path):
-    # Expected batch 1 of 24: about a third of Poisson batches are empty; both engines step.
+def test_empty_poisson_batches_are_noise_only_steps(tiny, tmp_path, monkeypatch):
+    # Expected batch 1 of 24: about a third of Poisson batches are empty; both engines step,
+    # and the gradient such a step releases is the noise alone, N(0, (sigma C / 1)^2) in every
+    # coordinate (sigma 1, C 1), pooled over the empty steps (tests.helpers.assert_gaussian_noise
+    # derives the bound: a std off by 5% fails, a correct one fails below 1e-6).
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    import rmt_kernels.glue.train as train_module
+
+    step_of, released = train_module._logical_step, []
+
+    def spy(run, indices):
+        def read(optimizer, args, kwargs):  # after the wrapped optimizer's update: p.grad
+            if not len(indices) and len(released) == seen:  # once per logical step
+                grads = [p.grad.flatten() for p in run.model.parameters() if p.requires_grad]
+                released.append(torch.cat(grads))
+
+        seen = len(released)
+        hook = register_optimizer_step_post_hook(read)
+        try:
+            return step_of(run, indices)
+        finally:
+            hook.remove()
+
+    monkeypatch.setattr(train_module, "_logical_step", spy)
     for engine in ("native", "opacus"):
-        log = train_tiny(
-            tiny,
-            tmp_path / f"{engine}.json",
-            "--engine",
-            engine,
-            "--batch-size",
-            1,
-            "--steps",
-            6,
-            "--noise-multiplier",
-            1.0,
-        )
-        assert log["evals"][-1]["step"] == 6 and log["epsilon"] > 0
+        released.clear()
+        # A public --noise-seed (and --seed for the batches): a fixed draw, as a test needs.
+        args = ["--engine", engine, "--batch-size", 1, "--steps", 8, "--noise-multiplier", 1.0]
+        log = train_tiny(tiny, tmp_path / f"{engine}.json", *args, "--noise-seed", 3)
+        assert log["evals"][-1]["step"] == 8 and log["epsilon"] > 0
+        # The seed's batches include >= 2 empty ones (~20,000 coordinates each).
+        assert len(released) >= 2, engine
+        assert_gaussian_noise(torch.cat(released), 1.0)
 
 
 def test_save_then_evaluate(tiny, tmp_path):
@@ -549,7 +571,9 @@ def test_python_dash_m_entry_point(tiny):
     )  # fmt: skip
     assert out.returncode == 2, out.stderr[-2000:]
     assert "unknown task 'nope'" in out.stderr
-    assert math.isfinite(len(out.stderr))
+    # One usage line from the CLI's own parser: no traceback, no warnings before it.
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("rmt-glue train: error: unknown task"), lines
 
 
 def test_warm_start_flag_needs_denoise(base, capsys):

@@ -186,7 +186,9 @@ def test_a_resume_without_kappa_continues_the_checkpointed_one():
         assert resumed.denoise_options["kappa"] == trained
     unrecorded = _unrecorded_kappa(_checkpoint(_cli_cfg("--denoise"), "adamw"))
     assert resolve_optimisation(cfg, unrecorded).denoise_options["kappa"] == 1.0
-    assert resolve_optimisation(_cli_cfg(*resume, "--kappa", 1), unrecorded)
+    # ... and --kappa 1 given explicitly is that same kappa, accepted.
+    explicit = resolve_optimisation(_cli_cfg(*resume, "--kappa", 1), unrecorded)
+    assert explicit.denoise_options["kappa"] == 1.0
     unrecorded_moment = _unrecorded_kappa(
         _checkpoint(_cli_cfg("--denoise", "--denoise-target", "moment"), "sgd")
     )
