@@ -327,7 +327,9 @@ class DenoisingDPOptimizer(_DenoisingMixin, DPOptimizer):
     """Opacus's :class:`~opacus.optimizers.DPOptimizer` (flat clipping) that denoises the noisy
     2-D gradients by singular-value shrinkage before the wrapped optimizer's step.
 
-    With ``denoise=None`` it is Opacus's DPOptimizer, bit for bit. The accountant's step hook,
+    With ``denoise=None`` and ``noise_seed=None`` it is Opacus's DPOptimizer, bit for bit; with a
+    ``noise_seed`` only ``add_noise`` differs (the package's Philox noise keyed by the seed,
+    :meth:`_DenoisingMixin.add_noise`). The accountant's step hook,
     skipped virtual steps (BatchMemoryManager), gradient accumulation and secure mode work as in
     Opacus: only ``scale_grad`` is extended.
 
@@ -337,6 +339,9 @@ class DenoisingDPOptimizer(_DenoisingMixin, DPOptimizer):
             ``rank``, ``oversample``, ``niter``, ``norm``, ``seed``), or None for plain Opacus.
             ``seed`` is the base seed of the sketch's test matrix; step ``t`` uses ``seed + t``.
             ``rank`` (if not -1) is capped at ``min(m, n)`` per matrix.
+        noise_seed: a secret Philox noise key in [0, 2^63) (DenoisingPrivacyEngine draws one
+            from the OS), or None for Opacus's noise from ``generator``. Never in
+            ``state_dict()`` nor in a pickle.
         **kwargs: DPOptimizer's arguments (noise_multiplier, max_grad_norm, expected_batch_size,
             loss_reduction, generator, secure_mode).
     """

@@ -84,10 +84,12 @@ class DenoisingPrivacyEngine(PrivacyEngine):
     ``denoise`` is a dict of :func:`rmt_kernels.denoise` options (``{}`` for the defaults) or None
     (the default); ``post_processors`` a list of stages (rmt_kernels/dp/chain.py: e.g.
     ``[EMAFilter(0.9), Denoiser({"kappa": 1.0}), DPAdam(beta1=0.0)]``, then a plain SGD as the
-    wrapped optimizer) or None. With both None the engine returns exactly the optimizer Opacus
-    would. Both are validated before anything is wrapped, so a typo fails before the model is
-    touched. The stages' keys are the parameters' indices in ``optimizer.params``; every 2-D
-    gradient is a Denoiser's candidate (Opacus knows no modules).
+    wrapped optimizer) or None. With both None the engine returns the optimizer Opacus would
+    (exactly so with a ``noise_generator`` or in secure mode; otherwise its twin, whose only
+    change is the Philox noise of the module docstring). Both are validated before anything is
+    wrapped, so a typo fails before the model is touched. The stages' keys are the parameters'
+    indices in ``optimizer.params``; every 2-D gradient is a Denoiser's candidate (Opacus knows
+    no modules).
 
     Example:
         >>> engine = DenoisingPrivacyEngine(accountant="rdp")
