@@ -15,19 +15,40 @@ writes an ``rmt-glue train`` JSON log; the summary (final dev accuracy, steps an
 seconds to 90% and 95% of plain DP-SGD's final accuracy, spread over seeds) is a markdown table
 and a PNG. ``--reuse`` keeps finished runs' logs, so an interrupted experiment resumes.
 
-Defaults are sized for the 2-core CPU this project is developed on (10-15 minutes per run of
-100 steps of 512). On a GPU, ``--steps 300 --batch-size 1024 --physical-batch-size 256
---max-length 128`` is the setting of the DP fine-tuning literature (untested here: no GPU).
+Two experiments (``--experiment``; each its own arms, set-up and output folder):
+
+- ``sst2-minilm-100`` (the default): 100 steps of 512, epsilon 8 spent over the 100, linear
+  decay, evaluation every 5 steps; sized for the 2-core CPU this project is developed on
+  (10-15 minutes per run). Arms: bench/efficiency_methods.py ``METHODS``.
+- ``sst2-minilm-2048``: the early phase at B = 2048 (physical 256), where most of the encoder's
+  clean gradient stands above the detection threshold in the first steps (issue 25's probe).
+  The noise multiplier is the one that spends epsilon 8 over 100 steps (computed with the PRV
+  accountant at the loader's sampling rate, ``noise_multiplier_for``); only the first 60 are
+  run, with the learning rate decayed linearly to 0 over those 60. Stopping at 60 spends less
+  than 8: the log's epsilon is what the accountant reports for the 60 steps run (the runs are
+  paired by their public noise seed and so not private anyway). Evaluation every 3 steps;
+  checkpoints every 6 under ``bench/out/checkpoints/`` (``--reuse`` resumes an interrupted run
+  from its checkpoint; a run with a ``--noise-seed`` replays exactly). Arms:
+  ``METHODS_2048``, each with its own sweep plan (``--sweep`` with no rates). About 25 s a step
+  on 2 CPU cores (Makefile ``experiment-2048``).
+
+On a GPU, ``--steps 300 --batch-size 1024 --physical-batch-size 256 --max-length 128`` is the
+setting of the DP fine-tuning literature (untested here: no GPU).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import math
+import shutil
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
-from bench.efficiency_methods import METHODS, Method, get_method
+from bench.efficiency_methods import METHODS, METHODS_2048, Method, get_method
 from bench.efficiency_report import (
     BASELINE,
     first_reaching,
@@ -40,6 +61,7 @@ from bench.efficiency_report import (
 from rmt_kernels.glue.compare import read_log
 from rmt_kernels.glue.config import TrainConfig, logged_config
 from rmt_kernels.glue.fingerprint import versions
+from rmt_kernels.glue.privacy import calibrate, default_delta
 from rmt_kernels.glue.resume import resolve_optimisation
 from rmt_kernels.glue.train import train
 
@@ -68,6 +90,87 @@ LR_SCHEDULE = "linear"
 SEEDS = (0, 1, 2)
 DEFAULT_METHODS = tuple(METHODS)
 OUT = "bench/results/sst2-minilm-100"
+# SST-2's training split (GLUE): the sampling rate, hence the noise multiplier of a budget
+# accounted over more steps than are run, depends on it; main() checks the data has it.
+SST2_TRAIN_EXAMPLES = 67349
+ACCOUNTANT = "prv"  # rmt-glue train's default, the one the logs' epsilon comes from
+CHECKPOINTS = "bench/out/checkpoints"  # git-ignored; a finished run's folder is removed
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """One experiment's set-up: its arms, sizes, schedule and output folder.
+
+    Attributes:
+        name: the ``--experiment`` value.
+        out: where its logs, table and plot go.
+        methods: its arms, by name (``dp`` is the baseline of every target).
+        batch, physical, steps, eval_every: the defaults of the flags of the same names.
+        accounted_steps: the number of steps epsilon is spent over (the noise multiplier is
+            the one for that many steps); None: the steps run.
+        checkpoint_every: steps between checkpoints (0: none).
+        note: a paragraph for the summary on what the logs do not say.
+    """
+
+    name: str
+    out: str
+    methods: Mapping[str, Method]
+    batch: int
+    physical: int
+    steps: int
+    eval_every: int
+    accounted_steps: int | None = None
+    checkpoint_every: int = 0
+    note: str = ""
+
+
+EXPERIMENTS: dict[str, Experiment] = {
+    e.name: e
+    for e in (
+        Experiment("sst2-minilm-100", OUT, METHODS, BATCH, PHYSICAL, STEPS, EVAL_EVERY),
+        # B = 2048: at epsilon 8 the share of the clean gradient's energy above the detection
+        # threshold is 82% at step 0 and 92% at step 10, 0% from step 30 (issue 25's probe):
+        # the first 60 of 100 accounted steps hold the whole phase where shrinkage can pay.
+        # 60 steps of 2048 are 1.8 epochs of SST-2.
+        Experiment(
+            "sst2-minilm-2048",
+            "bench/results/sst2-minilm-2048",
+            METHODS_2048,
+            batch=2048,
+            physical=256,
+            steps=60,
+            eval_every=3,
+            accounted_steps=100,
+            checkpoint_every=6,
+            note=(
+                "Privacy budget: the noise multiplier is the one that spends epsilon 8 over 100 "
+                "steps (PRV accountant); only the first 60 are run, with the learning rate "
+                "decayed linearly to 0 over the 60, so the epsilon above is what the 60 steps "
+                "spent (below 8). Runs are paired by their public noise seed: experiments, not "
+                "private releases."
+            ),
+        ),
+    )
+}
+DEFAULT_EXPERIMENT = "sst2-minilm-100"
+
+
+@functools.cache
+def noise_multiplier_for(
+    epsilon: float,
+    batch_size: int,
+    accounted_steps: int,
+    train_examples: int = SST2_TRAIN_EXAMPLES,
+    accountant: str = ACCOUNTANT,
+) -> float:
+    """The noise multiplier that spends ``epsilon`` over ``accounted_steps`` steps of
+    ``rmt-glue train`` at ``batch_size``: calibrated as training calibrates it (its sampling
+    rate, one over the loader's batches per epoch, and its default delta 1 / n^1.1), so a run
+    of exactly ``accounted_steps`` steps would get the same one. Cached (the PRV search takes
+    about 15 s)."""
+    sample_rate = 1 / math.ceil(train_examples / batch_size)
+    delta = default_delta(train_examples)
+    return calibrate(epsilon, delta, sample_rate, accounted_steps, accountant)
 
 
 def default_model() -> str | None:
@@ -82,7 +185,10 @@ def default_model() -> str | None:
 def config_for(
     args: argparse.Namespace, method: Method, seed: int, lr: float, output: Path
 ) -> TrainConfig:
-    """The ``rmt-glue train`` configuration of one run."""
+    """The ``rmt-glue train`` configuration of one run (with ``--accounted-steps`` above
+    ``--steps``: the noise multiplier of the longer budget instead of ``--epsilon`` over the
+    steps run; with ``--checkpoint-every``: checkpointed under ``--checkpoints``, resumed from
+    there when a checkpoint exists)."""
     common = dict(
         task=TASK,
         data_dir=args.data_dir,
@@ -102,7 +208,21 @@ def config_for(
     )
     if method.private:
         # The same batches and noise for every method (a paired comparison; not private).
-        common.update(epsilon=args.epsilon, noise_seed=None if args.secret_noise else seed)
+        common.update(noise_seed=None if args.secret_noise else seed)
+        if args.accounted_steps is not None and args.accounted_steps != args.steps:
+            common.update(
+                noise_multiplier=noise_multiplier_for(
+                    args.epsilon, args.batch_size, args.accounted_steps
+                )
+            )
+        else:
+            common.update(epsilon=args.epsilon)
+        if args.checkpoint_every:
+            common.update(
+                checkpoint_dir=str(Path(args.checkpoints) / args.experiment / output.stem),
+                checkpoint_every=args.checkpoint_every,
+                resume=True,  # a run with no checkpoint yet just starts
+            )
     overrides = {**method.overrides, **args.override.get(method.name, {})}
     return TrainConfig(**{**common, **overrides})
 
@@ -112,12 +232,17 @@ def method_lr(args: argparse.Namespace, method: Method) -> float:
     return args.lr.get(method.name, method.lr)
 
 
+def experiment_methods(args: argparse.Namespace) -> Mapping[str, Method]:
+    """The arms of ``args.experiment``."""
+    return EXPERIMENTS[args.experiment].methods
+
+
 def run_configs(args: argparse.Namespace) -> list[tuple[str, int, TrainConfig]]:
     """(method, seed, config) of every run of the comparison (the non-private one: one seed)."""
     out = Path(args.out)
     runs = []
     for name in args.methods:
-        method = get_method(name)
+        method = get_method(name, experiment_methods(args))
         seeds = args.seeds[:1] if not method.private else args.seeds
         for seed in seeds:
             path = out / f"{name}-seed{seed}.json"
@@ -126,15 +251,18 @@ def run_configs(args: argparse.Namespace) -> list[tuple[str, int, TrainConfig]]:
 
 
 def sweep_configs(args: argparse.Namespace) -> list[tuple[str, int, TrainConfig]]:
-    """(method, seed, config) of the learning-rate sweep: every method at every ``--sweep`` lr,
-    first seed only."""
+    """(method, seed, config) of the learning-rate sweep: every method at every ``--sweep`` lr
+    (``--sweep`` with no rates: each method's own plan, ``Method.sweep``), first seed only."""
     out = Path(args.out) / "sweep"
     seed = args.seeds[0]
     runs = []
     for name in args.methods:
-        method = get_method(name)
+        method = get_method(name, experiment_methods(args))
         tag = args.tag.get(name, "")
-        for lr in args.sweep:
+        rates = args.sweep or method.sweep
+        if not rates:
+            raise SystemExit(f"--sweep: give learning rates ({name} has no sweep plan)")
+        for lr in rates:
             path = out / f"{name}{tag}-lr{lr:g}-seed{seed}.json"
             runs.append((name, seed, config_for(args, method, seed, lr, path)))
     return runs
@@ -169,17 +297,21 @@ def run_all(runs: list[tuple[str, int, TrainConfig]], reuse: bool) -> None:
                 pass
         print(f"[{i}/{len(runs)}] {method} seed {seed} lr {cfg.lr:g} -> {path}", flush=True)
         train(cfg)
+        if cfg.checkpoint_dir:
+            # Finished and logged: its checkpoint (a model and Adam's state) is not needed.
+            shutil.rmtree(cfg.checkpoint_dir, ignore_errors=True)
     print(f"all runs: {(time.perf_counter() - started) / 60:.1f} min")
 
 
 def report(args: argparse.Namespace, command: str) -> None:
     """Write the markdown table and the plot from the logs in ``args.out``."""
     out = Path(args.out)
-    logs = load_logs(out)
+    methods = experiment_methods(args)
+    logs = load_logs(out, methods)
     summary = summarise(logs)
-    text = markdown(summary, logs, command)
+    text = markdown(summary, logs, command, methods, EXPERIMENTS[args.experiment].note)
     (out / "summary.md").write_text(text)
-    plot(logs, summary, out / "sst2-minilm.png")
+    plot(logs, summary, out / "sst2-minilm.png", methods)
     print(text)
     print(f"wrote {out / 'summary.md'} and {out / 'sst2-minilm.png'}")
 
@@ -202,46 +334,83 @@ def report_sweep(args: argparse.Namespace, command: str) -> None:
         f"({time.strftime('%Y-%m-%d')})\n\nCommand: `{command}`\n\n"
         "Reference for 'step to 95%': the best final accuracy of plain DP-SGD in this sweep"
         f"{f' ({reference:.4f})' if reference else ' (none yet)'}. Best lr: highest mean of "
-        "the last evaluations.\n\n" + tuning_table(logs, reference)
+        "the last evaluations.\n\n" + tuning_table(logs, reference, experiment_methods(args))
     )
     (sweep / "sweep.md").write_text(text)
     print(text)
 
 
-def _name_value(kind):
-    """argparse type for NAME=VALUE pairs."""
+def check_train_examples(data_dir: str) -> None:
+    """Refuse a training split of another size than :data:`SST2_TRAIN_EXAMPLES`: the noise
+    multiplier of a budget accounted over more steps than run is computed from that size.
+
+    Raises:
+        SystemExit: naming both sizes.
+    """
+    from rmt_kernels.glue.data import load_local_split
+    from rmt_kernels.glue.tasks import get_task
+
+    n = len(load_local_split(get_task(TASK), "train", data_dir))
+    if n != SST2_TRAIN_EXAMPLES:
+        raise SystemExit(
+            f"--data-dir {data_dir}: SST-2's training split has {n} examples, not "
+            f"{SST2_TRAIN_EXAMPLES}; --accounted-steps computes the noise multiplier from the "
+            "latter (give --accounted-steps equal to --steps to calibrate on the data instead)"
+        )
+
+
+def _name_value(kind, methods: Mapping[str, Method]):
+    """argparse type for NAME=VALUE pairs (NAME one of ``methods``)."""
 
     def parse(text: str):
         name, sep, value = text.partition("=")
         if not sep:
             raise argparse.ArgumentTypeError(f"expected METHOD=VALUE, got {text!r}")
-        get_method(name)
+        get_method(name, methods)
         return name, kind(value)
 
     return parse
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(experiment: str = DEFAULT_EXPERIMENT) -> argparse.ArgumentParser:
+    """The command line, its defaults and method choices those of ``experiment``."""
+    e = EXPERIMENTS[experiment]
     p = argparse.ArgumentParser(
         prog="python -m bench.sample_efficiency",
         description="DP-SGD vs post-processed DP-SGD on SST-2: steps to target accuracy.",
     )
+    p.add_argument(
+        "--experiment",
+        choices=list(EXPERIMENTS),
+        default=DEFAULT_EXPERIMENT,
+        help="which set-up (arms, sizes, output folder): the module docstring",
+    )
     p.add_argument("--data-dir", default="../shared/data/glue", help="local GLUE folder")
     p.add_argument("--model", default=default_model(), help="default: the MiniLM package")
-    p.add_argument("--out", default=OUT, help="logs, table and plot")
-    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=list(METHODS))
+    p.add_argument("--out", default=e.out, help="logs, table and plot")
+    p.add_argument("--methods", nargs="+", default=list(e.methods), choices=list(e.methods))
     p.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
-    p.add_argument("--steps", type=int, default=STEPS)
-    p.add_argument("--batch-size", type=int, default=BATCH)
-    p.add_argument("--physical-batch-size", type=int, default=PHYSICAL)
+    p.add_argument("--steps", type=int, default=e.steps)
+    p.add_argument(
+        "--accounted-steps",
+        type=int,
+        default=e.accounted_steps,
+        help="spend --epsilon over this many steps (the noise multiplier of that budget) and "
+        "run only --steps of them (default: the steps run)",
+    )
+    p.add_argument("--batch-size", type=int, default=e.batch)
+    p.add_argument("--physical-batch-size", type=int, default=e.physical)
     p.add_argument("--max-length", type=int, default=MAX_LENGTH)
-    p.add_argument("--eval-every", type=int, default=EVAL_EVERY)
+    p.add_argument("--eval-every", type=int, default=e.eval_every)
+    p.add_argument("--checkpoint-every", type=int, default=e.checkpoint_every)
+    p.add_argument("--checkpoints", default=CHECKPOINTS, help="where runs keep checkpoints")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--epsilon", type=float, default=EPSILON)
     p.add_argument("--max-grad-norm", type=float, default=MAX_GRAD_NORM)
     p.add_argument("--pooling", choices=("cls", "mean"), default=POOLING)
     p.add_argument(
         "--lr",
-        type=_name_value(float),
+        type=_name_value(float, e.methods),
         action="append",
         default=[],
         metavar="METHOD=LR",
@@ -249,7 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--override",
-        type=_name_value(json.loads),
+        type=_name_value(json.loads, e.methods),
         action="append",
         default=[],
         metavar="METHOD=JSON",
@@ -258,13 +427,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--tag",
-        type=_name_value(str),
+        type=_name_value(str, e.methods),
         action="append",
         default=[],
         metavar="METHOD=TAG",
         help="suffix of a method's sweep log names (to sweep an --override too)",
     )
-    p.add_argument("--sweep", type=float, nargs="+", help="learning rates to try, first seed")
+    p.add_argument(
+        "--sweep",
+        type=float,
+        nargs="*",
+        help="learning rates to try, first seed (none given: each method's sweep plan)",
+    )
     p.add_argument(
         "--secret-noise",
         action="store_true",
@@ -277,8 +451,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """The command line, with the repeatable METHOD=VALUE options as dicts by method."""
-    args = build_parser().parse_args(argv)
+    """The command line (its defaults those of ``--experiment``), with the repeatable
+    METHOD=VALUE options as dicts by method."""
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("--experiment", choices=list(EXPERIMENTS), default=DEFAULT_EXPERIMENT)
+    known, _ = first.parse_known_args(argv)
+    args = build_parser(known.experiment).parse_args(argv)
     for name in ("lr", "override", "tag"):
         setattr(args, name, dict(getattr(args, name)))
     return args
@@ -290,6 +468,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     given = sys.argv[1:] if argv is None else argv
     command = " ".join(["python -m bench.sample_efficiency", *given])
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     if not args.summary_only:
         if args.model is None:
             raise SystemExit(
@@ -298,8 +480,11 @@ def main(argv: list[str] | None = None) -> int:
             )
         if not Path(args.data_dir, "SST-2", "train.tsv").is_file():
             raise SystemExit(f"--data-dir {args.data_dir}: no SST-2/train.tsv there")
-        run_all(sweep_configs(args) if args.sweep else run_configs(args), args.reuse)
-    if args.sweep:
+        if args.accounted_steps is not None and args.accounted_steps != args.steps:
+            check_train_examples(args.data_dir)
+        runs = sweep_configs(args) if args.sweep is not None else run_configs(args)
+        run_all(runs, args.reuse)
+    if args.sweep is not None:
         report_sweep(args, command)
     else:
         report(args, command)
@@ -311,10 +496,13 @@ if __name__ == "__main__":
 
 
 __all__ = [
+    "EXPERIMENTS",
+    "Experiment",
     "first_reaching",
     "load_logs",
     "main",
     "markdown",
+    "noise_multiplier_for",
     "parse_args",
     "summarise",
     "versions",
