@@ -32,6 +32,17 @@ def first_reaching(log: dict, target: float, metric: str = "accuracy") -> tuple[
     return None
 
 
+def samples_per_second(log: dict) -> float:
+    """Training throughput of a run: its last evaluation's ``samples_per_s``, or for a private
+    run (whose log keeps the exact batch sizes out) the expected examples per second, steps per
+    second times the expected batch size (public: sampling rate x training examples)."""
+    last = log["evals"][-1]
+    if last.get("samples_per_s") is not None:
+        return last["samples_per_s"]
+    derived = log["derived"]
+    return last["steps_per_s"] * derived["sample_rate"] * derived["train_examples"]
+
+
 def tail_accuracy(log: dict, evals: int = TAIL_EVALS) -> float:
     """Mean dev accuracy over the last ``evals`` evaluations of a run."""
     tail = [r["accuracy"] for r in log["evals"][-evals:]]
@@ -75,7 +86,7 @@ def summarise(logs: dict[str, list[dict]]) -> dict:
             "lr": runs[0]["config"]["lr"],
             "final": [log["evals"][-1]["accuracy"] for log in runs],
             "tail": [tail_accuracy(log) for log in runs],
-            "samples_per_s": [log["evals"][-1]["samples_per_s"] for log in runs],
+            "samples_per_s": [samples_per_second(log) for log in runs],
         }
         for fraction, target in summary["targets"].items():
             row[fraction] = [first_reaching(log, target) for log in runs]

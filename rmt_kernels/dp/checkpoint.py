@@ -73,6 +73,15 @@ many steps were charged. This covers the run resumed after an out-of-memory cras
 the caller's own training loop (loss, augmentation, collate): change it and pass another
 ``data_fingerprint`` (or none), never the same one.
 
+One process at a time: the first to attach, save or load the ledger takes an exclusive lock
+(``flock`` on ``<checkpoint>.ledger.lock``) held until it ends, and another process (a restarted
+job whose old process still lives, a second resume of the same checkpoint) is refused with a
+:class:`CheckpointError`: two processes sharing a ledger would each take the other's lines for
+replayed steps of their own and under-count.
+
+A checkpoint and its data sidecar are both written and synced under temporary names before
+either is renamed into place, so a write that fails (a full disk) leaves the previous pair intact.
+
 A run killed before its first checkpoint left a ledger and no checkpoint: :func:`attach_ledger`
 with ``charge_existing=True`` starts it over in its place, counting every recorded step (with the
 noise multiplier and sampling rate the ledger line records) and re-keying the noise.
@@ -179,7 +188,48 @@ class PrivacyLedger:
             os.fsync(f.fileno())
 
 
+# The ledgers this process holds the lock of: resolved lock path -> open file (kept open, and
+# so locked, until the process ends).
+_HELD_LOCKS: dict[Path, object] = {}
+
+
+def lock_ledger(path: str | os.PathLike) -> None:
+    """Take the exclusive lock of the ledger of the checkpoint at ``path`` for the rest of this
+    process's life (``<checkpoint>.ledger.lock``, ``flock``; a no-op if this process holds it).
+
+    Two processes on one ledger (a restarted job whose old process still lives, two resumes of
+    one checkpoint) would each count the other's lines as replayed steps of their own and
+    under-count epsilon (15 steps used data, 11 charged): the second one is refused.
+
+    Raises:
+        CheckpointError: another process holds the lock.
+    """
+    import fcntl
+
+    lock = Path(f"{ledger_path(path)}.lock").resolve()
+    if lock in _HELD_LOCKS:
+        return
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(lock, "a+")  # noqa: SIM115 (held open: the lock lives as long as the file)
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise CheckpointError(
+            f"privacy ledger {ledger_path(path)} is in use by another process (pid {holder}): "
+            "two runs on one ledger would under-count the privacy spent; stop the other run "
+            "first (or checkpoint elsewhere)"
+        ) from None
+    handle.truncate(0)
+    handle.write(str(os.getpid()))
+    handle.flush()
+    _HELD_LOCKS[lock] = handle
+
+
 def _open_ledger(engine, path: str | os.PathLike) -> PrivacyLedger:
+    lock_ledger(path)
     ledger = PrivacyLedger(ledger_path(path))
     ledger.mechanism = (engine.noise_multiplier, engine.sample_rate)
     return ledger
@@ -399,13 +449,22 @@ def save_checkpoint(
         }
         buffer = io.BytesIO()
         torch.save(payload, buffer)
-        # The sidecar first: a crash between the two writes leaves the old checkpoint with a
-        # sidecar of another id, which is unverifiable (re-key and charge), never a mismatch
-        # taken for a match.
         sidecar = io.BytesIO()
         torch.save({"data_id": data_id, "data": data}, sidecar)
-        _write_atomically(data_path(path), sidecar.getvalue())
-        _write_atomically(Path(path), buffer.getvalue())
+        # Both files are written and synced under temporary names before either is renamed: a
+        # write that fails (a full disk) leaves the previous checkpoint and its sidecar as they
+        # were. The sidecar is renamed first: a crash between the two renames leaves the old
+        # checkpoint with a sidecar of another id, which is unverifiable (re-key and charge),
+        # never a mismatch taken for a match.
+        written = []
+        try:
+            for target, content in ((data_path(path), sidecar), (Path(path), buffer)):
+                written.append((_write_temporary(target, content.getvalue()), target))
+            for tmp, target in written:
+                _commit(tmp, target)
+        finally:
+            for tmp, _ in written:
+                tmp.unlink(missing_ok=True)
     _barrier(engine)
 
 
@@ -426,7 +485,9 @@ def _barrier(engine) -> None:
         dist.barrier(group=engine.process_group)
 
 
-def _write_atomically(path: Path, payload: bytes) -> None:
+def _write_temporary(path: Path, payload: bytes) -> Path:
+    """``payload`` with its header in a synced temporary sibling of ``path``; returns its path.
+    On an error (a full disk) the temporary file is removed and ``path`` is untouched."""
     header = _HEADER.pack(MAGIC, FORMAT_VERSION, len(payload), hashlib.sha256(payload).digest())
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -436,9 +497,15 @@ def _write_atomically(path: Path, payload: bytes) -> None:
             f.write(payload)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
+    except BaseException:
         tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def _commit(tmp: Path, path: Path) -> None:
+    """Rename the synced ``tmp`` onto ``path`` and make the rename durable."""
+    os.replace(tmp, path)
     # The rename is durable only once the folder's entry is on disk.
     fd = os.open(path.parent, os.O_RDONLY)
     try:
@@ -580,6 +647,7 @@ def load_checkpoint(
     saved = state["engine"]
     entries = None
     if engine.rank == 0:
+        lock_ledger(path)  # before reading: no other process may append from now on
         entries = PrivacyLedger(ledger_path(path)).entries()
     entries = distributed.broadcast_object(entries, engine.process_group)
     if len(entries) < saved["ledger_lines"]:

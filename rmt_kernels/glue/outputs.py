@@ -43,6 +43,33 @@ def check_outputs(cfg: TrainConfig) -> None:
     if cfg.checkpoint_dir:
         folder = Path(cfg.checkpoint_dir)
         _check_writable_folder(folder, "--checkpoint-dir", folder)
+        _check_no_collision(cfg, folder)
+
+
+def _check_no_collision(cfg: TrainConfig, folder: Path) -> None:
+    """Raise ValueError if ``--output`` or ``--save`` would overwrite the checkpoint, its privacy
+    ledger or its data sidecar (the log's rename would replace the checkpoint, or destroy the
+    ledger and with it the record of the privacy spent; ``--save`` renames a whole folder)."""
+    from rmt_kernels.dp.checkpoint import data_path, ledger_path
+
+    checkpoint = folder / "checkpoint.pt"
+    kept = [checkpoint, ledger_path(checkpoint), data_path(checkpoint)]
+    kept = [p.resolve() for p in kept] + [folder.resolve()]
+    if cfg.output:
+        out = Path(cfg.output).resolve()
+        if out in kept:
+            raise ValueError(
+                f"--output {cfg.output} is a file of --checkpoint-dir {cfg.checkpoint_dir} (the "
+                "checkpoint, its privacy ledger or data sidecar): give another file"
+            )
+    if cfg.save:
+        save = Path(cfg.save).resolve()
+        # save_model replaces the whole folder: it must not hold the checkpoint's files.
+        if save in kept or save in folder.resolve().parents:
+            raise ValueError(
+                f"--save {cfg.save} would replace --checkpoint-dir {cfg.checkpoint_dir} (the "
+                "checkpoint and its privacy ledger): give a folder outside it"
+            )
 
 
 def json_safe(value):

@@ -197,16 +197,25 @@ class Checkpointer:
             # What a resume may not change (resolve_optimisation).
             "stages": {**stages.flags(cfg), "lr_schedule": cfg.lr_schedule},
         }
-        save_checkpoint(
-            self.plan.path,
-            model,
-            optimizer,
-            loader,
-            {
-                **state,
-                "evals": evals,
-                "config": optimisation,
-                "settings": self.settings,
-            },
-            data_fingerprint=self.data_fingerprint,
-        )
+        try:
+            save_checkpoint(
+                self.plan.path,
+                model,
+                optimizer,
+                loader,
+                {
+                    **state,
+                    "evals": evals,
+                    "config": optimisation,
+                    "settings": self.settings,
+                },
+                data_fingerprint=self.data_fingerprint,
+            )
+        except OSError as err:
+            # A full disk or a vanished folder: the checkpoint and its sidecar are written under
+            # temporary names first, so the previous checkpoint is intact (exit 2, no traceback).
+            raise ValueError(
+                f"--checkpoint-dir {cfg.checkpoint_dir}: cannot write the checkpoint at step "
+                f"{state['step']} ({err.strerror or err}); the previous checkpoint is intact: "
+                "free space and continue with --resume"
+            ) from None
