@@ -62,18 +62,22 @@ def make_private(
       input of leading size 1, such as BERT's position ids, is a broadcast shared by the batch
       and gets one copy per example);
     - no op mixes examples: at the first forward of a batch with two examples or more the model
-      is run again with gradients enabled (nothing kept, no ``.grad`` written) for example
-      k = 0, B - 1 and two OS-random interior rows, giving example k's inputs random values and
-      perturbing its rows in every tracked layer's output; every other example's rows (in every
-      tracked layer and in every model output whose dim 0 is the batch) must stay unchanged, and
-      a backward from row k of the outputs must leave every tracked layer's output gradient
-      zero outside row k. This catches a
-      sequence-first model even with T == B, flattened (B*T, d) layers, attention or pooling
-      over dim 0, BatchNorm batch statistics, losses over pairs of outputs and mixing in
-      backward only (a custom autograd Function, a tensor hook); a tracked layer's input
-      modified in place after the layer ran is refused at every step. *Assumed*: the
-      loss is a sum (``loss_reduction="sum"``) or mean over examples of a function of the model
-      output's row b, and the model's data-dependent branches that the verified batch did not
+      is run again with gradients enabled (nothing kept, no ``.grad`` written), once as is and
+      once per row set of :func:`rmt_kernels.dp.engine.layout_row_sets` (2 * ceil(log2 B) sets
+      splitting every pair of rows), giving those examples' inputs random values and perturbing
+      their rows in every tracked layer's output; every other example's rows (in every tracked
+      layer and in every model output whose dim 0 is the batch) must stay unchanged, and a
+      backward through the whole graph from the other rows of the outputs must give every
+      tracked layer the unchanged batch's output gradient on those rows and zero on the
+      perturbed ones; then all again at 2^40 times the perturbation (tiny always-on mixing).
+      This catches a sequence-first model even with T == B, flattened (B*T, d) layers,
+      attention or pooling over dim 0, BatchNorm batch statistics, losses over pairs of
+      outputs and mixing in backward at any tracked layer (a custom autograd Function, a
+      tensor hook); a tracked layer's input modified after the layer ran (in place or through
+      ``.data``) is refused at every step. *Assumed*: the loss is a sum
+      (``loss_reduction="sum"``) or mean over examples of a function of the model output's
+      row b (not a mean over tokens, as Hugging Face's MLM, CLM and token-classification heads
+      compute it), and the model's data-dependent branches that the verified batch did not
       take mix no examples either (``verify_layout=False`` skips the check: then the whole
       layout is assumed);
     - each trainable parameter is used only inside its own module's forward, once per forward
