@@ -1,6 +1,9 @@
 """Privacy invariants of the fused ops: removing one example moves the pre-noise clipped sum of a
 small model (Linear + bias, Embedding, LayerNorm) by at most C, and every parameter has a rule."""
 
+import copy
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -11,15 +14,17 @@ from rmt_kernels import dp_ops
 C = 1.0
 
 
-def _batch(B, T, adversarial):
+def _batch(B, T, kind):
     emb, lin, ln = nn.Embedding(11, 6), nn.Linear(6, 5), nn.LayerNorm(5)
     ids = torch.randint(0, 11, (B, T))
     h = torch.randn(B, T, 6)
     z = torch.randn(B, T, 5)
     dys = {"emb": torch.randn(B, T, 6), "lin": torch.randn(B, T, 5), "ln": torch.randn(B, T, 5)}
-    if adversarial:  # one example with a gradient ~1e6 times the others'
-        for dy in dys.values():
+    for dy in dys.values():
+        if kind == "adversarial":  # one example with a gradient ~1e6 times the others'
             dy[B // 2] *= 1e6
+        if kind == "small":  # every gradient below C: nothing is clipped
+            dy *= 1e-2
     layers = [(emb, ids, dys["emb"]), (lin, h, dys["lin"]), (ln, z, dys["ln"])]
     return layers
 
@@ -39,16 +44,32 @@ def _clipped_sums(layers, keep):
     return torch.cat(parts)
 
 
-@pytest.mark.parametrize("adversarial", [False, True])
+def _example_norm(layers, k: int) -> float:
+    """Example k's gradient norm over all parameters, by float64 autograd on that example."""
+    total = 0.0
+    for m, x, dy in layers:
+        m64 = copy.deepcopy(m).double()
+        inp = x[k : k + 1] if x.dtype == torch.long else x[k : k + 1].double()
+        grads = torch.autograd.grad(m64(inp), list(m64.parameters()), dy[k : k + 1].double())
+        total += sum(g.square().sum().item() for g in grads)
+    return math.sqrt(total)
+
+
+@pytest.mark.parametrize("kind", ["ordinary", "adversarial", "small"])
 @pytest.mark.parametrize(("B", "T"), [(6, 4), (1, 3), (5, 1)])
-def test_removing_one_example_moves_the_sum_by_at_most_c(B, T, adversarial):
-    layers = _batch(B, T, adversarial)
+def test_removing_one_example_moves_the_sum_by_at_most_c(B, T, kind):
+    layers = _batch(B, T, kind)
     full = _clipped_sums(layers, torch.arange(B))
     for k in range(B):
         keep = torch.tensor([b for b in range(B) if b != k], dtype=torch.long)
         without = torch.zeros_like(full) if len(keep) == 0 else _clipped_sums(layers, keep)
+        moved = (full - without).norm().item()
         # float32 sums of terms up to C each: allow rounding of a few ulps of the sum's scale.
-        assert (full - without).norm().item() <= C * (1 + 1e-4)
+        assert moved <= C * (1 + 1e-4)
+        # ... and from below: the sum moves by example k's whole clipped gradient, min(C, |g_k|)
+        # by the float64 reference (a rule that clips it further, or to nothing, fails).
+        expected = min(C, _example_norm(layers, k))
+        assert moved == pytest.approx(expected, rel=1e-4), (k, moved, expected)
 
 
 def test_unknown_layer_is_an_error_and_rules_can_be_registered():
