@@ -154,6 +154,43 @@ def test_gaussian_epsilon_closed_form():
     assert acc.get_epsilon(1e-6) == pytest.approx(gaussian_epsilon(0.5, 1e-6), rel=0.02)
 
 
+def _balle_wang_delta(eps, mu):
+    """Balle and Wang (2018), Theorem 8, in 50-digit arithmetic (mpmath), independent of
+    rmt_kernels.audit.gaussian: delta(eps) = Phi(-eps/mu + mu/2) - e^eps Phi(-eps/mu - mu/2)."""
+    import mpmath
+
+    mpmath.mp.dps = 50
+    e, m = mpmath.mpf(eps), mpmath.mpf(mu)
+    return mpmath.ncdf(-e / m + m / 2) - mpmath.exp(e) * mpmath.ncdf(-e / m - m / 2)
+
+
+@pytest.mark.parametrize(
+    ("mu", "delta", "expected"),
+    # The audit tests' claims: 4 steps of sigma 8, 7 steps of sigma 8 (delta 1e-12), 2 steps
+    # of sigma sqrt(2) (delta 1e-6).
+    [(0.25, 1e-12, 1.669), (7**0.5 / 8, 1e-12, 2.235), (1.0, 1e-6, 4.887)],
+)
+def test_gaussian_epsilon_matches_balle_wang(mu, delta, expected):
+    """gaussian_epsilon against the analytic Gaussian mechanism computed independently: its
+    epsilon gives back delta to 1e-6 relative, epsilon 1e-6 smaller is not enough (delta
+    there is larger), and the values are the ones the audit tests' docstrings state."""
+    eps = gaussian_epsilon(mu, delta)
+    assert eps == pytest.approx(expected, abs=5e-4)
+    assert float(_balle_wang_delta(eps, mu)) == pytest.approx(delta, rel=1e-6)
+    assert float(_balle_wang_delta(eps - 1e-6, mu)) > delta
+
+
+def test_gaussian_delta_matches_balle_wang_at_known_points():
+    # At eps = 0 delta is the total variation distance of N(0, 1) and N(mu, 1): 2 Phi(mu/2) - 1.
+    from scipy.stats import norm
+
+    for mu in (0.1, 1.0, 3.0):
+        assert gaussian_delta(0.0, mu) == pytest.approx(2 * norm.cdf(mu / 2) - 1, rel=1e-12)
+    for eps, mu in ((0.5, 0.5), (1.0, 1.0), (3.0, 2.0), (10.0, 2.0), (20.0, 4.0)):
+        ref = float(_balle_wang_delta(eps, mu))
+        assert gaussian_delta(eps, mu) == pytest.approx(ref, rel=1e-9, abs=1e-300)
+
+
 def _gaussian_scores(m, mu, seed):
     inc = draw_inclusion(m, seed)
     return np.random.default_rng([seed, 1]).normal(size=m) + mu * inc, inc

@@ -3,8 +3,10 @@
     rmt-audit --noise-multiplier 1 --steps 16 --canaries 4096 --json audit.json
 
 trains a Dirac-canary model through ``make_private`` (:mod:`rmt_kernels.audit.whitebox`) and
-prints the accountant's epsilon, the audit's lower bound and its confidence. A bound above the
-accountant's epsilon is a privacy bug. ``--method`` picks the bound: ``fdp`` (the f-DP one-run
+prints the accountant's epsilon, the audit's lower bound and its confidence (the best of the
+summed, per-step and cross-parameter pair scores) and the sensitivity check. A bound above the
+accountant's epsilon, or a canary score outside what clipping and the claimed noise allow, is a
+privacy bug. ``--method`` picks the bound: ``fdp`` (the f-DP one-run
 bound on mu-GDP, :mod:`rmt_kernels.audit.fdp`; the default at sample rate 1, where the claim is
 Gaussian) or ``steinke`` (the (eps, delta) bound; the default below sample rate 1).
 ``--processes N`` runs the audit on N gloo processes (:mod:`rmt_kernels.audit.distributed`; no
@@ -126,8 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.processes} process{'es' if args.processes > 1 else ''})"
     )
     print(
-        f"audit lower bound:   {a.epsilon:.4f}  (confidence {1 - a.p_fail:g}; "
-        f"{a.correct}/{a.guesses} guesses right of {a.canaries} canaries)"
+        f"audit lower bound:   {a.epsilon:.4f}  (confidence {1 - cfg.p_fail:g}, from the "
+        f"{res.family} score; {a.correct}/{a.guesses} guesses right of {a.canaries} canaries)"
     )
     if a.mu is not None:
         print(
@@ -136,7 +138,21 @@ def main(argv: list[str] | None = None) -> int:
         )
     else:
         print("method:              steinke ((eps, delta) one-run bound)")
-    verdict = "BUG: above the accountant" if a.epsilon > res.accountant_epsilon else "consistent"
+    check = res.sensitivity
+    if check is None:
+        print("sensitivity check:   not applicable (denoised release)")
+    else:
+        print(
+            f"sensitivity check:   largest step score {check.step_excess:.2f} sigma out "
+            f"(threshold {check.step_threshold:.2f}), largest sum {check.sum_excess:.2f} "
+            f"(threshold {check.sum_threshold:.2f})"
+        )
+    if not res.bug:
+        verdict = "consistent"
+    elif a.epsilon > res.accountant_epsilon:
+        verdict = "BUG: above the accountant"
+    else:
+        verdict = "BUG: a canary moved the release by more than clipping and the noise allow"
     print(f"verdict:             {verdict}")
     if args.json:
         with open(args.json, "w") as f:
