@@ -5,6 +5,7 @@ model, compare runs' logs.
         --epsilon 8 --batch-size 256 --physical-batch-size 64 --epochs 1 --output run.json
     rmt-glue evaluate --task sst2 --data-dir ../shared/data/glue --model SAVED_DIR
     rmt-glue compare dp.json dp-denoise.json --output curves.png
+    rmt-glue probe --task sst2 ... --snapshots 0 10 --output-dir probe   # NOT private
     torchrun --nproc-per-node 2 -m rmt_kernels.glue train ... --checkpoint-dir ckpt [--resume]
 
 Errors a user can act on (missing data, unknown task, unreachable epsilon, unwritable outputs,
@@ -239,6 +240,12 @@ def _add_compare(sub) -> None:
     p.add_argument("--labels", nargs="+", help="one legend label per log (default: derived)")
 
 
+def _add_probe(sub) -> None:
+    from rmt_kernels.glue.probe import PROBE_DESCRIPTION, PROBE_HELP, add_arguments
+
+    add_arguments(sub.add_parser("probe", help=PROBE_HELP, description=PROBE_DESCRIPTION))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rmt-glue", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -247,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_evaluate(sub)
     _add_compare(sub)
+    _add_probe(sub)
     return parser
 
 
@@ -354,6 +362,10 @@ def _run(args: argparse.Namespace) -> int:
             _train(args)
         elif args.command == "evaluate":
             _evaluate(args)
+        elif args.command == "probe":
+            from rmt_kernels.glue.probe import probe_command
+
+            probe_command(args)
         else:
             from rmt_kernels.glue.compare import compare
 
