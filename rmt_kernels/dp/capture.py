@@ -409,17 +409,23 @@ class LayerCapture:
         return any(layer.activation is not None for layer in self.layers)
 
     def take(self) -> list[tuple[TrackedLayer, torch.Tensor, torch.Tensor]]:
-        """(layer, input, output gradient) of the last batch, and forget them.
+        """(layer, input, output gradient) of the last batch for every layer that ran forward,
+        and forget them.
+
+        A tracked layer that did not run in this batch (skipped by stochastic depth or
+        LayerDrop, or unused) is left out: every example's gradient of its parameters is zero,
+        which is what it contributes to the clipped sums (the engine still adds the noise to
+        every one of its coordinates).
 
         Raises:
-            RuntimeError: a layer did not run forward, or ran but backward never reached it (call
+            RuntimeError: a layer ran forward but backward never reached it (call
                 ``loss.backward()`` before ``step()``; a layer that does not influence the loss
                 must be frozen), or its input was modified after it ran.
         """
         out = []
         for layer in self.layers:
             if layer.activation is None:
-                raise RuntimeError(f"DP engine: layer '{layer.name}' did not run forward")
+                continue
             self._check_unchanged(layer)
             if layer.grad_output is None:
                 raise RuntimeError(

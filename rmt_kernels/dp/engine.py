@@ -44,7 +44,13 @@ from torch import nn
 
 from rmt_kernels._checks import SEED_LIMIT  # the ops' signed 64-bit noise key: [0, 2^63)
 from rmt_kernels.dp import distributed
-from rmt_kernels.dp.capture import LayerCapture, LayoutError, TrackedLayer, trainable_layers
+from rmt_kernels.dp.capture import (
+    LayerCapture,
+    LayoutError,
+    ModelHook,
+    TrackedLayer,
+    trainable_layers,
+)
 from rmt_kernels.dp.chain import (
     build_chain,
     first_denoiser,
@@ -217,7 +223,12 @@ class PrivateEngine:
         # The noise std each stage was given at the last step recorded (for the statistics).
         self._stage_sigmas: list[float] | None = None
         self.capture = LayerCapture(self.layers)
-        self._hooks = [model.register_forward_pre_hook(self._before_forward, with_kwargs=True)]
+        # Prepended: it must run before the capture's pre-hook when the model is itself a
+        # tracked layer (nn.Linear as a logistic regression), or restoring the parameters'
+        # requires_grad would undo what that pre-hook switched off for the forward.
+        self._hooks = [
+            model.register_forward_pre_hook(_EngineHook(self), with_kwargs=True, prepend=True)
+        ]
         # A tracked parameter's own module turns its requires_grad off while it runs, so autograd
         # reaches the parameter only through some other use: refuse that gradient (it would be
         # lost, or trained on unclipped) the moment backward computes it.
@@ -563,8 +574,9 @@ class PrivateEngine:
         a checkpoint must not be written then."""
         return self.capture.pending() or bool(self._sums)
 
-    def _accumulate(self, noise_std: float) -> None:
-        """Fold the held physical batch into the clipped sums, adding noise if asked."""
+    def _accumulate(self, noise_std: float) -> set[str]:
+        """Fold the held physical batch into the clipped sums, adding noise if asked; the keys
+        of the parameters folded in (those of the layers that ran)."""
         captured = self._grad_outputs(self.capture.take())
         # Dividing by the expected batch size is folded into the clip factors and the noise std
         # (noise_std arrives already divided), so the sums come out averaged with no extra pass.
@@ -572,6 +584,7 @@ class PrivateEngine:
         # could round below the certified bound (invariant 6).
         scale = clip_scales(self.per_parameter_sq_norms(captured), self.max_grad_norm)
         scale = scale / self.expected_batch_size
+        folded: set[str] = set()
         for layer, x, dy in captured:
             index = {name: self._param_index[id(p)] for name, p in layer.params.items()}
             offsets = {
@@ -589,6 +602,8 @@ class PrivateEngine:
                 self._sums[key] = (
                     sums[name] if key not in self._sums else self._sums[key] + sums[name]
                 )
+                folded.add(key)
+        return folded
 
     # ---------------------------------------------------------------------------------------
     # Logical step
@@ -634,10 +649,11 @@ class PrivateEngine:
         (seed, step, parameter index).
         """
         noise_std = self.sigma() if self.rank == 0 else 0.0
-        noised = set()
+        noised: set[str] = set()
         if self.capture.pending():
-            self._accumulate(noise_std=noise_std)
-            noised = set(self._sums)
+            # Only the parameters of the layers that ran in this last batch: one skipped there
+            # (LayerDrop) may hold a sum of earlier batches that has no noise yet.
+            noised = self._accumulate(noise_std=noise_std)
         for i, (key, (_, _, p)) in enumerate(zip(self.param_names, self.params, strict=True)):
             if key not in self._sums:  # an empty logical batch: noise alone
                 self._sums[key] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
@@ -848,6 +864,17 @@ class PrivateEngine:
         for handle in self._hooks:
             handle.remove()
         self._hooks = []
+
+
+class _EngineHook(ModelHook):
+    """The model's forward pre-hook (a ModelHook: a pickle of the model holds none of the
+    engine)."""
+
+    def __init__(self, engine: PrivateEngine) -> None:
+        self.engine = engine
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self.engine._before_forward(module, args, kwargs)
 
 
 def _refuse_direct_use(name: str):
