@@ -159,11 +159,27 @@ def test_crafted_linear_bias_example_moves_the_released_sum_by_at_most_c():
 
 
 def _norm_checks(norms: torch.Tensor, exact: float, wrapped) -> None:
-    """The stored norm bounds the exact one, and its clip factor keeps it at <= C."""
+    """The stored norm bounds the exact one, and its clip factor keeps it at <= C; the factor
+    is min(1, C / stored norm) (rounded down), not less: an example is not clipped to nothing."""
     assert float(norms[-1]) >= exact, (float(norms[-1]), exact)
     scale = wrapped.get_clipping_coef()
     assert torch.isfinite(scale).all() and (scale >= 0).all() and (scale <= 1).all()
     assert float(scale[-1]) * exact <= C, (float(scale[-1]), exact)
+    expected = (C / norms.double()).clamp(max=1.0)
+    torch.testing.assert_close(scale.double(), expected, rtol=1e-6, atol=0.0)
+
+
+def _release_checks(make, x, crafted: torch.Tensor, ordinary: torch.Tensor) -> None:
+    """The released sum's movement. The crafted example (targets ``crafted``) moves it by at
+    most C; no lower bound holds for it, since its float32 contribution itself cancels (the
+    c_b M terms round away c_b a, as in Opacus's norm). The same batch with an ordinary
+    last example of gradient norm far above C (targets ``ordinary``) moves it by C within the
+    rounding RELEASE_RTOL allows: a rule that clips to less, or to nothing, fails."""
+    moved, _ = _moved(DenoisingPrivacyEngine, make, x, crafted)
+    assert moved <= C * (1 + RELEASE_RTOL), moved
+    moved, norms = _moved(DenoisingPrivacyEngine, make, x, ordinary)
+    assert float(norms[-1]) > 10 * C
+    assert C * (1 - RELEASE_RTOL) <= moved <= C * (1 + RELEASE_RTOL), moved
 
 
 # Rows [M, a, -M] (M = 2^30): in float32, M + a rounds to M (a below half an ulp of M), so a
@@ -186,6 +202,9 @@ def test_crafted_embedding_example_with_repeated_ids_is_bounded():
 
     norms, _, wrapped = _step(DenoisingPrivacyEngine, make(), ids, t)
     _norm_checks(norms, exact, wrapped)
+    ordinary = t.clone()
+    ordinary[-1] = 40.0 * torch.randn(3, d, generator=gen)  # norm ~80, nothing cancels
+    _release_checks(make, ids, t, ordinary)
     plain, _, _ = _step(PrivacyEngine, make(), ids, t)
     assert float(plain[-1]) < 0.5 * exact, float(plain[-1])  # Opacus: 0, i.e. factor 1
 
@@ -209,6 +228,9 @@ def test_crafted_layernorm_example_is_bounded():
 
     norms, _, wrapped = _step(DenoisingPrivacyEngine, make(), x, t)
     _norm_checks(norms, exact, wrapped)
+    ordinary = t.clone()
+    ordinary[-1] = 20.0 * torch.randn(3, d, generator=gen)  # norm ~60, nothing cancels
+    _release_checks(make, x, t, ordinary)
     plain, _, _ = _step(PrivacyEngine, make(), x, t)
     assert float(plain[-1]) < 0.5 * exact, float(plain[-1])  # Opacus: 0
 

@@ -202,6 +202,19 @@ def test_every_branch_of_the_launchers_is_reached(captured):
         assert dtypes == {"float32", "bfloat16", "float16"}, (kernel, dtypes)
 
 
+def test_sm_100_is_built_with_the_pinned_triton():
+    """The README says `make test` builds for sm_100 too: aot.supported_archs() drops it on any
+    failure to run its ptxas, so that must fail here rather than pass with a printed line. The
+    one documented exception: a triton wheel that ships no Blackwell ptxas at all (no
+    ``knobs.nvidia.ptxas_blackwell``; the pinned triton 3.6.0 has one)."""
+    nvidia = getattr(getattr(triton, "knobs", None), "nvidia", None)
+    knobs = [] if nvidia is None else [vars(c) for c in type(nvidia).__mro__]
+    if not any("ptxas_blackwell" in k for k in knobs):
+        pytest.skip(f"triton {triton.__version__} ships no ptxas for sm_100 (ptxas-blackwell)")
+    archs, skipped = aot.supported_archs()
+    assert 100 in archs, f"sm_100 not built: {skipped.get(100)}"
+
+
 def test_every_launch_compiles(builds):
     failed = [b for b in builds["builds"] if not b["ok"]]
     messages = "\n\n".join(
