@@ -183,3 +183,16 @@ def calibrate_noise_multiplier(
             f"{eps_high:.3g}"
         )
     return sigma_high
+
+
+def spent_epsilon(accountant, delta: float) -> float:
+    """The accountant's epsilon at ``delta``, never below 0.
+
+    The PRV accountant solves delta(eps) = delta on the hockey-stick curve, which it extends to
+    negative eps: at a large delta and a few steps it returns a negative upper bound (-0.22 for
+    one step at sigma 2, q 1, delta 0.3). Since delta(eps) is non-increasing in eps, a solution
+    eps* < 0 means delta(0) <= delta(eps*) = delta: the run is (0, delta)-DP, so 0 is the true
+    value, and a negative number in a log or a report would only be a number no DP statement
+    means.
+    """
+    return max(0.0, float(accountant.get_epsilon(delta=delta)))

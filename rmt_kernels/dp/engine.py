@@ -44,6 +44,7 @@ from torch import nn
 
 from rmt_kernels._checks import SEED_LIMIT  # the ops' signed 64-bit noise key: [0, 2^63)
 from rmt_kernels.dp import distributed
+from rmt_kernels.dp.calibration import spent_epsilon
 from rmt_kernels.dp.capture import (
     LayerCapture,
     LayoutError,
@@ -856,7 +857,7 @@ class PrivateEngine:
             return 0.0
         if self.noise_multiplier == 0:
             return float("inf")
-        return float(self.accountant.get_epsilon(delta=delta))
+        return spent_epsilon(self.accountant, delta)
 
     def detach(self) -> None:
         """Remove every hook from the model."""

@@ -99,7 +99,8 @@ class Privacy:
             if self.noise_multiplier == 0 and step > 0:
                 self._spent[step] = float("inf")  # no noise, no privacy (accountants divide by 0)
             else:
-                self._spent[step] = float(self.get_epsilon(self.delta))
+                # Never below 0 (rmt_kernels.dp.calibration.spent_epsilon says why).
+                self._spent[step] = max(0.0, float(self.get_epsilon(self.delta)))
         return self._spent[step]
 
 

@@ -59,6 +59,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from rmt_kernels.dp import distributed
+from rmt_kernels.dp.calibration import spent_epsilon
 from rmt_kernels.dp.chain import build_chain
 from rmt_kernels.opacus.ghost import (
     CertifiedGradSampleHooksFastGradientClipping,
@@ -173,6 +174,12 @@ class DenoisingPrivacyEngine(PrivacyEngine):
         """Whether the make_private call draws the package's Philox noise (a twin optimizer):
         outside secure mode, without a caller's noise_generator."""
         return not self.secure_mode and make_private_kwargs.get("noise_generator") is None
+
+    def get_epsilon(self, delta: float) -> float:
+        """Opacus's epsilon at ``delta``, never below 0 (the PRV accountant returns a negative
+        upper bound where the run is (0, delta)-DP: see
+        :func:`rmt_kernels.dp.calibration.spent_epsilon`)."""
+        return spent_epsilon(self.accountant, delta)
 
     def _post_processing(self) -> bool:
         """Whether the make_private call in progress post-processes (a twin optimizer)."""
