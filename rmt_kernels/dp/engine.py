@@ -102,10 +102,10 @@ def seed_id_of(seed: int) -> str:
 
 
 def derived_seed(seed: int, salt: int) -> int:
-    """A fresh, reproducible seed in [0, 2^62) derived from ``seed`` and ``salt`` (re-keying the
+    """A fresh, reproducible seed in [0, 2^63) derived from ``seed`` and ``salt`` (re-keying the
     noise on a resume that cannot replay: see :meth:`PrivateEngine.rekey_noise`)."""
     digest = hashlib.sha256(f"rmt-rekey:{seed}:{salt}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 2
+    return int.from_bytes(digest[:8], "little") >> 1  # all 63 bits the noise key takes
 
 
 class PrivateEngine:
