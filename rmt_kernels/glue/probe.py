@@ -603,8 +603,8 @@ def phase_diagrams(report: Mapping[str, Any], out: Path) -> list[Path]:
     snaps = report["snapshots"]
     paths = []
     for steps in sorted({g.steps for g in grid}):
-        size = (1.2 + 0.9 * len(batches) * len(snaps), 1.6 + 0.6 * len(epsilons))
-        fig, axes = plt.subplots(1, len(snaps), figsize=size, squeeze=False)
+        size = (1.6 + 0.9 * len(batches) * len(snaps), 2.2 + 0.6 * len(epsilons))
+        fig, axes = plt.subplots(1, len(snaps), figsize=size, squeeze=False, layout="constrained")
         for ax, snap in zip(axes[0], snaps, strict=True):
             share = torch.full((len(epsilons), len(batches)), float("nan"))
             for g, r in zip(grid, snap["settings"], strict=True):
