@@ -316,6 +316,7 @@ def test_probe_help_says_not_private(capsys):
         (["--examples", "100"], "--examples 100 is above the 24 training examples"),
         (["--batch-sizes", "30"], "--batch-sizes: 30 is outside [1, 24]"),
         (["--run-physical-batch-size", "3"], "--physical-batch-size 3 must divide"),
+        (["--output-dir", "/proc/probe"], "--output-dir /proc/probe cannot be created"),
     ],
 )
 def test_probe_errors_exit_2_with_the_flag(tiny, tmp_path, capsys, extra, message):

@@ -449,7 +449,10 @@ def run_probe(cfg: ProbeConfig) -> dict[str, Any]:
 
     cfg.check()
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"--output-dir {out} cannot be created: {err}") from err
     run_cfg = _run_config(cfg)
     with warnings.catch_warnings():
         # The run's public noise seed: the probe says NOT PRIVATE itself, louder.
