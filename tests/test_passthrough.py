@@ -282,3 +282,27 @@ def test_train_flag_reaches_the_denoise_options():
     with pytest.raises(SystemExit) as err:
         main(["train", "--task", "sst2", "--model", "m", "--denoise-passthrough"])
     assert err.value.code == 2
+
+
+def test_a_resumed_passthrough_denoiser_replays_bit_identically():
+    """Its state is the warm-start bases of the matrices shrunk at the last step (the decision
+    itself reads only each step's released matrix): a denoiser rebuilt from state_dict after
+    step 2 returns exactly what the uninterrupted one does, through switches both ways. The
+    pure-noise matrix-steps here (3 of "a", 2 of "b") keep a false detection below 1e-6."""
+    steps = [{"a": _noise(SQUARE, 60 + t), "b": _noise(SQUARE, 70 + t)} for t in range(5)]
+    for t in (1, 2, 3):  # "a" carries a component at steps 1-3, "b" at step 2 onwards
+        steps[t]["a"] = steps[t]["a"] + _planted(SQUARE, 80, strength=2.0)
+    for t in (2, 3, 4):
+        steps[t]["b"] = steps[t]["b"] + _planted(SQUARE, 81, strength=2.5)
+    whole = Denoiser(PASSTHROUGH)
+    expected = [whole(g, SIGMA, t) for t, g in enumerate(steps)]
+    first = Denoiser(PASSTHROUGH)
+    for t in range(3):
+        first(steps[t], SIGMA, t)
+    resumed = Denoiser(PASSTHROUGH)
+    resumed.load_state_dict(first.state_dict())
+    for t in (3, 4):
+        out = resumed(steps[t], SIGMA, t)
+        for k in ("a", "b"):
+            assert torch.equal(out[k], expected[t][k]), (t, k)
+    assert expected[4]["a"] is steps[4]["a"] and expected[0]["b"] is steps[0]["b"]
