@@ -40,6 +40,24 @@ constexpr double kDirectionFloor = 1e-4;
 // Cap of the adaptive passes (a pass: one product with grad^T, one with grad).
 constexpr int64_t kMaxAdaptivePasses = 8;
 
+// Above this normalised value y = s / (kappa sigma sqrt(max(m, n))) every shrinker equals y to
+// within a relative 3 / y^2 (under one unit of double rounding): the shrinkers return the value
+// itself there. Their formulas, which square y twice, are only evaluated at or below it (y^4 =
+// 1e32 fits float32), so they stay finite however small sigma is next to grad.
+constexpr double kShrinkIdentityAbove = 1e8;
+
+// The range finder's float32 products with grad (A^T Q of size ~||A||, A A^T Q of size ~||A||^2,
+// and their float32 Gram matrices, ~||A||^4) stay finite and normal while the largest entry of
+// each product it checks lies in [kProductFloor, kProductCeiling]. Outside it (or non-finite),
+// and before an exact SVD, the largest entry of grad is read once: NaN or Inf there is an error;
+// where the range of ||grad||_2 it bounds (itself to sqrt(m n) times it) leaves
+// [sqrt(kProductFloor), sqrt(kProductCeiling)], grad (and sigma) are scaled by the power of two
+// that puts it in [1, 2) and the range finder restarts.
+// The shrinker is homogeneous (denoise(a G, a sigma) = a denoise(G, sigma)), so the estimate is
+// the same up to rounding, for any finite grad.
+constexpr double kProductCeiling = 0x1p50;
+constexpr double kProductFloor = 0x1p-50;
+
 // rmt::denoise_warm returns the left singular vectors of the kept components and of this many
 // more (the next ones down): a component just below the threshold at one step is where the next
 // step's new component most likely comes from.

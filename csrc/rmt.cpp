@@ -47,7 +47,8 @@ TORCH_LIBRARY(rmt, m) {
 // module exposes the constants Python shares with C++, so that it reads them instead of copying
 // them: INITIAL_RANK, MAX_POWER_ITERATIONS, the stopping rule of the range finder
 // (RITZ_TOLERANCE, RITZ_WINDOW, RISE_STEPS, RISE_MARGIN, COLD_PASSES,
-// MAX_ADAPTIVE_PASSES, DIRECTION_FLOOR), BASIS_MARGIN and
+// MAX_ADAPTIVE_PASSES, DIRECTION_FLOOR), BASIS_MARGIN, SHRINK_IDENTITY_ABOVE,
+// PRODUCT_CEILING, PRODUCT_FLOOR and
 // use_gram_route(T, d_in, d_out) (csrc/constants.h),
 // TAIL_BITS and NOISE_STREAM_VERSION (the noise stream's tail threshold and version,
 // csrc/cpu/philox.h).
@@ -83,6 +84,11 @@ PyObject* PyInit__C(void) {
       PyModule_AddObject(module, "RISE_MARGIN", PyFloat_FromDouble(rmt::kRiseMargin)) < 0 ||
       PyModule_AddObject(module, "DIRECTION_FLOOR", PyFloat_FromDouble(rmt::kDirectionFloor)) <
           0 ||
+      PyModule_AddObject(module, "SHRINK_IDENTITY_ABOVE",
+          PyFloat_FromDouble(rmt::kShrinkIdentityAbove)) < 0 ||
+      PyModule_AddObject(module, "PRODUCT_CEILING", PyFloat_FromDouble(rmt::kProductCeiling)) <
+          0 ||
+      PyModule_AddObject(module, "PRODUCT_FLOOR", PyFloat_FromDouble(rmt::kProductFloor)) < 0 ||
       PyModule_AddIntConstant(module, "TAIL_BITS", rmt::philox::kTailBits) < 0 ||
       PyModule_AddIntConstant(module, "NOISE_STREAM_VERSION", rmt::philox::kNoiseStreamVersion) <
           0) {

@@ -73,6 +73,10 @@ RISE_STEPS: float = _C.RISE_STEPS
 COLD_PASSES: int = _C.COLD_PASSES
 MAX_ADAPTIVE_PASSES: int = _C.MAX_ADAPTIVE_PASSES
 BASIS_MARGIN: int = _C.BASIS_MARGIN
+# The range of the range finder's products, and where the shrinkers become the identity.
+PRODUCT_FLOOR: float = _C.PRODUCT_FLOOR
+PRODUCT_CEILING: float = _C.PRODUCT_CEILING
+SHRINK_IDENTITY_ABOVE: float = _C.SHRINK_IDENTITY_ABOVE
 
 
 # ----------------------------------------------------------------------------------------------
@@ -138,6 +142,13 @@ def denoise(
     Returns:
         The estimate: a new contiguous tensor of ``grad``'s shape and dtype.
 
+    Range. Any finite ``grad`` and ``sigma`` > 0 give the estimate (never NaN): the shrinker is
+    homogeneous, ``denoise(a G, a sigma) = a denoise(G, sigma)``, so where a product of the
+    range finder leaves ``[PRODUCT_FLOOR, PRODUCT_CEILING]`` (float32 over- or underflow ahead)
+    grad and sigma are rescaled by a power of two and it starts again; above
+    ``SHRINK_IDENTITY_ABOVE`` times the noise level every shrinker is the identity. Once the
+    Krylov basis would hold ``min(m, n)`` columns the result is the exact SVD's.
+
     Raises:
         ValueError / TypeError naming the argument: wrong ndim, empty dimension, non-float dtype,
         sigma or kappa not finite and positive, rank outside [1, min(m, n)] and not -1, negative
@@ -198,8 +209,9 @@ def denoise_warm(
     Args:
         grad, sigma: as in :func:`denoise`.
         basis: (m, k) float32 for grad (m, n), or (b, m, k) for a batch (b, m, n); on grad's
-            device, 0 <= k <= min(m, n), finite. Need not be orthonormal (it is
-            orthonormalised; repeated or zero columns are harmless). None: a cold start.
+            device, 0 <= k <= min(m, n), finite, of any magnitude (each column is divided by
+            its largest entry first). Need not be orthonormal (it is orthonormalised; repeated
+            or zero columns are harmless). None: a cold start.
         shrinker, kappa, rank, oversample, niter, norm, seed: as in :func:`denoise`.
 
     Returns:
@@ -210,7 +222,10 @@ def denoise_warm(
         any matrix of the batch kept); ``passes`` an int64 0-d tensor on grad's device, the
         number of products with grad or grad^T this call took (each reads grad once: 2 for a
         warm start that settles in its first pass, 5 or more for an adaptive cold start,
-        ``2 niter + 2`` for a fixed one).
+        ``2 niter + 2`` for a fixed one), plus one for the exact SVD that ends the range finder
+        once its basis would hold min(m, n) columns. That is where a wide start basis on a tall
+        grad leads: the basis is not in grad's column space, so the Krylov basis never holds
+        that space and only the exact SVD is exact.
 
     Raises:
         as :func:`denoise`, plus ValueError / TypeError naming ``basis``: wrong number of

@@ -13,7 +13,10 @@ Gavish-Donoho shrinkers (Gavish & Donoho, "Optimal Shrinkage of Singular Values"
 
 each applied only above the threshold ``kappa * (1 + sqrt(beta))`` and zero at or below it (the
 formulas turn positive again below ``1 - sqrt(beta)``). ``kappa`` scales the assumed noise level,
-so the shrinkers are evaluated at ``kappa * s`` and stay continuous at the threshold.
+so the shrinkers are evaluated at ``kappa * s`` and stay continuous at the threshold. Above
+``y = SHRINK_IDENTITY_ABOVE`` (1e8) every shrinker equals ``y`` to within a relative ``3 / y^2``,
+below double rounding, and returns the value itself: the formulas, which square ``y`` twice, are
+only evaluated up to there, so they stay finite however small the noise is next to the signal.
 
 The formulas exist once per language: here (the reference, the Triton path's host code and the
 tests), ``_shrink`` in ``rmt_kernels/triton/reconstruct.py`` and ``shrink`` in
@@ -26,8 +29,12 @@ import math
 
 import torch
 
+from rmt_kernels import _C
+
 SHRINKERS = ("frobenius", "operator", "nuclear", "hard")
 NORM_CORRECTIONS = ("none", "preserve", "debiased")
+# Normalised value above which every shrinker is the identity (csrc/constants.h).
+SHRINK_IDENTITY_ABOVE: float = _C.SHRINK_IDENTITY_ABOVE
 
 
 def bulk_edge(m: int, n: int, sigma: float) -> float:
@@ -53,7 +60,8 @@ def shrink_singular_values(
     p, q = min(m, n), max(m, n)
     beta = p / q
     noise_scale = kappa * sigma * math.sqrt(q)
-    y = s / noise_scale
+    y_in = s / noise_scale
+    y = y_in.clamp_max(SHRINK_IDENTITY_ABOVE)
     t = y * y - (beta + 1.0)
     root = (t * t - 4.0 * beta).clamp_min(0.0).sqrt()
     if shrinker == "frobenius":
@@ -66,8 +74,9 @@ def shrink_singular_values(
             shrunk = x
         else:
             shrunk = (x**4 - math.sqrt(beta) * x * y - beta).clamp_min(0.0) / (x * x * y)
+    value = torch.where(y_in > SHRINK_IDENTITY_ABOVE, s, shrunk * noise_scale)
     above = s > kappa * bulk_edge(p, q, sigma)
-    return torch.where(above, shrunk * noise_scale, torch.zeros_like(shrunk))
+    return torch.where(above, value, torch.zeros_like(value))
 
 
 def target_norm(

@@ -12,8 +12,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <limits>
 #include <cmath>
+#include <limits>
+#include <optional>
 #include <string>
 #include <tuple>
 #include <utility>
@@ -185,9 +186,12 @@ at::Tensor orthonormal_rows(const at::Tensor& rows) {
 
 // Shrunk singular values; zero at or below the threshold kappa * bulk edge. noise_scale is
 // kappa * sigma * sqrt(q): the shrinkers are evaluated at the kappa-scaled noise level, so they
-// stay continuous (zero) at the threshold for every kappa.
+// stay continuous (zero) at the threshold for every kappa. Above kShrinkIdentityAbove (in units
+// of noise_scale) a value is its own shrunk value: the formulas only see y up to there, so y^4
+// stays finite in float32 however small sigma is (a y of Inf, noise_scale 0, included).
 at::Tensor shrink(const at::Tensor& s, double noise_scale, double beta, Shrinker shrinker) {
-  const at::Tensor y = s / noise_scale;
+  const at::Tensor y_in = s / noise_scale;
+  const at::Tensor y = y_in.clamp_max(kShrinkIdentityAbove);
   const at::Tensor t = y * y - (beta + 1.0);
   const at::Tensor root = (t * t - 4.0 * beta).clamp_min(0.0).sqrt();
   at::Tensor shrunk;
@@ -207,8 +211,29 @@ at::Tensor shrink(const at::Tensor& s, double noise_scale, double beta, Shrinker
       shrunk = y;
       break;
   }
-  const at::Tensor above = y > (1.0 + std::sqrt(beta));
-  return at::where(above, shrunk * noise_scale, at::zeros_like(shrunk));
+  const at::Tensor value = at::where(y_in > kShrinkIdentityAbove, s, shrunk * noise_scale);
+  const at::Tensor above = y_in > (1.0 + std::sqrt(beta));
+  return at::where(above, value, at::zeros_like(value));
+}
+
+// The shrinkers of `shrink` for one normalised value 1 + sqrt(beta) < y <= kShrinkIdentityAbove,
+// in units of the noise scale.
+double shrink_unit(double y, double beta, Shrinker shrinker) {
+  const double t = y * y - (beta + 1.0);
+  const double root = std::sqrt(std::max(t * t - 4.0 * beta, 0.0));
+  switch (shrinker) {
+    case Shrinker::kFrobenius:
+      return root / y;
+    case Shrinker::kOperator:
+      return std::sqrt(std::max((t + root) * 0.5, 0.0));
+    case Shrinker::kNuclear: {
+      const double x = std::sqrt(std::max((t + root) * 0.5, 0.0));
+      return std::max(x * x * x * x - std::sqrt(beta) * x * y - beta, 0.0) / (x * x * y);
+    }
+    case Shrinker::kHard:
+      break;
+  }
+  return y;
 }
 
 // `shrink` for one value: the same formulas, for the stopping rule's loops over a few dozen
@@ -216,26 +241,8 @@ at::Tensor shrink(const at::Tensor& s, double noise_scale, double beta, Shrinker
 double shrink_value(double s, double noise_scale, double beta, Shrinker shrinker) {
   const double y = s / noise_scale;
   if (!(y > 1.0 + std::sqrt(beta))) return 0.0;
-  const double t = y * y - (beta + 1.0);
-  const double root = std::sqrt(std::max(t * t - 4.0 * beta, 0.0));
-  double shrunk = 0.0;
-  switch (shrinker) {
-    case Shrinker::kFrobenius:
-      shrunk = root / y;
-      break;
-    case Shrinker::kOperator:
-      shrunk = std::sqrt(std::max((t + root) * 0.5, 0.0));
-      break;
-    case Shrinker::kNuclear: {
-      const double x = std::sqrt(std::max((t + root) * 0.5, 0.0));
-      shrunk = std::max(x * x * x * x - std::sqrt(beta) * x * y - beta, 0.0) / (x * x * y);
-      break;
-    }
-    case Shrinker::kHard:
-      shrunk = y;
-      break;
-  }
-  return shrunk * noise_scale;
+  if (y > kShrinkIdentityAbove) return s;
+  return shrink_unit(y, beta, shrinker) * noise_scale;
 }
 
 // The rows of (A X)^T for rows x (b, w, n) of X^T: as A x^T, then transposed (a copy of the thin
@@ -254,7 +261,6 @@ struct Ritz {
   at::Tensor values;
   at::Tensor left_factor, left_rows, right_factor, right_rows, basis_factor, basis_rows;
   bool left_divide = false, right_divide = false;  // divide by the values (A v / s, A^T u / s)
-  int64_t passes = 0;
 
   // factor (b, W, W') @ rows (b, W', len), first k rows; an undefined factor: rows as they are.
   at::Tensor first(const at::Tensor& factor, const at::Tensor& rows, bool divide,
@@ -433,13 +439,15 @@ bool settled(const at::Tensor& s_old_in, const at::Tensor& s_new_in, const at::T
     }
     // Error scale of the exact Frobenius shrinker: per kept component x^2 - eta^2 (x the
     // debiased value), in units of noise_scale^2, plus one noise component.
+    // (Evaluated at y up to kShrinkIdentityAbove, where x^2 - eta^2 has reached its limit.)
     for (int64_t j = 0; j < wn; ++j) {
-      const double eta_f = shrink_value(s_new[j], noise_scale, beta, Shrinker::kFrobenius);
-      if (eta_f <= 0.0) continue;
-      const double y = s_new[j] / noise_scale;
+      const double y_in = s_new[j] / noise_scale;
+      if (!(y_in > 1.0 + std::sqrt(beta))) continue;
+      const double y = std::min(y_in, kShrinkIdentityAbove);
+      const double e = shrink_unit(y, beta, Shrinker::kFrobenius);
+      if (e <= 0.0) continue;
       const double t = y * y - (beta + 1.0);
       const double x2 = (t + std::sqrt(std::max(t * t - 4.0 * beta, 0.0))) * 0.5;
-      const double e = eta_f / noise_scale;
       loss += std::max(x2 - e * e, 0.0);
     }
     const double scale = (loss + 1.0) * (noise_scale * noise_scale);
@@ -448,12 +456,71 @@ bool settled(const at::Tensor& s_old_in, const at::Tensor& s_new_in, const at::T
   return true;
 }
 
-// A NaN or Inf anywhere in grad reaches its row of a product with grad (0 * NaN is NaN):
-// checking the first thin product costs a fraction of a pass and keeps LAPACK away from NaN.
-// Returns true (the check is done) or raises.
-bool check_is_finite(const at::Tensor& product) {
-  TORCH_CHECK_VALUE(at::isfinite(product).all().item<bool>(), "denoise: grad contains NaN or Inf");
-  return true;
+// The float32 matrix the range finder works on, a = grad / scale (scale a power of two: 1 unless
+// grad's magnitude calls for another), the magnitude check of its products with grad
+// (kProductFloor, kProductCeiling in csrc/constants.h) and the count of passes over grad.
+class ScaleGuard {
+ public:
+  explicit ScaleGuard(at::Tensor a) : a_(std::move(a)) {}
+  const at::Tensor& a() const { return a_; }
+  double scale() const { return scale_; }
+  // Passes over grad: products with it, and one for an exact SVD (the cheap read of check(), a
+  // maximum, is not counted).
+  int64_t passes = 0;
+
+  // Whether the range finder may go on from `product`, a product with a: its largest entry is
+  // in [kProductFloor, kProductCeiling] (or grad was checked already); otherwise check(). A NaN
+  // or Inf in grad reaches its row of a product (0 * Inf is NaN), so checking the first product
+  // finds it before LAPACK does, at a fraction of a pass.
+  bool accept(const at::Tensor& product) {
+    if (checked_) return true;
+    const auto [lo, hi] = at::aminmax(product);
+    const double top = std::max(std::abs(lo.item<double>()), std::abs(hi.item<double>()));
+    if (top >= kProductFloor && top <= kProductCeiling) return true;  // NaN fails
+    return check();
+  }
+
+  // Reads grad's largest entry (once per call): NaN or Inf is an error. The largest entry bounds
+  // ||A||_2 between itself and sqrt(m n) times it; unless that range lies in
+  // [sqrt(kProductFloor), sqrt(kProductCeiling)] (the products' range, as ||A||^2 bounds them),
+  // a becomes grad times the power of two that puts the entry in [1, 2). Returns false when that
+  // changed a (the range finder starts again on it), true to go on.
+  bool check() {
+    if (checked_) return true;
+    checked_ = true;
+    const auto [lo, hi] = at::aminmax(a_);
+    const double l = lo.item<double>(), h = hi.item<double>();
+    TORCH_CHECK_VALUE(std::isfinite(l) && std::isfinite(h), "denoise: grad contains NaN or Inf");
+    const double top = std::max(-l, h);
+    const double bound = top * std::sqrt(static_cast<double>(a_.size(1) * a_.size(2)));
+    if (top == 0.0 ||
+        (top >= std::sqrt(kProductFloor) && bound <= std::sqrt(kProductCeiling))) {
+      return true;
+    }
+    const int e = std::ilogb(top);
+    if (e == 0) return true;
+    // In float64: 2^-e reaches 2^149 (a subnormal grad), past float32's range; the products
+    // are exact.
+    a_ = (a_.to(at::kDouble) * std::ldexp(1.0, -e)).to(at::kFloat);
+    scale_ = std::ldexp(1.0, e);
+    return false;
+  }
+
+ private:
+  at::Tensor a_;
+  double scale_ = 1.0;
+  bool checked_ = false;
+};
+
+// The exact SVD of a (b, m, n) as Ritz triplets.
+Ritz exact_ritz(const at::Tensor& a) {
+  auto [u, values, vh] = at::linalg_svd(a, /*full_matrices=*/false);
+  Ritz est;
+  est.values = values;
+  est.left_rows = u.transpose(1, 2).contiguous();
+  est.right_rows = vh;
+  est.basis_rows = est.left_rows;
+  return est;
 }
 
 // The next Krylov block, as rows: y (b, w, len) orthonormalised against the orthonormal rows q
@@ -489,11 +556,16 @@ at::Tensor orthonormal_like(const at::Tensor& left, const at::Tensor& values,
 // multiplies by A^T (Z_j = A^T Q_j) and, unless it is a fixed schedule's last, by A
 // (Y_{j+1} = A Z_j). A fixed niter >= 0 takes niter + 1 passes and returns Rayleigh-Ritz on
 // span(Q_0..Q_niter); niter = -1 stops on the rule of `settled` and returns the estimate half a
-// pass ahead. `passes` counts the products with grad or grad^T (reads of grad). All blocks are
-// rows (b, w, len): Z_j^T = Q_j^T A and Y_{j+1}^T = Z_j^T A^T.
-Ritz krylov_range(const at::Tensor& a, at::Tensor start, int64_t rank, int64_t oversample,
-    int64_t niter, double noise_scale, double beta, Shrinker shrinker, uint64_t seed,
-    bool check_finite) {
+// pass ahead. Once the basis would hold min(m, n) columns it returns the exact SVD instead: it
+// costs about what the products would, and Rayleigh-Ritz on a basis of min(m, n) columns is
+// exact only if the basis holds A's column space, which a tall A's start basis and fresh
+// Gaussian rows (not in that space) break. All blocks are rows (b, w, len): Z_j^T = Q_j^T A and
+// Y_{j+1}^T = Z_j^T A^T. The matrix is guard.a(); returns nullopt where the guard rescaled it
+// (call again).
+std::optional<Ritz> krylov_range(ScaleGuard& guard, at::Tensor start, int64_t rank,
+    int64_t oversample, int64_t niter, double noise_scale, double beta, Shrinker shrinker,
+    uint64_t seed) {
+  const at::Tensor a = guard.a();
   const double threshold = noise_scale * (1.0 + std::sqrt(beta));
   const int64_t b = a.size(0), m = a.size(1), n = a.size(2);
   const int64_t full = std::min(m, n);
@@ -515,85 +587,94 @@ Ritz krylov_range(const at::Tensor& a, at::Tensor start, int64_t rank, int64_t o
           std::max<int64_t>(oversample - kBasisMargin, 0), oversample);
       width = std::min(std::max(k0 + fresh, k), full);
     }
-    const int64_t fresh = width - k0;
-    // Fresh rows. A cold start sketches, Omega^T A^T (Halko, Martinsson & Tropp 2011): one
-    // product with grad, after which its first pass is the classic randomized SVD. A warm start
-    // already holds grad's main directions (the last step's), so its fresh rows are plain
-    // Gaussian vectors: the passes turn them into a search for new directions, and the start
-    // costs no product.
-    at::Tensor block;
-    if (fresh > 0 && k0 == 0) {
-      block = times_a(a, at::randn({b, fresh, n}, gen, a.options()));
-      ++est.passes;
-      check_finite = check_finite && !check_is_finite(block);
-    } else if (fresh > 0) {
-      block = at::cat({start, at::randn({b, fresh, m}, gen, a.options())}, 1);
-    } else {
-      block = start;
-    }
-    // Q, M = A^T Q (with G1 = M^T M) and AM (with G2 = (AM)^T AM), as rows. The Krylov basis
-    // never holds more than min(m, n) columns.
-    const int64_t cap = std::min(full, width * max_passes);
-    RowBlocks q(b, cap, m, a.options(), /*with_gram=*/false);
-    RowBlocks mz(b, cap, n, a.options(), /*with_gram=*/niter < 0);
-    RowBlocks am(b, cap, m, a.options(), /*with_gram=*/niter < 0);
-    at::Tensor q_last = orthonormal_rows(block);
-    q.append(q_last);
+    bool exact = width >= full;
     bool done = false;
-    for (int64_t pass = 1;; ++pass) {
-      const at::Tensor z = at::matmul(q_last, a);  // (b, w, n): (A^T Q_j)^T
-      ++est.passes;
-      check_finite = check_finite && !check_is_finite(z);
-      mz.append(z);
-      const int64_t total = mz.used;
-      // A warm start watches for rising values in its first pass only: there they are the
-      // start basis's components that the new noise pushed under the threshold. Later, its
-      // fresh columns rise through the window as any search does; a new component that crosses
-      // the threshold still shows in the estimates' difference.
-      const bool cold = k0 == 0;
-      const bool last = total >= full ||  // the whole column space: exact
-                        pass >= max_passes;
-      if (last && (niter >= 0 || total >= full)) break;
-      const at::Tensor y = times_a(a, z);  // (A A^T Q_j)^T: the next block and the look ahead
-      ++est.passes;
-      am.append(y);
-      if (niter < 0 && (last || pass >= (cold ? kColdPasses : 1))) {
-        const Now now = now_estimate(mz.gram_view());
-        const Ahead ahead = ahead_estimate(now, am.gram_view());
-        if (last || settled(now.s, ahead.s, kernel_now_ahead(now, ahead), noise_scale, beta,
-                        shrinker, cold || pass == 1)) {
-          // The estimate half a pass ahead: left (AM C X / s_R)^T, right (M C X)^T (float32
-          // products with small float64 factors). The basis for the next call: (Q E)^T,
-          // orthonormal.
-          const at::Tensor cx_t = ahead.cx.transpose(1, 2).to(at::kFloat);
-          est.values = ahead.s.to(at::kFloat);
-          est.left_factor = cx_t;
-          est.left_rows = am.view();
-          est.left_divide = true;
-          est.right_factor = cx_t;
-          est.right_rows = mz.view();
-          est.right_divide = false;
-          est.basis_factor = now.e.transpose(1, 2).to(at::kFloat);
-          est.basis_rows = q.view();
-          done = true;
+    if (!exact) {
+      const int64_t fresh = width - k0;
+      // Fresh rows. A cold start sketches, Omega^T A^T (Halko, Martinsson & Tropp 2011): one
+      // product with grad, after which its first pass is the classic randomized SVD. A warm
+      // start already holds grad's main directions (the last step's), so its fresh rows are
+      // plain Gaussian vectors: the passes turn them into a search for new directions, and the
+      // start costs no product.
+      at::Tensor block;
+      if (fresh > 0 && k0 == 0) {
+        block = times_a(a, at::randn({b, fresh, n}, gen, a.options()));
+        ++guard.passes;
+        if (!guard.accept(block)) return std::nullopt;
+      } else if (fresh > 0) {
+        block = at::cat({start, at::randn({b, fresh, m}, gen, a.options())}, 1);
+      } else {
+        block = start;
+      }
+      // Q, M = A^T Q (with G1 = M^T M) and AM (with G2 = (AM)^T AM), as rows. The Krylov
+      // basis holds fewer than min(m, n) columns.
+      const int64_t cap = std::min(full, width * max_passes);
+      RowBlocks q(b, cap, m, a.options(), /*with_gram=*/false);
+      RowBlocks mz(b, cap, n, a.options(), /*with_gram=*/niter < 0);
+      RowBlocks am(b, cap, m, a.options(), /*with_gram=*/niter < 0);
+      at::Tensor q_last = orthonormal_rows(block);
+      q.append(q_last);
+      for (int64_t pass = 1;; ++pass) {
+        const at::Tensor z = at::matmul(q_last, a);  // (b, w, n): (A^T Q_j)^T
+        ++guard.passes;
+        mz.append(z);
+        const bool last = pass >= max_passes;
+        if (last && niter >= 0) {
+          if (!guard.accept(z)) return std::nullopt;
           break;
         }
+        // A warm start watches for rising values in its first pass only: there they are the
+        // start basis's components that the new noise pushed under the threshold. Later, its
+        // fresh columns rise through the window as any search does; a new component that
+        // crosses the threshold still shows in the estimates' difference.
+        const bool cold = k0 == 0;
+        const at::Tensor y = times_a(a, z);  // (A A^T Q_j)^T: the next block and the look ahead
+        ++guard.passes;
+        if (!guard.accept(y)) return std::nullopt;
+        am.append(y);
+        if (niter < 0 && (last || pass >= (cold ? kColdPasses : 1))) {
+          const Now now = now_estimate(mz.gram_view());
+          const Ahead ahead = ahead_estimate(now, am.gram_view());
+          if (last || settled(now.s, ahead.s, kernel_now_ahead(now, ahead), noise_scale, beta,
+                          shrinker, cold || pass == 1)) {
+            // The estimate half a pass ahead: left (AM C X / s_R)^T, right (M C X)^T (float32
+            // products with small float64 factors). The basis for the next call: (Q E)^T,
+            // orthonormal.
+            const at::Tensor cx_t = ahead.cx.transpose(1, 2).to(at::kFloat);
+            est.values = ahead.s.to(at::kFloat);
+            est.left_factor = cx_t;
+            est.left_rows = am.view();
+            est.left_divide = true;
+            est.right_factor = cx_t;
+            est.right_rows = mz.view();
+            est.right_divide = false;
+            est.basis_factor = now.e.transpose(1, 2).to(at::kFloat);
+            est.basis_rows = q.view();
+            done = true;
+            break;
+          }
+        }
+        if (mz.used + y.size(1) >= full) {
+          exact = true;
+          break;
+        }
+        q_last = next_block(q.view(), y);
+        q.append(q_last);
       }
-      const int64_t next = std::min(y.size(1), full - total);
-      q_last = next_block(q.view(), y.narrow(1, 0, next));
-      q.append(q_last);
+      if (!done && !exact) {
+        // P_Q A = Q (A^T Q)^T; the SVD of A^T Q = V S Wb^T gives A ~ (Q Wb) S V^T.
+        auto [v, values, wh] = at::linalg_svd(mz.view().transpose(1, 2), /*full_matrices=*/false);
+        est = Ritz();
+        est.values = values;
+        est.left_rows = at::matmul(wh, q.view());
+        est.right_rows = v.transpose(1, 2);
+        est.basis_rows = est.left_rows;
+      }
     }
-    if (!done) {
-      // P_Q A = Q (A^T Q)^T; the SVD of A^T Q = V S Wb^T gives A ~ (Q Wb) S V^T.
-      auto [v, values, wh] = at::linalg_svd(mz.view().transpose(1, 2), /*full_matrices=*/false);
-      est.values = values;
-      est.left_factor = at::Tensor();
-      est.left_rows = at::matmul(wh, q.view());
-      est.left_divide = est.right_divide = false;
-      est.right_factor = at::Tensor();
-      est.right_rows = v.transpose(1, 2);
-      est.basis_factor = at::Tensor();
-      est.basis_rows = est.left_rows;
+    if (exact) {
+      if (!guard.check()) return std::nullopt;
+      est = exact_ritz(a);
+      ++guard.passes;
     }
     if (rank > 0 || est.values.size(1) >= full || k >= full) break;
     // Adaptive rank: done once the k-th value of every matrix is at or below the threshold, so
@@ -618,15 +699,22 @@ struct Options {
 std::tuple<at::Tensor, at::Tensor, int64_t> denoise_impl(const at::Tensor& grad,
     const at::Tensor& start, const Options& o, bool want_basis) {
   const bool batched = grad.dim() == 3;
-  const at::Tensor a = (batched ? grad : grad.unsqueeze(0)).to(at::kFloat);
-  const int64_t m = a.size(1), n = a.size(2);
+  ScaleGuard guard((batched ? grad : grad.unsqueeze(0)).to(at::kFloat));
+  const int64_t m = grad.size(-2), n = grad.size(-1);
   const int64_t p = std::min(m, n), q = std::max(m, n);
   const double beta = static_cast<double>(p) / static_cast<double>(q);
-  const double noise_scale = o.kappa * o.sigma * std::sqrt(static_cast<double>(q));
-  const double threshold = noise_scale * (1.0 + std::sqrt(beta));
-
-  const Ritz est = krylov_range(a, start, o.rank, o.oversample, o.niter, noise_scale, beta,
-      o.shrinker, static_cast<uint64_t>(o.seed), /*check_finite=*/true);
+  // In units of the matrix the range finder works on (grad / scale); the second round, if any,
+  // runs on a rescaled matrix.
+  double sigma = o.sigma, noise_scale = 0.0;
+  std::optional<Ritz> found;
+  while (!found) {
+    sigma = o.sigma / guard.scale();
+    noise_scale = o.kappa * sigma * std::sqrt(static_cast<double>(q));
+    found = krylov_range(guard, start, o.rank, o.oversample, o.niter, noise_scale, beta,
+        o.shrinker, static_cast<uint64_t>(o.seed));
+  }
+  const Ritz& est = *found;
+  const at::Tensor& a = guard.a();
   const int64_t width = est.values.size(1);
 
   at::Tensor eta = shrink(est.values, noise_scale, beta, o.shrinker);
@@ -635,7 +723,7 @@ std::tuple<at::Tensor, at::Tensor, int64_t> denoise_impl(const at::Tensor& grad,
     const at::Tensor grad_sq = a.square().sum({1, 2}, false, at::kDouble);
     const at::Tensor target = o.norm == NormCorrection::kPreserve
         ? grad_sq.sqrt()
-        : (grad_sq - o.sigma * o.sigma * static_cast<double>(p * q)).clamp_min(0.0).sqrt();
+        : (grad_sq - sigma * sigma * static_cast<double>(p * q)).clamp_min(0.0).sqrt();
     const at::Tensor estimate = eta.to(at::kDouble).square().sum(1).sqrt();
     // ||U diag(eta) V^T||_F = ||eta||_2, so the rescale needs no reconstruction. An estimate of
     // zero stays zero: there is no direction to give the target norm to.
@@ -659,12 +747,14 @@ std::tuple<at::Tensor, at::Tensor, int64_t> denoise_impl(const at::Tensor& grad,
   // Fast path for the common DP case: nothing above the edge, so no reconstruction.
   if (kept == 0) {
     return {at::zeros(grad.sizes(), grad.options().memory_format(at::MemoryFormat::Contiguous)),
-        new_basis, est.passes};
+        new_basis, guard.passes};
   }
   const at::Tensor left = est.left(kept) * eta.narrow(1, 0, kept).unsqueeze(2);
   at::Tensor out = at::matmul(left.transpose(1, 2), est.right(kept));
+  // Back to grad's units (2^e with e in [-149, 127]: a float32 power of two, an exact product).
+  if (guard.scale() != 1.0) out.mul_(guard.scale());
   if (!batched) out = out.squeeze(0);
-  return {out.to(grad.scalar_type()).contiguous(), new_basis, est.passes};
+  return {out.to(grad.scalar_type()).contiguous(), new_basis, guard.passes};
 }
 
 at::Tensor denoise_cpu(const at::Tensor& grad, double sigma, c10::string_view shrinker,
@@ -685,7 +775,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> denoise_warm_cpu(const at::Tensor
       parse_norm("denoise_warm", norm), rank, oversample, niter, seed};
   at::Tensor start;
   if (basis.size(-1) > 0) {
-    start = (grad.dim() == 3 ? basis : basis.unsqueeze(0)).transpose(1, 2).contiguous();
+    start = (grad.dim() == 3 ? basis : basis.unsqueeze(0)).transpose(1, 2);
+    // Each column divided by its largest entry: only its direction counts, and the float32
+    // Gram matrices of the orthonormalisation hold the squares (a column of 1e38 overflows).
+    const at::Tensor top = start.abs().amax({2}, /*keepdim=*/true);
+    start = at::where(top > 0, start / top, at::zeros_like(start)).contiguous();
   }
   auto [out, new_basis, passes] = denoise_impl(grad, start, o, /*want_basis=*/true);
   if (grad.dim() == 2) new_basis = new_basis.squeeze(0);

@@ -6,7 +6,8 @@ and shrink + reconstruct.
 Same steps, constants and stopping rule as the CPU kernel (csrc/constants.h, read through
 rmt_kernels._C); the random streams differ (Philox here, the CPU generator there), so the two
 agree to the accuracy of the range finder, not bit for bit. One host synchronisation per pass
-reads the stopping decision (with the NaN/Inf check in the first), one more the rank decision.
+reads the stopping decision with the magnitude check of the pass's products (NaN/Inf included),
+one more the rank decision.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 from rmt_kernels import _C
 from rmt_kernels._checks import check_denoise_arguments, check_denoise_basis
 from rmt_kernels.linalg import gram_svd, next_krylov_block, orthonormal_block
-from rmt_kernels.shrinkage import shrink_singular_values, target_norm
+from rmt_kernels.shrinkage import SHRINK_IDENTITY_ABOVE, shrink_singular_values, target_norm
 from rmt_kernels.triton.reconstruct import shrink_reconstruct
 from rmt_kernels.triton.sketch import gaussian_sketch
 
@@ -32,6 +33,8 @@ COLD_PASSES: int = _C.COLD_PASSES
 MAX_ADAPTIVE_PASSES: int = _C.MAX_ADAPTIVE_PASSES
 DIRECTION_FLOOR: float = _C.DIRECTION_FLOOR
 BASIS_MARGIN: int = _C.BASIS_MARGIN
+PRODUCT_CEILING: float = _C.PRODUCT_CEILING
+PRODUCT_FLOOR: float = _C.PRODUCT_FLOOR
 
 
 class _Shrink:
@@ -78,12 +81,14 @@ def _settled(la, sh: _Shrink, guard: bool) -> torch.Tensor:
         & guard
     )
     change = change + torch.where(rising, sh(projected), 0.0).square().sum(1)
-    y = s_ahead / sh.noise_scale
+    # At y up to SHRINK_IDENTITY_ABOVE, where x^2 - eta^2 has reached its limit (as the CPU).
+    y = (s_ahead / sh.noise_scale).clamp_max(SHRINK_IDENTITY_ABOVE)
     t = y * y - (sh.beta + 1.0)
     x2 = (t + (t * t - 4.0 * sh.beta).clamp_min(0.0).sqrt()) * 0.5
-    eta_f = sh(s_ahead, "frobenius") / sh.noise_scale
+    eta_f = sh(y * sh.noise_scale, "frobenius") / sh.noise_scale
     loss = torch.where(eta_f > 0, (x2 - eta_f * eta_f).clamp_min(0.0), 0.0)
-    scale = (loss.sum(1) + 1.0) * sh.noise_scale**2
+    # noise_scale * noise_scale, not ** 2: a float's power raises OverflowError past 1e308.
+    scale = (loss.sum(1) + 1.0) * (sh.noise_scale * sh.noise_scale)
     return (change <= RITZ_TOLERANCE**2 * scale).all()
 
 
@@ -95,21 +100,83 @@ def _grow_gram(gram, old_cols, cols):
     return torch.cat([torch.cat([gram, off], 2), torch.cat([off.mT, diag], 2)], 1)
 
 
-def _krylov_range(a, a_in, start, rank, oversample, niter, sh: _Shrink, seed):
-    """The range finder of ``krylov_range`` in csrc/cpu/denoise.cpp on ``a`` (b, m, n) float32
-    (``a_in``: the same in the caller's dtype, which the sketch kernel reads directly).
+def _top(product: torch.Tensor) -> torch.Tensor:
+    """0-d float32: the largest |entry| of a product with grad (NaN where it holds one)."""
+    return product.abs().amax().float()
 
-    Returns ``(left, values, right, basis, ahead, passes)``: Ritz triplets with
-    ``A ~ left diag(1 / values) ... `` as :func:`shrink_reconstruct` takes them (one of left,
-    right orthonormal, the other's columns of norms ``values``: left when ``ahead``, the
-    estimate half a pass ahead, right otherwise); ``basis`` orthonormal left Ritz vectors of the
-    Krylov basis; ``passes`` the products with grad or grad^T.
+
+class _ScaleGuard:
+    """The matrix the range finder works on, ``a = grad / scale`` (scale a power of two), the
+    magnitude check of its products and the count of passes over grad: ``ScaleGuard`` in
+    csrc/cpu/denoise.cpp (PRODUCT_FLOOR, PRODUCT_CEILING: csrc/constants.h)."""
+
+    def __init__(self, a: torch.Tensor, a_in: torch.Tensor):
+        self.a, self.a_in = a, a_in
+        self.scale = 1.0
+        self.passes = 0
+        self.checked = False
+
+    def accept(self, tops: list[float]) -> bool:
+        """Whether the range finder may go on from products whose largest entries are ``tops``
+        (read at a host synchronisation); otherwise :meth:`check`. NaN fails the comparison."""
+        if self.checked or all(PRODUCT_FLOOR <= t <= PRODUCT_CEILING for t in tops):
+            return True
+        return self.check()
+
+    def check(self) -> bool:
+        """Read grad's largest entry once: NaN or Inf raises. Unless ``[top, top sqrt(m n)]``, the
+        range of ``||A||_2`` it bounds, lies in ``[sqrt(PRODUCT_FLOOR), sqrt(PRODUCT_CEILING)]``,
+        ``a`` becomes grad times the power of two that puts it in [1, 2). False when ``a``
+        changed (start again)."""
+        if self.checked:
+            return True
+        self.checked = True
+        lo, hi = torch.aminmax(self.a)
+        lo, hi = torch.stack([lo, hi]).tolist()
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise ValueError("denoise: grad contains NaN or Inf")
+        top = max(-lo, hi)
+        bound = top * math.sqrt(self.a.shape[1] * self.a.shape[2])
+        if top == 0.0 or (
+            top >= math.sqrt(PRODUCT_FLOOR) and bound <= math.sqrt(PRODUCT_CEILING)
+        ):
+            return True
+        e = math.frexp(top)[1] - 1  # top = f 2^e, f in [1, 2)
+        if e == 0:
+            return True
+        # In float64: 2^-e reaches 2^149 (a subnormal grad), past float32's range.
+        self.a = (self.a.double() * math.ldexp(1.0, -e)).float()
+        self.a_in = self.a
+        self.scale = math.ldexp(1.0, e)
+        return False
+
+
+def _exact(a):
+    """The exact SVD of ``a`` (b, m, n) as ``(left, values, right, basis, left_scaled)`` (see
+    :func:`_krylov_range`), from the Gram eigenproblem of its smaller side."""
+    if a.shape[1] >= a.shape[2]:
+        values, v = gram_svd(a)  # a = u diag(values) v^T
+        left = a @ v
+        return left, values, v, orthonormal_block(left), True
+    values, u = gram_svd(a.mT)  # a^T = v diag(values) u^T
+    return u, values, a.mT @ u, u, False
+
+
+def _krylov_range(guard: _ScaleGuard, start, rank, oversample, niter, sh: _Shrink, seed):
+    """The range finder of ``krylov_range`` in csrc/cpu/denoise.cpp on ``guard.a`` (b, m, n)
+    float32 (``guard.a_in``: the same in the caller's dtype, which the sketch kernel reads
+    directly), with its exact SVD once the basis would hold min(m, n) columns.
+
+    Returns ``(left, values, right, basis, left_scaled)``: Ritz triplets as
+    :func:`shrink_reconstruct` takes them (one of left, right orthonormal, the other's columns
+    of norms ``values``: left when ``left_scaled``); ``basis`` orthonormal left Ritz vectors of
+    the Krylov basis. None where the guard rescaled the matrix (call again).
     """
+    a, a_in = guard.a, guard.a_in
     b, m, n = a.shape
     full = min(m, n)
     k0_in = 0 if start is None else start.shape[2]
     k = rank if rank > 0 else min(max(INITIAL_RANK, k0_in), full)
-    passes, checked = 0, False
     generator = torch.Generator(device=a.device).manual_seed(seed)
     first_round = True
     while True:
@@ -121,73 +188,77 @@ def _krylov_range(a, a_in, start, rank, oversample, niter, sh: _Shrink, seed):
             fresh = min(max(2 * INITIAL_RANK - k0, max(oversample - BASIS_MARGIN, 0)), oversample)
             width = min(max(k0 + fresh, k), full)
         first_round = False
-        fresh = width - k0
-        finite = torch.ones((), dtype=torch.bool, device=a.device)
-        if fresh > 0 and k0 == 0:
-            block = gaussian_sketch(a_in, fresh, seed)
-            passes += 1
-            finite = torch.isfinite(block).all()
-            block = torch.nan_to_num(block, nan=0.0, posinf=0.0, neginf=0.0)
-            checked = True
-        elif fresh > 0:
-            noise = torch.randn(b, m, fresh, generator=generator, device=a.device)
-            block = torch.cat([start, noise], 2)
-        else:
-            block = start
-        min_passes = 1 if k0 > 0 else COLD_PASSES
-        q = q_last = orthonormal_block(block)
-        mz = am = m64 = am64 = g1 = g2 = None
-        ahead = None
-        pass_ = 0
-        while True:
-            pass_ += 1
-            z = a.mT @ q_last
-            passes += 1
-            if not checked:
-                finite = torch.isfinite(z).all()
-                z = torch.nan_to_num(z, nan=0.0, posinf=0.0, neginf=0.0)
-                checked = True
-            mz = z if mz is None else torch.cat([mz, z], 2)
-            total = mz.shape[2]
-            last = (
-                total >= full
-                or (niter >= 0 and pass_ >= niter + 1)
-                or (niter < 0 and pass_ >= MAX_ADAPTIVE_PASSES)
-            )
-            if last and (niter >= 0 or total >= full):
-                if not bool(finite):
-                    raise ValueError("denoise: grad contains NaN or Inf")
-                break
-            y = a @ z
-            passes += 1
-            am = y if am is None else torch.cat([am, y], 2)
-            z64, y64 = z.double(), y.double()
-            g1, g2 = _grow_gram(g1, m64, z64), _grow_gram(g2, am64, y64)
-            m64 = z64 if m64 is None else torch.cat([m64, z64], 2)
-            am64 = y64 if am64 is None else torch.cat([am64, y64], 2)
-            stop = torch.zeros((), dtype=torch.bool, device=a.device)
-            la = None
-            if niter < 0 and (last or pass_ >= min_passes):
-                la = _look_ahead(g1, g2)
-                stop = stop | last | _settled(la, sh, k0 == 0 or pass_ == 1)
-            finite_ok, stop_now = torch.stack([finite, stop]).tolist()
-            if not finite_ok:
-                raise ValueError("denoise: grad contains NaN or Inf")
-            if stop_now:
-                _s_now, e, s_ahead, _x, cx = la
-                cx32 = cx.float()
-                ahead = (am @ cx32, s_ahead.float(), mz @ cx32, q @ e.float())
-                break
-            nxt = min(y.shape[2], full - total)
-            q_last = next_krylov_block(q, y[:, :, :nxt])
-            q = torch.cat([q, q_last], 2)
-        if ahead is not None:
-            left, values, right, basis = ahead
-        else:
-            # P_Q A = Q M^T; M = V S Wb^T from the Gram matrix of M: left Q Wb, right M Wb.
-            values, wb = gram_svd(mz)
-            left = basis = q @ wb
-            right = mz @ wb
+        exact = width >= full
+        found = None
+        if not exact:
+            fresh = width - k0
+            # Largest entries of the products not checked yet (read at the next synchronisation;
+            # NaN/Inf are zeroed meanwhile so that no solver sees them).
+            tops = []
+            if fresh > 0 and k0 == 0:
+                block = gaussian_sketch(a_in, fresh, seed)
+                guard.passes += 1
+                tops.append(_top(block))
+                block = torch.nan_to_num(block, nan=0.0, posinf=0.0, neginf=0.0)
+            elif fresh > 0:
+                noise = torch.randn(b, m, fresh, generator=generator, device=a.device)
+                block = torch.cat([start, noise], 2)
+            else:
+                block = start
+            min_passes = 1 if k0 > 0 else COLD_PASSES
+            q = q_last = orthonormal_block(block)
+            mz = am = m64 = am64 = g1 = g2 = None
+            pass_ = 0
+            while True:
+                pass_ += 1
+                z = a.mT @ q_last
+                guard.passes += 1
+                mz = z if mz is None else torch.cat([mz, z], 2)
+                if niter >= 0 and pass_ >= niter + 1:
+                    if not guard.accept(torch.stack([*tops, _top(z)]).tolist()):
+                        return None
+                    break
+                last = niter < 0 and pass_ >= MAX_ADAPTIVE_PASSES
+                y = a @ z
+                guard.passes += 1
+                tops.append(_top(y))
+                am = y if am is None else torch.cat([am, y], 2)
+                z64, y64 = z.double(), y.double()
+                g1, g2 = _grow_gram(g1, m64, z64), _grow_gram(g2, am64, y64)
+                m64 = z64 if m64 is None else torch.cat([m64, z64], 2)
+                am64 = y64 if am64 is None else torch.cat([am64, y64], 2)
+                stop = torch.zeros((), dtype=torch.bool, device=a.device)
+                la = None
+                if niter < 0 and (last or pass_ >= min_passes):
+                    la = _look_ahead(
+                        *(torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0) for g in (g1, g2))
+                    )
+                    stop = stop | last | _settled(la, sh, k0 == 0 or pass_ == 1)
+                *top_values, stop_now = torch.stack([*tops, stop.float()]).tolist()
+                tops = []
+                if not guard.accept(top_values):
+                    return None
+                if stop_now:
+                    _s_now, e, s_ahead, _x, cx = la
+                    cx32 = cx.float()
+                    found = (am @ cx32, s_ahead.float(), mz @ cx32, q @ e.float(), True)
+                    break
+                if mz.shape[2] + y.shape[2] >= full:
+                    exact = True
+                    break
+                q_last = next_krylov_block(q, y)
+                q = torch.cat([q, q_last], 2)
+            if found is None and not exact:
+                # P_Q A = Q M^T; M = V S Wb^T from the Gram matrix of M: left Q Wb, right M Wb.
+                values, wb = gram_svd(mz)
+                left = q @ wb
+                found = (left, values, mz @ wb, left, False)
+        if exact:
+            if not guard.check():
+                return None
+            found = _exact(a)
+            guard.passes += 1
+        values, basis = found[1], found[3]
         if rank > 0 or values.shape[1] >= full or k >= full:
             break
         if not bool((values[:, k - 1] <= sh.threshold).all()):
@@ -195,21 +266,27 @@ def _krylov_range(a, a_in, start, rank, oversample, niter, sh: _Shrink, seed):
             k = min(2 * k, full)
             continue
         break
-    return left, values, right, basis, ahead is not None, passes
+    return found
 
 
 def _denoise_device(grad, sigma, start, shrinker, kappa, rank, oversample, niter, norm, seed):
     batched = grad.dim() == 3
     a_in = grad if batched else grad.unsqueeze(0)
-    a = a_in.float()  # a view for float32 input; GEMMs take any strides
-    _b, m, n = a.shape
+    # a_in.float(): a view for float32 input; GEMMs take any strides
+    guard = _ScaleGuard(a_in.float(), a_in)
+    _b, m, n = a_in.shape
     p, q = min(m, n), max(m, n)
-    sh = _Shrink(p, q, sigma, kappa, shrinker)
-    left, values, right, basis, ahead, passes = _krylov_range(
-        a, a_in, start, rank, oversample, niter, sh, seed
-    )
-    # Ahead: left = AM C X (norms values), right = M C X (orthonormal). Behind: left = Q Wb
-    # (orthonormal), right = M Wb (norms values). Either way out = left diag(eta / s) right^T.
+    found = None
+    while found is None:
+        # In units of the matrix the range finder works on (grad / scale).
+        sigma_a = sigma / guard.scale
+        sh = _Shrink(p, q, sigma_a, kappa, shrinker)
+        found = _krylov_range(guard, start, rank, oversample, niter, sh, seed)
+    left, values, right, basis, left_scaled = found
+    a = guard.a
+    # left_scaled: left = AM C X or A V (norms values), right orthonormal; otherwise left
+    # orthonormal, right = M Wb or A^T U (norms values). Either way out = left diag(eta / s)
+    # right^T.
     eta = sh(values)
     if rank > 0:
         eta[:, rank:] = 0.0
@@ -219,7 +296,7 @@ def _denoise_device(grad, sigma, start, shrinker, kappa, rank, oversample, niter
     # column without a direction (value ~ 0) takes the Krylov basis's instead.
     k_basis = min(above + BASIS_MARGIN, width)
     unit = left[:, :, :k_basis]
-    if ahead:
+    if left_scaled:
         unit = unit / values[:, :k_basis].clamp_min(1e-30).unsqueeze(1)
     usable = (values[:, :k_basis] > 1e-6 * values[:, :1]) & (values[:, :1] > 0)
     new_basis = orthonormal_block(torch.where(usable.unsqueeze(1), unit, basis[:, :, :k_basis]))
@@ -229,10 +306,18 @@ def _denoise_device(grad, sigma, start, shrinker, kappa, rank, oversample, niter
     else:
         target = None
         if norm != "none":
-            target = target_norm(a.double().square().sum((1, 2)), p, q, sigma, norm).float()
+            target = target_norm(a.double().square().sum((1, 2)), p, q, sigma_a, norm).float()
+        left, right = left[:, :, :above], right[:, :, :above]
+        if guard.scale != 1.0:
+            # Back to grad's units through the orthonormal factor (entries <= 1, so times a
+            # power of two up to 2^127 they stay finite; a float32 product, exact).
+            if left_scaled:
+                right = right * guard.scale
+            else:
+                left = left * guard.scale
         shrink_reconstruct(
-            left[:, :, :above],
-            right[:, :, :above],
+            left,
+            right,
             values[:, :above].contiguous(),
             out if batched else out.unsqueeze(0),
             noise_scale=sh.noise_scale,
@@ -243,7 +328,7 @@ def _denoise_device(grad, sigma, start, shrinker, kappa, rank, oversample, niter
         )
     if not batched:
         new_basis = new_basis.squeeze(0)
-    return out, new_basis, passes
+    return out, new_basis, guard.passes
 
 
 def denoise_triton(
@@ -284,7 +369,11 @@ def denoise_warm_triton(
     if basis.shape[-1] > 0:
         if not bool(torch.isfinite(basis).all()):
             raise ValueError("denoise_warm: basis contains NaN or Inf")
-        start = (basis if grad.dim() == 3 else basis.unsqueeze(0)).contiguous()
+        start = basis if grad.dim() == 3 else basis.unsqueeze(0)
+        # Each column divided by its largest entry (only its direction counts; the Gram
+        # matrices of the orthonormalisation hold squares).
+        top = start.abs().amax(1, keepdim=True)
+        start = torch.where(top > 0, start / top, 0.0).contiguous()
     out, new_basis, passes = _denoise_device(
         grad, sigma, start, shrinker, kappa, rank, oversample, niter, norm, seed
     )

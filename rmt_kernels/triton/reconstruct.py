@@ -13,18 +13,23 @@ import torch
 import triton
 import triton.language as tl
 
+from rmt_kernels import _C
+
 BLOCK_P = 64
 BLOCK_Q = 64
 BLOCK_K = 16
 
 SHRINKER_CODES = {"frobenius": 0, "operator": 1, "nuclear": 2, "hard": 3}
+# Normalised value above which every shrinker is the identity (csrc/constants.h).
+SHRINK_IDENTITY_ABOVE = tl.constexpr(_C.SHRINK_IDENTITY_ABOVE)
 
 
 @triton.jit
 def _shrink(s, noise_scale, beta, SHRINKER: tl.constexpr):
     """Shrunk values of ``s``; zero at or below the edge. The Triton copy of
     rmt_kernels.shrinkage.shrink_singular_values (tests/test_shrinkers_agree.py)."""
-    y = s / noise_scale
+    y_in = s / noise_scale
+    y = tl.minimum(y_in, SHRINK_IDENTITY_ABOVE)
     t = y * y - (beta + 1.0)
     root = tl.sqrt(tl.maximum(t * t - 4.0 * beta, 0.0))
     if SHRINKER == 0:
@@ -37,7 +42,8 @@ def _shrink(s, noise_scale, beta, SHRINKER: tl.constexpr):
             shrunk = x
         else:
             shrunk = tl.maximum(x * x * x * x - tl.sqrt(beta) * x * y - beta, 0.0) / (x * x * y)
-    return tl.where(y > 1.0 + tl.sqrt(beta), shrunk * noise_scale, 0.0)
+    value = tl.where(y_in > SHRINK_IDENTITY_ABOVE, s, shrunk * noise_scale)
+    return tl.where(y_in > 1.0 + tl.sqrt(beta), value, 0.0)
 
 
 @triton.jit
