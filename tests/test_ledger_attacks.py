@@ -83,7 +83,10 @@ def _cfg(tmp_path, **kw) -> TrainConfig:
     return TrainConfig(task="sst2", model="m", checkpoint_dir=str(tmp_path / "ckpt"), **kw)
 
 
-@pytest.mark.parametrize("name", ["checkpoint.pt", "checkpoint.pt.ledger", "checkpoint.pt.data"])
+@pytest.mark.parametrize(
+    "name",
+    ["checkpoint.pt", "checkpoint.pt.ledger", "checkpoint.pt.ledger.head", "checkpoint.pt.data"],
+)
 def test_output_onto_a_checkpoint_file_is_refused(tmp_path, name):
     # Today --output ckpt/checkpoint.pt.ledger replaces the ledger with the JSON log.
     with pytest.raises(ValueError, match=r"--output .* is a file of --checkpoint-dir"):
@@ -125,7 +128,251 @@ def test_a_full_disk_at_a_checkpoint_exits_2_with_the_previous_checkpoint_intact
     assert checkpoint_extra(path)["steps"] == 1
     assert _read(data_path(path))["data_id"] == _read(path)["data_id"]
     assert sorted(p.name for p in ckpt.iterdir()) == sorted(
-        [path.name, data_path(path).name, ledger_path(path).name, f"{ledger_path(path).name}.lock"]
+        [path.name, data_path(path).name, ledger_path(path).name]
+        + [f"{ledger_path(path).name}.{end}" for end in ("lock", "head")]
     )
     # The step whose checkpoint failed is in the ledger: a resume charges it.
     assert len(ledger_path(path).read_text().splitlines()) == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Edits of the ledger itself. The run below checkpoints after 2 steps and runs 2 more before it
+# "crashes": the ledger has 4 lines, the checkpoint counted 2, and an honest resume charges all 4
+# (steps 2 and 3 touched data). Each attack keeps what the old count check looked at (the number
+# of lines) and, on the old code, under-charges: 3 steps instead of 4.
+# ---------------------------------------------------------------------------------------------
+
+STEPS_RUN, MARK = 4, 2
+
+
+def _charged(opt) -> int:
+    return sum(count for *_, count in opt.engine.accountant.history)
+
+
+def _crashed_run(tmp_path):
+    """The checkpoint (after MARK steps) of a run whose ledger holds STEPS_RUN steps."""
+    from rmt_kernels.dp import save_checkpoint
+
+    path = tmp_path / "ckpt.pt"
+    model, opt, loader = dp_workers.private(tiny_model(), noise=1.0, lr=0.0)
+    attach_ledger(opt, path)
+    for step in range(STEPS_RUN):
+        if step == MARK:
+            save_checkpoint(path, model, opt, loader)
+        dp_workers.backward(model, dp_workers.batch_of(step, None))
+        opt.step()
+        opt.zero_grad()
+    return path
+
+
+def _resume(path):
+    model, opt, loader = dp_workers.private(tiny_model(), noise=1.0, lr=0.0)
+    load_checkpoint(path, model, opt, loader)
+    return opt
+
+
+def _lines(path) -> list[bytes]:
+    return ledger_path(path).read_bytes().splitlines(keepends=True)
+
+
+def _marker(path) -> Path:
+    return Path(f"{ledger_path(path)}.head")
+
+
+def _rechain(lines: list[bytes]) -> list[bytes]:
+    """The lines with every chain field recomputed, as an attacker who read the code would."""
+    import hashlib
+    import json
+
+    out, prev = [], hashlib.sha256(b"").hexdigest()
+    for line in lines:
+        record = json.loads(line)
+        record["prev"] = prev
+        out.append((json.dumps(record) + "\n").encode())
+        prev = hashlib.sha256(out[-1]).hexdigest()
+    return out
+
+
+def _unchain(lines: list[bytes]) -> list[bytes]:
+    """The lines without their chain field: the format before the chain."""
+    import json
+
+    return [
+        (json.dumps({k: v for k, v in json.loads(line).items() if k != "prev"}) + "\n").encode()
+        for line in lines
+    ]
+
+
+def _write(path, lines: list[bytes], forge: str = "edited") -> None:
+    """Write the edited ledger: as edited, re-chained, or re-chained with its marker rewritten."""
+    import hashlib
+    import json
+
+    if forge != "edited":
+        lines = _rechain(lines)
+    ledger_path(path).write_bytes(b"".join(lines))
+    if forge == "marker too":
+        last = hashlib.sha256(lines[-1]).hexdigest()
+        _marker(path).write_text(json.dumps({"lines": len(lines), "last": last}))
+
+
+def test_an_honest_resume_charges_every_step_that_touched_data(tmp_path):
+    # The reference the attacks below are measured against (and the new files' normal life).
+    path = _crashed_run(tmp_path)
+    assert len(_lines(path)) == STEPS_RUN
+    assert _charged(_resume(path)) == STEPS_RUN
+
+
+ATTACKS = {
+    # The crashed step 3's line replaced by a copy of counted step 1's: a pair already counted.
+    "replaced by a counted line": lambda lines: [*lines[:3], lines[1]],
+    # Step 3's line dropped and step 2's duplicated, so the count stays 4.
+    "duplicated": lambda lines: [*lines[:3], lines[2]],
+    # A counted line replaced by step 3's, so that step 3 after the mark looks counted.
+    "counted line replaced": lambda lines: [lines[0], lines[3], lines[2], lines[3]],
+}
+
+
+@pytest.mark.parametrize("forge", ["edited", "re-chained", "marker too"])
+@pytest.mark.parametrize("attack", list(ATTACKS))
+def test_a_ledger_line_replaced_or_duplicated_with_the_count_kept_is_refused(
+    tmp_path, attack, forge
+):
+    # Old code: the count (4 >= 2) passes and 3 steps are charged instead of 4.
+    path = _crashed_run(tmp_path)
+    _write(path, ATTACKS[attack](_lines(path)), forge)
+    with pytest.raises(CheckpointError, match=r"privacy ledger .*line"):
+        _resume(path)
+
+
+def test_a_broken_chain_names_the_line(tmp_path):
+    path = _crashed_run(tmp_path)
+    lines = _lines(path)
+    # Line 2 (counted) edited to another step: the chain breaks at line 3.
+    lines[1] = lines[1].replace(b'"step": 1', b'"step": 9')
+    _write(path, lines)
+    with pytest.raises(CheckpointError, match="line 3 does not follow the line before it"):
+        _resume(path)
+
+
+@pytest.mark.parametrize("deleted", [1, 2])
+def test_the_crashed_steps_lines_deleted_are_still_charged(tmp_path, deleted):
+    # Old code: the count (4 - deleted >= 2) passes and 4 - deleted steps are charged.
+    path = _crashed_run(tmp_path)
+    _write(path, _lines(path)[: STEPS_RUN - deleted])
+    with pytest.warns(UserWarning, match=f"{deleted} line\\(s\\) after line {STEPS_RUN - deleted}"):
+        assert _charged(_resume(path)) == STEPS_RUN
+    # The resumed run crashes too, before its next checkpoint: a second resume of the same
+    # checkpoint charges the deleted steps again (their placeholders are in the ledger now).
+    assert len(_lines(path)) == STEPS_RUN
+    assert _charged(_resume(path)) == STEPS_RUN
+
+
+def test_a_torn_last_line_is_charged(tmp_path):
+    # Old code: the torn line is cut silently and 3 steps are charged.
+    path = _crashed_run(tmp_path)
+    data = ledger_path(path).read_bytes()
+    ledger_path(path).write_bytes(data[: len(data) - len(_lines(path)[-1]) // 2])
+    with pytest.warns(UserWarning, match="line 4 is torn"):
+        assert _charged(_resume(path)) == STEPS_RUN
+    # Made whole as a charged placeholder (its step parsed from the fragment): a second resume
+    # charges it again, and exactly once (the marker counted the same line).
+    assert b'"step": 3' in _lines(path)[-1] and b'"lost": true' in _lines(path)[-1]
+    assert _charged(_resume(path)) == STEPS_RUN
+
+
+def test_a_last_line_without_its_newline_is_its_own_step(tmp_path):
+    # A truncation of only the newline leaves a whole, chained record: it is that step's line,
+    # charged (not a placeholder), and made whole again.
+    path = _crashed_run(tmp_path)
+    ledger_path(path).write_bytes(ledger_path(path).read_bytes()[:-1])
+    assert _charged(_resume(path)) == STEPS_RUN
+    assert b'"lost"' not in ledger_path(path).read_bytes()
+    assert ledger_path(path).read_bytes().endswith(b"\n")
+
+
+def test_a_fresh_run_does_not_drop_a_torn_first_line(tmp_path):
+    # Old code: a fresh attach cuts the torn line and starts over, never charging that step.
+    path = tmp_path / "ckpt.pt"
+    ledger_path(path).write_bytes(b'{"step": 0, "seed_id": "ab')
+    _, opt, _ = dp_workers.private(tiny_model(), noise=1.0, lr=0.0)
+    with pytest.raises(CheckpointError, match="already records 1 private steps"):
+        attach_ledger(opt, path)
+
+
+def test_a_deleted_marker_is_refused(tmp_path):
+    # Without the marker, deleting the last line would go unseen: its absence is refused.
+    # (Old code: deleting the last line and this file charges 3 steps.)
+    path = _crashed_run(tmp_path)
+    _write(path, _lines(path)[:-1])
+    _marker(path).unlink(missing_ok=True)
+    with pytest.raises(CheckpointError, match=r"marker .* is missing"):
+        _resume(path)
+
+
+def test_stripping_the_chain_is_refused(tmp_path):
+    # Downgrade to an unchained (old-format) ledger, marker deleted, the last line dropped: the
+    # checkpoint's SHA-256 of its last counted line no longer matches. (Old code: 3 charged.)
+
+    path = _crashed_run(tmp_path)
+    _write(path, _unchain(_lines(path)[:-1]))
+    _marker(path).unlink(missing_ok=True)
+    with pytest.raises(CheckpointError, match="line 2 is not the line the checkpoint"):
+        _resume(path)
+
+
+def _killed_before_checkpoint(tmp_path, steps=2):
+    path = tmp_path / "ckpt.pt"
+    model, opt, _ = dp_workers.private(tiny_model(), noise=1.0, lr=0.0)
+    attach_ledger(opt, path)
+    for step in range(steps):
+        dp_workers.backward(model, dp_workers.batch_of(step, None))
+        opt.step()
+        opt.zero_grad()
+    return path
+
+
+@pytest.mark.parametrize("line", [0, 1])
+def test_an_edited_noise_multiplier_before_the_first_checkpoint_is_refused(tmp_path, line):
+    # A run killed before its first checkpoint is charged with the mechanism each line records:
+    # a larger noise multiplier on a line would charge it less. (Old code: charged at sigma 100.)
+    path = _killed_before_checkpoint(tmp_path)
+    lines = _lines(path)
+    lines[line] = lines[line].replace(b'"sigma": 1.0', b'"sigma": 100.0')
+    _write(path, lines)
+    _, opt, _ = dp_workers.private(tiny_model(), noise=1.0, lr=0.0)
+    with pytest.raises(CheckpointError, match="line 2"):
+        attach_ledger(opt, path, charge_existing=True)
+    assert opt.engine.accountant.history == []
+
+
+def test_a_ledger_written_before_the_chain_still_resumes_with_a_warning(tmp_path):
+    # A checkpoint and ledger of the old format (no chain field, no marker, no SHA-256 in the
+    # checkpoint) resume as before, counted as before, with a warning that edits to them cannot
+    # be seen; the lines this run appends are chained after them, and its checkpoints verified.
+    import io
+
+    import torch
+
+    from rmt_kernels.dp import save_checkpoint
+    from rmt_kernels.dp.checkpoint import _commit, _write_temporary
+
+    path = _crashed_run(tmp_path)
+    _write(path, _unchain(_lines(path)))
+    _marker(path).unlink(missing_ok=True)
+    state = _read(path)
+    del state["engine"]["ledger_head"]
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    _commit(_write_temporary(path, buffer.getvalue()), path)
+    model, opt, loader = dp_workers.private(tiny_model(), noise=1.0, lr=0.0)
+    with pytest.warns(UserWarning, match="before the privacy ledger was hash-chained"):
+        load_checkpoint(path, model, opt, loader)
+    assert _charged(opt) == STEPS_RUN
+    for _ in range(STEPS_RUN - MARK + 1):  # replays 2 and 3, then step 4 is new
+        dp_workers.backward(model, dp_workers.batch_of(opt.engine.steps, None))
+        opt.step()
+        opt.zero_grad()
+    save_checkpoint(path, model, opt, loader)
+    assert b'"prev"' in _lines(path)[-1] and b'"prev"' not in _lines(path)[-2]
+    assert _charged(_resume(path)) == STEPS_RUN + 1

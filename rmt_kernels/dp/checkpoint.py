@@ -79,6 +79,22 @@ job whose old process still lives, a second resume of the same checkpoint) is re
 :class:`CheckpointError`: two processes sharing a ledger would each take the other's lines for
 replayed steps of their own and under-count.
 
+Tamper evidence. Each ledger line carries ``prev``, the SHA-256 of the line before it; the
+marker ``<checkpoint>.ledger.head`` holds the number of lines and the last one's SHA-256 and is
+replaced (atomically) before each line is appended; each checkpoint records the SHA-256 of the
+last line it counted (``ledger_head``). A resume therefore refuses, naming the line: a counted
+line edited or replaced (the checkpoint's SHA-256 or the chain), a line edited, inserted or
+removed inside the ledger (the chain), the last line edited (the marker), a step recorded twice
+(no run writes one twice: a duplicated line, or one replaced by a counted one, would skip
+charging a step), chained lines without their marker. It charges, with a
+:class:`LedgerWarning`: lines the marker counts but the file lacks (the crashed steps' records
+deleted, or a crash between the marker and the line) and a torn last line (a crash inside the
+write, or a truncation: its data may have been used), each as one step that is never replayed;
+they are written back as ``lost`` lines, so a later resume of the same checkpoint charges them
+again. A ledger and checkpoint written before the chain resume as before, with a warning. What
+nothing here can see: someone who rewrites the ledger, its marker and the checkpoint together
+(the hashes are unkeyed), or deletes all three; the storage is trusted not to be edited so.
+
 A checkpoint and its data sidecar are both written and synced under temporary names before
 either is renamed into place, so a write that fails (a full disk) leaves the previous pair intact.
 
@@ -93,6 +109,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import secrets
 import struct
 import warnings
@@ -130,62 +147,248 @@ def data_path(path: str | os.PathLike) -> Path:
     return Path(f"{os.fspath(path)}.data")
 
 
+class LedgerWarning(UserWarning):
+    """A privacy ledger read with a caveat: lines written before it was tamper-evident (their
+    edits cannot be seen), or steps whose record was torn or is missing (each charged)."""
+
+
+# The chain's start: the "prev" of a ledger's first line.
+GENESIS = hashlib.sha256(b"").hexdigest()
+
+
+def marker_path(path: str | os.PathLike) -> Path:
+    """Where the marker of the ledger at ``path`` lives (``<ledger>.head``: how many lines were
+    appended and the SHA-256 of the last, written before each append)."""
+    return Path(f"{os.fspath(path)}.head")
+
+
+def _lost(number: int, fragment: bytes = b"") -> dict:
+    """The record of line ``number``, whose step used data but whose line is torn or missing:
+    charged as one step, never taken for a replay (its stream id is no engine's)."""
+    found = re.search(rb'"step":\s*(\d+)', fragment)
+    return {"step": int(found.group(1)) if found else -1, "seed_id": f"lost:{number}", "lost": True}
+
+
 class PrivacyLedger:
-    """Append-only record of the logical steps whose data was used (module docstring)."""
+    """Append-only, hash-chained record of the logical steps whose data was used (module
+    docstring).
+
+    Each line carries ``prev``, the SHA-256 of the line before it (``GENESIS`` for the first),
+    so that a line edited, inserted or removed breaks the chain at the line after it. The marker
+    (:func:`marker_path`) holds the number of lines and the SHA-256 of the last; it is replaced
+    (atomically) *before* each line is appended, so a ledger never has fewer lines than its
+    marker unless lines were removed: the missing ones are charged. The last counted line's
+    SHA-256 is recorded by each checkpoint (``ledger_head``), which fixes every line it counted.
+    """
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         # (noise multiplier, sample rate) written with each line, so that steps of a run killed
         # before its first checkpoint are charged with the mechanism they really ran.
         self.mechanism: tuple[float, float] | None = None
+        # After a scan: each line's SHA-256 (None for a torn or missing one), the number of
+        # leading lines without a chain field (written before the chain existed), the lines to
+        # write at repair, and (lines, SHA-256 of the last) once the file is whole.
+        self._hashes: list[str | None] = []
+        self._unchained = 0
+        self._tip: tuple[int, str] | None = None
+
+    @property
+    def marker(self) -> Path:
+        """The marker file of this ledger (:func:`marker_path`)."""
+        return marker_path(self.path)
+
+    def _fail(self, what: str) -> CheckpointError:
+        return CheckpointError(
+            f"privacy ledger {self.path}: {what}; the privacy spent cannot be established"
+        )
+
+    def _read_marker(self) -> tuple[int, str] | None:
+        try:
+            text = self.marker.read_text()
+        except FileNotFoundError:
+            return None
+        try:
+            marker = json.loads(text)
+            return int(marker["lines"]), str(marker["last"])
+        except (ValueError, KeyError, TypeError) as err:
+            raise self._fail(f"its marker {self.marker} is not a ledger marker") from err
+
+    def _parse(self, number: int, raw: bytes) -> dict:
+        try:
+            record = json.loads(raw)
+            entry = {"step": int(record["step"]), "seed_id": str(record["seed_id"])}
+            if "sigma" in record:
+                entry["sigma"], entry["q"] = float(record["sigma"]), float(record["q"])
+            if record.get("lost"):
+                entry["lost"] = True
+            if "prev" in record:
+                entry["prev"] = str(record["prev"])
+            return entry
+        except (ValueError, KeyError, TypeError) as err:
+            raise self._fail(f"line {number} is not a ledger record") from err
 
     def records(self) -> list[dict]:
-        """The complete lines as dicts (``step``, ``seed_id``, and ``sigma``, ``q`` when the
-        line records them). A torn last line (a crash inside the write, before the fsync
-        returned, so before the step's data was used) is ignored."""
-        if not self.path.exists():
-            return []
-        text = self.path.read_bytes().decode()
-        lines = text.split("\n")[:-1]  # the part after the last newline is torn or empty
-        out = []
-        for number, line in enumerate(lines, 1):
-            try:
-                record = json.loads(line)
-                entry = {"step": int(record["step"]), "seed_id": str(record["seed_id"])}
-                if "sigma" in record:
-                    entry["sigma"], entry["q"] = float(record["sigma"]), float(record["q"])
-                out.append(entry)
-            except (ValueError, KeyError, TypeError) as err:
-                raise CheckpointError(
-                    f"privacy ledger {self.path}: line {number} is not a ledger record"
-                ) from err
+        """Every step the ledger stands for, in order, verified: dicts with ``step``,
+        ``seed_id``, ``sigma`` and ``q`` when the line records them, ``lost`` for a step whose
+        line is torn (a crash inside the write, or a truncation) or missing (the marker counts
+        more lines than the file holds): such a step is charged, never replayed (a
+        :class:`LedgerWarning` says so).
+
+        Raises:
+            CheckpointError: a line that is not a record, a broken chain (naming the line), an
+                unchained line after chained ones, a step recorded twice (lines duplicated), a
+                line that is not the one the marker says was appended, or chained lines
+                without their marker.
+        """
+        data = self.path.read_bytes() if self.path.exists() else b""
+        *complete, tail = data.split(b"\n")
+        out, hashes, previous, unchained = [], [], GENESIS, 0
+        seen: dict[tuple[int, str], int] = {}
+
+        def add(number: int, raw: bytes) -> None:
+            nonlocal previous, unchained
+            entry = self._parse(number, raw)
+            prev = entry.pop("prev", None)
+            if prev is None and len(out) > unchained:
+                raise self._fail(
+                    f"line {number} has no chain field but follows chained lines: it was "
+                    "inserted or edited"
+                )
+            if prev is not None and prev != previous:
+                raise self._fail(
+                    f"line {number} does not follow the line before it (its chain field is not "
+                    f"that line's SHA-256): line {number} or the one before was edited, inserted "
+                    "or removed"
+                )
+            pair = (entry["step"], entry["seed_id"])
+            if pair in seen:
+                raise self._fail(
+                    f"lines {seen[pair]} and {number} both record step {pair[0]} of stream "
+                    f"{pair[1]} (no run writes a step twice): a line was duplicated or replaced"
+                )
+            seen[pair] = number
+            unchained += prev is None
+            previous = hashlib.sha256(raw + b"\n").hexdigest()
+            out.append(entry)
+            hashes.append(previous)
+
+        for number, raw in enumerate(complete, 1):
+            add(number, raw)
+        if tail:
+            number = len(out) + 1
+            try:  # a whole record that lost only its newline is still its step's record
+                add(number, tail)
+            except CheckpointError:
+                warnings.warn(
+                    f"privacy ledger {self.path}: line {number} is torn (a crash inside its "
+                    "write, or a truncation): charged as one step",
+                    LedgerWarning,
+                    stacklevel=2,
+                )
+                out.append(_lost(number, tail))
+                hashes.append(None)
+        marker = self._read_marker()
+        if marker is None and sum(h is not None for h in hashes) > unchained:
+            raise self._fail(
+                f"its marker {self.marker} is missing (it is written before every chained "
+                "line): lines after the last may have been removed"
+            )
+        if marker is not None:
+            count, last = marker
+            if count <= len(out) and count and hashes[count - 1] not in (None, last):
+                raise self._fail(
+                    f"line {count} is not the line appended as line {count} (its SHA-256 "
+                    f"differs from the one in {self.marker.name}): it was edited or replaced"
+                )
+            if count > len(out):
+                warnings.warn(
+                    f"privacy ledger {self.path}: {count - len(out)} line(s) after line "
+                    f"{len(out)} are missing (the marker counts {count}): each charged as a step",
+                    LedgerWarning,
+                    stacklevel=2,
+                )
+                for number in range(len(out) + 1, count + 1):
+                    out.append(_lost(number))
+                    hashes.append(None)
+        if unchained:
+            warnings.warn(
+                f"privacy ledger {self.path}: lines 1-{unchained} were written before the "
+                "ledger was hash-chained; an edit to them cannot be detected",
+                LedgerWarning,
+                stacklevel=2,
+            )
+        self._hashes, self._unchained = hashes, unchained
         return out
 
     def entries(self) -> list[tuple[int, str]]:
-        """The complete lines' ``(step, seed_id)`` pairs, in order (see :meth:`records`)."""
+        """The ``(step, seed_id)`` pairs of :meth:`records`, in order."""
         return [(r["step"], r["seed_id"]) for r in self.records()]
 
+    def digest(self, lines: int) -> str | None:
+        """SHA-256 of line ``lines`` as last read (``GENESIS`` for 0; None: torn or missing);
+        with the chain it fixes every line up to it. Call after :meth:`records`."""
+        return GENESIS if lines == 0 else self._hashes[lines - 1]
+
+    def unchained(self) -> int:
+        """How many leading lines have no chain field (as last read by :meth:`records`)."""
+        return self._unchained
+
     def repair(self) -> None:
-        """Cut a torn last line, so that the next append starts a line of its own."""
-        if not self.path.exists():
-            return
-        data = self.path.read_bytes()
-        end = data.rfind(b"\n") + 1
-        if end != len(data):
-            with open(self.path, "r+b") as f:
-                f.truncate(end)
+        """Make the file whole: a torn last line and the lines the marker counts but the file
+        lacks become ``lost`` lines (charged by every resume that reads them, so a later
+        resume of the same checkpoint charges them again), a whole last line gets its newline,
+        and the marker is written. Raises as :meth:`records`."""
+        records = self.records()
+        data = self.path.read_bytes() if self.path.exists() else b""
+        keep = data.rfind(b"\n") + 1
+        whole = [h for h in self._hashes if h is not None]  # the lost lines are the last ones
+        count, last = len(whole), whole[-1] if whole else GENESIS
+        tail_whole = len(data) > keep and count > data.count(b"\n")
+        cut, suffix = (len(data), b"\n") if tail_whole else (keep, b"")
+        for record in records[count:]:
+            raw = json.dumps({**record, "prev": last}).encode() + b"\n"
+            suffix += raw
+            count, last = count + 1, hashlib.sha256(raw).hexdigest()
+        # The marker first: a crash before the lines are written leaves them counted as missing.
+        self._write_marker(count, last)
+        if cut < len(data) or suffix:
+            with open(self.path, "ab") as f:
+                f.truncate(cut)
+                f.write(suffix)
                 f.flush()
                 os.fsync(f.fileno())
+        self._tip = (count, last)
+
+    def _write_marker(self, lines: int, last: str) -> None:
+        tmp = self.marker.with_name(f".{self.marker.name}.tmp-{os.getpid()}")
+        try:
+            with open(tmp, "w") as f:
+                f.write(json.dumps({"lines": lines, "last": last}))
+                f.flush()
+                os.fsync(f.fileno())
+            _commit(tmp, self.marker)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def append(self, step: int, seed_id: str) -> None:
-        """Record step ``step`` of stream ``seed_id``; returns once the line is on disk."""
+        """Record step ``step`` of stream ``seed_id``; returns once the line is on disk (the
+        marker counts it before it is written)."""
+        if self._tip is None:
+            self.repair()
+        count, last = self._tip
         record: dict = {"step": step, "seed_id": seed_id}
         if self.mechanism is not None:
             record["sigma"], record["q"] = self.mechanism
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        record["prev"] = last
+        raw = (json.dumps(record) + "\n").encode()
+        digest = hashlib.sha256(raw).hexdigest()
+        self._write_marker(count + 1, digest)
+        with open(self.path, "ab") as f:
+            f.write(raw)
             f.flush()
             os.fsync(f.fileno())
+        self._tip = (count + 1, digest)
 
 
 # The ledgers this process holds the lock of: resolved lock path -> open file (kept open, and
@@ -286,15 +489,20 @@ def attach_ledger(
         raise CheckpointError("attach_ledger(charge_existing=True): call it before the first step")
     records = _open_ledger(engine, path).records() if engine.rank == 0 else None
     records = distributed.broadcast_object(records, engine.process_group)
+    # A line without its mechanism (torn, missing, or written before lines recorded it) is
+    # charged with the costliest one in sight: the smallest noise multiplier and the largest
+    # sampling rate of the ledger and this run (epsilon falls with the first, grows with the
+    # second, so the pair costs at least what the lost step did, if it ran one of them).
+    costliest = (
+        min([r["sigma"] for r in records if "sigma" in r] + [engine.noise_multiplier]),
+        max([r["q"] for r in records if "q" in r] + [engine.sample_rate]),
+    )
     counted = set()
     for record in records:
-        pair = (record["step"], record["seed_id"])
-        if pair in counted:
-            continue
-        counted.add(pair)
+        counted.add((record["step"], record["seed_id"]))  # no pair twice: records() refuses
         engine.accountant.step(
-            noise_multiplier=record.get("sigma", engine.noise_multiplier),
-            sample_rate=record.get("q", engine.sample_rate),
+            noise_multiplier=record.get("sigma", costliest[0]),
+            sample_rate=record.get("q", costliest[1]),
         )
     if not engine.secure_mode:
         # A new key, so the restarted run's steps never share a (seed, step) with the killed
@@ -440,10 +648,7 @@ def save_checkpoint(
             "data_id": data_id,
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
-            "engine": {
-                **engine.state_dict(),
-                "ledger_lines": len(engine.ledger.entries()),
-            },
+            "engine": {**engine.state_dict(), **_ledger_mark(engine.ledger)},
             "ranks": ranks,
             "extra": extra,
         }
@@ -466,6 +671,51 @@ def save_checkpoint(
             for tmp, _ in written:
                 tmp.unlink(missing_ok=True)
     _barrier(engine)
+
+
+def _ledger_mark(ledger: PrivacyLedger) -> dict:
+    """What a checkpoint records of its ledger: how many lines it counted and the SHA-256 of the
+    last (through the chain, every counted line is fixed by it)."""
+    lines = len(ledger.records())
+    return {"ledger_lines": lines, "ledger_head": ledger.digest(lines)}
+
+
+def _counted_lines(path: Path, saved: dict) -> list[tuple[int, str]]:
+    """The ledger's (step, seed id) pairs, verified against the checkpoint's mark (rank 0).
+
+    Raises:
+        CheckpointError: the ledger is shorter than the checkpoint counted, its line at the mark
+            is not the one the checkpoint counted, a line after the mark lacks its chain field,
+            or :meth:`PrivacyLedger.records` refuses it.
+    """
+    ledger = PrivacyLedger(ledger_path(path))
+    entries = ledger.entries()
+    lines, head = saved["ledger_lines"], saved.get("ledger_head")
+    if len(entries) < lines:
+        raise CheckpointError(
+            f"privacy ledger {ledger.path} has {len(entries)} records, the checkpoint "
+            f"{path} counted {lines}: it was truncated or replaced, and the "
+            "privacy spent cannot be established"
+        )
+    if head is None:
+        warnings.warn(
+            f"checkpoint {path} was written before the privacy ledger was hash-chained: only "
+            "its count of ledger lines is checked",
+            LedgerWarning,
+            stacklevel=3,
+        )
+        return entries
+    if ledger.digest(lines) != head:
+        raise ledger._fail(
+            f"line {lines} is not the line the checkpoint {path} counted last (another "
+            "SHA-256): the counted lines were edited or replaced"
+        )
+    if ledger.unchained() > lines:
+        raise ledger._fail(
+            f"line {lines + 1} has no chain field, yet the checkpoint {path} was written with a "
+            "chained ledger: it was inserted or edited"
+        )
+    return entries
 
 
 def _gather(state, engine) -> list:
@@ -637,7 +887,10 @@ def load_checkpoint(
     Raises:
         CheckpointError: the file is missing, truncated, corrupt, of another format version, of
             another model, or of other privacy settings (the message names the field); or the
-            privacy ledger is shorter than the checkpoint says (privacy could be under-counted).
+            privacy ledger does not hold the lines the checkpoint counted (shorter, or its line
+            at the checkpoint's mark has another SHA-256), or was tampered with after them (a
+            broken chain, a step recorded twice: :meth:`PrivacyLedger.records`); privacy could
+            be under-counted.
     """
     engine = _engine(optimizer)
     path = Path(path)
@@ -648,14 +901,13 @@ def load_checkpoint(
     entries = None
     if engine.rank == 0:
         lock_ledger(path)  # before reading: no other process may append from now on
-        entries = PrivacyLedger(ledger_path(path)).entries()
+        try:
+            entries = _counted_lines(path, saved)
+        except CheckpointError as err:
+            entries = err  # every rank raises it (the others wait for rank 0's ledger)
     entries = distributed.broadcast_object(entries, engine.process_group)
-    if len(entries) < saved["ledger_lines"]:
-        raise CheckpointError(
-            f"privacy ledger {ledger_path(path)} has {len(entries)} records, the checkpoint "
-            f"{path} counted {saved['ledger_lines']}: it was truncated or replaced, and the "
-            "privacy spent cannot be established"
-        )
+    if isinstance(entries, CheckpointError):
+        raise entries
     mine = state["ranks"][engine.rank]
     saved_sampler = mine["sampler"] if data_loader is not None else None
     # Every rank decides on its own data; one blocker on any rank re-keys them all (the ranks

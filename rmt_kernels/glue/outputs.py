@@ -50,10 +50,11 @@ def _check_no_collision(cfg: TrainConfig, folder: Path) -> None:
     """Raise ValueError if ``--output`` or ``--save`` would overwrite the checkpoint, its privacy
     ledger or its data sidecar (the log's rename would replace the checkpoint, or destroy the
     ledger and with it the record of the privacy spent; ``--save`` renames a whole folder)."""
-    from rmt_kernels.dp.checkpoint import data_path, ledger_path
+    from rmt_kernels.dp.checkpoint import data_path, ledger_path, marker_path
 
     checkpoint = folder / "checkpoint.pt"
-    kept = [checkpoint, ledger_path(checkpoint), data_path(checkpoint)]
+    ledger = ledger_path(checkpoint)
+    kept = [checkpoint, ledger, marker_path(ledger), data_path(checkpoint)]
     kept = [p.resolve() for p in kept] + [folder.resolve()]
     if cfg.output:
         out = Path(cfg.output).resolve()
