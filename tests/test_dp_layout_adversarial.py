@@ -411,3 +411,65 @@ def test_a_parameter_of_2_to_the_32_elements_is_refused():
     model = nn.Sequential(nn.Linear(2**16, 2**16, bias=False, device="meta"))
     with pytest.raises(ValueError, match=r"4294967296 elements.*fewer than 2\*\*32"):
         _private(model, torch.zeros(2, 1), torch.zeros(2))
+
+
+# ---------------------------------------------------------------------------------------------
+# The tolerance for rounding cannot be inflated by junk entries elsewhere in the tensor
+# ---------------------------------------------------------------------------------------------
+
+
+class _VoteBesideAJunkColumn(nn.Module):
+    """Logits shifted by a bounded, detached vote over the batch (forward mixing), next to a
+    constant column of ``big`` that the loss ignores."""
+
+    def __init__(self, big: float) -> None:
+        super().__init__()
+        self.big = big
+        self.lin1, self.lin2 = nn.Linear(4, 8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        out = self.lin2(torch.tanh(self.lin1(x)))
+        vote = torch.tanh(out.detach()[:, 0].max())
+        out = out + torch.stack([torch.zeros(()), 6 * vote + 6])
+        return torch.cat([out, torch.full((len(x), 1), self.big)], 1)
+
+
+class _HookBesideAHugeAuxOutput(nn.Module):
+    """A hook scaling lin1's output gradient by a batch statistic of the data (backward mixing),
+    and an unused second output ``aux * h[:, :1]`` whose gradient in the verification is huge."""
+
+    def __init__(self, aux: float) -> None:
+        super().__init__()
+        self.aux = aux
+        self.lin1, self.lin2 = nn.Linear(4, 8), nn.Linear(8, 1)
+
+    def forward(self, x):
+        h = self.lin1(x)
+        main = h * 1.0
+        if main.requires_grad:
+            stat = h.detach().norm().clamp(max=1e4) / len(x)
+            main.register_hook(lambda g: 0.02 * g * stat)
+        return self.lin2(torch.tanh(main)), self.aux * h[:, :1]
+
+
+@pytest.mark.parametrize("big", [0.0, 1e30])
+def test_forward_mixing_beside_a_huge_junk_column_is_refused(big):
+    # Before: the tolerance was 1e-5 of the tensor's largest entry, so with the 1e30 column the
+    # vote passed and one outlier example moved the clipped sum by 18.4 C (red team, A1). Now
+    # each entry's scale is its own size or its position's median over rows.
+    torch.manual_seed(0)
+    x = torch.randn(8, 4)
+    model, opt, _ = _private(_VoteBesideAJunkColumn(big), x, torch.ones(8))
+    with pytest.raises(LayoutError, match="changing example"):
+        model(x)
+
+
+@pytest.mark.parametrize("aux", [0.0, 1e25])
+def test_backward_mixing_beside_a_huge_unused_output_is_refused(aux):
+    # Before: the 1e25 output inflated the tolerance of lin1's output gradient comparison; the
+    # hook passed and moved the sum by 2.61 C (red team, A2).
+    torch.manual_seed(0)
+    x = torch.randn(8, 4)
+    model, opt, _ = _private(_HookBesideAHugeAuxOutput(aux), x, torch.ones(8))
+    with pytest.raises(LayoutError, match="in backward"):
+        model(x)

@@ -70,8 +70,9 @@ from rmt_kernels.dp.postprocess import (  # noqa: F401  (MIN_DENOISE_DIM: re-exp
 )
 from rmt_kernels.ops import add_gaussian_noise, clip_scales, noise_offset
 
-# Layout verification: a row of another example may move by at most this fraction of the largest
-# entry of its tensor when one example changes. Row-wise ops on equal shapes give bit-equal rows,
+# Layout verification: an entry of another example's row may move by at most this fraction of its
+# local scale (max of its own size and its position's median over rows; see _rows_moved) when
+# one example changes. Row-wise ops on equal shapes give bit-equal rows,
 # so only a batch-level code switch (e.g. an attention mask dropped when it is all ones) moves
 # them, by rounding (~1e-7); an op that mixes examples (BatchNorm statistics, attention over the
 # wrong dimension) moves them by ~1/B of the change or more, far above this up to B ~ 1e4.
@@ -303,7 +304,7 @@ class PrivateEngine:
 
         - forward: no row outside S of any tracked layer's input or output, nor of any model
           output whose dim 0 is the batch, may move (beyond ``LAYOUT_TOLERANCE`` of the
-          tensor's largest entry);
+          entry's local scale, see :func:`_rows_moved`);
         - backward, with one fixed random cotangent c on the model's outputs (the graph is kept
           connected through every layer, so each tracked layer's output gradient is the one
           training would see): from c restricted to S, every tracked layer's output gradient is
@@ -968,24 +969,36 @@ def _few(rows: list[int]) -> str:
 
 def _mass_in(grad: torch.Tensor, rows: torch.Tensor) -> bool:
     """Whether an entry of ``grad`` in ``rows`` (a bool mask of dim 0) is non-zero (NaN is)."""
-    return bool(((grad != 0).flatten(1).any(1) & rows.to(grad.device)).any())
+    return bool(((grad != 0).reshape(grad.shape[0], -1).any(1) & rows.to(grad.device)).any())
 
 
 def _rows_moved(before: torch.Tensor, after: torch.Tensor, rows: torch.Tensor) -> bool:
     """Whether a row in ``rows`` (a bool mask of dim 0) changed by more than LAYOUT_TOLERANCE of
-    ``before``'s largest finite entry (NaN where ``before`` had none is a change)."""
-    before, after = before.detach(), after.detach()
+    its entry's local scale (NaN where ``before`` had none is a change).
+
+    The scale of entry (b, j) is max(|before[b, j]|, the median over rows of |before[:, j]|),
+    j running over the positions within a row: rounding moves an entry in proportion to the
+    values of its own position, and a scale taken from the whole tensor would let a model inflate
+    every entry's tolerance with one huge junk column or row (a constant 1e30 column beside the
+    logits let a bounded forward vote over the batch pass and move the sum by 18 C). A huge
+    column inflates only itself, a huge row only itself and no median; only huge values planted
+    in most rows of the very position that mixes inflate it."""
+    # (B, everything else): one column per position within a row (a (B,) tensor: one column).
+    before = before.detach().reshape(before.shape[0], -1)
+    after = after.detach().reshape(after.shape[0], -1)
     rows = rows.to(before.device)
     changed = after != before
     if before.is_floating_point():
         changed &= ~(after.isnan() & before.isnan())
-    changed = changed.flatten(1).any(1) & rows
+    changed = changed.any(1) & rows
     if not bool(changed.any()):  # bit-equal: the usual case, without a float64 copy
         return False
     if not before.is_floating_point():
         return True
+    size = before.double().abs().nan_to_num(posinf=0.0, neginf=0.0)
+    floor = size.median(0).values if size.shape[0] > 1 else size[0]
     b, a = before[changed].double(), after[changed].double()
     same = (a == b) | (a.isnan() & b.isnan())
-    scale = float(before.double().abs().nan_to_num(posinf=0.0, neginf=0.0).max())
+    scale = torch.maximum(size[changed], floor)
     diff = (a - b).abs().masked_fill(same, 0.0)
     return not bool((diff <= LAYOUT_TOLERANCE * scale).all())
