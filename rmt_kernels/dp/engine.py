@@ -779,9 +779,9 @@ class PrivateEngine:
         The step counter, the accountant and each post-processor's state are restored. The
         noise seed is adopted when ``state`` holds one (a public seed), with its stream id; with
         a secret seed (``seed`` None) the engine draws a new secret seed and stream id (no
-        noise key of the saved run, nor of this engine's own earlier steps, is reused). A ``state`` without ``post_processors`` (a
-        checkpoint written before post-processors kept state, when the only one, the denoiser,
-        kept none) leaves them as they are. The current step will be recorded in the ledger
+        noise key of the saved run, nor of this engine's own earlier steps, is reused). A
+        ``state`` without ``post_processors`` (a checkpoint written before post-processors kept
+        state, when the only one, the denoiser, kept none) leaves them as they are. The current step will be recorded in the ledger
         again at its first use.
 
         Raises:
