@@ -781,8 +781,8 @@ class PrivateEngine:
         a secret seed (``seed`` None) the engine draws a new secret seed and stream id (no
         noise key of the saved run, nor of this engine's own earlier steps, is reused). A
         ``state`` without ``post_processors`` (a checkpoint written before post-processors kept
-        state, when the only one, the denoiser, kept none) leaves them as they are. The current step will be recorded in the ledger
-        again at its first use.
+        state, when the only one, the denoiser, kept none) leaves them as they are. The current
+        step will be recorded in the ledger again at its first use.
 
         Raises:
             ValueError: ``post_processors`` does not match this engine's (another count).
