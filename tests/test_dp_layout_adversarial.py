@@ -459,7 +459,7 @@ def test_forward_mixing_beside_a_huge_junk_column_is_refused(big):
     # each entry's scale is its own size or its position's median over rows.
     torch.manual_seed(0)
     x = torch.randn(8, 4)
-    model, opt, _ = _private(_VoteBesideAJunkColumn(big), x, torch.ones(8))
+    model, _, _ = _private(_VoteBesideAJunkColumn(big), x, torch.ones(8))
     with pytest.raises(LayoutError, match="changing example"):
         model(x)
 
@@ -470,6 +470,70 @@ def test_backward_mixing_beside_a_huge_unused_output_is_refused(aux):
     # hook passed and moved the sum by 2.61 C (red team, A2).
     torch.manual_seed(0)
     x = torch.randn(8, 4)
-    model, opt, _ = _private(_HookBesideAHugeAuxOutput(aux), x, torch.ones(8))
+    model, _, _ = _private(_HookBesideAHugeAuxOutput(aux), x, torch.ones(8))
     with pytest.raises(LayoutError, match="in backward"):
         model(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# A tensor hook on a tracked layer's own output, placed before the capture's
+# ---------------------------------------------------------------------------------------------
+
+
+class _Chain(nn.Module):
+    """lin_0 -> tanh -> ... -> lin_{n-1}: a stack of Linear layers."""
+
+    def __init__(self, *widths: int) -> None:
+        super().__init__()
+        self.lins = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths, widths[1:]))
+
+    def forward(self, x):
+        for i, lin in enumerate(self.lins):
+            x = lin(x) if i == 0 else lin(torch.tanh(x))
+        return x
+
+
+def _sum_over_batch_in_backward(module, inputs, output):
+    if torch.is_grad_enabled():
+        output.requires_grad_()  # the first layer's output is a leaf of the graph
+        output.register_hook(lambda g: g + g.sum(0, keepdim=True))
+
+
+def _hook_first(model: nn.Module, where: str, private: bool) -> None:
+    # "before": a forward hook added before make_private; "prepend": after, but run first.
+    if (where == "before") != private:
+        model.register_forward_hook(_sum_over_batch_in_backward, prepend=where == "prepend")
+
+
+@pytest.mark.parametrize("where", ["before", "prepend"])
+def test_a_hook_on_the_first_layers_output_before_the_capture_changes_nothing_clipped(where):
+    # Before: such a hook ran before keep_grad (tensor hooks run in registration order), so the
+    # rules clipped the batch-summed gradient, while the verification read it before the hook:
+    # it passed and one example moved the sum by 1.57 C (red team, A3). Now the capture hands on
+    # a fresh node and reads the gradient there first, in training and verification alike: the
+    # hook only changes what flows into lin_0's input, which reaches no parameter.
+    torch.manual_seed(0)
+    model = _Chain(4, 8, 1)
+    x = torch.randn(8, 4) * 3
+    y = torch.tensor([-4.0, 1, 2, 1, -1, 1, 3, 1])
+    expected = _reference_clipped_sum(model, lambda m, b: (m(x[b : b + 1].double()) * y[b]).sum(), 8)
+    _hook_first(model.lins[0], where, private=False)
+    private, opt, _ = _private(model, x, y)
+    _hook_first(private.lins[0], where, private=True)
+    (private(x).squeeze(-1) * y).sum().backward()
+    opt.step()
+    for k, p in private.named_parameters():
+        torch.testing.assert_close(p.grad.double() * 8, expected[k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("where", ["before", "prepend", "after"])
+def test_a_hook_on_a_middle_layers_output_is_seen_upstream(where):
+    # The same hook on lin_1's output changes what reaches lin_0: refused wherever it is placed.
+    torch.manual_seed(0)
+    model = _Chain(4, 8, 8, 1)
+    x = torch.randn(8, 4)
+    _hook_first(model.lins[1], where, private=False)
+    private, _, _ = _private(model, x, torch.ones(8))
+    _hook_first(private.lins[1], where, private=True)
+    with pytest.raises(LayoutError, match="layer 'lins.0' .* in backward"):
+        private(x)

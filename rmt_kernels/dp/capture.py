@@ -210,9 +210,9 @@ class LayerCapture:
         self.perturb_rows: torch.Tensor | None = None
         self.perturb_scale: float = 1.0
         self.perturb_generator: torch.Generator | None = None
-        # Recording mode: a zero leaf added to each tracked layer's (floating) output; its
-        # gradient is the layer's output gradient (see _record).
-        self.leaves: list[tuple[str, torch.Tensor]] = []
+        # Recording mode: (layer name, a zero leaf added to its (floating) output, a slot that
+        # receives the output gradient of each backward), see _record.
+        self.leaves: list[tuple[str, torch.Tensor, list]] = []
         # The fingerprint's weights, by device (drawn from the OS, grown on demand).
         self._weights: dict[torch.device, torch.Tensor] = {}
         self._handles = []
@@ -311,14 +311,19 @@ class LayerCapture:
             # Several backward passes over one forward (retain_graph): for a fixed input
             # the per-example gradient is linear in the output gradient, so the sum of the
             # output gradients gives exactly the gradient of the summed losses.
-            grad = grad.detach()
+            # Where the output is a graph leaf (a layer fed by data alone) autograd hands the
+            # same buffer on to the leaf's .grad and accumulates later backward passes into it
+            # in place: keep a copy there.
+            grad = grad.detach().clone() if leaf else grad.detach()
             layer.grad_output = grad if layer.grad_output is None else layer.grad_output + grad
 
         if not output.requires_grad:
-            # The layer's own parameters do not require grad while it runs (see the class
-            # docstring), so a layer fed by data alone (the embeddings) has an output
-            # outside the graph: make it the graph's leaf.
+            # The layer's own parameters do not require grad while it runs (the class
+            # docstring), so a layer fed by data alone (the embeddings) has an output outside
+            # the graph: make it the graph's leaf.
             output.requires_grad_()
+        leaf = output.is_leaf
+        output = _fresh(output)
         output.register_hook(keep_grad)
         return output
 
@@ -399,8 +404,12 @@ class LayerCapture:
                 size = (float(output.detach().abs().max()) + 1.0) * self.perturb_scale
                 leaf[rows] = (noise * size).to(output.device, output.dtype)
             leaf.requires_grad_()
-            self.leaves.append((layer.name, leaf))
             output = output + leaf
+            # The output gradient is read by a hook on the returned tensor, registered before
+            # any later forward hook can hook it: the same point as keep_grad in training.
+            slot: list[torch.Tensor | None] = [None]
+            output.register_hook(_keeper(slot))
+            self.leaves.append((layer.name, leaf, slot))
         recording.append((layer.name, "output", output.detach().clone()))
         return output
 
@@ -460,6 +469,28 @@ class LayerCapture:
         self._handles = []
         for layer in self.layers:
             self.restore_requires_grad(layer)
+
+
+def _fresh(output: torch.Tensor) -> torch.Tensor:
+    """A new autograd node for the layer's output, which the capture hands on and hooks.
+
+    Why: torch runs a tensor's hooks in registration order, so a hook the user put on the
+    layer's own output tensor (a forward hook registered before make_private, or with
+    ``prepend=True``) would run before keep_grad and change the gradient the rules clip, while
+    the layout verification reads it at ``output + leaf``, before that hook: the two would
+    disagree. On a fresh node, keep_grad reads the gradient arriving from downstream before any
+    hook can change it (ours is that node's first hook), in training and verification alike;
+    a user's hook on either tensor then changes only what flows upstream, where the upstream
+    layers' checks see it.
+    """
+    return output.view_as(output)
+
+
+def _keeper(slot: list):
+    def keep(grad: torch.Tensor) -> None:
+        slot[0] = grad.detach()
+
+    return keep
 
 
 def _storage(t: torch.Tensor) -> tuple[int, int]:
