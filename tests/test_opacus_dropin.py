@@ -819,9 +819,13 @@ def test_a_resumed_dropin_run_denoises_bit_identically(tmp_path, spy):
     # The resumed run's third step started from the bases the checkpoint carried.
     third = spy.calls[4 + 2]  # 4 straight steps, then 2 before the checkpoint
     assert all(b is not None for b in third["bases"])
-    # Guard: started cold after the resume, the run differs (the test can fail).
-    forgot, _, _ = _dropin_run(tmp_path / "c.pt", 4, resume_at=2, keep_bases=False)
-    assert any(not torch.equal(straight[n], forgot[n]) for n in straight)
+    # Guard (the check above can fail): started cold after the resume, the third step gets no
+    # bases. (Its weights need not differ: on these 16 x 12 and 3 x 16 matrices the op's range
+    # reaches the smaller side, where it computes the exact SVD and a warm start changes
+    # nothing.)
+    _dropin_run(tmp_path / "c.pt", 4, resume_at=2, keep_bases=False)
+    cold_third = spy.calls[4 + 4 + 2]  # after the two runs above, 2 steps before the checkpoint
+    assert all(b is None for b in cold_third["bases"])
 
 
 def test_opacus_checkpoints_carry_the_denoising_state(tmp_path):
