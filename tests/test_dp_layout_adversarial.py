@@ -10,6 +10,7 @@ to 10 C when it passed."""
 
 from __future__ import annotations
 
+import itertools
 import warnings
 
 import pytest
@@ -485,7 +486,7 @@ class _Chain(nn.Module):
 
     def __init__(self, *widths: int) -> None:
         super().__init__()
-        self.lins = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths, widths[1:]))
+        self.lins = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(widths))
 
     def forward(self, x):
         for i, lin in enumerate(self.lins):
@@ -516,7 +517,10 @@ def test_a_hook_on_the_first_layers_output_before_the_capture_changes_nothing_cl
     model = _Chain(4, 8, 1)
     x = torch.randn(8, 4) * 3
     y = torch.tensor([-4.0, 1, 2, 1, -1, 1, 3, 1])
-    expected = _reference_clipped_sum(model, lambda m, b: (m(x[b : b + 1].double()) * y[b]).sum(), 8)
+    def loss_of(m, b):
+        return (m(x[b : b + 1].double()) * y[b]).sum()
+
+    expected = _reference_clipped_sum(model, loss_of, 8)
     _hook_first(model.lins[0], where, private=False)
     private, opt, _ = _private(model, x, y)
     _hook_first(private.lins[0], where, private=True)
@@ -535,5 +539,44 @@ def test_a_hook_on_a_middle_layers_output_is_seen_upstream(where):
     _hook_first(model.lins[1], where, private=False)
     private, _, _ = _private(model, x, torch.ones(8))
     _hook_first(private.lins[1], where, private=True)
-    with pytest.raises(LayoutError, match="layer 'lins.0' .* in backward"):
+    with pytest.raises(LayoutError, match=r"layer 'lins\.0' .* in backward"):
         private(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reentrant gradient checkpointing
+# ---------------------------------------------------------------------------------------------
+
+
+class _Checkpointed(_Chain):
+    """lin_0 inside torch.utils.checkpoint(use_reentrant=True), then lin_1."""
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
+
+        h = checkpoint(lambda t: torch.tanh(self.lins[0](t)), x, use_reentrant=True)
+        return self.lins[1](h)
+
+
+@pytest.mark.parametrize("verify_layout", [True, False])
+def test_reentrant_gradient_checkpointing_is_refused(verify_layout):
+    # Before: the segment ran under no_grad, so the engine took lin_0 for skipped (a zero
+    # gradient, the sum 3.30 off) and the verification saw no gradient there (red team, A5).
+    torch.manual_seed(0)
+    x = torch.randn(8, 4)
+    private, _, _ = _private(_Checkpointed(4, 8, 1), x, torch.ones(8), verify_layout=verify_layout)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # checkpoint: "none of the inputs have requires_grad"
+        with pytest.raises(LayoutError, match="gradients disabled inside a training forward"):
+            private(x)
+
+
+def test_an_evaluation_forward_under_no_grad_between_backward_and_step_still_works():
+    torch.manual_seed(0)
+    x = torch.randn(8, 4)
+    private, opt, _ = _private(_Chain(4, 8, 1), x, torch.ones(8))
+    private(x).sum().backward()
+    with torch.no_grad():
+        private(x)
+    opt.step()
+    assert private.lins[0].weight.grad is not None

@@ -200,6 +200,9 @@ class LayerCapture:
         # Batch size of the forward pass in progress (set by the engine from the model's input;
         # None outside a forward of the model, where a tracked layer may not run).
         self.batch_size: int | None = None
+        # True from the engine's pre-hook of a forward of the model with gradients enabled to
+        # the model's forward hook: a tracked layer run without gradients then is an error.
+        self.in_training_forward = False
         # Bumped whenever held batches are taken or cleared: an output gradient from the graph
         # of an older forward must not be paired with a newer forward's input.
         self.generation = 0
@@ -255,7 +258,20 @@ class LayerCapture:
         engine verifies the layout)."""
         self.restore_requires_grad(layer)
         recording = self.recording
-        if recording is None and not torch.is_grad_enabled():
+        if not torch.is_grad_enabled():
+            if recording is not None or self.in_training_forward:
+                # Reentrant gradient checkpointing (checkpoint(..., use_reentrant=True)) runs
+                # its segment under no_grad and again in backward: the capture would see the
+                # layer skipped here (a zero gradient) and the layout verification no
+                # gradient at all.
+                raise LayoutError(
+                    f"DP engine: layer '{layer.name}' ran with gradients disabled inside a "
+                    "training forward of the private model (reentrant gradient checkpointing, "
+                    "torch.utils.checkpoint(..., use_reentrant=True), or torch.no_grad() inside "
+                    "the model): its per-example gradients would be lost. Gradient "
+                    "checkpointing is not supported; freeze the layer if it must run without "
+                    "gradients"
+                )
             return None  # evaluation: nothing to keep
         batch = self.batch_size
         if batch is None:

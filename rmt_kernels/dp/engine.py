@@ -229,7 +229,8 @@ class PrivateEngine:
         # tracked layer (nn.Linear as a logistic regression), or restoring the parameters'
         # requires_grad would undo what that pre-hook switched off for the forward.
         self._hooks = [
-            model.register_forward_pre_hook(_EngineHook(self), with_kwargs=True, prepend=True)
+            model.register_forward_pre_hook(_EngineHook(self), with_kwargs=True, prepend=True),
+            model.register_forward_hook(_EngineEndHook(self), always_call=True),
         ]
         # A tracked parameter's own module turns its requires_grad off while it runs, so autograd
         # reaches the parameter only through some other use: refuse that gradient (it would be
@@ -278,6 +279,7 @@ class PrivateEngine:
         if self.verify_layout and not self.layout_verified and batch is not None and batch > 1:
             self.check_layout(module, args, kwargs)
             self.layout_verified = True
+        self.capture.in_training_forward = True
         # Autograd need not compute parameter gradients: each tracked layer switches its own
         # parameters' requires_grad off while it runs (rmt_kernels/dp/capture.py) and the rules
         # build the private gradients from each layer's input and output gradient (which saves a
@@ -882,6 +884,17 @@ class _EngineHook(ModelHook):
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self.engine._before_forward(module, args, kwargs)
+
+
+class _EngineEndHook(ModelHook):
+    """The model's forward hook (also when the forward raised): the training forward ended."""
+
+    def __init__(self, engine: PrivateEngine) -> None:
+        self.engine = engine
+
+    def __call__(self, module: nn.Module, args: tuple, output) -> None:
+        if not self.engine._verifying:
+            self.engine.capture.in_training_forward = False
 
 
 def _refuse_direct_use(name: str):
