@@ -102,6 +102,12 @@ def seed_id_of(seed: int) -> str:
     return hashlib.sha256(f"rmt-noise-seed:{seed}".encode()).hexdigest()[:16]
 
 
+def _random_stream_id(process_group) -> str:
+    """The ledger's name of a secret noise stream: random (never derived from the secret seed,
+    whose hash would let anyone with the ledger test guesses), the same on every rank."""
+    return f"{distributed.broadcast_int(secrets.randbits(63), process_group):016x}"
+
+
 def derived_seed(seed: int, salt: int) -> int:
     """A fresh, reproducible seed in [0, 2^63) derived from ``seed`` and ``salt`` (re-keying the
     noise on a resume that cannot replay: see :meth:`PrivateEngine.rekey_noise`)."""
@@ -175,7 +181,7 @@ class PrivateEngine:
         # replay). A hash of a secret 62-bit seed written to the ledger would let anyone with
         # the ledger test guesses of the seed offline, and the seed gives away all the noise.
         if secure_mode or self.noise_seed_is_secret:
-            self.seed_id = f"{distributed.broadcast_int(secrets.randbits(63), process_group):016x}"
+            self.seed_id = _random_stream_id(process_group)
         else:
             self.seed_id = seed_id_of(self._seed)
         self.steps = 0
@@ -779,11 +785,11 @@ class PrivateEngine:
 
         The step counter, the accountant and each post-processor's state are restored. The
         noise seed is adopted when ``state`` holds one (a public seed), with its stream id; with
-        a secret seed (``seed`` None) the engine keeps its own fresh seed (a new stream: no
-        noise key of the saved run is reused). A ``state`` without ``post_processors`` (a
-        checkpoint written before post-processors kept state, when the only one, the denoiser,
-        kept none) leaves them as they are. The current step will be recorded in the ledger
-        again at its first use.
+        a secret seed (``seed`` None) the engine draws a new secret seed and stream id (no
+        noise key of the saved run, nor of this engine's own earlier steps, is reused). A
+        ``state`` without ``post_processors`` (a checkpoint written before post-processors kept
+        state, when the only one, the denoiser, kept none) leaves them as they are. The current
+        step will be recorded in the ledger again at its first use.
 
         Raises:
             ValueError: ``post_processors`` does not match this engine's (another count).
@@ -805,6 +811,15 @@ class PrivateEngine:
         if state.get("seed") is not None:
             self._seed = int(state["seed"])
             self.seed_id = seed_id_of(self._seed)
+        else:
+            # A secret seed is never saved, so no replay is possible. The engine's own seed is
+            # fresh only if it never released a step: an engine rolled back in the same process
+            # (load_checkpoint on the running optimizer) would redraw its old (seed, step) noise
+            # on other batches, and a difference of two releases would be the noise-free
+            # difference of two clipped sums. So draw a new secret seed and stream id here,
+            # always (the ledger then matches none of the old pairs: every step is charged).
+            self._seed = distributed.broadcast_int(secrets.randbits(63), self.process_group)
+            self.seed_id = _random_stream_id(self.process_group)
         self._recorded_step = -1
 
     def rekey_noise(self, salt: int) -> None:
