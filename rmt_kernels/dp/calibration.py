@@ -13,8 +13,13 @@ three bounds:
 - the PRV accountant is not evaluated where the (fast, upper-bounding) RDP accountant already
   reports more than ``SCREEN_FACTOR`` times the target: such a sigma is taken as too small,
   which can only make the returned sigma larger (more noise), never smaller;
+- the PRV accountant is not evaluated where its grid (which it sizes from the step count and
+  the RDP epsilon: :func:`prv_grid_points`) would exceed ``MAX_PRV_GRID_POINTS``: a run so long
+  that the target's own grid is too large is refused up front (use RDP), a sigma whose grid is
+  too large is taken as too small (again only more noise), and a search pinned there is
+  refused;
 - the search stops with a ValueError after ``time_limit`` seconds (checked between accountant
-  calls) or ``MAX_EVALUATIONS`` evaluations.
+  calls, each of which the two screens keep to seconds) or ``MAX_EVALUATIONS`` evaluations.
 
 The returned sigma's epsilon is computed by the accountant itself and must lie in
 (0, target]: a numerically meaningless answer (a negative epsilon) is refused, not used.
@@ -32,6 +37,16 @@ MAX_TARGET_EPSILON = 100.0
 # exceeds the PRV's: measured ratios 1.05-1.2 at epsilon 4-200), so its slowest regime (epsilon
 # in the hundreds or thousands) is never entered while calibrating a target of at most 100.
 SCREEN_FACTOR = 4.0
+# The PRV accountant discretises the privacy loss on a grid of 2 L / mesh points, mesh = 0.01 /
+# sqrt(T ln(12 / delta_err) / 2) for T steps, L from the RDP epsilon (opacus's _get_domain); its
+# time and memory grow with that count. Measured on one CPU core (opacus 1.6.0, delta 1e-5):
+# 7.5e6 points (sigma 1, q 0.01, 1e5 steps) 6.4 s, 1.6 GB; 1.6e7 points (2e5 steps) 10.7 s,
+# 3.0 GB; 1e6 steps over 100 s and 7.4 GB; sigma 3, q 0.1, 1e6 steps 24 GB (out of memory);
+# make_private(target_epsilon=8, epochs=1e6, q 0.1) ran 450 s at 5 GB. The bound keeps one
+# evaluation to seconds and about 2 GB; RDP has no such grid.
+MAX_PRV_GRID_POINTS = 1e7
+# get_epsilon's default eps_error.
+_PRV_EPS_ERROR = 0.01
 # Wall-clock bound of one calibration (seconds), and of its accountant calls.
 CALIBRATION_SECONDS = 300.0
 MAX_EVALUATIONS = 200
@@ -67,6 +82,42 @@ def warn_delta(delta: float, examples: int, name: str) -> None:
         warnings.warn(str(err), stacklevel=3)
 
 
+def _prv_mesh(steps: int, delta: float) -> float:
+    """The PRV accountant's grid spacing for ``steps`` steps at ``delta`` (its ``_get_domain``
+    with ``get_epsilon``'s defaults, delta_error = delta / 1000)."""
+    return _PRV_EPS_ERROR / math.sqrt(steps * math.log(12 / (delta / 1000)) / 2)
+
+
+def prv_grid_points(
+    noise_multiplier: float, sample_rate: float, steps: int, delta: float
+) -> float:
+    """The number of grid points Opacus's PRV accountant discretises ``steps`` steps at
+    (sigma, q) on when asked for epsilon at ``delta``: 2 L / mesh, with L from the RDP
+    accountant as the PRV accountant computes it (milliseconds; no PRV evaluated)."""
+    from opacus.accountants.analysis.prv import (
+        PoissonSubsampledGaussianPRV,
+        compute_safe_domain_size,
+    )
+
+    half_width = compute_safe_domain_size(
+        [PoissonSubsampledGaussianPRV(sample_rate, noise_multiplier)],
+        [steps],
+        eps_error=_PRV_EPS_ERROR,
+        delta_error=delta / 1000,
+    )
+    return 2 * half_width / _prv_mesh(steps, delta)
+
+
+def _refuse_prv_grid(points: float, steps: int, noise: str) -> None:
+    """Raise the ValueError of a PRV evaluation whose grid exceeds ``MAX_PRV_GRID_POINTS``."""
+    raise ValueError(
+        f"the prv accountant cannot account {steps} steps at {noise} in bounded time: its "
+        f"grid would hold {points:.3g} points (at most {MAX_PRV_GRID_POINTS:.3g}; 1.6e7 took "
+        "11 s and 3 GB, 1e6 steps over 100 s and 7 GB); use the rdp accountant (an upper "
+        "bound as well), or fewer steps"
+    )
+
+
 def run_epsilon(
     noise_multiplier: float, delta: float, sample_rate: float, steps: int, accountant: str
 ) -> float:
@@ -81,6 +132,10 @@ def run_epsilon(
 
     if noise_multiplier == 0:
         return math.inf
+    if accountant == "prv":
+        points = prv_grid_points(noise_multiplier, sample_rate, steps, delta)
+        if points > MAX_PRV_GRID_POINTS:
+            _refuse_prv_grid(points, steps, f"noise multiplier {noise_multiplier:.4g}")
     counter = create_accountant(mechanism=accountant)
     counter.history = [(noise_multiplier, sample_rate, steps)]
     try:
@@ -113,8 +168,10 @@ def calibrate_noise_multiplier(
     Poisson sampling at ``sample_rate`` (Opacus's search, bounded: module docstring).
 
     Raises:
-        ValueError: the target is not in (0, ``MAX_TARGET_EPSILON``], no noise multiplier
-            up to 1e6 reaches it, the search ran past ``time_limit`` seconds, or the
+        ValueError: the target is not in (0, ``MAX_TARGET_EPSILON``], ``steps`` is not a
+            positive integer, the PRV accountant's grid at the answer would exceed
+            ``MAX_PRV_GRID_POINTS``, no noise multiplier up to 1e6
+            reaches the target, the search ran past ``time_limit`` seconds, or the
             accountant's epsilon at the answer is not in (0, target].
     """
     if not (0 < target_epsilon <= MAX_TARGET_EPSILON):
@@ -123,10 +180,24 @@ def calibrate_noise_multiplier(
             "larger epsilon bounds nothing (for a fixed noise give the noise multiplier; for no "
             "privacy train without DP)"
         )
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(
+            f"the run must have at least 1 step to calibrate for, got {steps} (epochs too small "
+            "for the sampling rate?)"
+        )
+    if accountant == "prv":
+        # Before any evaluation. At the answer the PRV's epsilon is the target (within the
+        # tolerance and the PRV's own error, eps_error either way), and its grid's half-width
+        # L is 3 more than the RDP epsilon at delta / 4000, which is at least the RDP epsilon
+        # at delta, an upper bound of the true epsilon: so L >= target - 0.03 + 3 there.
+        points = 2 * (max(target_epsilon - 3 * _PRV_EPS_ERROR, 0) + 3) / _prv_mesh(steps, delta)
+        if points > MAX_PRV_GRID_POINTS:
+            _refuse_prv_grid(points, steps, f"the noise epsilon {target_epsilon:g} needs")
     from opacus.accountants import create_accountant
 
     start = time.monotonic()
     evaluations = 0
+    grid_screened: list[tuple[float, float]] = []  # (sigma, PRV grid points) not evaluated
 
     def epsilon_at(sigma: float) -> float:
         nonlocal evaluations
@@ -147,6 +218,11 @@ def calibrate_noise_multiplier(
             screen = create_accountant(mechanism="rdp")
             screen.history = [(sigma, sample_rate, steps)]
             if screen.get_epsilon(delta=delta) > SCREEN_FACTOR * target_epsilon:
+                return math.inf
+            points = prv_grid_points(sigma, sample_rate, steps, delta)
+            if points > MAX_PRV_GRID_POINTS:
+                # The grid grows as sigma shrinks: taken as too little noise (more noise only).
+                grid_screened.append((sigma, points))
                 return math.inf
         counter = create_accountant(mechanism=accountant)
         counter.history = [(sigma, sample_rate, steps)]
@@ -173,6 +249,12 @@ def calibrate_noise_multiplier(
             sigma_high, eps_high = sigma, eps
         else:
             sigma_low = sigma
+            pinned = sigma_high - sigma_low < 1e-3 * sigma_high
+            if pinned and grid_screened and grid_screened[-1][0] == sigma:
+                # Pinned at the grid's limit, below the target: the answer needs a larger grid.
+                _refuse_prv_grid(
+                    grid_screened[-1][1], steps, f"the noise epsilon {target_epsilon:g} needs"
+                )
     # The accountants' numerics can report epsilon <= 0 at the end of the search (tiny
     # targets): no real calibration.
     if not 0 < eps_high <= target_epsilon * (1 + 1e-6):
