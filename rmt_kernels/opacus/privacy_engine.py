@@ -2,9 +2,12 @@
 DP optimizer that post-processes the noisy gradient (denoising, temporal filters, a DP-aware
 Adam: the chain of rmt_kernels/dp/chain.py, shared with the native engine).
 
-Only Opacus's ``_prepare_optimizer`` is extended: Opacus still wraps the model, builds the
-Poisson data loader, picks the optimizer flavour and the noise generator, and attaches the
-accountant's step hook to the optimizer we return, so epsilon is counted exactly as in Opacus.
+Opacus still wraps the model, builds the Poisson data loader, picks the optimizer flavour and
+the noise generator, and attaches the accountant's step hook to the optimizer we return, so
+epsilon is counted as in Opacus, with two differences: ``make_private_with_epsilon`` calibrates
+with the package's bounded search (rmt_kernels/dp/calibration.py, as the native make_private),
+and ``load_checkpoint`` charges again the steps released after the checkpoint it rolls back to
+(Opacus's forgets them).
 
 Written against opacus==1.6.0, where ``make_private`` calls ``self._prepare_optimizer(...)`` and
 then ``optimizer.attach_step_hook(self.accountant.get_optimizer_hook_fn(...))``.
@@ -43,6 +46,7 @@ clipping) is refused outside secure mode without a ``noise_generator``.
 
 from __future__ import annotations
 
+import math
 import secrets
 import warnings
 from collections.abc import Mapping, Sequence
@@ -59,7 +63,11 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from rmt_kernels.dp import distributed
-from rmt_kernels.dp.calibration import spent_epsilon
+from rmt_kernels.dp.calibration import (
+    calibrate_noise_multiplier,
+    spent_epsilon,
+    warn_delta,
+)
 from rmt_kernels.dp.chain import build_chain
 from rmt_kernels.opacus.ghost import (
     CertifiedGradSampleHooksFastGradientClipping,
@@ -113,6 +121,12 @@ class DenoisingPrivacyEngine(PrivacyEngine):
         # the default (OS-seeded generator) and secure mode, False with a caller's
         # noise_generator; None before make_private. The optimizer carries the same attribute.
         self.noise_seed_is_secret: bool | None = None
+        # Every release (noisy step) of this engine's optimizers in this process, as
+        # [sigma, q, count] runs, and a token naming this engine in its checkpoints: Opacus's
+        # load_checkpoint replaces the accountant's history by the checkpoint's, which forgets
+        # the steps released after that checkpoint (they used data all the same).
+        self._releases: list[list] = []
+        self._run_token = secrets.token_hex(16)
 
     def make_private(  # type: ignore[override]
         self,
@@ -144,31 +158,69 @@ class DenoisingPrivacyEngine(PrivacyEngine):
                 build_chain(self._denoise, self._post_processors)  # checked before any wrap
             if self._post_processing() or self._philox_noise(kwargs):
                 _check_flavour_early(kwargs, self._post_processing())
-            return super().make_private(**kwargs)
+            returned = super().make_private(**kwargs)
         finally:
             self._denoise, self._post_processors = previous
+        self._count_releases(returned[1])
+        return returned
 
     def make_private_with_epsilon(  # type: ignore[override]
         self,
         *,
+        target_epsilon: float,
+        target_delta: float,
+        epochs: float,
+        data_loader: DataLoader,
         denoise: Mapping[str, Any] | None = None,
         post_processors: Sequence[Any] | None = None,
         **kwargs: Any,
     ) -> tuple[Any, ...]:
         """Opacus's ``make_private_with_epsilon`` plus ``denoise`` and ``post_processors``.
 
-        The noise multiplier is calibrated for the target epsilon exactly as in Opacus:
-        post-processing costs no privacy.
+        The noise multiplier is Opacus's (the same search over sigma, at Opacus's sampling
+        rate ``1 / len(data_loader)`` and ``int(epochs / rate)`` steps), found by
+        :func:`rmt_kernels.dp.calibration.calibrate_noise_multiplier` as in
+        :func:`rmt_kernels.dp.make_private`: bounded in time, refused for a target epsilon that
+        is not in (0, 100] (Opacus's search ran minutes for 1e3 with PRV and returned sigma 10
+        for NaN). A ``target_delta`` of 1/n or more is warned of (it allows publishing an
+        example outright). Post-processing costs no privacy. The other keyword arguments are
+        Opacus's ``make_private``'s.
+
+        Raises:
+            ValueError: target_epsilon, target_delta or epochs out of range, an empty
+                data_loader, or a calibration that cannot finish (see
+                :func:`~rmt_kernels.dp.calibration.calibrate_noise_multiplier`); all before
+                the model is wrapped.
         """
         options = validate_denoise_options(denoise)
-        previous = self._denoise, self._post_processors
-        self._denoise = options
-        self._post_processors = None if post_processors is None else list(post_processors)
-        try:
-            # Opacus calls self.make_private, i.e. ours, without them: see _UNSET.
-            return super().make_private_with_epsilon(**kwargs)
-        finally:
-            self._denoise, self._post_processors = previous
+        if not (isinstance(target_delta, (int, float)) and 0 < target_delta < 1):
+            raise ValueError(f"target_delta must be in (0, 1), got {target_delta}")
+        if not (isinstance(epochs, (int, float)) and 0 < epochs < math.inf):
+            raise ValueError(f"epochs must be a finite number > 0, got {epochs}")
+        if len(data_loader) == 0:
+            raise ValueError("data_loader is empty")
+        warn_delta(target_delta, len(data_loader.dataset), "target_delta")
+        if len(self.accountant) > 0:
+            warnings.warn(  # as Opacus says it
+                "make_private_with_epsilon: privacy budget already spent; the noise multiplier "
+                "is calibrated from zero, so the total epsilon will be higher",
+                stacklevel=2,
+            )
+        sample_rate = 1 / len(data_loader)  # the rate Opacus's accountant hook charges
+        noise_multiplier = calibrate_noise_multiplier(
+            target_epsilon,
+            target_delta,
+            sample_rate,
+            int(epochs / sample_rate),
+            self.accountant.mechanism(),
+        )
+        return self.make_private(
+            data_loader=data_loader,
+            noise_multiplier=noise_multiplier,
+            denoise=options,
+            post_processors=post_processors,
+            **kwargs,
+        )
 
     def _philox_noise(self, make_private_kwargs: Mapping[str, Any]) -> bool:
         """Whether the make_private call draws the package's Philox noise (a twin optimizer):
@@ -180,6 +232,51 @@ class DenoisingPrivacyEngine(PrivacyEngine):
         upper bound where the run is (0, delta)-DP: see
         :func:`rmt_kernels.dp.calibration.spent_epsilon`)."""
         return spent_epsilon(self.accountant, delta)
+
+    def _count_releases(self, optimizer: DPOptimizer) -> None:
+        """Record each step the accountant charges through ``optimizer`` in the engine's own
+        run-length list (see :meth:`load_checkpoint`)."""
+        charge = optimizer.step_hook
+
+        def charge_and_record(optim: DPOptimizer) -> None:
+            charge(optim)
+            sigma, rate = self.accountant.history[-1][:2]
+            if self._releases and self._releases[-1][:2] == [sigma, rate]:
+                self._releases[-1][2] += 1
+            else:
+                self._releases.append([sigma, rate, 1])
+
+        optimizer.attach_step_hook(charge_and_record)
+
+    def save_checkpoint(self, *, checkpoint_dict: dict | None = None, **kwargs: Any) -> None:
+        """Opacus's ``save_checkpoint``; the checkpoint also records how many of this engine's
+        releases its accountant state holds (``rmt_releases``), for :meth:`load_checkpoint`."""
+        checkpoint_dict = dict(checkpoint_dict or {})
+        released = sum(run[2] for run in self._releases)
+        checkpoint_dict["rmt_releases"] = {"run": self._run_token, "released": released}
+        super().save_checkpoint(checkpoint_dict=checkpoint_dict, **kwargs)
+
+    def load_checkpoint(self, **kwargs: Any) -> dict:
+        """Opacus's ``load_checkpoint``, which sets the accountant to the checkpoint's history,
+        plus every step this engine released that the checkpoint does not hold: a rollback to
+        an earlier checkpoint of this engine (steps released after it are charged again) or a
+        checkpoint of another run after steps of this one (all of this engine's steps).
+
+        Opacus alone forgets them: 2 steps, a checkpoint, 5 steps, load it, 5 steps charged 7
+        of the 12 steps that used data. (The twin's noise stream does not roll back, so no
+        noise is reused; Opacus's own generator in secure mode or a caller's does not roll back
+        either.) A checkpoint written otherwise than by :meth:`save_checkpoint` counts none of
+        this engine's releases.
+        """
+        checkpoint = super().load_checkpoint(**kwargs)
+        mark = checkpoint.pop("rmt_releases", None)
+        counted = mark["released"] if mark and mark.get("run") == self._run_token else 0
+        for sigma, rate, count in self._releases:
+            uncounted = max(0, count - counted)
+            counted = max(0, counted - count)
+            for _ in range(uncounted):
+                self.accountant.step(noise_multiplier=sigma, sample_rate=rate)
+        return checkpoint
 
     def _post_processing(self) -> bool:
         """Whether the make_private call in progress post-processes (a twin optimizer)."""
