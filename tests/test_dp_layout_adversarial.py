@@ -580,3 +580,113 @@ def test_an_evaluation_forward_under_no_grad_between_backward_and_step_still_wor
         private(x)
     opt.step()
     assert private.lins[0].weight.grad is not None
+
+
+
+# ---------------------------------------------------------------------------------------------
+# Layers the first verification did not see run (red team A4)
+# ---------------------------------------------------------------------------------------------
+
+
+class _RandomDrop(nn.Module):
+    """lin1 -> mid (LayerDrop p 0.5, drawn from torch's RNG) -> dropout -> head. ``bn``: a
+    frozen BatchNorm in train mode inside the dropped block (batch statistics: mixes examples).
+    ``draw``: "random" (training), "keep" or "skip" (for the float64 reference). ``count``: a
+    buffer each forward updates."""
+
+    def __init__(self, bn: bool = False, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.draw, self.dropout = "random", dropout
+        self.lin1, self.mid, self.head = nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 2)
+        self.bn = nn.BatchNorm1d(16, affine=False) if bn else nn.Identity()
+        self.register_buffer("count", torch.zeros(()))
+
+    def forward(self, x):
+        self.count.add_(1)
+        h = torch.tanh(self.lin1(x))
+        keep = self.draw == "keep" or (self.draw == "random" and bool(torch.rand(()) > 0.5))
+        if keep:
+            h = h + torch.tanh(self.bn(self.mid(h)))
+        return self.head(nn.functional.dropout(h, self.dropout))
+
+
+def _first_draw_skips(seed: int) -> bool:
+    torch.manual_seed(seed)
+    return not bool(torch.rand(()) > 0.5)
+
+
+def _ce(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(model(x), y, reduction="sum")
+
+
+def test_a_mixing_layer_skipped_at_the_verified_batch_is_refused_when_it_first_runs():
+    # The repro: the first batch skips the block, so the verification never saw its BatchNorm;
+    # when the block ran later, one example moved the clipped sum by 1.06 C. Now the batch that
+    # first runs it is verified (from its RNG state) before its gradients reach the sums.
+    skip = next(s for s in range(100) if _first_draw_skips(s))
+    keep = next(s for s in range(100) if not _first_draw_skips(s))
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 8), torch.randint(0, 2, (32,))
+    private, opt, _ = _private(_RandomDrop(bn=True), x, y)
+    torch.manual_seed(skip)
+    _ce(private, x, y).backward()  # the block is skipped: nothing mixes
+    opt.step()
+    torch.manual_seed(keep)
+    with pytest.raises(LayoutError, match="'head' is not one example per row"):
+        _ce(private, x, y)
+
+
+def _train(model: nn.Module, verify_layout: bool, steps: int):
+    """``steps`` steps (noise 0, lr 0) from a seed whose first batch skips the block: each
+    step's clipped sums (float64) and block decision, the next RNG draw, and the engine."""
+    torch.manual_seed(1)
+    x, y = torch.randn(16, 8) * 2, torch.randint(0, 2, (16,))
+    private, opt, _ = _private(model, x, y, verify_layout=verify_layout)
+    sums, kept = [], []
+    torch.manual_seed(next(s for s in range(100) if _first_draw_skips(s)))
+    for _ in range(steps):
+        state = torch.get_rng_state()
+        kept.append(bool(torch.rand(()) > 0.5))
+        torch.set_rng_state(state)
+        opt.zero_grad()
+        _ce(private, x, y).backward()
+        opt.step()
+        sums.append({k: p.grad.double() * 16 for k, p in private.named_parameters()})
+    return (x, y), sums, kept, torch.rand(8), opt.engine
+
+
+def test_a_legitimate_layerdrop_model_is_verified_when_its_block_first_runs_and_trains_exactly():
+    torch.manual_seed(2)
+    model = _RandomDrop()
+    (x, y), sums, kept, _, engine = _train(model, verify_layout=True, steps=6)
+    assert not kept[0] and any(kept), kept  # the block first runs after the first step
+    assert engine.layout_verified and engine._replay is None  # all verified: nothing kept
+    for draw in ("keep", "skip"):
+        model.draw = draw
+        expected = _reference_clipped_sum(
+            model, lambda m, b: _ce(m, x[b : b + 1].double(), y[b : b + 1]), 16
+        )
+        for got, k in zip(sums, kept, strict=True):
+            if k == (draw == "keep"):
+                for name, g in got.items():
+                    want = expected.get(name, torch.zeros_like(g))
+                    torch.testing.assert_close(g, want, rtol=1e-5, atol=1e-6)
+
+
+def test_the_re_verification_leaves_training_unchanged():
+    # The re-verification runs the batch again from its start (RNG state and buffers) after the
+    # training forward, then restores the RNG state and buffers it found: the sums of every step
+    # (dropout draws from the RNG after the block), the next RNG draw and the buffer updated by
+    # each forward equal those of a run without verification, bit for bit.
+    runs = []
+    for verify in (True, False):
+        torch.manual_seed(3)
+        model = _RandomDrop(dropout=0.25)
+        runs.append((_train(model, verify_layout=verify, steps=6), model))
+    ((_, sums, kept, draw, engine), model), ((_, sums0, _, draw0, _), model0) = runs
+    assert not kept[0] and any(kept) and engine.layout_verified, kept
+    for got, want in zip(sums, sums0, strict=True):
+        for name in want:
+            assert torch.equal(got[name], want[name]), name
+    assert torch.equal(draw, draw0)
+    assert float(model.count) == float(model0.count) == 6

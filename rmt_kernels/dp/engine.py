@@ -203,9 +203,13 @@ class PrivateEngine:
             f"{layer.name}.{name}" if layer.name else name for layer, name, _ in self.params
         ]
         self.verify_layout = bool(verify_layout)
-        # Whether verify_layout() has passed (it runs once, at the first forward of a batch with
-        # two examples or more).
-        self.layout_verified = False
+        # The tracked layers the layout verification has seen run and passed. It runs at the
+        # first forward of a batch with two examples or more, and again on the first later
+        # batch that runs a tracked layer it has not seen (one skipped by LayerDrop then).
+        self._verified_layers: set[str] = set()
+        # While some tracked layer is unverified: what re-running the current batch needs
+        # (_Replay), kept from the engine's pre-hook to the model's forward hook.
+        self._replay: _Replay | None = None
         # True while check_layout runs its own forwards (with gradients enabled): they are not
         # physical batches.
         self._verifying = False
@@ -282,21 +286,70 @@ class PrivateEngine:
         # (no noise yet) so that several batches make one logical step.
         self.accumulate_pending()
         self.capture.batch_size = batch
+        self._replay = None
         if self.verify_layout and not self.layout_verified and batch is not None and batch > 1:
-            self.check_layout(module, args, kwargs)
-            self.layout_verified = True
+            if not self._verified_layers:
+                # The first verification runs before the training forward (its graphs and the
+                # training graph are never alive together) with the RNG state the training
+                # forward is about to use, so it takes the same random branches.
+                self._verified_layers |= self.check_layout(module, args, kwargs)
+            if not self.layout_verified:
+                # A layer this batch may run for the first time (LayerDrop) is verified after
+                # the training forward shows it ran, on this batch from this RNG state.
+                self._replay = _Replay.of(module, args, kwargs)
         self.capture.in_training_forward = True
         # Autograd need not compute parameter gradients: each tracked layer switches its own
         # parameters' requires_grad off while it runs (rmt_kernels/dp/capture.py) and the rules
         # build the private gradients from each layer's input and output gradient (which saves a
         # weight-gradient GEMM per layer and the dense embedding gradient).
 
+    @property
+    def layout_verified(self) -> bool:
+        """Whether the layout verification has passed for every tracked layer."""
+        return len(self._verified_layers) == len(self.layers)
+
+    def _after_forward(self, model: nn.Module) -> None:
+        """The model's forward hook: verify the layout on this batch if it ran a tracked layer
+        that no verification has seen (one skipped by LayerDrop at the earlier batches).
+
+        Runs before backward can hand the layer's output gradient to the rules, so nothing of
+        an unverified layer reaches the clipped sums. The re-run starts from the RNG state and
+        buffers this batch started from (the same random branches); the current RNG state and
+        buffers are restored after it, so training goes on as if it had not run.
+
+        Raises:
+            LayoutError: the verification fails, or its re-run of the batch did not run a
+                tracked layer the training forward ran (a branch on something other than
+                torch's random generators, which the verification cannot reproduce).
+        """
+        replay, self._replay = self._replay, None
+        if replay is None:
+            return
+        ran = {layer.name for layer in self.layers if layer.activation is not None}
+        new = ran - self._verified_layers
+        if not new:
+            return
+        seen = self.check_layout(model, replay.args, replay.kwargs, replay)
+        self._verified_layers |= seen
+        if new - seen:
+            raise LayoutError(
+                f"DP engine: cannot verify the layout of layer(s) {sorted(new - seen)}: they ran "
+                "in this training forward but not when the verification ran the same batch again "
+                "from the same torch RNG state and buffers (a branch on Python's random module, "
+                "the clock or other state the engine cannot restore). Drive random layer "
+                "skipping by torch's generators, or pass verify_layout=False and take "
+                "responsibility for the layout"
+            )
+
     # ---------------------------------------------------------------------------------------
     # Checks: the layout each rule sees, and what the optimizer is about to update
     # ---------------------------------------------------------------------------------------
 
-    def check_layout(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
-        """Verify once that dim 0 of every tracked layer is the example, forward and backward.
+    def check_layout(
+        self, model: nn.Module, args: tuple, kwargs: dict, replay: _Replay | None = None
+    ) -> set[str]:
+        """Verify that dim 0 of every tracked layer that runs is the example, forward and
+        backward; return the names of the layers it saw run.
 
         The rules are exact when (a) row b of every tracked layer's input depends on example b
         alone, and (b) row b of its output gradient depends on example b alone (its data and
@@ -334,6 +387,10 @@ class PrivateEngine:
         LAYOUT_LARGE_SCALE`` of the change (in-place changes of a tracked layer's input after it
         ran are refused at every step by the capture).
 
+        Every run starts from the RNG state and buffers of ``replay`` (those of the batch's
+        start, when it re-runs a batch whose training forward has run) or else the current ones,
+        which are restored at the end either way.
+
         Raises:
             LayoutError: a row of another example moved, the model's outputs have no tensor whose
                 dim 0 is the batch (nothing to check (b) against), or the layers ran in another
@@ -345,20 +402,21 @@ class PrivateEngine:
             return isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == batch
 
         inputs = [t for t in (*args, *kwargs.values()) if batched(t)]
-        devices = sorted(
-            {p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"}
-        )
-        cpu_state = torch.get_rng_state()
-        cuda_states = [torch.cuda.get_rng_state(d) for d in devices]
-        buffers = [(b, b.detach().clone()) for b in model.buffers()]
+        devices = _cuda_devices(model)
+        if replay is None:
+            replay = _Replay.of(model, args, kwargs)
+            now = replay.buffers
+        else:
+            now = [(b, b.detach().clone()) for b, _ in replay.buffers]
+        cpu_state, cuda_states, buffers = replay.cpu_state, replay.cuda_states, replay.buffers
         generator = torch.Generator().manual_seed(0)  # the perturbation is public
         partners: dict[int, int | None] = {}
 
-        def restore_buffers() -> None:
+        def restore_buffers(saved_buffers=buffers) -> None:
             # Before each run and at the end, not right after a run: a backward through the
             # run's graph may read a buffer it saved (BatchNorm's running statistics).
             with torch.no_grad():
-                for b, saved in buffers:
+                for b, saved in saved_buffers:
                     b.copy_(saved)
 
         def partner(k: int) -> int | None:
@@ -502,7 +560,8 @@ class PrivateEngine:
                 for rows in layout_row_sets(batch):
                     check_rows(rows, scale)
         finally:
-            restore_buffers()
+            restore_buffers(now)
+        return {name for name, _, _ in base}
 
     def check_updates(self, param_groups) -> None:
         """Refuse a step that would update a parameter the engine did not privatise.
@@ -910,6 +969,34 @@ class _EngineEndHook(ModelHook):
     def __call__(self, module: nn.Module, args: tuple, output) -> None:
         if not self.engine._verifying:
             self.engine.capture.in_training_forward = False
+            if torch.is_grad_enabled():  # not an evaluation forward
+                self.engine._after_forward(module)
+
+
+class _Replay:
+    """What re-running a batch from its start needs: the model's arguments (references), the
+    CPU and CUDA RNG states and copies of the model's buffers, taken before its forward."""
+
+    def __init__(self, args: tuple, kwargs: dict, cpu_state, cuda_states, buffers) -> None:
+        self.args, self.kwargs = args, kwargs
+        self.cpu_state, self.cuda_states, self.buffers = cpu_state, cuda_states, buffers
+
+    @classmethod
+    def of(cls, model: nn.Module, args: tuple, kwargs: dict) -> _Replay:
+        """The current state, for a run of ``model(*args, **kwargs)``."""
+        devices = _cuda_devices(model)
+        return cls(
+            args,
+            dict(kwargs),
+            torch.get_rng_state(),
+            [torch.cuda.get_rng_state(d) for d in devices],
+            [(b, b.detach().clone()) for b in model.buffers()],
+        )
+
+
+def _cuda_devices(model: nn.Module) -> list[int]:
+    """The CUDA devices holding the model's parameters (whose RNG states a re-run restores)."""
+    return sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
 
 
 def _refuse_direct_use(name: str):

@@ -61,8 +61,9 @@ def make_private(
       output gradient have that leading size (checked at every forward and backward; a layer
       input of leading size 1, such as BERT's position ids, is a broadcast shared by the batch
       and gets one copy per example);
-    - no op mixes examples: at the first forward of a batch with two examples or more the model
-      is run again with gradients enabled (nothing kept, no ``.grad`` written), once as is and
+    - no op mixes examples: at the first forward of a batch with two examples or more (and at
+      the first forward that runs a tracked layer skipped until then) the model is run again
+      with gradients enabled (nothing kept, no ``.grad`` written), once as is and
       once per row set of :func:`rmt_kernels.dp.engine.layout_row_sets` (2 * ceil(log2 B) sets
       splitting every pair of rows), giving those examples' inputs random values and perturbing
       their rows in every tracked layer's output; every other example's rows (in every tracked
