@@ -3,6 +3,8 @@ the ledger lock: each test reproduces one finding and fails on the code before i
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -231,3 +233,31 @@ def test_dropin_charges_nothing_twice_without_a_rollback(tmp_path):
     reference = RDPAccountant()
     reference.history = [(1.0, 1 / 8, 3)]
     assert engine.get_epsilon(1e-5) == pytest.approx(reference.get_epsilon(1e-5), rel=1e-12)
+
+
+# --- 5. The ledger's lock holds when its .lock file is deleted ---
+
+
+def test_deleting_the_lock_file_does_not_let_a_second_process_in(tmp_path):
+    # Today: the running process deletes <ckpt>.ledger.lock (a cleanup of *.lock), a second
+    # resume takes a fresh lock file, and both append to one ledger.
+    from rmt_kernels.dp import attach_ledger
+    from rmt_kernels.dp.checkpoint import CheckpointError, ledger_path
+    from tests import dp_workers
+    from tests.dp_models import tiny_model
+    from tests.test_ledger_attacks import _hold_lock
+
+    path = tmp_path / "ckpt.pt"
+    holder = _hold_lock(path)
+    try:
+        os.unlink(f"{ledger_path(path)}.lock")
+        _, optimizer, _ = dp_workers.private(tiny_model(), noise=1.0, lr=0.0)
+        with pytest.raises(CheckpointError, match="in use by another process"):
+            attach_ledger(optimizer, path)
+        assert optimizer.engine.ledger is None
+    finally:
+        holder.kill()
+        holder.wait()
+    # The other process gone, its locks go with it.
+    attach_ledger(optimizer, path)
+    assert optimizer.engine.ledger is not None

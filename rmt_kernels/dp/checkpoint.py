@@ -74,7 +74,8 @@ the caller's own training loop (loss, augmentation, collate): change it and pass
 ``data_fingerprint`` (or none), never the same one.
 
 One process at a time: the first to attach, save or load the ledger takes an exclusive lock
-(``flock`` on ``<checkpoint>.ledger.lock``) held until it ends, and another process (a restarted
+(``flock`` on ``<checkpoint>.ledger.lock`` and on the ledger itself, so deleting the ``.lock``
+file does not release it) held until it ends, and another process (a restarted
 job whose old process still lives, a second resume of the same checkpoint) is refused with a
 :class:`CheckpointError`: two processes sharing a ledger would each take the other's lines for
 replayed steps of their own and under-count.
@@ -391,44 +392,76 @@ class PrivacyLedger:
         self._tip = (count + 1, digest)
 
 
-# The ledgers this process holds the lock of: resolved lock path -> open file (kept open, and
-# so locked, until the process ends).
-_HELD_LOCKS: dict[Path, object] = {}
+# The ledgers this process holds the lock of: resolved lock path -> the open, locked files (kept
+# open, and so locked, until the process ends).
+_HELD_LOCKS: dict[Path, _LedgerLock] = {}
+
+
+class _LedgerLock:
+    """The open files whose ``flock`` is a ledger's lock: ``<checkpoint>.ledger.lock`` (holding
+    the pid, for the refusal's message) and the ledger itself."""
+
+    def __init__(self, *handles) -> None:
+        self.handles = handles
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.close()
+
+
+def _flock(handle) -> bool:
+    """Take ``handle``'s exclusive flock without waiting; False if another process holds it."""
+    import fcntl
+
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    return True
 
 
 def lock_ledger(path: str | os.PathLike) -> None:
     """Take the exclusive lock of the ledger of the checkpoint at ``path`` for the rest of this
-    process's life (``<checkpoint>.ledger.lock``, ``flock``; a no-op if this process holds it).
+    process's life (a no-op if this process holds it): ``flock`` on ``<checkpoint>.ledger.lock``
+    and on the ledger file itself (created empty if missing).
 
     Two processes on one ledger (a restarted job whose old process still lives, two resumes of
     one checkpoint) would each count the other's lines as replayed steps of their own and
-    under-count epsilon (15 steps used data, 11 charged): the second one is refused.
+    under-count epsilon (15 steps used data, 11 charged): the second one is refused. The lock
+    on the ledger is what holds when the ``.lock`` file is deleted under a running process (a
+    cleanup of ``*.lock``): the ledger is only ever appended to or truncated in place, never
+    replaced, so its lock lasts as long as the file; deleting the ledger itself leaves its
+    marker counting lines the file lacks, which a resume charges.
 
     Raises:
         CheckpointError: another process holds the lock.
     """
-    import fcntl
-
     lock = Path(f"{ledger_path(path)}.lock").resolve()
     if lock in _HELD_LOCKS:
         return
     lock.parent.mkdir(parents=True, exist_ok=True)
     handle = open(lock, "a+")  # noqa: SIM115 (held open: the lock lives as long as the file)
-    try:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    ledger = None
+    if _flock(handle):
+        ledger = open(ledger_path(path), "ab")  # noqa: SIM115 (held open, as above)
+        if _flock(ledger):
+            handle.truncate(0)
+            handle.write(str(os.getpid()))
+            handle.flush()
+            _HELD_LOCKS[lock] = _LedgerLock(handle, ledger)
+            return
+        holder = "unknown: its lock file was deleted"
+    else:
         handle.seek(0)
         holder = handle.read().strip() or "unknown"
-        handle.close()
-        raise CheckpointError(
-            f"privacy ledger {ledger_path(path)} is in use by another process (pid {holder}): "
-            "two runs on one ledger would under-count the privacy spent; stop the other run "
-            "first (or checkpoint elsewhere)"
-        ) from None
-    handle.truncate(0)
-    handle.write(str(os.getpid()))
-    handle.flush()
-    _HELD_LOCKS[lock] = handle
+    handle.close()
+    if ledger is not None:
+        ledger.close()
+    raise CheckpointError(
+        f"privacy ledger {ledger_path(path)} is in use by another process (pid {holder}): "
+        "two runs on one ledger would under-count the privacy spent; stop the other run "
+        "first (or checkpoint elsewhere)"
+    )
 
 
 def _open_ledger(engine, path: str | os.PathLike) -> PrivacyLedger:
