@@ -8,13 +8,14 @@ evaluation interval); a run that never gets there is reported as such, never dro
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from bench.efficiency_methods import METHODS, Method
-from rmt_kernels.glue.compare import read_log
+from rmt_kernels.glue.compare import eval_seconds, read_log
 
 FRACTIONS = (0.90, 0.95)
 # The baseline every target is a fraction of.
@@ -25,10 +26,12 @@ TAIL_EVALS = 4
 
 
 def first_reaching(log: dict, target: float, metric: str = "accuracy") -> tuple[int, float] | None:
-    """(step, training seconds) of the first evaluation at or above ``target``; None if never."""
-    for record in log["evals"]:
+    """(step, training seconds) of the first evaluation at or above ``target``; None if never.
+    A private log's seconds are the step times the run's mean time per step (eval_seconds)."""
+    seconds = eval_seconds(log)
+    for i, record in enumerate(log["evals"]):
         if record[metric] >= target:
-            return record["step"], record["seconds"]
+            return record["step"], (seconds[i] if seconds is not None else math.nan)
     return None
 
 
@@ -40,7 +43,9 @@ def samples_per_second(log: dict) -> float:
     if last.get("samples_per_s") is not None:
         return last["samples_per_s"]
     derived = log["derived"]
-    return last["steps_per_s"] * derived["sample_rate"] * derived["train_examples"]
+    # A private log holds only the whole run's steps per second (older ones: each record's).
+    steps_per_s = last.get("steps_per_s") or log["steps_per_s"]
+    return steps_per_s * derived["sample_rate"] * derived["train_examples"]
 
 
 def tail_accuracy(log: dict, evals: int = TAIL_EVALS) -> float:
@@ -226,7 +231,7 @@ def plot(
     for method, runs in logs.items():
         steps = [r["step"] for r in runs[0]["evals"]]
         accs = [[r["accuracy"] for r in log["evals"]] for log in runs]
-        secs = [[r["seconds"] for r in log["evals"]] for log in runs]
+        secs = [eval_seconds(log) or [math.nan] * len(log["evals"]) for log in runs]
         n = min(len(a) for a in accs)
         mean = [statistics.mean(a[i] for a in accs) for i in range(n)]
         low = [min(a[i] for a in accs) for i in range(n)]

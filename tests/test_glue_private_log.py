@@ -41,8 +41,9 @@ def test_a_private_log_and_checkpoint_hold_no_training_statistics(tiny, tmp_path
     written = json.loads(out.read_text())
     assert not PRIVATE_FIELDS & _eval_keys(written), _eval_keys(written)
     for record in written["evals"]:
-        # Throughput stays, as steps per second (a function of the step count and time alone).
-        assert record["steps_per_s"] > 0 and 0 <= record["accuracy"] <= 1
+        assert 0 <= record["accuracy"] <= 1
+    # Throughput stays, for the whole run only (a step's time grows with its batch).
+    assert written["steps_per_s"] > 0
     extra = checkpoint_extra(ckpt / "checkpoint.pt")["extra"]
     assert extra["samples"] is None
     assert not PRIVATE_FIELDS & {k for record in extra["evals"] for k in record}

@@ -42,6 +42,20 @@ def describe(log: dict, path: str | Path) -> str:
     return f"{Path(path).stem} ({setup})"
 
 
+def eval_seconds(log: dict) -> list[float] | None:
+    """The training seconds (evaluation excluded) at each of ``log``'s evaluations: the
+    records' own, or for a private log, which holds only the whole run's time (a step's time
+    reveals its Poisson batch size), the evaluation's step times the run's mean seconds per step.
+    None for a private log whose run has not finished (no total yet)."""
+    evals = log["evals"]
+    if all("seconds" in record for record in evals):
+        return [record["seconds"] for record in evals]
+    total, steps = log.get("train_seconds"), log.get("derived", {}).get("steps")
+    if total is None or not steps:
+        return None
+    return [record["step"] * total / steps for record in evals]
+
+
 def compare(
     logs: Sequence[str | Path],
     output: str | Path,
@@ -49,7 +63,8 @@ def compare(
     metric: str | None = None,
     labels: Sequence[str] | None = None,
 ) -> Path:
-    """Draw ``metric`` (default: the first log's main metric) vs step and vs seconds.
+    """Draw ``metric`` (default: the first log's main metric) vs step and vs seconds
+    (:func:`eval_seconds`).
 
     Raises:
         ValueError: an unreadable log, a metric a log lacks, or a label count that differs
@@ -76,9 +91,13 @@ def compare(
         values = [e[metric] for e in evals]
         style = {"marker": "o", "markersize": 3, "linewidth": 1.5, "label": label}
         by_step.plot([e["step"] for e in evals], values, **style)
-        by_time.plot([e["seconds"] for e in evals], values, **style)
+        seconds = eval_seconds(run)
+        if seconds is not None:  # a private run still going has no time yet
+            by_time.plot(seconds, values, **style)
     by_step.set_xlabel("optimizer step")
-    by_time.set_xlabel("training time (s, evaluation excluded)")
+    by_time.set_xlabel(
+        "training time (s, evaluation excluded; private runs: step x mean time per step)"
+    )
     by_step.set_ylabel(metric)
     for ax in (by_step, by_time):
         ax.grid(True, alpha=0.3)
