@@ -17,6 +17,7 @@ recording mode of :class:`LayerCapture`.
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -206,10 +207,11 @@ class LayerCapture:
         # Bumped whenever held batches are taken or cleared: an output gradient from the graph
         # of an older forward must not be paired with a newer forward's input.
         self.generation = 0
-        # Recording mode (the engine's layout verification): a list receiving
-        # (layer name, "input" / "output", tensor) per call, the rows (a bool mask of dim 0)
+        # Recording mode (the engine's layout verification): a callable receiving
+        # (layer name, "input" / "output", tensor) per call (the tensor as the layer saw or
+        # returned it, not a copy: valid only during the call), the rows (a bool mask of dim 0)
         # whose outputs get a random perturbation (None: none) and its scale.
-        self.recording: list[tuple[str, str, torch.Tensor]] | None = None
+        self.recording: Callable[[str, str, torch.Tensor], None] | None = None
         self.perturb_rows: torch.Tensor | None = None
         self.perturb_scale: float = 1.0
         self.perturb_generator: torch.Generator | None = None
@@ -401,7 +403,7 @@ class LayerCapture:
             )
 
     def _record(self, layer, x, output, recording) -> torch.Tensor:
-        recording.append((layer.name, "input", x.detach().clone()))
+        recording(layer.name, "input", x.detach())
         if output.is_floating_point():
             # A leaf ADDED to the output (not a detached copy): the graph stays connected, so
             # one backward from the model's outputs reaches every tracked layer through all
@@ -426,7 +428,7 @@ class LayerCapture:
             slot: list[torch.Tensor | None] = [None]
             output.register_hook(_keeper(slot))
             self.leaves.append((layer.name, leaf, slot))
-        recording.append((layer.name, "output", output.detach().clone()))
+        recording(layer.name, "output", output.detach())
         return output
 
     def pending(self) -> bool:

@@ -451,13 +451,16 @@ class PrivateEngine:
                     t[k] = source[j]
             return t
 
-        def run(rows: list[int] | None, scale: float):
+        def run(rows: list[int] | None, scale: float, record):
+            # ``record(name, what, tensor)`` receives each tracked layer's input and output as
+            # the layer runs: the unchanged run keeps copies, the others compare at once and
+            # keep nothing (one run's graph and gradients alive at a time besides the base's
+            # values).
             def replace(t):
                 return perturb(t, rows, scale) if rows is not None and batched(t) else t
 
             a = tuple(replace(t) for t in args)
             kw = {n: replace(t) for n, t in kwargs.items()}
-            record: list = []
             self.capture.recording = record
             self.capture.perturb_rows = None if rows is None else _row_mask(batch, rows)
             self.capture.perturb_scale = scale
@@ -481,7 +484,7 @@ class PrivateEngine:
                 self.capture.recording = self.capture.perturb_rows = None
                 self.capture.perturb_scale = 1.0
             leaves, self.capture.leaves = self.capture.leaves, []
-            return record, [t for t in _tensors(out) if batched(t)], leaves
+            return [t for t in _tensors(out) if batched(t)], leaves
 
         def output_grads(out: list[torch.Tensor], leaves: list, rows: torch.Tensor | None):
             # Every tracked layer's output gradient (None where unused) from the fixed cotangent
@@ -499,27 +502,39 @@ class PrivateEngine:
                 [leaf for _, leaf, _ in leaves],
                 cots,
                 allow_unused=True,
-                retain_graph=True,
             )
             return [slot[0] for _, _, slot in leaves]
 
+        def moved(before: torch.Tensor, after: torch.Tensor, rows: torch.Tensor) -> bool:
+            # _rows_moved with the floor of each base tensor computed once (a median over rows).
+            if before.is_floating_point() and id(before) not in floors:
+                floors[id(before)] = _floor(before)
+            return _rows_moved(before, after, rows, floors.get(id(before)))
+
+        def reordered() -> LayoutError:
+            return LayoutError(
+                "DP engine: cannot verify the layout: the tracked layers ran in another "
+                "order or with other shapes when some examples changed"
+            )
+
         def check_rows(rows: list[int], scale: float) -> None:
             # One run with rows S changed (module docstring): forward, then backward.
-            record, out, leaves = run(rows, scale)
-            shapes = [(n, w, t.shape) for n, w, t in record]
-            if shapes != [(n, w, t.shape) for n, w, t in base] or [
-                n for n, _, _ in leaves
-            ] != names:
-                raise LayoutError(
-                    "DP engine: cannot verify the layout: the tracked layers ran in another "
-                    "order or with other shapes when some examples changed"
-                )
             inside = _row_mask(batch, rows)
-            for (name, what, t0), (_, _, t1) in zip(base, record, strict=True):
-                if _rows_moved(t0, t1, ~inside):
+            seen = [0]
+
+            def compare(name: str, what: str, t1: torch.Tensor) -> None:
+                i = seen[0]
+                if i >= len(base) or base[i][:2] != (name, what) or base[i][2].shape != t1.shape:
+                    raise reordered()
+                if moved(base[i][2], t1, ~inside):
                     raise _forward_error(f"layer '{name}'", f"its {what}", rows)
+                seen[0] = i + 1
+
+            out, leaves = run(rows, scale, compare)
+            if seen[0] != len(base) or [n for n, _, _ in leaves] != names:
+                raise reordered()
             for i, (t0, t1) in enumerate(zip(base_out, out, strict=True)):
-                if _rows_moved(t0, t1, ~inside):
+                if moved(t0, t1, ~inside):
                     what = f"output tensor {i} of the model (shape {list(t0.shape)})"
                     raise _forward_error(what, "it", rows)
             # The cotangent on the other rows only: their output gradients must be those of
@@ -534,11 +549,15 @@ class PrivateEngine:
                     continue
                 if scale == 1.0 and _mass_in(g, inside):
                     raise _backward_error(name, rows, "reached")
-                if _rows_moved(g0, g, ~inside):
+                if moved(g0, g, ~inside):
                     raise _backward_error(name, rows, "moved")
 
+        base: list[tuple[str, str, torch.Tensor]] = []
+        floors: dict[int, torch.Tensor] = {}
         try:
-            base, base_out, base_leaves = run(None, 1.0)
+            base_out, base_leaves = run(
+                None, 1.0, lambda name, what, t: base.append((name, what, t.clone()))
+            )
             if not base_out:
                 raise LayoutError(
                     "DP engine: cannot verify the layout: no tensor in the model's output has "
@@ -556,6 +575,9 @@ class PrivateEngine:
             ]
             base_grads = output_grads(base_out, base_leaves, None)
             names = [name for name, _, _ in base_leaves]
+            # Only the base run's values are needed from here on: free its graph.
+            base_out = [t.detach() for t in base_out]
+            del base_leaves
             for scale in (1.0, LAYOUT_LARGE_SCALE):
                 for rows in layout_row_sets(batch):
                     check_rows(rows, scale)
@@ -1092,7 +1114,20 @@ def _mass_in(grad: torch.Tensor, rows: torch.Tensor) -> bool:
     return bool(((grad != 0).reshape(grad.shape[0], -1).any(1) & rows.to(grad.device)).any())
 
 
-def _rows_moved(before: torch.Tensor, after: torch.Tensor, rows: torch.Tensor) -> bool:
+def _floor(before: torch.Tensor) -> torch.Tensor:
+    """The median over rows of each position's size in ``before`` (finite sizes; a (B,) tensor
+    has one position), float64: the smallest local scale :func:`_rows_moved` gives an entry."""
+    size = before.detach().reshape(before.shape[0], -1).double().abs()
+    size = size.nan_to_num(posinf=0.0, neginf=0.0)
+    return size.median(0).values if size.shape[0] > 1 else size[0]
+
+
+def _rows_moved(
+    before: torch.Tensor,
+    after: torch.Tensor,
+    rows: torch.Tensor,
+    floor: torch.Tensor | None = None,
+) -> bool:
     """Whether a row in ``rows`` (a bool mask of dim 0) changed by more than LAYOUT_TOLERANCE of
     its entry's local scale (NaN where ``before`` had none is a change).
 
@@ -1102,7 +1137,8 @@ def _rows_moved(before: torch.Tensor, after: torch.Tensor, rows: torch.Tensor) -
     every entry's tolerance with one huge junk column or row (a constant 1e30 column beside the
     logits let a bounded forward vote over the batch pass and move the sum by 18 C). A huge
     column inflates only itself, a huge row only itself and no median; only huge values planted
-    in most rows of the very position that mixes inflate it."""
+    in most rows of the very position that mixes inflate it. ``floor``: :func:`_floor` of
+    ``before``, when the caller has it."""
     # (B, everything else): one column per position within a row (a (B,) tensor: one column).
     before = before.detach().reshape(before.shape[0], -1)
     after = after.detach().reshape(after.shape[0], -1)
@@ -1115,10 +1151,10 @@ def _rows_moved(before: torch.Tensor, after: torch.Tensor, rows: torch.Tensor) -
         return False
     if not before.is_floating_point():
         return True
-    size = before.double().abs().nan_to_num(posinf=0.0, neginf=0.0)
-    floor = size.median(0).values if size.shape[0] > 1 else size[0]
+    if floor is None:
+        floor = _floor(before)
     b, a = before[changed].double(), after[changed].double()
     same = (a == b) | (a.isnan() & b.isnan())
-    scale = torch.maximum(size[changed], floor)
+    scale = torch.maximum(b.abs().nan_to_num(posinf=0.0, neginf=0.0), floor.to(b.device))
     diff = (a - b).abs().masked_fill(same, 0.0)
     return not bool((diff <= LAYOUT_TOLERANCE * scale).all())
