@@ -571,6 +571,33 @@ def test_reentrant_gradient_checkpointing_is_refused(verify_layout):
             private(x)
 
 
+class _NestedThenCheckpointed(_Checkpointed):
+    """Calls itself on an empty slice under no_grad first (no tracked layer runs), then the
+    reentrant checkpoint: the nested call's end must not end the training forward."""
+
+    def forward(self, x):
+        if x.numel() == 0:
+            return x
+        if self.training:
+            with torch.no_grad():
+                self(x[:0])
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("verify_layout", [True, False])
+def test_a_nested_call_of_the_model_does_not_switch_the_refusal_off(verify_layout):
+    # Before: the model's end hook of the nested call cleared the training-forward flag, so the
+    # checkpointed lin_0 ran as "skipped" again (red team round 2, D1: 3.30 off the reference).
+    torch.manual_seed(0)
+    x = torch.randn(8, 4)
+    model = _NestedThenCheckpointed(4, 8, 1)
+    private, _, _ = _private(model, x, torch.ones(8), verify_layout=verify_layout)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # checkpoint: "none of the inputs have requires_grad"
+        with pytest.raises(LayoutError, match="gradients disabled inside a training forward"):
+            private(x)
+
+
 def test_an_evaluation_forward_under_no_grad_between_backward_and_step_still_works():
     torch.manual_seed(0)
     x = torch.randn(8, 4)

@@ -235,6 +235,8 @@ class PrivateEngine:
         # The noise std each stage was given at the last step recorded (for the statistics).
         self._stage_sigmas: list[float] | None = None
         self.capture = LayerCapture(self.layers)
+        # Calls of the model in progress (a model may call itself inside its forward).
+        self._forward_depth = 0
         # Prepended: it must run before the capture's pre-hook when the model is itself a
         # tracked layer (nn.Linear as a logistic regression), or restoring the parameters'
         # requires_grad would undo what that pre-hook switched off for the forward.
@@ -980,6 +982,8 @@ class _EngineHook(ModelHook):
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self.engine._before_forward(module, args, kwargs)
+        # Counted once the pre-hook succeeded (the end hook then runs, even if forward raises).
+        self.engine._forward_depth += 1
 
 
 class _EngineEndHook(ModelHook):
@@ -989,10 +993,16 @@ class _EngineEndHook(ModelHook):
         self.engine = engine
 
     def __call__(self, module: nn.Module, args: tuple, output) -> None:
-        if not self.engine._verifying:
-            self.engine.capture.in_training_forward = False
+        engine = self.engine
+        engine._forward_depth = max(0, engine._forward_depth - 1)
+        # Only the outermost call ends the training forward: a nested call of the model inside
+        # its own forward (say on an empty slice under no_grad) must not clear the flag that
+        # refuses a tracked layer run with gradients off (red team D1: it let reentrant
+        # checkpointing through again, 3.3 C off the per-example reference).
+        if not engine._verifying and engine._forward_depth == 0:
+            engine.capture.in_training_forward = False
             if torch.is_grad_enabled():  # not an evaluation forward
-                self.engine._after_forward(module)
+                engine._after_forward(module)
 
 
 class _Replay:
