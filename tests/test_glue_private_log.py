@@ -112,7 +112,7 @@ def _argv(tiny, tmp_path, *extra) -> list:
     ]  # fmt: skip
 
 
-@pytest.mark.parametrize("accountant", ["prv", "rdp", "gdp"])
+@pytest.mark.parametrize("accountant", ["prv", "rdp"])
 def test_a_delta_of_1_over_n_or_more_exits_2_before_any_step(tiny, tmp_path, capsys, accountant):
     # Today: epsilon -0.68 (prv), -0.51 (rdp) logged as private; gdp exits 2 after step 0 ran.
     argv = _argv(tiny, tmp_path, "--delta", 0.5, "--noise-multiplier", 1)
@@ -129,8 +129,9 @@ def test_the_last_steps_epsilon_is_checked_before_the_run():
     # q 0.1, 10 steps): not a bound to log.
     with pytest.raises(ValueError, match="not a valid guarantee"):
         run_epsilon(1.0, 0.3, 0.1, 10, "prv")
-    # GDP's root finder fails at small sigma: an error now, not after step 0.
-    with pytest.raises(ValueError, match="gdp accountant cannot compute epsilon"):
+    # GDP (whose root finder also failed at small sigma after step 0) is refused outright: it
+    # under-reports epsilon (tests/test_gdp_refused.py).
+    with pytest.raises(ValueError, match="central-limit approximation"):
         run_epsilon(0.2, 1e-5, 1 / 16, 100, "gdp")
     assert run_epsilon(1.0, 1e-5, 1 / 16, 100, "rdp") > 0
 
@@ -172,13 +173,11 @@ def test_calibration_is_bounded_in_time_and_matches_opacus_when_it_ends():
 
     with pytest.raises(ValueError, match="did not finish within 0 s"):
         calibrate_noise_multiplier(8.0, 1e-5, 1 / 16, 100, "rdp", time_limit=0.0)
-    for accountant in ("rdp", "gdp"):
-        ours = calibrate_noise_multiplier(3.0, 1e-5, 0.05, 200, accountant)
-        theirs = get_noise_multiplier(
-            target_epsilon=3.0, target_delta=1e-5, sample_rate=0.05, steps=200,
-            accountant=accountant,
-        )  # fmt: skip
-        assert ours == theirs
+    ours = calibrate_noise_multiplier(3.0, 1e-5, 0.05, 200, "rdp")
+    theirs = get_noise_multiplier(
+        target_epsilon=3.0, target_delta=1e-5, sample_rate=0.05, steps=200, accountant="rdp"
+    )
+    assert ours == theirs
     # A target the PRV accountant would need minutes for (sigma ~0.15 at q 1/16 over 100
     # steps) is reached without evaluating it there: RDP screens the sigmas far too small.
     with _deadline(120):

@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="probability that the bound is wrong; confidence = 1 - p_fail (default 0.05)",
     )
     p.add_argument("--denoise-kappa", type=float, default=None, help="denoise at this kappa")
-    p.add_argument("--accountant", default="prv", choices=("prv", "rdp", "gdp"))
+    p.add_argument("--accountant", default="prv", choices=("prv", "rdp"))
     p.add_argument(
         "--method",
         default="auto",

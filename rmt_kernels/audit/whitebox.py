@@ -129,7 +129,7 @@ class WhiteBoxConfig:
         p_fail: the probability allowed for the bound to be wrong.
         seed: seeds the coin flips, the signs, the data, the sampling and the noise.
         denoise: ``make_private``'s denoise options (None: plain DP-SGD).
-        accountant: ``make_private``'s accountant ("prv", "rdp", "gdp").
+        accountant: ``make_private``'s accountant ("prv" or "rdp").
         lr: SGD learning rate (the gradients do not depend on the weights: any value audits the
             same mechanism).
         method: the bound: "fdp" (the f-DP bound on mu-GDP, :mod:`rmt_kernels.audit.fdp`),

@@ -74,7 +74,7 @@ def _add_train(sub) -> None:
     eps.add_argument("--noise-multiplier", type=float, help="sigma, instead of --epsilon")
     g.add_argument("--delta", type=float, help="default 1/n^1.1 (n = training examples)")
     g.add_argument("--max-grad-norm", type=float, default=1.0, help="clipping norm C")
-    g.add_argument("--accountant", choices=("prv", "rdp", "gdp"), default="prv")
+    g.add_argument("--accountant", choices=("prv", "rdp"), default="prv")
     g.add_argument(
         "--noise-seed",
         type=int,

@@ -712,7 +712,7 @@ def add_arguments(p) -> None:
     g.add_argument("--batch-sizes", type=positive, nargs="+", default=[512, 1024, 2048, 4096])
     g.add_argument("--epsilons", type=float, nargs="+", default=[3.0, 8.0])
     g.add_argument("--accounting-steps", type=positive, nargs="+", default=[100])
-    g.add_argument("--accountant", choices=("prv", "rdp", "gdp"), default="prv")
+    g.add_argument("--accountant", choices=("prv", "rdp"), default="prv")
     g.add_argument("--delta", type=float, help="default 1/n^1.1 (n = training examples)")
     g = p.add_argument_group("run")
     g.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")

@@ -65,6 +65,7 @@ from torch.utils.data import DataLoader
 from rmt_kernels.dp import distributed
 from rmt_kernels.dp.calibration import (
     calibrate_noise_multiplier,
+    check_accountant,
     spent_epsilon,
     warn_delta,
 )
@@ -110,6 +111,7 @@ class DenoisingPrivacyEngine(PrivacyEngine):
     """
 
     def __init__(self, *, accountant: str = "prv", secure_mode: bool = False) -> None:
+        check_accountant(accountant)  # "gdp" under-reports epsilon: refused
         super().__init__(accountant=accountant, secure_mode=secure_mode)
         # Options of the make_private call in progress: Opacus's make_private forwards its
         # **kwargs to the optimizer, the criterion and (via make_private_with_epsilon) to
