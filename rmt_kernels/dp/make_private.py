@@ -11,16 +11,15 @@ from torch.utils.data import DataLoader
 
 from rmt_kernels.dp import distributed
 from rmt_kernels.dp.calibration import (
-    check_accountant,
     MAX_TARGET_EPSILON,
     calibrate_noise_multiplier,
+    check_accountant,
     warn_delta,
 )
 from rmt_kernels.dp.chain import build_chain
 from rmt_kernels.dp.engine import PrivateEngine, check_seed
 from rmt_kernels.dp.optimizer import DPOptimizer
 from rmt_kernels.dp.postprocess import DenoiseFilter, PostProcessor, denoise_linear_weights
-
 
 
 def make_private(
