@@ -34,7 +34,7 @@ def _loader() -> DataLoader:
 
 def test_make_private_refuses_gdp():
     model = nn.Sequential(nn.Linear(3, 2))
-    with pytest.raises(ValueError, match="accountant='gdp'.*central-limit"):
+    with pytest.raises(ValueError, match=r"accountant='gdp'.*central-limit"):
         make_private(
             model,
             torch.optim.SGD(model.parameters(), lr=0.1),
