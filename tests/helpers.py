@@ -74,3 +74,19 @@ def assert_gaussian_noise(
         f"noise std / expected std ({std:.4g}) = {math.sqrt(ratio / n):.4f} over {n} "
         f"coordinates: outside [{math.sqrt(lo / n):.4f}, {math.sqrt(hi / n):.4f}]"
     )
+
+
+def record_engine_seeds(monkeypatch) -> list[int]:
+    """A list that every PrivateEngine built from now on (in this test) appends its noise seed
+    to, for tests that scan artifacts for the seed."""
+    from rmt_kernels.dp import engine as engine_module
+
+    seeds: list[int] = []
+    init = engine_module.PrivateEngine.__init__
+
+    def spy(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        seeds.append(self._seed)
+
+    monkeypatch.setattr(engine_module.PrivateEngine, "__init__", spy)
+    return seeds

@@ -10,6 +10,7 @@ import json
 import pytest
 
 from rmt_kernels.glue import train as train_module
+from tests.helpers import record_engine_seeds
 from tests.test_glue_cli import base, run, tiny, train_tiny  # noqa: F401 (fixtures)
 
 pytest.importorskip("transformers")
@@ -54,17 +55,9 @@ def _crash_at(monkeypatch, call: int) -> None:
 
 
 def test_the_noise_seed_is_secret_by_default(tiny, tmp_path, monkeypatch, capsys):
-    from rmt_kernels.dp import engine as engine_module
     from rmt_kernels.dp.checkpoint import data_path, ledger_path
 
-    seeds = []
-    init = engine_module.PrivateEngine.__init__
-
-    def spy(self, *args, **kwargs):
-        init(self, *args, **kwargs)
-        seeds.append(self._seed)
-
-    monkeypatch.setattr(engine_module.PrivateEngine, "__init__", spy)
+    seeds = record_engine_seeds(monkeypatch)
     ckpt = tmp_path / "ckpt"
     args = [*NOISE, "--seed", 987654321, "--checkpoint-dir", ckpt]
     log = train_tiny(tiny, tmp_path / "log.json", *args)

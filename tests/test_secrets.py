@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from rmt_kernels import ops
 from rmt_kernels.dp import PoissonSampler
+from tests.helpers import record_engine_seeds
 from tests.test_glue_cli import tiny, train_tiny  # noqa: F401 (a fixture, and its helper)
 
 opacus = pytest.importorskip("opacus")
@@ -405,17 +406,9 @@ def test_the_32_bit_seed_attack_no_longer_reproduces_a_default_dropin_run(fixed_
 def test_rmt_glue_writes_no_secret_in_its_log_or_checkpoint(
     tiny, tmp_path, fixed_os, monkeypatch, engine
 ):
-    from rmt_kernels.dp import engine as engine_module
     from rmt_kernels.dp.checkpoint import data_path, ledger_path
 
-    seeds = []
-    init = engine_module.PrivateEngine.__init__
-
-    def spy(self, *args, **kwargs):
-        init(self, *args, **kwargs)
-        seeds.append(self._seed)
-
-    monkeypatch.setattr(engine_module.PrivateEngine, "__init__", spy)
+    seeds = record_engine_seeds(monkeypatch)
     fixed_os.reset()
     args = ["--noise-multiplier", 1, "--accountant", "rdp", "--engine", engine]
     ckpt = tmp_path / "ckpt"
