@@ -387,8 +387,8 @@ def linear_sq_norms(x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
     worker thread on CPU, in blocks of examples bounded by ``BLOCK_BYTES`` on the device;
     neither all B gradients nor a B x T x T tensor is ever held.
 
-    Certified (DESIGN.md invariant 6): the result is an UPPER BOUND of the exact squared norm
-    ``N_b`` (real arithmetic on the given float inputs), rounded up to float32; see
+    Certified (privacy invariant 6, PRIVACY.md): the result is an UPPER BOUND of the exact
+    squared norm ``N_b`` (real arithmetic on the given float inputs), rounded up to float32; see
     ``triton.device.linear_sq_norm_bound`` for the formula and proof. For ordinary inputs it exceeds
     ``N_b`` by a relative 1e-9 or less; for crafted cancelling inputs (x = [u, -u + 10 w]) where a
     float32 Gram sum returns 0 or a negative number, it stays above ``N_b``. An example with a

@@ -1,4 +1,5 @@
-"""Float32 rounding of the released clipped sum: no example can amplify it (DESIGN.md invariant 6).
+"""Float32 rounding of the released clipped sum: no example can amplify it (privacy invariant 6,
+PRIVACY.md).
 
 The problem. Each layer rule releases ``sum_b scale_b g_b`` (+ noise) from one float32 pass over
 the B*T token rows, ``g_b = sum_t dy_bt x_bt^T`` (Linear weight; bias, Embedding and LayerNorm

@@ -1,7 +1,8 @@
-"""The native engine against a hostile or careless user (issue 11; DESIGN.md invariants 1, 2, 7,
-8, 9): every way a model can feed a covered layer is either exact (equal to a float64
-per-example reference, and one example moves the noise-free sum by at most C) or refused with a
-clear error; nothing untracked is ever updated; the noise seed is secret unless asked for."""
+"""The native engine against a hostile or careless user (issue 11; privacy invariants 1, 2, 6,
+7, 8 and 9 of PRIVACY.md): every way a model can feed a covered layer is either exact (equal to a
+float64 per-example reference, and one example moves the noise-free sum by at most C) or refused
+with a clear error; nothing untracked is ever updated; the noise seed is secret unless asked
+for."""
 
 from __future__ import annotations
 
@@ -230,7 +231,7 @@ def test_a_loss_term_on_the_weights_is_refused():
 
 
 # ------------------------------------------------------------------------------------------
-# Invariant 8: nothing the engine did not privatise is updated
+# Privacy invariant 8 (PRIVACY.md): nothing the engine did not privatise is updated
 # ------------------------------------------------------------------------------------------
 
 
@@ -455,7 +456,7 @@ def test_fixed_size_batches_are_accounted_at_batch_size_over_n():
 
 
 # ------------------------------------------------------------------------------------------
-# Invariant 9: the noise seed
+# Privacy invariant 9 (PRIVACY.md): the noise seed
 # ------------------------------------------------------------------------------------------
 
 
@@ -507,7 +508,8 @@ def test_poisson_sampling_is_secret_unless_the_noise_seed_is_public():
 
 
 def test_per_parameter_bounds_are_summed_without_rounding_below_them(monkeypatch):
-    # Invariant 6 across parameters: one bound of 1 and eleven of 0.99 * 2^-24 sum to exactly 1
+    # Privacy invariant 6 (PRIVACY.md) across parameters: one bound of 1 and eleven of
+    # 0.99 * 2^-24 sum to exactly 1
     # in float32 (each addition rounds the small one away), which would let the example through
     # at C / 1 although its certified squared norm is 1 + 10.9 * 2^-24: the engine must hand
     # clip_scales the per-parameter bounds (summed there in float64).

@@ -1,4 +1,5 @@
-"""Invariant 6 (DESIGN.md): every per-example norm is a certified upper bound, for any input.
+"""Privacy invariant 6 (PRIVACY.md): every per-example norm is a certified upper bound, for any
+input.
 
 Crafted cancelling inputs (x = [u, -u + 10 w] with equal output gradients, repeated ids with
 cancelling dy rows, ...) made the float32 norms return 0, a negative number or NaN, so that one

@@ -151,7 +151,7 @@ def test_sigkill_mid_step_then_resume(tmp_path, secure):
 
 
 # ------------------------------------------------------------------------------------------
-# A free replay needs the same data (issue 11, item 1; DESIGN.md invariant 10)
+# A free replay needs the same data (issue 11, item 1; privacy invariant 10, PRIVACY.md)
 # ------------------------------------------------------------------------------------------
 
 

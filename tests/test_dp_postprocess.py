@@ -445,9 +445,9 @@ def test_warm_start_is_on_by_default_and_not_an_op_option():
 
 
 def test_the_warm_start_basis_is_a_function_of_released_gradients_only(monkeypatch):
-    """Privacy invariant 4 with a state: the op sees the released noisy gradient and a basis the
-    op itself returned at the step before, so the whole chain can be recomputed from the
-    released gradients and public numbers alone, and the clean gradient never reaches it."""
+    """Privacy invariant 4 (PRIVACY.md) with a state: the op sees the released noisy gradient and
+    a basis the op itself returned at the step before, so the whole chain can be recomputed from
+    the released gradients and public numbers alone, and the clean gradient never reaches it."""
     spy = WarmSpy(monkeypatch)
     clean = _clean_grads()
     options = {"kappa": 0.5, "min_dim": 1, "seed": 3}

@@ -1,5 +1,6 @@
-"""Privacy invariants of the fused ops: removing one example moves the pre-noise clipped sum of a
-small model (Linear + bias, Embedding, LayerNorm) by at most C, and every parameter has a rule."""
+"""Privacy invariants 1 and 2 (PRIVACY.md) on the fused ops: removing one example moves the
+pre-noise clipped sum of a small model (Linear + bias, Embedding, LayerNorm) by at most C, and
+every parameter has a rule."""
 
 import copy
 import math

@@ -1,9 +1,9 @@
 """The Opacus drop-in: DenoisingDPOptimizer and DenoisingPrivacyEngine.
 
 The reference is Opacus itself: with the same noise generator, the denoising optimizer must hand
-``denoise_many`` exactly the gradient plain Opacus would have released (privacy invariant 4: the
-op sees only the noisy, scaled gradient and public hyper-parameters), with the right sigma, and
-must leave everything else (1-D gradients, accounting) as Opacus does.
+``denoise_many`` exactly the gradient plain Opacus would have released (privacy invariant 4,
+PRIVACY.md: the op sees only the noisy, scaled gradient and public hyper-parameters), with the
+right sigma, and must leave everything else (1-D gradients, accounting) as Opacus does.
 """
 
 from __future__ import annotations
@@ -254,7 +254,8 @@ def test_denoise_sees_exactly_opacus_noisy_scaled_grads(
     for step, call in enumerate(spy.calls):
         assert call["sigma"] == pytest.approx(expected_sigma, rel=1e-12)
         # Exactly the user's options, the step's sketch seed and the rank: nothing else reaches
-        # the op (with grads and sigma checked here too, invariant 4 is pinned down).
+        # the op (with grads and sigma checked here too, privacy invariant 4 of PRIVACY.md is
+        # pinned down).
         assert call["options"] == {"seed": 5 + step, "rank": -1}
         assert len(call["grads"]) == len(matrices)
         for name, seen, out in zip(matrices, call["grads"], call["out"], strict=True):

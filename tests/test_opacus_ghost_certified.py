@@ -1,4 +1,4 @@
-"""Invariant 6 for the Opacus drop-in's ghost clipping (issue 11, item 4).
+"""Privacy invariant 6 (PRIVACY.md) for the Opacus drop-in's ghost clipping (issue 11, item 4).
 
 Opacus's ghost clipping computes per-example norms in float32 (Gram sums for nn.Linear weight
 and bias, index_add over repeated ids for nn.Embedding, explicit per-example gradients summed over

@@ -108,9 +108,9 @@ inline at::Tensor as_sequence(const at::Tensor& t) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Certified norms (DESIGN.md invariant 6). Every *_sq_norms kernel returns an UPPER BOUND of the
-// exact squared norm of each per-example gradient (exact real arithmetic on the given float
-// inputs), never an estimate that rounding may push below it. The cancellation-prone sums are
+// Certified norms (privacy invariant 6, PRIVACY.md). Every *_sq_norms kernel returns an UPPER
+// BOUND of the exact squared norm of each per-example gradient (exact real arithmetic on the given
+// float inputs), never an estimate that rounding may push below it. The cancellation-prone sums are
 // formed in float64 from the float32/bf16/fp16 inputs (conversion is exact) and the rigorous
 // forward error bound of that float64 computation is added:
 //   |fl(sum_i a_i) - sum_i a_i| <= gamma_n sum_i |a_i|,  gamma_n = n u / (1 - n u), u = 2^-53,

@@ -5,13 +5,13 @@ puts a tensor hook on its output, which stores the output gradient when backward
 Nothing per-example is materialised here; the layer rules turn (input, output gradient) into
 per-example norms and clipped sums afterwards.
 
-The rules read dim 0 of what they see as the example (privacy invariant 7). This module checks
-what can be checked cheaply at every step: every tracked layer's input, output and output
-gradient have leading dimension equal to the batch size (a Linear fed ``x.reshape(B*T, d)`` or a
-sequence-first ``(T, B, d)`` with T != B is an error naming the layer). What a shape cannot show
-(sequence-first with T == B, an op that mixes examples) the engine's one-time layout
-verification checks (:meth:`rmt_kernels.dp.engine.PrivateEngine.verify_layout`), using the
-recording mode of :class:`LayerCapture`.
+The rules read dim 0 of what they see as the example (privacy invariant 7, PRIVACY.md). This
+module checks what can be checked cheaply at every step: every tracked layer's input, output and
+output gradient have leading dimension equal to the batch size (a Linear fed
+``x.reshape(B*T, d)`` or a sequence-first ``(T, B, d)`` with T != B is an error naming the
+layer). What a shape cannot show (sequence-first with T == B, an op that mixes examples) the
+engine's layout verification checks (:meth:`rmt_kernels.dp.engine.PrivateEngine.check_layout`),
+using the recording mode of :class:`LayerCapture`.
 """
 
 from __future__ import annotations
@@ -138,7 +138,8 @@ def trainable_layers(model: nn.Module) -> list[TrackedLayer]:
 
 
 class LayoutError(RuntimeError):
-    """A tracked layer does not see one example per row of dim 0 (privacy invariant 7)."""
+    """A tracked layer does not see one example per row of dim 0 (privacy invariant 7,
+    PRIVACY.md)."""
 
 
 class _Inert:

@@ -164,7 +164,8 @@ class PrivateEngine:
         self.loss_reduction = loss_reduction
         self.secure_mode = secure_mode
         # The noise key is (seed, step, parameter index). By default the seed comes from the OS
-        # (privacy invariant 9): anyone who knows it can regenerate the noise and subtract it.
+        # (privacy invariant 9, PRIVACY.md): anyone who knows it can regenerate the noise and
+        # subtract it.
         # In secure mode it is also never stored anywhere a log or checkpoint could show it.
         self.noise_seed_is_secret = seed is None
         if seed is None:
@@ -591,10 +592,10 @@ class PrivateEngine:
         """Refuse a step that would update a parameter the engine did not privatise.
 
         Called by :meth:`DPOptimizer.step` before the wrapped optimizer steps (privacy
-        invariant 8). Refuses: a model parameter unfrozen after make_private (requires_grad, not
-        tracked), a tracked parameter frozen since (its rule would drop it), an untracked tensor
-        holding a gradient, and any parameter of the optimizer's groups that the engine does not
-        track but that requires grad or has a gradient (a group added through
+        invariant 8, PRIVACY.md). Refuses: a model parameter unfrozen after make_private
+        (requires_grad, not tracked), a tracked parameter frozen since (its rule would drop it), an
+        untracked tensor holding a gradient, and any parameter of the optimizer's groups that the
+        engine does not track but that requires grad or has a gradient (a group added through
         ``original_optimizer.add_param_group`` or ``param_groups.append``).
 
         Raises:
@@ -679,7 +680,7 @@ class PrivateEngine:
         # Dividing by the expected batch size is folded into the clip factors and the noise std
         # (noise_std arrives already divided), so the sums come out averaged with no extra pass.
         # The per-parameter bounds are summed in float64 inside clip_scales: a float32 total
-        # could round below the certified bound (invariant 6).
+        # could round below the certified bound (privacy invariant 6, PRIVACY.md).
         scale = clip_scales(self.per_parameter_sq_norms(captured), self.max_grad_norm)
         scale = scale / self.expected_batch_size
         folded: set[str] = set()
@@ -775,7 +776,8 @@ class PrivateEngine:
 
     def post_process(self, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Stage 4: ``post_processors`` in order, on the released noisy gradient with the
-        public ``sigma()`` and step counter only (privacy invariant: post-processing)."""
+        public ``sigma()`` and step counter only (post-processing: privacy invariant 4,
+        PRIVACY.md)."""
         out = post_process(self.post_processors, grads, self.sigma(), self.steps)
         if self._record_denoise_stats:
             self._stage_sigmas = stage_input_sigmas(self.post_processors, self.sigma(), self.steps)
@@ -844,7 +846,7 @@ class PrivateEngine:
 
         ``steps`` (the logical step counter, part of the noise key), ``seed`` (the noise seed
         only when the caller gave it, i.e. public: a secret one is never written, privacy
-        invariant 9; else None), ``seed_id`` (the ledger's name of the noise stream),
+        invariant 9 in PRIVACY.md; else None), ``seed_id`` (the ledger's name of the noise stream),
         ``accountant`` (its state) and ``post_processors`` (each one's ``state_dict()``, in
         order). Plain values and tensors: loadable with ``torch.load(weights_only=True)``.
 

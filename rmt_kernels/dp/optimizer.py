@@ -89,8 +89,8 @@ class DPOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 closure()
-        # Privacy invariant 8: nothing the engine did not privatise may be updated, however it
-        # got into the model or the optimizer since make_private (checked at every step).
+        # Privacy invariant 8 (PRIVACY.md): nothing the engine did not privatise may be updated,
+        # however it got into the model or the optimizer since make_private (checked every step).
         self.engine.check_updates(self.param_groups)
         if self._skip_next:
             self.engine.accumulate_pending()

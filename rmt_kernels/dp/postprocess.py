@@ -17,7 +17,8 @@ A post-processor is a :class:`PostProcessor`: ``__call__(grads, sigma, step)`` g
   steps denoised before this one),
 
 and returns the dict of gradients to pass on (the same tensors where it changes nothing). It must
-read nothing else: no clean gradient, no per-example norms, no noise seed. Whatever it keeps
+read nothing else: no clean gradient, no per-example norms, no noise seed (privacy invariant 4,
+PRIVACY.md: nothing enforces this for a post-processor you write). Whatever it keeps
 across steps goes in ``state_dict()`` (plain Python values and tensors: a checkpoint loads it with
 ``torch.load(weights_only=True)``) and comes back through ``load_state_dict()``, so that a resumed
 run is bit-identical to an uninterrupted one.
@@ -26,12 +27,13 @@ A new post-processor (a temporal filter, moment shrinkage) is one new subclass o
 :class:`PostProcessor`, appended to the engine's ``post_processors`` list; the engines do not
 change. :func:`post_process` is the stage itself.
 
-The one that exists today is :class:`Denoiser` (singular-value shrinkage of the 2-D gradients,
-:func:`rmt_kernels.denoise_warm`, warm-started from each matrix's basis of the step before; or
-:func:`rmt_kernels.denoise` with ``warm_start=False``; with ``passthrough_below_edge`` only the
-matrices whose released spectrum shows a component above the noise, see
-:func:`detection_threshold`). Its options are validated in one place,
-:func:`check_denoise_options`, for both engines.
+This file's post-processor is :class:`Denoiser` (the temporal filters, DP-aware Adam and
+trajectory shrinkage have their own files: temporal.py, dp_adam.py, trajectory.py). It is
+singular-value shrinkage of the 2-D gradients, :func:`rmt_kernels.denoise_warm`, warm-started
+from each matrix's basis of the step before; or :func:`rmt_kernels.denoise` with
+``warm_start=False``; with ``passthrough_below_edge`` only the matrices whose released spectrum
+shows a component above the noise, see :func:`detection_threshold`. Its options are validated
+in one place, :func:`check_denoise_options`, for both engines.
 """
 
 from __future__ import annotations

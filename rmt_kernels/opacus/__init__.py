@@ -1,11 +1,15 @@
 """Drop-in replacements for Opacus's DP optimizers and PrivacyEngine that denoise the noisy 2-D
 gradients by singular-value shrinkage before the optimizer step.
 
-This is the only place in rmt_kernels that imports Opacus, so ``import rmt_kernels`` never needs it.
+The classes here subclass Opacus's, so importing this subpackage imports Opacus. Opacus is a core
+dependency (rmt_kernels.dp uses its accountants, and calibration and the sampler its helpers), but
+every module outside this subpackage imports it inside the function that needs it, so
+``import rmt_kernels`` alone does not load it (tests/test_opacus_dropin.py checks that).
 Written against opacus==1.6.0 (pinned in requirements/test.txt): the extension points used are
 ``DPOptimizer.scale_grad`` (the last thing ``pre_step`` does to ``p.grad`` before the accountant's
-step hook), ``PrivacyEngine._prepare_optimizer`` and, for certified ghost clipping (privacy
-invariant 6, :mod:`rmt_kernels.opacus.ghost`), ``PrivacyEngine._prepare_model`` and the
+step hook), ``DPOptimizer.add_noise`` (the Philox noise), ``PrivacyEngine._prepare_optimizer``,
+``PrivacyEngine._prepare_data_loader`` and, for certified ghost clipping (privacy invariant 6,
+PRIVACY.md; :mod:`rmt_kernels.opacus.ghost`), ``PrivacyEngine._prepare_model`` and the
 ``NORM_SAMPLERS`` / ``get_clipping_coef`` of Opacus's ghost-clipping module wrapper.
 
 Example:

@@ -1,4 +1,4 @@
-"""Certified ghost clipping for the Opacus drop-in (privacy invariant 6).
+"""Certified ghost clipping for the Opacus drop-in (privacy invariant 6, PRIVACY.md).
 
 Opacus's ghost clipping (``grad_sample_mode="ghost"``) computes each example's gradient norm
 without the gradient: for ``nn.Linear`` the Gram formula ``sum_{t,s} (x_t . x_s)(dy_t . dy_s)``
@@ -234,11 +234,11 @@ def check_certifiable(module: nn.Module, *, use_ghost_clipping: bool = True) -> 
     if uncovered:
         raise NotImplementedError(
             "DenoisingPrivacyEngine, grad_sample_mode='ghost': the per-example gradient norms of "
-            f"{', '.join(uncovered)} cannot be certified (invariant 6: a crafted input could "
-            "contribute more than max_grad_norm). Certified: exactly nn.Linear, nn.Embedding, "
-            "nn.LayerNorm. Freeze those modules, or use grad_sample_mode='hooks' (explicit "
-            "per-example gradients, clipped by their own norms), or the native engine "
-            "rmt_kernels.dp.make_private"
+            f"{', '.join(uncovered)} cannot be certified (privacy invariant 6, PRIVACY.md: a "
+            "crafted input could contribute more than max_grad_norm). Certified: exactly "
+            "nn.Linear, nn.Embedding, nn.LayerNorm. Freeze those modules, or use "
+            "grad_sample_mode='hooks' (explicit per-example gradients, clipped by their own "
+            "norms), or the native engine rmt_kernels.dp.make_private"
         )
 
 
@@ -263,7 +263,7 @@ class _CertifiedGhostMixin:
         if late:
             # Opacus fixes its parameter list when it wraps the model; a parameter unfrozen since
             # would get its gradient from the second backward pass with a clip factor that
-            # ignores it (invariant 8).
+            # ignores it (privacy invariant 8, PRIVACY.md).
             raise RuntimeError(
                 "certified ghost clipping: parameter(s) "
                 f"{', '.join(late)} became trainable after make_private; their norms are not "
@@ -321,7 +321,8 @@ class _CertifiedGhostMixin:
 class CertifiedGradSampleModuleFastGradientClipping(
     _CertifiedGhostMixin, GradSampleModuleFastGradientClipping
 ):
-    """Opacus's ghost-clipping module wrapper with certified per-example norms (invariant 6).
+    """Opacus's ghost-clipping module wrapper with certified per-example norms (privacy
+    invariant 6, PRIVACY.md).
 
     Same constructor as :class:`opacus.grad_sample.GradSampleModuleFastGradientClipping`.
 

@@ -1,13 +1,14 @@
 """Opacus DP optimizers whose noisy gradient is denoised before the parameter update.
 
 Opacus's ``DPOptimizer.pre_step`` is a template method: clip_and_accumulate -> add_noise ->
-scale_grad -> step_hook (the accountant). We override only ``scale_grad``: call Opacus's, then run
-the post-processing stage the native engine runs (:func:`rmt_kernels.dp.postprocess.post_process`
+scale_grad -> step_hook (the accountant). We override ``scale_grad``: call Opacus's, then run the
+post-processing stage the native engine runs (:func:`rmt_kernels.dp.postprocess.post_process`
 with the same :class:`~rmt_kernels.dp.postprocess.Denoiser`; the options checked by the same
-:func:`~rmt_kernels.dp.postprocess.check_denoise_options`). At that point ``p.grad`` is exactly the
-released DP gradient (clipped sum + noise, divided by the batch size), so denoising is
-post-processing and the privacy guarantee is unchanged; the accountant's hook still runs
-afterwards, untouched, from Opacus's own ``pre_step``.
+:func:`~rmt_kernels.dp.postprocess.check_denoise_options`); ``add_noise`` is overridden too, only
+to draw the package's Philox noise (:meth:`_DenoisingMixin.add_noise`). At that point
+``p.grad`` is exactly the released DP gradient (clipped sum + noise, divided by the batch size),
+so denoising is post-processing and the privacy guarantee is unchanged; the accountant's hook
+still runs afterwards, untouched, from Opacus's own ``pre_step``.
 
 What denoising keeps across steps (the sketch seeds' step counter and the post-processors'
 state: the Denoiser's warm-start bases) rides in the optimizer's ``state_dict()`` under

@@ -12,7 +12,7 @@ and ``load_checkpoint`` charges again the steps released after the checkpoint it
 Written against opacus==1.6.0, where ``make_private`` calls ``self._prepare_optimizer(...)`` and
 then ``optimizer.attach_step_hook(self.accountant.get_optimizer_hook_fn(...))``.
 
-Ghost clipping (privacy invariant 6). ``grad_sample_mode="ghost"`` wraps the model in
+Ghost clipping (privacy invariant 6, PRIVACY.md). ``grad_sample_mode="ghost"`` wraps the model in
 :class:`~rmt_kernels.opacus.ghost.CertifiedGradSampleModuleFastGradientClipping` (or its hooks-only
 form for ``wrap_model=False``): Opacus's ghost clipping, with per-example norms from rmt_kernels'
 certified ops (upper bounds of the exact norms, where Opacus's float32 Gram sums return 0 for a
@@ -314,8 +314,8 @@ class DenoisingPrivacyEngine(PrivacyEngine):
         if grad_sample_mode != "ghost":
             raise NotImplementedError(
                 f"DenoisingPrivacyEngine: grad_sample_mode={grad_sample_mode!r} uses Opacus's "
-                "float32 ghost norms, which a crafted cancelling example defeats (invariant 6); "
-                "use grad_sample_mode='ghost' or 'hooks'"
+                "float32 ghost norms, which a crafted cancelling example defeats (privacy "
+                "invariant 6, PRIVACY.md); use grad_sample_mode='ghost' or 'hooks'"
             )
         self.validate(module=module, optimizer=None, data_loader=None)
         if isinstance(module, (AbstractGradSampleModule, GradSampleHooks)):

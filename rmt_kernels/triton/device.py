@@ -8,8 +8,8 @@ TRITON_INTERPRET=1); Triton is imported only when a kernel runs. The route thres
 CPU's; they are not tuned on a GPU yet.
 
 Every ``*_sq_norms_device`` returns the certified upper bound its op documents in
-rmt_kernels/ops.py (DESIGN.md invariant 6), the same formula as its C++ kernel; the functions named
-in docstrings below are those of rmt_kernels.ops.
+rmt_kernels/ops.py (privacy invariant 6, PRIVACY.md), the same formula as its C++ kernel; the
+functions named in docstrings below are those of rmt_kernels.ops.
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ BLOCK_BYTES = 32 << 20
 # sort-and-segment; the crossover of that formulation measured on a 2-core CPU at d = 768. The CPU
 # kernel segments at every T (csrc/cpu/embedding.cpp has the numbers).
 EMBEDDING_GRAM_MAX_T = 256
-# Unit roundoff of float64, the arithmetic of every certified norm bound (invariant 6).
+# Unit roundoff of float64, the arithmetic of every certified norm bound (privacy invariant 6,
+# PRIVACY.md).
 U64 = 2.0**-53
 
 

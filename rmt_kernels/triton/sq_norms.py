@@ -11,7 +11,8 @@ atomics).
 Everything is float64 (inputs converted exactly, fp64 ``tl.dot``: DMMA on sm_80/sm_90, as fast
 there as the fp32 "ieee" FMA path it replaces): float32 Gram sums cancel catastrophically on
 crafted inputs (x = [u, -u + 10 w]). The result is the float64 sum P^, not yet a bound:
-rmt_kernels/triton/device.py adds its rigorous rounding-error term (invariant 6 of DESIGN.md).
+rmt_kernels/triton/device.py adds its rigorous rounding-error term (privacy invariant 6,
+PRIVACY.md).
 """
 
 from __future__ import annotations
