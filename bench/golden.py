@@ -3,9 +3,12 @@ and print a digest of everything a behaviour-preserving change must leave bit-id
 
 Covered: the native engine (``make_private``: Poisson batches, fused clipping and noise, the
 denoiser with warm starts and its statistics, a DiSK filter, a DP-Adam stage, epsilon), its
-checkpoint (saved, loaded into a fresh model, two more steps), and the Opacus drop-in (plain and
-ghost clipping, with denoising). Each value is a SHA-256 of the tensor's bytes (or of a
-float's ``repr``), so a difference in the last bit shows.
+checkpoint (saved, loaded into a fresh model, two more steps), the Opacus drop-in (plain and
+ghost clipping, with denoising), and the ``rmt-glue train`` application through its Python API
+(a tiny BERT and SST-2 folder written to a temporary folder: the native engine with the
+post-processing chain, a checkpoint and a resume; the Opacus engine; a run calibrated to an
+epsilon): its final parameters, its JSON log and its checkpoint's payload. Each value is a
+SHA-256 of the tensor's bytes (or of a float's ``repr``), so a difference in the last bit shows.
 
 Usage::
 
@@ -13,7 +16,8 @@ Usage::
     python -m bench.golden --out after.json        # on the new code
     python -m bench.golden --compare before.json after.json
 
-It needs no data and no weights (a 2-layer RoBERTa built in code), runs in under a minute on
+It needs no data and no weights (a 2-layer RoBERTa and a 2-layer BERT with a word-piece
+tokenizer, built in code), runs in about a minute on
 2 CPU cores, and is not a test: it guards a refactor against behaviour changes the suite's
 tolerances would let through.
 """
@@ -210,12 +214,149 @@ def dropin(out: dict[str, str], mode: str) -> None:
     _nested(f"dropin-{mode}.state", optimizer.state_dict().get("rmt_denoise", {}), out)
 
 
+# The ``rmt-glue train`` application: a tiny SST-2 folder and a 2-layer BERT config folder with a
+# word-piece tokenizer (as tests/test_glue_cli.py's ``tiny`` fixture), so no ../shared is needed.
+APP_WORDS = ["it", "'s", "movie", ".", "good", "great", "fun", "bad", "dull", "awful"]
+# What a log or a checkpoint holds that differs from run to run by design (wall-clock times,
+# memory) or by where the temporary folder is; ``secure_mode`` is TrainConfig's alias of the
+# default that issue 26 deletes (the only logged field it removes).
+APP_VOLATILE = (
+    "seconds",
+    "steps_per_s",
+    "samples_per_s",
+    "train_seconds",
+    "peak_memory_mib",
+    "secure_mode",
+)
+
+
+def _app_inputs(root: Path) -> tuple[Path, Path]:
+    """(GLUE folder, model config folder) of the application's runs, written under ``root``."""
+    from transformers import BertConfig, BertTokenizer
+
+    gen = torch.Generator().manual_seed(0)
+    sst2 = root / "glue" / "SST-2"
+    sst2.mkdir(parents=True)
+    for split, rows in (("train", 24), ("dev", 16)):
+        lines = ["sentence\tlabel"]
+        for i in range(rows):
+            label = i % 2
+            words = APP_WORDS[4:7] if label else APP_WORDS[7:]
+            picks = torch.randint(0, 3, (3,), generator=gen).tolist()
+            lines.append(f"it 's {' '.join(words[k] for k in picks)} movie .\t{label}")
+        (sst2 / f"{split}.tsv").write_text("\n".join(lines) + "\n")
+    config = root / "tiny-bert"
+    config.mkdir()
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *APP_WORDS]
+    (config / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizer(str(config / "vocab.txt")).save_pretrained(config)
+    BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=32,
+    ).save_pretrained(config)
+    return root / "glue", config
+
+
+def _scrub(value, root: str):
+    """``value`` without ``APP_VOLATILE`` keys, the temporary folder's path as ``<tmp>``."""
+    if isinstance(value, dict):
+        return {k: _scrub(v, root) for k, v in value.items() if k not in APP_VOLATILE}
+    if isinstance(value, (list, tuple)):
+        return [_scrub(v, root) for v in value]
+    if isinstance(value, str):
+        return value.replace(root, "<tmp>")
+    return value
+
+
+def _app_run(tag: str, root: Path, out: dict[str, str], **options) -> None:
+    """One ``train(TrainConfig(...))`` on the tiny inputs: digest the returned and the written
+    log, the saved model's parameters and (with a checkpoint folder) the checkpoint's payload."""
+    import warnings
+
+    from transformers import AutoModelForSequenceClassification
+
+    from rmt_kernels.glue.config import TrainConfig
+    from rmt_kernels.glue.train import train
+
+    glue, config = root / "glue", root / "tiny-bert"
+    log_path, saved = root / f"{tag}.json", root / f"{tag}-model"
+    cfg = TrainConfig(
+        task="sst2",
+        data_dir=str(glue),
+        init="random",
+        config=str(config),
+        batch_size=8,
+        physical_batch_size=4,
+        eval_every=2,
+        progress=False,
+        output=str(log_path),
+        save=str(saved),
+        **options,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # --noise-seed's "NOT private", resume notes
+        log = train(cfg)
+    _nested(f"{tag}.log", _scrub(log, str(root)), out)
+    out[f"{tag}.log.written"] = _digest(
+        json.dumps(_scrub(json.loads(log_path.read_text()), str(root)), sort_keys=True)
+    )
+    model = AutoModelForSequenceClassification.from_pretrained(saved)
+    for name, p in model.named_parameters():
+        out[f"{tag}.param.{name}"] = _digest(p)
+    if cfg.checkpoint_dir:
+        payload = _payload((Path(cfg.checkpoint_dir) / "checkpoint.pt").read_bytes())
+        _nested(f"{tag}.checkpoint", _scrub(_stable(payload), str(root)), out)
+
+
+def app(out: dict[str, str]) -> None:
+    """``rmt-glue train`` through its Python API: a native run with the post-processing chain
+    (denoise, EMA filter, DP-Adam, linear schedule) checkpointed after 2 of 3 steps and resumed
+    to 4; the Opacus engine (Opacus's own: the drop-in, which post-processing needs, keys its
+    Poisson sampling from the OS, so its batches are not reproducible); the native engine
+    calibrated to epsilon 8."""
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        _app_inputs(root)
+        chain = dict(
+            noise_multiplier=1.0,
+            accountant="rdp",
+            noise_seed=3,
+            seed=3,
+            denoise=True,
+            denoise_options={"min_dim": 8},
+            filter="ema",
+            dp_adam="bc",
+            lr=1e-3,
+            lr_schedule="linear",
+            checkpoint_dir=str(root / "ckpt"),
+            checkpoint_every=2,
+        )
+        _app_run("app.native", root, out, steps=3, **chain)
+        _app_run("app.native.resumed", root, out, steps=4, resume=True, **chain)
+        _app_run(
+            "app.opacus",
+            root,
+            out,
+            engine="opacus",
+            noise_multiplier=1.0,
+            accountant="rdp",
+            noise_seed=5,
+            steps=3,
+        )
+        _app_run("app.calibrated", root, out, epsilon=8.0, accountant="rdp", noise_seed=7, steps=3)
+
+
 def run() -> dict[str, str]:
     torch.set_num_threads(1)  # thread count changes float reductions: fix it
     out: dict[str, str] = {}
     native(out)
     dropin(out, "hooks")
     dropin(out, "ghost")
+    app(out)
     return out
 
 
