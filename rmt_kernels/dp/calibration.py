@@ -156,6 +156,44 @@ def run_epsilon(
     return epsilon
 
 
+def run_steps(epochs: float, steps_per_epoch: int) -> int:
+    """The optimizer steps of a run of ``epochs`` epochs of ``steps_per_epoch`` logical batches:
+    the nearest whole number, at least 1. The count ``rmt-glue train`` runs, and the one
+    ``make_private`` accounts for: Opacus's ``int(epochs / sample_rate)`` truncates a float
+    quotient and drops a step the run still takes (1 epoch of 93 batches: 92, since
+    1 / (1 / 93) < 93 in floating point), and noise calibrated for one step fewer than the run
+    spends more than the target."""
+    return max(1, round(epochs * steps_per_epoch))
+
+
+def run_noise_multiplier(
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    accountant: str,
+    *,
+    target_epsilon: float | None = None,
+    noise_multiplier: float | None = None,
+) -> float:
+    """The noise multiplier of a run of ``steps`` steps at sampling rate ``sample_rate``,
+    checked before any step touches data: calibrated to ``target_epsilon``
+    (:func:`calibrate_noise_multiplier`: its answer's epsilon lies in (0, target]), or
+    ``noise_multiplier`` as given, which the accountant must account over the whole run
+    (:func:`run_epsilon`: a positive epsilon, in bounded time). The check ``rmt-glue train``
+    and ``make_private`` share.
+
+    Raises:
+        ValueError: both or neither given, or the checks of :func:`calibrate_noise_multiplier`
+            / :func:`run_epsilon`.
+    """
+    if (target_epsilon is None) == (noise_multiplier is None):
+        raise ValueError("give exactly one of target_epsilon and noise_multiplier")
+    if target_epsilon is not None:
+        return calibrate_noise_multiplier(target_epsilon, delta, sample_rate, steps, accountant)
+    run_epsilon(noise_multiplier, delta, sample_rate, steps, accountant)
+    return noise_multiplier
+
+
 def calibrate_noise_multiplier(
     target_epsilon: float,
     delta: float,

@@ -12,8 +12,9 @@ from torch.utils.data import DataLoader
 from rmt_kernels.dp import distributed
 from rmt_kernels.dp.calibration import (
     MAX_TARGET_EPSILON,
-    calibrate_noise_multiplier,
     check_accountant,
+    run_noise_multiplier,
+    run_steps,
     warn_delta,
 )
 from rmt_kernels.dp.chain import build_chain
@@ -105,7 +106,10 @@ def make_private(
         target_epsilon: calibrate sigma (Opacus's search, bounded in time:
             :func:`rmt_kernels.dp.calibration.calibrate_noise_multiplier`) to spend this over
             ``epochs``; at most 100.
-        epochs: the run length for calibration (required with ``target_epsilon``).
+        epochs: the run length, ``rmt_kernels.dp.calibration.run_steps(epochs, len(loader))``
+            steps (the nearest whole number): required with ``target_epsilon``, which is
+            calibrated for them; with ``noise_multiplier``, optional, and the accountant must
+            then account them (``run_epsilon``: a positive epsilon, in bounded time).
         denoise: options of :func:`rmt_kernels.denoise` (e.g. ``{"kappa": 1.0, "norm":
             "debiased"}``, plus ``min_dim``: matrices whose smaller side is below it, default
             32, are left alone), or None for plain DP-SGD. Applied with ``sigma = noise_multiplier *
@@ -196,6 +200,7 @@ def make_private(
         raise ValueError("data_loader is empty")
 
     dataset_size = len(data_loader.dataset)
+    steps_per_epoch = len(data_loader)  # the caller's batches (Poisson ones: as many, expected)
     # delta >= 1/n lets a mechanism publish an example outright: said, not refused (the
     # library leaves the choice to its caller; rmt-glue refuses it).
     warn_delta(target_delta, dataset_size, "target_delta")
@@ -249,10 +254,17 @@ def make_private(
             secure_mode=secure_mode or seed is None,
         )
     distributed.broadcast_parameters(model, process_group)
-    if target_epsilon is not None:
-        # Opacus's search, bounded in time (an absurd target hung it for minutes).
-        noise_multiplier = calibrate_noise_multiplier(
-            target_epsilon, target_delta, sample_rate, int(epochs / sample_rate), accountant
+    if epochs is not None:
+        # The run's steps as rmt-glue counts them; the noise calibrated for them (Opacus's
+        # search, bounded in time: an absurd target hung it for minutes), or the given noise
+        # checked to be accountable over them.
+        noise_multiplier = run_noise_multiplier(
+            target_delta,
+            sample_rate,
+            run_steps(epochs, steps_per_epoch),
+            accountant,
+            target_epsilon=target_epsilon,
+            noise_multiplier=None if target_epsilon is not None else noise_multiplier,
         )
     engine = PrivateEngine(
         model,
