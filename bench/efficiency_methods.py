@@ -1,6 +1,6 @@
 """The methods the sample-efficiency experiments compare, as ``rmt-glue train`` settings.
 
-A method is a name, a one-line description and the ``TrainConfig`` fields it sets on top of the
+A method is a name, a one-line description and the ``GlueConfig`` fields it sets on top of the
 shared set-up (bench/sample_efficiency.py), plus its own learning rate: every method is compared
 at the best learning rate found for it on SST-2 (``--sweep``; the record is
 ``bench/results/sst2-minilm-100/tuning.md``), never at one shared value, because a denoiser may
@@ -33,7 +33,7 @@ class Method:
     Attributes:
         name: file-name-safe identifier (logs are ``<name>-seed<seed>.json``).
         description: what it does, for the table.
-        overrides: ``TrainConfig`` fields set on top of the shared set-up.
+        overrides: ``GlueConfig`` fields set on top of the shared set-up.
         lr: its learning rate (the best of its sweep on SST-2, seed 0).
         private: False for the non-private reference.
         sweep: the learning rates ``--sweep`` given no values tries for it (seed 0).

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from bench.efficiency_methods import METHODS, Method
-from rmt_kernels.glue.compare import eval_seconds, read_log
+from rmt_kernels.training.compare import eval_seconds, read_log
 
 FRACTIONS = (0.90, 0.95)
 # The baseline every target is a fraction of.

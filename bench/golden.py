@@ -273,18 +273,18 @@ def _scrub(value, root: str):
 
 
 def _app_run(tag: str, root: Path, out: dict[str, str], **options) -> None:
-    """One ``train(TrainConfig(...))`` on the tiny inputs: digest the returned and the written
+    """One ``train(GlueConfig(...))`` on the tiny inputs: digest the returned and the written
     log, the saved model's parameters and (with a checkpoint folder) the checkpoint's payload."""
     import warnings
 
     from transformers import AutoModelForSequenceClassification
 
-    from rmt_kernels.glue.config import TrainConfig
-    from rmt_kernels.glue.train import train
+    from rmt_kernels.glue.config import GlueConfig
+    from rmt_kernels.glue.fine_tune import train
 
     glue, config = root / "glue", root / "tiny-bert"
     log_path, saved = root / f"{tag}.json", root / f"{tag}-model"
-    cfg = TrainConfig(
+    cfg = GlueConfig(
         task="sst2",
         data_dir=str(glue),
         init="random",

@@ -58,12 +58,13 @@ from bench.efficiency_report import (
     summarise,
     tuning_table,
 )
-from rmt_kernels.glue.compare import read_log
-from rmt_kernels.glue.config import TrainConfig, logged_config
-from rmt_kernels.glue.fingerprint import versions
-from rmt_kernels.glue.privacy import calibrate, default_delta
-from rmt_kernels.glue.resume import resolve_optimisation
-from rmt_kernels.glue.train import train
+from rmt_kernels.glue.config import GlueConfig
+from rmt_kernels.glue.fine_tune import train
+from rmt_kernels.training.compare import read_log
+from rmt_kernels.training.config import logged_config
+from rmt_kernels.training.fingerprint import versions
+from rmt_kernels.training.privacy import calibrate, default_delta
+from rmt_kernels.training.resume import resolve_optimisation
 
 TASK = "sst2"
 EPSILON = 8.0
@@ -184,7 +185,7 @@ def default_model() -> str | None:
 
 def config_for(
     args: argparse.Namespace, method: Method, seed: int, lr: float, output: Path
-) -> TrainConfig:
+) -> GlueConfig:
     """The ``rmt-glue train`` configuration of one run (with ``--accounted-steps`` above
     ``--steps``: the noise multiplier of the longer budget instead of ``--epsilon`` over the
     steps run; with ``--checkpoint-every``: checkpointed under ``--checkpoints``, resumed from
@@ -224,7 +225,7 @@ def config_for(
                 resume=True,  # a run with no checkpoint yet just starts
             )
     overrides = {**method.overrides, **args.override.get(method.name, {})}
-    return TrainConfig(**{**common, **overrides})
+    return GlueConfig(**{**common, **overrides})
 
 
 def method_lr(args: argparse.Namespace, method: Method) -> float:
@@ -237,7 +238,7 @@ def experiment_methods(args: argparse.Namespace) -> Mapping[str, Method]:
     return EXPERIMENTS[args.experiment].methods
 
 
-def run_configs(args: argparse.Namespace) -> list[tuple[str, int, TrainConfig]]:
+def run_configs(args: argparse.Namespace) -> list[tuple[str, int, GlueConfig]]:
     """(method, seed, config) of every run of the comparison (the non-private one: one seed)."""
     out = Path(args.out)
     runs = []
@@ -250,7 +251,7 @@ def run_configs(args: argparse.Namespace) -> list[tuple[str, int, TrainConfig]]:
     return runs
 
 
-def sweep_configs(args: argparse.Namespace) -> list[tuple[str, int, TrainConfig]]:
+def sweep_configs(args: argparse.Namespace) -> list[tuple[str, int, GlueConfig]]:
     """(method, seed, config) of the learning-rate sweep: every method at every ``--sweep`` lr
     (``--sweep`` with no rates: each method's own plan, ``Method.sweep``), first seed only."""
     out = Path(args.out) / "sweep"
@@ -268,7 +269,7 @@ def sweep_configs(args: argparse.Namespace) -> list[tuple[str, int, TrainConfig]
     return runs
 
 
-def _same_run(log: dict, cfg: TrainConfig) -> bool:
+def _same_run(log: dict, cfg: GlueConfig) -> bool:
     """Whether a finished log was written by this configuration (progress and output aside).
 
     The log holds the configuration as training resolved it (optimizer, weight decay, the
@@ -283,7 +284,7 @@ def _same_run(log: dict, cfg: TrainConfig) -> bool:
     return done and all(old.get(k) == v for k, v in new.items())
 
 
-def run_all(runs: list[tuple[str, int, TrainConfig]], reuse: bool) -> None:
+def run_all(runs: list[tuple[str, int, GlueConfig]], reuse: bool) -> None:
     """Train every run (keeping finished ones with ``reuse``)."""
     started = time.perf_counter()
     for i, (method, seed, cfg) in enumerate(runs, 1):
@@ -422,7 +423,7 @@ def build_parser(experiment: str = DEFAULT_EXPERIMENT) -> argparse.ArgumentParse
         action="append",
         default=[],
         metavar="METHOD=JSON",
-        help="extra rmt-glue TrainConfig fields for a method, e.g. "
+        help="extra rmt-glue GlueConfig fields for a method, e.g. "
         'shrink-grad=\'{"denoise_options": {"kappa": 0.5}}\'',
     )
     p.add_argument(

@@ -22,9 +22,9 @@ from bench.sample_efficiency import (
     run_configs,
     sweep_configs,
 )
-from rmt_kernels.glue.config import logged_config
-from rmt_kernels.glue.resume import resolve_optimisation
-from rmt_kernels.glue.stages import learning_rate, post_processors
+from rmt_kernels.training.config import logged_config
+from rmt_kernels.training.resume import resolve_optimisation
+from rmt_kernels.training.stages import learning_rate, post_processors
 
 NAME = "sst2-minilm-2048"
 BASE = ["--experiment", NAME, "--model", "/x/model"]
@@ -37,7 +37,7 @@ def runs():
 
 
 def test_every_arm_is_a_valid_training_config(runs):
-    """Each arm's overrides pass TrainConfig's checks (a misspelt field or option would fail
+    """Each arm's overrides pass GlueConfig's checks (a misspelt field or option would fail
     hours into the experiment), on every seed, with its overrides in the config."""
     assert {(name, seed) for name, seed, _ in runs} == {
         (name, seed) for name in METHODS_2048 for seed in (0, 1, 2)

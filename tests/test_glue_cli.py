@@ -320,8 +320,8 @@ def test_end_to_end_tiny_run_writes_the_log(tiny, tmp_path, mode, extra):
 def test_length_sorted_batches_change_nothing_but_padding(tiny):
     from transformers import BertTokenizer
 
-    from rmt_kernels.glue.data import load_split
-    from rmt_kernels.glue.train import encode, evaluate
+    from rmt_kernels.glue.data import encode, load_split
+    from rmt_kernels.glue.evaluation import evaluate
 
     task = get_task("sst2")
     tokenizer = BertTokenizer.from_pretrained(tiny["config"])
@@ -393,7 +393,7 @@ def test_empty_poisson_batches_are_noise_only_steps(tiny, tmp_path, monkeypatch)
     # derives the bound: a std off by 5% fails, a correct one fails below 1e-6).
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
-    import rmt_kernels.glue.train as train_module
+    import rmt_kernels.training.loop as train_module
 
     step_of, released = train_module._logical_step, []
 

@@ -43,13 +43,14 @@ def test_padding_does_not_change_the_logits():
 def test_saved_model_pools_the_same_way(tmp_path):
     from transformers import BertForSequenceClassification
 
+    from rmt_kernels.glue.config import GlueConfig
+    from rmt_kernels.glue.model import build_model
     from rmt_kernels.glue.tasks import get_task
-    from rmt_kernels.glue.train import TrainConfig, build_model
 
     model = use_mean_pooling(_tiny_bert())
     model.save_pretrained(tmp_path)
     (tmp_path / "vocab.txt").write_text("\n".join(f"w{i}" for i in range(60)) + "\n")
-    loaded, _ = build_model(TrainConfig(task="sst2", model=str(tmp_path)), get_task("sst2"))
+    loaded, _ = build_model(GlueConfig(task="sst2", model=str(tmp_path)), get_task("sst2"))
     assert isinstance(loaded.base_model.pooler, MaskedMeanPooler)
     assert isinstance(loaded, BertForSequenceClassification)
     ids = torch.tensor([[2, 7, 8, 3, 0, 0]])

@@ -9,7 +9,8 @@ import json
 
 import pytest
 
-from rmt_kernels.glue import train as train_module
+from rmt_kernels.glue import fine_tune
+from rmt_kernels.training import loop as train_module
 from tests.helpers import record_engine_seeds
 from tests.test_glue_cli import base, run, tiny, train_tiny  # noqa: F401 (fixtures)
 
@@ -40,7 +41,7 @@ def _crash_at(monkeypatch, call: int) -> None:
     """Make the ``call``-th training forward (1-based) raise after the model ran: its step is
     in the privacy ledger, as after a SIGKILL there."""
     calls = []
-    loss_fn = train_module.loss_fn
+    loss_fn = fine_tune.loss_fn
 
     def crashing(logits, labels, task):
         import torch
@@ -51,7 +52,7 @@ def _crash_at(monkeypatch, call: int) -> None:
                 raise RuntimeError("simulated crash")
         return loss_fn(logits, labels, task)
 
-    monkeypatch.setattr(train_module, "loss_fn", crashing)
+    monkeypatch.setattr(fine_tune, "loss_fn", crashing)
 
 
 def test_the_noise_seed_is_secret_by_default(tiny, tmp_path, monkeypatch, capsys):

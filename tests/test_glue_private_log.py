@@ -19,7 +19,7 @@ import torch
 
 from rmt_kernels.dp import checkpoint_extra, make_private
 from rmt_kernels.dp.calibration import calibrate_noise_multiplier, run_epsilon
-from rmt_kernels.glue import train as train_module
+from rmt_kernels.training import loop as train_module
 from tests.test_glue_cli import run, tiny, train_tiny  # noqa: F401 (tiny: the module's fixture)
 
 PRIVATE_FIELDS = set(train_module.TRAINING_STATISTICS)

@@ -15,11 +15,11 @@ from rmt_kernels.dp.dp_adam import DPAdam
 from rmt_kernels.dp.postprocess import Denoiser
 from rmt_kernels.dp.temporal import DiSKExtrapolation, DiSKFilter, EMAFilter, ema_noise_std
 from rmt_kernels.dp.trajectory import TrajectoryDenoiser
-from rmt_kernels.glue import stages
 from rmt_kernels.glue.cli import _train_config, build_parser
-from rmt_kernels.glue.config import TrainConfig
-from rmt_kernels.glue.resume import resolve_optimisation
-from rmt_kernels.glue.stages import learning_rate, post_processors
+from rmt_kernels.glue.config import GlueConfig
+from rmt_kernels.training import stages
+from rmt_kernels.training.resume import resolve_optimisation
+from rmt_kernels.training.stages import learning_rate, post_processors
 from tests.test_glue_cli import base, run, tiny, train_tiny  # noqa: F401 (fixtures)
 
 pytest.importorskip("transformers")
@@ -28,8 +28,8 @@ pytest.importorskip("opacus")
 PRIVATE = ["--noise-multiplier", 1, "--accountant", "rdp", "--seed", 3, "--noise-seed", 3]
 
 
-def _cfg(**kw) -> TrainConfig:
-    return TrainConfig(task="sst2", model="m", **kw)
+def _cfg(**kw) -> GlueConfig:
+    return GlueConfig(task="sst2", model="m", **kw)
 
 
 def test_the_flags_build_the_chain_they_say():
@@ -66,8 +66,8 @@ def test_the_flags_build_the_chain_they_say():
     assert [type(s) for s in chain] == [TrajectoryDenoiser]
 
 
-def _cli_cfg(*flags) -> TrainConfig:
-    """The TrainConfig ``rmt-glue train`` makes of these flags (nothing read, nothing run)."""
+def _cli_cfg(*flags) -> GlueConfig:
+    """The GlueConfig ``rmt-glue train`` makes of these flags (nothing read, nothing run)."""
     argv = ["train", "--task", "sst2", "--model", "m", *map(str, flags)]
     return _train_config(build_parser().parse_args(argv))
 
@@ -99,8 +99,8 @@ def test_a_denoise_target_left_out_is_resolved_when_the_config_is_made(flags, ta
     given = flags[flags.index("--optimizer") + 1] if "--optimizer" in flags else None
     default = "sgd" if target == "moment" else "adamw"
     assert resolve_optimisation(cfg, None).optimizer == (given or default)
-    if "--denoise-target" not in flags:  # The same for a TrainConfig made in Python.
-        made = TrainConfig(task="sst2", model="m", denoise=cfg.denoise, optimizer=given)
+    if "--denoise-target" not in flags:  # The same for a GlueConfig made in Python.
+        made = GlueConfig(task="sst2", model="m", denoise=cfg.denoise, optimizer=given)
         assert made.denoise_target == target
 
 
@@ -126,14 +126,14 @@ def test_a_kappa_left_out_is_the_targets_default_and_reaches_the_denoiser(flags,
     )
     assert denoiser.options["kappa"] == kappa
     assert resolve_optimisation(cfg, None).denoise_options["kappa"] == kappa
-    # The same for a TrainConfig made in Python; nothing is filled in without --denoise.
-    made = TrainConfig(task="sst2", model="m", denoise=True, denoise_target=cfg.denoise_target)
+    # The same for a GlueConfig made in Python; nothing is filled in without --denoise.
+    made = GlueConfig(task="sst2", model="m", denoise=True, denoise_target=cfg.denoise_target)
     if "--kappa" not in flags:
         assert made.denoise_options == {"kappa": kappa}
-    assert "kappa" not in TrainConfig(task="sst2", model="m").denoise_options
+    assert "kappa" not in GlueConfig(task="sst2", model="m").denoise_options
 
 
-def _checkpoint(cfg: TrainConfig | None, optimizer: str) -> dict:
+def _checkpoint(cfg: GlueConfig | None, optimizer: str) -> dict:
     """checkpoint_extra of a run of ``cfg`` (None: a checkpoint older than the chain's flags)."""
     config = {"optimizer": optimizer, "lr": 5e-4, "weight_decay": 0.0}
     if cfg is not None:
@@ -157,7 +157,7 @@ def test_a_resume_without_the_target_continues_the_checkpointed_one():
     # Nothing to resume: a new run's target.
     assert resolve_optimisation(cfg, None).denoise_target == "gradient"
     # A config dict that names gradient (a log's, a checkpoint's) stays gradient.
-    old = TrainConfig(**{**asdict(gradient_run), "checkpoint_dir": "ckpt", "resume": True})
+    old = GlueConfig(**{**asdict(gradient_run), "checkpoint_dir": "ckpt", "resume": True})
     assert old.denoise_target == "gradient"
     assert resolve_optimisation(old, gradient).denoise_target == "gradient"
     # A target given must still be the checkpointed one.

@@ -15,8 +15,8 @@ import pytest
 
 from rmt_kernels.dp import CheckpointError, attach_ledger, checkpoint_extra, load_checkpoint
 from rmt_kernels.dp.checkpoint import _read, data_path, ledger_path
-from rmt_kernels.glue.config import TrainConfig
-from rmt_kernels.glue.outputs import check_outputs
+from rmt_kernels.glue.config import GlueConfig
+from rmt_kernels.training.outputs import check_outputs
 from tests import dp_workers
 from tests.dp_models import tiny_model
 from tests.test_dp_distributed import ROOT, worker_env
@@ -79,8 +79,8 @@ def test_a_second_resume_of_one_checkpoint_is_refused(tmp_path):
         other.wait()
 
 
-def _cfg(tmp_path, **kw) -> TrainConfig:
-    return TrainConfig(task="sst2", model="m", checkpoint_dir=str(tmp_path / "ckpt"), **kw)
+def _cfg(tmp_path, **kw) -> GlueConfig:
+    return GlueConfig(task="sst2", model="m", checkpoint_dir=str(tmp_path / "ckpt"), **kw)
 
 
 @pytest.mark.parametrize(

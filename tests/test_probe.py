@@ -11,15 +11,14 @@ import math
 import pytest
 import torch
 
-from rmt_kernels.glue.probe import (
-    NOT_PRIVATE,
+from rmt_kernels.glue.probe import NOT_PRIVATE
+from rmt_kernels.glue.probe_gradient import clean_clipped_gradient, probed_matrices
+from rmt_kernels.glue.probe_spectra import (
     Spectrum,
-    clean_clipped_gradient,
     detection_threshold,
     noise_grid,
     probe_matrices,
     probe_spectra,
-    probed_matrices,
     spectra,
 )
 from rmt_kernels.shrinkage import bulk_edge, shrink_singular_values
@@ -213,8 +212,8 @@ def _tiny_bert_and_data(tiny, examples: int):
 
 def test_clean_gradient_is_the_engines_clipped_mean_at_zero_noise(tiny):
     from rmt_kernels.dp import make_private
-    from rmt_kernels.glue.data import ExampleIndices
     from rmt_kernels.glue.model import forward, loss_fn
+    from rmt_kernels.training.loop import ExampleIndices
 
     model, task, data, idx = _tiny_bert_and_data(tiny, 16)
     names = probed_matrices(model)

@@ -271,7 +271,7 @@ def test_deleting_the_lock_file_does_not_let_a_second_process_in(tmp_path):
 def test_a_private_log_holds_only_the_whole_runs_time(tiny, tmp_path):
     # Today each evaluation record carries "seconds" and "steps_per_s": with --eval-every 1 the
     # step times correlated 0.27 with the hidden Poisson batch sizes.
-    from rmt_kernels.glue.compare import compare, eval_seconds
+    from rmt_kernels.training.compare import compare, eval_seconds
 
     out = tmp_path / "log.json"
     log = train_tiny(tiny, out, "--eval-every", 1, "--noise-multiplier", 1)

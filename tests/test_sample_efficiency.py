@@ -139,7 +139,7 @@ def test_unknown_method_is_a_clear_error():
 
 
 def test_every_method_is_a_valid_training_config(tmp_path):
-    """Each arm's overrides pass TrainConfig's checks (a misspelt field or option would
+    """Each arm's overrides pass GlueConfig's checks (a misspelt field or option would
     otherwise fail hours into `make experiment`); the tuned kappa reaches the config."""
     from bench.efficiency_methods import METHODS
     from bench.sample_efficiency import parse_args, run_configs
@@ -165,8 +165,8 @@ def test_reuse_recognises_a_finished_run_by_its_resolved_config(tmp_path):
     from dataclasses import replace
 
     from bench.sample_efficiency import _same_run, parse_args, run_configs
-    from rmt_kernels.glue.config import logged_config
-    from rmt_kernels.glue.resume import resolve_optimisation
+    from rmt_kernels.training.config import logged_config
+    from rmt_kernels.training.resume import resolve_optimisation
 
     args = parse_args(["--model", "/x/model", "--out", str(tmp_path)])
     for name, _, cfg in run_configs(args):

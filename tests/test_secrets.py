@@ -252,18 +252,18 @@ def test_sampling_keys_are_drawn_with_128_bits_and_noise_keys_with_63(fixed_os):
 
 
 def test_rmt_glue_hands_a_secret_run_no_torch_generator_to_sample_from(fixed_os):
-    from rmt_kernels.glue.config import TrainConfig
-    from rmt_kernels.glue.privacy import sampling_generator
+    from rmt_kernels.glue.config import GlueConfig
+    from rmt_kernels.training.privacy import sampling_generator
 
     # The old one was seeded with secrets.randbits(62): 32 bits of entropy. The engine (native
     # or drop-in) draws its own 128-bit key when the loader has no generator.
     fixed_os.reset()
-    a = sampling_generator(TrainConfig(task="sst2"))
+    a = sampling_generator(GlueConfig(task="sst2"))
     fixed_os.reset(FLIP)
-    b = sampling_generator(TrainConfig(task="sst2"))
+    b = sampling_generator(GlueConfig(task="sst2"))
     assert a is None or not torch.equal(torch.rand(8, generator=a), torch.rand(8, generator=b))
     # A run with a public --noise-seed samples reproducibly from --seed.
-    public = sampling_generator(TrainConfig(task="sst2", noise_seed=5, seed=3))
+    public = sampling_generator(GlueConfig(task="sst2", noise_seed=5, seed=3))
     expected = torch.rand(4, generator=torch.Generator().manual_seed(3))
     assert torch.equal(torch.rand(4, generator=public), expected)
 

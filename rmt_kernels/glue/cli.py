@@ -21,7 +21,9 @@ import os
 import sys
 import warnings
 
-from rmt_kernels.glue.stages import (
+from rmt_kernels.glue.tasks import TASKS
+from rmt_kernels.shrinkage import NORM_CORRECTIONS, SHRINKERS
+from rmt_kernels.training.stages import (
     DEFAULT_DISK_KAPPA,
     DEFAULT_FILTER_BETA,
     DENOISE_TARGETS,
@@ -30,8 +32,6 @@ from rmt_kernels.glue.stages import (
     LR_SCHEDULES,
     denoise_target,
 )
-from rmt_kernels.glue.tasks import TASKS
-from rmt_kernels.shrinkage import NORM_CORRECTIONS, SHRINKERS
 
 
 def _positive_int(text: str) -> int:
@@ -259,9 +259,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train_config(args: argparse.Namespace):
-    from rmt_kernels.glue.config import TrainConfig
+    """The ``GlueConfig`` of ``rmt-glue train``'s arguments.
 
-    return TrainConfig(
+    Raises:
+        ValueError: ``--secure-mode`` (the default, a flag kept for old scripts; not an option
+            of the config) with ``--no-dp``, ``--engine opacus`` or ``--noise-seed``.
+    """
+    from rmt_kernels.glue.config import GlueConfig
+
+    if args.secure_mode and (not args.dp or args.engine != "native"):
+        raise ValueError("--secure-mode is for DP with --engine native")
+    if args.secure_mode and args.dp and args.noise_seed is not None:
+        raise ValueError(
+            "--noise-seed makes the noise public, --secure-mode keeps it secret: give one"
+        )
+    return GlueConfig(
         task=args.task,
         data_dir=args.data_dir,
         model=args.model,
@@ -274,7 +286,6 @@ def _train_config(args: argparse.Namespace):
         delta=args.delta,
         max_grad_norm=args.max_grad_norm,
         accountant=args.accountant,
-        secure_mode=args.secure_mode,
         noise_seed=args.noise_seed,
         batch_size=args.batch_size,
         physical_batch_size=args.physical_batch_size,
@@ -367,7 +378,7 @@ def _run(args: argparse.Namespace) -> int:
 
             probe_command(args)
         else:
-            from rmt_kernels.glue.compare import compare
+            from rmt_kernels.training.compare import compare
 
             compare(args.logs, args.output, metric=args.metric, labels=args.labels)
             print(f"wrote {args.output}")
@@ -379,7 +390,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> None:
     """``rmt-glue train``: train, then say the final main metric and the privacy spent."""
-    from rmt_kernels.glue.train import train
+    from rmt_kernels.glue.fine_tune import train
 
     log = train(_train_config(args))
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun rank 0 reports
@@ -416,7 +427,7 @@ def _evaluate(args: argparse.Namespace) -> None:
     )
     text = json.dumps(result, indent=2)
     if args.output:
-        from rmt_kernels.glue.outputs import write_json
+        from rmt_kernels.training.outputs import write_json
 
         write_json(args.output, result, "--output")
     print(text)

@@ -7,6 +7,8 @@ and ``label`` (class index, or a float score for STS-B), whichever the source.
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,6 +128,17 @@ class Encoded:
     def __len__(self) -> int:
         return len(self.input_ids)
 
+    def digest(self) -> str:
+        """SHA-256 of the split as the model is fed it (text, subset, tokenizer, length): the
+        data a resume's fingerprint names (``rmt_kernels.training.fingerprint``)."""
+        digest = hashlib.sha256()
+        for rows in (self.input_ids, self.token_type_ids or []):
+            digest.update(json.dumps([list(row) for row in rows]).encode())
+        digest.update(f"pad:{self.pad_token_id}".encode())
+        digest.update(f"{self.labels.dtype}".encode())
+        digest.update(self.labels.contiguous().numpy().tobytes())
+        return digest.hexdigest()
+
     def by_length(self, indices: torch.Tensor | list[int]) -> list[int]:
         """``indices`` ordered by sequence length (stable), so that consecutive physical batches
         pad to similar lengths. SST-2's training sentences are 13 tokens on average but up to
@@ -204,18 +217,3 @@ def subset(dataset, size: int | None, seed: int, flag: str = "--train-size"):
         return dataset
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
     return dataset.select(sorted(order[:size].tolist()))
-
-
-class ExampleIndices(torch.utils.data.Dataset):
-    """Example indices: loaders (Poisson ones included) sample these and the loop pads the
-    examples itself, so an empty Poisson batch is just an empty index tensor."""
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor]:
-        # A tuple: Opacus's DPDataLoader reads the fields of an example to shape empty batches.
-        return (torch.tensor(i),)

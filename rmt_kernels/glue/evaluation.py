@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import torch
 
-from rmt_kernels.glue.config import TrainConfig, parse_device
+from rmt_kernels.glue.config import GlueConfig
 from rmt_kernels.glue.data import Encoded, encode, load_split, subset
-from rmt_kernels.glue.fingerprint import versions
 from rmt_kernels.glue.model import build_model, forward, loss_fn
 from rmt_kernels.glue.tasks import Task, get_task
-
-# Evaluation runs without per-example state, so it can take larger batches than training.
-EVAL_BATCH_FACTOR = 4
+from rmt_kernels.training.config import parse_device
+from rmt_kernels.training.fingerprint import versions
 
 
 @torch.no_grad()
@@ -54,7 +52,7 @@ def evaluate_saved(
 ) -> dict:
     """Metrics of a saved model (``train --save DIR``) on the task's validation split."""
     task = get_task(task_name)
-    cfg = TrainConfig(task=task.name, model=model_dir)
+    cfg = GlueConfig(task=task.name, model=model_dir)
     model, tokenizer = build_model(cfg, task)
     dev = parse_device(device)
     model.to(dev)

@@ -13,7 +13,7 @@ from rmt_kernels.glue.pooling import use_mean_pooling
 from rmt_kernels.glue.tasks import Task
 
 if TYPE_CHECKING:
-    from rmt_kernels.glue.config import TrainConfig
+    from rmt_kernels.glue.config import GlueConfig
 
 
 # Files of which at least one makes a folder a tokenizer (fast, BPE, WordPiece, SentencePiece).
@@ -47,7 +47,7 @@ def load_tokenizer(path: str):
         raise ValueError(f"could not load a tokenizer from {path}: {err}") from err
 
 
-def build_model(cfg: TrainConfig, task: Task):
+def build_model(cfg: GlueConfig, task: Task):
     """(model, tokenizer): pretrained weights with a fresh head, or a random init from a config."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
@@ -97,8 +97,3 @@ def shared_positions(model) -> bool:
     embeddings = getattr(getattr(model, "base_model", None), "embeddings", None)
     positions = getattr(embeddings, "position_embeddings", None)
     return isinstance(positions, torch.nn.Embedding) and positions.padding_idx is None
-
-
-def unwrap(model):
-    """The Hugging Face model inside Opacus's GradSampleModule (or the model itself)."""
-    return getattr(model, "_module", model)

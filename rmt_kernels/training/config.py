@@ -1,13 +1,15 @@
-"""``rmt-glue train``'s options (``TrainConfig``, the ``config`` of the JSON log), their checks
-and defaults, and ``--device``.
+"""The options every training command shares (``TrainConfig``, the ``config`` of the JSON log):
+privacy, the post-processing chain, the schedule and optimisation, where and how the run runs;
+their checks and defaults, and ``--device``. An application subclasses it with its own options
+(``rmt_kernels.glue.config.GlueConfig``: the GLUE task, its data and model).
 
 ``--denoise-target`` and ``--kappa`` left out (None) are resolved by
-``rmt_kernels.glue.stages``: the target is ``gradient`` (``denoise_target``; with ``--denoise``
-each step's noisy gradient is shrunk, under AdamW by default) and kappa the best measured for
-the target (``with_default_kappa``: 0.75 for the gradient, 1 for the moment and the
+``rmt_kernels.training.stages``: the target is ``gradient`` (``denoise_target``; with
+``--denoise`` each step's noisy gradient is shrunk, under AdamW by default) and kappa the best
+measured for the target (``with_default_kappa``: 0.75 for the gradient, 1 for the moment and the
 trajectory). A new run resolves both when the config is made (``TrainConfig.__post_init__``); a
 resume with ``--denoise`` when its checkpoint is read
-(``rmt_kernels.glue.resume.resolve_optimisation``: the checkpointed run's target and kappa;
+(``rmt_kernels.training.resume.resolve_optimisation``: the checkpointed run's target and kappa;
 ``gradient`` for a checkpoint older than the targets, kappa 1 for one that did not record it).
 The log and the checkpoints always hold the resolved values.
 """
@@ -19,8 +21,8 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
-from rmt_kernels.glue.distributed import distributed_env
-from rmt_kernels.glue.stages import (
+from rmt_kernels.training.distributed import distributed_env
+from rmt_kernels.training.stages import (
     DEFAULT_DISK_KAPPA,
     DEFAULT_FILTER_BETA,
     DENOISE_TARGETS,
@@ -31,7 +33,6 @@ from rmt_kernels.glue.stages import (
     uses_sgd,
     with_default_kappa,
 )
-from rmt_kernels.glue.tasks import get_task
 
 # Defaults of the optimisation flags a resume inherits from its checkpoint when not given.
 DEFAULT_LR = 5e-4  # a DP-SGD value; non-private fine-tuning wants ~5e-5
@@ -41,15 +42,12 @@ DEFAULT_WEIGHT_DECAY = 0.0
 NOISE_SEED_LIMIT = 2**63
 
 
-@dataclass
+# kw_only: an application's subclass adds fields without defaults (GlueConfig's task).
+@dataclass(kw_only=True)
 class TrainConfig:
-    """Everything a run depends on (the ``config`` of the JSON log). See ``rmt-glue train -h``."""
+    """What a run depends on besides its application's data and model (the ``config`` of the
+    JSON log, with the subclass's fields). See ``rmt-glue train -h``."""
 
-    task: str
-    data_dir: str | None = None
-    model: str | None = None
-    init: str = "pretrained"
-    config: str | None = None
     dp: bool = True
     engine: str = "native"
     epsilon: float | None = None
@@ -58,8 +56,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     accountant: str = "prv"
     # The noise seed is secret (from the OS) unless noise_seed is given: then the noise is
-    # reproducible and the run is not private. secure_mode is the default, kept as an alias.
-    secure_mode: bool = False
+    # reproducible and the run is not private.
     noise_seed: int | None = None
     batch_size: int = 64
     physical_batch_size: int | None = None
@@ -69,14 +66,11 @@ class TrainConfig:
     lr: float | None = None
     optimizer: str | None = None
     weight_decay: float | None = None
-    max_length: int = 128
-    train_size: int | None = None
-    eval_size: int | None = None
     eval_every: int = 0
     seed: int = 0
     denoise: bool = False
     denoise_options: dict = field(default_factory=dict)
-    # The post-processing chain (rmt_kernels/glue/stages.py) and the learning-rate schedule.
+    # The post-processing chain (rmt_kernels/training/stages.py) and the learning-rate schedule.
     filter: str = "none"
     filter_beta: float = DEFAULT_FILTER_BETA
     disk_kappa: float = DEFAULT_DISK_KAPPA
@@ -85,8 +79,6 @@ class TrainConfig:
     denoise_target: str | None = None
     dp_adam: str = "none"
     lr_schedule: str = "constant"
-    freeze_embeddings: bool = False
-    pooling: str = "cls"
     device: str | None = None
     output: str | None = None
     save: str | None = None
@@ -110,15 +102,17 @@ class TrainConfig:
         """Raise ValueError on options that cannot go together (before any data is read).
 
         The checks run in a fixed order (the first failing one is reported): the schedule, the
-        model, the privacy flags, the optimisation flags, then where and how the run runs. A
-        resume's ``--denoise-target`` not yet resolved is checked as a new run's.
+        application's options (:meth:`check_application`), the engine, the privacy flags, the
+        optimisation flags, then where and how the run runs. A resume's ``--denoise-target``
+        not yet resolved is checked as a new run's.
         """
-        get_task(self.task)
         cfg = self
         if cfg.denoise_target is None:
             cfg = replace(self, denoise_target=denoise_target(None))
         cfg._check_schedule()
-        cfg._check_model()
+        cfg.check_application()
+        if cfg.engine not in ("native", "opacus"):
+            raise ValueError(f"--engine must be 'native' or 'opacus', got {cfg.engine!r}")
         cfg._check_privacy()
         cfg._check_optimisation()
         cfg._check_stages()
@@ -139,17 +133,9 @@ class TrainConfig:
                 f"--physical-batch-size {physical} must divide --batch-size {self.batch_size}"
             )
 
-    def _check_model(self) -> None:
-        if self.init not in ("pretrained", "random"):
-            raise ValueError(f"--init must be 'pretrained' or 'random', got {self.init!r}")
-        if self.init == "random" and (self.config is None or self.model is not None):
-            raise ValueError("--init random builds the model from --config DIR (and not --model)")
-        if self.init == "pretrained" and self.model is None:
-            raise ValueError("give --model (a folder or a hub name), or --init random --config DIR")
-        if self.pooling not in ("cls", "mean"):
-            raise ValueError(f"--pooling must be 'cls' or 'mean', got {self.pooling!r}")
-        if self.engine not in ("native", "opacus"):
-            raise ValueError(f"--engine must be 'native' or 'opacus', got {self.engine!r}")
+    def check_application(self) -> None:
+        """Raise ValueError on the application's own options (its model, its data); a subclass
+        overrides it. Runs after the schedule's checks, before the engine's and privacy's."""
 
     def _check_privacy(self) -> None:
         if not self.dp and (self.denoise or self.epsilon is not None):
@@ -160,15 +146,9 @@ class TrainConfig:
             raise ValueError(f"--epsilon must be > 0, got {self.epsilon}")
         if self.delta is not None and not 0 < self.delta < 1:
             raise ValueError(f"--delta must be in (0, 1), got {self.delta}")
-        if self.secure_mode and (not self.dp or self.engine != "native"):
-            raise ValueError("--secure-mode is for DP with --engine native")
         if self.noise_seed is not None:
             if not self.dp:
                 raise ValueError("--noise-seed keys the DP noise: it does not go with --no-dp")
-            if self.secure_mode:
-                raise ValueError(
-                    "--noise-seed makes the noise public, --secure-mode keeps it secret: give one"
-                )
             if not 0 <= self.noise_seed < NOISE_SEED_LIMIT:
                 raise ValueError(f"--noise-seed must be in [0, 2**63), got {self.noise_seed}")
         if not self.dp and self.noise_multiplier is not None:
@@ -208,9 +188,6 @@ class TrainConfig:
             )
 
     def _check_stages(self) -> None:
-        # Imported here: privacy.py reads this module's TrainConfig.
-        from rmt_kernels.glue.privacy import denoising_privacy_engine
-
         for flag, value, choices in (
             ("--filter", self.filter, FILTERS),
             ("--denoise-target", self.denoise_target, DENOISE_TARGETS),
@@ -259,16 +236,8 @@ class TrainConfig:
                 f"{self.denoise_target} the chain ends in an Adam (or trajectory) direction "
                 "that plain SGD applies: give --optimizer sgd or leave it out"
             )
-        if staged and self.engine == "opacus" and denoising_privacy_engine() is None:
-            raise ValueError(
-                "--engine opacus with --filter, --dp-adam or --denoise-target needs "
-                "rmt_kernels.opacus.DenoisingPrivacyEngine, which this installation lacks"
-            )
 
     def _check_run(self) -> None:
-        # Imported here: privacy.py reads this module's TrainConfig.
-        from rmt_kernels.glue.privacy import denoising_privacy_engine
-
         parse_device(self.device)
         if (self.checkpoint_dir or self.resume) and not (self.dp and self.engine == "native"):
             raise ValueError("--checkpoint-dir / --resume are for DP with --engine native")
@@ -280,11 +249,6 @@ class TrainConfig:
             raise ValueError("--checkpoint-every needs --checkpoint-dir (where to write)")
         if distributed_env() and not (self.dp and self.engine == "native"):
             raise ValueError("torchrun (several processes) is for DP with --engine native")
-        if self.engine == "opacus" and self.denoise and denoising_privacy_engine() is None:
-            raise ValueError(
-                "--engine opacus --denoise needs rmt_kernels.opacus.DenoisingPrivacyEngine, "
-                "which this installation lacks; use --engine native for denoising"
-            )
 
 
 def parse_device(text: str | None) -> torch.device:

@@ -1,4 +1,5 @@
-"""torchrun for ``rmt-glue``: whether several processes run, joining and leaving their group.
+"""torchrun for a training command: whether several processes run, joining and leaving their
+group.
 
 Every rank runs the whole loop on its shard of the data (the DP engine all-reduces the noisy
 sums); rank 0 alone evaluates, logs, saves and checkpoints.

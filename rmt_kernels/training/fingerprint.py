@@ -15,11 +15,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from rmt_kernels.glue.data import Encoded
-from rmt_kernels.glue.model import unwrap
-
 if TYPE_CHECKING:
-    from rmt_kernels.glue.config import TrainConfig
+    from rmt_kernels.training.config import TrainConfig
 
 
 def versions() -> dict[str, str | None]:
@@ -41,44 +38,35 @@ def versions() -> dict[str, str | None]:
     }
 
 
-def encoded_digest(data: Encoded) -> str:
-    """SHA-256 of a tokenized split: what the model is fed (text, subset, tokenizer, length)."""
-    digest = hashlib.sha256()
-    for rows in (data.input_ids, data.token_type_ids or []):
-        digest.update(json.dumps([list(row) for row in rows]).encode())
-    digest.update(f"pad:{data.pad_token_id}".encode())
-    digest.update(f"{data.labels.dtype}".encode())
-    digest.update(data.labels.contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
-def run_settings(cfg: TrainConfig, model, physical: int, device: torch.device) -> dict:
+def run_settings(cfg: TrainConfig, application: dict, physical: int, device: torch.device) -> dict:
     """What the computation of a step depends on besides the data and the privacy settings
-    (those the checkpoint checks itself), by flag: a resume whose settings differ cannot replay
-    the lost steps for free. Public values only (no data, no seed): stored in the checkpoint."""
-    config = json.loads(unwrap(model).config.to_json_string())
-    config.pop("_name_or_path", None)  # where it was read from, not what it computes
+    (those the checkpoint checks itself), by flag: the application's own (``application``:
+    ``TrainingTask.settings``, e.g. its task, model and tokenization) and the shared ones. A
+    resume whose settings differ cannot replay the lost steps for free. Public values only (no
+    data, no seed): stored in the checkpoint."""
     return {
-        "--task": cfg.task,
-        "--max-length": cfg.max_length,
-        "--train-size": cfg.train_size,
+        **application,
         "--seed": cfg.seed,
-        "--pooling": cfg.pooling,
-        "--freeze-embeddings": cfg.freeze_embeddings,
         "--physical-batch-size": physical,
         "--optimizer": cfg.optimizer,
         "--lr": cfg.lr,
         "--weight-decay": cfg.weight_decay,
         "--device": device.type,
-        "model config": hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest(),
         # Plain strings: torch's version is a str subclass torch.load(weights_only) refuses.
         "versions": {k: str(v) for k, v in versions().items() if k in ("torch", "transformers")},
     }
 
 
-def data_fingerprint(train_data: Encoded, settings: dict) -> str:
-    """Names the data, its preprocessing and the computation for the checkpoint's replay rule;
-    kept out of the checkpoint itself (rmt_kernels/dp/checkpoint.py: a hash of the data)."""
-    return hashlib.sha256(
-        json.dumps([encoded_digest(train_data), settings], sort_keys=True).encode()
-    ).hexdigest()
+def model_config_digest(model) -> str:
+    """SHA-256 of a Hugging Face model's configuration (where it was read from left out): what
+    it computes, for :func:`run_settings`."""
+    config = json.loads(model.config.to_json_string())
+    config.pop("_name_or_path", None)  # where it was read from, not what it computes
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+
+
+def data_fingerprint(data_digest: str, settings: dict) -> str:
+    """Names the data (``data_digest``: ``TrainingTask.digest`` of the training split), its
+    preprocessing and the computation for the checkpoint's replay rule; kept out of the
+    checkpoint itself (rmt_kernels/dp/checkpoint.py: a hash of the data)."""
+    return hashlib.sha256(json.dumps([data_digest, settings], sort_keys=True).encode()).hexdigest()

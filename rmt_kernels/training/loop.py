@@ -1,5 +1,5 @@
-"""The fine-tuning loop: a GLUE task, a Hugging Face encoder, DP-SGD (ours or Opacus's) or not,
-periodic evaluation, and a JSON log.
+"""The training loop every command shares: an application's task (``TrainingTask``: data, model,
+loss, metrics), DP-SGD (ours or Opacus's) or not, periodic evaluation, and a JSON log.
 
 One logical step = one batch drawn by the (Poisson) data loader, split into physical batches of
 at most ``physical_batch_size`` examples; each is forwarded and backpropagated, then one
@@ -9,39 +9,49 @@ last, which both engines speak).
 ``train`` reads top to bottom: ``_set_up`` builds a ``Run`` (data, model, optimizer, private
 engine, checkpointer, the log's first form); each loop turn is ``_timed_step`` (one logical
 step), then ``_evaluate`` and the checkpoint when due; ``_finish`` leaves torchrun's group and
-saves the model. The pieces live beside this file: options (config), data, model, privacy,
-evaluation, checkpoints (resume), their fingerprint, outputs, distributed.
+saves the model. The pieces live beside this file: options (config), the task protocol (task),
+privacy, the post-processing chain (stages), checkpoints (resume), their fingerprint, outputs,
+distributed.
 """
 
 from __future__ import annotations
 
 import resource
 import time
+from collections.abc import Sized
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from rmt_kernels.glue.config import TrainConfig, logged_config, parse_device
-from rmt_kernels.glue.data import Encoded, ExampleIndices, encode, load_split, subset
-from rmt_kernels.glue.distributed import init_distributed, leave_distributed
-from rmt_kernels.glue.evaluation import EVAL_BATCH_FACTOR, evaluate, evaluate_saved
-from rmt_kernels.glue.fingerprint import data_fingerprint, run_settings, versions
-from rmt_kernels.glue.model import (
-    build_model,
-    forward,
-    load_tokenizer,
-    loss_fn,
-    shared_positions,
-    unwrap,
-)
-from rmt_kernels.glue.outputs import check_outputs, json_safe, save_model, write_json
-from rmt_kernels.glue.privacy import Privacy, privatize, sampling_generator
-from rmt_kernels.glue.resume import Checkpointer, plan_checkpoint, resolve_optimisation
-from rmt_kernels.glue.stages import disk_iterate_offset, learning_rate
-from rmt_kernels.glue.tasks import Task, get_task
+from rmt_kernels.dp.calibration import run_steps
+from rmt_kernels.training.config import TrainConfig, logged_config, parse_device
+from rmt_kernels.training.distributed import init_distributed, leave_distributed
+from rmt_kernels.training.fingerprint import data_fingerprint, run_settings, versions
+from rmt_kernels.training.outputs import check_outputs, json_safe, write_json
+from rmt_kernels.training.privacy import Privacy, privatize, sampling_generator, unwrap
+from rmt_kernels.training.resume import Checkpointer, plan_checkpoint, resolve_optimisation
+from rmt_kernels.training.stages import disk_iterate_offset, learning_rate
+from rmt_kernels.training.task import TrainingTask
+
+# Evaluation runs without per-example state, so it can take larger batches than training.
+EVAL_BATCH_FACTOR = 4
+
+
+class ExampleIndices(torch.utils.data.Dataset):
+    """Example indices: loaders (Poisson ones included) sample these and the task builds the
+    examples itself, so an empty Poisson batch is just an empty index tensor."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor]:
+        # A tuple: Opacus's DPDataLoader reads the fields of an example to shape empty batches.
+        return (torch.tensor(i),)
 
 
 @dataclass
@@ -50,22 +60,19 @@ class Run:
     reads. The model, optimizer and loader are the private ones under DP."""
 
     cfg: TrainConfig  # the optimisation flags resolved (a resume's inherited ones)
-    task: Task
+    task: TrainingTask
     rank: int  # under torchrun; rank 0 alone evaluates, logs, saves and checkpoints
     device: torch.device
     model: torch.nn.Module
-    tokenizer: Any
     optimizer: torch.optim.Optimizer
     loader: torch.utils.data.DataLoader
-    train_data: Encoded
-    eval_data: Encoded
+    train_data: Sized
+    eval_data: Sized
     physical: int  # the physical batch size
     steps_per_epoch: int
     total_steps: int
     privacy: Privacy
     checkpointer: Checkpointer | None
-    # BERT-style position embeddings under Opacus: per-example positions (see shared_positions).
-    expand_positions: bool
     log: dict = field(default_factory=dict)
 
     @property
@@ -90,14 +97,15 @@ class Progress:
     losses: list[float] = field(default_factory=list)  # training losses since the last eval
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Run one fine-tuning; return (and write to ``cfg.output``) the JSON log.
+def train(cfg: TrainConfig, task: TrainingTask) -> dict:
+    """Run one training of ``task`` (built for ``cfg``); return (and write to ``cfg.output``)
+    the JSON log.
 
     Under torchrun (``WORLD_SIZE`` > 1) every process runs this: the process group is joined,
     each rank Poisson-samples its shard of the data, and rank 0 alone evaluates, logs, saves and
     writes checkpoints (other ranks return a log without evaluations).
     """
-    run = _set_up(cfg)
+    run = _set_up(cfg, task)
     progress = _restore(run)
     from tqdm.auto import tqdm
 
@@ -139,12 +147,11 @@ def _due(step: int, total_steps: int, every: int) -> bool:
     return step == total_steps or bool(every and step % every == 0)
 
 
-def _set_up(cfg: TrainConfig) -> Run:
+def _set_up(cfg: TrainConfig, task: TrainingTask) -> Run:
     """Check the options and outputs, then build the run: data, model, optimizer and loader,
     made private, the checkpointer and the log's first form. Every user error raises
     ValueError here, before any training."""
     cfg.check()
-    task = get_task(cfg.task)
     torch.manual_seed(cfg.seed)
     rank, device = init_distributed(parse_device(cfg.device))
     if rank != 0:  # one log, one progress bar, one saved model: rank 0's
@@ -155,7 +162,7 @@ def _set_up(cfg: TrainConfig) -> Run:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
-    model, tokenizer, train_data, eval_data = _model_and_data(cfg, task, device)
+    model, train_data, eval_data = task.build(cfg, device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = _optimizer(cfg, params)
     loader = torch.utils.data.DataLoader(
@@ -165,24 +172,25 @@ def _set_up(cfg: TrainConfig) -> Run:
         generator=sampling_generator(cfg),
     )
     steps_per_epoch = len(loader)
-    total_steps = cfg.steps or max(1, round((cfg.epochs or 1.0) * steps_per_epoch))
+    total_steps = cfg.steps or run_steps(cfg.epochs or 1.0, steps_per_epoch)
     if plan is not None:
         plan.check_steps(total_steps, cfg)
     model, optimizer, loader, privacy = privatize(
         cfg, model, optimizer, loader, total_steps=total_steps, device=device
     )
+    task.made_private(model, opacus=privacy.opacus_engine is not None)
     physical = cfg.physical_batch_size or cfg.batch_size
     checkpointer = None
     if plan is not None:
-        settings = run_settings(cfg, model, physical, device)
-        checkpointer = Checkpointer(plan, settings, data_fingerprint(train_data, settings))
+        settings = run_settings(cfg, task.settings(unwrap(model)), physical, device)
+        fingerprint = data_fingerprint(task.digest(train_data), settings)
+        checkpointer = Checkpointer(plan, settings, fingerprint)
     run = Run(
         cfg=cfg,
         task=task,
         rank=rank,
         device=device,
         model=model,
-        tokenizer=tokenizer,
         optimizer=optimizer,
         loader=loader,
         train_data=train_data,
@@ -192,25 +200,9 @@ def _set_up(cfg: TrainConfig) -> Run:
         total_steps=total_steps,
         privacy=privacy,
         checkpointer=checkpointer,
-        expand_positions=privacy.opacus_engine is not None and shared_positions(unwrap(model)),
     )
     run.log = _new_log(run, trainable_parameters=sum(p.numel() for p in params))
     return run
-
-
-def _model_and_data(
-    cfg: TrainConfig, task: Task, device: torch.device
-) -> tuple[torch.nn.Module, Any, Encoded, Encoded]:
-    """(model on ``device`` in training mode, tokenizer, tokenized train and eval splits)."""
-    train_ds = subset(load_split(task, "train", cfg.data_dir), cfg.train_size, cfg.seed)
-    eval_ds = subset(
-        load_split(task, "validation", cfg.data_dir), cfg.eval_size, cfg.seed, "--eval-size"
-    )
-    model, tokenizer = build_model(cfg, task)
-    model.to(device).train()
-    train_data = encode(train_ds, tokenizer, cfg.max_length, cfg.progress)
-    eval_data = encode(eval_ds, tokenizer, cfg.max_length, cfg.progress)
-    return model, tokenizer, train_data, eval_data
 
 
 def _optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
@@ -312,25 +304,20 @@ def _logical_step(run: Run, indices: torch.Tensor) -> float | None:
     """Forward/backward each physical batch of ``indices``, then one optimizer step; the mean
     loss (None for an empty Poisson batch)."""
     data, optimizer, dp = run.train_data, run.optimizer, run.cfg.dp
-    # Physical batches of similar lengths pad less. The logical batch, hence the clipped sum and
-    # everything private about the step, does not depend on how it is cut into physical ones.
-    order = torch.tensor(data.by_length(indices), dtype=torch.long)
+    # The task's order (GLUE's: by length, to pad less). The logical batch, hence the clipped sum
+    # and everything private about the step, does not depend on how it is cut into physical ones.
+    order = torch.tensor(run.task.order(data, indices), dtype=torch.long)
     chunks = list(order.split(run.physical)) if len(indices) else []
     total = 0.0
     if not chunks and run.privacy.opacus_engine is not None:
         # An empty Poisson batch must still be a (noise-only) step: skipping it would reveal
         # that it was empty. Opacus reads per-sample gradients, which only a backward makes, and
-        # an encoder cannot run on zero examples: hand it zero per-sample gradients.
+        # a model may not run on zero examples (an encoder cannot): hand it zero per-sample
+        # gradients.
         for p in optimizer.params:
             p.grad_sample = p.new_zeros((0, *p.shape))
     for j, chunk in enumerate(chunks):
-        batch = data.batch(chunk)
-        if run.expand_positions:
-            batch["position_ids"] = torch.arange(batch["input_ids"].shape[1]).expand_as(
-                batch["input_ids"]
-            )
-        logits = forward(run.model, batch, run.device)
-        loss = loss_fn(logits, batch["labels"].to(run.device), run.task)
+        loss = run.task.loss(run.model, data, chunk, run.device)
         if len(chunk):
             total += loss.item() * len(chunk)
         if not dp:
@@ -384,7 +371,7 @@ def _evaluate(run: Run, progress: Progress, bar) -> None:
     progress.losses = []
     eval_batch = run.physical * EVAL_BATCH_FACTOR
     with _at_disk_iterate(run, step):
-        record.update(evaluate(run.model, run.eval_data, run.task, eval_batch, run.device))
+        record.update(run.task.evaluate(run.model, run.eval_data, eval_batch, run.device))
     engine = run.native_engine
     if engine is not None:
         stats = engine.take_denoise_stats()
@@ -415,7 +402,7 @@ def _finish(run: Run) -> None:
     leave_distributed()
     if run.cfg.save:
         with _at_disk_iterate(run, run.total_steps):
-            save_model(unwrap(run.model), run.tokenizer, Path(run.cfg.save))
+            run.task.save(unwrap(run.model), Path(run.cfg.save))
 
 
 def _private_params(run: Run) -> dict:
@@ -431,7 +418,7 @@ def _private_params(run: Run) -> dict:
 def _at_disk_iterate(run: Run, step: int):
     """With ``--filter disk`` the parameters hold DiSK's extrapolated point z_t: move them to
     its iterate x_t = z_t + lr * offset (the learning rate of step ``step``, the last one run)
-    for the block, then put z_t back exactly (rmt_kernels/glue/stages.py)."""
+    for the block, then put z_t back exactly (rmt_kernels/training/stages.py)."""
     holder = run.native_engine or run.optimizer
     offset = disk_iterate_offset(holder) if run.cfg.dp and step > 0 else None
     if not offset:
@@ -457,8 +444,3 @@ def peak_memory_mib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-# TrainConfig, build_model, evaluate, evaluate_saved and load_tokenizer were defined here before
-# the loop was cut into modules: still importable from here.
-__all__ = ["TrainConfig", "build_model", "evaluate", "evaluate_saved", "load_tokenizer", "train"]

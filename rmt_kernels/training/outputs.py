@@ -1,4 +1,4 @@
-"""What ``rmt-glue`` writes: checked writable before training, then written atomically (a
+"""What a training command writes: checked writable before training, then written atomically (a
 temporary sibling renamed into place, so a crash leaves the old file or the new): the JSON log
 as strict JSON, the fine-tuned model."""
 
@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from rmt_kernels.glue.config import TrainConfig
+    from rmt_kernels.training.config import TrainConfig
 
 
 def _check_writable_folder(folder: Path, flag: str, what: Path) -> None:

@@ -1,5 +1,5 @@
-"""DP for ``rmt-glue``: the noise multiplier for a target epsilon, the engine that makes a model
-private (ours, or Opacus's), and the privacy spent so far.
+"""DP for a training command: the noise multiplier for a target epsilon, the engine that makes a
+model private (ours, or Opacus's), and the privacy spent so far.
 
 The noise seed is secret (from the OS, never written) unless ``--noise-seed`` makes it public;
 so is the batch sampling, since amplification by sampling assumes nobody knows which examples a
@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from rmt_kernels.dp.calibration import check_delta, run_epsilon
-from rmt_kernels.glue.config import TrainConfig
-from rmt_kernels.glue.stages import post_processors
+from rmt_kernels.dp.calibration import check_delta, run_noise_multiplier
+from rmt_kernels.training.config import TrainConfig
+from rmt_kernels.training.stages import post_processors
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -41,7 +41,7 @@ def calibrate(
         ValueError: ``--epsilon`` is absurd (above ``MAX_TARGET_EPSILON``), no noise multiplier
             reaches it, or the search ran out of time (naming the flags to change).
     """
-    from rmt_kernels.dp.calibration import MAX_TARGET_EPSILON, calibrate_noise_multiplier
+    from rmt_kernels.dp.calibration import MAX_TARGET_EPSILON
 
     if epsilon > MAX_TARGET_EPSILON:
         raise ValueError(
@@ -49,21 +49,12 @@ def calibrate(
             "statement bounds anything: give --noise-multiplier for a fixed noise, or --no-dp"
         )
     try:
-        return calibrate_noise_multiplier(epsilon, delta, sample_rate, steps, accountant)
+        return run_noise_multiplier(delta, sample_rate, steps, accountant, target_epsilon=epsilon)
     except ValueError as err:
         raise ValueError(
             f"{err}; raise --epsilon, use fewer steps or a smaller batch, or give "
             "--noise-multiplier"
         ) from None
-
-
-def denoising_privacy_engine():
-    """``rmt_kernels.opacus.DenoisingPrivacyEngine`` where the tree has it, else None."""
-    try:
-        from rmt_kernels.opacus import DenoisingPrivacyEngine
-    except ImportError:
-        return None
-    return DenoisingPrivacyEngine
 
 
 def sampling_generator(cfg: TrainConfig) -> torch.Generator | None:
@@ -132,7 +123,14 @@ def privatize(
         target = cfg.epsilon if cfg.epsilon is not None else DEFAULT_EPSILON
         noise_multiplier = calibrate(target, delta, 1 / len(loader), total_steps, cfg.accountant)
     else:
-        run_epsilon(noise_multiplier, delta, 1 / len(loader), total_steps, cfg.accountant)
+        # The check make_private makes of a noise multiplier over a known run.
+        run_noise_multiplier(
+            delta,
+            1 / len(loader),
+            total_steps,
+            cfg.accountant,
+            noise_multiplier=noise_multiplier,
+        )
     opacus_engine = None
     if cfg.engine == "native":
         model, optimizer, loader = _native(cfg, model, optimizer, loader, delta, noise_multiplier)
@@ -144,7 +142,7 @@ def privatize(
         warnings.warn(
             f"--noise-seed {cfg.noise_seed}: the noise is reproducible from the log, so this run "
             "is NOT private (epsilon is what a secret seed would give; for experiments only)",
-            stacklevel=4,  # the caller of train() (through _set_up and privatize)
+            stacklevel=5,  # the caller of an application's train() (through loop.train)
         )
     privacy = Privacy(
         dp=True,
@@ -186,18 +184,15 @@ def _opacus(
     """(engine, (model, optimizer, loader)) of Opacus's PrivacyEngine, or of our drop-in
     ``DenoisingPrivacyEngine`` with ``--denoise`` or another post-processing flag (``--engine
     opacus``)."""
+    from opacus import PrivacyEngine
+
+    from rmt_kernels.opacus import DenoisingPrivacyEngine
+
     chain = post_processors(cfg)
     # A secret run needs the drop-in: its noise is Philox keyed by 63 bits from the OS and its
     # batches come from a 128-bit key (Opacus's torch generators keep 32 bits of a seed).
-    engine_class = denoising_privacy_engine() if chain or cfg.noise_seed is None else None
-    if engine_class is None:
-        if chain or cfg.noise_seed is None:
-            raise ValueError(
-                "--engine opacus needs rmt_kernels.opacus (a secret run or post-processing)"
-            )
-        from opacus import PrivacyEngine
-
-        engine_class = PrivacyEngine
+    secret_or_chain = chain or cfg.noise_seed is None
+    engine_class = DenoisingPrivacyEngine if secret_or_chain else PrivacyEngine
     engine = engine_class(accountant=cfg.accountant)
     # --denoise and the other post-processing flags, as one chain of stages.
     extra = {"post_processors": chain} if chain else {}
@@ -217,3 +212,8 @@ def _opacus(
             **extra,
         )
     return engine, private
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside Opacus's GradSampleModule (or the model itself)."""
+    return getattr(model, "_module", model)

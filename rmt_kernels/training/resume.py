@@ -1,11 +1,11 @@
-"""Checkpoints of ``rmt-glue`` (``--checkpoint-dir``, ``--checkpoint-every``, ``--resume``): what
-to do with the folder before anything is built, the optimisation flags a resume inherits, and
-the save and restore of a run through ``rmt_kernels.dp``'s checkpoints.
+"""Checkpoints of a training command (``--checkpoint-dir``, ``--checkpoint-every``,
+``--resume``): what to do with the folder before anything is built, the optimisation flags a
+resume inherits, and the save and restore of a run through ``rmt_kernels.dp``'s checkpoints.
 
 A run killed before its first checkpoint leaves a privacy ledger: its steps touched the data, so
 the run starts over with them charged. A resume continues the step counter, accountant, sampler
 position and log; its lost steps are replayed for free only on the same data and settings (the
-fingerprint, ``rmt_kernels.glue.fingerprint``), else charged.
+fingerprint, ``rmt_kernels.training.fingerprint``), else charged.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from rmt_kernels.glue import stages
-from rmt_kernels.glue.config import (
+from rmt_kernels.training import stages
+from rmt_kernels.training.config import (
     DEFAULT_LR,
     DEFAULT_OPTIMIZER,
     DEFAULT_WEIGHT_DECAY,
@@ -78,7 +78,7 @@ def plan_checkpoint(cfg: TrainConfig) -> CheckpointPlan | None:
 def resolve_optimisation(cfg: TrainConfig, resumed: dict | None) -> TrainConfig:
     """--optimizer, --lr, --weight-decay: given, else the checkpointed run's, else the default
     (SGD when the post-processing chain ends in a DP-Adam or trajectory direction,
-    rmt_kernels/glue/stages.py). A resume cannot change the optimizer (its state is the
+    rmt_kernels/training/stages.py). A resume cannot change the optimizer (its state is the
     checkpoint's) nor the chain's flags (--denoise and its options, --filter, --filter-beta,
     --disk-kappa, --denoise-target, --dp-adam: the stages' states are the checkpoint's) nor
     --lr-schedule; a new --lr or --weight-decay is honoured, and said. A resume with --denoise
@@ -164,7 +164,7 @@ class Checkpointer:
             warnings.warn(
                 f"--resume: {', '.join(changed)} differ from the checkpointed run's: the steps "
                 "it lost cannot be replayed for free (they are charged, the noise is re-keyed)",
-                stacklevel=4,  # the caller of train() (through _restore and restore)
+                stacklevel=5,  # the caller of an application's train() (through loop.train)
             )
         # The step counter, accountant (with the ledger's lost steps), the sampler's position
         # (public seeds) come back; the log goes on where the checkpoint left it.

@@ -1,4 +1,4 @@
-"""The post-processing chain of ``rmt-glue train`` (``--filter``, ``--denoise-target``,
+"""The post-processing chain of a training command (``--filter``, ``--denoise-target``,
 ``--dp-adam``), the optimizer it implies, and ``--lr-schedule``.
 
 The chain (rmt_kernels/dp/chain.py) by flags, each stage a post-processor of the released noisy
@@ -47,7 +47,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from rmt_kernels.glue.config import TrainConfig
+    from rmt_kernels.training.config import TrainConfig
 
 FILTERS = ("none", "ema", "disk")
 DENOISE_TARGETS = ("gradient", "moment", "trajectory")
@@ -129,7 +129,7 @@ def post_processors(cfg: TrainConfig) -> list:
     ``TrainConfig.check``."""
     from rmt_kernels.dp.dp_adam import DPAdam
     from rmt_kernels.dp.postprocess import Denoiser
-    from rmt_kernels.glue.config import denoise_options
+    from rmt_kernels.training.config import denoise_options
 
     options = denoise_options(cfg)
     chain: list = []
