@@ -96,12 +96,11 @@ def test_noise_offset_ranges_never_overlap():
         noise_offset(2**31, 0, 1)
 
 
-def test_add_gaussian_noise_checks_and_opcheck():
+def test_add_gaussian_noise_checks_its_arguments():
     with pytest.raises(ValueError, match="noise_std"):
         rmt_kernels.add_gaussian_noise(torch.zeros(3), -1.0, 0, 0)
     with pytest.raises(TypeError, match="x must be float32"):
         rmt_kernels.add_gaussian_noise(torch.zeros(3, dtype=torch.long), 1.0, 0, 0)
-    torch.library.opcheck(torch.ops.rmt.add_gaussian_noise.default, (torch.randn(4, 5), 1.0, 2, 3))
 
 
 def test_vectorised_and_portable_philox_loops_draw_the_same_noise(tmp_path):

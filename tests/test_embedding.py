@@ -70,15 +70,6 @@ def test_device_path_matches_cpu(shape):
     )
 
 
-def test_opcheck():
-    ids, dy = _inputs(3, 5, 6, 4)
-    ops = torch.ops.rmt
-    torch.library.opcheck(ops.embedding_sq_norms.default, (ids, dy))
-    torch.library.opcheck(
-        ops.embedding_clipped_noisy_sum.default, (ids, dy, torch.rand(3), 6, 0.5, 1, 2)
-    )
-
-
 @pytest.mark.parametrize("device_path", [False, True])
 @pytest.mark.parametrize(
     ("ids", "dy", "n_scale", "V", "exc", "message"),

@@ -48,15 +48,6 @@ def test_device_path_matches_cpu():
     )
 
 
-def test_opcheck():
-    x, dy = torch.randn(3, 4, 6), torch.randn(3, 4, 6)
-    ops = torch.ops.rmt
-    torch.library.opcheck(ops.layernorm_sq_norms.default, (x, dy, 1e-5))
-    torch.library.opcheck(
-        ops.layernorm_clipped_noisy_sum.default, (x, dy, torch.rand(3), 1e-5, 0.5, 1, 2)
-    )
-
-
 @pytest.mark.parametrize("device_path", [False, True])
 @pytest.mark.parametrize(
     ("x_shape", "dy_shape", "eps", "message"),

@@ -123,17 +123,6 @@ def test_device_paths_match_cpu(monkeypatch):
         )
 
 
-def test_opcheck():
-    x, dy = _inputs(3, 4, 6, 5, torch.float32)
-    scale = torch.rand(3)
-    ops = torch.ops.rmt
-    torch.library.opcheck(ops.linear_sq_norms.default, (x, dy))
-    torch.library.opcheck(ops.linear_clipped_noisy_sum.default, (x, dy, scale, 0.5, 1, 2))
-    torch.library.opcheck(ops.bias_sq_norms.default, (dy,))
-    torch.library.opcheck(ops.bias_clipped_noisy_sum.default, (dy, scale, 0.5, 1, 2))
-    torch.library.opcheck(ops.add_gaussian_noise.default, (x, 0.5, 1, 2))
-
-
 BAD_LINEAR = [
     # (x shape, dy shape, scale length, noise_std, seed, offset, exception, message)
     ((3, 4, 5), (2, 4, 6), 3, 1.0, 0, 0, ValueError, "batch size"),
