@@ -53,7 +53,7 @@ timeout 90 $PY -m pytest tests -q -p no:cacheprovider --continue-on-collection-e
 echo "== benchmarks"
 # gpu-static is a static plan (no GPU measured): `make gpu-report` on any machine. denoise-edge
 # (issue 14's cold/warm table) also writes bench/results/denoise-edge-gpu.md.
-timeout 150 $PY -m bench --only denoise --only denoise-edge --only dp-ops --only dp-step \
+timeout 150 $PY -m bench --only denoise --only denoise-edge --only fused-ops --only dp-step \
   --results "$RESULTS/gpu.md"
 cp bench/out/*.json "$OUT/" 2>/dev/null || true
 echo "== done"; date -u
