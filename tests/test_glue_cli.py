@@ -320,8 +320,8 @@ def test_end_to_end_tiny_run_writes_the_log(tiny, tmp_path, mode, extra):
 def test_length_sorted_batches_change_nothing_but_padding(tiny):
     from transformers import BertTokenizer
 
-    from rmt_kernels.glue.data import load_split
-    from rmt_kernels.glue.train import encode, evaluate
+    from rmt_kernels.glue.data import encode, load_split
+    from rmt_kernels.glue.evaluation import evaluate
 
     task = get_task("sst2")
     tokenizer = BertTokenizer.from_pretrained(tiny["config"])

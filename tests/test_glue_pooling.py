@@ -43,8 +43,9 @@ def test_padding_does_not_change_the_logits():
 def test_saved_model_pools_the_same_way(tmp_path):
     from transformers import BertForSequenceClassification
 
+    from rmt_kernels.glue.config import TrainConfig
+    from rmt_kernels.glue.model import build_model
     from rmt_kernels.glue.tasks import get_task
-    from rmt_kernels.glue.train import TrainConfig, build_model
 
     model = use_mean_pooling(_tiny_bert())
     model.save_pretrained(tmp_path)

@@ -27,12 +27,11 @@ import torch
 from rmt_kernels.glue.config import TrainConfig, logged_config, parse_device
 from rmt_kernels.glue.data import Encoded, ExampleIndices, encode, load_split, subset
 from rmt_kernels.glue.distributed import init_distributed, leave_distributed
-from rmt_kernels.glue.evaluation import EVAL_BATCH_FACTOR, evaluate, evaluate_saved
+from rmt_kernels.glue.evaluation import EVAL_BATCH_FACTOR, evaluate
 from rmt_kernels.glue.fingerprint import data_fingerprint, run_settings, versions
 from rmt_kernels.glue.model import (
     build_model,
     forward,
-    load_tokenizer,
     loss_fn,
     shared_positions,
     unwrap,
@@ -459,6 +458,4 @@ def peak_memory_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-# TrainConfig, build_model, evaluate, evaluate_saved and load_tokenizer were defined here before
-# the loop was cut into modules: still importable from here.
-__all__ = ["TrainConfig", "build_model", "evaluate", "evaluate_saved", "load_tokenizer", "train"]
+__all__ = ["train"]
