@@ -1,7 +1,6 @@
 """rmt::denoise_warm (CPU kernel, wrapper, fake impl): the warm-started form of denoise and the
 basis it hands to the next call."""
 
-
 import pytest
 import torch
 
