@@ -3,8 +3,9 @@
 1. denoise: one model step of denoising on RoBERTa-base's 72 weight shapes (pytest-benchmark);
    denoise-edge: the same shapes near the Marchenko-Pastur edge and at rank 4, cold and warm-
    started, against svd_lowrank and the full SVD, with issue 14's targets beside the measured
-   ratios (bench/bench_denoise_edge.py; its tables also in bench/results/denoise-edge-<device>.md);
-2. dp ops: per-example norms + clipped noisy sums per layer shape, ours vs Opacus;
+   ratios (bench/denoise_edge.py; its tables also in bench/results/denoise-edge-<device>.md);
+2. fused ops: per-example norms + clipped noisy sums per layer shape, ours vs Opacus
+   (bench/fused_ops.py);
 3. dp step: one DP fine-tuning step, non-private vs Opacus vs ours (each in its own process);
 4. gpu-static: the static GPU plan (bench/gpu_report.py): every Triton kernel built for sm_80/90/100
    at RoBERTa-base shapes, registers, spills, shared memory, float64 counts and H200 roofline
@@ -27,7 +28,7 @@ import pytest
 from bench.report import render
 
 HERE = Path(__file__).resolve().parent
-PARTS = ("denoise", "denoise-edge", "dp-ops", "dp-step", "gpu-static")
+PARTS = ("denoise", "denoise-edge", "fused-ops", "dp-step", "gpu-static")
 
 
 def run_denoise(out_dir: Path) -> str:
@@ -36,7 +37,7 @@ def run_denoise(out_dir: Path) -> str:
     json_path = out_dir / "denoise.json"
     code = pytest.main(
         [
-            str(HERE / "bench_denoise.py"),
+            str(HERE / "denoise.py"),
             "-q",
             "-p",
             "no:cacheprovider",
@@ -84,9 +85,9 @@ def main(argv: list[str] | None = None) -> int:
         # A --quick run's numbers are not worth keeping: they stay in bench/out/.
         folder = out_dir if args.quick else HERE / "results"
         edge = folder / f"denoise-edge-{device}.md"
-        sections.append(run_script("bench.bench_denoise_edge", edge, *quick))
-    if "dp-ops" in parts:
-        sections.append(run_script("bench.bench_dp_ops", out_dir / "dp_ops.md", *quick))
+        sections.append(run_script("bench.denoise_edge", edge, *quick))
+    if "fused-ops" in parts:
+        sections.append(run_script("bench.fused_ops", out_dir / "fused_ops.md", *quick))
     if "dp-step" in parts:
         steps = ["--steps", "3"] if args.quick else []
         sections.append(run_script("bench.dp_step", out_dir / "dp_step.md", *steps))

@@ -29,8 +29,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import torch
 
 import rmt_kernels
-from rmt_kernels import dp_ops
-from rmt_kernels.triton import aot
+from rmt_kernels.triton import aot, device
 
 HERE = Path(__file__).resolve().parent
 
@@ -68,7 +67,7 @@ def _cases():
                 op="linear_clipped_noisy_sum",
                 shape=f"{what}: x ({B}, {T}, {d_in}), dy ({B}, {T}, {d_out})",
                 cpu=lambda x=x, dy=dy: rmt_kernels.linear_clipped_noisy_sum(x, dy, scale, *NOISE),
-                launch=lambda x=x, dy=dy: dp_ops.linear_clipped_noisy_sum_device(
+                launch=lambda x=x, dy=dy: device.linear_clipped_noisy_sum_device(
                     x, dy, scale, *NOISE
                 ),
                 bytes=4 * (r * d_in + r * d_out + d_in * d_out + B),
@@ -84,7 +83,7 @@ def _cases():
                 op="linear_sq_norms (Gram route)",
                 shape=f"{what}: x ({B}, {T}, {d_in}), dy ({B}, {T}, {d_out})",
                 cpu=lambda x=x, dy=dy: rmt_kernels.linear_sq_norms(x, dy),
-                launch=lambda x=x, dy=dy: dp_ops.linear_sq_norms_device(x, dy),
+                launch=lambda x=x, dy=dy: device.linear_sq_norms_device(x, dy),
                 bytes=4 * (r * d_in + r * d_out + B),
                 # two Gram tiles per tile pair, 32 x 32 x d each, plus the elementwise product
                 flops=2 * B * pairs * 32 * 32 * (d_in + d_out),
@@ -100,7 +99,7 @@ def _cases():
             op="embedding_sq_norms (Gram route)",
             shape=f"ids ({B}, {T}), dy ({B}, {T}, {HIDDEN})",
             cpu=lambda: rmt_kernels.embedding_sq_norms(ids, dy),
-            launch=lambda: dp_ops.embedding_sq_norms_device(ids, dy),
+            launch=lambda: device.embedding_sq_norms_device(ids, dy),
             bytes=8 * B * T + 4 * B * T * HIDDEN,
             flops=2 * B * pairs * 32 * 32 * HIDDEN,
             noise=0,
@@ -113,7 +112,7 @@ def _cases():
             op="embedding_clipped_noisy_sum",
             shape=f"table ({VOCAB}, {HIDDEN}), ids ({B}, {T})",
             cpu=lambda: rmt_kernels.embedding_clipped_noisy_sum(ids, dy, scale, VOCAB, *NOISE),
-            launch=lambda: dp_ops.embedding_clipped_noisy_sum_device(ids, dy, scale, VOCAB, *NOISE),
+            launch=lambda: device.embedding_clipped_noisy_sum_device(ids, dy, scale, VOCAB, *NOISE),
             # zero-fill and index_add of the table, then the noise pass reads and writes it
             bytes=4 * table * 3 + 4 * B * T * HIDDEN + 8 * B * T,
             flops=2 * B * T * HIDDEN,
@@ -127,7 +126,7 @@ def _cases():
             op="add_gaussian_noise",
             shape=f"({FFN},) (a bias)",
             cpu=lambda: rmt_kernels.add_gaussian_noise(bias, *NOISE),
-            launch=lambda: dp_ops.add_gaussian_noise_device(bias, *NOISE),
+            launch=lambda: device.add_gaussian_noise_device(bias, *NOISE),
             bytes=4 * 2 * FFN,
             flops=0,
             noise=FFN,

@@ -27,7 +27,7 @@ constexpr int64_t kMaxPowerIterations = 100;
 // its first pass sees a component near the threshold too weakly to tell. A warm start watches
 // rising values in its first pass only (its start basis's components that the new noise pushed
 // under the threshold; later its fresh columns rise through the window as any search does).
-// Chosen by measurement on near-edge spectra (tests/test_denoise_edge.py; numbers in the commit
+// Chosen by measurement on near-edge spectra (tests/denoise/test_edge.py; numbers in the commit
 // message).
 constexpr double kRitzTolerance = 0.1;
 constexpr double kRitzWindow = 0.85;

@@ -13,7 +13,6 @@ import torch  # noqa: F401
 
 from rmt_kernels import (
     _C,  # noqa: F401  (registers torch.ops.rmt.*)
-    dp_ops,  # noqa: F401  (compatibility name of the DP ops)
     ops,
     rules,
 )

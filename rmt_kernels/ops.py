@@ -115,7 +115,7 @@ def denoise(
     loss on the kept components plus one noise component, ``kappa * sigma * sqrt(max(m, n))``);
     from its ``COLD_PASSES``-th pass, at most ``MAX_ADAPTIVE_PASSES``. Components near the
     threshold converge slowest and decide what is kept, so the rule is about them. Measured
-    (tests/test_denoise_edge.py): within 2% of the exact full-SVD shrinker's error on spectra
+    (tests/denoise/test_edge.py): within 2% of the exact full-SVD shrinker's error on spectra
     crossing the edge at RoBERTa-base and MiniLM shapes, with 7-9 products with grad there
     (pure noise 5-7, strong signals 7). :func:`denoise_warm` starts from the last step's basis.
 

@@ -20,7 +20,8 @@ only evaluated up to there, so they stay finite however small the noise is next 
 
 The formulas exist once per language: here (the reference, the Triton path's host code and the
 tests), ``_shrink`` in ``rmt_kernels/triton/reconstruct.py`` and ``shrink`` in
-``csrc/cpu/denoise.cpp``; tests/test_shrinkers_agree.py checks that the three agree on a grid.
+``csrc/cpu/denoise.cpp``; tests/denoise/test_shrinkers_agree.py checks that the three agree on a
+grid.
 """
 
 from __future__ import annotations

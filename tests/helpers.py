@@ -30,6 +30,26 @@ def planted(
     return (clean + noise).float(), clean.float()
 
 
+def rotating(m: int, n: int, rank: int, steps: int, *, angle: float = 0.05, seed: int = 0):
+    """A step sequence: a rank-``rank`` signal (values 1.3-4 times the bulk edge) whose singular
+    subspaces rotate by about ``angle`` radians a step, plus fresh N(0, 0.1^2) noise each step."""
+    gen = torch.Generator().manual_seed(seed)
+    sigma = 0.1
+    edge = sigma * (math.sqrt(m) + math.sqrt(n))
+    u = torch.linalg.qr(torch.randn(m, rank, generator=gen, dtype=torch.float64))[0]
+    v = torch.linalg.qr(torch.randn(n, rank, generator=gen, dtype=torch.float64))[0]
+    values = torch.linspace(4.0, 1.3, rank, dtype=torch.float64) * edge
+    for _ in range(steps):
+        clean = (u * values) @ v.T
+        noise = sigma * torch.randn(m, n, generator=gen, dtype=torch.float64)
+        yield (clean + noise).float(), clean.float()
+        # A random direction of norm ~angle per column: each singular vector turns by ~angle.
+        du = torch.randn(m, rank, generator=gen, dtype=torch.float64) / math.sqrt(m)
+        dv = torch.randn(n, rank, generator=gen, dtype=torch.float64) / math.sqrt(n)
+        u = torch.linalg.qr(u + angle * du)[0]
+        v = torch.linalg.qr(v + angle * dv)[0]
+
+
 def with_singular_values(values: torch.Tensor, m: int, n: int, seed: int = 0) -> torch.Tensor:
     """An m x n float32 matrix with exactly the given singular values (len <= min(m, n))."""
     gen = torch.Generator().manual_seed(seed)

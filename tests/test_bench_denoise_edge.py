@@ -1,4 +1,4 @@
-"""The workloads of bench/bench_denoise_edge.py are what its tables say they are: noisy
+"""The workloads of bench/denoise_edge.py are what its tables say they are: noisy
 singular values at the stated multiples of the bulk edge, sub-threshold components invisible,
 signal subspaces turning by about ROTATION radians a step."""
 
@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from bench.bench_denoise_edge import (
+from bench.denoise_edge import (
     NEAR_EDGE_HIDDEN,
     NEAR_EDGE_OBSERVED,
     ROTATION,
@@ -57,7 +57,7 @@ def test_near_edge_spectra_and_rotation_as_stated():
         assert bool(((angles > 0.8 * ROTATION) & (angles < 1.2 * ROTATION)).all()), angles
 
 
-def test_rank4_is_bench_denoise_s_profile():
+def test_rank4_is_the_denoise_benchmarks_profile():
     values = workload_values("rank 4", 768, 3072, SIGMA)
     edge = SIGMA * (math.sqrt(768) + math.sqrt(3072))
     assert torch.allclose(values / edge, torch.linspace(1.5, 5.0, 4))

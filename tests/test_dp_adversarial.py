@@ -514,19 +514,17 @@ def test_per_parameter_bounds_are_summed_without_rounding_below_them(monkeypatch
     # at C / 1 although its certified squared norm is 1 + 10.9 * 2^-24: the engine must hand
     # clip_scales the per-parameter bounds (summed there in float64).
     import rmt_kernels.dp.engine as engine_module
-    from rmt_kernels import dp_ops
+    from rmt_kernels.rules import _RULES, LayerRule, get_layer_rule
 
     model = nn.Sequential(*[nn.Linear(3, 3) for _ in range(6)])
-    rule = dp_ops.get_layer_rule(model[0])
+    rule = get_layer_rule(model[0])
     small = 0.99 * 2.0**-24
 
     def sq_norms(module, x, dy):
         ones = torch.ones(x.shape[0])
         return {"weight": ones if module is model[0] else ones * small, "bias": ones * small}
 
-    monkeypatch.setitem(
-        dp_ops._RULES, nn.Linear, dp_ops.LayerRule(sq_norms, rule.clipped_noisy_sums)
-    )
+    monkeypatch.setitem(_RULES, nn.Linear, LayerRule(sq_norms, rule.clipped_noisy_sums))
     seen = []
     real = engine_module.clip_scales
     monkeypatch.setattr(

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import rmt_kernels
-from rmt_kernels import dp_ops
+from rmt_kernels.triton import device
 
 C = 1.0
 # Ordinary inputs: the bound's excess over the exact value. The float64 error terms are ~1e-12
@@ -31,7 +31,7 @@ PATHS = ["cpu", "device"]
 
 
 def _op(name: str, path: str):
-    return getattr(rmt_kernels, name) if path == "cpu" else getattr(dp_ops, f"{name}_device")
+    return getattr(rmt_kernels, name) if path == "cpu" else getattr(device, f"{name}_device")
 
 
 def _fr(t: torch.Tensor) -> list:
@@ -124,7 +124,7 @@ def test_linear_norms_bound_crafted_and_ordinary(path, route):
     # Gram: T (d_in + d_out) <= d_in d_out (T = 34: two of Triton's 32-row tiles); per example:
     # a thin layer with a longer sequence.
     d_in, d_out, pairs = (68, 68, 17) if route == "gram" else (4, 3, 8)
-    assert dp_ops.use_gram_route(2 * pairs, d_in, d_out) == (route == "gram")
+    assert device.use_gram_route(2 * pairs, d_in, d_out) == (route == "gram")
     for mag in SCALES:
         # Tokens t and t + pairs cancel (across tiles); every token of an example has the same
         # output gradient, so the exact norm is |dy|^2 |sum_t x_t|^2.
@@ -148,7 +148,7 @@ def test_embedding_norms_bound_crafted_and_ordinary(path, T):
     gen = torch.Generator().manual_seed(12)
     norms = _op("embedding_sq_norms", path)
     d = 8
-    assert (T <= dp_ops.EMBEDDING_GRAM_MAX_T) == (T == 40)
+    assert (T <= device.EMBEDDING_GRAM_MAX_T) == (T == 40)
     for mag in SCALES:
         # One repeated id whose dy rows cancel in pairs; the rest ordinary.
         dy = torch.randn(2, T, d, generator=gen)
@@ -237,7 +237,7 @@ def test_non_finite_inputs_give_infinite_bound_scale_zero_and_no_contribution(pa
     # The examples with factor 0 contribute exactly nothing: the sums equal those of example 0.
     suffix = "" if path == "cpu" else "_device"
     ops = {
-        k: getattr(rmt_kernels if path == "cpu" else dp_ops, k + suffix)
+        k: getattr(rmt_kernels if path == "cpu" else device, k + suffix)
         for k in (
             "linear_clipped_noisy_sum",
             "bias_clipped_noisy_sum",
@@ -356,7 +356,7 @@ def test_cpu_norms_per_example_workers_every_layout_and_split(threads):
         # (B, T, d_in, d_out): Gram over 2 strips, B below / above the thread count; per-example
         # route; rank one.
         for B, T, d_in, d_out in [(1, 40, 80, 80), (5, 40, 80, 80), (3, 20, 4, 3), (4, 1, 9, 5)]:
-            assert dp_ops.use_gram_route(T, d_in, d_out) == (d_in != 4)
+            assert device.use_gram_route(T, d_in, d_out) == (d_in != 4)
             x = torch.randn(B, T, d_in, generator=gen)
             dy = torch.randn(B, T, d_out, generator=gen)
             if T > 1:  # example 0 cancels: rows u and -u + 10 w, equal dy rows

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 import rmt_kernels
-from rmt_kernels import dp_ops
+from rmt_kernels.ops import noise_offset
+from rmt_kernels.rules import _RULES, LayerRule, get_layer_rule, register_layer_rule
 
 C = 1.0
 
@@ -33,13 +34,13 @@ def _batch(B, T, kind):
 def _clipped_sums(layers, keep):
     """Pre-noise clipped sums of the examples in ``keep``, all parameters, flattened."""
     sub = [(m, x[keep], dy[keep]) for m, x, dy in layers]
-    total = sum(n for m, x, dy in sub for n in dp_ops.get_layer_rule(m).sq_norms(m, x, dy).values())
+    total = sum(n for m, x, dy in sub for n in get_layer_rule(m).sq_norms(m, x, dy).values())
     scale = rmt_kernels.clip_scales(total, C)
     parts = []
     for i, (m, x, dy) in enumerate(sub):
         names = [n for n, _ in m.named_parameters()]
-        offsets = {n: dp_ops.noise_offset(0, 2 * i + j, 6) for j, n in enumerate(names)}
-        sums = dp_ops.get_layer_rule(m).clipped_noisy_sums(m, x, dy, scale, 0.0, 0, offsets)
+        offsets = {n: noise_offset(0, 2 * i + j, 6) for j, n in enumerate(names)}
+        sums = get_layer_rule(m).clipped_noisy_sums(m, x, dy, scale, 0.0, 0, offsets)
         assert set(sums) == set(names)  # every trainable parameter is covered
         parts += [sums[n].double().flatten() for n in names]
     return torch.cat(parts)
@@ -83,7 +84,7 @@ def test_unknown_layer_is_an_error_and_rules_can_be_registered():
             return x * self.gain
 
     with pytest.raises(TypeError, match="no DP layer rule for Scale"):
-        dp_ops.get_layer_rule(Scale())
+        get_layer_rule(Scale())
 
     def norms(m, x, dy):
         return {"gain": (x * dy).flatten(1, -2).sum(1).square().sum(1)}
@@ -92,26 +93,26 @@ def test_unknown_layer_is_an_error_and_rules_can_be_registered():
         g = torch.einsum("b,b...d->d", scale, x * dy)
         return {"gain": rmt_kernels.add_gaussian_noise(g, noise_std, seed, offsets["gain"])}
 
-    dp_ops.register_layer_rule(Scale, dp_ops.LayerRule(norms, sums))
+    register_layer_rule(Scale, LayerRule(norms, sums))
     try:
         m, x, dy = Scale(), torch.randn(3, 2, 4), torch.randn(3, 2, 4)
         from rmt_kernels.reference import per_example_grads, per_example_sq_norms
 
         expected = per_example_sq_norms(per_example_grads(m, x, dy))["gain"]
-        got = dp_ops.get_layer_rule(m).sq_norms(m, x, dy)["gain"]
+        got = get_layer_rule(m).sq_norms(m, x, dy)["gain"]
         torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)
     finally:
-        dp_ops._RULES.pop(Scale)
+        _RULES.pop(Scale)
 
 
 def test_unsupported_module_options_are_refused():
     ids, dy = torch.zeros(2, 3, dtype=torch.long), torch.randn(2, 3, 4)
     with pytest.raises(ValueError, match="max_norm"):
         m = nn.Embedding(5, 4, max_norm=1.0)
-        dp_ops.get_layer_rule(m).sq_norms(m, ids, dy)
+        get_layer_rule(m).sq_norms(m, ids, dy)
     with pytest.raises(ValueError, match="last dimension"):
         m = nn.LayerNorm((3, 4))
-        dp_ops.get_layer_rule(m).sq_norms(m, torch.randn(2, 3, 4), torch.randn(2, 3, 4))
+        get_layer_rule(m).sq_norms(m, torch.randn(2, 3, 4), torch.randn(2, 3, 4))
 
 
 def test_clip_scales_bound_every_example():
@@ -129,7 +130,7 @@ def test_embedding_padding_idx_gets_no_gradient_as_in_torch():
     m = nn.Embedding(7, 4, padding_idx=1)
     ids = torch.tensor([[1, 1, 3, 2], [5, 1, 1, 1], [1, 6, 6, 0]])
     dy = torch.randn(3, 4, 4)
-    rule = dp_ops.get_layer_rule(m)
+    rule = get_layer_rule(m)
     grads = per_example_grads(m, ids, dy)
     torch.testing.assert_close(
         rule.sq_norms(m, ids, dy)["weight"].double(),
@@ -174,14 +175,12 @@ def test_layer_rules_give_the_clipped_sum_of_a_whole_model():
     for h in hooks:
         h.remove()
     total = sum(
-        n
-        for m, (x, dy) in captured.items()
-        for n in dp_ops.get_layer_rule(m).sq_norms(m, x, dy).values()
+        n for m, (x, dy) in captured.items() for n in get_layer_rule(m).sq_norms(m, x, dy).values()
     )
     scale = rmt_kernels.clip_scales(total, C)
     ours = {}
     for m, (x, dy) in captured.items():
-        sums = dp_ops.get_layer_rule(m).clipped_noisy_sums(
+        sums = get_layer_rule(m).clipped_noisy_sums(
             m, x, dy, scale, 0.0, 0, {"weight": 0, "bias": 0}
         )
         for name, value in sums.items():

@@ -20,7 +20,9 @@ import torch
 from torch import nn
 
 import rmt_kernels
-from rmt_kernels import dp_ops, rounding
+from rmt_kernels import rounding
+from rmt_kernels.ops import OFFSET_STRIDE
+from rmt_kernels.rules import _embedding_grad_output, get_layer_rule
 
 C = 1.0
 MAGNITUDES = [10, 20, 30, 40, 50, 60]
@@ -31,10 +33,10 @@ CRAFTED = B - 1  # its cancelling terms meet partial sums that are not zero
 def _rule_sums(module, inputs, keep, noise_std=0.0, clip=C):
     """Clip factors and released sums (float64 copies of the float32 results) of examples keep."""
     sub = tuple(t[keep] for t in inputs)
-    rule = dp_ops.get_layer_rule(module)
+    rule = get_layer_rule(module)
     norms = rule.sq_norms(module, *sub)
     scale = rmt_kernels.clip_scales(list(norms.values()), clip)
-    offsets = {name: i * dp_ops.OFFSET_STRIDE for i, name in enumerate(sorted(norms))}
+    offsets = {name: i * OFFSET_STRIDE for i, name in enumerate(sorted(norms))}
     sums = rule.clipped_noisy_sums(module, *sub, scale, noise_std, 7, offsets)
     return scale, {name: sums[name].double() for name in sorted(sums)}
 
@@ -215,21 +217,21 @@ def _raw_sums(module, inputs, scale, noise_std):
         return {
             "bias": rmt_kernels.bias_clipped_noisy_sum(dy, scale, noise_std, 7, 0),
             "weight": rmt_kernels.linear_clipped_noisy_sum(
-                x, dy, scale, noise_std, 7, dp_ops.OFFSET_STRIDE
+                x, dy, scale, noise_std, 7, OFFSET_STRIDE
             ),
         }
     if isinstance(module, nn.Embedding):
         ids, dy = inputs
         return {
             "weight": rmt_kernels.embedding_clipped_noisy_sum(
-                ids, dy, scale, module.num_embeddings, noise_std, 7, dp_ops.OFFSET_STRIDE
+                ids, dy, scale, module.num_embeddings, noise_std, 7, OFFSET_STRIDE
             )
         }
     x, dy = inputs
     return {
         "bias": rmt_kernels.bias_clipped_noisy_sum(dy, scale, noise_std, 7, 0),
         "weight": rmt_kernels.layernorm_clipped_noisy_sum(
-            x, dy, scale, module.eps, noise_std, 7, dp_ops.OFFSET_STRIDE
+            x, dy, scale, module.eps, noise_std, 7, OFFSET_STRIDE
         ),
     }
 
@@ -253,9 +255,9 @@ def test_ordinary_inputs_are_bit_identical_to_the_fused_op(kind, Bn, Tn, noise_s
     # Ordinary examples have spread / norm ~ sqrt(T) (<= 45 here), far below R = 256: nothing is
     # set apart, so the release is the fused op's, bit for bit (fails if R were ~ sqrt(T)).
     module, inputs = _ordinary(kind, Bn, Tn, seed=Bn * Tn)
-    rule = dp_ops.get_layer_rule(module)
+    rule = get_layer_rule(module)
     scale = rmt_kernels.clip_scales(list(rule.sq_norms(module, *inputs).values()), C)
-    offsets = {"bias": 0, "weight": dp_ops.OFFSET_STRIDE}
+    offsets = {"bias": 0, "weight": OFFSET_STRIDE}
     got = rule.clipped_noisy_sums(module, *inputs, scale, noise_std, 7, offsets)
     want = _raw_sums(module, inputs, scale, noise_std)
     assert set(got) == set(want)
@@ -270,7 +272,7 @@ def test_noise_is_unchanged_when_an_example_is_set_apart():
     _, noisy = _rule_sums(module, inputs, torch.arange(B), noise_std=2.0)
     for i, name in enumerate(sorted(quiet)):
         noise = rmt_kernels.add_gaussian_noise(
-            torch.zeros_like(quiet[name]).float(), 2.0, 7, i * dp_ops.OFFSET_STRIDE
+            torch.zeros_like(quiet[name]).float(), 2.0, 7, i * OFFSET_STRIDE
         ).double()
         torch.testing.assert_close(noisy[name] - quiet[name], noise, atol=1e-5, rtol=0)
 
@@ -282,13 +284,13 @@ def test_norm_bounds_are_recomputed_when_the_inputs_changed_in_place():
     x, dy = _crafted_linear(30, "x-big", seed=2)
     ordinary = dy.clone()
     ordinary[CRAFTED] = torch.randn(T, 4) * 1e-6
-    rule = dp_ops.get_layer_rule(module)
+    rule = get_layer_rule(module)
     fresh = rule.sq_norms(module, x, dy)
     scale = rmt_kernels.clip_scales(list(fresh.values()), C)
     dy_reused = ordinary.clone()
     rule.sq_norms(module, x, dy_reused)  # remembered for the small dy
     dy_reused.copy_(dy)  # then changed in place
-    offsets = {"bias": 0, "weight": dp_ops.OFFSET_STRIDE}
+    offsets = {"bias": 0, "weight": OFFSET_STRIDE}
     got = rule.clipped_noisy_sums(module, x, dy_reused, scale, 0.0, 0, offsets)
     want = rule.clipped_noisy_sums(module, x.clone(), dy.clone(), scale, 0.0, 0, offsets)
     for name in want:
@@ -301,8 +303,8 @@ def test_norm_bounds_are_recomputed_when_the_inputs_changed_in_place():
 def test_scale_is_checked_by_the_rule():
     module = nn.Linear(5, 4)
     x, dy = torch.randn(3, 2, 5), torch.randn(3, 2, 4)
-    rule = dp_ops.get_layer_rule(module)
-    offsets = {"bias": 0, "weight": dp_ops.OFFSET_STRIDE}
+    rule = get_layer_rule(module)
+    offsets = {"bias": 0, "weight": OFFSET_STRIDE}
     with pytest.raises(ValueError, match="scale must have one entry per example"):
         rule.clipped_noisy_sums(module, x, dy, torch.ones(2), 0.0, 0, offsets)
     with pytest.raises(ValueError, match="scale must be finite and >= 0"):
@@ -338,14 +340,14 @@ def test_limit_is_far_above_ordinary_spreads_of_tiny_encoders():
         for mod, x, dy in saved:
             if dy is None or x.shape[0] != ids.shape[0]:
                 continue  # broadcast position ids: not a per-example layer input
-            rule = dp_ops.get_layer_rule(mod)
+            rule = get_layer_rule(mod)
             norms = rule.sq_norms(mod, x, dy)
             scale = rmt_kernels.clip_scales(list(norms.values()), C)
             guard = rounding.ReleaseGuard("test", mod, (x, dy), scale, lambda: {})
             if isinstance(mod, nn.Linear):
                 terms = rounding.LinearTerms(x, dy)
             elif isinstance(mod, nn.Embedding):
-                terms = rounding.EmbeddingTerms(x, dp_ops._embedding_grad_output(mod, x, dy))
+                terms = rounding.EmbeddingTerms(x, _embedding_grad_output(mod, x, dy))
             else:
                 terms = rounding.LayerNormTerms(x, dy, mod.eps)
             ratio = terms.spread() / guard.reference

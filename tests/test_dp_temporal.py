@@ -25,7 +25,7 @@ from rmt_kernels.dp.temporal import (
     ema_noise_std,
 )
 from rmt_kernels.dp.trajectory import TrajectoryDenoiser
-from rmt_kernels.dp_ops import add_gaussian_noise, noise_offset
+from rmt_kernels.ops import add_gaussian_noise, noise_offset
 
 pytest.importorskip("opacus")
 

@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 import rmt_kernels
-from rmt_kernels import dp_ops
 from rmt_kernels.reference import clipped_sum, per_example_grads, per_example_sq_norms
+from rmt_kernels.triton import device
 
 # (B, T or None, vocabulary, d). A vocabulary of 5 forces many repeated tokens per example;
 # T = 300 > EMBEDDING_GRAM_MAX_T takes the sort-and-segment route.
@@ -59,23 +59,14 @@ def test_device_path_matches_cpu(shape):
     ids, dy = _inputs(*shape)
     scale = torch.rand(shape[0])
     torch.testing.assert_close(
-        dp_ops.embedding_sq_norms_device(ids, dy), rmt_kernels.embedding_sq_norms(ids, dy)
+        device.embedding_sq_norms_device(ids, dy), rmt_kernels.embedding_sq_norms(ids, dy)
     )
     args = (ids, dy, scale, shape[2], 0.7, 5, 2**35)
     torch.testing.assert_close(
-        dp_ops.embedding_clipped_noisy_sum_device(*args),
+        device.embedding_clipped_noisy_sum_device(*args),
         rmt_kernels.embedding_clipped_noisy_sum(*args),
         rtol=1e-5,
         atol=1e-5,
-    )
-
-
-def test_opcheck():
-    ids, dy = _inputs(3, 5, 6, 4)
-    ops = torch.ops.rmt
-    torch.library.opcheck(ops.embedding_sq_norms.default, (ids, dy))
-    torch.library.opcheck(
-        ops.embedding_clipped_noisy_sum.default, (ids, dy, torch.rand(3), 6, 0.5, 1, 2)
     )
 
 
@@ -97,7 +88,7 @@ def test_opcheck():
 )
 def test_bad_input_raises(ids, dy, n_scale, V, exc, message, device_path):
     fn = (
-        dp_ops.embedding_clipped_noisy_sum_device
+        device.embedding_clipped_noisy_sum_device
         if device_path
         else rmt_kernels.embedding_clipped_noisy_sum
     )

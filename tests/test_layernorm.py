@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 import rmt_kernels
-from rmt_kernels import dp_ops
 from rmt_kernels.reference import clipped_sum, per_example_grads, per_example_sq_norms
+from rmt_kernels.triton import device
 
 
 def _close(actual, expected, rtol=2e-5):
@@ -37,23 +37,14 @@ def test_layernorm_matches_per_example_gradients(shape, dtype):
 def test_device_path_matches_cpu():
     x, dy, scale = torch.randn(3, 5, 70), torch.randn(3, 5, 70), torch.rand(3)
     torch.testing.assert_close(
-        dp_ops.layernorm_sq_norms_device(x, dy, 1e-5), rmt_kernels.layernorm_sq_norms(x, dy, 1e-5)
+        device.layernorm_sq_norms_device(x, dy, 1e-5), rmt_kernels.layernorm_sq_norms(x, dy, 1e-5)
     )
     args = (x, dy, scale, 1e-5, 0.3, 2, 77)
     torch.testing.assert_close(
-        dp_ops.layernorm_clipped_noisy_sum_device(*args),
+        device.layernorm_clipped_noisy_sum_device(*args),
         rmt_kernels.layernorm_clipped_noisy_sum(*args),
         rtol=1e-5,
         atol=1e-5,
-    )
-
-
-def test_opcheck():
-    x, dy = torch.randn(3, 4, 6), torch.randn(3, 4, 6)
-    ops = torch.ops.rmt
-    torch.library.opcheck(ops.layernorm_sq_norms.default, (x, dy, 1e-5))
-    torch.library.opcheck(
-        ops.layernorm_clipped_noisy_sum.default, (x, dy, torch.rand(3), 1e-5, 0.5, 1, 2)
     )
 
 
@@ -72,6 +63,6 @@ def test_opcheck():
 )
 def test_bad_input_raises(x_shape, dy_shape, eps, message, device_path):
     x, dy = torch.randn(x_shape), torch.randn(dy_shape)
-    fn = dp_ops.layernorm_sq_norms_device if device_path else rmt_kernels.layernorm_sq_norms
+    fn = device.layernorm_sq_norms_device if device_path else rmt_kernels.layernorm_sq_norms
     with pytest.raises(ValueError, match=message):
         fn(x, dy, eps)

@@ -7,7 +7,7 @@ from torch import nn
 
 import rmt_kernels
 from rmt_kernels.reference import clipped_sum, per_example_grads, per_example_sq_norms
-from rmt_kernels.triton import device as dp_ops  # the device paths and BLOCK_BYTES
+from rmt_kernels.triton import device  # the device paths and BLOCK_BYTES
 
 # (B, T or None for 2-D input, d_in, d_out): both norm routes, B = 1, T = 1, no sequence dim,
 # sizes that are not multiples of the Triton tiles.
@@ -101,37 +101,26 @@ def test_triton_clipped_noisy_sum_matches_cpu(shape, dtype):
     scale = torch.rand(shape[0])
     for std in (0.0, 0.5):
         expected = rmt_kernels.linear_clipped_noisy_sum(x, dy, scale, std, 7, 2**33 + 1)
-        actual = dp_ops.linear_clipped_noisy_sum_device(x, dy, scale, std, 7, 2**33 + 1)
+        actual = device.linear_clipped_noisy_sum_device(x, dy, scale, std, 7, 2**33 + 1)
         torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.triton
 def test_device_paths_match_cpu(monkeypatch):
     # A tiny block budget makes the per-example route loop over several blocks.
-    monkeypatch.setattr(dp_ops, "BLOCK_BYTES", 2000)
+    monkeypatch.setattr(device, "BLOCK_BYTES", 2000)
     # per-example route (blocked), Gram route in one and in several T-tiles, T = 1
     for shape in [(5, 6, 5, 3), (5, 5, 33, 17), (2, 40, 100, 100), (4, 1, 3, 2)]:
         x, dy = _inputs(*shape, torch.float32)
         scale = torch.rand(shape[0])
         torch.testing.assert_close(
-            dp_ops.linear_sq_norms_device(x, dy), rmt_kernels.linear_sq_norms(x, dy)
+            device.linear_sq_norms_device(x, dy), rmt_kernels.linear_sq_norms(x, dy)
         )
-        torch.testing.assert_close(dp_ops.bias_sq_norms_device(dy), rmt_kernels.bias_sq_norms(dy))
+        torch.testing.assert_close(device.bias_sq_norms_device(dy), rmt_kernels.bias_sq_norms(dy))
         torch.testing.assert_close(
-            dp_ops.bias_clipped_noisy_sum_device(dy, scale, 0.4, 3, 9),
+            device.bias_clipped_noisy_sum_device(dy, scale, 0.4, 3, 9),
             rmt_kernels.bias_clipped_noisy_sum(dy, scale, 0.4, 3, 9),
         )
-
-
-def test_opcheck():
-    x, dy = _inputs(3, 4, 6, 5, torch.float32)
-    scale = torch.rand(3)
-    ops = torch.ops.rmt
-    torch.library.opcheck(ops.linear_sq_norms.default, (x, dy))
-    torch.library.opcheck(ops.linear_clipped_noisy_sum.default, (x, dy, scale, 0.5, 1, 2))
-    torch.library.opcheck(ops.bias_sq_norms.default, (dy,))
-    torch.library.opcheck(ops.bias_clipped_noisy_sum.default, (dy, scale, 0.5, 1, 2))
-    torch.library.opcheck(ops.add_gaussian_noise.default, (x, 0.5, 1, 2))
 
 
 BAD_LINEAR = [
@@ -158,14 +147,14 @@ def test_bad_input_raises_naming_the_argument(case, device_path):
     x_shape, dy_shape, n_scale, std, seed, offset, exc, message = case
     x, dy, scale = torch.randn(x_shape), torch.randn(dy_shape), torch.rand(n_scale)
     fn = (
-        dp_ops.linear_clipped_noisy_sum_device
+        device.linear_clipped_noisy_sum_device
         if device_path
         else rmt_kernels.linear_clipped_noisy_sum
     )
     with pytest.raises(exc, match=message):
         fn(x, dy, scale, std, seed, offset)
     if message in ("batch size", "sequence length", "x must have 2", "empty batch"):
-        norms = dp_ops.linear_sq_norms_device if device_path else rmt_kernels.linear_sq_norms
+        norms = device.linear_sq_norms_device if device_path else rmt_kernels.linear_sq_norms
         with pytest.raises(exc, match=message):
             norms(x, dy)
 
@@ -186,7 +175,7 @@ def test_bad_scale_raises(scale, message):
     with pytest.raises(ValueError, match=message):
         rmt_kernels.bias_clipped_noisy_sum(dy, scale, 1.0, 0, 0)
     with pytest.raises(ValueError, match=message):
-        dp_ops.linear_clipped_noisy_sum_device(x, dy, scale, 1.0, 0, 0)
+        device.linear_clipped_noisy_sum_device(x, dy, scale, 1.0, 0, 0)
 
 
 def test_bad_dtype_raises_type_error():

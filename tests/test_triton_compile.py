@@ -26,9 +26,8 @@ triton = pytest.importorskip("triton")
 
 import rmt_kernels  # noqa: E402
 import rmt_kernels.triton  # noqa: E402
-from rmt_kernels import dp_ops  # noqa: E402
 from rmt_kernels.shrinkage import SHRINKERS  # noqa: E402
-from rmt_kernels.triton import aot  # noqa: E402
+from rmt_kernels.triton import aot, device  # noqa: E402
 from rmt_kernels.triton.denoise import denoise_triton, denoise_warm_triton  # noqa: E402
 from rmt_kernels.triton.reconstruct import SHRINKER_CODES  # noqa: E402
 
@@ -52,7 +51,7 @@ def _planted(b: int, p: int, q: int, dtype: torch.dtype) -> torch.Tensor:
     return (20.0 * u @ v.mT + 0.1 * torch.randn(b, p, q, generator=gen)).to(dtype)
 
 
-def _drive_dp_ops(dtype: torch.dtype, noise: tuple[float, int, int]) -> set[str]:
+def _drive_device_ops(dtype: torch.dtype, noise: tuple[float, int, int]) -> set[str]:
     """Run every DP op's device implementation once per route; returns the ops run."""
     std, seed, offset = noise
     gen = torch.Generator().manual_seed(0)
@@ -68,27 +67,27 @@ def _drive_dp_ops(dtype: torch.dtype, noise: tuple[float, int, int]) -> set[str]
     for b_, t, d_in, d_out in shapes if seed < 2**31 else shapes[:1]:
         lead = (b_,) if t is None else (b_, t)
         x, dy = rnd(*lead, d_in), rnd(*lead, d_out)
-        dp_ops.linear_clipped_noisy_sum_device(x, dy, scale, std, seed, offset)
+        device.linear_clipped_noisy_sum_device(x, dy, scale, std, seed, offset)
     # Norms: the Gram route (one tile pair; several pairs at T > 32), the per-example route, T = 1.
     for t, d_in, d_out in ((5, 40, 24), (40, 128, 128), (40, 24, 16), (1, 8, 8)):
-        dp_ops.linear_sq_norms_device(rnd(3, t, d_in), rnd(3, t, d_out))
+        device.linear_sq_norms_device(rnd(3, t, d_in), rnd(3, t, d_out))
     for ids_dtype in (torch.int64, torch.int32):
         for t in (5, 40):
             ids = torch.randint(0, 50, (3, t), generator=gen, dtype=ids_dtype)
-            dp_ops.embedding_sq_norms_device(ids, rnd(3, t, 24))
-            dp_ops.embedding_clipped_noisy_sum_device(
+            device.embedding_sq_norms_device(ids, rnd(3, t, 24))
+            device.embedding_clipped_noisy_sum_device(
                 ids, rnd(3, t, 24), scale, 50, std, seed, offset
             )
     dy = rnd(3, 5, 24)
-    dp_ops.bias_sq_norms_device(dy)
-    dp_ops.bias_clipped_noisy_sum_device(dy, scale, std, seed, offset)
+    device.bias_sq_norms_device(dy)
+    device.bias_clipped_noisy_sum_device(dy, scale, std, seed, offset)
     x = rnd(3, 5, 24)
-    dp_ops.layernorm_sq_norms_device(x, dy, 1e-5)
-    dp_ops.layernorm_clipped_noisy_sum_device(x, dy, scale, 1e-5, std, seed, offset)
+    device.layernorm_sq_norms_device(x, dy, 1e-5)
+    device.layernorm_clipped_noisy_sum_device(x, dy, scale, 1e-5, std, seed, offset)
     # The noise alone: 1 element (N = 1 is a specialised constant), a 16-multiple, an odd count.
     for n in (1, 4096, 1001):
-        dp_ops.add_gaussian_noise_device(rnd(n), std, seed, offset)
-        dp_ops.add_gaussian_noise_device(rnd(n), *NOISE_EXTREME)
+        device.add_gaussian_noise_device(rnd(n), std, seed, offset)
+        device.add_gaussian_noise_device(rnd(n), *NOISE_EXTREME)
     return {
         "linear_clipped_noisy_sum",
         "linear_sq_norms",
@@ -127,7 +126,7 @@ def captured():
     with aot.capture_launches() as launches:
         for dtype in DTYPES:
             for noise in NOISE:
-                driven |= _drive_dp_ops(dtype, noise)
+                driven |= _drive_device_ops(dtype, noise)
             driven |= _drive_denoise(dtype)
     return launches, driven, time.perf_counter() - start
 

@@ -39,7 +39,8 @@ mkdir -p "$RESULTS"
 echo "== GPU checks and kernel tests (CUDA)"
 timeout 90 $PY -m pytest -q -p no:cacheprovider -rs \
   tests/test_cuda_parity.py tests/test_dp_noise.py tests/test_dp_noise_tails.py \
-  tests/test_linear.py tests/test_triton_denoise.py tests/test_embedding.py 2>&1 \
+  tests/test_linear.py tests/denoise/test_triton.py tests/test_embedding.py \
+  tests/test_opcheck.py 2>&1 \
   | tee -a "$RESULTS/gpu-tests.txt" | tail -25
 
 echo "== all tests (CUDA)"
@@ -52,7 +53,7 @@ timeout 90 $PY -m pytest tests -q -p no:cacheprovider --continue-on-collection-e
 echo "== benchmarks"
 # gpu-static is a static plan (no GPU measured): `make gpu-report` on any machine. denoise-edge
 # (issue 14's cold/warm table) also writes bench/results/denoise-edge-gpu.md.
-timeout 150 $PY -m bench --only denoise --only denoise-edge --only dp-ops --only dp-step \
+timeout 150 $PY -m bench --only denoise --only denoise-edge --only fused-ops --only dp-step \
   --results "$RESULTS/gpu.md"
 cp bench/out/*.json "$OUT/" 2>/dev/null || true
 echo "== done"; date -u

@@ -3,7 +3,7 @@
 //
 // All dense algebra goes through ATen (BLAS/LAPACK). `shrink` below is the C++ copy of the
 // shrinker formulas (rmt_kernels/shrinkage.py states them; the Triton copy is `_shrink` in
-// rmt_kernels/triton/reconstruct.py); tests/test_shrinkers_agree.py checks the three agree.
+// rmt_kernels/triton/reconstruct.py); tests/denoise/test_shrinkers_agree.py checks the three agree.
 // rmt_kernels/triton/denoise.py is the device path's copy of the range finder (same steps and
 // stopping rule; its orthonormalisation, rmt_kernels/linalg.py, forms Gram matrices in float64,
 // which GPUs do in one small GEMM, where this file keeps the tall work in float32 for MKL).

@@ -22,10 +22,15 @@ from rmt_kernels.dp.checkpoint import (
 )
 from rmt_kernels.dp.distributed import PoissonSampler
 from rmt_kernels.dp.dp_adam import DPAdam
-from rmt_kernels.dp.engine import PrivateEngine, denoise_linear_weights
+from rmt_kernels.dp.engine import PrivateEngine
 from rmt_kernels.dp.make_private import make_private
 from rmt_kernels.dp.optimizer import DPOptimizer
-from rmt_kernels.dp.postprocess import Denoiser, PostProcessor, check_denoise_options
+from rmt_kernels.dp.postprocess import (
+    Denoiser,
+    PostProcessor,
+    check_denoise_options,
+    denoise_linear_weights,
+)
 from rmt_kernels.dp.temporal import (
     DiSKExtrapolation,
     DiSKFilter,

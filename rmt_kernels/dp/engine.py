@@ -60,8 +60,7 @@ from rmt_kernels.dp.chain import (
     stage_input_sigmas,
     take_stats,
 )
-from rmt_kernels.dp.postprocess import (  # noqa: F401  (MIN_DENOISE_DIM: re-exported)
-    MIN_DENOISE_DIM,
+from rmt_kernels.dp.postprocess import (
     DenoiseFilter,
     Denoiser,
     PostProcessor,

@@ -26,7 +26,6 @@ from rmt_kernels.opacus.ghost import (
     CertifiedGradSampleModuleFastGradientClipping,
 )
 from rmt_kernels.opacus.optimizers import (
-    DENOISE_OPTIONS,
     DenoisingDistributedDPOptimizer,
     DenoisingDistributedDPOptimizerFastGradientClipping,
     DenoisingDPOptimizer,
@@ -34,13 +33,11 @@ from rmt_kernels.opacus.optimizers import (
     DenoisingDPPerLayerOptimizer,
     DenoisingSimpleDistributedPerLayerOptimizer,
     denoising_optimizer_class,
-    validate_denoise_options,
 )
 from rmt_kernels.opacus.privacy_engine import DenoisingPrivacyEngine
 
 __all__ = [
     "CERTIFIED_NORM_SAMPLERS",
-    "DENOISE_OPTIONS",
     "CertifiedGradSampleHooksFastGradientClipping",
     "CertifiedGradSampleModuleFastGradientClipping",
     "DenoisingDPOptimizer",
@@ -51,5 +48,4 @@ __all__ = [
     "DenoisingPrivacyEngine",
     "DenoisingSimpleDistributedPerLayerOptimizer",
     "denoising_optimizer_class",
-    "validate_denoise_options",
 ]

@@ -45,7 +45,6 @@ from torch.optim import Optimizer
 
 from rmt_kernels.dp.chain import build_chain, first_denoiser, spectral_stages
 from rmt_kernels.dp.postprocess import (
-    DENOISE_OPTIONS,
     Denoiser,
     PostProcessor,
     check_denoise_options,
@@ -54,7 +53,6 @@ from rmt_kernels.dp.postprocess import (
 from rmt_kernels.ops import OFFSET_STRIDE, add_gaussian_noise, noise_offset
 
 __all__ = [
-    "DENOISE_OPTIONS",
     "DenoisingDPOptimizer",
     "DenoisingDPOptimizerFastGradientClipping",
     "DenoisingDPPerLayerOptimizer",
@@ -62,7 +60,6 @@ __all__ = [
     "DenoisingDistributedDPOptimizerFastGradientClipping",
     "DenoisingSimpleDistributedPerLayerOptimizer",
     "denoising_optimizer_class",
-    "validate_denoise_options",
 ]
 
 # Bits of the OS-drawn Philox noise key: all the ops' signed 64-bit key can hold.
@@ -70,10 +67,6 @@ NOISE_SEED_BITS = 63
 
 # The optimizer state_dict entry that holds the denoising state (DenoisingDPOptimizer.state_dict).
 _STATE_KEY = "rmt_denoise"
-
-# The one check of the denoise options, shared with rmt_kernels.dp.make_private (kept under its
-# old name, which rmt_kernels.opacus exports).
-validate_denoise_options = check_denoise_options
 
 
 class _DenoisingMixin:

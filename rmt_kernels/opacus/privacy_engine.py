@@ -70,15 +70,12 @@ from rmt_kernels.dp.calibration import (
     warn_delta,
 )
 from rmt_kernels.dp.chain import build_chain
+from rmt_kernels.dp.postprocess import check_denoise_options
 from rmt_kernels.opacus.ghost import (
     CertifiedGradSampleHooksFastGradientClipping,
     CertifiedGradSampleModuleFastGradientClipping,
 )
-from rmt_kernels.opacus.optimizers import (
-    NOISE_SEED_BITS,
-    denoising_optimizer_class,
-    validate_denoise_options,
-)
+from rmt_kernels.opacus.optimizers import NOISE_SEED_BITS, denoising_optimizer_class
 
 __all__ = ["DenoisingPrivacyEngine"]
 
@@ -152,7 +149,7 @@ class DenoisingPrivacyEngine(PrivacyEngine):
         """
         previous = self._denoise, self._post_processors
         if denoise is not _UNSET:
-            self._denoise = validate_denoise_options(denoise)
+            self._denoise = check_denoise_options(denoise)
         if post_processors is not _UNSET:
             self._post_processors = None if post_processors is None else list(post_processors)
         try:
@@ -194,7 +191,7 @@ class DenoisingPrivacyEngine(PrivacyEngine):
                 :func:`~rmt_kernels.dp.calibration.calibrate_noise_multiplier`); all before
                 the model is wrapped.
         """
-        options = validate_denoise_options(denoise)
+        options = check_denoise_options(denoise)
         if not (isinstance(target_delta, (int, float)) and 0 < target_delta < 1):
             raise ValueError(f"target_delta must be in (0, 1), got {target_delta}")
         if not (isinstance(epochs, (int, float)) and 0 < epochs < math.inf):

@@ -27,7 +27,7 @@ SHRINK_IDENTITY_ABOVE = tl.constexpr(_C.SHRINK_IDENTITY_ABOVE)
 @triton.jit
 def _shrink(s, noise_scale, beta, SHRINKER: tl.constexpr):
     """Shrunk values of ``s``; zero at or below the edge. The Triton copy of
-    rmt_kernels.shrinkage.shrink_singular_values (tests/test_shrinkers_agree.py)."""
+    rmt_kernels.shrinkage.shrink_singular_values (tests/denoise/test_shrinkers_agree.py)."""
     y_in = s / noise_scale
     y = tl.minimum(y_in, SHRINK_IDENTITY_ABOVE)
     t = y * y - (beta + 1.0)

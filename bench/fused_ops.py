@@ -1,6 +1,6 @@
 """Per-example norms + clipped noisy sum for RoBERTa-base layer shapes: ours vs Opacus.
 
-Run: ``.venv/bin/python -m bench.bench_dp_ops [--quick] [--out FILE]`` (from the repository root).
+Run: ``.venv/bin/python -m bench.fused_ops [--quick] [--out FILE]`` (from the repository root).
 
 For each weight (Linear 768x768, 768x3072, 3072x768; Embedding 50265x768), batch size
 B in {8, 32} and sequence length T in {64, 128}, four ways to get the same weight gradient:

@@ -1,7 +1,7 @@
 """Denoising near the Marchenko-Pastur edge, cold and warm-started, on RoBERTa-base's 72 weight
 shapes: time and error against the exact (full-SVD) shrinker, side by side in one run.
 
-Run: ``.venv/bin/python -m bench.bench_denoise_edge [--quick] [--out FILE]`` (from the repository
+Run: ``.venv/bin/python -m bench.denoise_edge [--quick] [--out FILE]`` (from the repository
 root; ``make bench`` runs it as its ``denoise-edge`` part).
 
 Two workloads, each a sequence of ``STEPS`` model steps whose signal subspaces rotate slowly
@@ -12,7 +12,7 @@ noise each step:
   noisy singular values land at ``NEAR_EDGE_OBSERVED`` times the bulk edge (two well above it,
   four 10-30% above it) and ``NEAR_EDGE_HIDDEN`` ones below the detection threshold (invisible
   in the spectrum, but part of the error);
-* ``rank 4``: bench/bench_denoise.py's case, rank-4 signals at 1.5-5x the edge.
+* ``rank 4``: bench/denoise.py's case, rank-4 signals at 1.5-5x the edge.
 
 Methods, on the last step's matrices (the error's reference, the full SVD, is computed there):
 
@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 
 import rmt_kernels
-from bench.bench_denoise import lowrank_shrink
+from bench.denoise import lowrank_shrink
 from bench.report import machine_description
 from bench.workloads import roberta_base_weight_shapes
 from rmt_kernels.reference import denoise_exact

@@ -1,25 +1,10 @@
-"""The op as torch sees it: schema, fake impl, tracing with torch.compile and export."""
+"""The denoise ops as torch sees them: the fake impl, tracing with torch.compile and export
+(torch.library.opcheck of every op: tests/test_opcheck.py)."""
 
-import pytest
 import torch
 
 import rmt_kernels
 from tests.helpers import planted
-
-
-@pytest.mark.parametrize(
-    "options",
-    [{}, {"shrinker": "hard", "rank": 2, "norm": "debiased"}, {"kappa": 0.8, "seed": 3}],
-)
-@pytest.mark.parametrize("shape", [(20, 30), (30, 20), (2, 20, 30)])
-def test_opcheck(shape, options):
-    grad = planted(shape[-2], shape[-1], 2, batch=shape[0] if len(shape) == 3 else None)[0]
-    torch.library.opcheck(torch.ops.rmt.denoise.default, (grad, 0.1), options)
-
-
-def test_opcheck_low_precision_and_strided():
-    grad = planted(40, 30, 2)[0].bfloat16().t()
-    torch.library.opcheck(torch.ops.rmt.denoise.default, (grad, 0.1), {})
 
 
 def test_fake_impl_gives_shape_and_dtype():
@@ -44,14 +29,6 @@ def test_export_keeps_the_op():
 
     program = torch.export.export(Denoise(), (torch.randn(16, 24),))
     assert "rmt.denoise" in str(program.graph)
-
-
-@pytest.mark.parametrize("shape", [(20, 30), (30, 20), (2, 20, 30)])
-@pytest.mark.parametrize("options", [{}, {"rank": 2, "norm": "preserve"}, {"niter": 1}])
-def test_opcheck_denoise_warm(shape, options):
-    grad = planted(shape[-2], shape[-1], 2, batch=shape[0] if len(shape) == 3 else None)[0]
-    basis = torch.randn(*shape[:-1], 3)
-    torch.library.opcheck(torch.ops.rmt.denoise_warm.default, (grad, 0.1, basis), options)
 
 
 def test_compiled_function_calls_denoise_warm():

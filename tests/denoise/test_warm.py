@@ -1,15 +1,13 @@
 """rmt::denoise_warm (CPU kernel, wrapper, fake impl): the warm-started form of denoise and the
 basis it hands to the next call."""
 
-import math
-
 import pytest
 import torch
 
 import rmt_kernels
 from rmt_kernels.ops import BASIS_MARGIN
 from rmt_kernels.reference import denoise_exact
-from tests.helpers import planted, rel_err
+from tests.helpers import planted, rel_err, rotating
 
 SHAPES = [(60, 90), (90, 60), (64, 64), (33, 200)]
 
@@ -17,26 +15,6 @@ SHAPES = [(60, 90), (90, 60), (64, 64), (33, 200)]
 def _orthonormal(basis: torch.Tensor) -> bool:
     eye = torch.eye(basis.shape[-1]).expand(*basis.shape[:-2], -1, -1)
     return torch.allclose(basis.mT @ basis, eye, atol=1e-5)
-
-
-def _rotating(m: int, n: int, rank: int, steps: int, *, angle: float = 0.05, seed: int = 0):
-    """A step sequence: a rank-``rank`` signal (values 1.3-4 times the bulk edge) whose singular
-    subspaces rotate by about ``angle`` radians a step, plus fresh N(0, 0.1^2) noise each step."""
-    gen = torch.Generator().manual_seed(seed)
-    sigma = 0.1
-    edge = sigma * (math.sqrt(m) + math.sqrt(n))
-    u = torch.linalg.qr(torch.randn(m, rank, generator=gen, dtype=torch.float64))[0]
-    v = torch.linalg.qr(torch.randn(n, rank, generator=gen, dtype=torch.float64))[0]
-    values = torch.linspace(4.0, 1.3, rank, dtype=torch.float64) * edge
-    for _ in range(steps):
-        clean = (u * values) @ v.T
-        noise = sigma * torch.randn(m, n, generator=gen, dtype=torch.float64)
-        yield (clean + noise).float(), clean.float()
-        # A random direction of norm ~angle per column: each singular vector turns by ~angle.
-        du = torch.randn(m, rank, generator=gen, dtype=torch.float64) / math.sqrt(m)
-        dv = torch.randn(n, rank, generator=gen, dtype=torch.float64) / math.sqrt(n)
-        u = torch.linalg.qr(u + angle * du)[0]
-        v = torch.linalg.qr(v + angle * dv)[0]
 
 
 @pytest.mark.parametrize(("m", "n"), SHAPES)
@@ -65,7 +43,7 @@ def test_new_basis_is_orthonormal_and_spans_the_estimate(m, n):
 @pytest.mark.parametrize(("m", "n"), [(80, 120), (120, 80)])
 def test_warm_sequence_matches_exact_and_settles_sooner(m, n):
     basis, cold_passes, warm_passes = None, [], []
-    for step, (noisy, clean) in enumerate(_rotating(m, n, 3, steps=6)):
+    for step, (noisy, clean) in enumerate(rotating(m, n, 3, steps=6)):
         out, basis, passes = rmt_kernels.denoise_warm(noisy, 0.1, basis, seed=step)
         exact = denoise_exact(noisy, 0.1)
         assert rel_err(out, clean) <= 1.02 * rel_err(exact, clean) + 1e-6

@@ -14,8 +14,7 @@ import torch
 
 import rmt_kernels
 from rmt_kernels.reference import denoise_exact
-from tests.helpers import planted, rel_err
-from tests.test_denoise_warm import _rotating
+from tests.helpers import planted, rel_err, rotating
 
 # Float32 rounding of an exact SVD and reconstruction is ~1e-6 relative; the failures this file
 # guards against are 4e-2 and more.
@@ -48,7 +47,7 @@ def test_warm_start_from_the_last_step_is_exact_where_the_basis_reaches_the_smal
 ):
     warm = _warm(impl)
     # Two steps of a signal whose singular subspaces turn by ~0.3 rad in between.
-    (first, _), (second, _) = _rotating(m, n, rank, steps=2, angle=0.3)
+    (first, _), (second, _) = rotating(m, n, rank, steps=2, angle=0.3)
     _, basis, _ = warm(first, 0.1, None)
     assert basis.shape[-1] >= rank
     out, _, _ = warm(second, 0.1, basis)

