@@ -26,7 +26,8 @@ from pathlib import Path
 from rmt_kernels.audit import audit, gaussian_epsilon
 from rmt_kernels.audit.distributed import white_box_audit_distributed
 from rmt_kernels.audit.resume import white_box_resume_audit
-from rmt_kernels.audit.whitebox import WhiteBoxConfig, white_box_audit
+from rmt_kernels.audit.whitebox import white_box_audit
+from rmt_kernels.audit.whitebox_config import WhiteBoxConfig
 
 OUT = Path(__file__).parent / "results" / "audit.md"
 

@@ -1,6 +1,6 @@
 // Every op schema of the `rmt` library, in one place. Kernels live beside their backend:
 // csrc/cpu/*.cpp (C++), rmt_kernels/triton/ (CUDA, registered from Python), and the fake
-// (meta) implementations for tracing beside the public wrappers in rmt_kernels/ops.py.
+// (meta) implementations for tracing in rmt_kernels/fake_impls.py.
 #include <Python.h>
 #include <torch/library.h>
 

@@ -1,9 +1,9 @@
 """rmt-kernels: fast random-matrix-theory denoising and fused kernels for DP fine-tuning.
 
 Importing the package loads the C++ extension, which registers the ``torch.ops.rmt`` library
-(schemas and CPU kernels); :mod:`rmt_kernels.ops` adds the public wrappers and the fake (meta)
-implementations, :mod:`rmt_kernels.rules` the layer rules, and :mod:`rmt_kernels.triton.register`
-the CUDA kernels built from Triton.
+(schemas and CPU kernels); :mod:`rmt_kernels.ops` adds the public wrappers,
+:mod:`rmt_kernels.fake_impls` the fake (meta) implementations, :mod:`rmt_kernels.rules` the layer
+rules, and :mod:`rmt_kernels.triton.register` the CUDA kernels built from Triton.
 """
 
 # torch first: the extension links against libc10/libtorch, which only torch's import loads;
@@ -13,6 +13,7 @@ import torch  # noqa: F401
 
 from rmt_kernels import (
     _C,  # noqa: F401  (registers torch.ops.rmt.*)
+    fake_impls,  # noqa: F401  (registers the fake (meta) implementations)
     ops,
     rules,
 )

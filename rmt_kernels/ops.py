@@ -1,10 +1,10 @@
-"""Public entry points of every ``torch.ops.rmt`` op, each followed in the last section by its fake
-(meta) implementation for tracing.
+"""Public entry points of every ``torch.ops.rmt`` op.
 
 Layers, plainly stacked: C++ schema (csrc/rmt.cpp) -> per-backend kernel (csrc/cpu/*.cpp for the
 CPU; rmt_kernels/triton/, registered for CUDA in rmt_kernels/triton/register.py) -> the documented
-Python functions below. Argument checks: rmt_kernels/_checks.py; slow references:
-rmt_kernels/reference.py; layer rules built on the DP ops: rmt_kernels/rules.py.
+Python functions below. Fake (meta) implementations for tracing: rmt_kernels/fake_impls.py;
+argument checks: rmt_kernels/_checks.py (denoise's options: rmt_kernels/denoise_options.py); slow
+references: rmt_kernels/reference.py; layer rules built on the DP ops: rmt_kernels/rules.py.
 
 Two families: ``denoise`` / ``denoise_many`` (singular-value shrinkage of a noisy gradient), and
 the fused DP-SGD gradient ops (book-keeping clipping, Bu et al.): per-example squared gradient
@@ -27,20 +27,8 @@ from collections.abc import Sequence
 import torch
 
 from rmt_kernels import _C
-from rmt_kernels._checks import (
-    INT64_MAX,
-    check_add_gaussian_noise,
-    check_bias,
-    check_bias_sum,
-    check_denoise_arguments,
-    check_denoise_basis,
-    check_embedding_norms,
-    check_embedding_sum,
-    check_layernorm_norms,
-    check_layernorm_sum,
-    check_linear,
-    check_linear_sum,
-)
+from rmt_kernels._checks import INT64_MAX, check_denoise_basis
+from rmt_kernels.denoise_options import DenoiseOptions
 
 # The public functions (rmt_kernels re-exports them); the constants below are read as ops.NAME.
 __all__ = [
@@ -160,18 +148,9 @@ def denoise(
     """
     # Checked here too, before C++: an int option past int64 (or near it, e.g. an oversample of
     # 2**63 - 1) would otherwise overflow in the kernel's arithmetic or fail with a binding error.
-    check_denoise_arguments(grad, sigma, shrinker, kappa, rank, oversample, niter, norm, seed)
-    return torch.ops.rmt.denoise(
-        grad,
-        float(sigma),
-        shrinker=shrinker,
-        kappa=float(kappa),
-        rank=int(rank),
-        oversample=int(oversample),
-        niter=int(niter),
-        norm=norm,
-        seed=int(seed),
-    )
+    options = DenoiseOptions(shrinker, kappa, rank, oversample, niter, norm, seed)
+    options.check(grad, sigma)
+    return torch.ops.rmt.denoise(grad, float(sigma), **options.op_arguments())
 
 
 def denoise_warm(
@@ -242,22 +221,12 @@ def denoise_warm(
         ...     g = torch.randn(768, 3072) * 0.01
         ...     clean, basis, passes = rmt_kernels.denoise_warm(g, 0.01, basis)
     """
-    check_denoise_arguments(grad, sigma, shrinker, kappa, rank, oversample, niter, norm, seed)
+    options = DenoiseOptions(shrinker, kappa, rank, oversample, niter, norm, seed)
+    options.check(grad, sigma)
     if basis is None:
         basis = grad.new_empty((*grad.shape[:-1], 0), dtype=torch.float32)
     check_denoise_basis(grad, basis)
-    return torch.ops.rmt.denoise_warm(
-        grad,
-        float(sigma),
-        basis,
-        shrinker=shrinker,
-        kappa=float(kappa),
-        rank=int(rank),
-        oversample=int(oversample),
-        niter=int(niter),
-        norm=norm,
-        seed=int(seed),
-    )
+    return torch.ops.rmt.denoise_warm(grad, float(sigma), basis, **options.op_arguments())
 
 
 def denoise_many(
@@ -570,108 +539,3 @@ def add_gaussian_noise(x: torch.Tensor, noise_std: float, seed: int, offset: int
     itself.
     """
     return torch.ops.rmt.add_gaussian_noise(x, float(noise_std), int(seed), int(offset))
-
-
-# ----------------------------------------------------------------------------------------------
-# Fake (meta) implementations: shapes and metadata checks only, one per op
-# ----------------------------------------------------------------------------------------------
-
-# The keyword options of rmt::denoise with their defaults, read from the schema (csrc/rmt.cpp):
-# the dispatcher leaves out options left at their default.
-_DENOISE_DEFAULTS = {
-    a.name: a.default_value for a in torch.ops.rmt.denoise.default._schema.arguments if a.kwarg_only
-}
-
-
-@torch.library.register_fake("rmt::denoise")
-def _denoise_fake(grad: torch.Tensor, sigma: float, **options) -> torch.Tensor:
-    o = {**_DENOISE_DEFAULTS, **options}
-    check_denoise_arguments(
-        grad, sigma, o["shrinker"], o["kappa"], o["rank"], o["oversample"], o["niter"], o["norm"]
-    )
-    return torch.empty(grad.shape, dtype=grad.dtype, device=grad.device)
-
-
-@torch.library.register_fake("rmt::denoise_warm")
-def _denoise_warm_fake(
-    grad: torch.Tensor,
-    sigma: float,
-    basis: torch.Tensor,
-    shrinker: str = _DENOISE_DEFAULTS["shrinker"],
-    kappa: float = _DENOISE_DEFAULTS["kappa"],
-    rank: int = _DENOISE_DEFAULTS["rank"],
-    oversample: int = _DENOISE_DEFAULTS["oversample"],
-    niter: int = _DENOISE_DEFAULTS["niter"],
-    norm: str = _DENOISE_DEFAULTS["norm"],
-    seed: int = _DENOISE_DEFAULTS["seed"],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    check_denoise_arguments(grad, sigma, shrinker, kappa, rank, oversample, niter, norm)
-    check_denoise_basis(grad, basis)
-    # The new basis's width depends on how many components the data keeps: an unbacked size,
-    # bounded by the matrix's smaller side where that is a plain int (meta tensors, which have no
-    # such sizes, stop here).
-    bound = min(grad.shape[-2:])
-    width = torch.library.get_ctx().new_dynamic_size(
-        min=0, max=bound if isinstance(bound, int) else None
-    )
-    estimate = torch.empty(grad.shape, dtype=grad.dtype, device=grad.device)
-    new_basis = grad.new_empty((*grad.shape[:-1], width), dtype=torch.float32)
-    return estimate, new_basis, grad.new_empty((), dtype=torch.int64)
-
-
-def _float_empty(like: torch.Tensor, *shape: int) -> torch.Tensor:
-    return like.new_empty(shape, dtype=torch.float32)
-
-
-@torch.library.register_fake("rmt::linear_sq_norms")
-def _linear_sq_norms_fake(x, dy):
-    check_linear("linear_sq_norms", x, dy)
-    return _float_empty(x, x.shape[0])
-
-
-@torch.library.register_fake("rmt::linear_clipped_noisy_sum")
-def _linear_clipped_noisy_sum_fake(x, dy, scale, noise_std, seed, offset):
-    check_linear_sum(x, dy, scale, noise_std, seed, offset)
-    return _float_empty(x, dy.shape[-1], x.shape[-1])
-
-
-@torch.library.register_fake("rmt::bias_sq_norms")
-def _bias_sq_norms_fake(dy):
-    check_bias("bias_sq_norms", dy)
-    return _float_empty(dy, dy.shape[0])
-
-
-@torch.library.register_fake("rmt::bias_clipped_noisy_sum")
-def _bias_clipped_noisy_sum_fake(dy, scale, noise_std, seed, offset):
-    check_bias_sum(dy, scale, noise_std, seed, offset)
-    return _float_empty(dy, dy.shape[-1])
-
-
-@torch.library.register_fake("rmt::embedding_sq_norms")
-def _embedding_sq_norms_fake(ids, dy):
-    check_embedding_norms(ids, dy)
-    return _float_empty(dy, dy.shape[0])
-
-
-@torch.library.register_fake("rmt::embedding_clipped_noisy_sum")
-def _embedding_clipped_noisy_sum_fake(ids, dy, scale, num_embeddings, noise_std, seed, offset):
-    check_embedding_sum(ids, dy, scale, num_embeddings, noise_std, seed, offset)
-    return _float_empty(dy, num_embeddings, dy.shape[-1])
-
-
-@torch.library.register_fake("rmt::layernorm_sq_norms")
-def _layernorm_sq_norms_fake(x, dy, eps):
-    check_layernorm_norms(x, dy, eps)
-    return _float_empty(x, x.shape[0])
-
-
-@torch.library.register_fake("rmt::layernorm_clipped_noisy_sum")
-def _layernorm_clipped_noisy_sum_fake(x, dy, scale, eps, noise_std, seed, offset):
-    check_layernorm_sum(x, dy, scale, eps, noise_std, seed, offset)
-    return _float_empty(x, x.shape[-1])
-
-
-@torch.library.register_fake("rmt::add_gaussian_noise")
-def _add_gaussian_noise_fake(x, noise_std, seed, offset):
-    check_add_gaussian_noise(x, noise_std, seed, offset)
-    return x.new_empty(x.shape, dtype=torch.float32)

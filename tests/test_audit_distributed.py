@@ -27,7 +27,7 @@ import pytest
 
 from rmt_kernels.audit import gaussian_epsilon
 from rmt_kernels.audit.distributed import white_box_audit_distributed
-from rmt_kernels.audit.whitebox import WhiteBoxConfig
+from rmt_kernels.audit.whitebox_config import WhiteBoxConfig
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning", "ignore::UserWarning")
 

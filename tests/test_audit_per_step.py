@@ -5,8 +5,8 @@ release-guard canaries summed apart in float64 by rmt_kernels/rounding.py).
 
 Set-up: m = 1024 canaries, 64 ordinary examples, 4 full-batch steps at noise multiplier 8 (mu =
 sqrt(4) / 8 = 0.25, the accountant's epsilon at delta 1e-12 is the Gaussian mechanism's 1.669),
-p_fail = 1e-7 (split among the scores and the check as rmt_kernels.audit.whitebox.P_FAIL_SHARES
-says), the f-DP bound (sample rate 1).
+p_fail = 1e-7 (split among the scores and the check as
+rmt_kernels.audit.whitebox_scores.P_FAIL_SHARES says), the f-DP bound (sample rate 1).
 
 False failures. Honest engine: by the one-run theorem and the union bound over the score
 families, the best bound exceeds the true epsilon (<= the accountant's) with probability <= the
@@ -30,12 +30,10 @@ import torch
 import rmt_kernels.dp.engine as engine_module
 from rmt_kernels import rounding
 from rmt_kernels.audit import gaussian_epsilon
-from rmt_kernels.audit.whitebox import (
-    P_FAIL_SHARES,
-    WhiteBoxConfig,
-    _layout,
-    white_box_audit,
-)
+from rmt_kernels.audit.canaries import canary_layout
+from rmt_kernels.audit.whitebox import white_box_audit
+from rmt_kernels.audit.whitebox_config import WhiteBoxConfig
+from rmt_kernels.audit.whitebox_scores import P_FAIL_SHARES
 from rmt_kernels.dp.engine import PrivateEngine
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning", "ignore::UserWarning")
@@ -71,7 +69,7 @@ def test_every_parameter_type_holds_canaries_and_each_releases_its_contribution(
     """Each kind of canary (Linear weight and bias, Embedding, LayerNorm weight and bias,
     release-guard) adds 1 per step when IN: the mean step score of the IN canaries of a kind
     minus that of its OUT ones is 1 within 6 standard errors (the noise std is 8 per score)."""
-    lay = _layout(SMALL)
+    lay = canary_layout(SMALL)
     kinds = np.array(lay.kind)
     assert set(kinds) == {
         "linear.weight",
@@ -103,7 +101,7 @@ def test_release_guard_canaries_take_the_float64_path(monkeypatch):
 
     monkeypatch.setattr(rounding.LinearTerms, "exact", spy)
     res = white_box_audit(dataclasses.replace(SMALL, noise_multiplier=0.05))
-    guard_in = int((_layout(SMALL).guard & res.included).sum())
+    guard_in = int((canary_layout(SMALL).guard & res.included).sum())
     assert guard_in > 0 and sum(exact) == guard_in * SMALL.steps
     s, inc = res.step_scores, res.included
     assert np.all(np.abs(s[:, inc] - 1) < 0.3) and np.all(np.abs(s[:, ~inc]) < 0.3)
@@ -124,7 +122,7 @@ def test_guard_double_count_caught(monkeypatch):
     res = white_box_audit(dataclasses.replace(SMALL, noise_multiplier=0.05))
     assert res.sensitivity.flagged and res.bug
     assert res.sensitivity.step_excess > 2 * res.sensitivity.step_threshold
-    assert _layout(SMALL).guard[res.sensitivity.canary]
+    assert canary_layout(SMALL).guard[res.sensitivity.canary]
 
 
 def test_noise_on_even_steps_only_caught(monkeypatch):

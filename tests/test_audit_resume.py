@@ -27,7 +27,8 @@ import pytest
 import rmt_kernels.dp.checkpoint as checkpoint_module
 from rmt_kernels.audit import gaussian_epsilon
 from rmt_kernels.audit.resume import white_box_resume_audit
-from rmt_kernels.audit.whitebox import WhiteBoxConfig, white_box_audit
+from rmt_kernels.audit.whitebox import white_box_audit
+from rmt_kernels.audit.whitebox_config import WhiteBoxConfig
 from rmt_kernels.dp.engine import PrivateEngine
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning", "ignore::UserWarning")

@@ -25,7 +25,9 @@ import torch
 
 import rmt_kernels.dp.engine as engine_module
 from rmt_kernels.audit import gaussian_epsilon
-from rmt_kernels.audit.whitebox import WhiteBoxConfig, canary_signs, white_box_audit
+from rmt_kernels.audit.canaries import canary_signs
+from rmt_kernels.audit.whitebox import white_box_audit
+from rmt_kernels.audit.whitebox_config import WhiteBoxConfig
 from rmt_kernels.dp.engine import PrivateEngine
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning", "ignore::UserWarning")

@@ -9,7 +9,11 @@ confidence level. A bound above the accountant's epsilon proves a privacy bug.
   ICML 2025): a mu-GDP lower bound, far tighter for Gaussian noise.
 - :mod:`~rmt_kernels.audit.guesses`: coin flips, guesses with abstention.
 - :mod:`~rmt_kernels.audit.strategy`: choosing the guess counts without voiding the bound.
-- :mod:`~rmt_kernels.audit.whitebox`: Dirac canaries through the native engine.
+- :mod:`~rmt_kernels.audit.whitebox`: Dirac canaries through the native engine, in stages:
+  its options (:mod:`~rmt_kernels.audit.whitebox_config`), the canaries
+  (:mod:`~rmt_kernels.audit.canaries`), the private training run
+  (:mod:`~rmt_kernels.audit.canary_run`), the scores and their bounds
+  (:mod:`~rmt_kernels.audit.whitebox_scores`).
 - :mod:`~rmt_kernels.audit.distributed`: the white-box audit on several gloo processes.
 - :mod:`~rmt_kernels.audit.resume`: the white-box audit of a checkpointed, killed and resumed
   run (the whole released sequence, replays included).

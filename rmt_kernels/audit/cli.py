@@ -78,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from rmt_kernels.audit.whitebox import WhiteBoxConfig, white_box_audit
+    from rmt_kernels.audit.whitebox import white_box_audit
+    from rmt_kernels.audit.whitebox_config import WhiteBoxConfig
 
     try:
         cfg = WhiteBoxConfig(

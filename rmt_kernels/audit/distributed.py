@@ -27,7 +27,9 @@ from pathlib import Path
 
 import torch
 
-from rmt_kernels.audit.whitebox import WhiteBoxConfig, WhiteBoxResult, white_box_audit
+from rmt_kernels.audit.whitebox import white_box_audit
+from rmt_kernels.audit.whitebox_config import WhiteBoxConfig
+from rmt_kernels.audit.whitebox_scores import WhiteBoxResult
 
 __all__ = ["white_box_audit_distributed"]
 

@@ -1,6 +1,6 @@
 """White-box audit of a checkpointed, killed and resumed run: the whole released sequence.
 
-The run (the canaries, data and model of :mod:`rmt_kernels.audit.whitebox`) starts a privacy
+The run (the canaries, data and model of :mod:`rmt_kernels.audit.canaries`) starts a privacy
 ledger (``attach_ledger``), saves a checkpoint after ``checkpoint_after`` steps, releases steps
 up to ``kill_after - 1``, runs the forward and backward of step ``kill_after`` (its data touches
 the model: the ledger records it) and is killed there (its objects are dropped). A fresh model,
@@ -30,20 +30,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rmt_kernels.audit.canaries import canary_dataset, paired_canary_signs
+from rmt_kernels.audit.canary_run import (
+    endless_batches,
+    forward_backward,
+    private_canary_run,
+    release_at_canaries,
+    score_unit,
+)
 from rmt_kernels.audit.guesses import draw_inclusion
 from rmt_kernels.audit.strategy import Bonferroni, Fixed, Split
-from rmt_kernels.audit.whitebox import (
-    WhiteBoxConfig,
-    WhiteBoxResult,
-    _batches,
-    _bound,
-    _dataset,
-    _forward_backward,
-    _private_run,
-    _release,
-    _signs,
-    _unit,
-)
+from rmt_kernels.audit.whitebox_config import WhiteBoxConfig
+from rmt_kernels.audit.whitebox_scores import WhiteBoxResult, bound_score_families
 
 __all__ = ["REPLAY_WEIGHT", "white_box_resume_audit"]
 
@@ -65,7 +63,7 @@ def white_box_resume_audit(
     and resumed from the checkpoint (module docstring); one process.
 
     Args:
-        cfg: the run (:class:`~rmt_kernels.audit.whitebox.WhiteBoxConfig`).
+        cfg: the run (:class:`~rmt_kernels.audit.whitebox_config.WhiteBoxConfig`).
         checkpoint_after: steps before the checkpoint, in ``[1, cfg.steps)``.
         kill_after: the step killed after its backward, in ``[checkpoint_after, cfg.steps)``.
         other_data: resume on other data (the canaries removed) instead of the same data.
@@ -74,7 +72,7 @@ def white_box_resume_audit(
         strategy: how the numbers of guesses are chosen (default Bonferroni).
 
     Returns:
-        A :class:`~rmt_kernels.audit.whitebox.WhiteBoxResult` whose ``accountant_epsilon`` is
+        A :class:`~rmt_kernels.audit.whitebox_scores.WhiteBoxResult` whose ``accountant_epsilon`` is
         the resumed run's (it counts every step the ledger recorded, charged or replayed).
 
     Raises:
@@ -92,22 +90,22 @@ def white_box_resume_audit(
             f"{cfg.steps}), got {kill_after!r}"
         )
     included = draw_inclusion(cfg.canaries, np.random.default_rng([cfg.seed, 0]))
-    signs = _signs(cfg)
-    dataset = _dataset(cfg, included)
+    signs = paired_canary_signs(cfg)
+    dataset = canary_dataset(cfg, included)
     with tempfile.TemporaryDirectory(prefix="rmt-audit-resume-") as tmp:
         path = Path(folder if folder is not None else tmp) / "ckpt.pt"
         # The killed run.
-        model, optimizer, loader = _private_run(cfg, dataset)
+        model, optimizer, loader = private_canary_run(cfg, dataset)
         attach_ledger(optimizer, path)
-        unit = _unit(cfg, loader)
+        unit = score_unit(cfg, loader)
         first: dict[int, torch.Tensor] = {}
-        batches = _batches(loader)
+        batches = endless_batches(loader)
         for step in range(kill_after + 1):
             if step == checkpoint_after:
                 save_checkpoint(path, model, optimizer, loader)
-            _forward_backward(cfg, model, next(batches), signs, step)
+            forward_backward(cfg, model, next(batches), signs, step)
             if step < kill_after:
-                first[step] = _release(cfg, model, optimizer)
+                first[step] = release_at_canaries(cfg, model, optimizer)
         del model, optimizer, loader, batches  # killed
         # The resumed run, in fresh objects.
         resumed_data = dataset
@@ -117,13 +115,13 @@ def white_box_resume_audit(
             for w in (wl, we, wn):
                 w[cid >= 0] = 0.0
             resumed_data = torch.utils.data.TensorDataset(x, ids, z, wl, we, wn, cid)
-        model, optimizer, loader = _private_run(cfg, resumed_data)
+        model, optimizer, loader = private_canary_run(cfg, resumed_data)
         load_checkpoint(path, model, optimizer, loader)
         replay: dict[int, torch.Tensor] = {}
-        batches = _batches(loader)
+        batches = endless_batches(loader)
         for step in range(optimizer.engine.steps, cfg.steps):
-            _forward_backward(cfg, model, next(batches), signs, step)
-            released = _release(cfg, model, optimizer)
+            forward_backward(cfg, model, next(batches), signs, step)
+            released = release_at_canaries(cfg, model, optimizer)
             if step in first:
                 replay[step] = released
             else:
@@ -138,4 +136,4 @@ def white_box_resume_audit(
     # One score (at the whole p_fail): the per-step scores and the sensitivity check of
     # white_box_audit are not computed across a resume.
     families = {"sum": (np.arange(cfg.canaries), scores.numpy(), 1.0)}
-    return _bound(cfg, families, included, epsilon, strategy)
+    return bound_score_families(cfg, families, included, epsilon, strategy)

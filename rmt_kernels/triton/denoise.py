@@ -13,11 +13,13 @@ one more the rank decision.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
 from rmt_kernels import _C
-from rmt_kernels._checks import check_denoise_arguments, check_denoise_basis
+from rmt_kernels._checks import check_denoise_basis
+from rmt_kernels.denoise_options import DenoiseOptions
 from rmt_kernels.linalg import gram_svd, next_krylov_block, orthonormal_block
 from rmt_kernels.shrinkage import SHRINK_IDENTITY_ABOVE, shrink_singular_values, target_norm
 from rmt_kernels.triton.reconstruct import shrink_reconstruct
@@ -137,9 +139,7 @@ class _ScaleGuard:
             raise ValueError("denoise: grad contains NaN or Inf")
         top = max(-lo, hi)
         bound = top * math.sqrt(self.a.shape[1] * self.a.shape[2])
-        if top == 0.0 or (
-            top >= math.sqrt(PRODUCT_FLOOR) and bound <= math.sqrt(PRODUCT_CEILING)
-        ):
+        if top == 0.0 or (top >= math.sqrt(PRODUCT_FLOOR) and bound <= math.sqrt(PRODUCT_CEILING)):
             return True
         e = math.frexp(top)[1] - 1  # top = f 2^e, f in [1, 2)
         if e == 0:
@@ -269,7 +269,10 @@ def _krylov_range(guard: _ScaleGuard, start, rank, oversample, niter, sh: _Shrin
     return found
 
 
-def _denoise_device(grad, sigma, start, shrinker, kappa, rank, oversample, niter, norm, seed):
+def _denoise_device(grad, sigma, start, options: DenoiseOptions):
+    """rmt::denoise_warm on checked arguments (``start``: the caller's basis, scaled, or None);
+    returns (estimate, new basis, passes as an int)."""
+    rank, norm, shrinker = options.rank, options.norm, options.shrinker
     batched = grad.dim() == 3
     a_in = grad if batched else grad.unsqueeze(0)
     # a_in.float(): a view for float32 input; GEMMs take any strides
@@ -280,8 +283,10 @@ def _denoise_device(grad, sigma, start, shrinker, kappa, rank, oversample, niter
     while found is None:
         # In units of the matrix the range finder works on (grad / scale).
         sigma_a = sigma / guard.scale
-        sh = _Shrink(p, q, sigma_a, kappa, shrinker)
-        found = _krylov_range(guard, start, rank, oversample, niter, sh, seed)
+        sh = _Shrink(p, q, sigma_a, options.kappa, shrinker)
+        found = _krylov_range(
+            guard, start, rank, options.oversample, options.niter, sh, options.seed
+        )
     left, values, right, basis, left_scaled = found
     a = guard.a
     # left_scaled: left = AM C X or A V (norms values), right orthonormal; otherwise left
@@ -331,39 +336,21 @@ def _denoise_device(grad, sigma, start, shrinker, kappa, rank, oversample, niter
     return out, new_basis, guard.passes
 
 
-def denoise_triton(
-    grad: torch.Tensor,
-    sigma: float,
-    *,
-    shrinker: str = "frobenius",
-    kappa: float = 1.0,
-    rank: int = -1,
-    oversample: int = 8,
-    niter: int = -1,
-    norm: str = "none",
-    seed: int = 0,
-) -> torch.Tensor:
-    """Same contract as :func:`rmt_kernels.denoise`, computed on grad's device."""
-    check_denoise_arguments(grad, sigma, shrinker, kappa, rank, oversample, niter, norm)
-    return _denoise_device(grad, sigma, None, shrinker, kappa, rank, oversample, niter, norm, seed)[
-        0
-    ]
+def denoise_triton(grad: torch.Tensor, sigma: float, **options: Any) -> torch.Tensor:
+    """Same contract as :func:`rmt_kernels.denoise` (``options``: its keyword options, as the
+    dispatcher passes them), computed on grad's device."""
+    checked = DenoiseOptions(**options)
+    checked.check(grad, sigma, check_seed=False)
+    return _denoise_device(grad, sigma, None, checked)[0]
 
 
 def denoise_warm_triton(
-    grad: torch.Tensor,
-    sigma: float,
-    basis: torch.Tensor,
-    shrinker: str = "frobenius",
-    kappa: float = 1.0,
-    rank: int = -1,
-    oversample: int = 8,
-    niter: int = -1,
-    norm: str = "none",
-    seed: int = 0,
+    grad: torch.Tensor, sigma: float, basis: torch.Tensor, *options: Any, **named_options: Any
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Same contract as :func:`rmt_kernels.denoise_warm`, computed on grad's device."""
-    check_denoise_arguments(grad, sigma, shrinker, kappa, rank, oversample, niter, norm)
+    """Same contract as :func:`rmt_kernels.denoise_warm` (the options positional in the
+    schema's order or by name, as the dispatcher passes them), computed on grad's device."""
+    checked = DenoiseOptions(*options, **named_options)
+    checked.check(grad, sigma, check_seed=False)
     check_denoise_basis(grad, basis)
     start = None
     if basis.shape[-1] > 0:
@@ -374,7 +361,5 @@ def denoise_warm_triton(
         # matrices of the orthonormalisation hold squares).
         top = start.abs().amax(1, keepdim=True)
         start = torch.where(top > 0, start / top, 0.0).contiguous()
-    out, new_basis, passes = _denoise_device(
-        grad, sigma, start, shrinker, kappa, rank, oversample, niter, norm, seed
-    )
+    out, new_basis, passes = _denoise_device(grad, sigma, start, checked)
     return out, new_basis, torch.tensor(passes, dtype=torch.int64, device=grad.device)

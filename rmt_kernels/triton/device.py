@@ -176,8 +176,8 @@ def linear_clipped_noisy_sum_device(
 
     check_linear_sum(x, dy, scale, noise_std, seed, offset)
     check_scale_values("linear_clipped_noisy_sum", scale)
-    x, dy = _drop_zero_scaled(x, scale), _drop_zero_scaled(dy, scale)
-    return linear_clipped_noisy_sum_triton(x, dy, scale, noise_std, seed, offset)
+    x3, dy3 = _drop_zero_scaled(_seq(x), scale), _drop_zero_scaled(_seq(dy), scale)
+    return linear_clipped_noisy_sum_triton(x3, dy3, scale, noise_std, seed, offset)
 
 
 def bias_sq_norms_device(dy: torch.Tensor) -> torch.Tensor:

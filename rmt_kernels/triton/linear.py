@@ -83,24 +83,18 @@ def _linear_clipped_noisy_sum_kernel(
 
 
 def linear_clipped_noisy_sum_triton(
-    x: torch.Tensor,
-    dy: torch.Tensor,
-    scale: torch.Tensor,
-    noise_std: float,
-    seed: int,
-    offset: int,
+    x: torch.Tensor, dy: torch.Tensor, scale: torch.Tensor, noise_std: float, seed: int, offset: int
 ) -> torch.Tensor:
     """Launch the fused kernel; arguments are assumed checked (rmt_kernels._checks).
 
-    ``x`` (B, [T,] d_in) and ``dy`` (B, [T,] d_out) of any float dtype; ``scale`` (B,). Returns a
-    new contiguous float32 (d_out, d_in) tensor.
+    ``x`` (B, T, d_in) and ``dy`` (B, T, d_out) of any float dtype (T = 1 for a layer without a
+    sequence: rmt_kernels.triton.device makes it so); ``scale`` (B,). Returns a new contiguous
+    float32 (d_out, d_in) tensor.
     """
-    x3 = x if x.dim() == 3 else x.unsqueeze(1)
-    dy3 = dy if dy.dim() == 3 else dy.unsqueeze(1)
-    b, t, d_in = x3.shape
-    d_out = dy3.shape[2]
-    x2 = x3.reshape(b * t, d_in)  # a view for contiguous input; strides go to the kernel
-    dy2 = dy3.reshape(b * t, d_out)
+    b, t, d_in = x.shape
+    d_out = dy.shape[2]
+    x2 = x.reshape(b * t, d_in)  # a view for contiguous input; strides go to the kernel
+    dy2 = dy.reshape(b * t, d_out)
     out = torch.empty((d_out, d_in), device=x.device, dtype=torch.float32)
     grid = (triton.cdiv(d_out, BLOCK_O), triton.cdiv(d_in, BLOCK_I))
     add_noise = noise_std != 0.0

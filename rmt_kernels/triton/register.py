@@ -13,9 +13,8 @@ import torch
 from rmt_kernels.triton import device
 
 
+# Imported when called: rmt_kernels.triton.denoise imports Triton.
 def _denoise_cuda(grad: torch.Tensor, sigma: float, **options) -> torch.Tensor:
-    # The dispatcher passes only the keyword options that differ from the schema's defaults;
-    # denoise_triton has the same defaults.
     from rmt_kernels.triton.denoise import denoise_triton
 
     return denoise_triton(grad, sigma, **options)

@@ -45,3 +45,30 @@ def test_compiled_function_calls_denoise_warm():
         got = compiled(grad, basis)
     for a, b in zip(got, step(grad, basis), strict=True):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("op", [torch.ops.rmt.denoise, torch.ops.rmt.denoise_warm])
+def test_denoise_options_are_the_schemas(op):
+    # The Python layers below the public wrappers read the options through DenoiseOptions:
+    # its fields, their order (denoise_warm's options are positional) and defaults are the
+    # schema's, and the public wrapper's keyword defaults are the same.
+    import dataclasses
+    import inspect
+
+    from rmt_kernels.denoise_options import DenoiseOptions
+
+    schema = [a for a in op.default._schema.arguments if a.name not in ("grad", "sigma", "basis")]
+    fields = dataclasses.fields(DenoiseOptions)
+    assert [(f.name, f.default) for f in fields] == [(a.name, a.default_value) for a in schema]
+    wrapper = inspect.signature(getattr(rmt_kernels, op.__name__.split(".")[-1])).parameters
+    assert all(wrapper[f.name].default == f.default for f in fields)
+
+
+def test_denoise_warm_fake_reads_positional_options():
+    # The schema of denoise_warm takes its options positionally: the fake checks them in order.
+    grad = torch.empty(20, 30, device="meta")
+    basis = torch.empty(20, 2, device="meta")
+    with pytest.raises(ValueError, match="shrinker"):
+        torch.ops.rmt.denoise_warm(grad, 0.1, basis, "sideways")
+    with pytest.raises(ValueError, match="rank"):
+        torch.ops.rmt.denoise_warm(grad, 0.1, basis, "hard", 1.0, 21)

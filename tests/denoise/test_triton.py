@@ -209,6 +209,17 @@ def test_denoise_warm_triton_batched_and_options():
         assert new_basis.shape[:2] == (2, 30) and _orthonormal(new_basis)
 
 
+def test_denoise_warm_triton_reads_options_positionally_as_the_dispatcher_may_pass_them():
+    # rmt::denoise_warm's options are positional in its schema (shrinker, kappa, rank, ...).
+    noisy, _ = planted(30, 50, 2)
+    basis = torch.randn(30, 4, device=DEVICE)
+    named = denoise_warm_triton(noisy.to(DEVICE), 0.1, basis, shrinker="hard", rank=1, seed=5)
+    positional = denoise_warm_triton(noisy.to(DEVICE), 0.1, basis, "hard", 1.0, 1, seed=5)
+    assert all(torch.equal(a, b) for a, b in zip(named, positional, strict=True))
+    with pytest.raises(ValueError, match="rank"):
+        denoise_warm_triton(noisy.to(DEVICE), 0.1, basis, "hard", 1.0, 31)
+
+
 def test_denoise_triton_fixed_niter_costs_what_it_did():
     noisy, _ = planted(40, 60, 2)
     for niter in (0, 2):
