@@ -1,6 +1,7 @@
 """The denoise ops as torch sees them: the fake impl, tracing with torch.compile and export
 (torch.library.opcheck of every op: tests/test_opcheck.py)."""
 
+import pytest
 import torch
 
 import rmt_kernels
