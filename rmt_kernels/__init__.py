@@ -18,7 +18,7 @@ from rmt_kernels import (
     rules,
 )
 from rmt_kernels.ops import *  # noqa: F403  (every public op wrapper, ops.__all__)
-from rmt_kernels.rules import *  # noqa: F403  (LayerRule, register_layer_rule, get_layer_rule)
+from rmt_kernels.rules import *  # noqa: F403  (rules.__all__: LayerRule, ReleaseGuard, ...)
 from rmt_kernels.triton import register as _register  # noqa: F401  (CUDA kernels)
 
 __all__ = [*ops.__all__, *rules.__all__]

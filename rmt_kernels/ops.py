@@ -4,7 +4,7 @@ Layers, plainly stacked: C++ schema (csrc/rmt.cpp) -> per-backend kernel (csrc/c
 CPU; rmt_kernels/triton/, registered for CUDA in rmt_kernels/triton/register.py) -> the documented
 Python functions below. Fake (meta) implementations for tracing: rmt_kernels/fake_impls.py;
 argument checks: rmt_kernels/_checks.py (denoise's options: rmt_kernels/denoise_options.py); slow
-references: rmt_kernels/reference.py; layer rules built on the DP ops: rmt_kernels/rules.py.
+references: rmt_kernels/reference.py; layer rules built on the DP ops: rmt_kernels/rules/.
 
 Two families: ``denoise`` / ``denoise_many`` (singular-value shrinkage of a noisy gradient), and
 the fused DP-SGD gradient ops (book-keeping clipping, Bu et al.): per-example squared gradient

@@ -1,7 +1,7 @@
 """The white-box audit sees per-step, per-example and per-parameter bugs (audit.whitebox):
 the per-step scores, the pair scores across parameters, the sensitivity check, and the audited
 model's parameter types (Linear weight and bias, Embedding, LayerNorm weight and bias, and
-release-guard canaries summed apart in float64 by rmt_kernels/rounding.py).
+release-guard canaries summed apart in float64 by rmt_kernels/rules/release_guard.py).
 
 Set-up: m = 1024 canaries, 64 ordinary examples, 4 full-batch steps at noise multiplier 8 (mu =
 sqrt(4) / 8 = 0.25, the accountant's epsilon at delta 1e-12 is the Gaussian mechanism's 1.669),
@@ -28,13 +28,14 @@ import pytest
 import torch
 
 import rmt_kernels.dp.engine as engine_module
-from rmt_kernels import rounding
 from rmt_kernels.audit import gaussian_epsilon
 from rmt_kernels.audit.canaries import canary_layout
 from rmt_kernels.audit.whitebox import white_box_audit
 from rmt_kernels.audit.whitebox_config import WhiteBoxConfig
 from rmt_kernels.audit.whitebox_scores import P_FAIL_SHARES
 from rmt_kernels.dp.engine import PrivateEngine
+from rmt_kernels.rules.linear import LinearTerms
+from rmt_kernels.rules.release_guard import ReleaseGuard
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning", "ignore::UserWarning")
 
@@ -93,13 +94,13 @@ def test_release_guard_canaries_take_the_float64_path(monkeypatch):
     clipped contribution. At noise multiplier 0.05 every IN canary's step score is 1 within
     0.2 (6 sigma of the noise: 0.3) and every OUT one 0 within 0.3."""
     exact = []
-    real = rounding.LinearTerms.exact
+    real = LinearTerms.exact
 
     def spy(self, idx):
         exact.append(int(idx.numel()))
         return real(self, idx)
 
-    monkeypatch.setattr(rounding.LinearTerms, "exact", spy)
+    monkeypatch.setattr(LinearTerms, "exact", spy)
     res = white_box_audit(dataclasses.replace(SMALL, noise_multiplier=0.05))
     guard_in = int((canary_layout(SMALL).guard & res.included).sum())
     assert guard_in > 0 and sum(exact) == guard_in * SMALL.steps
@@ -113,9 +114,9 @@ def test_guard_double_count_caught(monkeypatch):
     so each guard canary is released twice (2 per step). At noise multiplier 0.05 the step
     threshold is 1 + 7.2 x 0.05 = 1.36: the check flags it (measured excess 23.9 sigma against
     7.2); the honest run at this noise passes (previous test)."""
-    real = rounding.ReleaseGuard.release
+    real = ReleaseGuard.release
     monkeypatch.setattr(
-        rounding.ReleaseGuard,
+        ReleaseGuard,
         "release",
         lambda self, name, terms, fused: real(self, name, terms, lambda s: fused(self.scale)),
     )

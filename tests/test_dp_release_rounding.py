@@ -1,4 +1,5 @@
-"""The float32 rounding of the released clipped sum is not the adversary's (rmt_kernels.rounding).
+"""The float32 rounding of the released clipped sum is not the adversary's (ReleaseGuard,
+rmt_kernels/rules/release_guard.py).
 
 An example whose token terms cancel (rows ``[u, a, -u]`` with ``|u| = 2^k``, or ``[u, -u + v]``
 with ``|u| >> |v|``) has a small exact gradient but huge float32 terms; summed in the fused
@@ -20,9 +21,12 @@ import torch
 from torch import nn
 
 import rmt_kernels
-from rmt_kernels import rounding
 from rmt_kernels.ops import OFFSET_STRIDE
-from rmt_kernels.rules import _embedding_grad_output, get_layer_rule
+from rmt_kernels.rules import get_layer_rule
+from rmt_kernels.rules.embedding import EmbeddingTerms, without_padding
+from rmt_kernels.rules.layernorm import LayerNormTerms
+from rmt_kernels.rules.linear import LinearTerms
+from rmt_kernels.rules.release_guard import AMPLIFICATION_LIMIT, ReleaseGuard
 
 C = 1.0
 MAGNITUDES = [10, 20, 30, 40, 50, 60]
@@ -343,14 +347,14 @@ def test_limit_is_far_above_ordinary_spreads_of_tiny_encoders():
             rule = get_layer_rule(mod)
             norms = rule.sq_norms(mod, x, dy)
             scale = rmt_kernels.clip_scales(list(norms.values()), C)
-            guard = rounding.ReleaseGuard("test", mod, (x, dy), scale, lambda: {})
+            guard = ReleaseGuard("test", mod, (x, dy), scale, lambda: {})
             if isinstance(mod, nn.Linear):
-                terms = rounding.LinearTerms(x, dy)
+                terms = LinearTerms(x, dy)
             elif isinstance(mod, nn.Embedding):
-                terms = rounding.EmbeddingTerms(x, _embedding_grad_output(mod, x, dy))
+                terms = EmbeddingTerms(x, without_padding(mod, x, dy))
             else:
-                terms = rounding.LayerNormTerms(x, dy, mod.eps)
+                terms = LayerNormTerms(x, dy, mod.eps)
             ratio = terms.spread() / guard.reference
             worst = max(worst, ratio[torch.isfinite(ratio)].max().item())
             assert not guard.flagged("weight", terms).any()
-        assert worst < rounding.AMPLIFICATION_LIMIT / 8, worst
+        assert worst < AMPLIFICATION_LIMIT / 8, worst

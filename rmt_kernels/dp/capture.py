@@ -25,16 +25,7 @@ from torch import nn
 
 from rmt_kernels._checks import FLOAT_DTYPES
 from rmt_kernels.ops import OFFSET_STRIDE
-from rmt_kernels.rules import (
-    LayerRule,
-    _check_embedding_module,
-    _check_layernorm_module,
-    get_layer_rule,
-)
-
-# Module options a rule cannot follow, checked at make_private rather than at the first step.
-# The checks live beside the rules (rmt_kernels/rules.py); they are called here early.
-_MODULE_CHECKS = {nn.Embedding: _check_embedding_module, nn.LayerNorm: _check_layernorm_module}
+from rmt_kernels.rules import LayerRule, get_layer_rule
 
 
 @dataclass
@@ -64,21 +55,13 @@ class TrackedLayer:
     saved_requires_grad: dict[str, bool] | None = None
 
 
-def _check_module_options(name: str, module: nn.Module) -> None:
-    check = _MODULE_CHECKS.get(type(module))
-    if check is None:
-        return
+def _check_module_options(name: str, module: nn.Module, rule: LayerRule) -> None:
+    # Module options a rule cannot follow (its check_module, beside the rule in
+    # rmt_kernels/rules/), refused at make_private rather than at the first step.
     try:
-        check(module)
+        rule.check_module(module)
     except ValueError as err:
         raise ValueError(f"make_private: module '{name}' ({type(module).__name__}): {err}") from err
-    if isinstance(module, nn.Embedding) and module.scale_grad_by_freq:
-        # The gradient would be divided by each token's count in the whole batch, which couples
-        # the examples; the rule computes the unscaled per-example gradient instead.
-        raise ValueError(
-            f"make_private: module '{name}' (Embedding): scale_grad_by_freq=True couples the "
-            "examples of a batch and is not supported"
-        )
 
 
 def trainable_layers(model: nn.Module) -> list[TrackedLayer]:
@@ -109,7 +92,7 @@ def trainable_layers(model: nn.Module) -> list[TrackedLayer]:
                 "(requires_grad_(False)) or register a rule with "
                 "rmt_kernels.register_layer_rule"
             ) from err
-        _check_module_options(name, module)
+        _check_module_options(name, module, rule)
         for pname, p in params.items():
             full = f"{name}.{pname}" if name else pname
             if id(p) in owner:

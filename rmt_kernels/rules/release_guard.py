@@ -1,5 +1,5 @@
-"""Float32 rounding of the released clipped sum: no example can amplify it (privacy invariant 6,
-PRIVACY.md).
+"""ReleaseGuard: no example can amplify the float32 rounding of the released clipped sum
+(privacy invariant 6, PRIVACY.md).
 
 The problem. Each layer rule releases ``sum_b scale_b g_b`` (+ noise) from one float32 pass over
 the B*T token rows, ``g_b = sum_t dy_bt x_bt^T`` (Linear weight; bias, Embedding and LayerNorm
@@ -15,7 +15,8 @@ adversary's choice.
 The guard. Per parameter p and example b, the *spread* ``S^p_b`` is an upper bound of what the
 float32 pass rounds for that example (Linear weight ``sum_t |x_t||dy_t|``; bias and Embedding
 ``sum_t |dy_t|``; LayerNorm weight ``sum_t (|dy_t * (x_t - mean_t)| + |dy_t| rms(x_t)) / sqrt(var_t
-+ eps)``, which also covers the float32 error of ``xhat`` itself). The reference is the example's
++ eps)``, which also covers the float32 error of ``xhat`` itself; each layer type's file in
+rmt_kernels/rules/ holds its parameters' :class:`ReleaseTerms`). The reference is the example's
 certified norm bound over the LAYER's trainable parameters, ``ref_b = sqrt(sum_{p in layer}
 N^p_b)`` (the bounds the rule's ``sq_norms`` returned for the same tensors: remembered here,
 recomputed if the rule is called on its own). An example with ``scale_b > 0`` and ``S^p_b > R
@@ -55,6 +56,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -63,12 +65,12 @@ from rmt_kernels._checks import check_same_device, check_scale_metadata, check_s
 
 __all__ = [
     "AMPLIFICATION_LIMIT",
-    "BiasTerms",
-    "EmbeddingTerms",
-    "LayerNormTerms",
-    "LinearTerms",
     "ReleaseGuard",
+    "ReleaseTerms",
+    "as_sequence",
+    "compensated_sum",
     "remember_sq_norms",
+    "row_norm_bounds",
 ]
 
 # R: an example whose float32 terms exceed R times its certified gradient norm (spread over the
@@ -122,11 +124,12 @@ def _recall(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> dict[str, to
     return None
 
 
-def _seq(t: torch.Tensor) -> torch.Tensor:
+def as_sequence(t: torch.Tensor) -> torch.Tensor:
+    """A (B, d) input as (B, 1, d) (ids (B,) as (B, 1)); a sequence (B, T, d) unchanged."""
     return t if t.dim() == 3 else t.unsqueeze(1)
 
 
-def _row_norm_bounds(a: torch.Tensor) -> torch.Tensor:
+def row_norm_bounds(a: torch.Tensor) -> torch.Tensor:
     """Upper bounds (float64) of the Euclidean norms over the last dim, from ONE float32 pass.
 
     A float64 norm costs a float64 copy of the activations (4-5x a float32 pass at d 3072). The
@@ -140,7 +143,7 @@ def _row_norm_bounds(a: torch.Tensor) -> torch.Tensor:
     return ((n * n + d * 2.0**-149) * (1.0 + (d + 4) * 2.0**-24)).sqrt()
 
 
-def _compensated_sum(terms: torch.Tensor, slots: torch.Tensor | None = None) -> torch.Tensor:
+def compensated_sum(terms: torch.Tensor, slots: torch.Tensor | None = None) -> torch.Tensor:
     """``sum_t terms[:, t]`` (float64, (n, T, d)) per slot, by cascaded TwoSum (Sum2).
 
     ``slots`` (n, T) assigns token t of example i to output row ``slots[i, t]`` (Embedding:
@@ -164,108 +167,57 @@ def _compensated_sum(terms: torch.Tensor, slots: torch.Tensor | None = None) -> 
     return s + c
 
 
-class LinearTerms:
-    """Terms of a Linear weight's per-example gradients ``sum_t dy_t x_t^T``."""
-
-    def __init__(self, x: torch.Tensor, dy: torch.Tensor) -> None:
-        self.x, self.dy = _seq(x), _seq(dy)
+class ReleaseTerms(Protocol):
+    """One parameter's per-example gradient terms, as :meth:`ReleaseGuard.release` reads them."""
 
     def spread(self) -> torch.Tensor:
-        """(B,) float64 ``sum_t |x_t| |dy_t|`` (>= the Frobenius norm of ``|dy|^T |x|``)."""
-        return (_row_norm_bounds(self.x) * _row_norm_bounds(self.dy)).sum(1)
+        """(B,) float64 upper bound of what the float32 pass rounds for each example (e.g.
+        ``sum_t |x_t| |dy_t|`` for a Linear weight; :func:`row_norm_bounds` bounds row norms
+        from one float32 pass). NaN or inf flags the example."""
+        ...
 
-    def exact(self, idx: torch.Tensor) -> tuple[None, torch.Tensor]:
-        """float64 gradients (n, d_out, d_in) of examples ``idx``: one float64 GEMM each
-        (products exact, sums off by at most gamma_T times the spread)."""
-        return None, torch.bmm(self.dy[idx].double().mT, self.x[idx].double())
-
-
-class BiasTerms:
-    """Terms of a bias's per-example gradients ``sum_t dy_t``."""
-
-    def __init__(self, dy: torch.Tensor) -> None:
-        self.dy = _seq(dy)
-
-    def spread(self) -> torch.Tensor:
-        """(B,) float64 ``sum_t |dy_t|``."""
-        return _row_norm_bounds(self.dy).sum(1)
-
-    def exact(self, idx: torch.Tensor) -> tuple[None, torch.Tensor]:
-        """float64 gradients (n, d), compensated sums of the exactly converted rows."""
-        return None, _compensated_sum(self.dy[idx].double())[:, 0]
-
-
-class EmbeddingTerms:
-    """Terms of an Embedding's per-example gradients: row v gets ``sum_{t: ids_t = v} dy_t``."""
-
-    def __init__(self, ids: torch.Tensor, dy: torch.Tensor) -> None:
-        self.ids = ids if ids.dim() == 2 else ids.unsqueeze(1)
-        self.dy = _seq(dy)
-
-    def spread(self) -> torch.Tensor:
-        """(B,) float64 ``sum_t |dy_t|``."""
-        return _row_norm_bounds(self.dy).sum(1)
-
-    def exact(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Table rows (n, T) and float64 values (n, T, d): row ``rows[i, k]`` of the table gets
-        ``values[i, k]`` (compensated sum of the tokens with that id; unused slots are zero)."""
-        ids, dy = self.ids[idx], self.dy[idx].double()
-        sorted_ids, _ = ids.sort(1)
-        # Slot of token t: index of its id among the example's sorted ids (first occurrence).
-        slots = torch.searchsorted(sorted_ids, ids)
-        values = _compensated_sum(dy, slots)
-        rows = torch.zeros_like(sorted_ids)
-        rows.scatter_(1, slots, ids)
-        return rows, values
-
-
-class LayerNormTerms:
-    """Terms of a LayerNorm weight's per-example gradients ``sum_t dy_t * xhat_t``."""
-
-    def __init__(self, x: torch.Tensor, dy: torch.Tensor, eps: float) -> None:
-        self.x, self.dy, self.eps = _seq(x), _seq(dy), float(eps)
-
-    def spread(self) -> torch.Tensor:
-        """(B,) float64 ``sum_t (|dy_t * (x_t - mean_t)| + |dy_t| rms(x_t)) / sqrt(var_t + eps)``.
-
-        The first part covers the terms ``|dy_t * xhat_t|``, the second the float32 error of
-        ``xhat_t`` itself (entry i off by ~u32 (|x_ti - mean_t| + rms(x_t)) / sigma_t: the
-        mean's own error is ~u32 rms), so a nearly constant row (|mean| >> sigma) counts as the
-        amplifier it is. Upper bounds from float32 passes (one elementwise product ``dy * x``):
-        ``|dy * (x - mean)| <= |dy * x| + |mean| |dy|``, ``var >= rms^2 (1 - g) - mean_up^2``
-        with the float32 sums' error bounds; a row whose variance bound is 0 (eps = 0) gives inf
-        (flagged).
-        """
-        d = self.x.shape[-1]
-        g = (d + 4) * 2.0**-24  # relative error of a float32 sum of d terms (gamma_d) and more
-        n_x = _row_norm_bounds(self.x)
-        n_dy = _row_norm_bounds(self.dy)
-        prod = self.dy.float() * self.x.float()  # rounded (u32) and, below 2^-149, flushed
-        n_dx = (_row_norm_bounds(prod) + d**0.5 * 2.0**-149) * (1.0 + 2.0**-23)
-        total = self.x.sum(-1, dtype=torch.float32).double().abs()
-        mean_up = (total + g * d**0.5 * n_x) / d
-        rms_up = n_x / d**0.5
-        ms_lo = rms_up.square() * (1.0 - 3.0 * g)  # n_x's margin is <= g relative (squared)
-        var_lo = (ms_lo - mean_up.square()).clamp(min=0.0)
-        D_lo = (var_lo + self.eps).sqrt() * (1.0 - 2.0**-50)
-        per_token = (n_dx + mean_up * n_dy + n_dy * rms_up) / D_lo  # D_lo = 0: inf or NaN
-        return per_token.sum(1)
-
-    def exact(self, idx: torch.Tensor) -> tuple[None, torch.Tensor]:
-        """float64 gradients (n, d) with ``xhat`` in float64 (0 where var + eps = 0, where the
-        layer's own output is not finite), compensated over tokens."""
-        x64 = self.x[idx].double()
-        mean = x64.mean(2, keepdim=True)
-        D = ((x64 - mean).square().mean(2, keepdim=True) + self.eps).sqrt()
-        xhat = torch.where(D > 0, (x64 - mean) / D, 0.0)
-        return None, _compensated_sum(self.dy[idx].double() * xhat)[:, 0]
-
-
-Terms = LinearTerms | BiasTerms | EmbeddingTerms | LayerNormTerms
+    def exact(self, idx: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """float64 gradients of examples ``idx``: ``(None, (n, *param.shape))``, or for a table
+        updated by rows (Embedding) ``(rows (n, k), values (n, k, d))``, row ``rows[i, j]`` of
+        the parameter getting ``values[i, j]``. Summed over tokens accurately
+        (:func:`compensated_sum`): the flagged examples are the ones whose tokens cancel."""
+        ...
 
 
 class ReleaseGuard:
-    """One layer rule call's split of each parameter's clipped sum (module docstring).
+    """One layer rule call's release of each parameter's clipped sum (module docstring).
+
+    A rule's ``clipped_noisy_sums`` builds one guard per call and releases each parameter
+    through it: the guard hands the fused float32 op the clip factors with the examples whose
+    rounding could be amplified set to 0, and adds those examples' float64 contributions,
+    projected onto their certified radius. A user's own rule certifies its release the same way,
+    given :class:`ReleaseTerms` for each parameter:
+
+    Example (a layer ``y = x + shift``, whose per-example gradient is ``sum_t dy_t``):
+        >>> class ShiftTerms:
+        ...     def __init__(self, dy):
+        ...         self.dy = as_sequence(dy)
+        ...     def spread(self):
+        ...         return row_norm_bounds(self.dy).sum(1)
+        ...     def exact(self, idx):
+        ...         return None, compensated_sum(self.dy[idx].double())[:, 0]
+        >>> def sq_norms(module, x, dy):
+        ...     norms = {"shift": rmt_kernels.bias_sq_norms(dy)}
+        ...     remember_sq_norms(module, (x, dy), norms)
+        ...     return norms
+        >>> def clipped_noisy_sums(module, x, dy, scale, noise_std, seed, offsets):
+        ...     bounds = lambda: sq_norms(module, x, dy)  # when none were remembered
+        ...     guard = ReleaseGuard("shift", module, (x, dy), scale, bounds)
+        ...     def fused(s):  # the float32 sum with clip factors s, noise included
+        ...         offset = offsets["shift"]
+        ...         return rmt_kernels.bias_clipped_noisy_sum(dy, s, noise_std, seed, offset)
+        ...     return {"shift": guard.release("shift", ShiftTerms(dy), fused)}
+        >>> rmt_kernels.register_layer_rule(Shift, LayerRule(sq_norms, clipped_noisy_sums))
+
+    ``sq_norms`` is the rule's certified bound; recording it with :func:`remember_sq_norms` lets
+    the guard reuse it instead of recomputing it. ``fused`` must give an example with clip
+    factor 0 no contribution at all (the fused ops drop zero-scaled rows exactly). The test
+    harness tests/test_rules.py registers this very rule and checks it like the built-in ones.
 
     Args:
         op: name for error messages (the rule's clipped-sum op).
@@ -298,7 +250,7 @@ class ReleaseGuard:
         self.reference = layer.sqrt()
         self.scale = scale
 
-    def flagged(self, name: str, terms: Terms) -> torch.Tensor:
+    def flagged(self, name: str, terms: ReleaseTerms) -> torch.Tensor:
         """(B,) bool: examples whose float32 rounding in parameter ``name`` would exceed R times
         their clipped norm bound (a NaN spread is flagged too)."""
         spread = terms.spread()
@@ -306,7 +258,7 @@ class ReleaseGuard:
         return (self.scale > 0) & ~ok
 
     def release(
-        self, name: str, terms: Terms, fused: Callable[[torch.Tensor], torch.Tensor]
+        self, name: str, terms: ReleaseTerms, fused: Callable[[torch.Tensor], torch.Tensor]
     ) -> torch.Tensor:
         """``fused(scale)`` (the float32 op, noise included) with the flagged examples' factors
         set to 0, plus their float64 contributions, projected and cast once."""
