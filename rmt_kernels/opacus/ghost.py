@@ -8,10 +8,12 @@ and moves the released sum by far more than C. Its embedding norms (index_add in
 repeated ids with cancelling dy rows) and the explicit per-example gradients it uses for
 ``nn.LayerNorm`` (a float32 sum over tokens) fail the same way.
 
-Here the module wrapper's norm samplers call rmt_kernels' certified ops (``linear_sq_norms``,
-``bias_sq_norms``, ``embedding_sq_norms``, ``layernorm_sq_norms``), each an upper bound of the
-exact squared norm of the gradient of the layer's inputs and output gradients (their docstrings
-give the bound and its proof), and the clip factors come from :func:`rmt_kernels.clip_scales`
+Here the module wrapper's norm sampler calls the layer's registered rule (rmt_kernels/rules/,
+the rules the native engine clips with: one implementation of each layer's norm), whose
+``sq_norms`` use rmt_kernels' certified ops (``linear_sq_norms``, ``bias_sq_norms``,
+``embedding_sq_norms``, ``layernorm_sq_norms``), each an upper bound of the exact squared norm of
+the gradient of the layer's inputs and output gradients (their docstrings give the bound and its
+proof), and the clip factors come from :func:`rmt_kernels.clip_scales`
 (float64 sum of the per-parameter bounds, rounded down; NaN, infinite or negative gives 0).
 
 Where. Opacus looks norm samplers up as ``self.NORM_SAMPLERS[type(module)]``, a class attribute
@@ -29,15 +31,17 @@ gradients of each example's own loss, which is what the clip factor ``c_b`` then
 dimension between the batch and the features is a position of the same example (tokens, image
 rows...), so both are flattened to (B, T, d) for the ops.
 
-Refused (NotImplementedError naming the modules): a trainable module whose type is not exactly
-``nn.Linear``, ``nn.Embedding`` or ``nn.LayerNorm`` (Opacus's fallback computes explicit
-per-example gradients with an uncertified float32 norm, while the released gradient comes from a
-second backward pass: a cancelling input gets a norm that is not its gradient's), an
-``nn.Embedding`` with ``scale_grad_by_freq`` (its gradient depends on the other examples), and
-``use_ghost_clipping=False``. Embedding rows at ``padding_idx`` are left out of the bound (autograd
-gives them no gradient); Opacus counts them, which after a LayerNorm (whose output gradient at a
-zero padding row is ~1/sqrt(eps) large) overstates norms several-fold and over-clips.
-``grad_sample_mode="hooks"`` accepts every module Opacus does and is
+Refused (NotImplementedError naming the modules): a trainable module whose exact type has no
+registered rule with ``flat_positions`` (built in: ``nn.Linear``, ``nn.Embedding``,
+``nn.LayerNorm``; Opacus's fallback computes explicit per-example gradients with an uncertified
+float32 norm, while the released gradient comes from a second backward pass: a cancelling input
+gets a norm that is not its gradient's), a module option its rule's ``check_module`` refuses (the
+native engine's ``make_private`` refuses the same: ``nn.Embedding`` with ``scale_grad_by_freq``,
+whose gradient depends on the other examples, ``max_norm`` or ``sparse``; ``nn.LayerNorm`` over
+several dimensions), and ``use_ghost_clipping=False``. Embedding rows at ``padding_idx`` are
+left out of the bound (autograd gives them no gradient); Opacus counts them, which after a
+LayerNorm (whose output gradient at a zero padding row is ~1/sqrt(eps) large) overstates norms
+several-fold and over-clips. ``grad_sample_mode="hooks"`` accepts every module Opacus does and is
 sound (see :mod:`rmt_kernels.opacus.privacy_engine`).
 
 What the bound does not cover: the float32 computation of the released sum. The second backward
@@ -59,8 +63,7 @@ Written against opacus==1.6.0.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
-from types import MappingProxyType
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -72,14 +75,13 @@ from opacus.utils.module_utils import trainable_modules
 from torch import nn
 
 from rmt_kernels import ops
+from rmt_kernels.rules import get_layer_rule, registered_layer_rules
 
 __all__ = [
     "CERTIFIED_NORM_SAMPLERS",
     "CertifiedGradSampleHooksFastGradientClipping",
     "CertifiedGradSampleModuleFastGradientClipping",
-    "certified_embedding_norm_sample",
-    "certified_layernorm_norm_sample",
-    "certified_linear_norm_sample",
+    "certified_norm_sample",
 ]
 
 # Opacus's norm sampler signature: (module, activations, backprops) -> {param: (B,) norms}.
@@ -104,14 +106,22 @@ def _sqrt_up(sq: torch.Tensor) -> torch.Tensor:
     return r
 
 
-def _flatten(t: torch.Tensor, what: str, module: nn.Module) -> torch.Tensor:
-    """(B, ..., d) -> (B, T, d): the middle dimensions are positions of the same example."""
-    if t.dim() < 2:
+def _positions(t: torch.Tensor, what: str, module: nn.Module) -> torch.Tensor:
+    """(B, ..., d) features -> (B, T, d), (B, ...) ids -> (B, T): the middle dimensions are
+    positions of the same example (the rule's ``flat_positions`` promise)."""
+    if t.is_floating_point():
+        if t.dim() < 2:
+            raise ValueError(
+                f"certified ghost clipping: {type(module).__name__} {what} must be (B, ..., d) "
+                f"with the example first, got shape {list(t.shape)}"
+            )
+        return t.reshape(t.shape[0], -1, t.shape[-1])
+    if t.dim() < 1:
         raise ValueError(
-            f"certified ghost clipping: {type(module).__name__} {what} must be (B, ..., d) with "
-            f"the example first, got shape {list(t.shape)}"
+            f"certified ghost clipping: {type(module).__name__} {what} must be (B, ...) with the "
+            f"example first, got shape {list(t.shape)}"
         )
-    return t.reshape(t.shape[0], -1, t.shape[-1])
+    return t.reshape(t.shape[0], -1)
 
 
 def _empty(batch: int, like: torch.Tensor) -> torch.Tensor:
@@ -120,99 +130,56 @@ def _empty(batch: int, like: torch.Tensor) -> torch.Tensor:
     return like.new_zeros(batch, dtype=torch.float32)
 
 
-def certified_linear_norm_sample(
-    layer: nn.Linear, activations: list[torch.Tensor], backprops: torch.Tensor
+def certified_norm_sample(
+    module: nn.Module, activations: list[torch.Tensor], backprops: torch.Tensor
 ) -> dict[nn.Parameter, torch.Tensor]:
-    """Per-example gradient norms of an ``nn.Linear`` (weight and bias), certified upper bounds.
+    """Per-example gradient norms of ``module``'s trainable parameters, certified upper bounds.
 
-    Replaces Opacus's ``compute_linear_norm_sample`` (float32 Gram sums, clamped at 0; backprops
-    of more than 3 dimensions were not handled). Returns ``{param: (B,) float32 norm bound}`` for
-    each parameter that requires a gradient, as Opacus's norm samplers do.
+    The norm sampler of every module type whose registered layer rule has ``flat_positions``:
+    the input and output gradient flattened to (B, T, d) (ids to (B, T)), then the rule's own
+    ``sq_norms`` (rmt_kernels/rules/), the same certified bounds the native engine clips with.
+    Returns ``{param: (B,) float32 norm bound}`` as Opacus's norm samplers do. Replaces Opacus's
+    float32 Gram sums for ``nn.Linear`` (clamped at 0), its float32 ``index_add`` for
+    ``nn.Embedding`` (which also counts the padding row autograd gives no gradient) and its
+    explicit per-example gradients for ``nn.LayerNorm``.
     """
-    x = _flatten(activations[0], "input", layer)
-    dy = _flatten(backprops, "output gradient", layer)
+    rule = get_layer_rule(module)
+    x = _positions(activations[0], "input", module)
+    dy = _positions(backprops, "output gradient", module)
     if x.shape[:2] != dy.shape[:2]:
         raise ValueError(
-            f"certified ghost clipping: nn.Linear input {list(activations[0].shape)} and output "
-            f"gradient {list(backprops.shape)} do not have the same examples and positions"
+            f"certified ghost clipping: {type(module).__name__} input {list(activations[0].shape)} "
+            f"and output gradient {list(backprops.shape)} do not have the same examples and "
+            "positions"
         )
-    empty = x.numel() == 0 or dy.numel() == 0
-    out: dict[nn.Parameter, torch.Tensor] = {}
-    if layer.weight.requires_grad:
-        sq = _empty(x.shape[0], dy) if empty else ops.linear_sq_norms(x, dy)
-        out[layer.weight] = _sqrt_up(sq)
-    if layer.bias is not None and layer.bias.requires_grad:
-        out[layer.bias] = _sqrt_up(_empty(dy.shape[0], dy) if empty else ops.bias_sq_norms(dy))
-    return out
+    if x.numel() == 0 or dy.numel() == 0:
+        trainable = [p for p in module.parameters(recurse=False) if p.requires_grad]
+        return {p: _sqrt_up(_empty(dy.shape[0], dy)) for p in trainable}
+    sq = rule.sq_norms(module, x, dy)
+    return {module.get_parameter(name): _sqrt_up(bound) for name, bound in sq.items()}
 
 
-def certified_embedding_norm_sample(
-    layer: nn.Embedding, activations: list[torch.Tensor], backprops: torch.Tensor
-) -> dict[nn.Parameter, torch.Tensor]:
-    """Per-example gradient norms of an ``nn.Embedding``, certified upper bounds.
+class _RegisteredNormSamplers(Mapping[type[nn.Module], NormSampler]):
+    """Opacus's norm-sampler table read from the layer-rule registry: a module type whose
+    registered rule takes flattened positions maps to :func:`certified_norm_sample`. Exact
+    types, as Opacus matches them (a subclass may change forward, and with it the gradient);
+    read-only, so Opacus's ``register_norm_sampler`` cannot reach it."""
 
-    Repeated ids add their dy rows before squaring (the op's Gram or sort-and-segment route in
-    float64 with an error term). Rows at ``padding_idx`` are zeroed first: autograd gives that row
-    no gradient, so the bound is the released gradient's, not Opacus's larger one.
-    """
-    ids = activations[0]
-    if ids.dim() == 0:
-        raise ValueError("certified ghost clipping: nn.Embedding input must be (B, ...) ids")
-    ids = ids.reshape(ids.shape[0], -1)
-    dy = _flatten(backprops, "output gradient", layer)
-    if ids.shape != dy.shape[:2]:
-        raise ValueError(
-            f"certified ghost clipping: nn.Embedding ids {list(activations[0].shape)} and output "
-            f"gradient {list(backprops.shape)} do not match"
-        )
-    if not layer.weight.requires_grad:
-        return {}
-    if dy.numel() == 0:
-        return {layer.weight: _sqrt_up(_empty(dy.shape[0], dy))}
-    if layer.padding_idx is not None:
-        dy = dy.masked_fill((ids == layer.padding_idx).unsqueeze(-1), 0)
-    return {layer.weight: _sqrt_up(ops.embedding_sq_norms(ids, dy))}
+    def __getitem__(self, module_type: type[nn.Module]) -> NormSampler:
+        rule = registered_layer_rules().get(module_type)
+        if rule is None or not rule.flat_positions:
+            raise KeyError(module_type)
+        return certified_norm_sample
+
+    def __iter__(self) -> Iterator[type[nn.Module]]:
+        rules = registered_layer_rules()
+        return iter([t for t, rule in rules.items() if rule.flat_positions])
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
 
 
-def certified_layernorm_norm_sample(
-    layer: nn.LayerNorm, activations: list[torch.Tensor], backprops: torch.Tensor
-) -> dict[nn.Parameter, torch.Tensor]:
-    """Per-example gradient norms of an ``nn.LayerNorm`` (weight and bias), certified.
-
-    Opacus has no norm sampler for LayerNorm: its ghost mode computed explicit per-example
-    gradients (a float32 sum over positions, exposed to cancellation) and their norms. A
-    normalisation over the last k dimensions is one over their flattened product, so the input
-    and output gradient are flattened to (B, T, prod(normalized_shape)) for the ops.
-    """
-    size = math.prod(layer.normalized_shape)
-    k = len(layer.normalized_shape)
-    x, dy = activations[0], backprops
-    if tuple(x.shape[-k:]) != tuple(layer.normalized_shape) or x.shape != dy.shape or x.dim() <= k:
-        raise ValueError(
-            f"certified ghost clipping: nn.LayerNorm{tuple(layer.normalized_shape)} input "
-            f"{list(x.shape)} and output gradient {list(dy.shape)} must both be (B, ..., "
-            f"{', '.join(map(str, layer.normalized_shape))})"
-        )
-    x = x.reshape(x.shape[0], -1, size)
-    dy = dy.reshape(dy.shape[0], -1, size)
-    empty = x.numel() == 0
-    out: dict[nn.Parameter, torch.Tensor] = {}
-    if layer.weight is not None and layer.weight.requires_grad:
-        sq = _empty(x.shape[0], dy) if empty else ops.layernorm_sq_norms(x, dy, layer.eps)
-        out[layer.weight] = _sqrt_up(sq)
-    if layer.bias is not None and layer.bias.requires_grad:
-        out[layer.bias] = _sqrt_up(_empty(dy.shape[0], dy) if empty else ops.bias_sq_norms(dy))
-    return out
-
-
-# Exact types, as Opacus matches them: a subclass may change forward, and with it the gradient.
-CERTIFIED_NORM_SAMPLERS: Mapping[type[nn.Module], NormSampler] = MappingProxyType(
-    {
-        nn.Linear: certified_linear_norm_sample,
-        nn.Embedding: certified_embedding_norm_sample,
-        nn.LayerNorm: certified_layernorm_norm_sample,
-    }
-)
+CERTIFIED_NORM_SAMPLERS: Mapping[type[nn.Module], NormSampler] = _RegisteredNormSamplers()
 
 
 def check_certifiable(module: nn.Module, *, use_ghost_clipping: bool = True) -> None:
@@ -229,16 +196,21 @@ def check_certifiable(module: nn.Module, *, use_ghost_clipping: bool = True) -> 
     for name, m in trainable_modules(module):
         if type(m) not in CERTIFIED_NORM_SAMPLERS:
             uncovered.append(f"{name or '<root>'} ({type(m).__name__})")
-        elif isinstance(m, nn.Embedding) and m.scale_grad_by_freq:
-            uncovered.append(f"{name} (nn.Embedding with scale_grad_by_freq=True)")
+            continue
+        try:
+            # The same module check as the native engine's make_private: one answer for both.
+            get_layer_rule(m).check_module(m)
+        except ValueError as err:
+            uncovered.append(f"{name or '<root>'} ({type(m).__name__}: {err})")
     if uncovered:
         raise NotImplementedError(
             "DenoisingPrivacyEngine, grad_sample_mode='ghost': the per-example gradient norms of "
             f"{', '.join(uncovered)} cannot be certified (privacy invariant 6, PRIVACY.md: a "
             "crafted input could contribute more than max_grad_norm). Certified: exactly "
-            "nn.Linear, nn.Embedding, nn.LayerNorm. Freeze those modules, or use "
-            "grad_sample_mode='hooks' (explicit per-example gradients, clipped by their own "
-            "norms), or the native engine rmt_kernels.dp.make_private"
+            f"{', '.join(sorted(t.__name__ for t in CERTIFIED_NORM_SAMPLERS))}, without the "
+            "options their rules refuse. Freeze those modules, or use grad_sample_mode='hooks' "
+            "(explicit per-example gradients, clipped by their own norms), or the native engine "
+            "rmt_kernels.dp.make_private"
         )
 
 
