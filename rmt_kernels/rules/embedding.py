@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from rmt_kernels.ops import embedding_clipped_noisy_sum, embedding_sq_norms
-from rmt_kernels.rules.registry import has_trainable, register_layer_rule
+from rmt_kernels.rules.registry import Sums, has_trainable, register_layer_rule
 from rmt_kernels.rules.release_guard import (
     ReleaseGuard,
     as_sequence,
@@ -80,9 +80,7 @@ class EmbeddingRule:
     check_module = staticmethod(check_embedding_module)
 
     @staticmethod
-    def sq_norms(
-        module: nn.Embedding, ids: torch.Tensor, dy: torch.Tensor
-    ) -> dict[str, torch.Tensor]:
+    def sq_norms(module: nn.Embedding, ids: torch.Tensor, dy: torch.Tensor) -> Sums:
         check_embedding_module(module)
         if not has_trainable(module, "weight"):
             return {}
@@ -91,15 +89,8 @@ class EmbeddingRule:
         return out
 
     @staticmethod
-    def clipped_noisy_sums(
-        module: nn.Embedding,
-        ids: torch.Tensor,
-        dy: torch.Tensor,
-        scale: torch.Tensor,
-        noise_std: float,
-        seed: int,
-        offsets: dict[str, int],
-    ) -> dict[str, torch.Tensor]:
+    def clipped_noisy_sums(module: nn.Embedding, ids, dy, scale, noise_std, seed, offsets) -> Sums:
+        # Arguments and result: rmt_kernels.rules.LayerRule.
         check_embedding_module(module)
         if not has_trainable(module, "weight"):
             return {}

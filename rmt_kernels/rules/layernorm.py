@@ -12,7 +12,7 @@ from torch import nn
 
 from rmt_kernels.ops import bias_sq_norms, layernorm_clipped_noisy_sum, layernorm_sq_norms
 from rmt_kernels.rules.bias import release_bias
-from rmt_kernels.rules.registry import has_trainable, register_layer_rule
+from rmt_kernels.rules.registry import Sums, has_trainable, register_layer_rule
 from rmt_kernels.rules.release_guard import (
     ReleaseGuard,
     as_sequence,
@@ -88,9 +88,7 @@ class LayerNormRule:
     check_module = staticmethod(check_layernorm_module)
 
     @staticmethod
-    def sq_norms(
-        module: nn.LayerNorm, x: torch.Tensor, dy: torch.Tensor
-    ) -> dict[str, torch.Tensor]:
+    def sq_norms(module: nn.LayerNorm, x: torch.Tensor, dy: torch.Tensor) -> Sums:
         check_layernorm_module(module)
         out = {}
         if has_trainable(module, "weight"):
@@ -101,15 +99,8 @@ class LayerNormRule:
         return out
 
     @staticmethod
-    def clipped_noisy_sums(
-        module: nn.LayerNorm,
-        x: torch.Tensor,
-        dy: torch.Tensor,
-        scale: torch.Tensor,
-        noise_std: float,
-        seed: int,
-        offsets: dict[str, int],
-    ) -> dict[str, torch.Tensor]:
+    def clipped_noisy_sums(module: nn.LayerNorm, x, dy, scale, noise_std, seed, offsets) -> Sums:
+        # Arguments and result: rmt_kernels.rules.LayerRule.
         check_layernorm_module(module)
         guard = ReleaseGuard(
             "layernorm_clipped_noisy_sum",

@@ -13,7 +13,7 @@ from torch import nn
 
 from rmt_kernels.ops import bias_sq_norms, linear_clipped_noisy_sum, linear_sq_norms
 from rmt_kernels.rules.bias import release_bias
-from rmt_kernels.rules.registry import has_trainable, register_layer_rule
+from rmt_kernels.rules.registry import Sums, has_trainable, register_layer_rule
 from rmt_kernels.rules.release_guard import (
     ReleaseGuard,
     as_sequence,
@@ -47,7 +47,7 @@ class LinearRule:
     flat_positions = True
 
     @staticmethod
-    def sq_norms(module: nn.Linear, x: torch.Tensor, dy: torch.Tensor) -> dict[str, torch.Tensor]:
+    def sq_norms(module: nn.Linear, x: torch.Tensor, dy: torch.Tensor) -> Sums:
         out = {}
         if has_trainable(module, "weight"):
             out["weight"] = linear_sq_norms(x, dy)
@@ -57,15 +57,8 @@ class LinearRule:
         return out
 
     @staticmethod
-    def clipped_noisy_sums(
-        module: nn.Linear,
-        x: torch.Tensor,
-        dy: torch.Tensor,
-        scale: torch.Tensor,
-        noise_std: float,
-        seed: int,
-        offsets: dict[str, int],
-    ) -> dict[str, torch.Tensor]:
+    def clipped_noisy_sums(module: nn.Linear, x, dy, scale, noise_std, seed, offsets) -> Sums:
+        # Arguments and result: rmt_kernels.rules.LayerRule.
         # Examples whose float32 rounding could exceed R C are summed apart (release_guard.py).
         guard = ReleaseGuard(
             "linear_clipped_noisy_sum",

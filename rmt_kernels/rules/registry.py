@@ -25,6 +25,10 @@ __all__ = [
 ]
 
 
+# What a rule returns: a tensor per parameter name (squared-norm bounds, or clipped sums).
+Sums = dict[str, torch.Tensor]
+
+
 def accept_every_module(module: nn.Module) -> None:
     """The module check of a rule that follows every option of its module type."""
 
