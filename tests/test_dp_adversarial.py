@@ -514,7 +514,8 @@ def test_per_parameter_bounds_are_summed_without_rounding_below_them(monkeypatch
     # at C / 1 although its certified squared norm is 1 + 10.9 * 2^-24: the engine must hand
     # clip_scales the per-parameter bounds (summed there in float64).
     import rmt_kernels.dp.engine as engine_module
-    from rmt_kernels.rules import _RULES, LayerRule, get_layer_rule
+    from rmt_kernels.rules import LayerRule, get_layer_rule
+    from rmt_kernels.rules.registry import _RULES
 
     model = nn.Sequential(*[nn.Linear(3, 3) for _ in range(6)])
     rule = get_layer_rule(model[0])

@@ -11,7 +11,8 @@ from torch import nn
 
 import rmt_kernels
 from rmt_kernels.ops import noise_offset
-from rmt_kernels.rules import _RULES, LayerRule, get_layer_rule, register_layer_rule
+from rmt_kernels.rules import LayerRule, get_layer_rule, register_layer_rule
+from rmt_kernels.rules.registry import _RULES
 
 C = 1.0
 
