@@ -14,8 +14,8 @@ clipping makes it ``C s_t`` in that direction:
 - Release-guard canaries (every 16th Linear weight slot): two more tokens with inputs
   ``2^10 e_j`` (a junk column j) and output weights +-G e_r, whose terms cancel exactly, so the
   gradient is the same Dirac, but its float32 terms are 2049 times its norm: the engine's
-  rounding guard (rmt_kernels/rounding.py) takes it out of the fused float32 pass and sums it
-  apart in float64. The audit so covers that path too.
+  rounding guard (rmt_kernels/rules/release_guard.py) takes it out of the fused float32 pass and
+  sums it apart in float64. The audit so covers that path too.
 - Linear bias r: input 0, output weight G e_r.
 - Embedding (r, c): id r, output weight G e_c.
 - LayerNorm bias k: input e_p - e_q (p, q outside the canary block: the normalised entry k is
