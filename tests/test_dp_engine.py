@@ -395,7 +395,8 @@ def test_secure_mode_never_shows_the_seed():
         secure_mode=True,
     )
     assert opt.noise_seed_is_secret
-    assert str(opt.engine._seed) not in repr(opt) + repr(opt.engine)
+    shown = repr(opt) + repr(opt.engine) + repr(opt.engine.noise_key)
+    assert str(opt.engine.noise_key.seed) not in shown
 
 
 @pytest.mark.parametrize("denoise", [None, {"kappa": 0.5, "norm": "preserve"}])

@@ -18,7 +18,8 @@ from rmt_kernels.dp.calibration import (
     warn_delta,
 )
 from rmt_kernels.dp.chain import build_chain
-from rmt_kernels.dp.engine import PrivateEngine, check_seed
+from rmt_kernels.dp.engine import PrivateEngine
+from rmt_kernels.dp.noise_key import check_seed
 from rmt_kernels.dp.optimizer import DPOptimizer
 from rmt_kernels.dp.postprocess import DenoiseFilter, PostProcessor, denoise_linear_weights
 
@@ -61,26 +62,24 @@ def make_private(
       output gradient have that leading size (checked at every forward and backward; a layer
       input of leading size 1, such as BERT's position ids, is a broadcast shared by the batch
       and gets one copy per example);
-    - no op mixes examples: at the first forward of a batch with two examples or more (and at
-      the first forward that runs a tracked layer skipped until then) the model is run again
-      with gradients enabled (nothing kept, no ``.grad`` written), once as is and
-      once per row set of :func:`rmt_kernels.dp.engine.layout_row_sets` (2 * ceil(log2 B) sets
-      splitting every pair of rows), giving those examples' inputs random values and perturbing
-      their rows in every tracked layer's output; every other example's rows (in every tracked
-      layer and in every model output whose dim 0 is the batch) must stay unchanged, and a
-      backward through the whole graph from the other rows of the outputs must give every
-      tracked layer the unchanged batch's output gradient on those rows and zero on the
-      perturbed ones; then all again at 2^40 times the perturbation (tiny always-on mixing).
-      This catches a sequence-first model even with T == B, flattened (B*T, d) layers,
-      attention or pooling over dim 0, BatchNorm batch statistics, losses over pairs of
-      outputs and mixing in backward at any tracked layer (a custom autograd Function, a
-      tensor hook); a tracked layer's input modified after the layer ran (in place or through
-      ``.data``) is refused at every step. *Assumed*: the loss is a sum
-      (``loss_reduction="sum"``) or mean over examples of a function of the model output's
-      row b (not a mean over tokens, as Hugging Face's MLM, CLM and token-classification heads
-      compute it), and the model's data-dependent branches that the verified batch did not
-      take mix no examples either (``verify_layout=False`` skips the check: then the whole
-      layout is assumed);
+    - no op mixes examples: at the first forward of a batch with two examples or more (and at the
+      first forward that runs a tracked layer skipped until then) the model is run again with
+      gradients enabled (nothing kept, no ``.grad`` written), once as is and once per row set of
+      :func:`rmt_kernels.dp.layout_verification.layout_row_sets` (2 * ceil(log2 B) sets splitting
+      every pair of rows), giving those examples' inputs random values and perturbing their rows in
+      every tracked layer's output; every other example's rows (in every tracked layer and in every
+      model output whose dim 0 is the batch) must stay unchanged, and a backward through the whole
+      graph from the other rows of the outputs must give every tracked layer the unchanged batch's
+      output gradient on those rows and zero on the perturbed ones; then all again at 2^40 times the
+      perturbation (tiny always-on mixing). This catches a sequence-first model even with T == B,
+      flattened (B*T, d) layers, attention or pooling over dim 0, BatchNorm batch statistics, losses
+      over pairs of outputs and mixing in backward at any tracked layer (a custom autograd Function,
+      a tensor hook); a tracked layer's input modified after the layer ran (in place or through
+      ``.data``) is refused at every step. *Assumed*: the loss is a sum (``loss_reduction="sum"``)
+      or mean over examples of a function of the model output's row b (not a mean over tokens, as
+      Hugging Face's MLM, CLM and token-classification heads compute it), and the model's
+      data-dependent branches that the verified batch did not take mix no examples either
+      (``verify_layout=False`` skips the check: then the whole layout is assumed);
     - each trainable parameter is used only inside its own module's forward, once per forward
       (a direct use such as ``F.linear(h, emb.weight)``, a loss term on the weights, or a
       module called twice is an error at backward; tied weights are refused here);
