@@ -468,3 +468,37 @@ def test_epsilon_without_noise_is_infinite_not_a_crash():
     _backward(model, batch)
     opt.step()
     assert opt.get_epsilon(1e-5) == float("inf")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "words"),
+    [
+        ({"max_grad_norm": "1.0"}, ValueError, "max_grad_norm must be a finite number > 0"),
+        ({"noise_multiplier": math.nan}, ValueError, "noise_multiplier must be a finite"),
+        ({"seed": -1}, ValueError, r"seed must be in \[0, 2\*\*63\)"),
+        ({"seed": 3, "secure_mode": True}, ValueError, "contradict"),
+        ({"expected_batch_size": 0}, ValueError, "expected_batch_size must be >= 1"),
+        ({"loss_reduction": "none"}, ValueError, "loss_reduction must be 'mean' or 'sum'"),
+        ({"verify_layout": 1}, TypeError, "verify_layout must be a bool"),
+        ({"denoise": {"kapa": 1.0}}, ValueError, "kapa"),
+    ],
+)
+def test_a_private_engine_built_directly_checks_its_arguments(kwargs, error, words):
+    # PrivateEngine is public: its constructor is the one place these are checked (make_private
+    # passes them on), so a direct construction refuses them too.
+    from opacus.accountants import RDPAccountant
+
+    from rmt_kernels.dp import PrivateEngine
+
+    model = torch.nn.Linear(4, 3)
+    arguments = {
+        "noise_multiplier": 1.0,
+        "max_grad_norm": 1.0,
+        "expected_batch_size": 4,
+        "sample_rate": 0.5,
+        "accountant": RDPAccountant(),
+        **kwargs,
+    }
+    with pytest.raises(error, match=words):
+        PrivateEngine(model, **arguments)
+    assert not model._forward_pre_hooks and not model._forward_hooks  # nothing left behind

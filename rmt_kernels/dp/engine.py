@@ -71,7 +71,8 @@ from rmt_kernels.ops import add_gaussian_noise, clip_scales, noise_offset
 class PrivateEngine:
     """Book-keeping DP-SGD for a model: clipping, noise, denoising, accounting.
 
-    Usually built by :func:`rmt_kernels.dp.make_private`; see it for the arguments.
+    Usually built by :func:`rmt_kernels.dp.make_private` (see it for the arguments), which
+    passes them on unchecked: they are checked here, a ValueError or TypeError naming the bad one.
     """
 
     def __init__(
@@ -92,9 +93,9 @@ class PrivateEngine:
         process_group=None,
         verify_layout: bool = True,
     ) -> None:
-        if not (max_grad_norm > 0 and max_grad_norm < float("inf")):
+        if not (isinstance(max_grad_norm, (int, float)) and 0 < max_grad_norm < math.inf):
             raise ValueError(f"max_grad_norm must be a finite number > 0, got {max_grad_norm}")
-        if not (noise_multiplier >= 0 and math.isfinite(noise_multiplier)):
+        if not (isinstance(noise_multiplier, (int, float)) and 0 <= noise_multiplier < math.inf):
             raise ValueError(
                 f"noise_multiplier must be a finite number >= 0, got {noise_multiplier}"
             )
@@ -102,6 +103,8 @@ class PrivateEngine:
             raise ValueError(f"expected_batch_size must be >= 1, got {expected_batch_size}")
         if loss_reduction not in ("mean", "sum"):
             raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
+        if not isinstance(verify_layout, bool):
+            raise TypeError(f"verify_layout must be a bool, got {type(verify_layout).__name__}")
         self.model = model
         self.noise_multiplier = float(noise_multiplier)
         self.max_grad_norm = float(max_grad_norm)
@@ -157,7 +160,7 @@ class PrivateEngine:
         self._stage_sigmas: list[float] | None = None
         self.capture = LayerCapture(self.layers)
         # The one-time check that dim 0 of every tracked layer is the example.
-        self.layout = LayoutVerifier(self.layers, self.capture, bool(verify_layout))
+        self.layout = LayoutVerifier(self.layers, self.capture, verify_layout)
         # Calls of the model in progress (a model may call itself inside its forward).
         self._forward_depth = 0
         # Prepended: it must run before the capture's pre-hook when the model is itself a

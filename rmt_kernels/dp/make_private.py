@@ -17,9 +17,7 @@ from rmt_kernels.dp.calibration import (
     run_steps,
     warn_delta,
 )
-from rmt_kernels.dp.chain import build_chain
 from rmt_kernels.dp.engine import PrivateEngine
-from rmt_kernels.dp.noise_key import check_seed
 from rmt_kernels.dp.optimizer import DPOptimizer
 from rmt_kernels.dp.postprocess import DenoiseFilter, PostProcessor, denoise_linear_weights
 
@@ -114,10 +112,11 @@ def make_private(
             32, are left alone), or None for plain DP-SGD. Applied with ``sigma = noise_multiplier *
             max_grad_norm / expected_batch_size`` to the parameters ``denoise_filter`` selects
             (by default the 2-D weights of nn.Linear layers); a fixed ``rank`` is capped at
-            each matrix's smaller side. Post-processing: privacy is unchanged. Validated here by
+            each matrix's smaller side. Post-processing: privacy is unchanged. Validated by
             :func:`rmt_kernels.dp.postprocess.check_denoise_options` (the Opacus drop-in's
-            check too); the denoiser is ``optimizer.engine.denoiser``. With
-            ``post_processors`` too, this Denoiser is the chain's first stage.
+            check too) as the engine builds its chain; the denoiser is
+            ``optimizer.engine.denoiser``. With ``post_processors`` too, this Denoiser is the
+            chain's first stage.
         post_processors: the post-processing chain of the released gradient, in order
             (rmt_kernels/dp/chain.py): e.g. ``[EMAFilter(0.9), Denoiser({"kappa": 1.0}),
             DPAdam(beta1=0.0)]`` (first-moment shrinkage with a DP-aware Adam; then use
@@ -160,10 +159,11 @@ def make_private(
     """
     from opacus.accountants import create_accountant
 
+    # make_private's own arguments; those it passes on (max_grad_norm, noise_multiplier, seed,
+    # secure_mode, loss_reduction, verify_layout, denoise, post_processors) are checked in one
+    # place, PrivateEngine's constructor (public: a direct construction is checked too).
     if not (isinstance(target_delta, (int, float)) and 0 < target_delta < 1):
         raise ValueError(f"target_delta must be in (0, 1), got {target_delta}")
-    if not (isinstance(max_grad_norm, (int, float)) and 0 < max_grad_norm < float("inf")):
-        raise ValueError(f"max_grad_norm must be a finite number > 0, got {max_grad_norm}")
     check_accountant(accountant)
     if (noise_multiplier is None) == (target_epsilon is None):
         raise ValueError("give exactly one of noise_multiplier and target_epsilon")
@@ -179,22 +179,8 @@ def make_private(
             f"target_epsilon must be at most {MAX_TARGET_EPSILON:g}, got {target_epsilon}: a "
             "larger epsilon bounds nothing (give noise_multiplier for a fixed noise)"
         )
-    if noise_multiplier is not None and not (
-        isinstance(noise_multiplier, (int, float)) and 0 <= noise_multiplier < math.inf
-    ):
-        raise ValueError(f"noise_multiplier must be a finite number >= 0, got {noise_multiplier}")
     if epochs is not None and not (isinstance(epochs, (int, float)) and 0 < epochs < math.inf):
         raise ValueError(f"epochs must be a finite number > 0, got {epochs}")
-    check_seed(seed)
-    if secure_mode and seed is not None:
-        raise ValueError(
-            "seed and secure_mode=True contradict each other: secure mode draws the noise seed "
-            "from the OS; pass seed=None"
-        )
-    if not isinstance(verify_layout, bool):
-        raise TypeError(f"verify_layout must be a bool, got {type(verify_layout).__name__}")
-    # Checked (and the Denoiser of ``denoise`` built) before any data is touched.
-    chain = build_chain(denoise, post_processors)
     if len(data_loader) == 0:
         raise ValueError("data_loader is empty")
 
@@ -272,9 +258,9 @@ def make_private(
         expected_batch_size=expected_batch_size,
         sample_rate=sample_rate,
         accountant=create_accountant(mechanism=accountant),
-        denoise=None,  # the chain's first stage
+        denoise=denoise,
         denoise_filter=denoise_filter,
-        post_processors=chain,
+        post_processors=post_processors,
         loss_reduction=loss_reduction,
         seed=seed,
         secure_mode=secure_mode,
