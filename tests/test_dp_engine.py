@@ -470,6 +470,65 @@ def test_epsilon_without_noise_is_infinite_not_a_crash():
     assert opt.get_epsilon(1e-5) == float("inf")
 
 
+# ------------------------------------------------------------------------------------------
+# Stage 5: a gradient must have its parameter's shape
+# ------------------------------------------------------------------------------------------
+
+
+class _TransposingRule:
+    """A layer's own rule, except that the weight's clipped sum comes out transposed: what a
+    registered rule for GPT-2's Conv1D (a Linear with its weight stored transposed) that forgot
+    the transpose would return, computed in its own (contiguous) layout. Same size, other shape:
+    a reshape to the parameter's shape would scramble it silently."""
+
+    def __init__(self, rule) -> None:
+        self.rule = rule
+
+    def sq_norms(self, *args):
+        return self.rule.sq_norms(*args)
+
+    def clipped_noisy_sums(self, *args):
+        sums = self.rule.clipped_noisy_sums(*args)
+        return {**sums, "weight": sums["weight"].t().contiguous()}
+
+
+def _transpose_weights(grads, sigma, step):
+    return {k: g.t().contiguous() if g.dim() == 2 else g for k, g in grads.items()}
+
+
+@pytest.mark.parametrize("culprit", ["rule", "post-processor"])
+def test_a_gradient_of_the_right_size_but_the_wrong_shape_is_refused(culprit):
+    torch.manual_seed(0)
+    # The last weight is (3, 4): 12 entries either way. The first is square: its transpose has
+    # its shape (the post-processor's passes the check), and its gradient comes first.
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3))
+    loader = DataLoader(TensorDataset(torch.randn(8, 4), torch.randint(0, 3, (8,))), batch_size=4)
+    post = [_transpose_weights] if culprit == "post-processor" else None
+    model, opt, loader = make_private(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        loader,
+        target_delta=1e-5,
+        max_grad_norm=1.0,
+        noise_multiplier=1.0,
+        seed=0,
+        post_processors=post,
+    )
+    if culprit == "rule":
+        layer = next(layer for layer in opt.engine.layers if layer.name == "2")
+        layer.rule = _TransposingRule(layer.rule)
+    x, y = next(iter(loader))
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(
+        RuntimeError, match=r"'2\.weight' has shape \[4, 3\], but the parameter has shape \[3, 4\]"
+    ):
+        opt.step()
+    # Nothing trained on the scrambled gradient, and no gradient of the step written.
+    for p, b in zip(model.parameters(), before, strict=True):
+        assert torch.equal(p, b) and p.grad is None
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error", "words"),
     [

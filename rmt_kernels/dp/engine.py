@@ -413,7 +413,10 @@ class PrivateEngine:
         """Stage 5: ``p.grad`` of every privatised parameter, in its dtype.
 
         Raises:
-            RuntimeError: a post-processor dropped a parameter's gradient.
+            RuntimeError: a post-processor dropped a parameter's gradient, or a gradient's shape
+                is not its parameter's (a layer rule or post-processor that transposed or
+                reshaped it: the same entries in another order would train on a scrambled
+                gradient).
         """
         missing = [k for k in self.param_names if k not in grads]
         if missing:
@@ -421,8 +424,16 @@ class PrivateEngine:
                 f"DP engine: the post-processors returned no gradient for {missing[:3]} (a "
                 "post-processor must return every gradient it was given)"
             )
+        for key, (layer, _, p) in zip(self.param_names, self.params, strict=True):
+            if grads[key].shape != p.shape:  # all checked before any p.grad is written
+                raise RuntimeError(
+                    f"DP engine: the private gradient of parameter '{key}' has shape "
+                    f"{list(grads[key].shape)}, but the parameter has shape {list(p.shape)}: the "
+                    f"rule of '{layer.name}' ({type(layer.rule).__name__}) or a post-processor "
+                    "returned it transposed or reshaped (a sum must have its parameter's shape)"
+                )
         for key, (_, _, p) in zip(self.param_names, self.params, strict=True):
-            p.grad = grads[key].to(p.dtype).view_as(p)
+            p.grad = grads[key].to(p.dtype)
 
     @property
     def denoise_options(self) -> dict[str, Any] | None:
