@@ -406,6 +406,11 @@ def _make(model=None, loader=None, **kwargs):
         ({"noise_multiplier": math.inf}, ValueError, "noise_multiplier must be a finite"),
         ({"noise_multiplier": math.nan}, ValueError, "noise_multiplier must be a finite"),
         (
+            {"noise_multiplier": math.nan, "epochs": 1},
+            ValueError,
+            "noise_multiplier must be a finite",
+        ),
+        (
             {"noise_multiplier": None, "target_epsilon": math.inf, "epochs": 1},
             ValueError,
             "target_epsilon must be a finite",

@@ -179,6 +179,14 @@ def make_private(
             f"target_epsilon must be at most {MAX_TARGET_EPSILON:g}, got {target_epsilon}: a "
             "larger epsilon bounds nothing (give noise_multiplier for a fixed noise)"
         )
+    if (
+        epochs is not None
+        and noise_multiplier is not None
+        and not (isinstance(noise_multiplier, (int, float)) and 0 <= noise_multiplier < math.inf)
+    ):
+        # The one argument make_private uses before the engine checks it: with epochs, the
+        # accountant runs on the given noise (run_noise_multiplier) before the engine is built.
+        raise ValueError(f"noise_multiplier must be a finite number >= 0, got {noise_multiplier}")
     if epochs is not None and not (isinstance(epochs, (int, float)) and 0 < epochs < math.inf):
         raise ValueError(f"epochs must be a finite number > 0, got {epochs}")
     if len(data_loader) == 0:
