@@ -106,7 +106,7 @@ def record_engine_seeds(monkeypatch) -> list[int]:
 
     def spy(self, *args, **kwargs):
         init(self, *args, **kwargs)
-        seeds.append(self._seed)
+        seeds.append(self.noise_key.seed)
 
     monkeypatch.setattr(engine_module.PrivateEngine, "__init__", spy)
     return seeds

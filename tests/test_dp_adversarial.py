@@ -406,6 +406,11 @@ def _make(model=None, loader=None, **kwargs):
         ({"noise_multiplier": math.inf}, ValueError, "noise_multiplier must be a finite"),
         ({"noise_multiplier": math.nan}, ValueError, "noise_multiplier must be a finite"),
         (
+            {"noise_multiplier": math.nan, "epochs": 1},
+            ValueError,
+            "noise_multiplier must be a finite",
+        ),
+        (
             {"noise_multiplier": None, "target_epsilon": math.inf, "epochs": 1},
             ValueError,
             "target_epsilon must be a finite",
@@ -554,7 +559,7 @@ def test_the_ledger_never_names_a_secret_seed_by_its_hash(tmp_path):
     # The privacy ledger names the noise stream; a hash of a secret 62-bit seed there would let
     # anyone with the ledger test seed guesses offline (and the seed gives away the noise).
     from rmt_kernels.dp import attach_ledger
-    from rmt_kernels.dp.engine import seed_id_of
+    from rmt_kernels.dp.noise_key import seed_id_of
 
     _, opt, _ = _make()
     engine = opt.engine
@@ -562,9 +567,9 @@ def test_the_ledger_never_names_a_secret_seed_by_its_hash(tmp_path):
     attach_ledger(opt, tmp_path / "ckpt.pt")
     opt.step()
     ledger = (tmp_path / "ckpt.pt.ledger").read_text()
-    assert engine.seed_id in ledger and seed_id_of(engine._seed) not in ledger
+    assert engine.seed_id in ledger and seed_id_of(engine.noise_key.seed) not in ledger
     engine.rekey_noise(3)  # a resume that cannot replay: still no hash of the (new) seed
-    assert engine.seed_id != seed_id_of(engine._seed)
+    assert engine.seed_id != seed_id_of(engine.noise_key.seed)
     with pytest.warns(UserWarning, match="NOT differentially private"):
         _, public, _ = _make(seed=42)
     assert public.engine.seed_id == seed_id_of(42)  # a public seed: recognised as a replay

@@ -41,7 +41,7 @@ def test_round_trip_restores_everything(tmp_path):
     assert load_checkpoint(path, model, opt, loader) == {"note": "x"}
     assert opt.engine.steps == 1
     assert opt.engine.accountant.history == [(1.0, dp_workers.BATCH / dp_workers.DATASET, 1)]
-    assert opt.engine._seed == 1234  # the checkpoint's stream continues, not the new seed
+    assert opt.engine.noise_key.seed == 1234  # the checkpoint's stream continues, not the new seed
     for n, p in model.named_parameters():
         assert torch.equal(p, saved[n]), n
     assert PrivacyLedger(ledger_path(path)).entries() == [(0, opt.engine.seed_id)]
@@ -264,7 +264,7 @@ def test_unverifiable_data_is_charged_unless_a_fingerprint_is_given(tmp_path):
     model, opt, loader = _private(opaque=True)
     with pytest.warns(ResumeWarning, match="cannot be verified"):
         load_checkpoint(path, model, opt, loader)
-    assert opt.engine._seed != 1234
+    assert opt.engine.noise_key.seed != 1234
     # The caller names its data: the same name replays for free, another one is charged.
     path = tmp_path / "b" / "ckpt.pt"
     _crashed_run(path, opaque=True, given="sst2 v1")
@@ -272,7 +272,7 @@ def test_unverifiable_data_is_charged_unless_a_fingerprint_is_given(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         load_checkpoint(path, model, opt, loader, data_fingerprint="sst2 v1")
-    assert opt.engine._seed == 1234
+    assert opt.engine.noise_key.seed == 1234
     model, opt, loader = _private(opaque=True)
     with pytest.warns(ResumeWarning, match="data_fingerprint differ"):
         load_checkpoint(path, model, opt, loader, data_fingerprint="sst2 v2")
@@ -297,7 +297,7 @@ def test_a_run_killed_before_its_first_checkpoint_restarts_with_its_steps_charge
     rate = dp_workers.BATCH / dp_workers.DATASET
     # Charged with the noise multiplier they ran with (recorded in the ledger), not this run's.
     assert opt.engine.accountant.history == [(2.0, rate, 2)]
-    assert opt.engine.seed_id != old_id and opt.engine._seed != 1234
+    assert opt.engine.seed_id != old_id and opt.engine.noise_key.seed != 1234
     dp_workers.backward(model, _examples(loader, 0))
     opt.step()
     assert opt.engine.accountant.history == [(2.0, rate, 2), (1.0, rate, 1)]
@@ -315,7 +315,7 @@ def test_a_secret_seed_is_never_written_and_its_lost_steps_are_charged(tmp_path,
 
     path = tmp_path / "ckpt.pt"
     model, opt, loader = dp_workers.private(tiny_model(), noise=1.0, lr=0.0, seed=None)
-    seed = opt.engine._seed
+    seed = opt.engine.noise_key.seed
     attach_ledger(opt, path)
     for step in range(2):
         dp_workers.backward(model, _examples(loader, step))
@@ -333,7 +333,7 @@ def test_a_secret_seed_is_never_written_and_its_lost_steps_are_charged(tmp_path,
 
     with pytest.warns(ResumeWarning, match="secret"):
         load_checkpoint(path, model, opt, loader)
-    assert opt.engine._seed != seed
+    assert opt.engine.noise_key.seed != seed
     dp_workers.backward(model, _examples(loader, 1))
     opt.step()
     assert opt.engine.accountant.history == [(1.0, dp_workers.BATCH / dp_workers.DATASET, 3)]

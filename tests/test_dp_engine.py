@@ -395,7 +395,8 @@ def test_secure_mode_never_shows_the_seed():
         secure_mode=True,
     )
     assert opt.noise_seed_is_secret
-    assert str(opt.engine._seed) not in repr(opt) + repr(opt.engine)
+    shown = repr(opt) + repr(opt.engine) + repr(opt.engine.noise_key)
+    assert str(opt.engine.noise_key.seed) not in shown
 
 
 @pytest.mark.parametrize("denoise", [None, {"kappa": 0.5, "norm": "preserve"}])
@@ -467,3 +468,96 @@ def test_epsilon_without_noise_is_infinite_not_a_crash():
     _backward(model, batch)
     opt.step()
     assert opt.get_epsilon(1e-5) == float("inf")
+
+
+# ------------------------------------------------------------------------------------------
+# Stage 5: a gradient must have its parameter's shape
+# ------------------------------------------------------------------------------------------
+
+
+class _TransposingRule:
+    """A layer's own rule, except that the weight's clipped sum comes out transposed: what a
+    registered rule for GPT-2's Conv1D (a Linear with its weight stored transposed) that forgot
+    the transpose would return, computed in its own (contiguous) layout. Same size, other shape:
+    a reshape to the parameter's shape would scramble it silently."""
+
+    def __init__(self, rule) -> None:
+        self.rule = rule
+
+    def sq_norms(self, *args):
+        return self.rule.sq_norms(*args)
+
+    def clipped_noisy_sums(self, *args):
+        sums = self.rule.clipped_noisy_sums(*args)
+        return {**sums, "weight": sums["weight"].t().contiguous()}
+
+
+def _transpose_weights(grads, sigma, step):
+    return {k: g.t().contiguous() if g.dim() == 2 else g for k, g in grads.items()}
+
+
+@pytest.mark.parametrize("culprit", ["rule", "post-processor"])
+def test_a_gradient_of_the_right_size_but_the_wrong_shape_is_refused(culprit):
+    torch.manual_seed(0)
+    # The last weight is (3, 4): 12 entries either way. The first is square: its transpose has
+    # its shape (the post-processor's passes the check), and its gradient comes first.
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3))
+    loader = DataLoader(TensorDataset(torch.randn(8, 4), torch.randint(0, 3, (8,))), batch_size=4)
+    post = [_transpose_weights] if culprit == "post-processor" else None
+    model, opt, loader = make_private(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        loader,
+        target_delta=1e-5,
+        max_grad_norm=1.0,
+        noise_multiplier=1.0,
+        seed=0,
+        post_processors=post,
+    )
+    if culprit == "rule":
+        layer = next(layer for layer in opt.engine.layers if layer.name == "2")
+        layer.rule = _TransposingRule(layer.rule)
+    x, y = next(iter(loader))
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(
+        RuntimeError, match=r"'2\.weight' has shape \[4, 3\], but the parameter has shape \[3, 4\]"
+    ):
+        opt.step()
+    # Nothing trained on the scrambled gradient, and no gradient of the step written.
+    for p, b in zip(model.parameters(), before, strict=True):
+        assert torch.equal(p, b) and p.grad is None
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "words"),
+    [
+        ({"max_grad_norm": "1.0"}, ValueError, "max_grad_norm must be a finite number > 0"),
+        ({"noise_multiplier": math.nan}, ValueError, "noise_multiplier must be a finite"),
+        ({"seed": -1}, ValueError, r"seed must be in \[0, 2\*\*63\)"),
+        ({"seed": 3, "secure_mode": True}, ValueError, "contradict"),
+        ({"expected_batch_size": 0}, ValueError, "expected_batch_size must be >= 1"),
+        ({"loss_reduction": "none"}, ValueError, "loss_reduction must be 'mean' or 'sum'"),
+        ({"verify_layout": 1}, TypeError, "verify_layout must be a bool"),
+        ({"denoise": {"kapa": 1.0}}, ValueError, "kapa"),
+    ],
+)
+def test_a_private_engine_built_directly_checks_its_arguments(kwargs, error, words):
+    # PrivateEngine is public: its constructor is the one place these are checked (make_private
+    # passes them on), so a direct construction refuses them too.
+    from opacus.accountants import RDPAccountant
+
+    from rmt_kernels.dp import PrivateEngine
+
+    model = torch.nn.Linear(4, 3)
+    arguments = {
+        "noise_multiplier": 1.0,
+        "max_grad_norm": 1.0,
+        "expected_batch_size": 4,
+        "sample_rate": 0.5,
+        "accountant": RDPAccountant(),
+        **kwargs,
+    }
+    with pytest.raises(error, match=words):
+        PrivateEngine(model, **arguments)
+    assert not model._forward_pre_hooks and not model._forward_hooks  # nothing left behind

@@ -687,7 +687,7 @@ def test_a_legitimate_layerdrop_model_is_verified_when_its_block_first_runs_and_
     model = _RandomDrop()
     (x, y), sums, kept, _, engine = _train(model, verify_layout=True, steps=6)
     assert not kept[0] and any(kept), kept  # the block first runs after the first step
-    assert engine.layout_verified and engine._replay is None  # all verified: nothing kept
+    assert engine.layout.complete and engine.layout.pending is None  # all verified: nothing kept
     for draw in ("keep", "skip"):
         model.draw = draw
         expected = _reference_clipped_sum(
@@ -711,7 +711,7 @@ def test_the_re_verification_leaves_training_unchanged():
         model = _RandomDrop(dropout=0.25)
         runs.append((_train(model, verify_layout=verify, steps=6), model))
     ((_, sums, kept, draw, engine), model), ((_, sums0, _, draw0, _), model0) = runs
-    assert not kept[0] and any(kept) and engine.layout_verified, kept
+    assert not kept[0] and any(kept) and engine.layout.complete, kept
     for got, want in zip(sums, sums0, strict=True):
         for name in want:
             assert torch.equal(got[name], want[name]), name

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from rmt_kernels import ops
 from rmt_kernels.dp import CheckpointError, PrivateEngine, load_checkpoint, make_private
 from rmt_kernels.dp import save_checkpoint as save
-from rmt_kernels.dp.engine import derived_seed, seed_id_of
+from rmt_kernels.dp.noise_key import derived_seed, seed_id_of
 from rmt_kernels.dp.postprocess import (
     DENOISE_OPTIONS,
     DenoiseOptionError,
@@ -365,9 +365,9 @@ def test_engine_public_step_api():
     seed_id = engine.seed_id
     engine.rekey_noise(3)
     # Reproducible from the old seed and the salt (what a crashed run's restart relies on).
-    assert engine._seed == derived_seed(SEED, 3) != SEED
-    assert engine.seed_id == seed_id_of(engine._seed) != seed_id
-    assert engine.state_dict()["seed"] == engine._seed
+    assert engine.noise_key.seed == derived_seed(SEED, 3) != SEED
+    assert engine.seed_id == seed_id_of(engine.noise_key.seed) != seed_id
+    assert engine.state_dict()["seed"] == engine.noise_key.seed
 
 
 def test_rekey_is_refused_in_secure_mode():

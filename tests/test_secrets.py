@@ -242,7 +242,7 @@ def test_sampling_keys_are_drawn_with_128_bits_and_noise_keys_with_63(fixed_os):
     fixed_os.reset()
     _, opt, loader = _native(steps=1)
     assert (128, loader.batch_sampler._key) in fixed_os.draws
-    assert (63, opt.engine._seed) in fixed_os.draws
+    assert (63, opt.engine.noise_key.seed) in fixed_os.draws
     fixed_os.reset()
     _, _, opt, loader = _dropin(steps=1)
     assert (128, loader.batch_sampler._key) in fixed_os.draws
@@ -298,7 +298,8 @@ def _native_artifacts(tmp_path, secure_mode: bool):
         if data is not None:
             blobs[f"pickle of {name}"] = data
     assert "pickle of sampler" in blobs
-    return blobs, {"noise seed": opt.engine._seed, "sampling key": loader.batch_sampler._key}
+    keys = {"noise seed": opt.engine.noise_key.seed, "sampling key": loader.batch_sampler._key}
+    return blobs, keys
 
 
 @pytest.mark.parametrize("secure_mode", [False, True])
@@ -339,7 +340,7 @@ def test_the_scan_finds_a_secret_planted_in_a_checkpoint(tmp_path, fixed_os):
 
     fixed_os.reset()
     model, opt, loader = _native(steps=1)
-    keys = {"noise seed": opt.engine._seed, "sampling key": loader.batch_sampler._key}
+    keys = {"noise seed": opt.engine.noise_key.seed, "sampling key": loader.batch_sampler._key}
     for what, secret in keys.items():
         for form, pattern in encodings(secret).items():
             path = tmp_path / "planted.pt"

@@ -3,6 +3,9 @@ noise and optional denoising.
 
 Where things are: make_private.py (the entry point), engine.py (the private step as a template:
 clip and accumulate, add noise, all-reduce, post-process, write gradients, account),
+layout_verification.py (the one-time check that dim 0 of every tracked layer is the example),
+noise_key.py (the noise seed, its ledger stream id, re-keying), param_guards.py (only the
+privatised parameters are trained, each only through its own module),
 postprocess.py (post-processors of the released gradient, the Denoiser, the one check of the
 denoise options; shared with rmt_kernels.opacus), chain.py (an engine's chain of post-processors),
 temporal.py (EMA and DiSK filters), dp_adam.py (a DP-aware Adam stage), trajectory.py

@@ -10,8 +10,9 @@ module checks what can be checked cheaply at every step: every tracked layer's i
 output gradient have leading dimension equal to the batch size (a Linear fed
 ``x.reshape(B*T, d)`` or a sequence-first ``(T, B, d)`` with T != B is an error naming the
 layer). What a shape cannot show (sequence-first with T == B, an op that mixes examples) the
-engine's layout verification checks (:meth:`rmt_kernels.dp.engine.PrivateEngine.check_layout`),
-using the recording mode of :class:`LayerCapture`.
+engine's layout verification checks
+(:meth:`rmt_kernels.dp.layout_verification.LayoutVerifier.check`), using the recording mode of
+:class:`LayerCapture`.
 """
 
 from __future__ import annotations

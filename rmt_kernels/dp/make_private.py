@@ -17,8 +17,7 @@ from rmt_kernels.dp.calibration import (
     run_steps,
     warn_delta,
 )
-from rmt_kernels.dp.chain import build_chain
-from rmt_kernels.dp.engine import PrivateEngine, check_seed
+from rmt_kernels.dp.engine import PrivateEngine
 from rmt_kernels.dp.optimizer import DPOptimizer
 from rmt_kernels.dp.postprocess import DenoiseFilter, PostProcessor, denoise_linear_weights
 
@@ -61,26 +60,24 @@ def make_private(
       output gradient have that leading size (checked at every forward and backward; a layer
       input of leading size 1, such as BERT's position ids, is a broadcast shared by the batch
       and gets one copy per example);
-    - no op mixes examples: at the first forward of a batch with two examples or more (and at
-      the first forward that runs a tracked layer skipped until then) the model is run again
-      with gradients enabled (nothing kept, no ``.grad`` written), once as is and
-      once per row set of :func:`rmt_kernels.dp.engine.layout_row_sets` (2 * ceil(log2 B) sets
-      splitting every pair of rows), giving those examples' inputs random values and perturbing
-      their rows in every tracked layer's output; every other example's rows (in every tracked
-      layer and in every model output whose dim 0 is the batch) must stay unchanged, and a
-      backward through the whole graph from the other rows of the outputs must give every
-      tracked layer the unchanged batch's output gradient on those rows and zero on the
-      perturbed ones; then all again at 2^40 times the perturbation (tiny always-on mixing).
-      This catches a sequence-first model even with T == B, flattened (B*T, d) layers,
-      attention or pooling over dim 0, BatchNorm batch statistics, losses over pairs of
-      outputs and mixing in backward at any tracked layer (a custom autograd Function, a
-      tensor hook); a tracked layer's input modified after the layer ran (in place or through
-      ``.data``) is refused at every step. *Assumed*: the loss is a sum
-      (``loss_reduction="sum"``) or mean over examples of a function of the model output's
-      row b (not a mean over tokens, as Hugging Face's MLM, CLM and token-classification heads
-      compute it), and the model's data-dependent branches that the verified batch did not
-      take mix no examples either (``verify_layout=False`` skips the check: then the whole
-      layout is assumed);
+    - no op mixes examples: at the first forward of a batch with two examples or more (and at the
+      first forward that runs a tracked layer skipped until then) the model is run again with
+      gradients enabled (nothing kept, no ``.grad`` written), once as is and once per row set of
+      :func:`rmt_kernels.dp.layout_verification.layout_row_sets` (2 * ceil(log2 B) sets splitting
+      every pair of rows), giving those examples' inputs random values and perturbing their rows in
+      every tracked layer's output; every other example's rows (in every tracked layer and in every
+      model output whose dim 0 is the batch) must stay unchanged, and a backward through the whole
+      graph from the other rows of the outputs must give every tracked layer the unchanged batch's
+      output gradient on those rows and zero on the perturbed ones; then all again at 2^40 times the
+      perturbation (tiny always-on mixing). This catches a sequence-first model even with T == B,
+      flattened (B*T, d) layers, attention or pooling over dim 0, BatchNorm batch statistics, losses
+      over pairs of outputs and mixing in backward at any tracked layer (a custom autograd Function,
+      a tensor hook); a tracked layer's input modified after the layer ran (in place or through
+      ``.data``) is refused at every step. *Assumed*: the loss is a sum (``loss_reduction="sum"``)
+      or mean over examples of a function of the model output's row b (not a mean over tokens, as
+      Hugging Face's MLM, CLM and token-classification heads compute it), and the model's
+      data-dependent branches that the verified batch did not take mix no examples either
+      (``verify_layout=False`` skips the check: then the whole layout is assumed);
     - each trainable parameter is used only inside its own module's forward, once per forward
       (a direct use such as ``F.linear(h, emb.weight)``, a loss term on the weights, or a
       module called twice is an error at backward; tied weights are refused here);
@@ -115,10 +112,11 @@ def make_private(
             32, are left alone), or None for plain DP-SGD. Applied with ``sigma = noise_multiplier *
             max_grad_norm / expected_batch_size`` to the parameters ``denoise_filter`` selects
             (by default the 2-D weights of nn.Linear layers); a fixed ``rank`` is capped at
-            each matrix's smaller side. Post-processing: privacy is unchanged. Validated here by
+            each matrix's smaller side. Post-processing: privacy is unchanged. Validated by
             :func:`rmt_kernels.dp.postprocess.check_denoise_options` (the Opacus drop-in's
-            check too); the denoiser is ``optimizer.engine.denoiser``. With
-            ``post_processors`` too, this Denoiser is the chain's first stage.
+            check too) as the engine builds its chain; the denoiser is
+            ``optimizer.engine.denoiser``. With ``post_processors`` too, this Denoiser is the
+            chain's first stage.
         post_processors: the post-processing chain of the released gradient, in order
             (rmt_kernels/dp/chain.py): e.g. ``[EMAFilter(0.9), Denoiser({"kappa": 1.0}),
             DPAdam(beta1=0.0)]`` (first-moment shrinkage with a DP-aware Adam; then use
@@ -161,10 +159,11 @@ def make_private(
     """
     from opacus.accountants import create_accountant
 
+    # make_private's own arguments; those it passes on (max_grad_norm, noise_multiplier, seed,
+    # secure_mode, loss_reduction, verify_layout, denoise, post_processors) are checked in one
+    # place, PrivateEngine's constructor (public: a direct construction is checked too).
     if not (isinstance(target_delta, (int, float)) and 0 < target_delta < 1):
         raise ValueError(f"target_delta must be in (0, 1), got {target_delta}")
-    if not (isinstance(max_grad_norm, (int, float)) and 0 < max_grad_norm < float("inf")):
-        raise ValueError(f"max_grad_norm must be a finite number > 0, got {max_grad_norm}")
     check_accountant(accountant)
     if (noise_multiplier is None) == (target_epsilon is None):
         raise ValueError("give exactly one of noise_multiplier and target_epsilon")
@@ -180,22 +179,16 @@ def make_private(
             f"target_epsilon must be at most {MAX_TARGET_EPSILON:g}, got {target_epsilon}: a "
             "larger epsilon bounds nothing (give noise_multiplier for a fixed noise)"
         )
-    if noise_multiplier is not None and not (
-        isinstance(noise_multiplier, (int, float)) and 0 <= noise_multiplier < math.inf
+    if (
+        epochs is not None
+        and noise_multiplier is not None
+        and not (isinstance(noise_multiplier, (int, float)) and 0 <= noise_multiplier < math.inf)
     ):
+        # The one argument make_private uses before the engine checks it: with epochs, the
+        # accountant runs on the given noise (run_noise_multiplier) before the engine is built.
         raise ValueError(f"noise_multiplier must be a finite number >= 0, got {noise_multiplier}")
     if epochs is not None and not (isinstance(epochs, (int, float)) and 0 < epochs < math.inf):
         raise ValueError(f"epochs must be a finite number > 0, got {epochs}")
-    check_seed(seed)
-    if secure_mode and seed is not None:
-        raise ValueError(
-            "seed and secure_mode=True contradict each other: secure mode draws the noise seed "
-            "from the OS; pass seed=None"
-        )
-    if not isinstance(verify_layout, bool):
-        raise TypeError(f"verify_layout must be a bool, got {type(verify_layout).__name__}")
-    # Checked (and the Denoiser of ``denoise`` built) before any data is touched.
-    chain = build_chain(denoise, post_processors)
     if len(data_loader) == 0:
         raise ValueError("data_loader is empty")
 
@@ -273,9 +266,9 @@ def make_private(
         expected_batch_size=expected_batch_size,
         sample_rate=sample_rate,
         accountant=create_accountant(mechanism=accountant),
-        denoise=None,  # the chain's first stage
+        denoise=denoise,
         denoise_filter=denoise_filter,
-        post_processors=chain,
+        post_processors=post_processors,
         loss_reduction=loss_reduction,
         seed=seed,
         secure_mode=secure_mode,
