@@ -27,8 +27,8 @@ from typing import Any
 
 import torch
 
-from rmt_kernels.dp.postprocess import PostProcessor
-from rmt_kernels.dp.stage_state import (
+from rmt_kernels.dp.stages.protocol import PostProcessor
+from rmt_kernels.dp.stages.state import (
     check_fields,
     check_hyper_parameters,
     check_step_count,
@@ -154,13 +154,13 @@ class DPAdam(PostProcessor):
 
         Raises:
             ValueError: ``second_moment_from="released"`` without ``released`` (call it through
-                :func:`rmt_kernels.dp.postprocess.post_process`), or the keys changed.
+                :func:`rmt_kernels.dp.stages.chain.post_process`), or the keys changed.
         """
         if self.needs_released:
             if released is None or released_sigma is None:
                 raise ValueError(
                     "DPAdam(second_moment_from='released') needs the released gradient: run it "
-                    "through rmt_kernels.dp.postprocess.post_process"
+                    "through rmt_kernels.dp.stages.chain.post_process"
                 )
             source, noise_std = released, released_sigma
         else:
