@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Hashable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
-from rmt_kernels.dp.stages.protocol import PostProcessor
+from rmt_kernels.dp.stages.protocol import Key, PostProcessor
 from rmt_kernels.dp.stages.state import (
     check_fields,
     check_hyper_parameters,
@@ -39,7 +39,6 @@ from rmt_kernels.dp.stages.state import (
 
 __all__ = ["SECOND_MOMENT_SOURCES", "DPAdam"]
 
-Key = Hashable
 SECOND_MOMENT_SOURCES = ("released", "input")
 # DP-AdamBC's gamma': the floor of the corrected second moment (a small constant in the paper;
 # the reference implementation of the paper's method uses 5e-8 with eps 1e-8). It bounds the

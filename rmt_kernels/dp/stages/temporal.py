@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Hashable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
-from rmt_kernels.dp.stages.protocol import PostProcessor
+from rmt_kernels.dp.stages.protocol import Key, PostProcessor
 from rmt_kernels.dp.stages.state import (
     check_fields,
     check_hyper_parameters,
@@ -44,8 +44,6 @@ __all__ = [
     "disk_noise_std",
     "ema_noise_std",
 ]
-
-Key = Hashable
 
 
 def _check_unit_interval(name: str, value: Any, *, closed_low: bool = True) -> float:

@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Hashable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 
 from rmt_kernels.dp.stages.denoiser import Denoiser
 from rmt_kernels.dp.stages.options import DenoiseOptions
-from rmt_kernels.dp.stages.protocol import PostProcessor
+from rmt_kernels.dp.stages.protocol import Key, PostProcessor
 from rmt_kernels.dp.stages.state import (
     check_fields,
     check_step_count,
@@ -33,8 +33,6 @@ from rmt_kernels.dp.stages.state import (
 )
 
 __all__ = ["TrajectoryDenoiser"]
-
-Key = Hashable
 
 
 class TrajectoryDenoiser(PostProcessor):
