@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from rmt_kernels import ops
-from rmt_kernels.dp.stages.options import DenoiseOptions, check_denoise_options
+from rmt_kernels.dp.stages.options import DenoiseOptions
 from rmt_kernels.dp.stages.protocol import Key, PostProcessor
 
 __all__ = [
@@ -153,8 +153,11 @@ class Denoiser(PostProcessor):
         keys: Iterable[Key] | None = None,
     ):
         #: The options, validated (:meth:`DenoiseOptions.given_options` are those given).
-        default = DenoiseOptions.from_mapping({})  # no option given
-        self.options: DenoiseOptions = check_denoise_options(options) or default
+        self.options: DenoiseOptions = (
+            options
+            if isinstance(options, DenoiseOptions)
+            else DenoiseOptions.from_mapping(options or {})
+        )
         self.keys = None if keys is None else frozenset(keys)
         self.record_stats = False
         # (key, noisy norm, output, passes, shrunk) of each selected matrix at the recorded step.
