@@ -11,13 +11,13 @@ from __future__ import annotations
 import torch
 
 from rmt_kernels import _checks
-from rmt_kernels.denoise_options import DenoiseOptions
+from rmt_kernels.op_options import DenoiseOpOptions
 
 
 @torch.library.register_fake("rmt::denoise")
 def _denoise_fake(grad: torch.Tensor, sigma: float, **options) -> torch.Tensor:
     # The dispatcher passes only the options that differ from the schema's defaults.
-    DenoiseOptions(**options).check(grad, sigma, check_seed=False)
+    DenoiseOpOptions(**options).check(grad, sigma, check_seed=False)
     return torch.empty(grad.shape, dtype=grad.dtype, device=grad.device)
 
 
@@ -25,7 +25,7 @@ def _denoise_fake(grad: torch.Tensor, sigma: float, **options) -> torch.Tensor:
 def _denoise_warm_fake(
     grad: torch.Tensor, sigma: float, basis: torch.Tensor, *options, **named_options
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    DenoiseOptions(*options, **named_options).check(grad, sigma, check_seed=False)
+    DenoiseOpOptions(*options, **named_options).check(grad, sigma, check_seed=False)
     _checks.check_denoise_basis(grad, basis)
     # The new basis's width depends on how many components the data keeps: an unbacked size,
     # bounded by the matrix's smaller side where that is a plain int (meta tensors, which have no

@@ -3,7 +3,7 @@
 Layers, plainly stacked: C++ schema (csrc/rmt.cpp) -> per-backend kernel (csrc/cpu/*.cpp for the
 CPU; rmt_kernels/triton/, registered for CUDA in rmt_kernels/triton/register.py) -> the documented
 Python functions below. Fake (meta) implementations for tracing: rmt_kernels/fake_impls.py;
-argument checks: rmt_kernels/_checks.py (denoise's options: rmt_kernels/denoise_options.py); slow
+argument checks: rmt_kernels/_checks.py (denoise's options: rmt_kernels/op_options.py); slow
 references: rmt_kernels/reference.py; layer rules built on the DP ops: rmt_kernels/rules/.
 
 Two families: ``denoise`` / ``denoise_many`` (singular-value shrinkage of a noisy gradient), and
@@ -28,7 +28,7 @@ import torch
 
 from rmt_kernels import _C
 from rmt_kernels._checks import INT64_MAX, check_denoise_basis
-from rmt_kernels.denoise_options import DenoiseOptions
+from rmt_kernels.op_options import DenoiseOpOptions
 
 # The public functions (rmt_kernels re-exports them); the constants below are read as ops.NAME.
 __all__ = [
@@ -148,7 +148,7 @@ def denoise(
     """
     # Checked here too, before C++: an int option past int64 (or near it, e.g. an oversample of
     # 2**63 - 1) would otherwise overflow in the kernel's arithmetic or fail with a binding error.
-    options = DenoiseOptions(shrinker, kappa, rank, oversample, niter, norm, seed)
+    options = DenoiseOpOptions(shrinker, kappa, rank, oversample, niter, norm, seed)
     options.check(grad, sigma)
     return torch.ops.rmt.denoise(grad, float(sigma), **options.op_arguments())
 
@@ -221,7 +221,7 @@ def denoise_warm(
         ...     g = torch.randn(768, 3072) * 0.01
         ...     clean, basis, passes = rmt_kernels.denoise_warm(g, 0.01, basis)
     """
-    options = DenoiseOptions(shrinker, kappa, rank, oversample, niter, norm, seed)
+    options = DenoiseOpOptions(shrinker, kappa, rank, oversample, niter, norm, seed)
     options.check(grad, sigma)
     if basis is None:
         basis = grad.new_empty((*grad.shape[:-1], 0), dtype=torch.float32)

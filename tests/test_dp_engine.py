@@ -160,7 +160,7 @@ def test_sensitivity_removing_one_example_moves_the_sum_by_at_most_c():
 
 
 def test_denoise_is_post_processing_of_the_noisy_gradient(monkeypatch):
-    # The denoiser (rmt_kernels/dp/postprocess.py) calls the op through rmt_kernels.ops.
+    # The denoiser (rmt_kernels/dp/stages/denoiser.py) calls the op through rmt_kernels.ops.
     import rmt_kernels.ops as ops_module
 
     seen = {"grads": []}
@@ -222,7 +222,7 @@ def test_denoise_stats_report_kept_rank_and_norm_ratio():
     engine.record_denoise_stats = True
     _backward(model, batch)
     noisy = {}
-    # The denoiser (rmt_kernels/dp/postprocess.py) calls the op through rmt_kernels.ops.
+    # The denoiser (rmt_kernels/dp/stages/denoiser.py) calls the op through rmt_kernels.ops.
     import rmt_kernels.ops as ops_module
 
     real = ops_module.denoise_many

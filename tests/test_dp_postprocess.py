@@ -1,4 +1,4 @@
-"""The post-processing stage of the private step (rmt_kernels/dp/postprocess.py), shared by the
+"""The post-processing stage of the private step (rmt_kernels/dp/stages/), shared by the
 native engine and the Opacus drop-in: what a post-processor sees, its state through a checkpoint,
 one Denoiser and one option check for both engines, and the engine's public step API."""
 
@@ -7,22 +7,32 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from rmt_kernels import ops
-from rmt_kernels.dp import CheckpointError, PrivateEngine, load_checkpoint, make_private
+from rmt_kernels.dp import (
+    CheckpointError,
+    DiSKExtrapolation,
+    DPAdam,
+    EMAFilter,
+    PrivateEngine,
+    load_checkpoint,
+    make_private,
+)
 from rmt_kernels.dp import save_checkpoint as save
 from rmt_kernels.dp.noise_key import derived_seed, seed_id_of
-from rmt_kernels.dp.postprocess import (
+from rmt_kernels.dp.stages.denoiser import Denoiser
+from rmt_kernels.dp.stages.options import (
     DENOISE_OPTIONS,
     DenoiseOptionError,
-    Denoiser,
-    PostProcessor,
+    DenoiseOptions,
     check_denoise_options,
 )
+from rmt_kernels.dp.stages.protocol import CallableStage, PostProcessor
 from rmt_kernels.ops import add_gaussian_noise, noise_offset
 
 pytest.importorskip("opacus")
@@ -142,7 +152,7 @@ def test_post_processor_sees_clean_plus_the_engines_noise_and_public_numbers(acc
 
 def test_a_post_processor_that_drops_a_gradient_is_refused():
     model, opt, loader = _private()
-    opt.engine.post_processors.append(lambda grads, sigma, step: {})
+    opt.engine.post_processors.append(CallableStage(lambda grads, sigma, step: {}))
     x, y = next(iter(loader))
     _backward(model, x, y)
     with pytest.raises(RuntimeError, match=r"returned no gradient for \['0.weight'"):
@@ -337,6 +347,122 @@ def test_unknown_option_is_both_a_type_and_a_value_error():
             check_denoise_options({"kapa": 1.0})
 
 
+def test_denoise_options_are_one_frozen_object_with_the_ops_defaults():
+    import dataclasses
+    import inspect
+
+    op = {
+        name: p.default
+        for name, p in inspect.signature(ops.denoise).parameters.items()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY
+    }
+    # Every op option is a DenoiseOptions field with the op's default (no drift), plus the
+    # Denoiser's own three.
+    assert {k: DENOISE_OPTIONS[k] for k in op} == op
+    assert set(DENOISE_OPTIONS) - set(op) == {"min_dim", "warm_start", "passthrough_below_edge"}
+    given = {"kappa": 0.5, "seed": np.int64(3), "min_dim": 1}
+    options = check_denoise_options(given)
+    assert isinstance(options, DenoiseOptions) and options.kappa == 0.5 and options.rank == -1
+    assert options.given_options() == {"kappa": 0.5, "seed": 3, "min_dim": 1}
+    assert type(options.seed) is int  # a NumPy integer would overflow in seed + step
+    # Only the given op options reach the op, the seed always, advanced by the step.
+    assert options.op_options(5) == {"kappa": 0.5, "seed": 8}
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.kappa = 2.0  # type: ignore[misc]
+    given["kappa"] = 2.0  # the caller's dict is not the run's
+    assert options.kappa == 0.5
+    # Validated once, then carried: the chain's Denoiser holds the very object.
+    assert check_denoise_options(options) is options
+    _, opt, _ = _private(denoise=options)
+    assert opt.engine.denoiser.options is options
+    assert opt.engine.denoise_options == {"kappa": 0.5, "seed": 3}
+    # Built directly, the options are checked the same way, and all count as given.
+    with pytest.raises(ValueError, match="min_dim must be >= 1"):
+        DenoiseOptions(min_dim=0)
+    assert DenoiseOptions(kappa=0.5).given_options() == DENOISE_OPTIONS | {"kappa": 0.5}
+
+
+def test_the_protocol_declares_every_hook_with_its_default():
+    """The chain calls each hook directly: a stage overriding only ``__call__`` (and a plain
+    function, wrapped) gets the documented defaults."""
+
+    class Minimal(PostProcessor):
+        def __call__(self, grads, sigma, step):
+            return grads
+
+    stage = Minimal()
+    assert not stage.terminal and not stage.after_direction and not stage.needs_released
+    assert not stage.shrinks_matrices and not stage.record_stats and stage.keys is None
+    assert stage.output_sigma(0.3, 2) == 0.3 and not stage.eligible((64, 64))
+    assert stage.selected({"w": torch.zeros(64, 64)}) == [] and stage.take_stats() == {}
+    assert stage.state_dict() == {}
+    stage.restrict_to(["w"])  # nothing to restrict
+    with pytest.raises(ValueError, match="keeps no state"):
+        stage.load_state_dict({"m": 1})
+    assert Denoiser().shrinks_matrices and DPAdam().terminal and DiSKExtrapolation().terminal
+    assert DiSKExtrapolation().after_direction and not EMAFilter().shrinks_matrices
+
+
+def test_a_plain_function_is_a_stage_through_both_engines_and_a_checkpoint(tmp_path):
+    from rmt_kernels.opacus import DenoisingDPOptimizer
+
+    seen = []
+
+    def halve(grads, sigma, step):
+        seen.append(sigma)
+        return {k: g / 2 for k, g in grads.items()}
+
+    with pytest.raises(ValueError, match="appears twice"):
+        _private_with([halve, halve])
+    with pytest.raises(ValueError, match="appears twice"):
+        _private_with([CallableStage(halve), halve])
+    model, opt, loader = _private_with([halve], poisson=True, n=64)
+    (stage,) = opt.engine.post_processors
+    assert isinstance(stage, CallableStage) and stage.function is halve
+    assert repr(stage) == repr(halve)
+    x, y = next(iter(loader))
+    _backward(model, x, y)
+    opt.step()
+    assert seen == [opt.engine.sigma()]
+    save(tmp_path / "c.pt", model, opt, loader)  # its state: {}
+    model, opt, loader = _private_with([halve], poisson=True, n=64)
+    load_checkpoint(tmp_path / "c.pt", model, opt, loader)
+    assert opt.engine.steps == 1
+    # The Opacus drop-in wraps it the same way; its state rides in the optimizer's.
+    other = _mlp()
+    dropin = DenoisingDPOptimizer(
+        torch.optim.SGD(other.parameters(), lr=0.1),
+        noise_multiplier=1.0,
+        max_grad_norm=C,
+        expected_batch_size=BATCH,
+        post_processors=[halve],
+    )
+    assert isinstance(dropin.post_processors[0], CallableStage)
+    assert dropin.state_dict()["rmt_denoise"]["post_processors"] == [{}]
+    dropin.load_state_dict(dropin.state_dict())
+    with pytest.raises(ValueError, match="keeps no state"):
+        dropin.load_state_dict(
+            {**dropin.state_dict(), "rmt_denoise": {"steps": 0, "post_processors": [{"m": 1}]}}
+        )
+
+
+def _private_with(post_processors, *, poisson=False, n=BATCH):
+    model = _mlp()
+    loader = DataLoader(_data(n), batch_size=BATCH, generator=torch.Generator().manual_seed(11))
+    return make_private(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.0),
+        loader,
+        target_delta=1e-5,
+        max_grad_norm=C,
+        noise_multiplier=1.0,
+        poisson_sampling=poisson,
+        seed=SEED,
+        accountant="rdp",
+        post_processors=post_processors,
+    )
+
+
 def test_a_fixed_rank_is_capped_per_matrix_in_the_native_engine_too():
     # rank 45 is above the 40 x 48 weight's smaller side and the 3 x 48 head's: capped, as the
     # Opacus drop-in always did (the native engine used to fail at the first step).
@@ -450,7 +576,7 @@ class WarmSpy:
 
 def test_warm_start_is_on_by_default_and_not_an_op_option():
     assert DENOISE_OPTIONS["warm_start"] is True
-    assert check_denoise_options({"warm_start": False}) == {"warm_start": False}
+    assert check_denoise_options({"warm_start": False}).given_options() == {"warm_start": False}
     assert Denoiser().warm_start and not Denoiser({"warm_start": False}).warm_start
 
 

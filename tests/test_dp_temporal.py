@@ -1,7 +1,7 @@
-"""Post-processing stages across steps (rmt_kernels/dp/temporal.py, dp_adam.py, trajectory.py)
-and the chain both engines build (chain.py): what each stage reads (privacy), exactness against
-straightforward references, the filtered gradient's noise level against simulation, and their
-state through a resume."""
+"""Post-processing stages across steps (rmt_kernels/dp/stages/: temporal.py, dp_adam.py,
+trajectory.py) and the chain both engines build (chain.py): what each stage reads (privacy),
+exactness against straightforward references, the filtered gradient's noise level against
+simulation, and their state through a resume."""
 
 from __future__ import annotations
 
@@ -14,17 +14,17 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from rmt_kernels.dp import make_private
-from rmt_kernels.dp.chain import build_chain
-from rmt_kernels.dp.dp_adam import DPAdam
-from rmt_kernels.dp.postprocess import Denoiser, post_process
-from rmt_kernels.dp.temporal import (
+from rmt_kernels.dp.stages.chain import build_chain, post_process
+from rmt_kernels.dp.stages.denoiser import Denoiser
+from rmt_kernels.dp.stages.dp_adam import DPAdam
+from rmt_kernels.dp.stages.temporal import (
     DiSKExtrapolation,
     DiSKFilter,
     EMAFilter,
     disk_noise_std,
     ema_noise_std,
 )
-from rmt_kernels.dp.trajectory import TrajectoryDenoiser
+from rmt_kernels.dp.stages.trajectory import TrajectoryDenoiser
 from rmt_kernels.ops import add_gaussian_noise, noise_offset
 
 pytest.importorskip("opacus")
@@ -429,7 +429,8 @@ def test_chain_rules():
         build_chain(None, [3])
     # denoise= is a Denoiser at the front.
     chain = build_chain({"kappa": 0.5}, [ema])
-    assert type(chain[0]) is Denoiser and chain[0].options == {"kappa": 0.5} and chain[1] is ema
+    assert type(chain[0]) is Denoiser and chain[1] is ema
+    assert chain[0].options.given_options() == {"kappa": 0.5}
 
 
 def _clean_grads() -> dict[str, torch.Tensor]:
@@ -513,14 +514,14 @@ def test_the_clean_gradient_never_reaches_a_stage(name, monkeypatch):
             assert bool((grads[key] != clean[key]).all()), key
     # A stage that needs the released gradient gets exactly the first stage's input.
     for stage, spy in zip(chain, spies, strict=True):
-        if getattr(stage, "needs_released", False):
+        if stage.needs_released:
             for (_, kwargs), released in zip(spy.calls, released_per_step, strict=True):
                 assert kwargs["released_sigma"] == engine.sigma()
                 assert all(torch.equal(kwargs["released"][k], released[k]) for k in released)
     # The same chain, fresh, on the recorded releases alone: the same gradients written.
     replay = _stage_chains()[name]()
     for stage, original in zip(replay, chain, strict=True):
-        if hasattr(stage, "restrict_to"):
+        if stage.shrinks_matrices:
             stage.restrict_to(original.keys)
     monkeypatch.undo()
     for step, (released, out) in enumerate(zip(released_per_step, written, strict=True)):

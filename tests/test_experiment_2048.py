@@ -118,11 +118,11 @@ def test_each_arm_builds_the_chain_it_names(runs):
     configs = {name: cfg for name, seed, cfg in runs if seed == 0}
     assert post_processors(configs["dp"]) == []
     (passthrough,) = post_processors(configs["shrink-grad-passthrough"])
-    assert passthrough.passthrough and passthrough.options["kappa"] == 1.0
+    assert passthrough.passthrough and passthrough.options.kappa == 1.0
     (plain_shrink,) = post_processors(configs["shrink-grad"])
     assert not plain_shrink.passthrough
     operator, adam = post_processors(configs["shrink-grad-operator"])
-    assert operator.options["shrinker"] == "operator" and type(adam).__name__ == "DPAdam"
+    assert operator.options.shrinker == "operator" and type(adam).__name__ == "DPAdam"
     assert [type(s).__name__ for s in post_processors(configs["shrink-grad-adam"])] == [
         "Denoiser",
         "DPAdam",

@@ -11,10 +11,10 @@ from dataclasses import asdict
 
 import pytest
 
-from rmt_kernels.dp.dp_adam import DPAdam
-from rmt_kernels.dp.postprocess import Denoiser
-from rmt_kernels.dp.temporal import DiSKExtrapolation, DiSKFilter, EMAFilter, ema_noise_std
-from rmt_kernels.dp.trajectory import TrajectoryDenoiser
+from rmt_kernels.dp.stages.denoiser import Denoiser
+from rmt_kernels.dp.stages.dp_adam import DPAdam
+from rmt_kernels.dp.stages.temporal import DiSKExtrapolation, DiSKFilter, EMAFilter, ema_noise_std
+from rmt_kernels.dp.stages.trajectory import TrajectoryDenoiser
 from rmt_kernels.glue.cli import _train_config, build_parser
 from rmt_kernels.glue.config import GlueConfig
 from rmt_kernels.training import stages
@@ -124,7 +124,7 @@ def test_a_kappa_left_out_is_the_targets_default_and_reaches_the_denoiser(flags,
     denoiser = next(
         s for s in post_processors(cfg) if isinstance(s, (Denoiser, TrajectoryDenoiser))
     )
-    assert denoiser.options["kappa"] == kappa
+    assert denoiser.options.kappa == kappa
     assert resolve_optimisation(cfg, None).denoise_options["kappa"] == kappa
     # The same for a GlueConfig made in Python; nothing is filled in without --denoise.
     made = GlueConfig(task="sst2", model="m", denoise=True, denoise_target=cfg.denoise_target)

@@ -401,7 +401,7 @@ def test_make_private_with_epsilon(spy):
         **kwargs,
     )
     assert type(opt) is DenoisingDPOptimizer
-    assert opt.denoise_options == {"kappa": 1.5, "min_dim": 1}
+    assert opt.denoise_options.given_options() == {"kappa": 1.5, "min_dim": 1}
     assert opt.noise_multiplier == plain_opt.noise_multiplier
     x, y = next(iter(loader))
     nn.CrossEntropyLoss()(model(x), y).backward()

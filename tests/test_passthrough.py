@@ -1,4 +1,4 @@
-"""The Denoiser's ``passthrough_below_edge`` option (rmt_kernels/dp/postprocess.py): a matrix is
+"""The Denoiser's ``passthrough_below_edge`` option (rmt_kernels/dp/stages/denoiser.py): a matrix is
 shrunk only while its released spectrum shows a component above the noise, passed through
 unchanged otherwise; the decision reads the released gradient only; under AdamW it never makes
 the huge coherent step that zeroed matrices made (the collapse of kappa-1 gradient shrinkage on
@@ -21,14 +21,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from rmt_kernels.dp import make_private
-from rmt_kernels.dp import postprocess as pp
-from rmt_kernels.dp.postprocess import (
-    Denoiser,
-    PostProcessor,
-    check_denoise_options,
-    detection_threshold,
-    top_singular_value,
-)
+from rmt_kernels.dp.stages import denoiser as pp
+from rmt_kernels.dp.stages.denoiser import Denoiser, detection_threshold, top_singular_value
+from rmt_kernels.dp.stages.options import check_denoise_options
+from rmt_kernels.dp.stages.protocol import PostProcessor
 
 pytestmark = pytest.mark.filterwarnings("ignore:make_private. seed=:UserWarning")
 
@@ -152,7 +148,7 @@ def test_a_non_finite_matrix_is_still_refused():
 
 
 def test_the_option_is_a_bool():
-    assert check_denoise_options(PASSTHROUGH) == PASSTHROUGH
+    assert check_denoise_options(PASSTHROUGH).given_options() == PASSTHROUGH
     for bad in (1, "yes", None):
         with pytest.raises(TypeError, match="passthrough_below_edge must be a bool"):
             check_denoise_options({"passthrough_below_edge": bad})

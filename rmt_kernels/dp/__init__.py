@@ -5,13 +5,12 @@ Where things are: make_private.py (the entry point), engine.py (the private step
 clip and accumulate, add noise, all-reduce, post-process, write gradients, account),
 layout_verification.py (the one-time check that dim 0 of every tracked layer is the example),
 noise_key.py (the noise seed, its ledger stream id, re-keying), param_guards.py (only the
-privatised parameters are trained, each only through its own module),
-postprocess.py (post-processors of the released gradient, the Denoiser, the one check of the
-denoise options; shared with rmt_kernels.opacus), chain.py (an engine's chain of post-processors),
-temporal.py (EMA and DiSK filters), dp_adam.py (a DP-aware Adam stage), trajectory.py
-(shrinkage of the accumulated update), stage_state.py (their checkpoint state), optimizer.py
-(DPOptimizer), checkpoint.py (checkpoints and the privacy ledger, through the engine's
-state_dict), capture.py (the hooks), distributed.py (ranks, Poisson sampling)."""
+privatised parameters are trained, each only through its own module), stages/ (the
+post-processing stages of the released gradient, shared with rmt_kernels.opacus: their protocol,
+the denoise options, the Denoiser, the chain, temporal filters, DP-Adam, trajectory shrinkage,
+their checkpoint state), optimizer.py (DPOptimizer), checkpoint.py (checkpoints and
+the privacy ledger, through the engine's state_dict), capture.py (the hooks), distributed.py
+(ranks, Poisson sampling)."""
 
 from rmt_kernels.dp.capture import LayoutError
 from rmt_kernels.dp.checkpoint import (
@@ -24,29 +23,27 @@ from rmt_kernels.dp.checkpoint import (
     save_checkpoint,
 )
 from rmt_kernels.dp.distributed import PoissonSampler
-from rmt_kernels.dp.dp_adam import DPAdam
 from rmt_kernels.dp.engine import PrivateEngine
 from rmt_kernels.dp.make_private import make_private
 from rmt_kernels.dp.optimizer import DPOptimizer
-from rmt_kernels.dp.postprocess import (
-    Denoiser,
-    PostProcessor,
-    check_denoise_options,
-    denoise_linear_weights,
-)
-from rmt_kernels.dp.temporal import (
+from rmt_kernels.dp.stages.denoiser import Denoiser, denoise_linear_weights
+from rmt_kernels.dp.stages.dp_adam import DPAdam
+from rmt_kernels.dp.stages.options import DenoiseOptions, check_denoise_options
+from rmt_kernels.dp.stages.protocol import PostProcessor
+from rmt_kernels.dp.stages.temporal import (
     DiSKExtrapolation,
     DiSKFilter,
     EMAFilter,
     disk_noise_std,
     ema_noise_std,
 )
-from rmt_kernels.dp.trajectory import TrajectoryDenoiser
+from rmt_kernels.dp.stages.trajectory import TrajectoryDenoiser
 
 __all__ = [
     "CheckpointError",
     "DPAdam",
     "DPOptimizer",
+    "DenoiseOptions",
     "Denoiser",
     "DiSKExtrapolation",
     "DiSKFilter",

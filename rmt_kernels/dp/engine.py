@@ -11,9 +11,9 @@ The private step is a template of named stages (:class:`PrivateEngine`'s methods
    ``noise_multiplier * max_grad_norm`` on every coordinate of the sum, fused into the last
    physical batch's clipped sums;
 3. all-reduce (:meth:`~PrivateEngine.all_reduce`): the sums of every rank added up;
-4. post-process (:func:`rmt_kernels.dp.postprocess.post_process` over
-   ``PrivateEngine.post_processors``, the chain of rmt_kernels/dp/chain.py: a
-   :class:`~rmt_kernels.dp.postprocess.Denoiser`, temporal filters, a DP-aware Adam, ...):
+4. post-process (:func:`rmt_kernels.dp.stages.chain.post_process` over
+   ``PrivateEngine.post_processors``, the chain of rmt_kernels/dp/stages/chain.py: a
+   :class:`~rmt_kernels.dp.stages.denoiser.Denoiser`, temporal filters, a DP-aware Adam, ...):
    reads only the released noisy gradient and public numbers;
 5. write gradients (:meth:`~PrivateEngine.write_gradients`): ``param.grad``, for the wrapped
    optimizer;
@@ -21,7 +21,7 @@ The private step is a template of named stages (:class:`PrivateEngine`'s methods
 
 :meth:`~PrivateEngine.privatize` runs 2-5; :class:`rmt_kernels.dp.DPOptimizer` runs it, the
 wrapped optimizer and 6. A new post-processor is a stage of the chain (its own file in
-rmt_kernels/dp/), not a change here.
+rmt_kernels/dp/stages/), not a change here.
 
 Beside the step: the one-time check that dim 0 of every tracked layer is the example
 (rmt_kernels/dp/layout_verification.py, run from the model's forward hooks here) and the noise
@@ -47,24 +47,20 @@ from torch import nn
 from rmt_kernels.dp import distributed
 from rmt_kernels.dp.calibration import spent_epsilon
 from rmt_kernels.dp.capture import LayerCapture, ModelHook, TrackedLayer, trainable_layers
-from rmt_kernels.dp.chain import (
+from rmt_kernels.dp.layout_verification import LayoutVerifier
+from rmt_kernels.dp.noise_key import NoiseKey
+from rmt_kernels.dp.param_guards import check_updates, refuse_direct_use
+from rmt_kernels.dp.stages.chain import (
     build_chain,
     first_denoiser,
+    post_process,
     set_record_stats,
     spectral_stages,
     stage_input_sigmas,
     take_stats,
 )
-from rmt_kernels.dp.layout_verification import LayoutVerifier
-from rmt_kernels.dp.noise_key import NoiseKey
-from rmt_kernels.dp.param_guards import check_updates, refuse_direct_use
-from rmt_kernels.dp.postprocess import (
-    DenoiseFilter,
-    Denoiser,
-    PostProcessor,
-    denoise_linear_weights,
-    post_process,
-)
+from rmt_kernels.dp.stages.denoiser import DenoiseFilter, Denoiser, denoise_linear_weights
+from rmt_kernels.dp.stages.protocol import PostProcessor
 from rmt_kernels.ops import add_gaussian_noise, clip_scales, noise_offset
 
 
@@ -139,7 +135,7 @@ class PrivateEngine:
         ]
         self._param_index = {id(p): i for i, (_, _, p) in enumerate(self.params)}
         # Stage 4 of the step: post-processors of the released gradient, in order
-        # (rmt_kernels/dp/chain.py: ``denoise=`` is a Denoiser at the front of the chain).
+        # (rmt_kernels/dp/stages/chain.py: ``denoise=`` is a Denoiser at the front of the chain).
         self.post_processors: list[PostProcessor] = build_chain(denoise, post_processors)
         # The filter decision, made once from the modules (only the engine knows them), for
         # every stage that shrinks matrices; a stage restricted by its caller keeps only the
@@ -150,7 +146,7 @@ class PrivateEngine:
                 for key, (layer, name, p) in zip(self.param_names, self.params, strict=True)
                 if stage.eligible(p.shape) and denoise_filter(layer.name, layer.module, name, p)
             }
-            given = getattr(stage, "keys", None)
+            given = stage.keys
             stage.restrict_to(
                 k for k in self.param_names if k in chosen and (given is None or k in given)
             )
@@ -440,7 +436,7 @@ class PrivateEngine:
         """The denoise options given (``min_dim`` left out), or None without denoising."""
         if self.denoiser is None:
             return None
-        return {k: v for k, v in self.denoiser.options.items() if k != "min_dim"}
+        return {k: v for k, v in self.denoiser.options.given_options().items() if k != "min_dim"}
 
     @property
     def record_denoise_stats(self) -> bool:

@@ -19,7 +19,8 @@ from rmt_kernels.dp.calibration import (
 )
 from rmt_kernels.dp.engine import PrivateEngine
 from rmt_kernels.dp.optimizer import DPOptimizer
-from rmt_kernels.dp.postprocess import DenoiseFilter, PostProcessor, denoise_linear_weights
+from rmt_kernels.dp.stages.denoiser import DenoiseFilter, denoise_linear_weights
+from rmt_kernels.dp.stages.protocol import PostProcessor
 
 
 def make_private(
@@ -112,18 +113,20 @@ def make_private(
             32, are left alone), or None for plain DP-SGD. Applied with ``sigma = noise_multiplier *
             max_grad_norm / expected_batch_size`` to the parameters ``denoise_filter`` selects
             (by default the 2-D weights of nn.Linear layers); a fixed ``rank`` is capped at
-            each matrix's smaller side. Post-processing: privacy is unchanged. Validated by
-            :func:`rmt_kernels.dp.postprocess.check_denoise_options` (the Opacus drop-in's
-            check too) as the engine builds its chain; the denoiser is
-            ``optimizer.engine.denoiser``. With ``post_processors`` too, this Denoiser is the
-            chain's first stage.
+            each matrix's smaller side. Post-processing: privacy is unchanged. Validated here by
+            :func:`rmt_kernels.dp.stages.options.check_denoise_options` (the Opacus drop-in's
+            check too: one frozen DenoiseOptions, carried by the chain); the denoiser is
+            ``optimizer.engine.denoiser``. With
+            ``post_processors`` too, this Denoiser is the chain's first stage.
         post_processors: the post-processing chain of the released gradient, in order
-            (rmt_kernels/dp/chain.py): e.g. ``[EMAFilter(0.9), Denoiser({"kappa": 1.0}),
+            (rmt_kernels/dp/stages/chain.py): e.g. ``[EMAFilter(0.9), Denoiser({"kappa": 1.0}),
             DPAdam(beta1=0.0)]`` (first-moment shrinkage with a DP-aware Adam; then use
             ``SGD(lr, momentum=0)`` as ``optimizer``). Each stage gets the previous one's
             output and its exact noise std; every Denoiser (and TrajectoryDenoiser) in it is
             restricted to the matrices ``denoise_filter`` selects. ``denoise=D`` with
-            ``post_processors=[A, ...]`` is the chain ``[Denoiser(D), A, ...]``. Their states
+            ``post_processors=[A, ...]`` is the chain ``[Denoiser(D), A, ...]``. A stage is a
+            :class:`~rmt_kernels.dp.PostProcessor` or a plain callable ``(grads, sigma, step)
+            -> grads`` (wrapped in a stage that keeps no state). Their states
             are in ``optimizer.engine.state_dict()`` (checkpoints). Post-processing: privacy is
             unchanged.
         poisson_sampling: sample each logical batch by Poisson sampling (recommended: the

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from rmt_kernels.dp.postprocess import MIN_DENOISE_DIM
+from rmt_kernels.dp.stages.options import MIN_DENOISE_DIM
 from rmt_kernels.glue.probe_gradient import clean_clipped_gradient, probed_matrices
 from rmt_kernels.glue.probe_report import cell_text, write_outputs
 from rmt_kernels.glue.probe_spectra import noise_grid, probe_spectra, spectra

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from rmt_kernels.dp.postprocess import MIN_DENOISE_DIM, denoise_linear_weights
+from rmt_kernels.dp.stages.denoiser import denoise_linear_weights
+from rmt_kernels.dp.stages.options import MIN_DENOISE_DIM
 from rmt_kernels.glue.data import Encoded
 from rmt_kernels.glue.model import forward, loss_fn
 from rmt_kernels.glue.tasks import Task

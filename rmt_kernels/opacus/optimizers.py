@@ -2,10 +2,10 @@
 
 Opacus's ``DPOptimizer.pre_step`` is a template method: clip_and_accumulate -> add_noise ->
 scale_grad -> step_hook (the accountant). We override ``scale_grad``: call Opacus's, then run the
-post-processing stage the native engine runs (:func:`rmt_kernels.dp.postprocess.post_process`
-with the same :class:`~rmt_kernels.dp.postprocess.Denoiser`; the options checked by the same
-:func:`~rmt_kernels.dp.postprocess.check_denoise_options`); ``add_noise`` is overridden too, only
-to draw the package's Philox noise (:meth:`_DenoisingMixin.add_noise`). At that point
+post-processing stage the native engine runs (:func:`rmt_kernels.dp.stages.chain.post_process`
+with the same :class:`~rmt_kernels.dp.stages.denoiser.Denoiser`; the options checked by the same
+:func:`~rmt_kernels.dp.stages.options.check_denoise_options`); ``add_noise`` is overridden too,
+only to draw the package's Philox noise (:meth:`_DenoisingMixin.add_noise`). At that point
 ``p.grad`` is exactly the released DP gradient (clipped sum + noise, divided by the batch size),
 so denoising is post-processing and the privacy guarantee is unchanged; the accountant's hook
 still runs afterwards, untouched, from Opacus's own ``pre_step``.
@@ -43,13 +43,15 @@ from opacus.optimizers import (
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from torch.optim import Optimizer
 
-from rmt_kernels.dp.chain import build_chain, first_denoiser, spectral_stages
-from rmt_kernels.dp.postprocess import (
-    Denoiser,
-    PostProcessor,
-    check_denoise_options,
+from rmt_kernels.dp.stages.chain import (
+    build_chain,
+    first_denoiser,
     post_process,
+    spectral_stages,
 )
+from rmt_kernels.dp.stages.denoiser import Denoiser
+from rmt_kernels.dp.stages.options import DenoiseOptions, check_denoise_options
+from rmt_kernels.dp.stages.protocol import PostProcessor
 from rmt_kernels.ops import OFFSET_STRIDE, add_gaussian_noise, noise_offset
 
 __all__ = [
@@ -77,7 +79,7 @@ class _DenoisingMixin:
     """
 
     # Set in __init__; declared for type checkers.
-    denoise_options: dict[str, Any] | None
+    denoise_options: DenoiseOptions | None
     denoise_steps: int
     denoiser: Denoiser | None
     post_processors: list[PostProcessor]
@@ -86,7 +88,7 @@ class _DenoisingMixin:
         self,
         optimizer: Optimizer,
         *,
-        denoise: Mapping[str, Any] | None = None,
+        denoise: Mapping[str, Any] | DenoiseOptions | None = None,
         post_processors: Sequence[PostProcessor | Callable] | None = None,
         noise_seed: int | None = None,
         **kwargs: Any,
@@ -105,8 +107,8 @@ class _DenoisingMixin:
         # Releases noised so far: the step part of each noise counter, never reused under a key.
         self._noise_step = 0
         self.denoise_options = check_denoise_options(denoise)
-        # The chain, as the native engine builds it (rmt_kernels/dp/chain.py: ``denoise`` is a
-        # Denoiser at its front). Every 2-D gradient is a Denoiser's candidate (keys=None):
+        # The chain, as the native engine builds it (rmt_kernels/dp/stages/chain.py: ``denoise``
+        # is a Denoiser at its front). Every 2-D gradient is a Denoiser's candidate (keys=None):
         # Opacus knows no modules here.
         self.post_processors = build_chain(self.denoise_options, post_processors)
         self.denoiser = first_denoiser(self.post_processors)
@@ -162,11 +164,7 @@ class _DenoisingMixin:
                 **state,
                 _STATE_KEY: {
                     "steps": self.denoise_steps,
-                    # A plain callable stage keeps no state.
-                    "post_processors": [
-                        p.state_dict() if hasattr(p, "state_dict") else {}
-                        for p in self.post_processors
-                    ],
+                    "post_processors": [p.state_dict() for p in self.post_processors],
                 },
             }
         return state
@@ -206,10 +204,7 @@ class _DenoisingMixin:
                 raise ValueError(f"{where}: 'steps' must be an int >= 0, got {steps!r}")
             # The post-processors first: they check their state before anything is replaced.
             for processor, processor_state in zip(self.post_processors, processors, strict=True):
-                if hasattr(processor, "load_state_dict"):
-                    processor.load_state_dict(processor_state)
-                elif processor_state:
-                    raise ValueError(f"{where}: a state for {processor!r}, which keeps none")
+                processor.load_state_dict(processor_state)
             self.denoise_steps = steps
             state_dict = {k: v for k, v in state_dict.items() if k != _STATE_KEY}
         super().load_state_dict(state_dict)  # type: ignore[misc]
@@ -247,11 +242,11 @@ class _DenoisingMixin:
             self._denoise_grads()
 
     def _denoise_grads(self) -> None:
-        """The post-processing stage (:func:`rmt_kernels.dp.postprocess.post_process`) on
+        """The post-processing stage (:func:`rmt_kernels.dp.stages.chain.post_process`) on
         ``p.grad``, keyed by the parameter's index in ``params``.
 
         Reads only ``p.grad`` and public hyper-parameters (post-processing). The
-        :class:`~rmt_kernels.dp.postprocess.Denoiser` shrinks every 2-D gradient whose smaller
+        :class:`~rmt_kernels.dp.stages.denoiser.Denoiser` shrinks every 2-D gradient whose smaller
         side is at least ``min_dim`` (default 32): embedding tables included (the native engine
         leaves embeddings alone by default), tiny heads left alone as in the native engine; 1-D
         (biases, norms) and >2-D (convolution kernels) gradients are left exactly as Opacus made

@@ -1,6 +1,6 @@
 """A PrivacyEngine whose ``make_private(..., denoise={...}, post_processors=[...])`` returns a
 DP optimizer that post-processes the noisy gradient (denoising, temporal filters, a DP-aware
-Adam: the chain of rmt_kernels/dp/chain.py, shared with the native engine).
+Adam: the chain of rmt_kernels/dp/stages/chain.py, shared with the native engine).
 
 Opacus still wraps the model, builds the Poisson data loader, picks the optimizer flavour and
 the noise generator, and attaches the accountant's step hook to the optimizer we return, so
@@ -69,8 +69,8 @@ from rmt_kernels.dp.calibration import (
     spent_epsilon,
     warn_delta,
 )
-from rmt_kernels.dp.chain import build_chain
-from rmt_kernels.dp.postprocess import check_denoise_options
+from rmt_kernels.dp.stages.chain import build_chain
+from rmt_kernels.dp.stages.options import DenoiseOptions, check_denoise_options
 from rmt_kernels.opacus.ghost import (
     CertifiedGradSampleHooksFastGradientClipping,
     CertifiedGradSampleModuleFastGradientClipping,
@@ -89,7 +89,7 @@ class DenoisingPrivacyEngine(PrivacyEngine):
     ``make_private`` and ``make_private_with_epsilon``.
 
     ``denoise`` is a dict of :func:`rmt_kernels.denoise` options (``{}`` for the defaults) or None
-    (the default); ``post_processors`` a list of stages (rmt_kernels/dp/chain.py: e.g.
+    (the default); ``post_processors`` a list of stages (rmt_kernels/dp/stages/chain.py: e.g.
     ``[EMAFilter(0.9), Denoiser({"kappa": 1.0}), DPAdam(beta1=0.0)]``, then a plain SGD as the
     wrapped optimizer) or None. With both None the engine returns the optimizer Opacus would
     (exactly so with a ``noise_generator`` or in secure mode; otherwise its twin, whose only
@@ -114,7 +114,7 @@ class DenoisingPrivacyEngine(PrivacyEngine):
         # **kwargs to the optimizer, the criterion and (via make_private_with_epsilon) to
         # get_noise_multiplier, so ``denoise`` and ``post_processors`` travel on the engine
         # instead of through kwargs.
-        self._denoise: dict[str, Any] | None = None
+        self._denoise: DenoiseOptions | None = None
         self._post_processors: list | None = None
         # Whether the noise of the last make_private comes from a seed nobody chose: True for
         # the default (OS-seeded generator) and secure mode, False with a caller's

@@ -1,8 +1,8 @@
 """The post-processing chain of a training command (``--filter``, ``--denoise-target``,
 ``--dp-adam``), the optimizer it implies, and ``--lr-schedule``.
 
-The chain (rmt_kernels/dp/chain.py) by flags, each stage a post-processor of the released noisy
-gradient (privacy unchanged):
+The chain (rmt_kernels/dp/stages/chain.py) by flags, each stage a post-processor of the released
+noisy gradient (privacy unchanged):
 
 - ``--denoise-target moment``: [filter (``--filter ema`` when none: EMA with
   ``--filter-beta``; or DiSK)] + [Denoiser at the filtered gradient's exact noise level] +
@@ -16,8 +16,8 @@ gradient (privacy unchanged):
   (needs ``--denoise``; SGD at a constant learning rate without weight decay, no filter, no
   DP-Adam: the identity W_t = W_0 - lr * D_t needs exactly that).
 
-``--filter disk`` is DiSK (rmt_kernels/dp/temporal.py): its filter where ``--filter`` goes and
-its extrapolation last; the model then holds DiSK's extrapolated point, and evaluations and
+``--filter disk`` is DiSK (rmt_kernels/dp/stages/temporal.py): its filter where ``--filter`` goes
+and its extrapolation last; the model then holds DiSK's extrapolated point, and evaluations and
 ``--save`` use its iterate (the point plus the last step's learning rate times
 ``DiSKExtrapolation.iterate_offset()``). With ``--dp-adam none`` that is DiSK-SGD (plain DP-SGD
 on the extrapolated points, evaluated at their average), with ``plain``/``bc`` DiSK-Adam.
@@ -115,11 +115,11 @@ def flags(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def _filter(cfg: TrainConfig, name: str):
-    from rmt_kernels.dp.temporal import EMAFilter
+    from rmt_kernels.dp.stages.temporal import EMAFilter
 
     if name == "ema":
         return EMAFilter(cfg.filter_beta)
-    from rmt_kernels.dp.temporal import DiSKFilter
+    from rmt_kernels.dp.stages.temporal import DiSKFilter
 
     return DiSKFilter(cfg.disk_kappa)
 
@@ -127,14 +127,14 @@ def _filter(cfg: TrainConfig, name: str):
 def post_processors(cfg: TrainConfig) -> list:
     """The chain of stages of these flags (empty: plain DP-SGD); options checked by
     ``TrainConfig.check``."""
-    from rmt_kernels.dp.dp_adam import DPAdam
-    from rmt_kernels.dp.postprocess import Denoiser
+    from rmt_kernels.dp.stages.denoiser import Denoiser
+    from rmt_kernels.dp.stages.dp_adam import DPAdam
     from rmt_kernels.training.config import denoise_options
 
     options = denoise_options(cfg)
     chain: list = []
     if cfg.denoise_target == "trajectory":
-        from rmt_kernels.dp.trajectory import TrajectoryDenoiser
+        from rmt_kernels.dp.stages.trajectory import TrajectoryDenoiser
 
         return [TrajectoryDenoiser(options)]
     if cfg.denoise_target == "moment":
@@ -170,7 +170,7 @@ def _disk_extrapolation(cfg: TrainConfig) -> list:
     nothing."""
     if cfg.filter != "disk":
         return []
-    from rmt_kernels.dp.temporal import DiSKExtrapolation
+    from rmt_kernels.dp.stages.temporal import DiSKExtrapolation
 
     return [DiSKExtrapolation(cfg.disk_kappa)]
 
@@ -179,7 +179,7 @@ def disk_iterate_offset(engine) -> dict | None:
     """With ``--filter disk``: by parameter name, what to add (times the last step's learning
     rate) to the parameters, which hold DiSK's extrapolated point z_t, to get its iterate x_t
     (evaluated and saved); None without DiSK."""
-    from rmt_kernels.dp.temporal import DiSKExtrapolation
+    from rmt_kernels.dp.stages.temporal import DiSKExtrapolation
 
     stage = next(
         (s for s in getattr(engine, "post_processors", ()) if isinstance(s, DiSKExtrapolation)),

@@ -19,7 +19,7 @@ import torch
 
 from rmt_kernels import _C
 from rmt_kernels._checks import check_denoise_basis
-from rmt_kernels.denoise_options import DenoiseOptions
+from rmt_kernels.op_options import DenoiseOpOptions
 from rmt_kernels.linalg import gram_svd, next_krylov_block, orthonormal_block
 from rmt_kernels.shrinkage import SHRINK_IDENTITY_ABOVE, shrink_singular_values, target_norm
 from rmt_kernels.triton.reconstruct import shrink_reconstruct
@@ -269,7 +269,7 @@ def _krylov_range(guard: _ScaleGuard, start, rank, oversample, niter, sh: _Shrin
     return found
 
 
-def _denoise_device(grad, sigma, start, options: DenoiseOptions):
+def _denoise_device(grad, sigma, start, options: DenoiseOpOptions):
     """rmt::denoise_warm on checked arguments (``start``: the caller's basis, scaled, or None);
     returns (estimate, new basis, passes as an int)."""
     rank, norm, shrinker = options.rank, options.norm, options.shrinker
@@ -339,7 +339,7 @@ def _denoise_device(grad, sigma, start, options: DenoiseOptions):
 def denoise_triton(grad: torch.Tensor, sigma: float, **options: Any) -> torch.Tensor:
     """Same contract as :func:`rmt_kernels.denoise` (``options``: its keyword options, as the
     dispatcher passes them), computed on grad's device."""
-    checked = DenoiseOptions(**options)
+    checked = DenoiseOpOptions(**options)
     checked.check(grad, sigma, check_seed=False)
     return _denoise_device(grad, sigma, None, checked)[0]
 
@@ -349,7 +349,7 @@ def denoise_warm_triton(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Same contract as :func:`rmt_kernels.denoise_warm` (the options positional in the
     schema's order or by name, as the dispatcher passes them), computed on grad's device."""
-    checked = DenoiseOptions(*options, **named_options)
+    checked = DenoiseOpOptions(*options, **named_options)
     checked.check(grad, sigma, check_seed=False)
     check_denoise_basis(grad, basis)
     start = None

@@ -50,16 +50,16 @@ def test_compiled_function_calls_denoise_warm():
 
 @pytest.mark.parametrize("op", [torch.ops.rmt.denoise, torch.ops.rmt.denoise_warm])
 def test_denoise_options_are_the_schemas(op):
-    # The Python layers below the public wrappers read the options through DenoiseOptions:
+    # The Python layers below the public wrappers read the options through DenoiseOpOptions:
     # its fields, their order (denoise_warm's options are positional) and defaults are the
     # schema's, and the public wrapper's keyword defaults are the same.
     import dataclasses
     import inspect
 
-    from rmt_kernels.denoise_options import DenoiseOptions
+    from rmt_kernels.op_options import DenoiseOpOptions
 
     schema = [a for a in op.default._schema.arguments if a.name not in ("grad", "sigma", "basis")]
-    fields = dataclasses.fields(DenoiseOptions)
+    fields = dataclasses.fields(DenoiseOpOptions)
     assert [(f.name, f.default) for f in fields] == [(a.name, a.default_value) for a in schema]
     wrapper = inspect.signature(getattr(rmt_kernels, op.__name__.split(".")[-1])).parameters
     assert all(wrapper[f.name].default == f.default for f in fields)

@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Hashable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
-from rmt_kernels.dp.postprocess import PostProcessor
-from rmt_kernels.dp.stage_state import (
+from rmt_kernels.dp.stages.protocol import Key, PostProcessor
+from rmt_kernels.dp.stages.state import (
     check_fields,
     check_hyper_parameters,
     check_step_count,
@@ -39,7 +39,6 @@ from rmt_kernels.dp.stage_state import (
 
 __all__ = ["SECOND_MOMENT_SOURCES", "DPAdam"]
 
-Key = Hashable
 SECOND_MOMENT_SOURCES = ("released", "input")
 # DP-AdamBC's gamma': the floor of the corrected second moment (a small constant in the paper;
 # the reference implementation of the paper's method uses 5e-8 with eps 1e-8). It bounds the
@@ -154,13 +153,13 @@ class DPAdam(PostProcessor):
 
         Raises:
             ValueError: ``second_moment_from="released"`` without ``released`` (call it through
-                :func:`rmt_kernels.dp.postprocess.post_process`), or the keys changed.
+                :func:`rmt_kernels.dp.stages.chain.post_process`), or the keys changed.
         """
         if self.needs_released:
             if released is None or released_sigma is None:
                 raise ValueError(
                     "DPAdam(second_moment_from='released') needs the released gradient: run it "
-                    "through rmt_kernels.dp.postprocess.post_process"
+                    "through rmt_kernels.dp.stages.chain.post_process"
                 )
             source, noise_std = released, released_sigma
         else:

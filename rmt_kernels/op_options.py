@@ -2,9 +2,9 @@
 
 The public wrappers (rmt_kernels/ops.py) spell the options out for their users; every layer
 below them (the fake implementations, the device kernels in rmt_kernels/triton/denoise.py)
-receives whatever the dispatcher passes, builds one :class:`DenoiseOptions` and carries it, so
+receives whatever the dispatcher passes, builds one :class:`DenoiseOpOptions` and carries it, so
 the option list, its defaults and its check exist once on the Python side. The defaults are the
-schema's (csrc/rmt.cpp); tests/test_op_registration.py checks that the two agree.
+schema's (csrc/rmt.cpp); tests/denoise/test_tracing.py checks that the two agree.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from rmt_kernels._checks import check_denoise_arguments
 
 
 @dataclasses.dataclass(frozen=True)
-class DenoiseOptions:
+class DenoiseOpOptions:
     """One call's options; the meaning of each: :func:`rmt_kernels.denoise`.
 
-    The fields are in the schema's order, so ``DenoiseOptions(*args, **kwargs)`` reads the
+    The fields are in the schema's order, so ``DenoiseOpOptions(*args, **kwargs)`` reads the
     options of ``rmt::denoise_warm`` (positional in its schema) as the dispatcher passes them;
     the dispatcher leaves out trailing options at their defaults, which the fields supply.
     """

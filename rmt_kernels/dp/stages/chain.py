@@ -1,49 +1,55 @@
 """The post-processing chain of an engine: ``denoise=`` and ``post_processors=`` made into one
-checked list of stages, and what both engines ask of it (which stages denoise, the noise level
-each stage was given, their statistics).
+checked list of stages, the stage that runs it (:func:`post_process`), and what both engines ask
+of it (which stages denoise, the noise level each stage was given, their statistics). Every
+question is a hook of :class:`~rmt_kernels.dp.stages.protocol.PostProcessor`, called directly.
 
 Both engines (``rmt_kernels.dp.make_private`` and the Opacus drop-in) build their chain here:
 
 - ``post_processors=[...]``: the stages, in order (each a
-  :class:`~rmt_kernels.dp.postprocess.PostProcessor`, or a plain callable ``(grads, sigma,
-  step) -> grads``);
-- ``denoise={...}``: shorthand for a :class:`~rmt_kernels.dp.postprocess.Denoiser` with those
-  options. With both, the Denoiser comes FIRST: ``denoise=D, post_processors=[A, B]`` is the
+  :class:`~rmt_kernels.dp.stages.protocol.PostProcessor`, or a plain callable ``(grads, sigma,
+  step) -> grads``, wrapped once here in a
+  :class:`~rmt_kernels.dp.stages.protocol.CallableStage`);
+- ``denoise={...}``: shorthand for a :class:`~rmt_kernels.dp.stages.denoiser.Denoiser` with
+  those options. With both, the Denoiser comes FIRST: ``denoise=D, post_processors=[A, B]`` is the
   chain ``[Denoiser(D), A, B]`` (shrink the released gradient, then filter: what ``denoise=``
   always did, with stages appended after it). To shrink later in the chain (a filtered moment),
   put the Denoiser in ``post_processors`` and leave ``denoise`` None.
 
 Checks: a stage object appears once (two places would share one running state); a ``terminal``
 stage (one whose output is a step direction, not a noisy gradient:
-:class:`~rmt_kernels.dp.dp_adam.DPAdam`, :class:`~rmt_kernels.dp.trajectory.TrajectoryDenoiser`,
-:class:`~rmt_kernels.dp.temporal.DiSKExtrapolation`) is the last, except that a stage marked
+:class:`~rmt_kernels.dp.stages.dp_adam.DPAdam`,
+:class:`~rmt_kernels.dp.stages.trajectory.TrajectoryDenoiser`,
+:class:`~rmt_kernels.dp.stages.temporal.DiSKExtrapolation`) is the last, except that a stage marked
 ``after_direction`` (DiSKExtrapolation, which turns a direction into DiSK's) may follow one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from rmt_kernels.dp.postprocess import Denoiser, PostProcessor
+import torch
+
+from rmt_kernels.dp.stages.denoiser import Denoiser
+from rmt_kernels.dp.stages.options import DenoiseOptions
+from rmt_kernels.dp.stages.protocol import CallableStage, Key, PostProcessor, as_stage
 
 __all__ = [
     "build_chain",
     "first_denoiser",
+    "post_process",
     "set_record_stats",
     "spectral_stages",
     "stage_input_sigmas",
     "take_stats",
 ]
 
-Key = Hashable
-
 
 def build_chain(
-    denoise: Mapping[str, Any] | None,
+    denoise: Mapping[str, Any] | DenoiseOptions | None,
     post_processors: Iterable[PostProcessor | Callable] | None,
 ) -> list[PostProcessor]:
-    """The checked chain of stages (module docstring).
+    """The checked chain of stages (module docstring), plain callables wrapped.
 
     Raises:
         TypeError: ``post_processors`` is not a sequence of post-processors or callables.
@@ -65,15 +71,15 @@ def build_chain(
                 f"post_processors[{i}] must be a PostProcessor or a callable (grads, sigma, step) "
                 f"-> grads, got {type(stage).__name__}"
             )
-        if any(stage is other for other in chain):
+        if any(_unwrapped(stage) is _unwrapped(other) for other in chain):
             raise ValueError(
                 f"post_processors[{i}] ({stage!r}) appears twice in the chain: each place needs "
                 "its own stage (its own running state)"
             )
-        chain.append(stage)
+        chain.append(as_stage(stage))
     for i, stage in enumerate(chain[:-1]):
         after = chain[i + 1]
-        if getattr(stage, "terminal", False) and not getattr(after, "after_direction", False):
+        if stage.terminal and not after.after_direction:
             raise ValueError(
                 f"{stage!r} outputs a step direction, not a noisy gradient: it must be the last "
                 f"stage, but {after!r} follows it"
@@ -81,30 +87,56 @@ def build_chain(
     return chain
 
 
-def spectral_stages(chain: Sequence[Any]) -> list[Any]:
-    """The stages that shrink matrices and take the engine's choice of what to denoise (those
-    with ``restrict_to`` and ``eligible``: a Denoiser, a TrajectoryDenoiser)."""
-    return [s for s in chain if hasattr(s, "restrict_to") and hasattr(s, "eligible")]
+def _unwrapped(stage: PostProcessor) -> Any:
+    """What the user gave for this stage: the function of a :class:`CallableStage`."""
+    return stage.function if isinstance(stage, CallableStage) else stage
 
 
-def first_denoiser(chain: Sequence[Any]) -> Denoiser | None:
-    """The first :class:`~rmt_kernels.dp.postprocess.Denoiser` of the chain, or None."""
+def post_process(
+    processors: Sequence[PostProcessor],
+    grads: dict[Key, torch.Tensor],
+    sigma: float,
+    step: int,
+) -> dict[Key, torch.Tensor]:
+    """The post-processing stage of the private step: each processor in turn, each fed the
+    previous one's output and its noise std (:meth:`PostProcessor.output_sigma`); a processor
+    with ``needs_released`` also gets the stage's input (both engines call this)."""
+    released, released_sigma = grads, sigma
+    for processor in processors:
+        if processor.needs_released:
+            out = processor(grads, sigma, step, released=released, released_sigma=released_sigma)
+        else:
+            out = processor(grads, sigma, step)
+        sigma = processor.output_sigma(sigma, step)
+        grads = out
+    return grads
+
+
+def spectral_stages(chain: Sequence[PostProcessor]) -> list[PostProcessor]:
+    """The stages that shrink matrices and take the engine's choice of what to denoise
+    (``shrinks_matrices``: a Denoiser, a TrajectoryDenoiser)."""
+    return [s for s in chain if s.shrinks_matrices]
+
+
+def first_denoiser(chain: Sequence[PostProcessor]) -> Denoiser | None:
+    """The first :class:`~rmt_kernels.dp.stages.denoiser.Denoiser` of the chain, or None."""
     return next((s for s in chain if isinstance(s, Denoiser)), None)
 
 
-def stage_input_sigmas(chain: Sequence[Any], sigma: float, step: int) -> list[float]:
-    """The noise std each stage was given at the step just run (what
-    :func:`~rmt_kernels.dp.postprocess.post_process` computed: ``output_sigma`` of the stage
-    before, a pure function of public numbers and the stage's state after the call)."""
+def stage_input_sigmas(chain: Sequence[PostProcessor], sigma: float, step: int) -> list[float]:
+    """The noise std each stage was given at the step just run (what :func:`post_process`
+    computed: ``output_sigma`` of the stage before, a pure function of public numbers and the
+    stage's state after the call)."""
     sigmas = []
     for stage in chain:
         sigmas.append(sigma)
-        output_sigma = getattr(stage, "output_sigma", None)
-        sigma = sigma if output_sigma is None else output_sigma(sigma, step)
+        sigma = stage.output_sigma(sigma, step)
     return sigmas
 
 
-def take_stats(chain: Sequence[Any], sigmas: Sequence[float] | None) -> dict[Key, dict[str, Any]]:
+def take_stats(
+    chain: Sequence[PostProcessor], sigmas: Sequence[float] | None
+) -> dict[Key, dict[str, Any]]:
     """Per denoised matrix of the last step recorded: each spectral stage's ``take_stats()``
     (kept rank, norm ratio) plus ``sigma``, the noise level it shrank at (its input's, unless
     the stage reports its own: a TrajectoryDenoiser's sum), and ``stage``, its
@@ -112,7 +144,7 @@ def take_stats(chain: Sequence[Any], sigmas: Sequence[float] | None) -> dict[Key
     time."""
     stats: dict[Key, dict[str, Any]] = {}
     for index, stage in enumerate(chain):
-        if not (hasattr(stage, "take_stats") and hasattr(stage, "restrict_to")):
+        if not stage.shrinks_matrices:
             continue
         for key, values in stage.take_stats().items():
             record = {**values, "stage": index}
@@ -123,9 +155,8 @@ def take_stats(chain: Sequence[Any], sigmas: Sequence[float] | None) -> dict[Key
     return stats
 
 
-def set_record_stats(chain: Sequence[Any], value: bool) -> None:
+def set_record_stats(chain: Sequence[PostProcessor], value: bool) -> None:
     """Set ``record_stats`` on every spectral stage (their statistics cost an SVD per matrix at
     the take, so they are recorded only when asked)."""
     for stage in spectral_stages(chain):
-        if hasattr(stage, "record_stats"):
-            stage.record_stats = value
+        stage.record_stats = value

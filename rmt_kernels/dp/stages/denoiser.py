@@ -1,98 +1,38 @@
-"""Post-processing of the released DP gradient: the last stage of the private step before the
-gradients are written, shared by the native engine and the Opacus drop-in.
+"""The Denoiser: singular-value shrinkage of the released 2-D gradients, a stage of the chain
+shared by the native engine and the Opacus drop-in, and the native engine's default choice of
+what it shrinks (:func:`denoise_linear_weights`).
 
-The private step of both engines is a template (rmt_kernels/dp/engine.py has the native one):
-clip and accumulate -> add noise -> all-reduce -> **post-process** -> write gradients -> account.
-When the post-processing stage runs, the gradient is already the released mechanism output (the
-clipped sum plus its Gaussian noise, averaged, summed over ranks), so anything computed from it
-and from public numbers alone is post-processing and leaves the privacy guarantee unchanged.
-
-A post-processor is a :class:`PostProcessor`: ``__call__(grads, sigma, step)`` gets
-
-- ``grads``: the noisy averaged gradients, keyed by a stable key (the native engine: the
-  parameter's qualified name, e.g. ``"encoder.layer.0.attention.self.query.weight"``; the Opacus
-  drop-in: the parameter's index in the optimizer's ``params``);
-- ``sigma``: the public per-entry noise std of those gradients;
-- ``step``: a public step counter (the native engine: the logical step; Opacus: the number of
-  steps denoised before this one),
-
-and returns the dict of gradients to pass on (the same tensors where it changes nothing). It must
-read nothing else: no clean gradient, no per-example norms, no noise seed (privacy invariant 4,
-PRIVACY.md: nothing enforces this for a post-processor you write). Whatever it keeps
-across steps goes in ``state_dict()`` (plain Python values and tensors: a checkpoint loads it with
-``torch.load(weights_only=True)``) and comes back through ``load_state_dict()``, so that a resumed
-run is bit-identical to an uninterrupted one.
-
-A new post-processor (a temporal filter, moment shrinkage) is one new subclass of
-:class:`PostProcessor`, appended to the engine's ``post_processors`` list; the engines do not
-change. :func:`post_process` is the stage itself.
-
-This file's post-processor is :class:`Denoiser` (the temporal filters, DP-aware Adam and
-trajectory shrinkage have their own files: temporal.py, dp_adam.py, trajectory.py). It is
-singular-value shrinkage of the 2-D gradients, :func:`rmt_kernels.denoise_warm`, warm-started
-from each matrix's basis of the step before; or :func:`rmt_kernels.denoise` with
-``warm_start=False``; with ``passthrough_below_edge`` only the matrices whose released spectrum
-shows a component above the noise, see :func:`detection_threshold`. Its options are validated
-in one place, :func:`check_denoise_options`, for both engines.
+Shrinkage is :func:`rmt_kernels.denoise_warm`, warm-started from each matrix's basis of the step
+before, or :func:`rmt_kernels.denoise` with ``warm_start=False``; with ``passthrough_below_edge``
+only the matrices whose released spectrum shows a component above the noise are shrunk (see
+:func:`detection_threshold`). Its options are one
+:class:`~rmt_kernels.dp.stages.options.DenoiseOptions`, validated once for both engines.
 """
 
 from __future__ import annotations
 
-import inspect
 import math
-import numbers
 import warnings
-from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from rmt_kernels import ops
-from rmt_kernels._checks import SEED_LIMIT, check_denoise_arguments
+from rmt_kernels.dp.stages.options import DenoiseOptions
+from rmt_kernels.dp.stages.protocol import Key, PostProcessor
 
 __all__ = [
-    "DENOISE_OPTIONS",
-    "MIN_DENOISE_DIM",
     "PASSTHROUGH_TW_QUANTILE",
     "DenoiseFilter",
-    "DenoiseOptionError",
     "Denoiser",
-    "PostProcessor",
-    "check_denoise_options",
     "denoise_linear_weights",
     "detection_threshold",
-    "post_process",
     "top_singular_value",
 ]
 
-Key = Hashable
 DenoiseFilter = Callable[[str, nn.Module, str, nn.Parameter], bool]
-
-# Marchenko-Pastur's edge is an asymptotic statement about large m and n. A classifier head
-# (2 x 384) has two singular values and no bulk: thresholding it at the "edge" zeroes its whole
-# gradient whenever the signal is below the noise (measured on SST-2: the head never learned).
-MIN_DENOISE_DIM = 32
-
-# Every option of ``denoise=``: the keyword options of rmt_kernels.denoise (read from its
-# signature, so the two never drift) with their defaults, plus two that are not op options:
-# ``min_dim`` (matrices whose smaller side is below it are left alone, see MIN_DENOISE_DIM),
-# ``warm_start`` (start each matrix's range finder from its basis of the step before,
-# rmt_kernels.denoise_warm: a gradient's subspace moves slowly, so one pass usually settles it)
-# and ``passthrough_below_edge`` (shrink a matrix only while its released spectrum shows a
-# component above the noise; pass it through unchanged otherwise: see detection_threshold).
-DENOISE_OPTIONS: dict[str, Any] = {
-    name: parameter.default
-    for name, parameter in inspect.signature(ops.denoise).parameters.items()
-    if parameter.kind is inspect.Parameter.KEYWORD_ONLY
-}
-DENOISE_OPTIONS["min_dim"] = MIN_DENOISE_DIM
-DENOISE_OPTIONS["warm_start"] = True
-DENOISE_OPTIONS["passthrough_below_edge"] = False
-INT_OPTIONS = ("seed", "rank", "oversample", "niter", "min_dim")
-BOOL_OPTIONS = ("warm_start", "passthrough_below_edge")
-# The options that are the Denoiser's own, never passed to the op.
-NOT_OP_OPTIONS = ("min_dim", "warm_start", "passthrough_below_edge")
 
 # The Tracy-Widom (beta = 1) quantile above which ``passthrough_below_edge`` calls a matrix's top
 # singular value a detection. For an m x n matrix of i.i.d. N(0, s^2) entries, (lambda - mu) /
@@ -107,78 +47,6 @@ NOT_OP_OPTIONS = ("min_dim", "warm_start", "passthrough_below_edge")
 PASSTHROUGH_TW_QUANTILE = 7.0
 
 
-class DenoiseOptionError(TypeError, ValueError):
-    """An unknown ``denoise`` option.
-
-    Both a TypeError (what Python raises for an unexpected keyword, and what the Opacus drop-in
-    raised) and a ValueError (what ``make_private`` raised), so code catching either keeps
-    working now that both engines share :func:`check_denoise_options`.
-    """
-
-
-def check_denoise_options(denoise: Mapping[str, Any] | None) -> dict[str, Any] | None:
-    """Validate ``denoise`` options once, before any data is touched (both engines call this).
-
-    A typo (``kapa=2``) or a bad value would otherwise surface only after the first forward and
-    backward pass of a possibly long job, or be silently ignored. Values are checked by the op's
-    own argument check, so the messages are the op's; ``rank`` is checked again per matrix at
-    each step (where it is capped at the matrix's smaller side, see :class:`Denoiser`).
-
-    Args:
-        denoise: keyword options of :func:`rmt_kernels.denoise` (``shrinker``, ``kappa``,
-            ``rank``, ``oversample``, ``niter``, ``norm``, ``seed``) plus ``min_dim`` and
-            ``warm_start`` (a bool), or None for no denoising.
-
-    Returns:
-        A plain dict copy of the options as given (no defaults filled in, so later changes to
-        the caller's dict do not leak into training), or None.
-
-    Raises:
-        TypeError: ``denoise`` is not a mapping, or an option has the wrong type.
-        DenoiseOptionError: an unknown option (a TypeError and a ValueError).
-        ValueError: an option has an invalid value.
-    """
-    if denoise is None:
-        return None
-    if not isinstance(denoise, Mapping):
-        raise TypeError(
-            f"denoise must be a dict of rmt_kernels.denoise options or None, got "
-            f"{type(denoise).__name__}"
-        )
-    unknown = sorted(set(denoise) - set(DENOISE_OPTIONS), key=str)
-    if unknown:
-        raise DenoiseOptionError(
-            f"denoise: unknown option(s) {', '.join(map(repr, unknown))}; valid options are "
-            f"{', '.join(sorted(DENOISE_OPTIONS))}"
-        )
-    options = {**DENOISE_OPTIONS, **denoise}
-    for name in INT_OPTIONS:
-        value = options[name]
-        if not isinstance(value, numbers.Integral) or isinstance(value, bool):
-            raise TypeError(f"denoise: {name} must be an int, got {type(value).__name__}")
-        options[name] = int(value)  # a NumPy integer would overflow silently in seed + step
-    for name in BOOL_OPTIONS:
-        # Exactly a bool: a 0/1 or a "no" string would read as the opposite of a typo's intent.
-        if not isinstance(options[name], bool):
-            raise TypeError(f"denoise: {name} must be a bool, got {type(options[name]).__name__}")
-    if options["min_dim"] < 1:
-        raise ValueError(f"denoise: min_dim must be >= 1, got {options['min_dim']}")
-    # A meta matrix big enough for any rank checks everything else without allocating.
-    size = max(options["rank"], 2)
-    check_denoise_arguments(
-        torch.empty(size, size, device="meta"),
-        1.0,
-        options["shrinker"],
-        options["kappa"],
-        options["rank"],
-        options["oversample"],
-        options["niter"],
-        options["norm"],
-        options["seed"],
-    )
-    return {k: options[k] if k in INT_OPTIONS else v for k, v in denoise.items()}
-
-
 def denoise_linear_weights(layer_name: str, module: nn.Module, name: str, p: nn.Parameter) -> bool:
     """The native engine's default choice of what to denoise: the 2-D weights of ``nn.Linear``.
 
@@ -187,80 +55,6 @@ def denoise_linear_weights(layer_name: str, module: nn.Module, name: str, p: nn.
     option ``min_dim`` (default ``MIN_DENOISE_DIM``) are never denoised.
     """
     return isinstance(module, nn.Linear) and name == "weight" and p.dim() == 2
-
-
-class PostProcessor:
-    """One post-processing step of the released gradient (module docstring).
-
-    Subclasses implement ``__call__``; one that keeps anything across steps also overrides
-    ``state_dict``/``load_state_dict`` (the defaults say: no state).
-    """
-
-    def __call__(
-        self, grads: dict[Key, torch.Tensor], sigma: float, step: int
-    ) -> dict[Key, torch.Tensor]:
-        """Return the post-processed gradients (a new dict; unchanged tensors may be shared).
-
-        Args:
-            grads: the noisy averaged gradients, by key (module docstring).
-            sigma: their per-entry noise std (public).
-            step: the public step counter (module docstring).
-        """
-        raise NotImplementedError
-
-    #: Set by a stage that needs the released gradient itself as well as the previous stage's
-    #: output (for example an Adam whose second moment is computed from the noisy gradient
-    #: while its numerator is denoised): :func:`post_process` then also passes
-    #: ``released=`` (the stage-4 input, untouched) and ``released_sigma=`` (its noise std).
-    needs_released: bool = False
-
-    def output_sigma(self, sigma: float, step: int) -> float:
-        """Per-entry noise std of this stage's output, given its input's ``sigma`` at ``step``.
-
-        :func:`post_process` hands it to the next stage as that stage's ``sigma``. The default
-        (unchanged) suits a stage that leaves the noise as it is or one after which no noise
-        level is meaningful (shrinkage); a linear filter (an EMA of the noisy gradients)
-        overrides it with its exact output noise std. A public function of public numbers.
-        """
-        return sigma
-
-    def state_dict(self) -> dict[str, Any]:
-        """What must survive a checkpoint (plain values and tensors); empty by default."""
-        return {}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned.
-
-        Raises:
-            ValueError: ``state`` is not empty (this post-processor keeps no state).
-        """
-        if state:
-            raise ValueError(
-                f"{type(self).__name__}.load_state_dict: it keeps no state, got keys "
-                f"{sorted(state)}"
-            )
-
-
-def post_process(
-    processors: Sequence[PostProcessor],
-    grads: dict[Key, torch.Tensor],
-    sigma: float,
-    step: int,
-) -> dict[Key, torch.Tensor]:
-    """The post-processing stage of the private step: each processor in turn, each fed the
-    previous one's output and its noise std (:meth:`PostProcessor.output_sigma`); a processor
-    with ``needs_released`` also gets the stage's input (both engines call this)."""
-    released, released_sigma = grads, sigma
-    for processor in processors:
-        # Plain callables (grads, sigma, step) -> grads are accepted as stages too.
-        if getattr(processor, "needs_released", False):
-            out = processor(grads, sigma, step, released=released, released_sigma=released_sigma)
-        else:
-            out = processor(grads, sigma, step)
-        output_sigma = getattr(processor, "output_sigma", None)
-        sigma = sigma if output_sigma is None else output_sigma(sigma, step)
-        grads = out
-    return grads
 
 
 def detection_threshold(m: int, n: int, sigma: float) -> float:
@@ -340,23 +134,31 @@ class Denoiser(PostProcessor):
     call).
 
     Args:
-        options: ``denoise`` options (validated by :func:`check_denoise_options`).
+        options: ``denoise`` options: a dict (validated by
+            :func:`~rmt_kernels.dp.stages.options.check_denoise_options`), a
+            :class:`~rmt_kernels.dp.stages.options.DenoiseOptions`, or None for the defaults.
         keys: the only keys it may denoise, or None for any.
 
     Raises:
-        TypeError, ValueError: bad options (see :func:`check_denoise_options`).
+        TypeError, ValueError: bad options (see
+            :func:`~rmt_kernels.dp.stages.options.check_denoise_options`).
     """
 
+    shrinks_matrices = True
+
     def __init__(
-        self, options: Mapping[str, Any] | None = None, *, keys: Iterable[Key] | None = None
+        self,
+        options: Mapping[str, Any] | DenoiseOptions | None = None,
+        *,
+        keys: Iterable[Key] | None = None,
     ):
-        #: The options as given (``min_dim`` and ``warm_start`` included), validated.
-        self.options: dict[str, Any] = check_denoise_options(options or {}) or {}
-        self.min_dim: int = int(self.options.get("min_dim", MIN_DENOISE_DIM))
-        self.warm_start: bool = bool(self.options.get("warm_start", DENOISE_OPTIONS["warm_start"]))
-        #: Shrink only the matrices whose released spectrum shows a component above the noise.
-        self.passthrough: bool = bool(self.options.get("passthrough_below_edge", False))
-        self.keys: frozenset[Key] | None = None if keys is None else frozenset(keys)
+        #: The options, validated (:meth:`DenoiseOptions.given_options` are those given).
+        self.options: DenoiseOptions = (
+            options
+            if isinstance(options, DenoiseOptions)
+            else DenoiseOptions.from_mapping(options or {})
+        )
+        self.keys = None if keys is None else frozenset(keys)
         self.record_stats = False
         # (key, noisy norm, output, passes, shrunk) of each selected matrix at the recorded step.
         self._recorded: list[tuple[Key, float, torch.Tensor, torch.Tensor | None, bool]] = []
@@ -371,7 +173,23 @@ class Denoiser(PostProcessor):
         self._shapes: dict[Key, tuple[int, int]] = {}
 
     def __repr__(self) -> str:
-        return f"Denoiser({self.options!r})"
+        return f"Denoiser({self.options.given_options()!r})"
+
+    @property
+    def min_dim(self) -> int:
+        """Matrices whose smaller side is below this are left alone."""
+        return self.options.min_dim
+
+    @property
+    def warm_start(self) -> bool:
+        """Each matrix's range finder starts from its basis of the step before."""
+        return self.options.warm_start
+
+    @property
+    def passthrough(self) -> bool:
+        """Shrink only the matrices whose released spectrum shows a component above the
+        noise."""
+        return self.options.passthrough_below_edge
 
     def eligible(self, shape: Sequence[int]) -> bool:
         """Whether a gradient of this shape can be denoised at all: a matrix whose smaller side
@@ -402,9 +220,8 @@ class Denoiser(PostProcessor):
         if not keys:
             return grads
         shrunk = self._detected(grads, sigma, keys) if self.passthrough else keys
-        options = {k: v for k, v in self.options.items() if k not in (*NOT_OP_OPTIONS, "rank")}
-        options["seed"] = (options.get("seed", DENOISE_OPTIONS["seed"]) + step) % SEED_LIMIT
-        rank = int(self.options.get("rank", DENOISE_OPTIONS["rank"]))
+        options = self.options.op_options(step)
+        rank = self.options.rank
         out = dict(grads)
         passes: dict[Key, torch.Tensor] = {}
         if self.warm_start:

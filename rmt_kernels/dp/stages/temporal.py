@@ -4,7 +4,7 @@ A weak but consistent gradient direction sits below ONE step's noise but adds up
 while the noise averages out. Both filters here are linear in the noisy gradients, so their
 output is the filtered clean gradient plus Gaussian noise with i.i.d. entries of a known std
 (``output_sigma``, a function of public numbers): a
-:class:`~rmt_kernels.dp.postprocess.Denoiser` after one shrinks the filtered gradient at exactly
+:class:`~rmt_kernels.dp.stages.denoiser.Denoiser` after one shrinks the filtered gradient at exactly
 its own noise level. Its bulk edge is lower than one step's (about 0.23x at beta 0.9): the same
 gain as a larger batch, for free, still post-processing ("first-moment shrinkage").
 
@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Hashable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
-from rmt_kernels.dp.postprocess import PostProcessor
-from rmt_kernels.dp.stage_state import (
+from rmt_kernels.dp.stages.protocol import Key, PostProcessor
+from rmt_kernels.dp.stages.state import (
     check_fields,
     check_hyper_parameters,
     check_step_count,
@@ -44,8 +44,6 @@ __all__ = [
     "disk_noise_std",
     "ema_noise_std",
 ]
-
-Key = Hashable
 
 
 def _check_unit_interval(name: str, value: Any, *, closed_low: bool = True) -> float:
@@ -103,7 +101,7 @@ class EMAFilter(PostProcessor):
     Recipes: ``[EMAFilter(0.9), Denoiser(options)]`` then SGD is momentum SGD on the shrunk
     moment; ``[EMAFilter(0.9), Denoiser(options), DPAdam(beta1=0.0,
     second_moment_from="released")]`` then plain SGD is Adam on the shrunk moment, with the
-    second moment from the released gradient (rmt_kernels/dp/dp_adam.py).
+    second moment from the released gradient (rmt_kernels/dp/stages/dp_adam.py).
 
     Args:
         beta: the decay, in [0, 1) (0: the identity).

@@ -5,7 +5,7 @@ W_t = W_0 - lr * S_t with S_t = g_1 + ... + g_t. The signal in S_t grows like t,
 Gaussian, per-entry std sigma * sqrt(t) for a constant sigma) like sqrt(t): the signal-to-noise
 ratio of the trajectory grows like sqrt(t), so a direction below one step's Marchenko-Pastur edge
 clears the edge of the sum after enough steps. This is the limit of first-moment shrinkage as
-the EMA's beta goes to 1 (rmt_kernels/dp/temporal.py).
+the EMA's beta goes to 1 (rmt_kernels/dp/stages/temporal.py).
 
 :class:`TrajectoryDenoiser` keeps S_t, shrinks it at its exact noise level (D_t = shrink(S_t))
 and outputs D_t - D_{t-1}: plain SGD at a constant lr then gives W_t = W_0 - lr * D_t (up to
@@ -17,13 +17,15 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Hashable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 
-from rmt_kernels.dp.postprocess import Denoiser, PostProcessor
-from rmt_kernels.dp.stage_state import (
+from rmt_kernels.dp.stages.denoiser import Denoiser
+from rmt_kernels.dp.stages.options import DenoiseOptions
+from rmt_kernels.dp.stages.protocol import Key, PostProcessor
+from rmt_kernels.dp.stages.state import (
     check_fields,
     check_step_count,
     check_tensors,
@@ -32,15 +34,13 @@ from rmt_kernels.dp.stage_state import (
 
 __all__ = ["TrajectoryDenoiser"]
 
-Key = Hashable
-
 
 class TrajectoryDenoiser(PostProcessor):
     """Singular-value shrinkage of the running sum of the noisy gradients; outputs the change of
     the shrunk sum ("shrinkage of the accumulated update").
 
     At its t-th call, for each selected matrix (the same rules as
-    :class:`~rmt_kernels.dp.postprocess.Denoiser`: key in ``keys``, 2-D, smaller side >=
+    :class:`~rmt_kernels.dp.stages.denoiser.Denoiser`: key in ``keys``, 2-D, smaller side >=
     ``min_dim``; the native engine passes its ``denoise_filter`` decision with
     :meth:`restrict_to`), with g_t the input gradient::
 
@@ -61,14 +61,20 @@ class TrajectoryDenoiser(PostProcessor):
     ||D_t|| / ||S_t||, and ``sigma``, the level sigma_S it shrank at.
 
     Args:
-        options: ``denoise`` options (:func:`~rmt_kernels.dp.postprocess.check_denoise_options`).
+        options: ``denoise`` options, a dict or a
+            :class:`~rmt_kernels.dp.stages.options.DenoiseOptions`
+            (:func:`~rmt_kernels.dp.stages.options.check_denoise_options`).
         keys: the only keys it may denoise, or None for any.
     """
 
     terminal = True
+    shrinks_matrices = True
 
     def __init__(
-        self, options: Mapping[str, Any] | None = None, *, keys: Iterable[Key] | None = None
+        self,
+        options: Mapping[str, Any] | DenoiseOptions | None = None,
+        *,
+        keys: Iterable[Key] | None = None,
     ) -> None:
         self._denoiser = Denoiser(options, keys=keys)
         #: Calls so far.
@@ -80,12 +86,12 @@ class TrajectoryDenoiser(PostProcessor):
         self._recorded_sigma: float | None = None
 
     def __repr__(self) -> str:
-        return f"TrajectoryDenoiser({self.options!r})"
+        return f"TrajectoryDenoiser({self.options.given_options()!r})"
 
     # The Denoiser's selection rules, delegated (the engines treat both alike).
     @property
-    def options(self) -> dict[str, Any]:
-        """The denoise options as given (validated)."""
+    def options(self) -> DenoiseOptions:
+        """The denoise options (validated)."""
         return self._denoiser.options
 
     @property

@@ -1,0 +1,166 @@
+"""What a post-processing stage is: the hooks the chain calls, each declared here with its
+default, and the adapter that makes a plain function a stage.
+
+The private step of both engines is a template (rmt_kernels/dp/engine.py has the native one):
+clip and accumulate -> add noise -> all-reduce -> **post-process** -> write gradients -> account.
+When the post-processing stage runs, the gradient is already the released mechanism output (the
+clipped sum plus its Gaussian noise, averaged, summed over ranks), so anything computed from it
+and from public numbers alone is post-processing and leaves the privacy guarantee unchanged.
+
+A stage is a :class:`PostProcessor`: ``__call__(grads, sigma, step)`` gets
+
+- ``grads``: the noisy averaged gradients, keyed by a stable key (the native engine: the
+  parameter's qualified name, e.g. ``"encoder.layer.0.attention.self.query.weight"``; the Opacus
+  drop-in: the parameter's index in the optimizer's ``params``);
+- ``sigma``: the public per-entry noise std of those gradients;
+- ``step``: a public step counter (the native engine: the logical step; Opacus: the number of
+  steps denoised before this one),
+
+and returns the dict of gradients to pass on (the same tensors where it changes nothing). It must
+read nothing else: no clean gradient, no per-example norms, no noise seed (privacy invariant 4,
+PRIVACY.md: nothing enforces this for a post-processor you write). Whatever it keeps across
+steps goes in ``state_dict()`` (plain Python values and tensors: a checkpoint loads it with
+``torch.load(weights_only=True)``) and comes back through ``load_state_dict()``, so that a resumed
+run is bit-identical to an uninterrupted one.
+
+Every other hook is declared on :class:`PostProcessor` with a default that suits a stage which
+does not use it, so the chain (rmt_kernels/dp/stages/chain.py) and both engines call the hooks
+directly and a new stage overrides only what it does differently: a temporal filter its
+``output_sigma`` and state, a stage that shrinks matrices ``shrinks_matrices`` and the selection
+hooks (``eligible``, ``restrict_to``, ``keys``, ``record_stats``, ``take_stats``). A plain
+callable ``(grads, sigma, step) -> grads`` given as a stage is wrapped once, when the chain is
+built, in a :class:`CallableStage`: a stage with every default (no state, noise level unchanged).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+__all__ = ["CallableStage", "Key", "PostProcessor", "as_stage"]
+
+Key = Hashable
+
+
+class PostProcessor:
+    """One post-processing stage of the released gradient (module docstring).
+
+    Subclasses implement ``__call__`` and override the hooks below that they use; the defaults
+    describe a stage that keeps no state, leaves the noise level as it is, outputs a noisy
+    gradient (not a step direction) and shrinks no matrix.
+    """
+
+    #: The output is a step direction, not a noisy gradient (a DPAdam, a TrajectoryDenoiser):
+    #: the stage must be the chain's last, unless the stage after it is ``after_direction``.
+    terminal: bool = False
+
+    #: The stage turns a step direction into another (DiSK's extrapolation): it may follow a
+    #: ``terminal`` stage.
+    after_direction: bool = False
+
+    #: The stage needs the released gradient itself as well as the previous stage's output
+    #: (for example an Adam whose second moment is computed from the noisy gradient while its
+    #: numerator is denoised): :func:`~rmt_kernels.dp.stages.chain.post_process` then also
+    #: passes ``released=`` (the stage-4 input, untouched) and ``released_sigma=`` (its std).
+    needs_released: bool = False
+
+    #: The stage shrinks matrices and takes the engine's choice of which (a Denoiser, a
+    #: TrajectoryDenoiser): the engine calls :meth:`restrict_to` with the keys its
+    #: ``denoise_filter`` selects among those :meth:`eligible`, the Opacus drop-in counts a
+    #: step as denoised when :meth:`selected` is not empty, and the statistics come from
+    #: :meth:`take_stats` after ``record_stats`` was set.
+    shrinks_matrices: bool = False
+
+    #: Set before a step to keep that step's statistics for :meth:`take_stats` (a stage that
+    #: shrinks matrices only: they cost an SVD per matrix at the take).
+    record_stats: bool = False
+
+    #: The only gradient keys the stage may shrink, or None for any (a stage that shrinks
+    #: matrices; set by :meth:`restrict_to`).
+    keys: frozenset[Key] | None = None
+
+    def __call__(
+        self, grads: dict[Key, torch.Tensor], sigma: float, step: int
+    ) -> dict[Key, torch.Tensor]:
+        """Return the post-processed gradients (a new dict; unchanged tensors may be shared).
+
+        Args:
+            grads: the noisy averaged gradients, by key (module docstring).
+            sigma: their per-entry noise std (public).
+            step: the public step counter (module docstring).
+        """
+        raise NotImplementedError
+
+    def output_sigma(self, sigma: float, step: int) -> float:
+        """Per-entry noise std of this stage's output, given its input's ``sigma`` at ``step``.
+
+        :func:`~rmt_kernels.dp.stages.chain.post_process` hands it to the next stage as that
+        stage's ``sigma``. The default (unchanged) suits a stage that leaves the noise as it is
+        or one after which no noise level is meaningful (shrinkage); a linear filter (an EMA of
+        the noisy gradients) overrides it with its exact output noise std. A public function of
+        public numbers.
+        """
+        return sigma
+
+    def eligible(self, shape: Sequence[int]) -> bool:
+        """Whether the stage can shrink a gradient of this shape at all (default: never)."""
+        return False
+
+    def restrict_to(self, keys: Iterable[Key]) -> None:
+        """Shrink only these keys from now on (the engine's filter decision). The default
+        does nothing: a stage that shrinks no matrix has nothing to restrict."""
+
+    def selected(self, grads: Mapping[Key, torch.Tensor]) -> list[Key]:
+        """The keys of ``grads`` the stage would shrink, in ``grads``'s order (default: none)."""
+        return []
+
+    def take_stats(self) -> dict[Key, dict[str, Any]]:
+        """Per matrix shrunk at the last step run with ``record_stats`` set, its statistics;
+        forgets what it returns. The default has none: ``{}``."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """What must survive a checkpoint (plain values and tensors); empty by default."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned.
+
+        Raises:
+            ValueError: ``state`` is not empty (this post-processor keeps no state).
+        """
+        if state:
+            raise ValueError(
+                f"{type(self).__name__}.load_state_dict: it keeps no state, got keys "
+                f"{sorted(state)}"
+            )
+
+
+class CallableStage(PostProcessor):
+    """A plain function ``(grads, sigma, step) -> grads`` as a stage: every hook its default
+    (no state, the noise level unchanged, not terminal, shrinks no matrix).
+
+    Args:
+        function: called as the stage.
+    """
+
+    def __init__(self, function: Callable[..., dict[Key, torch.Tensor]]) -> None:
+        #: The wrapped function.
+        self.function = function
+
+    def __repr__(self) -> str:
+        return repr(self.function)
+
+    def __call__(
+        self, grads: dict[Key, torch.Tensor], sigma: float, step: int
+    ) -> dict[Key, torch.Tensor]:
+        """The function's output for these gradients."""
+        return self.function(grads, sigma, step)
+
+
+def as_stage(stage: PostProcessor | Callable[..., dict[Key, torch.Tensor]]) -> PostProcessor:
+    """``stage`` itself when it is a :class:`PostProcessor`, else a :class:`CallableStage`
+    around it (the caller checked that it is callable)."""
+    return stage if isinstance(stage, PostProcessor) else CallableStage(stage)
