@@ -19,8 +19,8 @@ import torch
 
 from rmt_kernels import _C
 from rmt_kernels._checks import check_denoise_basis
-from rmt_kernels.op_options import DenoiseOpOptions
 from rmt_kernels.linalg import gram_svd, next_krylov_block, orthonormal_block
+from rmt_kernels.op_options import DenoiseOpOptions
 from rmt_kernels.shrinkage import SHRINK_IDENTITY_ABOVE, shrink_singular_values, target_norm
 from rmt_kernels.triton.reconstruct import shrink_reconstruct
 from rmt_kernels.triton.sketch import gaussian_sketch
