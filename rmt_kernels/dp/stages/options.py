@@ -23,7 +23,8 @@ from typing import Any
 import torch
 
 from rmt_kernels import ops
-from rmt_kernels._checks import SEED_LIMIT, check_denoise_arguments
+from rmt_kernels._checks import SEED_LIMIT
+from rmt_kernels.op_options import DenoiseOpOptions
 
 __all__ = [
     "DENOISE_OPTIONS",
@@ -103,17 +104,9 @@ class DenoiseOptions:
         # ``rank`` is checked again per matrix at each step (where it is capped at the
         # matrix's smaller side, see the Denoiser).
         size = max(self.rank, 2)
-        check_denoise_arguments(
-            torch.empty(size, size, device="meta"),
-            1.0,
-            self.shrinker,
-            self.kappa,
-            self.rank,
-            self.oversample,
-            self.niter,
-            self.norm,
-            self.seed,
-        )
+        # The op's own options object checks the op's options (one check for both layers).
+        op_fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(DenoiseOpOptions)}
+        DenoiseOpOptions(**op_fields).check(torch.empty(size, size, device="meta"), 1.0)
         given = DENOISE_OPTIONS_NAMES if self.given is None else tuple(self.given)
         unknown = [name for name in given if name not in DENOISE_OPTIONS_NAMES]
         if unknown:
