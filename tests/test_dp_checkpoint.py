@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from rmt_kernels.dp import CheckpointError, attach_ledger, load_checkpoint, save_checkpoint
-from rmt_kernels.dp.checkpoint import PrivacyLedger, ledger_path
+from rmt_kernels.dp.ledger import PrivacyLedger, ledger_path
 from tests import dp_workers
 from tests.dp_models import tiny_model
 from tests.test_dp_distributed import ROOT, TIMEOUT_S, worker_env
@@ -311,7 +311,7 @@ def test_a_secret_seed_is_never_written_and_its_lost_steps_are_charged(tmp_path,
     # fixed_os: the OS secrets from a seeded generator, so the scan of the 4-byte key words is
     # deterministic (a random 4-byte pattern would occur by chance in a file of n bytes with
     # probability about n / 2^32).
-    from rmt_kernels.dp.checkpoint import _read
+    from rmt_kernels.dp.checkpoint_file import read_checkpoint_file
 
     path = tmp_path / "ckpt.pt"
     model, opt, loader = dp_workers.private(tiny_model(), noise=1.0, lr=0.0, seed=None)
@@ -323,7 +323,7 @@ def test_a_secret_seed_is_never_written_and_its_lost_steps_are_charged(tmp_path,
         if step == 0:
             opt.zero_grad()
             save_checkpoint(path, model, opt, loader)
-    assert _read(path)["engine"]["seed"] is None
+    assert read_checkpoint_file(path)["engine"]["seed"] is None
     # Every encoding (decimal, hex, 8-byte LE/BE, the Philox key words); the other artifacts,
     # secure mode and the drop-in: tests/test_secrets.py.
     blobs = {"ckpt": path.read_bytes(), "ledger": ledger_path(path).read_bytes()}
@@ -374,7 +374,7 @@ def _denoised_run(path, steps: int, *, resume_at: int | None = None, keep_bases:
 
 
 def test_a_resumed_run_denoises_bit_identically_from_the_checkpointed_bases(tmp_path):
-    from rmt_kernels.dp.checkpoint import _read
+    from rmt_kernels.dp.checkpoint_file import read_checkpoint_file
 
     straight, bases = _denoised_run(tmp_path / "a" / "ckpt.pt", 4)
     resumed, resumed_bases = _denoised_run(tmp_path / "b" / "ckpt.pt", 4, resume_at=2)
@@ -384,7 +384,7 @@ def test_a_resumed_run_denoises_bit_identically_from_the_checkpointed_bases(tmp_
     for key, basis in bases["bases"].items():
         assert torch.equal(basis, resumed_bases["bases"][key]), key
     # The checkpoint (read with weights_only=True) holds a basis per denoised matrix.
-    (saved,) = _read(tmp_path / "b" / "ckpt.pt")["engine"]["post_processors"]
+    (saved,) = read_checkpoint_file(tmp_path / "b" / "ckpt.pt")["engine"]["post_processors"]
     assert set(saved["bases"]) == set(bases["bases"]) and len(saved["bases"]) >= 12
     for key, basis in saved["bases"].items():
         assert basis.dtype == torch.float32 and basis.shape[0] == saved["shapes"][key][0], key

@@ -213,8 +213,9 @@ def test_checkpoint_of_other_post_processors_is_refused(tmp_path):
         load_checkpoint(tmp_path / "c.pt", model, opt, loader)
 
 
-def test_checkpoint_without_post_processor_states_still_loads(tmp_path, monkeypatch):
-    """A checkpoint written before post-processors kept state (same format version)."""
+def test_checkpoint_without_post_processor_states_is_refused(tmp_path, monkeypatch):
+    """The layout written before post-processors kept state: format version 1 read it, version
+    2 refuses it, naming the field, before anything is loaded."""
     real = PrivateEngine.state_dict
 
     def old_format(self):
@@ -228,8 +229,9 @@ def test_checkpoint_without_post_processor_states_still_loads(tmp_path, monkeypa
         m.setattr(PrivateEngine, "state_dict", old_format)
         save(tmp_path / "old.pt", model, opt, loader)
     model, opt, loader = _private(poisson=True, n=64, denoise={})
-    load_checkpoint(tmp_path / "old.pt", model, opt, loader)
-    assert opt.engine.steps == 1 and opt.engine.post_processors == [opt.engine.denoiser]
+    with pytest.raises(CheckpointError, match=r"lacks engine\.post_processors"):
+        load_checkpoint(tmp_path / "old.pt", model, opt, loader)
+    assert opt.engine.steps == 0
 
 
 OPTIONS = {"kappa": 0.5, "min_dim": 1, "seed": 7}

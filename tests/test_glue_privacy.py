@@ -56,7 +56,8 @@ def _crash_at(monkeypatch, call: int) -> None:
 
 
 def test_the_noise_seed_is_secret_by_default(tiny, tmp_path, monkeypatch, capsys):
-    from rmt_kernels.dp.checkpoint import data_path, ledger_path
+    from rmt_kernels.dp.checkpoint import data_path
+    from rmt_kernels.dp.ledger import ledger_path
 
     seeds = record_engine_seeds(monkeypatch)
     ckpt = tmp_path / "ckpt"
@@ -157,7 +158,7 @@ def test_a_run_killed_before_its_first_checkpoint_restarts(tiny, tmp_path, monke
 
 
 def test_resume_errors_and_an_honoured_lr(tiny, tmp_path, capsys):
-    from rmt_kernels.dp.checkpoint import _read
+    from rmt_kernels.dp.checkpoint_file import read_checkpoint_file
 
     ckpt = ["--checkpoint-dir", tmp_path / "ckpt"]
     out = tmp_path / "log.json"
@@ -173,7 +174,8 @@ def test_resume_errors_and_an_honoured_lr(tiny, tmp_path, capsys):
     assert run(*_tiny_args(tiny, out, *NOISE, *ckpt, "--resume", "--lr", 0.125)) == 0
     assert "--lr 0.125 replaces the checkpointed run's 0.0005" in capsys.readouterr().err
     assert _strict(out)["config"]["lr"] == 0.125
-    assert _read(tmp_path / "ckpt" / "checkpoint.pt")["optimizer"]["param_groups"][0]["lr"] == 0.125
+    saved = read_checkpoint_file(tmp_path / "ckpt" / "checkpoint.pt")
+    assert saved["optimizer"]["param_groups"][0]["lr"] == 0.125
 
 
 @pytest.mark.parametrize(

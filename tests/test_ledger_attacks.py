@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 
 from rmt_kernels.dp import CheckpointError, attach_ledger, checkpoint_extra, load_checkpoint
-from rmt_kernels.dp.checkpoint import _read, data_path, ledger_path
+from rmt_kernels.dp.checkpoint import data_path
+from rmt_kernels.dp.checkpoint_file import read_checkpoint_file
+from rmt_kernels.dp.ledger import ledger_path
 from rmt_kernels.glue.config import GlueConfig
 from rmt_kernels.training.outputs import check_outputs
 from tests import dp_workers
@@ -28,7 +30,7 @@ def _hold_lock(path):
     code = textwrap.dedent(
         f"""
         import sys, time
-        from rmt_kernels.dp.checkpoint import lock_ledger
+        from rmt_kernels.dp.ledger import lock_ledger
         lock_ledger({str(path)!r})
         print("held", flush=True)
         time.sleep(120)
@@ -59,7 +61,7 @@ def test_a_second_process_on_one_ledger_is_refused(tmp_path):
 
 
 def test_a_second_resume_of_one_checkpoint_is_refused(tmp_path):
-    from rmt_kernels.dp import checkpoint as module
+    from rmt_kernels.dp import ledger as module
     from rmt_kernels.dp import save_checkpoint
 
     path = tmp_path / "ckpt.pt"
@@ -126,7 +128,7 @@ def test_a_full_disk_at_a_checkpoint_exits_2_with_the_previous_checkpoint_intact
     path = ckpt / "checkpoint.pt"
     # The first checkpoint, and the data sidecar that belongs to it; no temporary file left.
     assert checkpoint_extra(path)["steps"] == 1
-    assert _read(data_path(path))["data_id"] == _read(path)["data_id"]
+    assert read_checkpoint_file(data_path(path))["data_id"] == read_checkpoint_file(path)["data_id"]
     assert sorted(p.name for p in ckpt.iterdir()) == sorted(
         [path.name, data_path(path).name, ledger_path(path).name]
         + [f"{ledger_path(path).name}.{end}" for end in ("lock", "head")]
@@ -311,13 +313,13 @@ def test_a_deleted_marker_is_refused(tmp_path):
 
 
 def test_stripping_the_chain_is_refused(tmp_path):
-    # Downgrade to an unchained (old-format) ledger, marker deleted, the last line dropped: the
-    # checkpoint's SHA-256 of its last counted line no longer matches. (Old code: 3 charged.)
-
+    # Downgrade to an unchained (old-format) ledger, marker deleted, the last line dropped:
+    # refused at its first line, which has no chain field (an unchained ledger is not read).
+    # (Old code: 3 charged.)
     path = _crashed_run(tmp_path)
     _write(path, _unchain(_lines(path)[:-1]))
     _marker(path).unlink(missing_ok=True)
-    with pytest.raises(CheckpointError, match="line 2 is not the line the checkpoint"):
+    with pytest.raises(CheckpointError, match="line 1 is not a ledger record"):
         _resume(path)
 
 
@@ -346,33 +348,69 @@ def test_an_edited_noise_multiplier_before_the_first_checkpoint_is_refused(tmp_p
     assert opt.engine.accountant.history == []
 
 
-def test_a_ledger_written_before_the_chain_still_resumes_with_a_warning(tmp_path):
-    # A checkpoint and ledger of the old format (no chain field, no marker, no SHA-256 in the
-    # checkpoint) resume as before, counted as before, with a warning that edits to them cannot
-    # be seen; the lines this run appends are chained after them, and its checkpoints verified.
+def _rewrite(path, edit) -> None:
+    """Rewrite the checkpoint at ``path`` with its payload edited by ``edit``, under a valid
+    header of this format version."""
+    import hashlib
     import io
+    import struct
 
     import torch
 
-    from rmt_kernels.dp import save_checkpoint
-    from rmt_kernels.dp.checkpoint import _commit, _write_temporary
+    from rmt_kernels.dp.checkpoint_file import FORMAT_VERSION, MAGIC
 
-    path = _crashed_run(tmp_path)
-    _write(path, _unchain(_lines(path)))
-    _marker(path).unlink(missing_ok=True)
-    state = _read(path)
-    del state["engine"]["ledger_head"]
+    state = read_checkpoint_file(path)
+    edit(state)
     buffer = io.BytesIO()
     torch.save(state, buffer)
-    _commit(_write_temporary(path, buffer.getvalue()), path)
+    payload = buffer.getvalue()
+    digest = hashlib.sha256(payload).digest()
+    path.write_bytes(struct.pack("<8sIQ32s", MAGIC, FORMAT_VERSION, len(payload), digest) + payload)
+
+
+def test_a_checkpoint_of_the_old_format_version_is_refused_naming_both(tmp_path):
+    # Format version 1 read checkpoints without the ledger's SHA-256 (and ledgers without the
+    # chain) with a warning; version 2 reads only its own files, every field present.
+    import struct
+
+    path = _crashed_run(tmp_path)
+    written = path.read_bytes()
+    assert struct.unpack_from("<I", written, 8) == (2,)  # the version, after the magic
+    path.write_bytes(written[:8] + struct.pack("<I", 1) + written[12:])
+    expected = r"format version 1; this version of rmt_kernels reads format version 2 only"
+    with pytest.raises(CheckpointError, match=expected):
+        checkpoint_extra(path)
     model, opt, loader = dp_workers.private(tiny_model(), noise=1.0, lr=0.0)
-    with pytest.warns(UserWarning, match="before the privacy ledger was hash-chained"):
+    with pytest.raises(CheckpointError, match=expected):
         load_checkpoint(path, model, opt, loader)
-    assert _charged(opt) == STEPS_RUN
-    for _ in range(STEPS_RUN - MARK + 1):  # replays 2 and 3, then step 4 is new
-        dp_workers.backward(model, dp_workers.batch_of(opt.engine.steps, None))
-        opt.step()
-        opt.zero_grad()
-    save_checkpoint(path, model, opt, loader)
-    assert b'"prev"' in _lines(path)[-1] and b'"prev"' not in _lines(path)[-2]
-    assert _charged(_resume(path)) == STEPS_RUN + 1
+    assert opt.engine.steps == 0 and opt.engine.accountant.history == []
+    # Guard: the same file under this version's number loads (the test can fail).
+    path.write_bytes(written)
+    assert _charged(_resume(path)) == STEPS_RUN
+
+
+@pytest.mark.parametrize("field", ["ledger_head", "post_processors", "ledger_lines"])
+def test_a_checkpoint_without_a_field_of_its_version_is_refused_naming_it(tmp_path, field):
+    # The layout of a version-1 checkpoint written before the chain (no ledger_head) or before
+    # post-processors kept state, under version 2's number: refused, not read with a fallback.
+    path = _crashed_run(tmp_path)
+    _rewrite(path, lambda state: state["engine"].pop(field))
+    model, opt, loader = dp_workers.private(tiny_model(), noise=1.0, lr=0.0)
+    with pytest.raises(CheckpointError, match=rf"lacks engine\.{field}: not a checkpoint of"):
+        load_checkpoint(path, model, opt, loader)
+    assert opt.engine.steps == 0 and opt.engine.accountant.history == []
+
+
+def test_a_ledger_written_before_the_chain_is_refused(tmp_path):
+    # Unchained lines (the old ledger format) are never counted as this run's: a resume and a
+    # restart of a run killed before its first checkpoint both refuse them.
+    path = _crashed_run(tmp_path)
+    _write(path, _unchain(_lines(path)))
+    with pytest.raises(CheckpointError, match="line 1 is not a ledger record"):
+        _resume(path)
+    killed = _killed_before_checkpoint(tmp_path / "killed")
+    _write(killed, _unchain(_lines(killed)))
+    _, opt, _ = dp_workers.private(tiny_model(), noise=1.0, lr=0.0)
+    with pytest.raises(CheckpointError, match="line 1 is not a ledger record"):
+        attach_ledger(opt, killed, charge_existing=True)
+    assert opt.engine.accountant.history == []

@@ -244,7 +244,8 @@ def test_deleting_the_lock_file_does_not_let_a_second_process_in(tmp_path):
     # Today: the running process deletes <ckpt>.ledger.lock (a cleanup of *.lock), a second
     # resume takes a fresh lock file, and both append to one ledger.
     from rmt_kernels.dp import attach_ledger
-    from rmt_kernels.dp.checkpoint import CheckpointError, ledger_path
+    from rmt_kernels.dp.checkpoint_file import CheckpointError
+    from rmt_kernels.dp.ledger import ledger_path
     from tests import dp_workers
     from tests.dp_models import tiny_model
     from tests.test_ledger_attacks import _hold_lock

@@ -277,7 +277,8 @@ def _native_artifacts(tmp_path, secure_mode: bool):
     """A default native run's artifacts (checkpoint, ledger, data sidecar, state dicts,
     pickles) and its secrets (noise seed, sampling key)."""
     from rmt_kernels.dp import attach_ledger, save_checkpoint
-    from rmt_kernels.dp.checkpoint import data_path, ledger_path
+    from rmt_kernels.dp.checkpoint import data_path
+    from rmt_kernels.dp.ledger import ledger_path
 
     path = tmp_path / "ckpt.pt"
     model, opt, loader = _native(secure_mode=secure_mode, steps=0)
@@ -407,7 +408,8 @@ def test_the_32_bit_seed_attack_no_longer_reproduces_a_default_dropin_run(fixed_
 def test_rmt_glue_writes_no_secret_in_its_log_or_checkpoint(
     tiny, tmp_path, fixed_os, monkeypatch, engine
 ):
-    from rmt_kernels.dp.checkpoint import data_path, ledger_path
+    from rmt_kernels.dp.checkpoint import data_path
+    from rmt_kernels.dp.ledger import ledger_path
 
     seeds = record_engine_seeds(monkeypatch)
     fixed_os.reset()

@@ -8,20 +8,21 @@ noise_key.py (the noise seed, its ledger stream id, re-keying), param_guards.py 
 privatised parameters are trained, each only through its own module), stages/ (the
 post-processing stages of the released gradient, shared with rmt_kernels.opacus: their protocol,
 the denoise options, the Denoiser, the chain, temporal filters, DP-Adam, trajectory shrinkage,
-their checkpoint state), optimizer.py (DPOptimizer), checkpoint.py (checkpoints and
-the privacy ledger, through the engine's state_dict), capture.py (the hooks), distributed.py
-(ranks, Poisson sampling)."""
+their checkpoint state), optimizer.py (DPOptimizer), checkpoint.py (checkpoints and resume,
+through the engine's state_dict), checkpoint_file.py (their file format), ledger.py (the privacy
+ledger), data_fingerprint.py (what names the training data of a checkpoint), capture.py (the
+hooks), distributed.py (ranks, Poisson sampling)."""
 
 from rmt_kernels.dp.capture import LayoutError
 from rmt_kernels.dp.checkpoint import (
-    CheckpointError,
     ResumeWarning,
     attach_ledger,
     checkpoint_extra,
-    dataset_fingerprint,
     load_checkpoint,
     save_checkpoint,
 )
+from rmt_kernels.dp.checkpoint_file import CheckpointError
+from rmt_kernels.dp.data_fingerprint import dataset_fingerprint
 from rmt_kernels.dp.distributed import PoissonSampler
 from rmt_kernels.dp.engine import PrivateEngine
 from rmt_kernels.dp.make_private import make_private

@@ -255,8 +255,8 @@ class PoissonSampler(torch.utils.data.Sampler):
     @staticmethod
     def restores_batches(state: dict) -> bool:
         """Whether loading ``state`` makes the sampler redraw the batches the saved one drew
-        (only a public key is saved; a state of an older format holds no key either)."""
-        return state.get("key") is not None
+        (only a public key is saved)."""
+        return state["key"] is not None
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from a :meth:`state_dict` (the next ``__iter__`` resumes mid-epoch); a

@@ -29,7 +29,7 @@ key's seed and stream id (rmt_kernels/dp/noise_key.py).
 
 Under torch.distributed (rmt_kernels/dp/distributed.py has the reasoning): the clipped sums of
 every rank are all-reduced before post-processing, rank 0 alone adds the noise, and the ranks
-agree on the seed. With a privacy ledger (rmt_kernels/dp/checkpoint.py) each logical step is
+agree on the seed. With a privacy ledger (rmt_kernels/dp/ledger.py) each logical step is
 recorded before its data touches the model. Checkpoints go through :meth:`PrivateEngine.state_dict`
 and :meth:`PrivateEngine.load_state_dict`.
 """
@@ -504,16 +504,14 @@ class PrivateEngine:
         The step counter, the accountant and each post-processor's state are restored. The
         noise seed is adopted when ``state`` holds one (a public seed), with its stream id; with
         a secret seed (``seed`` None) the engine draws a new secret seed and stream id (no
-        noise key of the saved run, nor of this engine's own earlier steps, is reused). A
-        ``state`` without ``post_processors`` (a checkpoint written before post-processors kept
-        state, when the only one, the denoiser, kept none) leaves them as they are. The current
-        step will be recorded in the ledger again at its first use.
+        noise key of the saved run, nor of this engine's own earlier steps, is reused). The
+        current step will be recorded in the ledger again at its first use.
 
         Raises:
             ValueError: ``post_processors`` does not match this engine's (another count).
         """
-        processors = state.get("post_processors")
-        if processors is not None and len(processors) != len(self.post_processors):
+        processors = state["post_processors"]
+        if len(processors) != len(self.post_processors):
             raise ValueError(
                 f"PrivateEngine.load_state_dict: {len(processors)} post-processor states for "
                 f"{len(self.post_processors)} post-processors "
@@ -522,7 +520,7 @@ class PrivateEngine:
         # Post-processors first: they validate their state (e.g. the warm-start bases' shapes)
         # and raise before anything is replaced, so a refused state leaves the step counter and
         # the accountant as they were.
-        for processor, processor_state in zip(self.post_processors, processors or (), strict=False):
+        for processor, processor_state in zip(self.post_processors, processors, strict=True):
             processor.load_state_dict(processor_state)
         self.accountant.load_state_dict(state["accountant"])
         self.steps = int(state["steps"])
@@ -544,7 +542,7 @@ class PrivateEngine:
 
     def set_ledger(self, ledger, counted: Iterable[tuple[int, str]] | None = None) -> None:
         """Record the following steps in ``ledger`` (a
-        :class:`~rmt_kernels.dp.checkpoint.PrivacyLedger`, or None for none).
+        :class:`~rmt_kernels.dp.ledger.PrivacyLedger`, or None for none).
 
         Args:
             ledger: where :meth:`record_step` appends (rank 0 only; None on the others).

@@ -11,6 +11,8 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from rmt_kernels.atomic_file import write_atomically
+
 if TYPE_CHECKING:
     from rmt_kernels.training.config import TrainConfig
 
@@ -50,7 +52,8 @@ def _check_no_collision(cfg: TrainConfig, folder: Path) -> None:
     """Raise ValueError if ``--output`` or ``--save`` would overwrite the checkpoint, its privacy
     ledger or its data sidecar (the log's rename would replace the checkpoint, or destroy the
     ledger and with it the record of the privacy spent; ``--save`` renames a whole folder)."""
-    from rmt_kernels.dp.checkpoint import data_path, ledger_path, marker_path
+    from rmt_kernels.dp.checkpoint import data_path
+    from rmt_kernels.dp.ledger import ledger_path, marker_path
 
     checkpoint = folder / "checkpoint.pt"
     ledger = ledger_path(checkpoint)
@@ -87,22 +90,17 @@ def json_safe(value):
 
 def write_json(path: str | Path, value, flag: str = "--output") -> None:
     """Write ``value`` as strict JSON (non-finite floats as null) to ``path``, atomically: a
-    temporary file in the same folder, then a rename, so a crash leaves the old file or the new.
+    synced temporary file in the same folder, then a rename (rmt_kernels/atomic_file.py), so a
+    crash leaves the old file or the new.
 
     Raises:
         ValueError: the file cannot be written (naming ``flag``).
     """
-    path = Path(path)
     text = json.dumps(json_safe(value), indent=2, allow_nan=False) + "\n"
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        write_atomically((path, text.encode()))
     except OSError as err:
         raise ValueError(f"{flag} {path}: cannot write it ({err.strerror or err})") from None
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def save_model(model, tokenizer, folder: Path) -> None:

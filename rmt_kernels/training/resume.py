@@ -52,7 +52,7 @@ def plan_checkpoint(cfg: TrainConfig) -> CheckpointPlan | None:
     if not cfg.checkpoint_dir:
         return None
     from rmt_kernels.dp import checkpoint_extra
-    from rmt_kernels.dp.checkpoint import PrivacyLedger, ledger_path
+    from rmt_kernels.dp.ledger import PrivacyLedger, ledger_path
 
     path = Path(cfg.checkpoint_dir) / "checkpoint.pt"
     if path.exists():
