@@ -133,11 +133,10 @@ def test_a_kappa_left_out_is_the_targets_default_and_reaches_the_denoiser(flags,
     assert "kappa" not in GlueConfig(task="sst2", model="m").denoise_options
 
 
-def _checkpoint(cfg: GlueConfig | None, optimizer: str) -> dict:
-    """checkpoint_extra of a run of ``cfg`` (None: a checkpoint older than the chain's flags)."""
+def _checkpoint(cfg: GlueConfig, optimizer: str) -> dict:
+    """checkpoint_extra of a run of ``cfg``."""
     config = {"optimizer": optimizer, "lr": 5e-4, "weight_decay": 0.0}
-    if cfg is not None:
-        config["stages"] = {**stages.flags(cfg), "lr_schedule": cfg.lr_schedule}
+    config["stages"] = {**stages.flags(cfg), "lr_schedule": cfg.lr_schedule}
     return {"steps": 1, "extra": {"config": config}}
 
 
@@ -148,9 +147,8 @@ def test_a_resume_without_the_target_continues_the_checkpointed_one():
     cfg.check()  # checked as a new run's
     gradient_run = _cli_cfg("--denoise", "--denoise-target", "gradient")
     gradient = _checkpoint(gradient_run, "adamw")
-    for checkpoint in (gradient, _checkpoint(None, "adamw")):  # (older: gradient, the only one)
-        resumed = resolve_optimisation(cfg, checkpoint)
-        assert (resumed.denoise_target, resumed.optimizer) == ("gradient", "adamw")
+    resumed = resolve_optimisation(cfg, gradient)
+    assert (resumed.denoise_target, resumed.optimizer) == ("gradient", "adamw")
     moment = _checkpoint(_cli_cfg("--denoise", "--denoise-target", "moment"), "sgd")
     resumed = resolve_optimisation(cfg, moment)
     assert (resumed.denoise_target, resumed.optimizer) == ("moment", "sgd")
@@ -165,18 +163,9 @@ def test_a_resume_without_the_target_continues_the_checkpointed_one():
         resolve_optimisation(_cli_cfg(*resume, "--denoise-target", "moment"), gradient)
 
 
-def _unrecorded_kappa(checkpoint: dict) -> dict:
-    """``checkpoint`` as written before --kappa was always recorded (left out: it was 1)."""
-    saved = checkpoint["extra"]["config"]["stages"]
-    options = {k: v for k, v in saved["denoise_options"].items() if k != "kappa"}
-    saved["denoise_options"] = options
-    return checkpoint
-
-
 def test_a_resume_without_kappa_continues_the_checkpointed_one():
     """A run's kappa never changes under it: a resume that leaves --kappa out gets the
-    checkpoint's, and an old checkpoint that did not record it (trained at 1, every target's
-    default then) resumes at 1, not at today's default 0.75 for the gradient."""
+    checkpoint's, not the target's default (0.75 for the gradient)."""
     resume = ["--denoise", "--checkpoint-dir", "ckpt", "--resume"]
     cfg = _cli_cfg(*resume)
     assert cfg.denoise_options.get("kappa") is None  # known once the checkpoint is read
@@ -184,23 +173,17 @@ def test_a_resume_without_kappa_continues_the_checkpointed_one():
         run = _cli_cfg("--denoise", "--kappa", trained)
         resumed = resolve_optimisation(cfg, _checkpoint(run, "adamw"))
         assert resumed.denoise_options["kappa"] == trained
-    unrecorded = _unrecorded_kappa(_checkpoint(_cli_cfg("--denoise"), "adamw"))
-    assert resolve_optimisation(cfg, unrecorded).denoise_options["kappa"] == 1.0
-    # ... and --kappa 1 given explicitly is that same kappa, accepted.
-    explicit = resolve_optimisation(_cli_cfg(*resume, "--kappa", 1), unrecorded)
+    at_one = _checkpoint(_cli_cfg("--denoise", "--kappa", 1), "adamw")
+    # The checkpoint's kappa given explicitly is accepted.
+    explicit = resolve_optimisation(_cli_cfg(*resume, "--kappa", 1), at_one)
     assert explicit.denoise_options["kappa"] == 1.0
-    unrecorded_moment = _unrecorded_kappa(
-        _checkpoint(_cli_cfg("--denoise", "--denoise-target", "moment"), "sgd")
-    )
-    assert resolve_optimisation(cfg, unrecorded_moment).denoise_options["kappa"] == 1.0
-    # A checkpoint older than the chain's flags (gradient at the op's default, 1).
-    assert resolve_optimisation(cfg, _checkpoint(None, "adamw")).denoise_options["kappa"] == 1.0
+    moment = _checkpoint(_cli_cfg("--denoise", "--denoise-target", "moment"), "sgd")
+    assert resolve_optimisation(cfg, moment).denoise_options["kappa"] == 1.0
     # Nothing to resume: a new run's default.
     assert resolve_optimisation(cfg, None).denoise_options["kappa"] == 0.75
-    # Another kappa given is refused, the unrecorded 1 included.
-    for checkpoint in (_checkpoint(_cli_cfg("--denoise", "--kappa", 1), "adamw"), unrecorded):
-        with pytest.raises(ValueError, match=r"'kappa': 1.0.*\(now \{.*'kappa': 0.75"):
-            resolve_optimisation(_cli_cfg(*resume, "--kappa", 0.75), checkpoint)
+    # Another kappa given is refused.
+    with pytest.raises(ValueError, match=r"'kappa': 1.0.*\(now \{.*'kappa': 0.75"):
+        resolve_optimisation(_cli_cfg(*resume, "--kappa", 0.75), at_one)
 
 
 def test_linear_schedule_decays_to_zero_over_the_run():

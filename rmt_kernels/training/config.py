@@ -9,8 +9,7 @@ their checks and defaults, and ``--device``. An application subclasses it with i
 measured for the target (``with_default_kappa``: 0.75 for the gradient, 1 for the moment and the
 trajectory). A new run resolves both when the config is made (``TrainConfig.__post_init__``); a
 resume with ``--denoise`` when its checkpoint is read
-(``rmt_kernels.training.resume.resolve_optimisation``: the checkpointed run's target and kappa;
-``gradient`` for a checkpoint older than the targets, kappa 1 for one that did not record it).
+(``rmt_kernels.training.resume.resolve_optimisation``: the checkpointed run's target and kappa).
 The log and the checkpoints always hold the resolved values.
 """
 

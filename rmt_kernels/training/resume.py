@@ -82,25 +82,18 @@ def resolve_optimisation(cfg: TrainConfig, resumed: dict | None) -> TrainConfig:
     checkpoint's) nor the chain's flags (--denoise and its options, --filter, --filter-beta,
     --disk-kappa, --denoise-target, --dp-adam: the stages' states are the checkpoint's) nor
     --lr-schedule; a new --lr or --weight-decay is honoured, and said. A resume with --denoise
-    and no --denoise-target (or no --kappa) continues the checkpointed run's target (``gradient``
-    for a checkpoint older than the targets) and kappa (1 for a checkpoint that did not record
-    it: every target's default then); with nothing to resume it gets a new run's
+    and no --denoise-target (or no --kappa) continues the checkpointed run's target and kappa
+    (a checkpoint records both); with nothing to resume it gets a new run's
     (stages.denoise_target, stages.with_default_kappa), so the returned config always names
     both."""
     old = ((resumed or {}).get("extra") or {}).get("config") or {}
     saved_stages = old.get("stages")
-    saved_options = (saved_stages or {}).get("denoise_options") or {}
-    saved_kappa = saved_options.get("kappa", stages.UNRECORDED_KAPPA)
-    if saved_stages is not None and saved_stages.get("denoise"):  # its kappa, recorded or not
-        saved_stages = {**saved_stages, "denoise_options": {**saved_options, "kappa": saved_kappa}}
+    saved_kappa = ((saved_stages or {}).get("denoise_options") or {}).get("kappa")
     if cfg.denoise_target is None:  # --resume --denoise without --denoise-target
-        checkpointed = None
-        if resumed is not None:
-            checkpointed = (saved_stages or {}).get("denoise_target", "gradient")
+        checkpointed = (saved_stages or {}).get("denoise_target")
         cfg = replace(cfg, denoise_target=stages.denoise_target(None, checkpointed))
     if cfg.denoise:  # --kappa left out: the checkpointed run's, else a new run's
-        checkpointed = saved_kappa if resumed is not None else None
-        options = stages.with_default_kappa(cfg.denoise_options, cfg.denoise_target, checkpointed)
+        options = stages.with_default_kappa(cfg.denoise_options, cfg.denoise_target, saved_kappa)
         cfg = replace(cfg, denoise_options=options)
     if resumed is not None and saved_stages is not None:
         now = {**stages.flags(cfg), "lr_schedule": cfg.lr_schedule}

@@ -39,7 +39,7 @@ collapses). Below 1 the threshold sits inside the noise bulk and keeps about a t
 step's noise: the setting is stable because it denoises little, and none beats plain DP-SGD
 (0.797 +- 0.010, step 16.7), which is the README's recommendation. The moment and trajectory
 targets keep kappa 1, the best measured for them (the moment collapsed at 0.5). A resume keeps
-its checkpoint's kappa (1 for a checkpoint that did not record it: the default then).
+its checkpoint's kappa.
 """
 
 from __future__ import annotations
@@ -58,8 +58,6 @@ DEFAULT_FILTER_BETA = 0.9
 DEFAULT_DISK_KAPPA = 0.7
 # --kappa left out, by target: the best measured for each on SST-2 (the module docstring).
 DEFAULT_KAPPA = {"gradient": 0.75, "moment": 1.0, "trajectory": 1.0}
-# The kappa of a checkpoint that did not record one (written when every target's default was 1).
-UNRECORDED_KAPPA = 1.0
 # Adam's usual decays for the DPAdam stage (Kingma & Ba; Li et al. 2021 fine-tune with them).
 ADAM_BETA1 = 0.9
 ADAM_BETA2 = 0.999
