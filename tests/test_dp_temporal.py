@@ -591,9 +591,9 @@ def _train(chain_factory, steps, *, resume_at=None, forget=False):
                         "optimizer": opt.state_dict(),
                     }
                 )
-                if forget:
-                    del saved["engine"]["post_processors"]
                 model, opt, loader = build(7)
+                if forget:  # the fresh stages' own states: as if none had been saved
+                    saved["engine"]["post_processors"] = opt.engine.state_dict()["post_processors"]
                 model.load_state_dict(saved["model"])
                 opt.load_state_dict(saved["optimizer"])
                 opt.engine.load_state_dict(saved["engine"])
