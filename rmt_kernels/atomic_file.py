@@ -6,7 +6,7 @@ systems), flushed and ``fsync``-ed, then renamed over its target with ``os.repla
 folder ``fsync``-ed: without the folder's sync the rename itself may be lost in a power cut, and
 without the file's sync the rename may reach the disk before the data does (an empty file under
 the new name). The one writer of the checkpoints (rmt_kernels/dp/checkpoint.py), the privacy
-ledger's marker (rmt_kernels/dp/ledger.py) and the GLUE app's log (rmt_kernels/glue/outputs.py).
+ledger's marker (rmt_kernels/dp/ledger.py) and the training log (rmt_kernels/training/outputs.py).
 """
 
 from __future__ import annotations

@@ -64,7 +64,7 @@ def test_not_a_path_and_bytes_pair_is_refused(tmp_path):
 
 
 def test_the_glue_log_is_written_through_it_and_synced(tmp_path, monkeypatch):
-    from rmt_kernels.glue.outputs import write_json
+    from rmt_kernels.training.outputs import write_json
 
     synced = _synced(monkeypatch)
     write_json(tmp_path / "log.json", {"epsilon": float("inf")})
