@@ -39,6 +39,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from operator import attrgetter
 from typing import Any
 
 import torch
@@ -184,20 +185,13 @@ class PrivateEngine:
             f"params={len(self.params)}, steps={self.steps})"
         )
 
-    @property
-    def seed_id(self) -> str:
-        """The privacy ledger's name of the current noise stream (never the seed)."""
-        return self.noise_key.stream_id
-
-    @property
-    def noise_seed_is_secret(self) -> bool:
-        """Whether the noise seed came from the OS (a caller's ``seed``: not private)."""
-        return self.noise_key.secret
-
-    @property
-    def secure_mode(self) -> bool:
-        """Whether the run is in secure mode (its seed is never derived from an old one)."""
-        return self.noise_key.secure_mode
+    # Read-only views of the noise key (it owns the seed; these only describe it).
+    #: The privacy ledger's name of the current noise stream (never the seed); a str.
+    seed_id = property(attrgetter("noise_key.stream_id"))
+    #: Whether the noise seed came from the OS (a caller's ``seed``: not private).
+    noise_seed_is_secret = property(attrgetter("noise_key.secret"))
+    #: Whether the run is in secure mode (its seed is never derived from an old one).
+    secure_mode = property(attrgetter("noise_key.secure_mode"))
 
     # ---------------------------------------------------------------------------------------
     # Physical batches

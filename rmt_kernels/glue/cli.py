@@ -23,15 +23,7 @@ import warnings
 
 from rmt_kernels.glue.tasks import TASKS
 from rmt_kernels.shrinkage import NORM_CORRECTIONS, SHRINKERS
-from rmt_kernels.training.stages import (
-    DEFAULT_DISK_KAPPA,
-    DEFAULT_FILTER_BETA,
-    DENOISE_TARGETS,
-    DP_ADAM,
-    FILTERS,
-    LR_SCHEDULES,
-    denoise_target,
-)
+from rmt_kernels.training import stages
 
 
 def _positive_int(text: str) -> int:
@@ -131,7 +123,7 @@ def _add_train(sub) -> None:
     )
     g.add_argument(
         "--denoise-target",
-        choices=DENOISE_TARGETS,
+        choices=stages.DENOISE_TARGETS,
         help="what --denoise shrinks: each step's noisy gradient (the default; the only target "
         "AdamW composes with), the filtered first moment at its exact noise level (then a "
         "DP-Adam with beta1 0 and v from the released gradient, applied by plain SGD), or the "
@@ -141,7 +133,7 @@ def _add_train(sub) -> None:
     g = p.add_argument_group("temporal filter and DP-aware Adam (post-processing)")
     g.add_argument(
         "--filter",
-        choices=FILTERS,
+        choices=stages.FILTERS,
         default="none",
         help="average the noisy gradients over steps: ema (bias-corrected, --filter-beta) or "
         "disk (DiSK's simplified Kalman filter, --disk-kappa); default none",
@@ -158,7 +150,7 @@ def _add_train(sub) -> None:
     )
     g.add_argument(
         "--dp-adam",
-        choices=DP_ADAM,
+        choices=stages.DP_ADAM,
         default="none",
         help="none: --optimizer as given (AdamW by default); plain: Adam's direction as a "
         "post-processing stage, applied by SGD; bc: the same with DP-AdamBC's noise-variance "
@@ -191,7 +183,7 @@ def _add_train(sub) -> None:
     )
     g.add_argument(
         "--lr-schedule",
-        choices=LR_SCHEDULES,
+        choices=stages.LR_SCHEDULES,
         default="constant",
         help="constant (default) or linear: decay to 0 over the run (Li et al. 2021)",
     )
@@ -311,8 +303,8 @@ def _train_config(args: argparse.Namespace):
             "passthrough_below_edge": args.denoise_passthrough,
         },
         filter=args.filter,
-        filter_beta=DEFAULT_FILTER_BETA if args.filter_beta is None else args.filter_beta,
-        disk_kappa=DEFAULT_DISK_KAPPA if args.disk_kappa is None else args.disk_kappa,
+        filter_beta=stages.DEFAULT_FILTER_BETA if args.filter_beta is None else args.filter_beta,
+        disk_kappa=stages.DEFAULT_DISK_KAPPA if args.disk_kappa is None else args.disk_kappa,
         denoise_target=args.denoise_target,
         dp_adam=args.dp_adam,
         lr_schedule=args.lr_schedule,
@@ -347,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
         if given:
             parser.error(f"{', '.join(given)} only apply with --denoise")
     if args.command == "train":
-        target = denoise_target(args.denoise_target)
+        target = stages.denoise_target(args.denoise_target)
         if args.filter_beta is not None and not (args.filter == "ema" or target == "moment"):
             parser.error("--filter-beta only applies with --filter ema or --denoise-target moment")
         if args.disk_kappa is not None and args.filter != "disk":

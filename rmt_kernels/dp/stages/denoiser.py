@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from operator import attrgetter
 from typing import Any
 
 import torch
@@ -175,21 +176,13 @@ class Denoiser(PostProcessor):
     def __repr__(self) -> str:
         return f"Denoiser({self.options.given_options()!r})"
 
-    @property
-    def min_dim(self) -> int:
-        """Matrices whose smaller side is below this are left alone."""
-        return self.options.min_dim
-
-    @property
-    def warm_start(self) -> bool:
-        """Each matrix's range finder starts from its basis of the step before."""
-        return self.options.warm_start
-
-    @property
-    def passthrough(self) -> bool:
-        """Shrink only the matrices whose released spectrum shows a component above the
-        noise."""
-        return self.options.passthrough_below_edge
+    # Read-only views of the options the engines and the trajectory denoiser ask for by name.
+    #: Matrices whose smaller side is below this (an int) are left alone.
+    min_dim = property(attrgetter("options.min_dim"))
+    #: Each matrix's range finder starts from its basis of the step before.
+    warm_start = property(attrgetter("options.warm_start"))
+    #: Shrink only the matrices whose released spectrum shows a component above the noise.
+    passthrough = property(attrgetter("options.passthrough_below_edge"))
 
     def eligible(self, shape: Sequence[int]) -> bool:
         """Whether a gradient of this shape can be denoised at all: a matrix whose smaller side

@@ -27,15 +27,8 @@ from typing import Any
 
 import torch
 
+from rmt_kernels.dp.stages import state as state_checks
 from rmt_kernels.dp.stages.protocol import Key, PostProcessor
-from rmt_kernels.dp.stages.state import (
-    check_fields,
-    check_hyper_parameters,
-    check_step_count,
-    check_tensors,
-    clone_tensors,
-    same_keys,
-)
 
 __all__ = ["SECOND_MOMENT_SOURCES", "DPAdam"]
 
@@ -164,7 +157,7 @@ class DPAdam(PostProcessor):
             source, noise_std = released, released_sigma
         else:
             source, noise_std = grads, sigma
-        same_keys("DPAdam", self._v, grads)
+        state_checks.same_keys("DPAdam", self._v, grads)
         self.t += 1
         b1, b2 = self.beta1, self.beta2
         self._noise_var = b2 * self._noise_var + (1 - b2) * noise_std**2
@@ -218,8 +211,8 @@ class DPAdam(PostProcessor):
             **self._hyper_parameters(),
             "t": self.t,
             "noise_var": self._noise_var,
-            "m": clone_tensors(self._m),
-            "v": clone_tensors(self._v),
+            "m": state_checks.clone_tensors(self._m),
+            "v": state_checks.clone_tensors(self._v),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -229,18 +222,16 @@ class DPAdam(PostProcessor):
             TypeError, ValueError: not a DPAdam state, other hyper-parameters, or a bad value.
         """
         mine = self._hyper_parameters()
-        state = check_fields("DPAdam", state, (*mine, "t", "noise_var", "m", "v"))
-        check_hyper_parameters("DPAdam", state, mine)
-        t = check_step_count("DPAdam", state["t"])
-        noise_var = state["noise_var"]
-        if not (isinstance(noise_var, numbers.Real) and 0 <= noise_var < math.inf):
-            raise ValueError(f"DPAdam.load_state_dict: bad noise_var {noise_var!r}")
-        m = check_tensors("DPAdam", state["m"], "m")
-        v = check_tensors("DPAdam", state["v"], "v")
+        state = state_checks.check_fields("DPAdam", state, (*mine, "t", "noise_var", "m", "v"))
+        state_checks.check_hyper_parameters("DPAdam", state, mine)
+        t = state_checks.check_step_count("DPAdam", state["t"])
+        noise_var = state_checks.check_noise_variance("DPAdam", state["noise_var"])
+        m = state_checks.check_tensors("DPAdam", state["m"], "m")
+        v = state_checks.check_tensors("DPAdam", state["v"], "v")
         if (t == 0) != (not v) or (self.beta1 > 0 and set(m) != set(v)) or (self.beta1 == 0 and m):
             raise ValueError(
                 f"DPAdam.load_state_dict: t={t} with {len(m)} first and {len(v)} second moments"
             )
         if any(bool((x < 0).any()) for x in v.values()):
             raise ValueError("DPAdam.load_state_dict: a second moment is negative")
-        self.t, self._noise_var, self._m, self._v = t, float(noise_var), m, v
+        self.t, self._noise_var, self._m, self._v = t, noise_var, m, v

@@ -20,6 +20,7 @@ import torch
 __all__ = [
     "check_fields",
     "check_hyper_parameters",
+    "check_noise_variance",
     "check_step_count",
     "check_tensors",
     "clone_tensors",
@@ -77,6 +78,18 @@ def check_step_count(stage: str, value: Any, name: str = "t") -> int:
     if value < 0:
         raise ValueError(f"{stage}.load_state_dict: {name} must be >= 0, got {value}")
     return int(value)
+
+
+def check_noise_variance(stage: str, value: Any) -> float:
+    """The tracked variance of a stage's output noise: a finite real >= 0, as a float.
+
+    Raises:
+        ValueError: naming ``stage`` (a NaN, infinite or negative value sets the noise level
+            that a later Denoiser thresholds at).
+    """
+    if not (isinstance(value, numbers.Real) and 0 <= value < math.inf):
+        raise ValueError(f"{stage}.load_state_dict: bad noise_var {value!r}")
+    return float(value)
 
 
 def check_tensors(stage: str, value: Any, name: str) -> dict[Hashable, torch.Tensor]:

@@ -31,6 +31,7 @@ from rmt_kernels.dp.stages.protocol import Key, PostProcessor
 from rmt_kernels.dp.stages.state import (
     check_fields,
     check_hyper_parameters,
+    check_noise_variance,
     check_step_count,
     check_tensors,
     clone_tensors,
@@ -55,6 +56,26 @@ def _check_unit_interval(name: str, value: Any, *, closed_low: bool = True) -> f
     if not ok:
         raise ValueError(f"{name} must be in {'[0, 1)' if closed_low else '(0, 1]'}, got {value}")
     return value
+
+
+def _check_filter_state(
+    stage: str, state: Any, mine: Mapping[str, Any], name: str, what: str
+) -> tuple[int, float, dict[Key, torch.Tensor]]:
+    """A linear filter's checkpoint state (EMAFilter, DiSKFilter): its hyper-parameters
+    ``mine`` (which must match), ``t``, ``noise_var`` and its running tensors under ``name``
+    (``what`` they are, for the error), present exactly when ``t`` > 0. Returns those three.
+
+    Raises:
+        TypeError, ValueError: naming ``stage``, as the checks of state.py do.
+    """
+    state = check_fields(stage, state, (*mine, "t", "noise_var", name))
+    check_hyper_parameters(stage, state, mine)
+    t = check_step_count(stage, state["t"])
+    noise_var = check_noise_variance(stage, state["noise_var"])
+    tensors = check_tensors(stage, state[name], name)
+    if (t == 0) != (not tensors):
+        raise ValueError(f"{stage}.load_state_dict: t={t} with {len(tensors)} {what}")
+    return t, noise_var, tensors
 
 
 def ema_noise_std(sigma: float, beta: float, t: int, *, bias_correction: bool = True) -> float:
@@ -172,19 +193,10 @@ class EMAFilter(PostProcessor):
             TypeError, ValueError: not an EMAFilter state, another beta or bias correction, or
                 a bad value.
         """
-        fields = ("beta", "bias_correction", "t", "noise_var", "m")
-        state = check_fields("EMAFilter", state, fields)
-        check_hyper_parameters(
-            "EMAFilter", state, {"beta": self.beta, "bias_correction": self.bias_correction}
+        mine = {"beta": self.beta, "bias_correction": self.bias_correction}
+        self.t, self._noise_var, self._m = _check_filter_state(
+            "EMAFilter", state, mine, "m", "moments"
         )
-        t = check_step_count("EMAFilter", state["t"])
-        noise_var = state["noise_var"]
-        if not (isinstance(noise_var, numbers.Real) and 0 <= noise_var < math.inf):
-            raise ValueError(f"EMAFilter.load_state_dict: bad noise_var {noise_var!r}")
-        m = check_tensors("EMAFilter", state["m"], "m")
-        if (t == 0) != (not m):
-            raise ValueError(f"EMAFilter.load_state_dict: t={t} with {len(m)} moments")
-        self.t, self._noise_var, self._m = t, float(noise_var), m
 
 
 def disk_noise_std(sigma: float, kappa: float, t: int) -> float:
@@ -205,7 +217,21 @@ def disk_noise_std(sigma: float, kappa: float, t: int) -> float:
     return sigma * math.sqrt(r ** (t - 1) + kappa * (1 - r ** (t - 1)) / (2 - kappa))
 
 
-class DiSKFilter(PostProcessor):
+class _DiSKStage(PostProcessor):
+    """What DiSK's two halves share: the Kalman gain kappa, in (0, 1], checked and shown by
+    the stage's own class name, and the count of calls."""
+
+    def __init__(self, kappa: float) -> None:
+        name = type(self).__name__
+        self.kappa = _check_unit_interval(f"{name}: kappa", kappa, closed_low=False)
+        #: Calls so far.
+        self.t = 0
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(kappa={self.kappa})"
+
+
+class DiSKFilter(_DiSKStage):
     """DiSK's simplified Kalman filter of the noisy gradients (Zhang, Bu, Balle, Hong,
     Razaviyayn & Mirrokni, ICLR 2025, arXiv 2410.03883), the form without an extra gradient.
 
@@ -236,14 +262,9 @@ class DiSKFilter(PostProcessor):
     """
 
     def __init__(self, kappa: float = 0.7) -> None:
-        self.kappa = _check_unit_interval("DiSKFilter: kappa", kappa, closed_low=False)
-        #: Calls so far.
-        self.t = 0
+        super().__init__(kappa)
         self._noise_var = 0.0
         self._d: dict[Key, torch.Tensor] = {}
-
-    def __repr__(self) -> str:
-        return f"DiSKFilter(kappa={self.kappa})"
 
     def __call__(
         self, grads: dict[Key, torch.Tensor], sigma: float, step: int
@@ -287,19 +308,13 @@ class DiSKFilter(PostProcessor):
         Raises:
             TypeError, ValueError: not a DiSKFilter state, another kappa, or a bad value.
         """
-        state = check_fields("DiSKFilter", state, ("kappa", "t", "noise_var", "d"))
-        check_hyper_parameters("DiSKFilter", state, {"kappa": self.kappa})
-        t = check_step_count("DiSKFilter", state["t"])
-        noise_var = state["noise_var"]
-        if not (isinstance(noise_var, numbers.Real) and 0 <= noise_var < math.inf):
-            raise ValueError(f"DiSKFilter.load_state_dict: bad noise_var {noise_var!r}")
-        d = check_tensors("DiSKFilter", state["d"], "d")
-        if (t == 0) != (not d):
-            raise ValueError(f"DiSKFilter.load_state_dict: t={t} with {len(d)} estimates")
-        self.t, self._noise_var, self._d = t, float(noise_var), d
+        mine = {"kappa": self.kappa}
+        self.t, self._noise_var, self._d = _check_filter_state(
+            "DiSKFilter", state, mine, "d", "estimates"
+        )
 
 
-class DiSKExtrapolation(PostProcessor):
+class DiSKExtrapolation(_DiSKStage):
     """The last stage of DiSK: moves the model's parameters along DiSK's extrapolated points,
     so that the next gradient is evaluated at z_{t+1} = x_{t+1} + gamma (x_{t+1} - x_t),
     gamma = (1 - kappa) / kappa (see :class:`DiSKFilter`).
@@ -336,13 +351,9 @@ class DiSKExtrapolation(PostProcessor):
     after_direction = True
 
     def __init__(self, kappa: float = 0.7) -> None:
-        self.kappa = _check_unit_interval("DiSKExtrapolation: kappa", kappa, closed_low=False)
+        super().__init__(kappa)
         self.gamma = (1 - self.kappa) / self.kappa
-        self.t = 0
         self._previous: dict[Key, torch.Tensor] = {}
-
-    def __repr__(self) -> str:
-        return f"DiSKExtrapolation(kappa={self.kappa})"
 
     def __call__(
         self, grads: dict[Key, torch.Tensor], sigma: float, step: int

@@ -16,7 +16,6 @@ noisy gradients and public numbers.
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -27,6 +26,7 @@ from rmt_kernels.dp.stages.options import DenoiseOptions
 from rmt_kernels.dp.stages.protocol import Key, PostProcessor
 from rmt_kernels.dp.stages.state import (
     check_fields,
+    check_noise_variance,
     check_step_count,
     check_tensors,
     clone_tensors,
@@ -208,9 +208,7 @@ class TrajectoryDenoiser(PostProcessor):
         where = "TrajectoryDenoiser"
         state = check_fields(where, state, ("t", "noise_var", "sum", "previous", "denoiser"))
         t = check_step_count(where, state["t"])
-        noise_var = state["noise_var"]
-        if not (isinstance(noise_var, numbers.Real) and 0 <= noise_var < math.inf):
-            raise ValueError(f"{where}.load_state_dict: bad noise_var {noise_var!r}")
+        noise_var = check_noise_variance(where, state["noise_var"])
         sums = check_tensors(where, state["sum"], "sum")
         previous = check_tensors(where, state["previous"], "previous")
         if set(sums) != set(previous) or any(sums[k].shape != previous[k].shape for k in sums):
@@ -223,4 +221,4 @@ class TrajectoryDenoiser(PostProcessor):
         if t == 0 and sums:
             raise ValueError(f"{where}.load_state_dict: t=0 with {len(sums)} sums")
         self._denoiser.load_state_dict(state["denoiser"])
-        self.t, self._noise_var, self._sum, self._previous = t, float(noise_var), sums, previous
+        self.t, self._noise_var, self._sum, self._previous = t, noise_var, sums, previous
