@@ -6,7 +6,9 @@ systems), flushed and ``fsync``-ed, then renamed over its target with ``os.repla
 folder ``fsync``-ed: without the folder's sync the rename itself may be lost in a power cut, and
 without the file's sync the rename may reach the disk before the data does (an empty file under
 the new name). The one writer of the checkpoints (rmt_kernels/dp/checkpoint.py), the privacy
-ledger's marker (rmt_kernels/dp/ledger.py) and the training log (rmt_kernels/training/outputs.py).
+ledger's marker (rmt_kernels/dp/ledger.py) and the training log (rmt_kernels/training/outputs.py);
+:func:`sync_folder_tree` makes a folder written by another library (``save_pretrained``) durable
+before it is renamed into place the same way.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["write_atomically"]
+__all__ = ["sync_folder", "sync_folder_tree", "write_atomically"]
 
 
 def _temporary_sibling(path: Path) -> Path:
@@ -29,13 +31,32 @@ def _write_synced(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def _sync_folder(folder: Path) -> None:
+def sync_folder(folder: Path) -> None:
     """Make the renames in ``folder`` durable (a folder's entries are data of the folder)."""
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def sync_folder_tree(folder: str | os.PathLike) -> None:
+    """``fsync`` every file below ``folder``, every folder below it and ``folder`` itself (then the
+    caller renames it into place and syncs its parent): the folder counterpart of a synced
+    temporary file, for content written by code that does not sync (``save_pretrained``).
+
+    Raises:
+        OSError: a file or folder cannot be opened or synced.
+    """
+    root = Path(folder)
+    for here, _, names in os.walk(root, topdown=False):
+        for name in names:
+            fd = os.open(Path(here) / name, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        sync_folder(Path(here))
 
 
 def write_atomically(*files: tuple[str | os.PathLike, bytes]) -> None:
@@ -68,7 +89,7 @@ def write_atomically(*files: tuple[str | os.PathLike, bytes]) -> None:
             _write_synced(tmp, data)
         for tmp, path in written:
             os.replace(tmp, path)
-            _sync_folder(path.parent)
+            sync_folder(path.parent)
     finally:
         for tmp, _ in written:
             tmp.unlink(missing_ok=True)

@@ -70,3 +70,38 @@ def test_the_glue_log_is_written_through_it_and_synced(tmp_path, monkeypatch):
     write_json(tmp_path / "log.json", {"epsilon": float("inf")})
     assert (tmp_path / "log.json").read_text() == '{\n  "epsilon": null\n}\n'
     assert f".log.json.tmp-{os.getpid()}" in [os.path.basename(s) for s in synced]
+
+
+class _Saves:
+    """A stand-in for a model or tokenizer: ``save_pretrained`` writes a file (and a sub-folder)
+    without syncing anything, as transformers does."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def save_pretrained(self, folder) -> None:
+        os.makedirs(os.path.join(folder, "sub"), exist_ok=True)
+        with open(os.path.join(folder, self.name), "w") as f:
+            f.write(self.name)
+        with open(os.path.join(folder, "sub", self.name), "w") as f:
+            f.write(self.name)
+
+
+def test_a_saved_model_is_synced_before_and_after_its_rename(tmp_path, monkeypatch):
+    from rmt_kernels.training.outputs import save_model
+
+    target = tmp_path / "model"
+    target.mkdir()
+    (target / "stale.bin").write_text("old")
+    synced = _synced(monkeypatch)
+    save_model(_Saves("model.bin"), _Saves("tokenizer.json"), target)
+    assert sorted(p.name for p in target.rglob("*")) == [
+        "model.bin", "model.bin", "sub", "tokenizer.json", "tokenizer.json"
+    ]  # fmt: skip
+    # Every file and folder was synced under its temporary name (before the rename), then the
+    # parent (after it): the old code synced nothing.
+    tmp = f"{tmp_path}/.model.tmp-{os.getpid()}"
+    for path in ("model.bin", "tokenizer.json", "sub/model.bin", "sub/tokenizer.json", "sub", ""):
+        assert os.path.join(tmp, path).rstrip("/") in synced, path
+    assert str(tmp_path) == synced[-1]
+    assert not list(tmp_path.glob(".model.*"))

@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from rmt_kernels.atomic_file import write_atomically
+from rmt_kernels.atomic_file import sync_folder, sync_folder_tree, write_atomically
 
 if TYPE_CHECKING:
     from rmt_kernels.training.config import TrainConfig
@@ -116,9 +116,13 @@ def save_model(model, tokenizer, folder: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        # Durable before the rename, and the rename durable after it (as write_atomically does
+        # for a file): a power cut never leaves an empty or partial model under --save.
+        sync_folder_tree(tmp)
         if folder.exists():
             os.replace(folder, old)
         os.replace(tmp, folder)
+        sync_folder(folder.parent)
     except OSError as err:
         raise ValueError(f"--save {folder}: cannot write it ({err.strerror or err})") from None
     finally:
