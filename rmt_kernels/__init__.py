@@ -17,9 +17,13 @@ from rmt_kernels import (
     ops,
     rules,
 )
+
+# The per-example language-model loss (issue 27): rmt_kernels.lm_loss is the function; its module
+# stays importable as `from rmt_kernels.lm_loss import ...`.
+from rmt_kernels.lm_loss import lm_loss, per_example_lm_loss
 from rmt_kernels.ops import *  # noqa: F403  (every public op wrapper, ops.__all__)
 from rmt_kernels.rules import *  # noqa: F403  (rules.__all__: LayerRule, ReleaseGuard, ...)
 from rmt_kernels.triton import register as _register  # noqa: F401  (CUDA kernels)
 
-__all__ = [*ops.__all__, *rules.__all__]
+__all__ = [*ops.__all__, *rules.__all__, "lm_loss", "per_example_lm_loss"]
 __version__ = "0.1.0"

@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import nn
 
+from rmt_kernels.dp import loss_coupling
 from rmt_kernels.dp.capture import LayerCapture, LayoutError, TrackedLayer
 
 # An entry of another example's row may move by at most this fraction of its local scale (max of
@@ -145,9 +146,10 @@ class LayoutVerifier:
         unchanged and then once per row set S of :func:`layout_row_sets`: 2 * ceil(log2 B) sets
         such that every ordered pair of rows (i, j) has a set holding i and not j. Each time, the
         rows S of every batched input get random values (noise of twice the tensor's largest
-        entry for floats, another id within the batch's range for integers, another example's
-        rows otherwise) and rows S of every tracked layer's output get a random perturbation,
-        and:
+        entry for floats; for integers another id within the range of the batch's non-negative
+        entries, a negative entry such as the ignore index -100 of labels staying as it is:
+        :func:`rmt_kernels.dp.loss_coupling.perturb_ids`; another example's rows otherwise) and
+        rows S of every tracked layer's output get a random perturbation, and:
 
         - forward: no row outside S of any tracked layer's input or output, nor of any model
           output whose dim 0 is the batch, may move (beyond ``LAYOUT_TOLERANCE`` of the
@@ -166,8 +168,15 @@ class LayoutVerifier:
         rows, and the backward from the other rows' cotangent): mixing too weak to pass the
         tolerance at the first scale (``x + 1e-6 * x.sum(0)``) moves other rows by that factor.
 
+        A loss the model returns (a 0-dim output in the graph: Hugging Face's ``.loss``) must
+        give, in every run, every tracked layer's output the unchanged batch's gradient outside
+        S; with an ignore index in an integer input, each set runs once more with rows S all
+        ignored; Hugging Face's default token-level loss is refused outright. What that sees and
+        misses: rmt_kernels/dp/loss_coupling.py.
+
         What remains assumed (stated in :func:`rmt_kernels.dp.make_private` and README.md): the
-        loss is a sum or mean over examples of a function of the model output's row b;
+        loss, where the model does not return it, is a sum or mean over examples of a function of
+        the model output's row b;
         data-dependent or stateful behaviour that this batch and these perturbations do not
         trigger is not seen, nor mixing whose effect on other rows stays below
         ``LAYOUT_TOLERANCE / LAYOUT_LARGE_SCALE`` of the change (in-place changes of a tracked
@@ -225,6 +234,12 @@ class _BatchCheck:
         self.cotangents: list[torch.Tensor | None] = []
         self.base_grads: list[torch.Tensor | None] = []
         self.names: list[str] = []
+        # The loss the model returns (loss_coupling.loss_outputs) in the last run, and each
+        # tracked layer's output gradient from it in the unchanged run (None: no loss).
+        self.losses: list[torch.Tensor] = []
+        self.base_loss_grads: list[torch.Tensor | None] | None = None
+        # Whether the run in progress sets rows S of inputs holding an ignore index to it.
+        self.ignore = False
         # The row set of the run in progress and how many base entries it has matched.
         self.rows: list[int] = []
         self.outside = torch.zeros(0, dtype=torch.bool)
@@ -236,7 +251,10 @@ class _BatchCheck:
     def verify(self) -> set[str]:
         """Run every check; the names of the tracked layers that ran."""
         try:
-            base_out, base_leaves = self.run(None, 1.0, self.keep)
+            with loss_coupling.hugging_face_token_losses(self.model) as heads:
+                base_out, base_leaves = self.run(None, 1.0, self.keep)
+            if self.losses:
+                loss_coupling.refuse_hugging_face_token_loss(heads)
             if not base_out:
                 raise LayoutError(
                     "DP engine: cannot verify the layout: no tensor in the model's output has "
@@ -252,14 +270,21 @@ class _BatchCheck:
                 else None
                 for t in base_out
             ]
+            if self.losses:
+                self.base_loss_grads = loss_coupling.loss_gradients(self.losses, base_leaves)
             self.base_grads = self.output_grads(base_out, base_leaves, None)
             self.names = [name for name, _, _ in base_leaves]
             # Only the base run's values are needed from here on: free its graph.
             self.base_out = [t.detach() for t in base_out]
             del base_out, base_leaves
+            self.losses = []
             for scale in (1.0, LAYOUT_LARGE_SCALE):
                 for rows in layout_row_sets(self.batch):
                     self.check_rows(rows, scale)
+            if any(loss_coupling.ignore_sentinel(t) is not None for t in self.inputs):
+                # Every target of examples S ignored: their count of targets changes.
+                for rows in layout_row_sets(self.batch):
+                    self.check_rows(rows, 1.0, ignore=True)
         finally:
             self.restore_buffers(self.now)
         return {name for name, _, _ in self.base}
@@ -281,8 +306,10 @@ class _BatchCheck:
 
     def perturb(self, t: torch.Tensor, rows: list[int], scale: float) -> torch.Tensor:
         """``t`` with rows S given fresh values: random noise large enough to move any batch
-        statistic such as a max, a random id within the batch's range for integer ids (copying
-        a partner alone cannot show an op that only an outlier triggers), else a partner's."""
+        statistic such as a max, a random id within the range of the batch's non-negative ids
+        for integers, an ignore index (a negative entry) kept (copying a partner alone cannot
+        show an op that only an outlier triggers), else a partner's. In an ``ignore`` run, rows
+        S of an integer input holding an ignore index are that index throughout."""
         t, index = t.clone(), torch.tensor(rows, device=t.device)
         shape = (len(rows), *t.shape[1:])
         if t.is_floating_point() and bool(t.isfinite().all()):
@@ -291,11 +318,11 @@ class _BatchCheck:
             t[index] = t[index] + (noise * size).to(t.device, t.dtype)
             return t
         if t.dtype != torch.bool and not t.is_complex() and not t.is_floating_point():
-            lo, hi = int(t.min()), int(t.max())
-            if hi > lo:
-                # A random non-zero shift (mod the range): every id differs from the old one.
-                shift = torch.randint(1, hi - lo + 1, shape, generator=self.generator)
-                t[index] = (t[index] - lo + shift.to(t.device, t.dtype)) % (hi - lo + 1) + lo
+            sentinel = loss_coupling.ignore_sentinel(t) if self.ignore else None
+            if sentinel is not None:
+                t[index] = sentinel
+                return t
+            if loss_coupling.perturb_ids(t, index, shape, self.generator):
                 return t
         source = t.clone()
         for k in rows:
@@ -328,6 +355,7 @@ class _BatchCheck:
         capture.leaves = []
         self.verifier.running = True
         self.restore_buffers()
+        self.losses = []
         try:
             # Gradients enabled: the verified forward takes the same grad-mode branches as
             # training (code keyed on torch.is_grad_enabled() or requires_grad). The capture
@@ -344,7 +372,9 @@ class _BatchCheck:
             capture.recording = capture.perturb_rows = None
             capture.perturb_scale = 1.0
         leaves, capture.leaves = capture.leaves, []
-        return [t for t in _tensors(out) if self.batched(t)], leaves
+        tensors = _tensors(out)
+        self.losses = loss_coupling.loss_outputs(tensors)
+        return [t for t in tensors if self.batched(t)], leaves
 
     def keep(self, name: str, what: str, t: torch.Tensor) -> None:
         """The unchanged run's record: a copy of every tracked layer's input and output."""
@@ -368,6 +398,7 @@ class _BatchCheck:
             [leaf for _, leaf, _ in leaves],
             cots,
             allow_unused=True,
+            retain_graph=bool(self.losses),  # the loss's backward follows (check_rows)
         )
         return [slot[0] for _, _, slot in leaves]
 
@@ -388,10 +419,11 @@ class _BatchCheck:
             raise _forward_error(f"layer '{name}'", f"its {what}", self.rows)
         self.compared = i + 1
 
-    def check_rows(self, rows: list[int], scale: float) -> None:
-        """One run with rows S changed (:meth:`LayoutVerifier.check`): forward, then backward."""
+    def check_rows(self, rows: list[int], scale: float, ignore: bool = False) -> None:
+        """One run with rows S changed (:meth:`LayoutVerifier.check`; ``ignore``: targets of S
+        ignored): forward, then backward."""
         inside = row_mask(self.batch, rows)
-        self.rows, self.outside, self.compared = rows, ~inside, 0
+        self.rows, self.outside, self.compared, self.ignore = rows, ~inside, 0, ignore
         out, leaves = self.run(rows, scale, self.compare)
         if self.compared != len(self.base) or [n for n, _, _ in leaves] != self.names:
             raise _reordered()
@@ -413,6 +445,17 @@ class _BatchCheck:
                 raise _backward_error(name, rows, "reached")
             if self.moved(g0, g, ~inside):
                 raise _backward_error(name, rows, "moved")
+        if self.base_loss_grads is None:
+            return
+        # The model's loss, its backward known row-wise: its gradient on the other rows must not
+        # depend on examples S (their data; in an ignore run, their count of targets).
+        if not self.losses:
+            raise _reordered()
+        loss_grads = loss_coupling.loss_gradients(self.losses, leaves)
+        self.losses = []
+        for g, g0 in zip(loss_grads, self.base_loss_grads, strict=True):
+            if g is not None and g0 is not None and self.moved(g0, g, ~inside):
+                raise loss_coupling.coupled_loss_error(_few(rows), ignore)
 
 
 def cuda_devices(model: nn.Module) -> list[int]:

@@ -76,7 +76,9 @@ def make_private(
       a tensor hook); a tracked layer's input modified after the layer ran (in place or through
       ``.data``) is refused at every step. *Assumed*: the loss is a sum (``loss_reduction="sum"``)
       or mean over examples of a function of the model output's row b (not a mean over tokens, as
-      Hugging Face's MLM, CLM and token-classification heads compute it), and the model's
+      Hugging Face's MLM, CLM and token-classification heads compute it: a loss the model
+      returns in that form is refused, rmt_kernels/dp/loss_coupling.py; for a language model use
+      :func:`rmt_kernels.lm_loss`), and the model's
       data-dependent branches that the verified batch did not take mix no examples either
       (``verify_layout=False`` skips the check: then the whole layout is assumed);
     - each trainable parameter is used only inside its own module's forward, once per forward
