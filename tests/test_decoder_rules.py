@@ -6,8 +6,8 @@ sensitivity at most C, ghost norms) are the shared harness's CASES in tests/test
 ``import rmt_kernels`` imports no ``transformers``; a rule registered by import path matches
 exactly its class (never a subclass, a namesake or an imitation of its module); one private step
 of a tiny GPT-2 and a tiny Llama (``make_private``, untied embeddings) equals the clipped sum of
-float64 per-example gradients of a per-example loss; the Opacus drop-in's ghost mode certifies
-both models and refuses the look-alikes.
+float64 per-example gradients of a per-example loss, and so does one step of the Opacus
+drop-in's ghost mode, which refuses the look-alikes too.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-import rmt_kernels
 from rmt_kernels.dp import make_private
 from rmt_kernels.dp.capture import trainable_layers
+from rmt_kernels.opacus import DenoisingPrivacyEngine
 from rmt_kernels.opacus.ghost import check_certifiable
 from rmt_kernels.rules import LayerRule, get_layer_rule, register_layer_rule, registry
 from rmt_kernels.rules.registry import import_path
@@ -130,6 +130,8 @@ def tiny_gpt2() -> nn.Module:
         resid_pdrop=0.0,
         embd_pdrop=0.0,
         attn_pdrop=0.0,
+        bos_token_id=1,
+        eos_token_id=1,
         tie_word_embeddings=False,
     )
     return transformers.GPT2LMHeadModel(config)
@@ -219,9 +221,56 @@ def test_one_private_step_equals_float64_per_example_clipping(kind):
         )
 
 
+class SequenceNLL:
+    """Opacus criterion: target (B, 2, T) stacks ids and mask; :func:`sequence_nll` per example
+    (Opacus's ghost clipping sets ``reduction = "none"`` for its first backward pass)."""
+
+    reduction = "mean"
+
+    def __call__(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        per_example = sequence_nll(logits, target[:, 0], target[:, 1])
+        if self.reduction == "none":
+            return per_example
+        return per_example.sum() if self.reduction == "sum" else per_example.mean()
+
+
+class LogitsOf(nn.Module):
+    """``model(ids, mask).logits`` with per-example position ids: Opacus's hooks need every
+    layer input batch-first, and GPT-2's default (1, T) position ids are a broadcast."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(ids.shape[1]).expand_as(ids)
+        return self.model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.mark.parametrize("kind", sorted(MODELS))
-def test_opacus_ghost_mode_certifies_the_decoders(kind):
-    # Every trainable module of both models has a certified rule (Conv1D, LlamaRMSNorm); the
-    # look-alikes are refused (test above).
-    check_certifiable(MODELS[kind]())
-    assert rmt_kernels.get_layer_rule(MODELS[kind]().get_submodule("lm_head")).flat_positions
+def test_opacus_ghost_mode_trains_the_decoders_with_the_same_rules(kind):
+    # The drop-in's ghost clipping reads the same registry: Conv1D and LlamaRMSNorm are
+    # certified (the look-alikes are refused, above), and its released sum is the clipped sum.
+    ids, mask = lm_batch()
+    expected = reference_clipped_sum(MODELS[kind](), ids, mask)
+    model = MODELS[kind]()
+    module = LogitsOf(model)
+    target = torch.stack([ids, mask], 1)
+    wrapped, opt, criterion, _ = DenoisingPrivacyEngine(accountant="rdp").make_private(
+        module=module,
+        optimizer=torch.optim.SGD(module.parameters(), lr=0.0),
+        criterion=SequenceNLL(),
+        data_loader=DataLoader(TensorDataset(ids, target), batch_size=len(ids)),
+        noise_multiplier=0.0,
+        max_grad_norm=C,
+        grad_sample_mode="ghost",
+        poisson_sampling=False,
+        loss_reduction="mean",
+    )
+    opt.zero_grad()
+    criterion(wrapped(ids, mask), target).backward()
+    opt.step()
+    for n, p in model.named_parameters():
+        grad = expected[n] / len(ids)
+        torch.testing.assert_close(p.grad.double(), grad, rtol=1e-4, atol=1e-6, msg=n)
