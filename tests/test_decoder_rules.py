@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+import rmt_kernels
 from rmt_kernels.dp import make_private
 from rmt_kernels.dp.capture import trainable_layers
 from rmt_kernels.opacus import DenoisingPrivacyEngine
@@ -210,7 +211,9 @@ def test_one_private_step_equals_float64_per_example_clipping(kind):
     )
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     logits = model(input_ids=ids, attention_mask=mask).logits
-    sequence_nll(logits, ids, mask).mean().backward()
+    # The package's per-example LM loss (padding targets ignored) is the reference's definition.
+    labels = ids.masked_fill(mask == 0, -100)
+    rmt_kernels.lm_loss(logits, labels, reduction="sequence_sum").backward()
     opt.step()
     for n, p in model.named_parameters():
         grad = expected[n] / len(ids)
