@@ -41,6 +41,11 @@ TORCH_LIBRARY(rmt, m) {
       "layernorm_clipped_noisy_sum(Tensor x, Tensor dy, Tensor scale, float eps, "
       "float noise_std, int seed, int offset) -> Tensor");
   m.def("add_gaussian_noise(Tensor x, float noise_std, int seed, int offset) -> Tensor");
+  // RMSNorm weight (no centring): rmt_kernels.ops.rmsnorm_sq_norms / rmsnorm_clipped_noisy_sum.
+  m.def("rmsnorm_sq_norms(Tensor x, Tensor dy, float eps) -> Tensor");
+  m.def(
+      "rmsnorm_clipped_noisy_sum(Tensor x, Tensor dy, Tensor scale, float eps, "
+      "float noise_std, int seed, int offset) -> Tensor");
 }
 
 // `import rmt_kernels._C` loads this shared library, which runs the registrations above. The

@@ -345,6 +345,21 @@ def check_layernorm_sum(x, dy, scale, eps, noise_std, seed, offset) -> None:
     check_noise(op, noise_std, seed, offset, x.shape[-1])
 
 
+def check_rmsnorm_norms(x, dy, eps) -> None:
+    """Arguments of ``rmsnorm_sq_norms`` (the LayerNorm ones: same shapes and eps)."""
+    check_layernorm("rmsnorm_sq_norms", x, dy, eps)
+    check_same_device("rmsnorm_sq_norms", x=x, dy=dy)
+
+
+def check_rmsnorm_sum(x, dy, scale, eps, noise_std, seed, offset) -> None:
+    """Arguments of ``rmsnorm_clipped_noisy_sum`` (metadata only)."""
+    op = "rmsnorm_clipped_noisy_sum"
+    check_layernorm(op, x, dy, eps)
+    check_scale_metadata(op, scale, x.shape[0])
+    check_same_device(op, x=x, dy=dy, scale=scale)
+    check_noise(op, noise_std, seed, offset, x.shape[-1])
+
+
 def check_add_gaussian_noise(x, noise_std, seed, offset) -> None:
     """Arguments of ``add_gaussian_noise``."""
     check_float("add_gaussian_noise", "x", x)

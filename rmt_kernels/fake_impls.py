@@ -95,3 +95,15 @@ def _layernorm_clipped_noisy_sum_fake(x, dy, scale, eps, noise_std, seed, offset
 def _add_gaussian_noise_fake(x, noise_std, seed, offset):
     _checks.check_add_gaussian_noise(x, noise_std, seed, offset)
     return x.new_empty(x.shape, dtype=torch.float32)
+
+
+@torch.library.register_fake("rmt::rmsnorm_sq_norms")
+def _rmsnorm_sq_norms_fake(x, dy, eps):
+    _checks.check_rmsnorm_norms(x, dy, eps)
+    return _float_empty(x, x.shape[0])
+
+
+@torch.library.register_fake("rmt::rmsnorm_clipped_noisy_sum")
+def _rmsnorm_clipped_noisy_sum_fake(x, dy, scale, eps, noise_std, seed, offset):
+    _checks.check_rmsnorm_sum(x, dy, scale, eps, noise_std, seed, offset)
+    return _float_empty(x, x.shape[-1])

@@ -46,6 +46,8 @@ __all__ = [
     "linear_clipped_noisy_sum",
     "linear_sq_norms",
     "noise_offset",
+    "rmsnorm_clipped_noisy_sum",
+    "rmsnorm_sq_norms",
 ]
 
 # Width of the counter range of one (step, parameter): every parameter has < 2^32 elements.
@@ -539,3 +541,55 @@ def add_gaussian_noise(x: torch.Tensor, noise_std: float, seed: int, offset: int
     itself.
     """
     return torch.ops.rmt.add_gaussian_noise(x, float(noise_std), int(seed), int(offset))
+
+
+def rmsnorm_sq_norms(x: torch.Tensor, dy: torch.Tensor, eps: float) -> torch.Tensor:
+    """Squared norms of the per-example weight gradients of an RMSNorm over the last dim.
+
+    Example b's gradient is ``sum_t dy[b, t] * xhat[b, t]``, ``xhat = x / sqrt(mean(x^2) + eps)``
+    (no centring) recomputed from the layer input ``x``. The layers: ``torch.nn.RMSNorm`` and
+    the Hugging Face Llama/Qwen/Mistral/Gemma norms (rmt_kernels/rules/rmsnorm.py).
+
+    Certified upper bound of the squared norm with the EXACT ``xhat`` of the given ``x``, as
+    :func:`linear_sq_norms`. In float64 (u = 2^-53), per row: the normaliser sums d non-negative
+    squares, so ``D^ = sqrt(ms^ + eps)`` is off by at most ``gamma_{d+5} / 2`` relative and each
+    entry of ``xhat^`` by ``0.6 (d + 8) u`` relative; since ``||xhat|| <= sqrt(d)``,
+    ``||xhat^ - xhat|| <= eps_t = 1.2 (d + 12) u sqrt(d)``. Then ``||g_b|| <= sqrt(Q(1 + 2(d +
+    2)u)) + sum_t M_t (eps_t + 1.2(T + 1)u sqrt(d))`` with ``M_t = max|dy_t|``, ``Q = fl(|g^|^2)``,
+    and trivially ``||g_b|| <= sqrt(d) sum_t M_t``; the smaller is returned, squared, rounded up.
+    A row with ``mean(x^2) + eps = 0`` (the layer's own output is NaN there) leaves the trivial
+    bound.
+
+    Args:
+        x: RMSNorm input (B, d) or (B, T, d); dy: output gradient of the same shape; float32,
+            bfloat16 or float16.
+        eps: the eps the layer adds, finite and >= 0 (``torch.nn.RMSNorm(eps=None)`` adds
+            float32's machine epsilon for float32, bfloat16 and float16 inputs).
+
+    Returns:
+        float32 (B,).
+
+    Raises:
+        ValueError / TypeError naming the argument: as :func:`layernorm_sq_norms`.
+    """
+    return torch.ops.rmt.rmsnorm_sq_norms(x, dy, float(eps))
+
+
+def rmsnorm_clipped_noisy_sum(
+    x: torch.Tensor,
+    dy: torch.Tensor,
+    scale: torch.Tensor,
+    eps: float,
+    noise_std: float,
+    seed: int,
+    offset: int,
+) -> torch.Tensor:
+    """Clipped, noised sum of RMSNorm weight gradients; float32 (d,), noise j at offset + j.
+
+    ``sum_b scale[b] * sum_t dy[b, t] * xhat[b, t] + N(0, noise_std^2)`` in float32 (``xhat``
+    with a correctly rounded sqrt and division). Arguments as :func:`rmsnorm_sq_norms` and
+    :func:`linear_clipped_noisy_sum`.
+    """
+    return torch.ops.rmt.rmsnorm_clipped_noisy_sum(
+        x, dy, scale, float(eps), float(noise_std), int(seed), int(offset)
+    )

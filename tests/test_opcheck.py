@@ -88,6 +88,8 @@ def _dp_samples():
     yield _sample("embedding_clipped_noisy_sum", lambda: (*_embedding(), 6, *NOISE), {})
     yield _sample("layernorm_sq_norms", lambda: (*_layernorm()[:2], 1e-5), {})
     yield _sample("layernorm_clipped_noisy_sum", lambda: (*_layernorm(), 1e-5, *NOISE), {})
+    yield _sample("rmsnorm_sq_norms", lambda: (*_layernorm()[:2], 1e-5), {})
+    yield _sample("rmsnorm_clipped_noisy_sum", lambda: (*_layernorm(), 1e-5, *NOISE), {})
     yield _sample("add_gaussian_noise", lambda: (torch.randn(3, 4, 6), *NOISE), {}, "3d")
     yield _sample("add_gaussian_noise", lambda: (torch.randn(4, 5), 1.0, 2, 3), {}, "2d")
 

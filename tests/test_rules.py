@@ -7,12 +7,15 @@ float64 per-example gradients' (and tight on ordinary inputs), cover every train
 and clip every example to C; its clipped sum has the parameter's shape and equals the float64
 clipped sum; the Opacus drop-in's ghost norms, read from the same registry, bound them too.
 
-A new rule joins with one line in CASES. ``Shift``, the ReleaseGuard docstring's example of a
-user's rule, is registered here and checked like the built-in ones. Both engines must refuse the
-same module options (REFUSED).
+A new rule joins with one line in CASES (a third element names a float64 stand-in for a layer
+whose forward computes in float32 whatever its dtype: GemmaRMSNorm). ``Shift``, the ReleaseGuard
+docstring's example of a user's rule, is registered here and checked like the built-in ones.
+Both engines must refuse the same module options (REFUSED).
 """
 
 from __future__ import annotations
+
+import importlib
 
 import pytest
 import torch
@@ -34,6 +37,7 @@ from rmt_kernels.rules import (
     registered_layer_rules,
     registry,
 )
+from rmt_kernels.rules.registry import import_path, registered_named_layer_rules
 from rmt_kernels.rules.release_guard import (
     as_sequence,
     compensated_sum,
@@ -149,6 +153,37 @@ def token_ids(vocab: int, d: int):
     return make
 
 
+def hf(path: str):
+    """The Hugging Face class at import path ``path`` (transformers imported by the test only)."""
+    module, _, name = path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def replaced_forward(module: nn.Module) -> nn.Module:
+    """``module`` with its forward replaced on the instance, as a hub kernel would."""
+    module.forward = lambda x: x  # type: ignore[method-assign]
+    return module
+
+
+LLAMA_NORM = "transformers.models.llama.modeling_llama.LlamaRMSNorm"
+
+
+def gemma_weight_stand_in(layer: nn.Module) -> nn.Module:
+    """A float64-capable layer with GemmaRMSNorm's weight gradient ``dy * xhat``: Gemma's
+    forward multiplies in float32 (``x.float()``, ``(1 + weight.float())``), so a float64 copy
+    of it still sums the cancelling terms in float32 and is no reference for them."""
+    stand_in = nn.RMSNorm(layer.weight.shape[0], eps=layer.eps)
+    with torch.no_grad():
+        stand_in.weight.copy_(1.0 + layer.weight)
+    return stand_in
+
+
+def float64_stand_in(case, layer: nn.Module) -> nn.Module:
+    """The module whose float64 copy is the case's per-example reference: the layer itself,
+    or the case's third element applied to it."""
+    return case[2](layer) if len(case) > 2 else layer
+
+
 # One line per rule: (layer factory, input factory). Every registered module type needs one.
 CASES = [
     (lambda: nn.Linear(6, 5), features(6, 5)),
@@ -156,6 +191,19 @@ CASES = [
     (lambda: nn.Embedding(11, 5, padding_idx=1), token_ids(11, 5)),
     (lambda: nn.LayerNorm(6), features(6, 6)),
     (lambda: Shift(6), features(6, 6)),
+    # Decoder layers (issue 27): GPT-2's Conv1D(nf=out, nx=in), the RMSNorms.
+    (lambda: hf("transformers.pytorch_utils.Conv1D")(5, 6), features(6, 5)),
+    (lambda: nn.RMSNorm(6), features(6, 6)),
+    (lambda: nn.RMSNorm(6, eps=1e-3), features(6, 6)),
+    (lambda: hf(LLAMA_NORM)(6, eps=1e-5), features(6, 6)),
+    (lambda: hf("transformers.models.qwen2.modeling_qwen2.Qwen2RMSNorm")(6), features(6, 6)),
+    (lambda: hf("transformers.models.qwen3.modeling_qwen3.Qwen3RMSNorm")(6), features(6, 6)),
+    (lambda: hf("transformers.models.mistral.modeling_mistral.MistralRMSNorm")(6), features(6, 6)),
+    (
+        lambda: hf("transformers.models.gemma.modeling_gemma.GemmaRMSNorm")(6),
+        features(6, 6),
+        gemma_weight_stand_in,
+    ),
 ]
 
 
@@ -170,21 +218,29 @@ def _seeded_layer(factory, seed: int) -> nn.Module:
 
 
 def test_every_registered_rule_has_a_case():
-    covered = {type(factory()) for factory, _ in CASES}
+    covered = {type(case[0]()) for case in CASES}
     missing = [t.__name__ for t in registered_layer_rules() if t not in covered]
     assert not missing, f"registered rules without a case in CASES: {missing}"
+    paths = {import_path(t) for t in covered}
+    missing = [p for p in registered_named_layer_rules() if p not in paths]
+    assert not missing, f"rules registered by import path without a case in CASES: {missing}"
 
 
 @pytest.mark.parametrize("layout", ORDINARY + ADVERSARIAL)
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 def test_rule_matches_the_float64_reference(case, layout):
-    factory, make_inputs = case
+    factory, make_inputs = case[:2]
     seed = CASES.index(case) * 100 + (ORDINARY + ADVERSARIAL).index(layout)
     layer = _seeded_layer(factory, seed)
     x, dy = make_inputs(layout, torch.Generator().manual_seed(seed))
     rule = get_layer_rule(layer)
     rule.check_module(layer)
-    grads = per_example_grads(layer, x, dy)
+    grads = per_example_grads(float64_stand_in(case, layer), x, dy)
+    if layout in ORDINARY and float64_stand_in(case, layer) is not layer:
+        # The stand-in computes the layer's own gradient (in float32 there: 1e-6 relative).
+        own = per_example_grads(layer, x, dy)
+        for name, g in grads.items():
+            torch.testing.assert_close(own[name], g, rtol=1e-5, atol=1e-6 * g.abs().max().item())
     truth = per_example_sq_norms(grads)
 
     bounds = rule.sq_norms(layer, x, dy)
@@ -218,13 +274,13 @@ def test_rule_matches_the_float64_reference(case, layout):
 @pytest.mark.parametrize("layout", ORDINARY + ADVERSARIAL)
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 def test_opacus_ghost_norms_come_from_the_same_rule(case, layout):
-    factory, make_inputs = case
+    factory, make_inputs = case[:2]
     layer = _seeded_layer(factory, 7)
     x, dy = make_inputs(layout, torch.Generator().manual_seed(7))
     if not get_layer_rule(layer).flat_positions:
         assert type(layer) not in CERTIFIED_NORM_SAMPLERS
         return
-    truth = per_example_sq_norms(per_example_grads(layer, x, dy))
+    truth = per_example_sq_norms(per_example_grads(float64_stand_in(case, layer), x, dy))
     ghost = CERTIFIED_NORM_SAMPLERS[type(layer)](layer, [x], dy)
     params = dict(layer.named_parameters())
     assert {id(p) for p in ghost} == {id(p) for p in params.values() if p.requires_grad}
@@ -234,7 +290,7 @@ def test_opacus_ghost_norms_come_from_the_same_rule(case, layout):
     if layout == "sequence" and x.is_floating_point():
         x4, dy4 = x.unsqueeze(1).expand(B, 2, T, x.shape[-1]), dy.unsqueeze(1).expand(B, 2, T, -1)
         four = CERTIFIED_NORM_SAMPLERS[type(layer)](layer, [x4], dy4)
-        truth4 = per_example_sq_norms(per_example_grads(layer, x4, dy4))
+        truth4 = per_example_sq_norms(per_example_grads(float64_stand_in(case, layer), x4, dy4))
         for name, p in params.items():
             assert (four[p].double().square() >= truth4[name] * (1 - 1e-6)).all(), name
 
@@ -245,6 +301,9 @@ REFUSED = [
     (lambda: nn.Embedding(5, 4, max_norm=1.0), "max_norm"),
     (lambda: nn.Embedding(5, 4, sparse=True), "sparse"),
     (lambda: nn.Embedding(5, 4, scale_grad_by_freq=True), "scale_grad_by_freq"),
+    (lambda: nn.RMSNorm((3, 4)), "last dimension"),
+    (lambda: replaced_forward(hf(LLAMA_NORM)(4)), "forward was replaced"),
+    (lambda: replaced_forward(hf("transformers.pytorch_utils.Conv1D")(4, 3)), "forward was"),
 ]
 
 

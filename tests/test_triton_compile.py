@@ -27,7 +27,7 @@ triton = pytest.importorskip("triton")
 import rmt_kernels  # noqa: E402
 import rmt_kernels.triton  # noqa: E402
 from rmt_kernels.shrinkage import SHRINKERS  # noqa: E402
-from rmt_kernels.triton import aot, device  # noqa: E402
+from rmt_kernels.triton import aot, device, rmsnorm_device  # noqa: E402
 from rmt_kernels.triton.denoise import denoise_triton, denoise_warm_triton  # noqa: E402
 from rmt_kernels.triton.reconstruct import SHRINKER_CODES  # noqa: E402
 
@@ -84,6 +84,8 @@ def _drive_device_ops(dtype: torch.dtype, noise: tuple[float, int, int]) -> set[
     x = rnd(3, 5, 24)
     device.layernorm_sq_norms_device(x, dy, 1e-5)
     device.layernorm_clipped_noisy_sum_device(x, dy, scale, 1e-5, std, seed, offset)
+    rmsnorm_device.rmsnorm_sq_norms_device(x, dy, 1e-5)
+    rmsnorm_device.rmsnorm_clipped_noisy_sum_device(x, dy, scale, 1e-5, std, seed, offset)
     # The noise alone: 1 element (N = 1 is a specialised constant), a 16-multiple, an odd count.
     for n in (1, 4096, 1001):
         device.add_gaussian_noise_device(rnd(n), std, seed, offset)
@@ -97,6 +99,8 @@ def _drive_device_ops(dtype: torch.dtype, noise: tuple[float, int, int]) -> set[
         "bias_clipped_noisy_sum",
         "layernorm_sq_norms",
         "layernorm_clipped_noisy_sum",
+        "rmsnorm_sq_norms",
+        "rmsnorm_clipped_noisy_sum",
         "add_gaussian_noise",
     }
 

@@ -33,16 +33,18 @@ rows...), so both are flattened to (B, T, d) for the ops.
 
 Refused (NotImplementedError naming the modules): a trainable module whose exact type has no
 registered rule with ``flat_positions`` (built in: ``nn.Linear``, ``nn.Embedding``,
-``nn.LayerNorm``; Opacus's fallback computes explicit per-example gradients with an uncertified
-float32 norm, while the released gradient comes from a second backward pass: a cancelling input
-gets a norm that is not its gradient's), a module option its rule's ``check_module`` refuses (the
-native engine's ``make_private`` refuses the same: ``nn.Embedding`` with ``scale_grad_by_freq``,
-whose gradient depends on the other examples, ``max_norm`` or ``sparse``; ``nn.LayerNorm`` over
-several dimensions), and ``use_ghost_clipping=False``. Embedding rows at ``padding_idx`` are
-left out of the bound (autograd gives them no gradient); Opacus counts them, which after a
-LayerNorm (whose output gradient at a zero padding row is ~1/sqrt(eps) large) overstates norms
-several-fold and over-clips. ``grad_sample_mode="hooks"`` accepts every module Opacus does and is
-sound (see :mod:`rmt_kernels.opacus.privacy_engine`).
+``nn.LayerNorm``, ``nn.RMSNorm``, GPT-2's ``Conv1D`` and the Hugging Face RMSNorms of
+rmt_kernels/rules/rmsnorm.py; Opacus's fallback computes explicit per-example gradients with an
+uncertified float32 norm, while the released gradient comes from a second backward pass: a
+cancelling input gets a norm that is not its gradient's), a module option its rule's
+``check_module`` refuses (the native engine's ``make_private`` refuses the same:
+``nn.Embedding`` with ``scale_grad_by_freq``, whose gradient depends on the other examples,
+``max_norm`` or ``sparse``; ``nn.LayerNorm`` over several dimensions), and
+``use_ghost_clipping=False``. Embedding rows at ``padding_idx`` are left out of the bound
+(autograd gives them no gradient); Opacus counts them, which after a LayerNorm (whose output
+gradient at a zero padding row is ~1/sqrt(eps) large) overstates norms several-fold and
+over-clips. ``grad_sample_mode="hooks"`` accepts every module Opacus does and is sound (see
+:mod:`rmt_kernels.opacus.privacy_engine`).
 
 What the bound does not cover: the float32 computation of the released sum. The second backward
 pass recomputes every output gradient with the factor ``c_b`` folded in (not a power of two, so
@@ -76,6 +78,7 @@ from torch import nn
 
 from rmt_kernels import ops
 from rmt_kernels.rules import get_layer_rule, registered_layer_rules
+from rmt_kernels.rules.registry import imported_named_rules, rule_of_type
 
 __all__ = [
     "CERTIFIED_NORM_SAMPLERS",
@@ -166,13 +169,16 @@ class _RegisteredNormSamplers(Mapping[type[nn.Module], NormSampler]):
     read-only, so Opacus's ``register_norm_sampler`` cannot reach it."""
 
     def __getitem__(self, module_type: type[nn.Module]) -> NormSampler:
-        rule = registered_layer_rules().get(module_type)
+        # rule_of_type: registered by type, or by import path (GPT-2's Conv1D, the Hugging
+        # Face RMSNorms) resolved to exactly that class.
+        rule = rule_of_type(module_type)
         if rule is None or not rule.flat_positions:
             raise KeyError(module_type)
         return certified_norm_sample
 
     def __iter__(self) -> Iterator[type[nn.Module]]:
-        rules = registered_layer_rules()
+        # The classes registered by import path count once their library is imported.
+        rules = {**imported_named_rules(), **registered_layer_rules()}
         return iter([t for t, rule in rules.items() if rule.flat_positions])
 
     def __len__(self) -> int:

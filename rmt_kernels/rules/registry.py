@@ -4,10 +4,19 @@ per-example norms and noisy clipped sums.
 Rules are matched by exact module type, as Opacus matches its grad samplers: a subclass may
 change ``forward`` and with it the gradient, so it needs a rule of its own. A module with
 trainable parameters and no rule is an error wherever a rule is looked up, never skipped.
+
+A class of an optional library (``transformers``) is registered by its import path, a string
+``"<module>.<qualname>"`` such as ``"transformers.pytorch_utils.Conv1D"``, so that registering
+it imports nothing. On lookup, a module's type matches such a rule only if its own
+``__module__`` and ``__qualname__`` spell that path AND the path, resolved in the already
+imported module (``sys.modules``, never importing), is that very class: a subclass, a class of
+the same name elsewhere, or one whose ``__module__`` was set to imitate the path gets no rule.
+A rule registered by type takes precedence over one registered by path.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -20,8 +29,12 @@ __all__ = [
     "LayerRule",
     "get_layer_rule",
     "has_trainable",
+    "import_path",
+    "imported_named_rules",
     "register_layer_rule",
     "registered_layer_rules",
+    "registered_named_layer_rules",
+    "rule_of_type",
 ]
 
 
@@ -86,22 +99,76 @@ def has_trainable(module: nn.Module, name: str) -> bool:
 
 
 _RULES: dict[type[nn.Module], LayerRule] = {}
+# Rules of classes named by import path ("<module>.<qualname>"), resolved on lookup.
+_NAMED_RULES: dict[str, LayerRule] = {}
 
 RuleClass = TypeVar("RuleClass", bound=type)
-ModuleTypes = type[nn.Module] | tuple[type[nn.Module], ...]
+ModuleType = type[nn.Module] | str
+ModuleTypes = ModuleType | tuple[ModuleType, ...]
 
 
-def _module_types(module_types: ModuleTypes) -> tuple[type[nn.Module], ...]:
+def import_path(module_type: type) -> str:
+    """``"<module>.<qualname>"`` of a class, the key of a rule registered by import path."""
+    return f"{module_type.__module__}.{module_type.__qualname__}"
+
+
+def _is_import_path(name: str) -> bool:
+    parts = name.split(".")
+    return len(parts) >= 2 and all(part.isidentifier() for part in parts)
+
+
+def _module_types(module_types: ModuleTypes) -> tuple[ModuleType, ...]:
     types = module_types if isinstance(module_types, tuple) else (module_types,)
     for t in types:
-        if not (isinstance(t, type) and issubclass(t, nn.Module)):
+        if isinstance(t, str):
+            if not _is_import_path(t):
+                raise TypeError(
+                    "register_layer_rule: a class named by import path must read "
+                    f"'<module>.<qualname>' (e.g. 'transformers.pytorch_utils.Conv1D'), got {t!r}"
+                )
+        elif not (isinstance(t, type) and issubclass(t, nn.Module)):
             raise TypeError(
-                "register_layer_rule: module_types must be an nn.Module subclass or a tuple of "
-                f"them, got {t!r}"
+                "register_layer_rule: module_types must be an nn.Module subclass, an import path "
+                f"'<module>.<qualname>', or a tuple of them, got {t!r}"
             )
     if not types:
         raise TypeError("register_layer_rule: module_types is an empty tuple")
     return types
+
+
+def _store(types: tuple[ModuleType, ...], rule: LayerRule) -> None:
+    for t in types:
+        if isinstance(t, str):
+            _NAMED_RULES[t] = rule
+        else:
+            _RULES[t] = rule
+
+
+def _resolve_imported(module_type: type) -> type | None:
+    """The class that ``module_type``'s import path names in the modules imported so far
+    (None if its module is not imported or the path leads nowhere); nothing is imported."""
+    target: object = sys.modules.get(module_type.__module__)
+    for part in module_type.__qualname__.split("."):
+        if target is None or part == "<locals>":
+            return None
+        target = getattr(target, part, None)
+    return target if isinstance(target, type) else None
+
+
+def rule_of_type(module_type: type) -> LayerRule | None:
+    """The rule of exactly ``module_type`` (registered by type, else by import path), or None.
+
+    A rule registered by import path matches only the class that path names in the imported
+    module, compared by identity: never a subclass, a namesake or an imitation (module
+    docstring).
+    """
+    rule = _RULES.get(module_type)
+    if rule is not None or not _NAMED_RULES:
+        return rule
+    named = _NAMED_RULES.get(import_path(module_type))
+    if named is not None and _resolve_imported(module_type) is module_type:
+        return named
+    return None
 
 
 def register_layer_rule(
@@ -112,10 +179,20 @@ def register_layer_rule(
     ``register_layer_rule(MyLayer, LayerRule(sq_norms, clipped_noisy_sums))`` registers a rule;
     ``@register_layer_rule(MyLayer)`` (or ``@register_layer_rule((MyLayer, MyOtherLayer))``) on a
     class turns it into a rule with :meth:`LayerRule.from_class` and returns the class unchanged.
+    A module type may also be given by import path, ``"<module>.<qualname>"`` (e.g.
+    ``"transformers.pytorch_utils.Conv1D"``): nothing is imported, and on lookup the rule
+    matches exactly the class that path names once its module is imported (module docstring).
+
+    Args:
+        module_types: an ``nn.Module`` subclass, an import path, or a tuple of them.
+        rule: the rule; None to use the call as a class decorator.
+
+    Returns:
+        None, or the decorator when ``rule`` is None.
 
     Raises:
-        TypeError: ``module_types`` is not an ``nn.Module`` subclass or a tuple of them, or
-            ``rule`` is not a :class:`LayerRule`.
+        TypeError: ``module_types`` is not an ``nn.Module`` subclass, an import path or a tuple
+            of them, or ``rule`` is not a :class:`LayerRule`.
     """
     types = _module_types(module_types)
     if rule is not None:
@@ -123,22 +200,38 @@ def register_layer_rule(
             raise TypeError(
                 f"register_layer_rule: rule must be a LayerRule, got {type(rule).__name__}"
             )
-        for t in types:
-            _RULES[t] = rule
+        _store(types, rule)
         return None
 
     def decorate(rule_class: RuleClass) -> RuleClass:
-        built = LayerRule.from_class(rule_class)
-        for t in types:
-            _RULES[t] = built
+        _store(types, LayerRule.from_class(rule_class))
         return rule_class
 
     return decorate
 
 
+def imported_named_rules() -> dict[type[nn.Module], LayerRule]:
+    """The rules registered by import path whose class is imported now, by class (a rule whose
+    library is not imported names no class yet; nothing is imported here)."""
+    out = {}
+    for path, rule in _NAMED_RULES.items():
+        module_name, _, qualname = path.rpartition(".")
+        # A nested qualname ("Outer.Inner") splits further up: try each split point.
+        while module_name:
+            resolved: object = sys.modules.get(module_name)
+            for part in qualname.split("."):
+                resolved = getattr(resolved, part, None)
+            if isinstance(resolved, type) and rule_of_type(resolved) is rule:
+                out[resolved] = rule
+                break
+            module_name, _, head = module_name.rpartition(".")
+            qualname = f"{head}.{qualname}"
+    return out
+
+
 def get_layer_rule(module: nn.Module) -> LayerRule:
     """The rule of ``module``'s exact type; a module without one is an error, never skipped."""
-    rule = _RULES.get(type(module))
+    rule = rule_of_type(type(module))
     if rule is None:
         raise TypeError(
             f"no DP layer rule for {type(module).__name__}; register one with "
@@ -148,5 +241,10 @@ def get_layer_rule(module: nn.Module) -> LayerRule:
 
 
 def registered_layer_rules() -> Mapping[type[nn.Module], LayerRule]:
-    """A read-only live view of every registered rule, by module type."""
+    """A read-only live view of every rule registered by module type."""
     return MappingProxyType(_RULES)
+
+
+def registered_named_layer_rules() -> Mapping[str, LayerRule]:
+    """A read-only live view of every rule registered by import path ("<module>.<qualname>")."""
+    return MappingProxyType(_NAMED_RULES)

@@ -2,15 +2,15 @@
 
 The kernels themselves sit beside this file: rmt::denoise and rmt::denoise_warm in denoise.py,
 the fused DP ops in device.py (torch code and the launchers of linear.py, sq_norms.py and
-dp_noise.py). Neither this module nor device.py imports Triton: it is imported when a kernel
-first runs, so a CPU install never needs it.
+dp_noise.py) and rmsnorm_device.py. Neither this module nor those two import Triton: it is
+imported when a kernel first runs, so a CPU install never needs it.
 """
 
 from __future__ import annotations
 
 import torch
 
-from rmt_kernels.triton import device
+from rmt_kernels.triton import device, rmsnorm_device
 
 
 # Imported when called: rmt_kernels.triton.denoise imports Triton.
@@ -38,6 +38,8 @@ _CUDA_KERNELS = {
     "layernorm_sq_norms": device.layernorm_sq_norms_device,
     "layernorm_clipped_noisy_sum": device.layernorm_clipped_noisy_sum_device,
     "add_gaussian_noise": device.add_gaussian_noise_device,
+    "rmsnorm_sq_norms": rmsnorm_device.rmsnorm_sq_norms_device,
+    "rmsnorm_clipped_noisy_sum": rmsnorm_device.rmsnorm_clipped_noisy_sum_device,
 }
 
 
