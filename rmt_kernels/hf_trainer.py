@@ -24,6 +24,10 @@ How the Trainer's loop is kept private:
   ``max_steps`` when set, else ``ceil(num_train_epochs * batches per epoch)`` of the Poisson
   loader (the Trainer's own formula with gradient accumulation 1); a step beyond them is refused
   before its data touches the model;
+- the loss: a mean over examples of a per-example loss (what the sensitivity bound needs):
+  a sequence classifier's own ``labels=`` loss, :func:`rmt_kernels.lm_loss.lm_loss` for a causal
+  LM (never Hugging Face's mean over the batch's tokens), or ``PrivacyArguments.per_example_loss``;
+  other heads are refused at construction;
 - the report: every ``log`` (training and evaluation) carries ``epsilon`` (the accountant's, for
   the steps taken) and ``delta``, so they reach ``state.log_history`` and every callback's
   ``on_log``.
@@ -45,6 +49,7 @@ from rmt_kernels.hf_trainer_args import (
     check_training_arguments,
     switch_off_trainer_clipping,
 )
+from rmt_kernels.lm_loss import lm_loss
 
 __all__ = ["PrivacyArguments", "PrivateRun", "PrivateTrainer"]
 
@@ -185,7 +190,7 @@ class PrivateTrainer(Trainer):
             )
         if privacy.per_example_loss is None:
             kind = self._loss_kind(self.model)
-            if kind != "sequence_classification":
+            if kind not in ("sequence_classification", "causal_lm"):
                 raise ValueError(
                     f"PrivateTrainer: {kind}: its Hugging Face loss is a mean over the batch's "
                     "tokens, which couples the examples (the DP sensitivity bound needs a mean "
@@ -390,8 +395,11 @@ class PrivateTrainer(Trainer):
         """A mean over the batch's examples of a per-example loss (``num_items_in_batch``, a
         token count across the batch, is never passed: it couples the examples).
 
-        Sequence classifiers use their own ``labels=`` loss (a mean over examples); other
-        models need ``PrivacyArguments.per_example_loss``.
+        Sequence classifiers use their own ``labels=`` loss (a mean over examples); causal LMs
+        :func:`rmt_kernels.lm_loss.lm_loss` of their logits and ``labels`` (each sequence's
+        loss reduced on its own by ``PrivacyArguments.lm_reduction``; the labels are not passed
+        to the model, whose own loss is a mean over the batch's tokens); other models need
+        ``PrivacyArguments.per_example_loss``.
 
         Raises:
             ValueError: a model whose Hugging Face loss is not a mean over examples and no
@@ -411,6 +419,16 @@ class PrivateTrainer(Trainer):
                 )
             loss = losses.mean()
             return (loss, outputs) if return_outputs else loss
+        if self._loss_kind(model) == "causal_lm":
+            # Hugging Face's labels= loss is a mean over the batch's tokens (it couples the
+            # examples); lm_loss reduces each sequence on its own, then means over examples.
+            if "labels" not in inputs:
+                raise ValueError("PrivateTrainer: a causal LM batch needs 'labels'")
+            features = {k: v for k, v in inputs.items() if k not in self.label_names}
+            outputs = model(**features)
+            logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+            loss = lm_loss(logits, inputs["labels"], reduction=self.privacy.lm_reduction)
+            return (loss, outputs) if return_outputs else loss
         # A sequence classifier (checked at construction): its own loss, a mean over examples.
         outputs = model(**inputs)
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs[0]
@@ -422,8 +440,10 @@ class PrivateTrainer(Trainer):
 
     def _loss_kind(self, model) -> str:
         """'sequence_classification' for the heads whose ``labels=`` loss is a mean over
-        examples; otherwise a description of the model."""
+        examples, 'causal_lm' for those trained with :func:`rmt_kernels.lm_loss.lm_loss`;
+        otherwise a description of the model."""
         from transformers.models.auto.modeling_auto import (
+            MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
             MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
         )
 
@@ -433,6 +453,8 @@ class PrivateTrainer(Trainer):
         name = name or getattr(inner, "_get_name", lambda: type(inner).__name__)()
         if name in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES.values():
             return "sequence_classification"
+        if name in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+            return "causal_lm"
         return f"model {name}"
 
     def _get_grad_norm(self, model, grad_norm=None):

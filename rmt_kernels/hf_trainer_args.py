@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rmt_kernels.dp.calibration import MAX_TARGET_EPSILON, check_accountant
+from rmt_kernels.lm_loss import LM_LOSS_REDUCTIONS
 
 # The TrainingArguments sampling strategy Poisson sampling replaces (the Trainer's default);
 # any other names an order or grouping the Poisson draws would silently drop.
@@ -46,6 +47,10 @@ class PrivacyArguments:
         post_processors: ``make_private``'s ``post_processors`` chain, or None.
         seed: None (default: a secret noise seed from the OS). An int makes the noise and the
             Poisson batches reproducible and the run NOT private (experiments and tests only).
+        lm_reduction: a causal LM's per-sequence reduction of its token losses
+            (:func:`rmt_kernels.lm_loss.lm_loss`): ``"sequence_mean"`` (default: each sequence's
+            mean over its own targets) or ``"sequence_sum"``; the batch loss is their mean over
+            the examples, never Hugging Face's mean over the batch's tokens.
         per_example_loss: for a model that is neither a sequence classifier nor a causal LM:
             ``(outputs, inputs) -> (B,)`` losses, entry b a function of example b alone (the
             labels are removed from the model's forward and left in ``inputs``); the training
@@ -65,6 +70,7 @@ class PrivacyArguments:
     denoise: dict | None = None
     post_processors: Sequence[Any] | None = None
     seed: int | None = None
+    lm_reduction: str = "sequence_mean"
     per_example_loss: Callable[[Any, dict], Any] | None = None
 
     def __post_init__(self) -> None:
@@ -106,6 +112,11 @@ class PrivacyArguments:
             not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0
         ):
             raise ValueError(f"PrivacyArguments.seed must be an int >= 0, got {self.seed!r}")
+        if self.lm_reduction not in LM_LOSS_REDUCTIONS:
+            raise ValueError(
+                f"PrivacyArguments.lm_reduction must be one of {LM_LOSS_REDUCTIONS}, got "
+                f"{self.lm_reduction!r}"
+            )
         if self.per_example_loss is not None and not callable(self.per_example_loss):
             raise TypeError(
                 "PrivacyArguments.per_example_loss must be callable (outputs, inputs) -> (B,) "

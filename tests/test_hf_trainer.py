@@ -137,14 +137,15 @@ def test_trains_and_logs_the_accountants_epsilon(tmp_path):
 
 
 def test_target_epsilon_is_spent_over_exactly_the_steps_taken(tmp_path):
-    # 1.5 epochs of ceil(40 / 10) = 4 draws: the Trainer takes ceil(1.5 * 4) = 6 steps, and the
-    # noise is calibrated for those 6 (the final epsilon is the target, within the search's
-    # tolerance of 0.01); one step fewer or more in the plan would miss it by far more.
-    args = training_args(tmp_path, max_steps=-1, num_train_epochs=1.5, logging_steps=100)
+    # 1.1 epochs of ceil(40 / 10) = 4 draws: the Trainer takes ceil(1.1 * 4) = 5 steps (not
+    # make_private's round(4.4) = 4), and the noise is calibrated for those 5 (the final epsilon
+    # is the target, within the search's tolerance of 0.01); a plan one step short would stop
+    # the run (or, unchecked, overspend), one step long would miss the target by far more.
+    args = training_args(tmp_path, max_steps=-1, num_train_epochs=1.1, logging_steps=100)
     p = privacy(noise_multiplier=None, target_epsilon=3.0, batch_size=10)
     t = trainer(tmp_path, args=args, privacy=p)
     train(t)
-    assert t.private.steps == t.private.planned_steps == 6 == t.state.global_step
+    assert t.private.steps == t.private.planned_steps == 5 == t.state.global_step
     final = t.state.log_history[-1]["epsilon"]
     assert 3.0 - 0.011 <= final <= 3.0
     assert final == pytest.approx(t.planned_epsilon(), rel=1e-9)
@@ -311,3 +312,87 @@ def test_no_step_beyond_the_calibrated_ones(tmp_path):
     # And a second train() on a spent run is refused up front.
     with pytest.raises(RuntimeError, match="steps the noise was calibrated for are taken"):
         train(t)
+
+
+class Sentences(Dataset):
+    """Token sequences of lengths 2..SEQ, right-padded with 0; labels -100 on the padding (the
+    Hugging Face convention), so the examples have different numbers of targets."""
+
+    def __init__(self, n: int = 24) -> None:
+        g = torch.Generator().manual_seed(2)
+        self.ids = torch.randint(1, VOCAB, (n, SEQ), generator=g)
+        self.lengths = torch.randint(2, SEQ + 1, (n,), generator=g)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict:
+        mask = (torch.arange(SEQ) < self.lengths[i]).long()
+        ids = self.ids[i] * mask
+        labels = ids.masked_fill(mask == 0, -100)
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def tiny_llama():
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=16,
+        tie_word_embeddings=False,
+    )
+    model = transformers.LlamaForCausalLM(config)
+    for name, p in model.named_parameters():
+        if "norm" in name:  # no RMSNorm layer rule yet: frozen
+            p.requires_grad_(False)
+    return model
+
+
+def test_causal_lm_update_equals_make_private_with_lm_loss(tmp_path):
+    # The trainer's step on a causal LM is make_private's step with lm_loss (each sequence's
+    # mean over its own targets), not with Hugging Face's mean over the batch's tokens.
+    from rmt_kernels.lm_loss import lm_loss
+
+    dataset = Sentences()
+    model = tiny_llama()
+    native_model = copy.deepcopy(model)
+    args = training_args(tmp_path, max_steps=1, per_device_train_batch_size=3)
+    t = trainer(tmp_path, model=model, dataset=dataset, args=args, trainer_class=RecordingTrainer)
+    train(t)
+    assert t.draw_sizes[0] > 3 and "epsilon" in t.state.log_history[-1]
+
+    native_model, optimizer, loader = make_private_native(native_model, dataset, lr=0.05)
+    batch = next(iter(loader))
+    assert len(set(batch["attention_mask"].sum(1).tolist())) > 1  # unequal lengths
+    labels = batch.pop("labels")
+    lm_loss(native_model(**batch).logits, labels).backward()
+    optimizer.step()
+    pairs = zip(model.named_parameters(), native_model.named_parameters(), strict=True)
+    for (name, p), (_, q) in pairs:
+        assert torch.allclose(p, q, atol=1e-6, rtol=1e-5), name
+
+
+def test_peft_lora_adapters_train_and_the_base_stays(tmp_path):
+    # Opacus #820's class of bug: adapters wrapped but never updated. Here the Trainer moves the
+    # model, then make_private wraps it; every adapter must move and nothing frozen may.
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(
+        tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    )
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # LoRA starts B at 0: give it a value so A's gradient is not 0
+            torch.nn.init.normal_(p, std=0.1)
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    args = training_args(tmp_path, max_steps=2, logging_steps=100)
+    t = trainer(tmp_path, model=model, dataset=Sentences(), args=args)
+    train(t)
+    assert t.private.steps == 2 and t.state.log_history[-1]["epsilon"] > 0
+    trained = {k for k, v in model.named_parameters() if v.requires_grad}
+    assert trained and all("lora_" in k for k in trained)
+    for name, p in model.named_parameters():
+        moved = (before[name] - p).abs().max().item()
+        assert (moved > 1e-4) if name in trained else (moved == 0), name
