@@ -364,6 +364,10 @@ def test_causal_lm_update_equals_make_private_with_lm_loss(tmp_path):
     t = trainer(tmp_path, model=model, dataset=dataset, args=args, trainer_class=RecordingTrainer)
     train(t)
     assert t.draw_sizes[0] > 3 and "epsilon" in t.state.log_history[-1]
+    # Evaluation (no gradients: no private step) runs on the private model and logs epsilon too.
+    metrics = t.evaluate(eval_dataset=Sentences(5))
+    assert math.isfinite(metrics["eval_loss"]) and metrics["epsilon"] == t.private.epsilon()
+    assert t.private.steps == 1
 
     native_model, optimizer, loader = make_private_native(native_model, dataset, lr=0.05)
     batch = next(iter(loader))
@@ -396,3 +400,17 @@ def test_peft_lora_adapters_train_and_the_base_stays(tmp_path):
     for name, p in model.named_parameters():
         moved = (before[name] - p).abs().max().item()
         assert (moved > 1e-4) if name in trained else (moved == 0), name
+
+
+def test_an_empty_draw_is_a_noise_only_step(tmp_path):
+    # batch_size 1 of 10 examples: q = 1/10, a draw is empty with probability 0.9^10 = 0.35;
+    # with this seed the FIRST draw is (sizes 0, 2, 2): Opacus's collate cannot shape a dict
+    # batch before it saw one. The Trainer's loop must still step (noise alone, counted by the
+    # accountant), never skip. Through a worker process, too.
+    args = training_args(tmp_path, max_steps=3, logging_steps=100, dataloader_num_workers=1)
+    p = privacy(batch_size=1)
+    t = trainer(tmp_path, args=args, privacy=p, dataset=Pairs(10), trainer_class=RecordingTrainer)
+    before = {k: v.detach().clone() for k, v in t.model.named_parameters()}
+    train(t)
+    assert t.draw_sizes == [0, 2, 2] and t.private.steps == t.state.global_step == 3
+    assert all((before[k] != v).any() for k, v in t.model.named_parameters())
