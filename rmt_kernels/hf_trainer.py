@@ -145,6 +145,19 @@ def physical_batches(inputs: dict, size: int) -> list[dict]:
     return pieces
 
 
+def is_private(model: torch.nn.Module) -> bool:
+    """Whether a DP engine's hooks are live on ``model`` or one of its modules (a copy or a
+    pickle of a private model holds inert ones: not private)."""
+    from rmt_kernels.dp.capture import ModelHook
+
+    return any(
+        isinstance(hook, ModelHook)
+        for module in model.modules()
+        for hooks in (module._forward_pre_hooks, module._forward_hooks)
+        for hook in hooks.values()
+    )
+
+
 class PrivateTrainer(Trainer):
     """A ``transformers.Trainer`` that trains with DP-SGD (module docstring: how).
 
@@ -234,6 +247,12 @@ class PrivateTrainer(Trainer):
         from rmt_kernels.dp import make_private
 
         privacy, args = self.privacy, self.args
+        if is_private(self.model):
+            raise ValueError(
+                "PrivateTrainer: the model is already private (make_private ran on it, e.g. in "
+                "another PrivateTrainer): a second engine's hooks would clip and noise it again "
+                "with their own accountant; train a copy (copy.deepcopy(model) drops the hooks)"
+            )
         dataset, collate = self._training_data()
         examples = len(dataset)
         logical = privacy.batch_size or args.per_device_train_batch_size

@@ -23,6 +23,9 @@ from rmt_kernels.dp import make_private  # noqa: E402
 from rmt_kernels.dp.calibration import run_epsilon  # noqa: E402
 from rmt_kernels.hf_trainer import PrivacyArguments, PrivateTrainer  # noqa: E402
 
+# A public seed makes every run here reproducible and says so: expected, not a finding.
+pytestmark = pytest.mark.filterwarnings("ignore:PrivateTrainer. PrivacyArguments.seed")
+
 VOCAB, SEQ = 64, 6
 SEED = 7  # a public noise seed: reproducible tests (the run is then not private)
 
@@ -172,7 +175,7 @@ def test_the_loop_sees_make_privates_poisson_draws(tmp_path):
     assert abs(sum(sizes) / len(sizes) - 8.0) < 6 * sd_of_mean
 
 
-def make_private_native(model, dataset, *, lr, noise_multiplier=1.0):
+def make_private_native(model, dataset, *, lr, max_grad_norm=1.0):
     """make_private as a user of the native API calls it, keyed like the trainer's run."""
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     loader = DataLoader(dataset, batch_size=8, generator=torch.Generator().manual_seed(SEED))
@@ -183,11 +186,17 @@ def make_private_native(model, dataset, *, lr, noise_multiplier=1.0):
             optimizer,
             loader,
             target_delta=1 / len(dataset) ** 1.1,
-            max_grad_norm=1.0,
-            noise_multiplier=noise_multiplier,
+            max_grad_norm=max_grad_norm,
+            noise_multiplier=1.0,
             seed=SEED,
             accountant="rdp",
         )
+
+
+# Clipping norms for the equivalence tests: this BERT's per-example gradient norms are 0.99-1.05
+# and this Llama's 3.5-11.2, so a loss off by a factor (a sum for a mean) changes which examples
+# are clipped and the update with them (the noise is the same on both sides and cancels).
+BERT_CLIP, LLAMA_CLIP = 1.5, 6.0
 
 
 def test_update_equals_one_make_private_step(tmp_path):
@@ -197,11 +206,16 @@ def test_update_equals_one_make_private_step(tmp_path):
     native_model = copy.deepcopy(model)
     before = {k: v.detach().clone() for k, v in model.named_parameters()}
     args = training_args(tmp_path, max_steps=1, per_device_train_batch_size=3)
-    t = trainer(tmp_path, model=model, dataset=dataset, args=args, trainer_class=RecordingTrainer)
+    p = privacy(max_grad_norm=BERT_CLIP)
+    t = trainer(
+        tmp_path, model=model, dataset=dataset, args=args, privacy=p, trainer_class=RecordingTrainer
+    )
     train(t)
     assert t.draw_sizes[0] > 3  # cut into at least two physical batches
 
-    native_model, optimizer, loader = make_private_native(native_model, dataset, lr=0.05)
+    native_model, optimizer, loader = make_private_native(
+        native_model, dataset, lr=0.05, max_grad_norm=BERT_CLIP
+    )
     batch = next(iter(loader))
     native_model(**batch).loss.backward()
     optimizer.step()
@@ -267,6 +281,13 @@ def test_other_refusals(tmp_path):
         train(t)
     with pytest.raises(ValueError, match="resume_from_checkpoint"):
         trainer(tmp_path).train(resume_from_checkpoint=str(tmp_path))
+    # A model some engine already hooked (another PrivateTrainer's): refused, not hooked twice;
+    # a copy of it is a plain model again.
+    private_model = tiny_bert()
+    trainer(tmp_path, model=private_model).get_train_dataloader()
+    with pytest.raises(ValueError, match="already private"):
+        trainer(tmp_path, model=private_model).get_train_dataloader()
+    trainer(tmp_path, model=copy.deepcopy(private_model)).get_train_dataloader()
 
 
 def test_trainer_clipping_is_switched_off_and_said(tmp_path):
@@ -361,7 +382,10 @@ def test_causal_lm_update_equals_make_private_with_lm_loss(tmp_path):
     model = tiny_llama()
     native_model = copy.deepcopy(model)
     args = training_args(tmp_path, max_steps=1, per_device_train_batch_size=3)
-    t = trainer(tmp_path, model=model, dataset=dataset, args=args, trainer_class=RecordingTrainer)
+    p = privacy(max_grad_norm=LLAMA_CLIP)
+    t = trainer(
+        tmp_path, model=model, dataset=dataset, args=args, privacy=p, trainer_class=RecordingTrainer
+    )
     train(t)
     assert t.draw_sizes[0] > 3 and "epsilon" in t.state.log_history[-1]
     # Evaluation (no gradients: no private step) runs on the private model and logs epsilon too.
@@ -369,7 +393,9 @@ def test_causal_lm_update_equals_make_private_with_lm_loss(tmp_path):
     assert math.isfinite(metrics["eval_loss"]) and metrics["epsilon"] == t.private.epsilon()
     assert t.private.steps == 1
 
-    native_model, optimizer, loader = make_private_native(native_model, dataset, lr=0.05)
+    native_model, optimizer, loader = make_private_native(
+        native_model, dataset, lr=0.05, max_grad_norm=LLAMA_CLIP
+    )
     batch = next(iter(loader))
     assert len(set(batch["attention_mask"].sum(1).tolist())) > 1  # unequal lengths
     labels = batch.pop("labels")
@@ -414,3 +440,36 @@ def test_an_empty_draw_is_a_noise_only_step(tmp_path):
     train(t)
     assert t.draw_sizes == [0, 2, 2] and t.private.steps == t.state.global_step == 3
     assert all((before[k] != v).any() for k, v in t.model.named_parameters())
+
+
+def test_a_per_example_loss_is_its_mean_and_is_checked(tmp_path):
+    # per_example_loss replaces the model's loss: the step equals make_private's with the mean of
+    # the same per-example losses; a loss that is not one value per example is refused by name.
+    from torch.nn import functional
+
+    def cross_entropy(outputs, inputs):
+        return functional.cross_entropy(outputs.logits, inputs["labels"], reduction="none")
+
+    dataset, model = Pairs(), tiny_bert()
+    native_model = copy.deepcopy(model)
+    args = training_args(tmp_path, max_steps=1, per_device_train_batch_size=3)
+    p = privacy(per_example_loss=cross_entropy, max_grad_norm=BERT_CLIP)
+    t = trainer(tmp_path, model=model, dataset=dataset, args=args, privacy=p)
+    train(t)
+    native_model, optimizer, loader = make_private_native(
+        native_model, dataset, lr=0.05, max_grad_norm=BERT_CLIP
+    )
+    batch = next(iter(loader))
+    labels = batch.pop("labels")
+    cross_entropy(native_model(**batch), {"labels": labels}).mean().backward()
+    optimizer.step()
+    pairs = zip(model.named_parameters(), native_model.named_parameters(), strict=True)
+    for (name, p), (_, q) in pairs:
+        assert torch.allclose(p, q, atol=1e-6, rtol=1e-5), name
+
+    def batch_mean(outputs, inputs):
+        return cross_entropy(outputs, inputs).mean()
+
+    t = trainer(tmp_path, args=args, privacy=privacy(per_example_loss=batch_mean))
+    with pytest.raises(ValueError, match="per_example_loss must return a tensor of shape"):
+        train(t)
