@@ -205,9 +205,10 @@ class PrivateTrainer(Trainer):
             kind = self._loss_kind(self.model)
             if kind not in ("sequence_classification", "causal_lm"):
                 raise ValueError(
-                    f"PrivateTrainer: {kind}: its Hugging Face loss is a mean over the batch's "
-                    "tokens, which couples the examples (the DP sensitivity bound needs a mean "
-                    "over examples); give PrivacyArguments.per_example_loss"
+                    f"PrivateTrainer: {kind}: its Hugging Face loss is not known to be a mean "
+                    "over examples (token-level heads average over the batch's tokens, which "
+                    "couples the examples; the DP sensitivity bound needs a mean over examples); "
+                    "give PrivacyArguments.per_example_loss"
                 )
         #: The private run, once training built it (None before).
         self.private: PrivateRun | None = None
@@ -352,7 +353,7 @@ class PrivateTrainer(Trainer):
             )
         return self.optimizer
 
-    def train(self, resume_from_checkpoint=None, trial=None, **kwargs: Any):
+    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None):
         """The Trainer's ``train``, once, within the planned steps.
 
         Raises:
@@ -373,7 +374,7 @@ class PrivateTrainer(Trainer):
                 f"calibrated for are taken (epsilon {self.private.epsilon():.4g} at delta "
                 f"{self.private.delta:.3g}); a further step would spend more than planned"
             )
-        return super().train(**kwargs)
+        return super().train(ignore_keys_for_eval=ignore_keys_for_eval)
 
     # --- the step --------------------------------------------------------------------------
 
