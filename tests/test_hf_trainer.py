@@ -366,11 +366,8 @@ def tiny_llama():
         max_position_embeddings=16,
         tie_word_embeddings=False,
     )
-    model = transformers.LlamaForCausalLM(config)
-    for name, p in model.named_parameters():
-        if "norm" in name:  # no RMSNorm layer rule yet: frozen
-            p.requires_grad_(False)
-    return model
+    # Every parameter trains, the RMSNorm weights included (rmt_kernels/rules/rmsnorm.py).
+    return transformers.LlamaForCausalLM(config)
 
 
 def test_causal_lm_update_equals_make_private_with_lm_loss(tmp_path):
