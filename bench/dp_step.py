@@ -149,8 +149,9 @@ def table(results: list[dict], batch: int) -> str:
         "|---|---:|---:|---:|---:|---:|",
     ]
     for r in results:
-        if "refused" in r:  # a method that does not cover the model: its error, not a number
-            lines.append(f"| {r['method']} | refused: {r['refused']} | | | | |")
+        if "refused" in r or "failed" in r:  # its error, not a number
+            what = f"refused: {r['refused']}" if "refused" in r else f"fails: {r['failed']}"
+            lines.append(f"| {r['method']} | {what} | | | | |")
             continue
         lines.append(
             f"| {r['method']} | {r['median_s']:.3f} | {batch / r['median_s']:.1f} | "

@@ -167,6 +167,12 @@ def run_method(
     except (TypeError, ValueError, NotImplementedError) as err:
         # Opacus finds an unsupported layer at the first backward, not at make_private.
         return {"method": method, "refused": str(err).splitlines()[0][:160], **counted}
+    except RuntimeError as err:
+        if not method.startswith("opacus"):
+            raise  # ours must never crash on a model it accepted: the benchmark fails
+        # Opacus crashing inside its per-sample machinery (not a refusal): say so.
+        first = str(err).splitlines()[0][:160]
+        return {"method": method, "failed": f"RuntimeError: {first}", **counted}
     step()
     sync()
     reset_peak()  # the peak below is the steps' own
