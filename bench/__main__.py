@@ -7,7 +7,9 @@
 2. fused ops: per-example norms + clipped noisy sums per layer shape, ours vs Opacus
    (bench/fused_ops.py);
 3. dp step: one DP fine-tuning step, non-private vs Opacus vs ours (each in its own process);
-4. gpu-static: the static GPU plan (bench/gpu_report.py): every Triton kernel built for sm_80/90/100
+4. lm step: one DP step of decoder LMs (GPT-2-small shapes, a Llama-style stack), full
+   fine-tuning and LoRA r = 8, non-private vs Opacus vs ours (bench/lm_step.py);
+5. gpu-static: the static GPU plan (bench/gpu_report.py): every Triton kernel built for sm_80/90/100
    at RoBERTa-base shapes, registers, spills, shared memory, float64 counts and H200 roofline
    times beside the CPU time, in bench/results/gpu-static.md. No GPU is measured.
 
@@ -28,7 +30,7 @@ import pytest
 from bench.report import render
 
 HERE = Path(__file__).resolve().parent
-PARTS = ("denoise", "denoise-edge", "fused-ops", "dp-step", "gpu-static")
+PARTS = ("denoise", "denoise-edge", "fused-ops", "dp-step", "lm-step", "gpu-static")
 
 
 def run_denoise(out_dir: Path) -> str:
@@ -91,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     if "dp-step" in parts:
         steps = ["--steps", "3"] if args.quick else []
         sections.append(run_script("bench.dp_step", out_dir / "dp_step.md", *steps))
+    if "lm-step" in parts:
+        steps = ["--steps", "2"] if args.quick else []
+        sections.append(run_script("bench.lm_step", out_dir / "lm_step.md", *steps))
     if "gpu-static" in parts:
         static = HERE / "results" / "gpu-static.md"
         run_script("bench.gpu_report", static)  # its table stays in its own file

@@ -24,7 +24,18 @@ import torch
 from bench.memory import peak_mib, reset_peak
 from bench.report import machine_description
 
-METHODS = ["non-private", "opacus hooks", "opacus ghost", "ours", "ours + denoise"]
+METHODS = [
+    "non-private",
+    "opacus hooks",
+    "opacus ghost",
+    "ours",
+    "ours + denoise",
+    # Mixed precision: the forward under torch.autocast in bfloat16 (float32 master weights;
+    # the engine clips the gradient of the bf16 activations, tests/test_autocast.py).
+    "non-private + bf16 autocast",
+    "ours + bf16 autocast",
+]
+AUTOCAST_SUFFIX = " + bf16 autocast"
 NOISE_MULTIPLIER = 1.0
 MAX_GRAD_NORM = 1.0
 # RoBERTa-base's config, so the benchmark needs no files (../shared/models has the same).
@@ -92,9 +103,14 @@ def run_method(method: str, layers: int, batch: int, length: int, steps: int) ->
             denoise={} if method == "ours + denoise" else None,
         )
 
+    autocast = torch.autocast(
+        device, dtype=torch.bfloat16, enabled=method.endswith(AUTOCAST_SUFFIX)
+    )
+
     def step():
-        logits = model(input_ids=ids, attention_mask=mask).logits
-        loss = criterion(logits, labels)
+        with autocast:
+            logits = model(input_ids=ids, attention_mask=mask).logits
+        loss = criterion(logits.float(), labels)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -133,12 +149,35 @@ def table(results: list[dict], batch: int) -> str:
         "|---|---:|---:|---:|---:|---:|",
     ]
     for r in results:
+        if "refused" in r or "failed" in r:  # its error, not a number
+            what = f"refused: {r['refused']}" if "refused" in r else f"fails: {r['failed']}"
+            lines.append(f"| {r['method']} | {what} | | | | |")
+            continue
         lines.append(
             f"| {r['method']} | {r['median_s']:.3f} | {batch / r['median_s']:.1f} | "
             f"{r['median_s'] / base['median_s']:.2f}x | "
             f"{r['peak_mib']:.0f} | {r['peak_mib'] / base['peak_mib']:.2f}x |"
         )
     return "\n".join(lines)
+
+
+def measure_in_subprocesses(module: str, methods: list[str], args: list[str]) -> list[dict]:
+    """Run ``python -m module --method M ARGS`` for each method, each in a fresh process (so
+    its peak memory is its own), and return the JSON each prints on its last line."""
+    results = []
+    for method in methods:
+        print(f"{module}: {method} ...", flush=True)
+        out = subprocess.run(
+            [sys.executable, "-m", module, "--method", method, *args],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).resolve().parents[1],
+            check=False,
+        )
+        if out.returncode != 0:
+            raise RuntimeError(f"{method} failed:\n{out.stderr[-3000:]}")
+        results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    return results
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -153,33 +192,20 @@ def main(argv: list[str] | None = None) -> str:
     if args.method:  # child process
         print(json.dumps(run_method(args.method, args.layers, args.batch, args.length, args.steps)))
         return ""
-    results = []
-    for method in METHODS:
-        print(f"dp step: {method} ...", flush=True)
-        out = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "bench.dp_step",
-                "--method",
-                method,
-                "--layers",
-                str(args.layers),
-                "--batch",
-                str(args.batch),
-                "--length",
-                str(args.length),
-                "--steps",
-                str(args.steps),
-            ],
-            capture_output=True,
-            text=True,
-            cwd=Path(__file__).resolve().parents[1],
-            check=False,
-        )
-        if out.returncode != 0:
-            raise RuntimeError(f"{method} failed:\n{out.stderr[-3000:]}")
-        results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    results = measure_in_subprocesses(
+        "bench.dp_step",
+        METHODS,
+        [
+            "--layers",
+            str(args.layers),
+            "--batch",
+            str(args.batch),
+            "--length",
+            str(args.length),
+            "--steps",
+            str(args.steps),
+        ],
+    )
     report = (
         f"### One DP step: RoBERTa-base shapes, {args.layers} encoder layers, "
         f"{results[0]['params'] / 1e6:.1f}M parameters all trainable, B = {args.batch}, "
