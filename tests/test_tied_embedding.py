@@ -25,10 +25,17 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import rmt_kernels
 from rmt_kernels.dp import make_private
-from rmt_kernels.ops import OFFSET_STRIDE
+from rmt_kernels.ops import (
+    OFFSET_STRIDE,
+    embedding_clipped_noisy_sum,
+    embedding_sq_norms,
+    linear_clipped_noisy_sum,
+    linear_sq_norms,
+)
 from rmt_kernels.rules.tied_embedding import (
     TIED_EMBEDDING_RULE,
     TiedEmbeddingPair,
+    cross_term_bounds,
     tied_sq_norms,
 )
 from tests.helpers import assert_gaussian_noise
@@ -173,6 +180,33 @@ def test_bound_is_above_the_exact_norm_on_random_and_repeated_ids():
     torch.testing.assert_close(bound, exact, rtol=1e-6, atol=0.0)
 
 
+def test_the_cross_terms_error_bound_covers_its_float64_rounding():
+    # The cross term is signed: rounded up or down it may shrink the bound below the exact norm,
+    # so its float64 value must come with a rigorous error term. Entries of widely spread
+    # magnitudes make every float64 sum round; the exact value is rational arithmetic on the
+    # same float32 inputs.
+    from fractions import Fraction
+
+    gen = torch.Generator().manual_seed(12)
+    B, T, S, d = 3, 4, 3, 16
+    ids = torch.randint(0, V, (B, T), generator=gen)
+    spread = 2.0 ** torch.randint(0, 24, (B, T, d), generator=gen)
+    e = torch.randn(B, T, d, generator=gen) * spread
+    h = torch.randn(B, S, d, generator=gen) * 2.0 ** torch.randint(0, 24, (B, S, d), generator=gen)
+    g = torch.randn(B, S, V, generator=gen)
+    cross, error = cross_term_bounds(ids, e, h, g)
+    for b in range(B):
+        exact = sum(
+            Fraction(g[b, s, ids[b, t]].item())
+            * sum(Fraction(e[b, t, k].item()) * Fraction(h[b, s, k].item()) for k in range(d))
+            for t in range(T)
+            for s in range(S)
+        )
+        miss = abs(Fraction(cross[b].item()) - exact)
+        assert miss > 0  # the case rounds: an error term of 0 would fail here
+        assert miss <= Fraction(error[b].item()), (b, float(miss), float(error[b]))
+
+
 def test_a_non_finite_input_gets_an_infinite_bound():
     ids, e, h, g = _aligned_and_cancelling(1.0)
     h[1, 0, 0] = math.inf
@@ -248,6 +282,24 @@ def test_the_noise_is_added_once_to_the_tied_sum():
         _, noisy = _rule_release(ids, e, h, g, keep, std, offset=(5 + k) * OFFSET_STRIDE)
         draws.append((noisy.double() - clean.double()).flatten())
     assert_gaussian_noise(torch.cat(draws), std, rel=0.25)
+
+
+def test_a_part_whose_module_did_not_run_contributes_nothing():
+    # LayerDrop-style: only one of the two modules ran in the batch; the tied gradient is the
+    # other part alone, with its own bound and its noise (still drawn once).
+    ids, e, h, g = _aligned_and_cancelling(1.0)
+    module = TiedEmbeddingPair(nn.Embedding(V, D), nn.Linear(D, V, bias=False))
+    scale = torch.full((ids.shape[0],), 0.25)
+    for x, dy, alone in [
+        ((ids, None), (e, None), lambda s: embedding_clipped_noisy_sum(ids, e, s, V, 0.0, 1, 0)),
+        ((None, h), (None, g), lambda s: linear_clipped_noisy_sum(h, g, s, 0.0, 1, 0)),
+    ]:
+        norms = TIED_EMBEDDING_RULE.sq_norms(module, x, dy)["weight"]
+        parts = [t for t in (*x, *dy) if t is not None]
+        own = embedding_sq_norms(*parts) if x[1] is None else linear_sq_norms(*parts)
+        assert torch.equal(norms, own)
+        sums = TIED_EMBEDDING_RULE.clipped_noisy_sums(module, x, dy, scale, 0.0, 1, {"weight": 0})
+        assert torch.equal(sums["weight"], alone(scale))
 
 
 # ------------------------------------------------------------------------------------------
@@ -341,6 +393,22 @@ def test_tiny_tied_llama_matches_the_float64_reference():
     assert "model.embed_tokens.weight" in full and "lm_head.weight" not in full
     for n in reference:
         torch.testing.assert_close(full[n], reference[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_param_guards_hold_for_the_tied_weight():
+    # A use of the tied weight outside its two modules is refused at backward; freezing it
+    # after make_private is refused at step (privacy invariant 8).
+    ids, targets = _data(2, 3)
+    model, opt, _ = _private(TiedLM(), ids, targets)
+    extra = torch.nn.functional.linear(torch.ones(2, 3, D), model.emb.weight)
+    logits = model(ids) + extra
+    with pytest.raises(RuntimeError, match=r"parameter 'emb.weight' got a gradient"):
+        _loss(logits, targets).backward()
+    model, opt, _ = _private(TiedLM(), ids, targets)
+    _loss(model(ids), targets).backward()
+    model.head.weight.requires_grad_(False)
+    with pytest.raises(RuntimeError, match=r"'emb.weight' was frozen after make_private"):
+        opt.step()
 
 
 # ------------------------------------------------------------------------------------------
