@@ -397,7 +397,7 @@ def test_tiny_tied_llama_matches_the_float64_reference():
 
 def test_param_guards_hold_for_the_tied_weight():
     # A use of the tied weight outside its two modules is refused at backward; freezing it
-    # after make_private is refused at step (privacy invariant 8).
+    # after make_private is refused at step (privacy invariant 8, PRIVACY.md).
     ids, targets = _data(2, 3)
     model, opt, _ = _private(TiedLM(), ids, targets)
     extra = torch.nn.functional.linear(torch.ones(2, 3, D), model.emb.weight)

@@ -45,7 +45,10 @@ class RuleUnits:
         for layer in layers:
             if id(layer) in self._part:
                 continue
-            tie = next((h for h in holders.values() if len(h) > 1 and layer in h), None)
+            # By identity: TrackedLayer is a dataclass, whose == would compare its fields.
+            tie = next(
+                (h for h in holders.values() if len(h) > 1 and any(t is layer for t in h)), None
+            )
             if tie is None:
                 self.units.append(layer)
                 continue
