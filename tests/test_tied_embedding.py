@@ -4,12 +4,12 @@ rmt_kernels/dp/tied_units.py).
 
 The tied weight's per-example gradient is E_b + L_b; its norm needs the cross term 2 <E_b, L_b>.
 Checked: the certified bound against the exact float64 norm when the two parts align and cancel
-(a clip ignoring the cross term, or using the triangle inequality, fails); the engine's clipped sum
-against a float64 per-example reference, on a hand-made model and on a tiny tied Llama; removing
-one example moves the noise-free sum by at most C; the release guard keeps float32 rounding of a
-crafted cancelling example out of the sum; the noise enters once (std sigma C, not sqrt(2) or 2
-times it); every other sharing is refused; the Opacus drop-in is exact in hooks mode and refuses
-ghost mode.
+(a clip ignoring the cross term, or using the triangle inequality, fails); the engine's clipped
+sum against a float64 per-example reference, on a hand-made model and tiny tied GPT-2 and Llama;
+removing one example moves the noise-free sum by at most C; the release guard keeps float32
+rounding of a crafted cancelling example out of the sum; the noise enters once (std sigma C, not
+sqrt(2) or 2 times it); every other sharing is refused; the Opacus drop-in is exact in hooks mode
+and refuses ghost mode.
 """
 
 from __future__ import annotations
@@ -363,8 +363,26 @@ def test_engine_lists_the_tied_weight_once_and_noises_it_once():
     assert_gaussian_noise(noisy["emb.weight"] - clean["emb.weight"], C, rel=0.2)
 
 
-def _tiny_llama():
+def _tiny_decoder(kind: str) -> nn.Module:
+    """A tiny Hugging Face decoder with tie_word_embeddings=True, every parameter trainable
+    (GPT-2: Conv1D and LayerNorm; Llama: RMSNorm, rotary, grouped-query attention)."""
     transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        config = transformers.GPT2Config(
+            vocab_size=64,
+            n_positions=16,
+            n_embd=32,
+            n_layer=1,
+            n_head=2,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            tie_word_embeddings=True,
+        )
+        model = transformers.GPT2LMHeadModel(config)
+        assert model.lm_head.weight is model.transformer.wte.weight
+        return model
     config = transformers.LlamaConfig(
         vocab_size=64,
         hidden_size=32,
@@ -375,22 +393,21 @@ def _tiny_llama():
         max_position_embeddings=16,
         tie_word_embeddings=True,
     )
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).float()
-    for module in model.modules():
-        if "norm" in type(module).__name__.lower():
-            module.requires_grad_(False)  # RMSNorm has no rule in this branch
+    model = transformers.LlamaForCausalLM(config)
     assert model.lm_head.weight is model.model.embed_tokens.weight
     return model
 
 
-def test_tiny_tied_llama_matches_the_float64_reference():
-    base = _tiny_llama()
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_tiny_tied_decoder_matches_the_float64_reference(kind):
+    base = _tiny_decoder(kind)
     ids, targets = _data(3, 6, vocab=64, seed=8)
     everyone = torch.arange(3)
     full = _engine_sum(base, ids, targets, everyone)
     reference = _reference_sum(base, ids, targets, everyone)
-    assert "model.embed_tokens.weight" in full and "lm_head.weight" not in full
+    tied = "transformer.wte.weight" if kind == "gpt2" else "model.embed_tokens.weight"
+    assert tied in full and "lm_head.weight" not in full
+    assert set(full) == set(reference)
     for n in reference:
         torch.testing.assert_close(full[n], reference[n], rtol=1e-4, atol=1e-6, msg=n)
 

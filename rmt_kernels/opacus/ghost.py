@@ -43,10 +43,10 @@ cancelling input gets a norm that is not its gradient's), a module option its ru
 several modules (tied embeddings: Opacus keeps the last module's norm for it, which ignores the
 other use and the cross term; hooks mode sums the two uses' per-example gradients before taking
 the norm and is exact there), and ``use_ghost_clipping=False``. Embedding rows at
-``padding_idx`` are left out of the bound (autograd gives them no gradient); Opacus counts them, which after a LayerNorm (whose output
-gradient at a zero padding row is ~1/sqrt(eps) large) overstates norms several-fold and
-over-clips. ``grad_sample_mode="hooks"`` accepts every module Opacus does and is sound (see
-:mod:`rmt_kernels.opacus.privacy_engine`).
+``padding_idx`` are left out of the bound (autograd gives them no gradient); Opacus counts them,
+which after a LayerNorm (whose output gradient at a zero padding row is ~1/sqrt(eps) large)
+overstates norms several-fold and over-clips. ``grad_sample_mode="hooks"`` accepts every module
+Opacus does and is sound (see :mod:`rmt_kernels.opacus.privacy_engine`).
 
 What the bound does not cover: the float32 computation of the released sum. The second backward
 pass recomputes every output gradient with the factor ``c_b`` folded in (not a power of two, so
