@@ -132,7 +132,7 @@ def _distance(a: dict, b: dict) -> float:
     return math.sqrt(sum(float((a[n] - b[n]).square().sum()) for n in a))
 
 
-@pytest.mark.parametrize("layout", ["batch_first", "broadcast"])
+@pytest.mark.parametrize("layout", ["batch_first", "broadcast", "tied"])
 def test_exact_layouts_match_the_float64_reference_and_one_example_moves_at_most_c(layout):
     # "broadcast": the position embedding's (1, T) input is shared by the batch ("batch_first"
     # has it too: every model here does); both are the same model, run with two seeds.
@@ -210,8 +210,13 @@ def test_the_verification_leaves_rng_buffers_and_result_unchanged():
 
 
 def test_tied_weights_are_refused_at_make_private():
-    with pytest.raises(ValueError, match=r"parameter 'out.weight' is the same tensor as 'emb"):
-        _private(Net("tied"), *_data(4, 5))
+    # A tied embedding (Net("tied"): emb's weight as the head's) is supported
+    # (tests/test_tied_embedding.py); any other sharing, here two Linears, is refused.
+    net = Net("tied")
+    net.lin2 = nn.Linear(D, D)
+    net.lin2.weight = net.lin.weight
+    with pytest.raises(ValueError, match=r"'lin.weight' \(Linear\), 'lin2.weight' \(Linear\)"):
+        _private(net, *_data(4, 5))
 
 
 def test_direct_use_of_a_tracked_weight_is_refused_at_backward():

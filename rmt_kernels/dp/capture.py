@@ -27,6 +27,7 @@ from torch import nn
 from rmt_kernels._checks import FLOAT_DTYPES
 from rmt_kernels.ops import OFFSET_STRIDE
 from rmt_kernels.rules import LayerRule, get_layer_rule
+from rmt_kernels.rules.tied_embedding import check_tied_pair
 
 
 @dataclass
@@ -75,11 +76,16 @@ def trainable_layers(model: nn.Module) -> list[TrackedLayer]:
             skipped silently.
         ValueError: a module option its rule cannot follow (``Embedding(max_norm=...)``,
             ``sparse=True``, ``scale_grad_by_freq=True``; LayerNorm over several dimensions), or
-            one parameter shared by two modules (tied weights: the rules would clip the two uses
-            as if they were separate parameters, which does not bound the example's gradient).
+            one parameter shared by several modules other than a tied embedding (one
+            nn.Embedding's weight as one nn.Linear head's, rmt_kernels/rules/tied_embedding.py:
+            its rule clips the sum of the two uses; any other sharing would be clipped as if the
+            uses were separate parameters, which does not bound the example's gradient).
     """
     layers = []
     owner: dict[int, str] = {}
+    # Every (module name, module, parameter name) holding each parameter: a shared one is
+    # checked against the supported tie once all its holders are known.
+    uses: dict[int, list[tuple[str, nn.Module, str]]] = {}
     for name, module in model.named_modules():
         params = {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}
         if not params:
@@ -96,12 +102,9 @@ def trainable_layers(model: nn.Module) -> list[TrackedLayer]:
         _check_module_options(name, module, rule)
         for pname, p in params.items():
             full = f"{name}.{pname}" if name else pname
+            uses.setdefault(id(p), []).append((name, module, pname))
             if id(p) in owner:
-                raise ValueError(
-                    f"make_private: parameter '{full}' is the same tensor as '{owner[id(p)]}' "
-                    "(tied weights); per-example clipping of a weight used by two modules is "
-                    "not supported: untie them (e.g. tie_word_embeddings=False) or freeze them"
-                )
+                continue  # checked at its first holder; the tie itself below
             owner[id(p)] = full
             if p.numel() >= OFFSET_STRIDE:
                 # Each (step, parameter) owns 2^32 counters of the noise stream
@@ -118,6 +121,9 @@ def trainable_layers(model: nn.Module) -> list[TrackedLayer]:
                     "bfloat16 or float16 parameters (convert the model, e.g. model.float())"
                 )
         layers.append(TrackedLayer(name, module, rule, params))
+    for holders in uses.values():
+        if len(holders) > 1:
+            check_tied_pair(holders)
     return layers
 
 
@@ -207,12 +213,8 @@ class LayerCapture:
         self._weights: dict[torch.device, torch.Tensor] = {}
         self._handles = []
         for layer in layers:
-            self._handles.append(
-                layer.module.register_forward_pre_hook(_LayerPreHook(self, layer))
-            )
-            self._handles.append(
-                layer.module.register_forward_hook(_LayerForwardHook(self, layer))
-            )
+            self._handles.append(layer.module.register_forward_pre_hook(_LayerPreHook(self, layer)))
+            self._handles.append(layer.module.register_forward_hook(_LayerForwardHook(self, layer)))
 
     def before_layer(self, layer: TrackedLayer) -> None:
         """The layer's forward pre-hook: switch its own parameters' requires_grad off."""

@@ -62,6 +62,7 @@ from rmt_kernels.dp.stages.chain import (
 )
 from rmt_kernels.dp.stages.denoiser import DenoiseFilter, Denoiser, denoise_linear_weights
 from rmt_kernels.dp.stages.protocol import PostProcessor
+from rmt_kernels.dp.tied_units import RuleUnits
 from rmt_kernels.ops import add_gaussian_noise, clip_scales, noise_offset
 
 
@@ -126,8 +127,12 @@ class PrivateEngine:
         self.allreduce_seconds = 0.0
 
         self.layers: list[TrackedLayer] = trainable_layers(model)
+        # The rule calls: one per layer, a tied embedding's two modules as one unit with one
+        # parameter (rmt_kernels/dp/tied_units.py), so each parameter is listed, noised and
+        # written once.
+        self.units = RuleUnits(self.layers)
         self.params: list[tuple[TrackedLayer, str, nn.Parameter]] = [
-            (layer, name, p) for layer in self.layers for name, p in layer.params.items()
+            (layer, name, p) for layer in self.units.units for name, p in layer.params.items()
         ]
         # The key of each parameter's gradient in the private step (the post-processors see
         # these): its qualified name in the model, stable across processes and resumes.
@@ -291,6 +296,7 @@ class PrivateEngine:
         # The output gradients of per-example losses: a mean-reduced loss scaled them by 1/B.
         factor = captured[0][2].shape[0] if self.loss_reduction == "mean" else 1
         captured = [(layer, x, dy * factor if factor != 1 else dy) for layer, x, dy in captured]
+        captured = self.units.merge(captured)
         # Dividing by the expected batch size is folded into the clip factors and the noise std
         # (noise_std arrives already divided), so the sums come out averaged with no extra pass.
         # The per-parameter bounds are summed in float64 inside clip_scales: a float32 total

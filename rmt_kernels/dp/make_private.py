@@ -83,7 +83,9 @@ def make_private(
       (``verify_layout=False`` skips the check: then the whole layout is assumed);
     - each trainable parameter is used only inside its own module's forward, once per forward
       (a direct use such as ``F.linear(h, emb.weight)``, a loss term on the weights, or a
-      module called twice is an error at backward; tied weights are refused here);
+      module called twice is an error at backward; tied weights are refused here, except a
+      tied embedding, one ``nn.Embedding``'s weight as one ``nn.Linear`` head's, whose two uses
+      are clipped as one gradient: rmt_kernels/rules/tied_embedding.py);
     - the parameters trained are those trainable now: unfreezing one later, or adding a
       parameter group to the wrapped optimizer, is an error at the next ``step()``;
     - the noise seed is secret (the default, drawn from the OS; ``seed=N`` is for experiments

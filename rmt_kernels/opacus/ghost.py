@@ -39,12 +39,14 @@ uncertified float32 norm, while the released gradient comes from a second backwa
 cancelling input gets a norm that is not its gradient's), a module option its rule's
 ``check_module`` refuses (the native engine's ``make_private`` refuses the same:
 ``nn.Embedding`` with ``scale_grad_by_freq``, whose gradient depends on the other examples,
-``max_norm`` or ``sparse``; ``nn.LayerNorm`` over several dimensions), and
-``use_ghost_clipping=False``. Embedding rows at ``padding_idx`` are left out of the bound
-(autograd gives them no gradient); Opacus counts them, which after a LayerNorm (whose output
-gradient at a zero padding row is ~1/sqrt(eps) large) overstates norms several-fold and
-over-clips. ``grad_sample_mode="hooks"`` accepts every module Opacus does and is sound (see
-:mod:`rmt_kernels.opacus.privacy_engine`).
+``max_norm`` or ``sparse``; ``nn.LayerNorm`` over several dimensions), a parameter held by
+several modules (tied embeddings: Opacus keeps the last module's norm for it, which ignores the
+other use and the cross term; hooks mode sums the two uses' per-example gradients before taking
+the norm and is exact there), and ``use_ghost_clipping=False``. Embedding rows at
+``padding_idx`` are left out of the bound (autograd gives them no gradient); Opacus counts them,
+which after a LayerNorm (whose output gradient at a zero padding row is ~1/sqrt(eps) large)
+overstates norms several-fold and over-clips. ``grad_sample_mode="hooks"`` accepts every module
+Opacus does and is sound (see :mod:`rmt_kernels.opacus.privacy_engine`).
 
 What the bound does not cover: the float32 computation of the released sum. The second backward
 pass recomputes every output gradient with the factor ``c_b`` folded in (not a power of two, so
@@ -199,6 +201,20 @@ def check_certifiable(module: nn.Module, *, use_ghost_clipping: bool = True) -> 
             "no norm; use grad_sample_mode='hooks' instead"
         )
     uncovered = []
+    # A parameter held by several modules (tied embeddings): Opacus's ghost hooks keep one norm
+    # per parameter, the last module's (``param._norm_sample = ns``), so the clip would ignore
+    # the other use and the cross term between the two (the native engine's tied rule has it).
+    holders: dict[int, list[str]] = {}
+    for name, m in trainable_modules(module):
+        for pname, p in m.named_parameters(recurse=False):
+            if p.requires_grad:
+                holders.setdefault(id(p), []).append(f"{name or '<root>'}.{pname}")
+    for names in holders.values():
+        if len(names) > 1:
+            uncovered.append(
+                f"{' and '.join(names)} (one parameter used by {len(names)} modules: tied "
+                "weights, whose norm needs the sum of both uses)"
+            )
     for name, m in trainable_modules(module):
         if type(m) not in CERTIFIED_NORM_SAMPLERS:
             uncovered.append(f"{name or '<root>'} ({type(m).__name__})")
