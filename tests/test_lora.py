@@ -18,7 +18,8 @@ ordinary Linear weight to both engines. What is tested here:
 - the merged model saved and reloaded gives the same logits and holds no LoRA key.
 
 The per-example loss is each sequence's sum of next-token cross-entropies (a function of that
-sequence alone), with ``loss_reduction="sum"``.
+sequence alone: ``rmt_kernels.per_example_lm_loss(..., reduction="sequence_sum")``), with
+``loss_reduction="sum"``.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("opacus")
 
+from rmt_kernels import per_example_lm_loss  # noqa: E402
 from rmt_kernels.dp import make_private  # noqa: E402
 from rmt_kernels.dp.stages.options import MIN_DENOISE_DIM  # noqa: E402
 from rmt_kernels.opacus import DenoisingPrivacyEngine  # noqa: E402
@@ -134,11 +136,7 @@ class SequenceLoss:
 
     def __call__(self, logits: torch.Tensor, ids: torch.Tensor, labels: torch.Tensor):
         if logits.dim() == 3:
-            token = nn.functional.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
-                reduction="none",
-            )  # fmt: skip
-            per_example = token.view(ids.shape[0], -1).sum(dim=1)
+            per_example = per_example_lm_loss(logits, ids, reduction="sequence_sum")
         else:
             per_example = nn.functional.cross_entropy(logits, labels, reduction="none")
         return per_example if self.reduction == "none" else per_example.sum()
@@ -450,9 +448,7 @@ def test_peft_applied_after_make_private_is_refused():
     config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                          num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
                          tie_word_embeddings=False)  # fmt: skip
-    base = LlamaForCausalLM(config)
-    for p in base.parameters():  # RMSNorm has no rule of its own yet: only the Linears train
-        p.requires_grad_(isinstance(p, nn.Parameter) and p.dim() == 2 and p.shape[0] != VOCAB)
+    base = LlamaForCausalLM(config)  # fully trainable (RMSNorm has its rule)
     ids, labels = _data()
     optimizer = torch.optim.SGD(_adapters(base).values(), lr=0.1)
     loader = DataLoader(TensorDataset(ids, labels), batch_size=BATCH)
