@@ -50,7 +50,7 @@ from rmt_kernels.dp.calibration import spent_epsilon
 from rmt_kernels.dp.capture import LayerCapture, ModelHook, TrackedLayer, trainable_layers
 from rmt_kernels.dp.layout_verification import LayoutVerifier
 from rmt_kernels.dp.noise_key import NoiseKey
-from rmt_kernels.dp.param_guards import check_updates, refuse_direct_use
+from rmt_kernels.dp.param_guards import check_not_replaced, check_updates, refuse_direct_use
 from rmt_kernels.dp.stages.chain import (
     build_chain,
     first_denoiser,
@@ -252,12 +252,17 @@ class PrivateEngine:
 
     def check_updates(self, param_groups) -> None:
         """Refuse a step that would update a parameter the engine did not privatise (privacy
-        invariant 8, PRIVACY.md; :func:`rmt_kernels.dp.param_guards.check_updates`). Called by
+        invariant 8, PRIVACY.md; :func:`rmt_kernels.dp.param_guards.check_updates`), or after a
+        privatised one was replaced in the model by a new tensor (it would never be updated:
+        :func:`rmt_kernels.dp.param_guards.check_not_replaced`). Called by
         :meth:`DPOptimizer.step` before the wrapped optimizer steps.
 
         Raises:
             RuntimeError: naming the parameter.
         """
+        check_not_replaced(
+            self.model, dict(zip(self.param_names, (p for _, _, p in self.params), strict=True))
+        )
         check_updates(self.model, self._param_index, param_groups)
 
     def per_parameter_sq_norms(self, captured) -> list[torch.Tensor]:

@@ -17,6 +17,10 @@ class DPOptimizer(torch.optim.Optimizer):
     the step with the accountant. Gradient accumulation is the ordinary loop: several
     ``forward``/``backward`` passes, then one ``step()``; Opacus's ``BatchMemoryManager`` works
     too (it calls :meth:`signal_skip_step`).
+
+    Raises:
+        ValueError: the optimizer holds a trainable parameter that is not in the model, or does
+            not hold one that the engine privatises (it would never be updated), naming it.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, engine: PrivateEngine) -> None:
@@ -34,6 +38,24 @@ class DPOptimizer(torch.optim.Optimizer):
                         "make_private: the optimizer holds a trainable parameter that is not in "
                         "the model; DP-SGD could not noise it"
                     )
+        # The converse (Opacus #820: DP-LoRA adapters that silently never moved): a parameter
+        # the engine privatises but the optimizer does not hold gets a private gradient that no
+        # step applies, e.g. an optimizer built before get_peft_model froze the base and added
+        # the adapters.
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        missing = [
+            name
+            for name, (_, _, p) in zip(engine.param_names, engine.params, strict=True)
+            if id(p) not in held
+        ]
+        if missing:
+            raise ValueError(
+                f"make_private: the optimizer does not hold {len(missing)} trainable "
+                f"parameter(s) of the model, e.g. {missing[:3]}: their private gradients would "
+                "be computed but no step would ever update them. Build the optimizer over the "
+                "model's trainable parameters after freezing and after adding adapters "
+                "(get_peft_model), e.g. [p for p in model.parameters() if p.requires_grad]"
+            )
 
     # torch.optim.Optimizer plumbing, delegated.
     @property

@@ -10,7 +10,7 @@ the parameter: the first at backward (:func:`refuse_direct_use`), the second at 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Container, Iterable
+from collections.abc import Callable, Container, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -35,6 +35,37 @@ def refuse_direct_use(name: str) -> Callable[[torch.Tensor], None]:
         )
 
     return hook
+
+
+def check_not_replaced(model: nn.Module, tracked: Mapping[str, nn.Parameter]) -> None:
+    """Refuse a step after a tracked parameter was replaced in the model by a new tensor.
+
+    The engine, its hooks' bookkeeping and the optimizer all hold the parameter objects that
+    were in the model at make_private. A module whose parameters are replaced since (lazy or
+    meta-device materialisation, ``load_state_dict(assign=True)``, a ``.to()`` under
+    ``torch.__future__.set_overwrite_module_params_on_conversion(True)``, a re-created adapter)
+    trains the new tensors while the step updates the old ones: the pattern of Opacus #820,
+    where DP-LoRA adapters silently never moved.
+
+    Args:
+        model: the private model.
+        tracked: each privatised parameter by its qualified name in ``model``.
+
+    Raises:
+        RuntimeError: naming the first parameter replaced or gone.
+    """
+    current = dict(model.named_parameters())
+    for name, p in tracked.items():
+        if current.get(name) is not p:
+            raise RuntimeError(
+                f"DP engine: parameter '{name}' is no longer the tensor make_private tracked: it "
+                "was replaced after make_private (lazy or meta-device materialisation, "
+                "load_state_dict(assign=True), a .to() that makes new parameters, a re-created "
+                "adapter) or moved under another name (get_peft_model moves each adapted "
+                "layer's weight to base_layer), so the optimizer would update a tensor the model "
+                "no longer uses. Finish building (adapters included), loading and moving the "
+                "model before make_private"
+            )
 
 
 def check_updates(model: nn.Module, tracked: Container[int], param_groups: Iterable[dict]) -> None:

@@ -146,6 +146,8 @@ class DenoisingPrivacyEngine(PrivacyEngine):
             TypeError / ValueError: an unknown or invalid ``denoise`` option, or a bad chain.
             NotImplementedError: post-processing with an optimizer flavour that has no twin
                 (FSDP, adaptive clipping).
+            ValueError: the optimizer does not hold every trainable parameter of the module
+                (one left out would never be updated: Opacus #820), naming one.
         """
         previous = self._denoise, self._post_processors
         if denoise is not _UNSET:
@@ -157,6 +159,7 @@ class DenoisingPrivacyEngine(PrivacyEngine):
                 build_chain(self._denoise, self._post_processors)  # checked before any wrap
             if self._post_processing() or self._philox_noise(kwargs):
                 _check_flavour_early(kwargs, self._post_processing())
+            _check_optimizer_holds_trainable(kwargs.get("module"), kwargs.get("optimizer"))
             returned = super().make_private(**kwargs)
         finally:
             self._denoise, self._post_processors = previous
@@ -442,6 +445,31 @@ class KeyedDPDataLoader(DPDataLoader):
             generator=distributed.worker_seed_generator(None),
             prefetch_factor=like.prefetch_factor,
             persistent_workers=like.persistent_workers,
+        )
+
+
+def _check_optimizer_holds_trainable(module: Any, optimizer: Any) -> None:
+    """Refuse an optimizer that does not hold every trainable parameter of ``module``.
+
+    Opacus clips, noises and steps only the optimizer's parameters. One that requires grad but
+    is not among them is never updated, silently (Opacus #820: DP-LoRA adapters that never moved,
+    e.g. an optimizer built before ``get_peft_model`` froze the base and added the adapters),
+    and its ``.grad`` is the raw, unclipped gradient of the batch.
+
+    Raises:
+        ValueError: naming the first parameters left out.
+    """
+    if not isinstance(module, nn.Module) or not hasattr(optimizer, "param_groups"):
+        return  # Opacus's own checks name a bad module or optimizer
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    missing = [n for n, p in module.named_parameters() if p.requires_grad and id(p) not in held]
+    if missing:
+        raise ValueError(
+            f"DenoisingPrivacyEngine: the optimizer does not hold {len(missing)} trainable "
+            f"parameter(s) of the module, e.g. {missing[:3]}: they would never update. Build "
+            "the optimizer over the module's trainable parameters after freezing and after "
+            "adding adapters (get_peft_model), e.g. [p for p in model.parameters() if "
+            "p.requires_grad]"
         )
 
 
