@@ -328,6 +328,20 @@ def test_private_llama_with_frozen_norms_and_lora_targets(tmp_path):
 
 
 @needs_e2e
+def test_the_shared_flags_opacus_checkpoint_resume(tmp_path):
+    # The core's flags reach rmt-lm unchanged: Opacus's engine (LoRA adapters), a checkpointed
+    # private run resumed to a longer one (the privacy spent grows).
+    lora = ["--model", "gpt2-tiny", "--lora", "--noise-multiplier", 1]
+    opacus = train(tmp_path, "opacus", *lora, "--engine", "opacus")
+    assert opacus["config"]["engine"] == "opacus" and opacus["epsilon"] > 0
+    ckpt = ["--checkpoint-dir", tmp_path / "ckpt", "--checkpoint-every", 1]
+    first = train(tmp_path, "first", *lora, *ckpt)
+    resumed = train(tmp_path, "resumed", *lora, *ckpt, "--resume", "--steps", 3)
+    assert [e["step"] for e in resumed["evals"]] == [2, 3]
+    assert resumed["epsilon"] > first["epsilon"] == pytest.approx(opacus["epsilon"])
+
+
+@needs_e2e
 def test_compare_plots_the_runs(nodp, tmp_path):
     png = tmp_path / "curves.png"
     log = nodp[0].parent / "nodp.json"
