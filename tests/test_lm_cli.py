@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -381,6 +383,21 @@ def test_user_errors_exit_2_with_a_clear_message(extra, message, tmp_path, capsy
     err = capsys.readouterr().err
     assert re.search(message, err), err
     assert not out.exists()  # refused before training
+
+
+@needs_e2e
+def test_python_dash_m_entry_point_says_one_line():
+    # An unreachable hub model: exit 2 with one line from the CLI, no traceback.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run(
+        [sys.executable, "-m", "rmt_kernels.lm", "train", "--model", "no-such-org/no-such-model",
+         "--no-dp", "--tokenizer", "no-such-org/no-such-model"],
+        capture_output=True, text=True, env=env, check=False,
+    )  # fmt: skip
+    assert out.returncode == 2, out.stderr[-2000:]
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("rmt-lm train: error: could not load a tokenizer from no-such-org")
 
 
 def test_evaluate_refuses_a_named_config(capsys):

@@ -124,10 +124,15 @@ def load_tokenizer(path: str | Path):
         else:
             tokenizer = AutoTokenizer.from_pretrained(str(path))
     except OSError as err:
-        raise ValueError(f"could not load a tokenizer from {path}: {err}") from None
+        raise ValueError(f"could not load a tokenizer from {path}: {_first_line(err)}") from None
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def _first_line(err: Exception) -> str:
+    """An exception's message as one line (the CLI's errors are one line each)."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 def tokenizer_source(cfg: LmConfig) -> Path | str:
@@ -195,7 +200,9 @@ def build_model(cfg: LmConfig, tokenizer) -> torch.nn.Module:
                 )
             model = AutoModelForCausalLM.from_pretrained(cfg.model)
     except (OSError, KeyError) as err:
-        raise ValueError(f"--model {cfg.model}: could not load a causal LM ({err})") from None
+        raise ValueError(
+            f"--model {cfg.model}: could not load a causal LM ({_first_line(err)})"
+        ) from None
     if len(tokenizer) > model.config.vocab_size:
         raise ValueError(
             f"the tokenizer has {len(tokenizer)} tokens, --model {cfg.model} a vocabulary of "
