@@ -258,13 +258,15 @@ def add_lora(model: torch.nn.Module, cfg: LmConfig) -> torch.nn.Module:
 
 def trainable_without_rule(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
     """The (name, module) of each module with trainable parameters that the native engine has
-    no layer rule for (``make_private`` refuses them)."""
-    from rmt_kernels.rules.registry import registered_layer_rules
+    no layer rule for (``make_private`` refuses them), looked up as the engine does."""
+    from rmt_kernels.rules.registry import get_layer_rule
 
-    rules = registered_layer_rules()
-    return [
-        (name, module)
-        for name, module in model.named_modules()
-        if type(module) not in rules
-        and any(p.requires_grad for p in module.parameters(recurse=False))
-    ]
+    missing = []
+    for name, module in model.named_modules():
+        if not any(p.requires_grad for p in module.parameters(recurse=False)):
+            continue
+        try:
+            get_layer_rule(module)
+        except TypeError:
+            missing.append((name, module))
+    return missing
