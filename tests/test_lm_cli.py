@@ -408,7 +408,8 @@ def test_compare_plots_the_runs(nodp, tmp_path):
         (["--eval-size", 100000, "--no-dp"], "--eval-size 100000: the split has 547"),
         (["--model", "/nonexistent/model", "--no-dp"], "/nonexistent/model"),
         (["--random-init", "--no-dp"], "--random-init is for a model path"),
-        (["--lora", "--lora-alpha", 0], "--lora-alpha must be > 0"),
+        (["--lora", "--lora-alpha", 0], "--lora-alpha must be a finite number > 0"),
+        (["--lora", "--lora-alpha", "inf"], "--lora-alpha must be a finite number > 0, got inf"),
         (["--epsilon", 8, "--no-dp"], "--epsilon and --denoise need DP"),
     ],
 )  # fmt: skip

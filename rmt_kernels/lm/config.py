@@ -4,6 +4,7 @@ per-sequence reduction and generation), with their checks."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,8 +54,8 @@ class LmConfig(TrainConfig):
             )
         if self.lora_r < 1:
             raise ValueError(f"--lora-r must be >= 1, got {self.lora_r}")
-        if not self.lora_alpha > 0:
-            raise ValueError(f"--lora-alpha must be > 0, got {self.lora_alpha}")
+        if not (self.lora_alpha > 0 and math.isfinite(self.lora_alpha)):
+            raise ValueError(f"--lora-alpha must be a finite number > 0, got {self.lora_alpha}")
         if self.lora_targets not in LORA_TARGETS:
             raise ValueError(
                 f"--lora-targets must be one of {', '.join(LORA_TARGETS)}, got "
