@@ -467,6 +467,28 @@ def test_python_dash_m_entry_point_says_one_line():
     assert lines[0].startswith("rmt-lm train: error: could not load a tokenizer from no-such-org")
 
 
+@needs_e2e
+def test_a_layer_without_a_rule_is_refused_before_training(tmp_path, capsys):
+    # A model path (--random-init from its config, GPT-2's tokenizer): OPT's learned position
+    # embedding subclasses nn.Embedding, so it has no rule (rules match exact types). DP is
+    # refused before training, naming the layer and --lora; LoRA's attention targets of an
+    # unknown model type name --lora-targets all-linear.
+    from transformers import OPTConfig
+
+    config = OPTConfig(vocab_size=50272, hidden_size=32, ffn_dim=64, num_hidden_layers=1,
+                       num_attention_heads=4, word_embed_proj_dim=32)  # fmt: skip
+    config.save_pretrained(tmp_path / "opt")
+    argv = ["train", *TINY_RUN, "--model", tmp_path / "opt", "--random-init", "--tokenizer", GPT2,
+            "--noise-multiplier", 1, "--output", tmp_path / "never.json"]  # fmt: skip
+    assert run(*argv) == 2
+    err = capsys.readouterr().err
+    assert "none for model.decoder.embed_positions (OPTLearnedPositionalEmbedding)" in err
+    assert "--lora (adapters on a frozen base)" in err
+    assert run(*argv, "--lora") == 2
+    assert "give --lora-targets all-linear" in capsys.readouterr().err
+    assert not (tmp_path / "never.json").exists()
+
+
 def test_evaluate_refuses_a_named_config(capsys):
     assert run("evaluate", "--model", "gpt2-tiny") == 2
     assert "is a named config (random weights)" in capsys.readouterr().err
