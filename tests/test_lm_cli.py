@@ -1,7 +1,8 @@
 """rmt-lm: E2E's metrics on hand-computed cases, the data (multi-reference grouping, the prompt
 and its masked labels), the tokenizers of ../shared, the per-example loss, batched generation,
-end-to-end tiny runs (train / evaluate / generate; non-private, private with LoRA, private
-Llama-style with frozen norms), and the errors a user can act on (exit code 2 before training).
+end-to-end tiny runs (train / evaluate / generate; non-private, private full fine-tuning of
+GPT-2 and Llama, private with LoRA or frozen norms, Opacus, checkpoint and resume), and the
+errors a user can act on (exit code 2 before training).
 
 Everything that reads E2E or a tokenizer uses ../shared beside the repository and skips when it
 is absent (a user's clone has none, CI has). The runs are tiny: 2-layer, hidden-64 decoders, 24
@@ -343,57 +344,16 @@ def test_the_shared_flags_opacus_checkpoint_resume(tmp_path):
     assert resumed["epsilon"] > first["epsilon"] == pytest.approx(opacus["epsilon"])
 
 
-def _layers_without_rule(name: str) -> list[str]:
-    """The classes of ``name``'s trainable layers the native engine has no rule for."""
-    from rmt_kernels.lm.model import trainable_without_rule
-
-    model = _tiny(name, load_tokenizer_for(name))
-    return sorted({type(m).__name__ for _, m in trainable_without_rule(model)})
-
-
 @needs_e2e
 @needs_llama
 @pytest.mark.parametrize("name", ["gpt2-tiny", "llama-tiny"])
 def test_private_full_fine_tuning(name, tmp_path):
-    # Every parameter trained and privatised: once the engine has rules for GPT-2's Conv1D
-    # and tied embeddings and for RMSNorm (issue 27 item 1); refused before training until then
-    # (test_user_errors_exit_2_with_a_clear_message).
-    missing = _layers_without_rule(name)
-    if missing:
-        pytest.skip(f"no DP layer rule yet for {', '.join(missing)} (issue 27 item 1)")
-    if name.startswith("gpt2") and not _tied_weights_supported():
-        pytest.skip("no rule yet for GPT-2's tied input/output embedding (issue 27 item 1)")
+    # Every parameter trained and privatised, GPT-2's Conv1D and tied embeddings and Llama's
+    # RMSNorm included (their layer rules: issue 27 item 1).
     log = train(tmp_path, name, "--model", name, "--noise-multiplier", 1)
     _check_log(log, private=True)
     total = sum(p.numel() for p in _tiny(name, load_tokenizer_for(name)).parameters())
     assert log["derived"]["trainable_parameters"] == total
-
-
-def _tied_weights_supported() -> bool:
-    """Whether the native engine privatises an embedding tied to its output head (or refuses
-    it, as before issue 27 item 1's tied-embedding rule)."""
-    from rmt_kernels.dp import make_private
-
-    class Tied(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.embed, self.head = torch.nn.Embedding(8, 4), torch.nn.Linear(4, 8, bias=False)
-            self.head.weight = self.embed.weight
-
-        def forward(self, ids):
-            return self.head(self.embed(ids))
-
-    model = Tied()
-    loader = torch.utils.data.DataLoader(torch.arange(4).view(4, 1), batch_size=2)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    try:
-        make_private(model, optimizer, loader, target_delta=1e-5, max_grad_norm=1.0,
-                     noise_multiplier=1.0)  # fmt: skip
-    except ValueError as err:
-        if "tied weights" in str(err):
-            return False
-        raise
-    return True
 
 
 def load_tokenizer_for(name: str):
@@ -419,10 +379,6 @@ def test_compare_plots_the_runs(nodp, tmp_path):
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--model", "gpt2-tiny", "--noise-multiplier", 1],
-         r"none for transformer.h.0.attn.c_attn \(Conv1D\).*--lora"),
-        (["--model", "llama-tiny", "--noise-multiplier", 1],
-         r"\(LlamaRMSNorm\).*--freeze-norms"),
         (["--lora-r", 4], "--lora-r only apply with --lora"),
         (["--kappa", 1], "--kappa only apply with --denoise"),
         (["--data-dir", "/nonexistent/e2e"], "--data-dir /nonexistent/e2e: the E2E data folder"),
@@ -438,13 +394,6 @@ def test_compare_plots_the_runs(nodp, tmp_path):
 def test_user_errors_exit_2_with_a_clear_message(extra, message, tmp_path, capsys):
     import re
 
-    if "--freeze-norms" in message or "Conv1D" in message:
-        name = extra[1]
-        if not _layers_without_rule(name):
-            if name.startswith("gpt2") and not _tied_weights_supported():
-                message = r"lm_head.weight' is the same tensor as 'transformer.wte.weight'"
-            else:
-                pytest.skip(f"the engine has rules for {name}'s layers: full fine-tuning tested")
     out = tmp_path / "never.json"
     assert run("train", *TINY_RUN, *extra, "--output", out) == 2
     err = capsys.readouterr().err
