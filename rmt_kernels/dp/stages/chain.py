@@ -52,7 +52,9 @@ def build_chain(
     """The checked chain of stages (module docstring), plain callables wrapped.
 
     Raises:
-        TypeError: ``post_processors`` is not a sequence of post-processors or callables.
+        TypeError: ``post_processors`` is not a sequence of post-processors or callables, or
+            holds a callable that defines a hook of the protocol without subclassing
+            :class:`PostProcessor` (its state would be silently dropped).
         ValueError: a stage appears twice, or a terminal stage is not last.
         DenoiseOptionError, TypeError, ValueError: bad ``denoise`` options.
     """
@@ -71,6 +73,14 @@ def build_chain(
                 f"post_processors[{i}] must be a PostProcessor or a callable (grads, sigma, step) "
                 f"-> grads, got {type(stage).__name__}"
             )
+        hooks = _protocol_hooks(stage)
+        if hooks:
+            raise TypeError(
+                f"post_processors[{i}] ({type(stage).__name__}) defines {', '.join(hooks)} but "
+                "is not a rmt_kernels.dp.PostProcessor: as a plain callable its hooks would be "
+                "ignored (its state never checkpointed, a resume silently resetting it); "
+                "subclass PostProcessor"
+            )
         if any(_unwrapped(stage) is _unwrapped(other) for other in chain):
             raise ValueError(
                 f"post_processors[{i}] ({stage!r}) appears twice in the chain: each place needs "
@@ -85,6 +95,15 @@ def build_chain(
                 f"stage, but {after!r} follows it"
             )
     return chain
+
+
+def _protocol_hooks(stage: Any) -> list[str]:
+    """The hooks of :class:`PostProcessor` a callable that is not one defines (sorted): the
+    chain would wrap it as a plain function and never call them."""
+    if isinstance(stage, PostProcessor):
+        return []
+    declared = (name for name in vars(PostProcessor) if not name.startswith("_"))
+    return sorted(name for name in declared if hasattr(stage, name))
 
 
 def _unwrapped(stage: PostProcessor) -> Any:
