@@ -152,3 +152,22 @@ def test_a_stage_returning_another_dtype_is_cast_by_the_engine_and_refused_by_th
     nn.functional.cross_entropy(model(x), y).backward()
     with pytest.raises(RuntimeError, match="attempting to assign a gradient with dtype"):
         optimizer.step()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_stage_returning_a_non_finite_gradient_is_refused_before_any_is_written(bad):
+    # The released gradient is finite (invariant 6: a non-finite example contributes nothing);
+    # a stage that makes it NaN would have trained every parameter into NaN without a word.
+    def poison(grads, sigma, step):
+        out = dict(grads)
+        key = next(iter(out))
+        out[key] = out[key].clone()
+        out[key].view(-1)[0] = bad
+        return out
+
+    model, optimizer, loader = _private([poison])
+    x, y = next(iter(loader))
+    nn.functional.cross_entropy(model(x), y).backward()
+    with pytest.raises(RuntimeError, match=r"non-finite gradient for \['weight'\]"):
+        optimizer.step()
+    assert all(p.grad is None for p in model.parameters())

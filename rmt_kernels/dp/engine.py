@@ -417,7 +417,7 @@ class PrivateEngine:
             RuntimeError: a post-processor dropped a parameter's gradient, or a gradient's shape
                 is not its parameter's (a layer rule or post-processor that transposed or
                 reshaped it: the same entries in another order would train on a scrambled
-                gradient).
+                gradient), or a post-processor returned a non-finite gradient.
         """
         missing = [k for k in self.param_names if k not in grads]
         if missing:
@@ -432,6 +432,18 @@ class PrivateEngine:
                     f"{list(grads[key].shape)}, but the parameter has shape {list(p.shape)}: the "
                     f"rule of '{layer.name}' ({type(layer.rule).__name__}) or a post-processor "
                     "returned it transposed or reshaped (a sum must have its parameter's shape)"
+                )
+        if self.post_processors:
+            # The released gradient is finite (privacy invariant 6, PRIVACY.md): a non-finite
+            # entry now is a stage's doing, which would silently train the model into NaN.
+            # One check (one device sync) per step, and only with a chain.
+            finite = torch.stack([torch.isfinite(grads[k]).all() for k in self.param_names])
+            if not bool(finite.all()):
+                bad = [k for k, ok in zip(self.param_names, finite.tolist(), strict=True) if not ok]
+                raise RuntimeError(
+                    f"DP engine: the post-processors returned a non-finite gradient for {bad[:3]} "
+                    "(the released gradient was finite): a post-processor must return finite "
+                    "gradients"
                 )
         for key, (_, _, p) in zip(self.param_names, self.params, strict=True):
             p.grad = grads[key].to(p.dtype)
