@@ -156,8 +156,8 @@ def test_a_stage_returning_another_dtype_is_cast_by_the_engine_and_refused_by_th
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_a_stage_returning_a_non_finite_gradient_is_refused_before_any_is_written(bad):
-    # The released gradient is finite (invariant 6: a non-finite example contributes nothing);
-    # a stage that makes it NaN would have trained every parameter into NaN without a word.
+    # The released gradient is finite (privacy invariant 6, PRIVACY.md: a non-finite example
+    # contributes nothing); a stage that makes it NaN trained every parameter into NaN silently.
     def poison(grads, sigma, step):
         out = dict(grads)
         key = next(iter(out))
