@@ -263,9 +263,14 @@ class _DenoisingMixin:
         # grad_sample after this. A stage that reaches the parameters (the model in its closure)
         # would find them, so they are held aside while the chain runs (privacy invariant 4,
         # PRIVACY.md; tests/test_postprocess_adversarial.py) and put back after.
-        held = [(p, p.grad_sample, p.summed_grad) for p in params]
-        for p in params:
-            p.grad_sample = p.summed_grad = None
+        held = [
+            (p, name, getattr(p, name))
+            for p in params
+            for name in ("grad_sample", "summed_grad")
+            if getattr(p, name, None) is not None
+        ]
+        for p, name, _ in held:
+            setattr(p, name, None)
         try:
             # The step counter advances only on steps that denoise something (its meaning since
             # the first release: the sketch seed of the t-th denoised step is seed + t),
@@ -275,8 +280,8 @@ class _DenoisingMixin:
                 self.denoise_steps += 1
             out = post_process(self.post_processors, grads, sigma, step)
         finally:
-            for p, grad_sample, summed_grad in held:
-                p.grad_sample, p.summed_grad = grad_sample, summed_grad
+            for p, name, value in held:
+                setattr(p, name, value)
         for i, g in out.items():
             if g is not grads[i]:
                 params[i].grad = g
