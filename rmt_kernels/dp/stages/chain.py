@@ -38,6 +38,7 @@ __all__ = [
     "build_chain",
     "first_denoiser",
     "post_process",
+    "refuse_non_finite_output",
     "set_record_stats",
     "spectral_stages",
     "stage_input_sigmas",
@@ -179,3 +180,32 @@ def set_record_stats(chain: Sequence[PostProcessor], value: bool) -> None:
     the take, so they are recorded only when asked)."""
     for stage in spectral_stages(chain):
         stage.record_stats = value
+
+
+def refuse_non_finite_output(
+    processors: Sequence[PostProcessor], grads: Mapping[Key, torch.Tensor], keys: Sequence[Key]
+) -> None:
+    """Refuse a chain's output with a NaN or infinite entry (nothing to check without a chain).
+
+    The native engine's released gradient is finite (privacy invariant 6, PRIVACY.md: a
+    non-finite example contributes nothing), so a non-finite entry after the chain is a stage's
+    doing, which would silently train the model into NaN. One stacked check: one device sync
+    per step, only with a chain.
+
+    Args:
+        processors: the chain that made ``grads``.
+        grads: its output, by key.
+        keys: the keys to check (every privatised parameter's).
+
+    Raises:
+        RuntimeError: naming the first keys with a non-finite entry.
+    """
+    if not processors:
+        return
+    finite = torch.stack([torch.isfinite(grads[k]).all() for k in keys])
+    if not bool(finite.all()):
+        bad = [k for k, ok in zip(keys, finite.tolist(), strict=True) if not ok]
+        raise RuntimeError(
+            f"DP engine: the post-processors returned a non-finite gradient for {bad[:3]} (the "
+            "released gradient was finite): a post-processor must return finite gradients"
+        )
