@@ -94,7 +94,13 @@ from rmt_kernels.dp.checkpoint_file import (
     seal,
 )
 from rmt_kernels.dp.data_fingerprint import data_fingerprint_of
-from rmt_kernels.dp.ledger import PrivacyLedger, ledger_path, lock_ledger, open_ledger
+from rmt_kernels.dp.ledger import (
+    PrivacyLedger,
+    check_charged,
+    ledger_path,
+    lock_ledger,
+    open_ledger,
+)
 from rmt_kernels.dp.optimizer import DPOptimizer
 
 # The fields of a checkpoint of this format version (module docstring): all are required.
@@ -335,19 +341,21 @@ def _ledger_mark(ledger: PrivacyLedger) -> dict:
     return {"ledger_lines": lines, "ledger_head": ledger.digest(lines)}
 
 
-def _counted_lines(path: Path, saved: dict) -> list[tuple[int, str]]:
-    """The ledger's (step, seed id) pairs, verified against the checkpoint's mark (rank 0).
+def _counted_lines(path: Path, saved: dict) -> list[dict]:
+    """The ledger's records (:meth:`PrivacyLedger.records`), verified against the checkpoint's
+    mark (rank 0).
 
     Raises:
         CheckpointError: the ledger is shorter than the checkpoint counted, its line at the mark
-            is not the one the checkpoint counted, or :meth:`PrivacyLedger.records` refuses it.
+            is not the one the checkpoint counted, :meth:`PrivacyLedger.records` refuses it, or
+            the checkpoint's accountant did not charge its counted lines (:func:`check_charged`).
     """
     ledger = PrivacyLedger(ledger_path(path))
-    entries = ledger.entries()
+    records = ledger.records()
     lines = saved["ledger_lines"]
-    if len(entries) < lines:
+    if len(records) < lines:
         raise CheckpointError(
-            f"privacy ledger {ledger.path} has {len(entries)} records, the checkpoint "
+            f"privacy ledger {ledger.path} has {len(records)} records, the checkpoint "
             f"{path} counted {lines}: it was truncated or replaced, and the "
             "privacy spent cannot be established"
         )
@@ -356,7 +364,8 @@ def _counted_lines(path: Path, saved: dict) -> list[tuple[int, str]]:
             f"line {lines} is not the line the checkpoint {path} counted last (another "
             "SHA-256): the counted lines were edited or replaced"
         )
-    return entries
+    check_charged(path, saved["accountant"], records[:lines])
+    return records
 
 
 def _gather(state, engine) -> list:
@@ -505,16 +514,16 @@ def load_checkpoint(
     state = _read_checkpoint(path)
     _check_fingerprint(path, state["fingerprint"], _fingerprint(engine))
     saved = state["engine"]
-    entries = None
+    records = None
     if engine.rank == 0:
         lock_ledger(path)  # before reading: no other process may append from now on
         try:
-            entries = _counted_lines(path, saved)
+            records = _counted_lines(path, saved)
         except CheckpointError as err:
-            entries = err  # every rank raises it (the others wait for rank 0's ledger)
-    entries = distributed.broadcast_object(entries, engine.process_group)
-    if isinstance(entries, CheckpointError):
-        raise entries
+            records = err  # every rank raises it (the others wait for rank 0's ledger)
+    records = distributed.broadcast_object(records, engine.process_group)
+    if isinstance(records, CheckpointError):
+        raise records
     mine = state["ranks"][engine.rank]
     saved_sampler = mine["sampler"] if data_loader is not None else None
     # Every rank decides on its own data; one blocker on any rank re-keys them all (the ranks
@@ -539,13 +548,18 @@ def load_checkpoint(
     if saved["seed"] is not None and blockers:
         # Other data (or an unknown position) under the same noise would publish the
         # noise-free difference of the two steps: re-key, so no noise is ever reused.
-        engine.rekey_noise(len(entries))
-    counted = set(entries[: saved["ledger_lines"]])
+        engine.rekey_noise(len(records))
+    counted = {(r["step"], r["seed_id"]) for r in records[: saved["ledger_lines"]]}
     lost = 0
-    for pair in entries[saved["ledger_lines"] :]:
+    for record in records[saved["ledger_lines"] :]:
+        pair = (record["step"], record["seed_id"])
         if pair not in counted:
+            # At the mechanism the step ran with (its line says; a lost line: this run's),
+            # not this run's: a fingerprint edited to a larger noise multiplier would
+            # under-charge it (tests/test_checkpoint_tampering.py).
             engine.accountant.step(
-                noise_multiplier=engine.noise_multiplier, sample_rate=engine.sample_rate
+                noise_multiplier=record.get("sigma", engine.noise_multiplier),
+                sample_rate=record.get("q", engine.sample_rate),
             )
             counted.add(pair)
             lost += 1

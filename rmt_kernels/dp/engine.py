@@ -55,6 +55,7 @@ from rmt_kernels.dp.stages.chain import (
     build_chain,
     first_denoiser,
     post_process,
+    refuse_non_finite_output,
     set_record_stats,
     spectral_stages,
     stage_input_sigmas,
@@ -414,10 +415,9 @@ class PrivateEngine:
         """Stage 5: ``p.grad`` of every privatised parameter, in its dtype.
 
         Raises:
-            RuntimeError: a post-processor dropped a parameter's gradient, or a gradient's shape
-                is not its parameter's (a layer rule or post-processor that transposed or
-                reshaped it: the same entries in another order would train on a scrambled
-                gradient).
+            RuntimeError: a post-processor dropped a gradient or made one non-finite, or a
+                gradient's shape is not its parameter's (a rule or post-processor transposed or
+                reshaped it: the same entries in another order, a scrambled gradient).
         """
         missing = [k for k in self.param_names if k not in grads]
         if missing:
@@ -433,6 +433,7 @@ class PrivateEngine:
                     f"rule of '{layer.name}' ({type(layer.rule).__name__}) or a post-processor "
                     "returned it transposed or reshaped (a sum must have its parameter's shape)"
                 )
+        refuse_non_finite_output(self.post_processors, grads, self.param_names)
         for key, (_, _, p) in zip(self.param_names, self.params, strict=True):
             p.grad = grads[key].to(p.dtype)
 

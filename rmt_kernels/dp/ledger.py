@@ -36,7 +36,10 @@ import json
 import os
 import re
 import warnings
+from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from rmt_kernels.atomic_file import write_atomically
 from rmt_kernels.dp.checkpoint_file import CheckpointError
@@ -45,6 +48,7 @@ __all__ = [
     "GENESIS",
     "LedgerWarning",
     "PrivacyLedger",
+    "check_charged",
     "ledger_path",
     "lock_ledger",
     "marker_path",
@@ -369,3 +373,37 @@ def open_ledger(path: str | os.PathLike, mechanism: tuple[float, float]) -> Priv
     """
     lock_ledger(path)
     return PrivacyLedger(ledger_path(path), mechanism)
+
+
+def check_charged(path: Path, accountant: Mapping[str, Any], counted: list[dict]) -> None:
+    """Refuse the checkpoint at ``path`` whose accountant (its state: ``history`` of
+    ``(noise multiplier, sampling rate, steps)``) has not charged every record of ``counted``
+    (the :meth:`PrivacyLedger.records` up to its mark) at that record's mechanism, a ``lost``
+    record (no mechanism recorded) at any. Why: the resume adds only the lines after the mark,
+    so an accountant edited in the file (emptied, its noise raised, its rate lowered) would
+    under-report epsilon (tests/test_checkpoint_tampering.py). An honest checkpoint charged
+    each line exactly once: every step is recorded, then accounted, and a resume charges each
+    line it does not count.
+
+    Raises:
+        CheckpointError: naming the mechanism charged too few times.
+    """
+    charged: Counter = Counter()
+    for sigma, rate, steps in accountant.get("history") or ():
+        charged[(float(sigma), float(rate))] += int(steps)
+    needed = Counter((r["sigma"], r["q"]) for r in counted if not r.get("lost"))
+    for (sigma, rate), count in needed.items():
+        if charged[(sigma, rate)] < count:
+            raise CheckpointError(
+                f"checkpoint {path}: its accountant charged {charged[(sigma, rate)]} step(s) at "
+                f"noise multiplier {sigma} and sampling rate {rate}, the privacy ledger counted "
+                f"{count}: the accountant's history was edited, and the privacy spent would be "
+                "under-reported"
+            )
+    lost = len(counted) - sum(needed.values())
+    if sum(charged.values()) - sum(needed.values()) < lost:
+        raise CheckpointError(
+            f"checkpoint {path}: its accountant charged {sum(charged.values())} step(s), the "
+            f"privacy ledger counted {len(counted)}: the accountant's history was edited, and "
+            "the privacy spent would be under-reported"
+        )

@@ -258,12 +258,30 @@ class _DenoisingMixin:
         params = self.params  # type: ignore[attr-defined]
         grads = {i: p.grad for i, p in enumerate(params) if p.grad is not None}
         step = self.denoise_steps
-        # The step counter advances only on steps that denoise something (its meaning since
-        # the first release: the sketch seed of the t-th denoised step is seed + t), whichever
-        # stage of the chain does (a Denoiser, a TrajectoryDenoiser).
-        if sigma > 0 and any(s.selected(grads) for s in spectral_stages(self.post_processors)):
-            self.denoise_steps += 1
-        out = post_process(self.post_processors, grads, sigma, step)
+        # Opacus leaves the clean clipped sum (summed_grad) and the per-example gradients
+        # (grad_sample) on the parameters until zero_grad; its accountant hook still reads
+        # grad_sample after this. A stage that reaches the parameters (the model in its closure)
+        # would find them, so they are held aside while the chain runs (privacy invariant 4,
+        # PRIVACY.md; tests/test_postprocess_adversarial.py) and put back after.
+        held = [
+            (p, name, getattr(p, name))
+            for p in params
+            for name in ("grad_sample", "summed_grad")
+            if getattr(p, name, None) is not None
+        ]
+        for p, name, _ in held:
+            setattr(p, name, None)
+        try:
+            # The step counter advances only on steps that denoise something (its meaning since
+            # the first release: the sketch seed of the t-th denoised step is seed + t),
+            # whichever stage of the chain does (a Denoiser, a TrajectoryDenoiser).
+            spectral = spectral_stages(self.post_processors)
+            if sigma > 0 and any(s.selected(grads) for s in spectral):
+                self.denoise_steps += 1
+            out = post_process(self.post_processors, grads, sigma, step)
+        finally:
+            for p, name, value in held:
+                setattr(p, name, value)
         for i, g in out.items():
             if g is not grads[i]:
                 params[i].grad = g

@@ -38,6 +38,7 @@ __all__ = [
     "build_chain",
     "first_denoiser",
     "post_process",
+    "refuse_non_finite_output",
     "set_record_stats",
     "spectral_stages",
     "stage_input_sigmas",
@@ -52,7 +53,9 @@ def build_chain(
     """The checked chain of stages (module docstring), plain callables wrapped.
 
     Raises:
-        TypeError: ``post_processors`` is not a sequence of post-processors or callables.
+        TypeError: ``post_processors`` is not a sequence of post-processors or callables, or
+            holds a callable that defines a hook of the protocol without subclassing
+            :class:`PostProcessor` (its state would be silently dropped).
         ValueError: a stage appears twice, or a terminal stage is not last.
         DenoiseOptionError, TypeError, ValueError: bad ``denoise`` options.
     """
@@ -71,6 +74,14 @@ def build_chain(
                 f"post_processors[{i}] must be a PostProcessor or a callable (grads, sigma, step) "
                 f"-> grads, got {type(stage).__name__}"
             )
+        hooks = _protocol_hooks(stage)
+        if hooks:
+            raise TypeError(
+                f"post_processors[{i}] ({type(stage).__name__}) defines {', '.join(hooks)} but "
+                "is not a rmt_kernels.dp.PostProcessor: as a plain callable its hooks would be "
+                "ignored (its state never checkpointed, a resume silently resetting it); "
+                "subclass PostProcessor"
+            )
         if any(_unwrapped(stage) is _unwrapped(other) for other in chain):
             raise ValueError(
                 f"post_processors[{i}] ({stage!r}) appears twice in the chain: each place needs "
@@ -85,6 +96,15 @@ def build_chain(
                 f"stage, but {after!r} follows it"
             )
     return chain
+
+
+def _protocol_hooks(stage: Any) -> list[str]:
+    """The hooks of :class:`PostProcessor` a callable that is not one defines (sorted): the
+    chain would wrap it as a plain function and never call them."""
+    if isinstance(stage, PostProcessor):
+        return []
+    declared = (name for name in vars(PostProcessor) if not name.startswith("_"))
+    return sorted(name for name in declared if hasattr(stage, name))
 
 
 def _unwrapped(stage: PostProcessor) -> Any:
@@ -160,3 +180,32 @@ def set_record_stats(chain: Sequence[PostProcessor], value: bool) -> None:
     the take, so they are recorded only when asked)."""
     for stage in spectral_stages(chain):
         stage.record_stats = value
+
+
+def refuse_non_finite_output(
+    processors: Sequence[PostProcessor], grads: Mapping[Key, torch.Tensor], keys: Sequence[Key]
+) -> None:
+    """Refuse a chain's output with a NaN or infinite entry (nothing to check without a chain).
+
+    The native engine's released gradient is finite (privacy invariant 6, PRIVACY.md: a
+    non-finite example contributes nothing), so a non-finite entry after the chain is a stage's
+    doing, which would silently train the model into NaN. One stacked check: one device sync
+    per step, only with a chain.
+
+    Args:
+        processors: the chain that made ``grads``.
+        grads: its output, by key.
+        keys: the keys to check (every privatised parameter's).
+
+    Raises:
+        RuntimeError: naming the first keys with a non-finite entry.
+    """
+    if not processors:
+        return
+    finite = torch.stack([torch.isfinite(grads[k]).all() for k in keys])
+    if not bool(finite.all()):
+        bad = [k for k, ok in zip(keys, finite.tolist(), strict=True) if not ok]
+        raise RuntimeError(
+            f"DP engine: the post-processors returned a non-finite gradient for {bad[:3]} (the "
+            "released gradient was finite): a post-processor must return finite gradients"
+        )
