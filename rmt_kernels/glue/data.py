@@ -199,21 +199,3 @@ def encode(dataset, tokenizer, max_length: int, progress: bool = True) -> Encode
         labels=torch.tensor(labels, dtype=dtype),
         pad_token_id=pad,
     )
-
-
-def subset(dataset, size: int | None, seed: int, flag: str = "--train-size"):
-    """``size`` examples of ``dataset`` drawn by ``seed`` (in their original order), or all.
-
-    Raises:
-        ValueError: ``size`` below 1 or above the split's size (naming ``flag``).
-    """
-    if size is None:
-        return dataset
-    if size < 1:
-        raise ValueError(f"{flag} must be >= 1, got {size}")
-    if size > len(dataset):
-        raise ValueError(f"{flag} {size} is above the {len(dataset)} examples of the split")
-    if size == len(dataset):
-        return dataset
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
-    return dataset.select(sorted(order[:size].tolist()))

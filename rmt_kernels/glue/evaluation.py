@@ -6,11 +6,12 @@ from __future__ import annotations
 import torch
 
 from rmt_kernels.glue.config import GlueConfig
-from rmt_kernels.glue.data import Encoded, encode, load_split, subset
+from rmt_kernels.glue.data import Encoded, encode, load_split
 from rmt_kernels.glue.model import build_model, forward, loss_fn
 from rmt_kernels.glue.tasks import Task, get_task
 from rmt_kernels.training.config import parse_device
 from rmt_kernels.training.fingerprint import versions
+from rmt_kernels.training.subset import subset
 
 
 @torch.no_grad()

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from rmt_kernels.glue.config import GlueConfig
-from rmt_kernels.glue.data import Encoded, encode, load_split, subset
+from rmt_kernels.glue.data import Encoded, encode, load_split
 from rmt_kernels.glue.evaluation import evaluate
 from rmt_kernels.glue.model import build_model, forward, loss_fn, shared_positions
 from rmt_kernels.glue.tasks import get_task
@@ -18,6 +18,7 @@ from rmt_kernels.training import loop
 from rmt_kernels.training.fingerprint import model_config_digest
 from rmt_kernels.training.outputs import save_model
 from rmt_kernels.training.privacy import unwrap
+from rmt_kernels.training.subset import subset
 
 
 class GlueFineTuning:

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from rmt_kernels.training.subset import seeded_indices
+
 #: The split files of the E2E release (the test file with its references).
 E2E_FILES = {"train": "trainset.csv", "dev": "devset.csv", "test": "testset_w_refs.csv"}
 #: Between the meaning representation and the reference, in the prompt a model continues.
@@ -109,8 +111,7 @@ def select_groups(
         return groups
     if not 1 <= size <= len(groups):
         raise ValueError(f"--eval-size {size}: the split has {len(groups)} meaning representations")
-    order = torch.randperm(len(groups), generator=torch.Generator().manual_seed(seed))
-    return [groups[i] for i in sorted(order[:size].tolist())]
+    return [groups[i] for i in seeded_indices(len(groups), size, seed)]
 
 
 @dataclass

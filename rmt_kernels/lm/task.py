@@ -10,7 +10,6 @@ from typing import Any
 
 import torch
 
-from rmt_kernels.glue.data import subset
 from rmt_kernels.lm.config import LmConfig
 from rmt_kernels.lm.data import (
     Encoded,
@@ -36,6 +35,7 @@ from rmt_kernels.training import loop
 from rmt_kernels.training.fingerprint import model_config_digest
 from rmt_kernels.training.outputs import save_model
 from rmt_kernels.training.privacy import unwrap
+from rmt_kernels.training.subset import subset
 
 
 class LmFineTuning:
