@@ -32,6 +32,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from rmt_kernels.dp.drawn_batches import DrawnBatches
+
 # Bytes per all-reduce bucket: DDP's default bucket_cap_mb (large enough to amortise the
 # collective's latency, small enough to bound the flat copy's extra memory).
 BUCKET_BYTES = 25 << 20
@@ -199,6 +201,9 @@ class PoissonSampler(torch.utils.data.Sampler):
         self.shuffle_seed = shuffle_seed
         self.epoch = 0
         self.position = 0  # batches of the current epoch handed out so far
+        #: The batches handed out and not yet stepped on: the engine checks that each logical
+        #: step clips exactly that many rows (rmt_kernels/dp/drawn_batches.py).
+        self.drawn = DrawnBatches()
 
     def __len__(self) -> int:
         return self.steps
@@ -233,12 +238,15 @@ class PoissonSampler(torch.utils.data.Sampler):
         if self.position >= self.steps:
             self.epoch, self.position = self.epoch + 1, 0
         shard = self._shard()
+        self.drawn.new_pass()
         while self.position < self.steps:
             mask = self._mask(len(shard))
             # Counted before the yield: after the consumer receives batch b, the state is
             # "b + 1 batches drawn", which is what a checkpoint taken after its step must record.
             self.position += 1
-            yield shard[mask].tolist()
+            batch = shard[mask].tolist()
+            self.drawn.drawn(len(batch))
+            yield batch
         self.epoch, self.position = self.epoch + 1, 0
 
     def state_dict(self) -> dict:

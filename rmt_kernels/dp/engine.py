@@ -48,6 +48,7 @@ from torch import nn
 from rmt_kernels.dp import distributed
 from rmt_kernels.dp.calibration import spent_epsilon
 from rmt_kernels.dp.capture import LayerCapture, ModelHook, TrackedLayer, trainable_layers
+from rmt_kernels.dp.drawn_batches import DrawnBatches, check_rows
 from rmt_kernels.dp.layout_verification import LayoutVerifier
 from rmt_kernels.dp.noise_key import NoiseKey
 from rmt_kernels.dp.param_guards import check_not_replaced, check_updates, refuse_direct_use
@@ -180,8 +181,13 @@ class PrivateEngine:
         # lost, or trained on unclipped) the moment backward computes it.
         for full, (_, _, p) in zip(self.param_names, self.params, strict=True):
             self._hooks.append(p.register_hook(refuse_direct_use(full)))
-        # The logical step's clipped sums so far, by parameter name.
+        # The logical step's clipped sums so far, by parameter name, and the rows clipped into
+        # them (compared with the examples the private loader drew: drawn_batches.py).
         self._sums: dict[str, torch.Tensor] = {}
+        self._step_rows = 0
+        #: The private Poisson loader's record of the batches it drew (set by make_private), or
+        #: None: then the rows of a step are not compared with the loader's examples.
+        self.drawn_batches: DrawnBatches | None = None
         self._record_denoise_stats = False
 
     def __repr__(self) -> str:  # never show the seed
@@ -299,8 +305,10 @@ class PrivateEngine:
         """Fold the held physical batch into the clipped sums, adding noise if asked; the keys
         of the parameters folded in (those of the layers that ran)."""
         captured = self.capture.take()
+        rows = captured[0][2].shape[0] if captured else 0
+        self._step_rows += rows
         # The output gradients of per-example losses: a mean-reduced loss scaled them by 1/B.
-        factor = captured[0][2].shape[0] if self.loss_reduction == "mean" else 1
+        factor = rows if self.loss_reduction == "mean" else 1
         captured = [(layer, x, dy * factor if factor != 1 else dy) for layer, x, dy in captured]
         captured = self.units.merge(captured)
         # Dividing by the expected batch size is folded into the clip factors and the noise std
@@ -361,6 +369,9 @@ class PrivateEngine:
         """
         self.record_step()
         grads = self.add_noise()
+        # Before anything is released: the rows clipped are the examples the loader drew.
+        rows, self._step_rows = self._step_rows, 0
+        check_rows(rows, self.drawn_batches)
         grads = self.all_reduce(grads)
         grads = self.post_process(grads)
         self.write_gradients(grads)
@@ -570,6 +581,7 @@ class PrivateEngine:
         if self.capture.backward_seen():
             self.capture.clear()
         self._sums = {}
+        self._step_rows = 0
 
     def get_epsilon(self, delta: float) -> float:
         """Privacy spent so far, at ``delta``, from the accountant (infinite after a step

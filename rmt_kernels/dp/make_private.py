@@ -81,6 +81,11 @@ def make_private(
       :func:`rmt_kernels.lm_loss`), and the model's
       data-dependent branches that the verified batch did not take mix no examples either
       (``verify_layout=False`` skips the check: then the whole layout is assumed);
+    - each logical step clips exactly the examples the returned Poisson loader drew for it,
+      one row each: a step whose rows differ from that batch's size (a batch flattened to
+      ``(B * T, d)`` before the model call), or a step with no new batch once the loader is in
+      use, is refused before release (rmt_kernels/dp/drawn_batches.py; a loop that never
+      iterates the returned loader is not compared);
     - each trainable parameter is used only inside its own module's forward, once per forward
       (a direct use such as ``F.linear(h, emb.weight)``, a loss term on the weights, or a
       module called twice is an error at backward; tied weights are refused here, except a
@@ -282,4 +287,7 @@ def make_private(
         process_group=process_group,
         verify_layout=verify_layout,
     )
+    if poisson_sampling:
+        # Each logical step must clip exactly the examples this loader drew for it.
+        engine.drawn_batches = data_loader.batch_sampler.drawn
     return model, DPOptimizer(optimizer, engine), data_loader
