@@ -56,6 +56,32 @@ class SavesButCannotLoad(PostProcessor):
         return {"calls": self.calls}
 
 
+class MomentumWithoutStateDict(PostProcessor):
+    """Keeps a momentum tensor per key but leaves state_dict at the (empty) default."""
+
+    def __init__(self) -> None:
+        self.m: dict = {}
+
+    def __call__(self, grads, sigma, step):
+        self.m = {
+            k: g.clone() if k not in self.m else 0.9 * self.m[k] + g for k, g in grads.items()
+        }
+        return dict(self.m)
+
+
+class ConstantProjection(PostProcessor):
+    """Holds a constant tensor and says so: an explicit empty state_dict."""
+
+    def __init__(self) -> None:
+        self.scale = torch.tensor(0.5)
+
+    def __call__(self, grads, sigma, step):
+        return {k: g * self.scale for k, g in grads.items()}
+
+    def state_dict(self):
+        return {}
+
+
 def _private(stages, model=None):
     model = nn.Linear(4, 2) if model is None else model
     data = TensorDataset(torch.randn(8, 4), torch.randint(0, 2, (8,)))
@@ -97,6 +123,23 @@ def test_a_stateful_stage_that_is_not_a_post_processor_is_refused_not_reset():
         _dropin([DuckMomentum()])
     # A plain function (no hook) is still a stage with every default.
     _, optimizer, _ = _private([lambda grads, sigma, step: grads])
+    assert optimizer.engine.state_dict()["post_processors"] == [{}]
+
+
+def test_a_stage_keeping_tensors_with_the_default_state_dict_is_refused_at_checkpoint():
+    # Before: engine.state_dict() held {} for it; a resume silently restarted its momentum.
+    match = r"post_processors\[0\] \(MomentumWithoutStateDict\) keeps tensors in \['m'\]"
+    for build in (_private, _dropin):
+        stage = MomentumWithoutStateDict()
+        model, optimizer, loader = build([stage])
+        x, y = next(iter(loader))
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        assert stage.m  # it did keep state
+        with pytest.raises(TypeError, match=match):
+            optimizer.engine.state_dict() if build is _private else optimizer.state_dict()
+    # A stage that declares its (constant) tensors stateless checkpoints fine.
+    _, optimizer, _ = _private([ConstantProjection()])
     assert optimizer.engine.state_dict()["post_processors"] == [{}]
 
 

@@ -51,7 +51,7 @@ from rmt_kernels.dp.stages.chain import (
 )
 from rmt_kernels.dp.stages.denoiser import Denoiser
 from rmt_kernels.dp.stages.options import DenoiseOptions, check_denoise_options
-from rmt_kernels.dp.stages.protocol import PostProcessor
+from rmt_kernels.dp.stages.protocol import PostProcessor, checkpoint_state
 from rmt_kernels.ops import OFFSET_STRIDE, add_gaussian_noise, noise_offset
 
 __all__ = [
@@ -164,7 +164,9 @@ class _DenoisingMixin:
                 **state,
                 _STATE_KEY: {
                     "steps": self.denoise_steps,
-                    "post_processors": [p.state_dict() for p in self.post_processors],
+                    "post_processors": [
+                        checkpoint_state(p, i) for i, p in enumerate(self.post_processors)
+                    ],
                 },
             }
         return state

@@ -21,7 +21,9 @@ read nothing else: no clean gradient, no per-example norms, no noise seed (priva
 PRIVACY.md: nothing enforces this for a post-processor you write). Whatever it keeps across
 steps goes in ``state_dict()`` (plain Python values and tensors: a checkpoint loads it with
 ``torch.load(weights_only=True)``) and comes back through ``load_state_dict()``, so that a resumed
-run is bit-identical to an uninterrupted one.
+run is bit-identical to an uninterrupted one; a stage that keeps tensors in its attributes and
+leaves ``state_dict`` at its default is refused when a checkpoint is taken
+(:func:`checkpoint_state`), not silently reset at the resume.
 
 Every other hook is declared on :class:`PostProcessor` with a default that suits a stage which
 does not use it, so the chain (rmt_kernels/dp/stages/chain.py) and both engines call the hooks
@@ -39,7 +41,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["CallableStage", "Key", "PostProcessor", "as_stage"]
+__all__ = ["CallableStage", "Key", "PostProcessor", "as_stage", "checkpoint_state"]
 
 Key = Hashable
 
@@ -158,6 +160,47 @@ class CallableStage(PostProcessor):
     ) -> dict[Key, torch.Tensor]:
         """The function's output for these gradients."""
         return self.function(grads, sigma, step)
+
+
+def _holds_tensor(value: Any, depth: int = 0) -> bool:
+    """Whether ``value`` is a tensor or a (nested, a few levels) container holding one."""
+    if isinstance(value, torch.Tensor):
+        return True
+    if depth >= 3:
+        return False
+    if isinstance(value, Mapping):
+        return any(_holds_tensor(v, depth + 1) for v in value.values())
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return any(_holds_tensor(v, depth + 1) for v in value)
+    return False
+
+
+def checkpoint_state(stage: PostProcessor, position: int) -> dict[str, Any]:
+    """``stage.state_dict()`` for a checkpoint, refusing a stage that would be reset silently.
+
+    A subclass that keeps tensors in its attributes (a momentum, a running spectrum) but leaves
+    :meth:`PostProcessor.state_dict` at its default (empty) would lose them at every resume,
+    and the resumed run would silently differ from an uninterrupted one. Such a stage must say
+    what survives: override ``state_dict`` / ``load_state_dict`` (returning ``{}`` explicitly
+    if its tensors are constants).
+
+    Args:
+        stage: the stage.
+        position: its index in the chain (for the message).
+
+    Raises:
+        TypeError: the stage has the default ``state_dict`` and tensors among its attributes.
+    """
+    if type(stage).state_dict is PostProcessor.state_dict:
+        held = sorted(name for name, v in vars(stage).items() if _holds_tensor(v))
+        if held:
+            raise TypeError(
+                f"post_processors[{position}] ({type(stage).__name__}) keeps tensors in "
+                f"{held} but does not override state_dict: a checkpoint would lose them and a "
+                "resumed run would differ from an uninterrupted one; override state_dict and "
+                "load_state_dict (return {} explicitly if they are constants)"
+            )
+    return stage.state_dict()
 
 
 def as_stage(stage: PostProcessor | Callable[..., dict[Key, torch.Tensor]]) -> PostProcessor:
