@@ -1,8 +1,8 @@
 """rmt-lm: E2E's metrics on hand-computed cases, the data (multi-reference grouping, the prompt
 and its masked labels), the tokenizers of ../shared, the per-example loss, batched generation,
 end-to-end tiny runs (train / evaluate / generate; non-private, private full fine-tuning of
-GPT-2 and Llama, private with LoRA or frozen norms, Opacus, checkpoint and resume), and the
-errors a user can act on (exit code 2 before training).
+GPT-2 and Llama, private with LoRA or frozen norms, Opacus, checkpoint and resume, torchrun),
+and the errors a user can act on (exit code 2 before training).
 
 Everything that reads E2E or a tokenizer uses ../shared beside the repository and skips when it
 is absent (a user's clone has none, CI has). The runs are tiny: 2-layer, hidden-64 decoders, 24
@@ -342,6 +342,36 @@ def test_the_shared_flags_opacus_checkpoint_resume(tmp_path):
     resumed = train(tmp_path, "resumed", *lora, *ckpt, "--resume", "--steps", 3)
     assert [e["step"] for e in resumed["evals"]] == [2, 3]
     assert resumed["epsilon"] > first["epsilon"] == pytest.approx(opacus["epsilon"])
+
+
+@needs_e2e
+def test_torchrun_two_processes_checkpoint_and_resume(tmp_path):
+    # The distributed flags of the shared core reach rmt-lm: 2 CPU processes (gloo) train
+    # gpt2-tiny privately (Conv1D, tied embeddings, LayerNorm), checkpoint, and resume on 2
+    # processes to a longer run; the privacy spent is the one-process run's (the global rate).
+    from tests.test_dp_distributed import free_port, run_group
+
+    out = tmp_path / "dist.json"
+    common = [*TINY_RUN, "--model", "gpt2-tiny", "--noise-multiplier", 1, "--output", out,
+              "--checkpoint-dir", tmp_path / "ckpt", "--checkpoint-every", 1]  # fmt: skip
+
+    def torchrun(*extra):
+        proc = run_group(
+            [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+             "--master-port", str(free_port()), "-m", "rmt_kernels.lm", "train",
+             *map(str, [*common, *extra])]
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+        return proc.stdout.decode(), json.loads(out.read_text())
+
+    torchrun()
+    stdout, log = torchrun("--resume", "--steps", 3)
+    assert [e["step"] for e in log["evals"]] == [2, 3]
+    single = train(tmp_path, "single", "--model", "gpt2-tiny", "--noise-multiplier", 1,
+                   "--steps", 3)  # fmt: skip
+    assert log["epsilon"] == pytest.approx(single["epsilon"], rel=1e-12)
+    # One final line: only rank 0 reports.
+    assert stdout.count("after 3 steps") == 1
 
 
 @needs_e2e
