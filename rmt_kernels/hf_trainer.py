@@ -44,6 +44,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from transformers import Trainer
 
 from rmt_kernels.dp.calibration import check_delta, run_epsilon, run_noise_multiplier
+from rmt_kernels.dp.distributed import poisson_batches_per_epoch
 from rmt_kernels.hf_trainer_args import (
     PrivacyArguments,
     check_training_arguments,
@@ -269,9 +270,9 @@ class PrivateTrainer(Trainer):
             generator=generator,
         )
         sample_rate = 1 / len(plain)
-        # PoissonSampler's batches per epoch (int(1 / q): 92 for a loader of 93, in floating
-        # point); checked against the loader make_private returns below.
-        steps_per_epoch = int(1 / sample_rate)
+        # PoissonSampler's batches per epoch (92 for a loader of 93); checked against the loader
+        # make_private returns below.
+        steps_per_epoch = poisson_batches_per_epoch(sample_rate)
         planned_steps = (
             args.max_steps
             if args.max_steps > 0

@@ -139,6 +139,14 @@ def key_from_generator(generator: torch.Generator) -> int:
     return sum(int(w) << (32 * i) for i, w in enumerate(words))
 
 
+def poisson_batches_per_epoch(sample_rate: float) -> int:
+    """Batches in one epoch of Poisson sampling at ``sample_rate``: ``int(1 / sample_rate)``, as
+    Opacus's sampler counts them (92 for a loader of 93, since 1 / (1 / 93) < 93 in floating
+    point). Every count of a Poisson epoch (the sampler's, the drop-in's calibration, the
+    Trainer's plan) comes from here, so they cannot disagree."""
+    return int(1 / sample_rate)
+
+
 class PoissonSampler(torch.utils.data.Sampler):
     """Poisson sampling of logical batches, one shard of the dataset per rank, resumable.
 
@@ -156,7 +164,7 @@ class PoissonSampler(torch.utils.data.Sampler):
     Args:
         num_samples: dataset size (all ranks together).
         sample_rate: probability that an example is in a logical batch (the global rate).
-        steps: batches per epoch (default ``int(1 / sample_rate)``, as Opacus).
+        steps: batches per epoch (default :func:`poisson_batches_per_epoch`, as Opacus).
         rank, world_size: this rank's shard is ``indices[rank::world_size]`` of a permutation
             (the identity for one process) fixed by ``shuffle_seed + epoch``, the same on every
             rank.
@@ -193,7 +201,7 @@ class PoissonSampler(torch.utils.data.Sampler):
             key = key_from_generator(generator)
         self.num_samples = num_samples
         self.sample_rate = float(sample_rate)
-        self.steps = int(steps) if steps is not None else int(1 / sample_rate)
+        self.steps = int(steps) if steps is not None else poisson_batches_per_epoch(sample_rate)
         self.rank, self.world_size = rank, world_size
         # Whether the key came from the OS: then nothing that determines it is ever written.
         self.secret = key is None

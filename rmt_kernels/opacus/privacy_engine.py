@@ -217,7 +217,9 @@ class DenoisingPrivacyEngine(PrivacyEngine):
         # spent against 8). A Poisson epoch is Opacus's loader's int(1 / sample_rate) batches
         # (92 for 93: Opacus's count there); without Poisson sampling, the loader's own.
         poisson = kwargs.get("poisson_sampling", True)
-        per_epoch = int(1 / sample_rate) if poisson else len(data_loader)
+        per_epoch = (
+            distributed.poisson_batches_per_epoch(sample_rate) if poisson else len(data_loader)
+        )
         noise_multiplier = calibrate_noise_multiplier(
             target_epsilon,
             target_delta,
