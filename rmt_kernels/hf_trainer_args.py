@@ -167,6 +167,14 @@ def check_training_arguments(args: Any) -> None:
             "DistributedDataParallel, whose gradient reduction the DP engine replaces; for "
             "several processes use rmt_kernels.dp.make_private under torchrun"
         )
+    if getattr(args, "neftune_noise_alpha", None):
+        raise ValueError(
+            f"TrainingArguments.neftune_noise_alpha={args.neftune_noise_alpha!r} is not "
+            "supported by PrivateTrainer: NEFTune scales every example's embedding noise by "
+            "alpha / sqrt(L d), L the batch's padded length, so one long example changes every "
+            "other example's gradient and clipping per example no longer bounds its influence by "
+            "max_grad_norm (red team 27 measured 1.58 C). Leave it at None"
+        )
     refused = {
         "deepspeed": args.deepspeed,
         "fsdp": args.fsdp,

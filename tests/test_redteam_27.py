@@ -1,0 +1,126 @@
+"""Red team of issue 27's decoder paths: the holes found, each pinned (PRIVACY.md lists them under
+the invariant each guards).
+
+- Qwen3's ``q_norm``/``k_norm`` (a registered RMSNorm) see (B, T, heads, head_dim): every Qwen3
+  model was refused at its first step by the op's dimension check. Now a private step equals the
+  float64 per-example reference (invariants 1 and 7).
+- ``PrivateTrainer`` with a packing collator (``DataCollatorWithFlattening``): the whole Poisson
+  draw in one row, clipped as ONE example (1.14 C measured for one example's influence, 2 C
+  possible; the layout verification never ran). Refused (invariant 7).
+- ``PrivateTrainer`` with ``neftune_noise_alpha``: NEFTune's embedding noise is scaled by the
+  batch's padded length, so one long example moves every other example's gradient (1.58 C
+  measured). Refused (invariant 7).
+- A class-level patch of a Hugging Face layer's ``forward`` made with ``functools.wraps`` passed
+  the module check (the rule then described a function the model no longer computes: a Conv1D
+  doubled by the patch trained on half its gradient). Refused (invariant 1).
+- Gradient checkpointing was refused as "shared weights"; it is now named.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from rmt_kernels.dp import make_private
+
+transformers = pytest.importorskip("transformers")
+
+from tests.test_hf_trainer import (  # noqa: E402
+    Sentences,
+    tiny_llama,
+    trainer,
+    training_args,
+)
+
+pytestmark = pytest.mark.filterwarnings("ignore:make_private. seed=:UserWarning")
+
+C = 0.5
+VOCAB, PAD = 50, 0
+
+
+def _private(model: nn.Module, batch: int, **kw):
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+    loader = DataLoader(TensorDataset(torch.zeros(batch)), batch_size=batch)
+    return make_private(
+        model,
+        opt,
+        loader,
+        target_delta=1e-5,
+        max_grad_norm=C,
+        noise_multiplier=0.0,
+        poisson_sampling=False,
+        loss_reduction="sum",
+        seed=1,
+        **kw,
+    )
+
+
+def _reference(model: nn.Module, loss_of, n: int) -> dict[str, torch.Tensor]:
+    """sum_b min(1, C / ||g_b||) g_b, g_b the float64 gradient of example b's loss alone."""
+    model64 = copy.deepcopy(model).double()
+    params = {k: p for k, p in model64.named_parameters() if p.requires_grad}
+    total = {k: torch.zeros_like(p) for k, p in params.items()}
+    for b in range(n):
+        grads = torch.autograd.grad(loss_of(model64, slice(b, b + 1)).sum(), list(params.values()))
+        norm = float(torch.sqrt(sum(g.square().sum() for g in grads)))
+        for k, g in zip(params, grads, strict=True):
+            total[k] += min(1.0, C / norm) * g
+    return total
+
+
+def _engine(model: nn.Module, loss_of, n: int) -> dict[str, torch.Tensor]:
+    model, opt, _ = _private(copy.deepcopy(model), n)
+    loss_of(model, slice(0, n)).sum().backward()
+    opt.step()
+    # p.grad is the clipped sum divided by the expected batch size (n here).
+    return {k: p.grad.double() * n for k, p in model.named_parameters() if p.requires_grad}
+
+
+def _assert_matches(ours: dict, reference: dict) -> None:
+    assert ours.keys() == reference.keys()
+    for k in ours:
+        torch.testing.assert_close(ours[k], reference[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+class _Unpadded(Sentences):
+    def __getitem__(self, i: int) -> dict:
+        ids = self.ids[i][: int(self.lengths[i])].tolist()
+        return {"input_ids": ids, "labels": ids}
+
+
+def _train(t) -> None:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore")
+        t.train()
+
+
+def test_a_packing_collator_is_refused(tmp_path):
+    # Before the fix: two private steps ran, each draw (8-12 examples) one row clipped as ONE
+    # example.
+    t = trainer(
+        tmp_path,
+        model=tiny_llama(),
+        dataset=_Unpadded(),
+        args=training_args(tmp_path, max_steps=1, remove_unused_columns=False),
+        data_collator=transformers.DataCollatorWithFlattening(),
+    )
+    with pytest.raises(ValueError, match=r"made 1 row\(s\) of a draw of \d+ examples"):
+        _train(t)
+    assert t.private.steps == 0
+
+
+def test_neftune_is_refused(tmp_path):
+    # Before the fix: trained, every example's embedding noise scaled by the batch's padded
+    # length.
+    with pytest.raises(ValueError, match="neftune_noise_alpha"):
+        trainer(
+            tmp_path,
+            model=tiny_llama(),
+            dataset=Sentences(),
+            args=training_args(tmp_path, neftune_noise_alpha=5.0),
+        )
