@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+import rmt_kernels
 from rmt_kernels.dp import make_private
 
 transformers = pytest.importorskip("transformers")
@@ -85,6 +86,74 @@ def _assert_matches(ours: dict, reference: dict) -> None:
     assert ours.keys() == reference.keys()
     for k in ours:
         torch.testing.assert_close(ours[k], reference[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def tiny_qwen3() -> nn.Module:
+    torch.manual_seed(0)
+    config = transformers.Qwen3Config(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=16,
+        tie_word_embeddings=True,
+        pad_token_id=PAD,
+    )
+    model = transformers.Qwen3ForCausalLM(config)
+    with torch.no_grad():  # norm weights off 1 and larger weights: clipping binds, norms matter
+        for name, p in model.named_parameters():
+            p.add_(torch.randn_like(p) * 0.5) if "norm" in name else p.mul_(3.0)
+    return model
+
+
+def test_qwen3_head_norms_train_privately_as_the_float64_reference():
+    # Before the fix: ValueError "rmsnorm_sq_norms: x must have 2 (B, d) or 3 (B, T, d)
+    # dimensions, got 4" at the first step (q_norm sees (B, T, heads, head_dim)).
+    model = tiny_qwen3()
+    assert any(type(m).__name__ == "Qwen3RMSNorm" for m in model.modules())
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, VOCAB, (4, 7), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, 4:] = 0
+    ids = ids.masked_fill(mask == 0, PAD)
+    labels = ids.masked_fill(mask == 0, -100)
+
+    def loss_of(m, rows):
+        logits = m(input_ids=ids[rows], attention_mask=mask[rows]).logits
+        return rmt_kernels.per_example_lm_loss(logits, labels[rows], reduction="sequence_sum")
+
+    _assert_matches(_engine(model, loss_of, 4), _reference(model, loss_of, 4))
+
+
+class _HeadNorm(nn.Module):
+    """nn.RMSNorm over the last dim of a (B, T, heads, head_dim) tensor, then a Linear (on
+    (B, T * heads, head_dim): the Linear rule takes three dimensions at most)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.RMSNorm(4)
+        self.out = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.norm(x.view(x.shape[0], 3, 2, 4)))
+        return self.out(h.reshape(x.shape[0], 6, 4)).sum(1)
+
+
+def test_rmsnorm_on_a_four_dimensional_input_matches_the_float64_reference():
+    torch.manual_seed(0)
+    model = _HeadNorm()
+    nn.init.normal_(model.norm.weight, std=2.0)
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(5, 24, generator=gen) * 3, torch.randint(0, 3, (5,), generator=gen)
+
+    def loss_of(m, rows):
+        logits = m(x[rows].to(m.out.weight.dtype))
+        return nn.functional.cross_entropy(logits, y[rows], reduction="none")
+
+    _assert_matches(_engine(model, loss_of, 5), _reference(model, loss_of, 5))
 
 
 class _Unpadded(Sentences):

@@ -42,6 +42,7 @@ __all__ = [
     "RMSNormRule",
     "RMSNormTerms",
     "check_rmsnorm_module",
+    "positions",
     "rmsnorm_eps",
 ]
 
@@ -92,6 +93,18 @@ def check_rmsnorm_module(module: nn.Module) -> None:
             f"rmsnorm rule: {type(module).__name__}.weight must be a 1-D tensor (one value per "
             "feature)"
         )
+
+
+def positions(t: torch.Tensor) -> torch.Tensor:
+    """A (B, ..., d) input or output gradient as (B, T, d); (B, d) and (B, T, d) unchanged.
+
+    RMSNorm normalises each vector along the last dimension on its own, so every dimension
+    between the example and the features is a position of the example (``flat_positions``), and
+    example b's weight gradient is the sum over all of them. Qwen3's ``q_norm`` and ``k_norm``
+    see (B, T, heads, head_dim): the ops take at most three dimensions (red team 27: every
+    Qwen3 model was refused at its first step).
+    """
+    return t if t.dim() <= 3 else t.reshape(t.shape[0], -1, t.shape[-1])
 
 
 class RMSNormTerms:
@@ -145,8 +158,8 @@ class RMSNormRule:
         check_rmsnorm_module(module)
         if not has_trainable(module, "weight"):
             return {}
-        out = {"weight": rmsnorm_sq_norms(x, dy, rmsnorm_eps(module))}
-        remember_sq_norms(module, (x, dy), out)
+        out = {"weight": rmsnorm_sq_norms(positions(x), positions(dy), rmsnorm_eps(module))}
+        remember_sq_norms(module, (x, dy), out)  # keyed by the tensors the engine passes
         return out
 
     @staticmethod
@@ -163,6 +176,7 @@ class RMSNormRule:
             scale,
             lambda: RMSNormRule.sq_norms(module, x, dy),
         )
+        x, dy = positions(x), positions(dy)
         return {
             "weight": guard.release(
                 "weight",
