@@ -19,6 +19,7 @@ the invariant each guards).
 from __future__ import annotations
 
 import copy
+import functools
 import warnings
 
 import pytest
@@ -193,3 +194,46 @@ def test_neftune_is_refused(tmp_path):
             dataset=Sentences(),
             args=training_args(tmp_path, neftune_noise_alpha=5.0),
         )
+
+
+class _Probe(nn.Module):
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.layer(x)).sum(1)
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "transformers.pytorch_utils.Conv1D",
+        "transformers.models.llama.modeling_llama.LlamaRMSNorm",
+    ],
+)
+def test_a_forward_patched_with_functools_wraps_is_refused(path, monkeypatch):
+    module_name, _, name = path.rpartition(".")
+    cls = getattr(__import__(module_name, fromlist=[name]), name)
+    original = cls.forward
+
+    @functools.wraps(original)
+    def doubled(self, x):
+        return 2.0 * original(self, x)
+
+    layer = cls(8, 8) if name == "Conv1D" else cls(8)
+    model = _Probe(layer)
+    _private(copy.deepcopy(model), 2)  # the unpatched class is accepted
+    monkeypatch.setattr(cls, "forward", doubled)
+    with pytest.raises(ValueError, match="forward was replaced"):
+        _private(model, 2)
+
+
+def test_gradient_checkpointing_is_refused_by_name():
+    model = tiny_llama()
+    model.activation_checkpointing_enable({"use_reentrant": False})
+    ids = torch.randint(1, 60, (3, 5), generator=torch.Generator().manual_seed(0))
+    model, _, _ = _private(model, 3)
+    with pytest.raises(RuntimeError, match="Gradient checkpointing is not supported"):
+        rmt_kernels.lm_loss(model(input_ids=ids).logits, ids).backward()

@@ -292,6 +292,15 @@ class LayerCapture:
         if recording is not None:
             return self._record(layer, x, output, recording)
         layer.calls += 1
+        if layer.calls > 1 and not self.in_training_forward:
+            # After the model's forward returned: non-reentrant gradient checkpointing re-runs
+            # its segments in backward (red team 27: it was refused as "shared weights").
+            raise RuntimeError(
+                f"DP engine: module '{layer.name}' ran again after the model's forward returned "
+                "(gradient checkpointing, e.g. model.gradient_checkpointing_enable() or "
+                "torch.utils.checkpoint, re-runs layers in backward; or the module was called "
+                "outside the model). Gradient checkpointing is not supported: disable it"
+            )
         if layer.calls > 1:
             raise RuntimeError(
                 f"DP engine: module '{layer.name}' ran twice in one forward pass (shared "

@@ -23,11 +23,18 @@ def check_own_forward(module: nn.Module) -> None:
     """
     cls = type(module)
     own = vars(cls).get("forward")
+    expected = f"{cls.__qualname__}.forward"
+    # functools.wraps copies __qualname__ and __module__ onto a wrapper (a class-level patch
+    # made with it passed the name checks: red team 27, a Conv1D forward doubled by such a patch
+    # trained on half its gradient); the wrapper keeps __wrapped__ and its own code's name.
+    code = getattr(own, "__code__", None)
     replaced = (
         "forward" in vars(module)
         or own is None
-        or getattr(own, "__qualname__", None) != f"{cls.__qualname__}.forward"
+        or getattr(own, "__qualname__", None) != expected
         or getattr(own, "__module__", None) != cls.__module__
+        or hasattr(own, "__wrapped__")
+        or getattr(code, "co_qualname", expected) != expected
     )
     if replaced:
         raise ValueError(
