@@ -14,6 +14,10 @@ the invariant each guards).
   the module check (the rule then described a function the model no longer computes: a Conv1D
   doubled by the patch trained on half its gradient). Refused (invariant 1).
 - Gradient checkpointing was refused as "shared weights"; it is now named.
+- A model called with ``num_items_in_batch`` (Hugging Face's batch count of targets) whose head's
+  ``loss_function`` was replaced by one dividing by it: not a batched input, so the verification
+  could not see the coupling (1.68 C measured). Refused by name at every training forward
+  (invariant 7).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import rmt_kernels
 from rmt_kernels.dp import make_private
+from rmt_kernels.dp.capture import LayoutError
 
 transformers = pytest.importorskip("transformers")
 
@@ -237,3 +242,24 @@ def test_gradient_checkpointing_is_refused_by_name():
     model, _, _ = _private(model, 3)
     with pytest.raises(RuntimeError, match="Gradient checkpointing is not supported"):
         rmt_kernels.lm_loss(model(input_ids=ids).logits, ids).backward()
+
+
+def _token_sum_over_batch_count(logits, labels, vocab_size, num_items_in_batch=None, **kw):
+    """Hugging Face's loss_function signature: the sequences' token sums over the batch's count
+    of targets (what Hugging Face's own causal-LM loss does with num_items_in_batch)."""
+    sums = rmt_kernels.per_example_lm_loss(logits, labels, reduction="sequence_sum")
+    return sums.sum() / num_items_in_batch
+
+
+def test_a_batch_token_count_passed_to_the_model_is_refused():
+    # Before the fix: the verification passed (the count is not a batched input, the replaced
+    # loss_function is not Hugging Face's) and one example moved the clipped sum by 1.68 C.
+    model = tiny_llama()
+    model.loss_function = _token_sum_over_batch_count
+    ids = torch.randint(1, 60, (3, 5), generator=torch.Generator().manual_seed(0))
+    model, _, _ = _private(model, 3)
+    count = torch.tensor(ids[:, 1:].numel())
+    with pytest.raises(LayoutError, match="num_items_in_batch"):
+        model(input_ids=ids, labels=ids, num_items_in_batch=count)
+    with torch.no_grad():  # evaluation: nothing is trained, nothing refused
+        model(input_ids=ids, labels=ids, num_items_in_batch=count)

@@ -140,6 +140,28 @@ def refuse_hugging_face_token_loss(heads: list[str]) -> None:
         )
 
 
+def refuse_batch_token_count(kwargs: dict) -> None:
+    """Refuse a training forward of the model given ``num_items_in_batch``.
+
+    Hugging Face's name for the batch's count of target tokens (the Trainer computes it and
+    passes it to the model's forward and loss function): a loss divided by it is a mean over the
+    batch's tokens, coupling the examples. It is computed outside the model and is not a batched
+    input, so the verification's perturbations never move it: a head whose ``loss_function`` was
+    replaced by one dividing by it passed (red team 27: one example moved the clipped sum by
+    1.68 C). Checked by name at every training forward, as it cannot be seen by behaviour.
+
+    Raises:
+        LayoutError: ``kwargs`` holds ``num_items_in_batch`` other than None.
+    """
+    if kwargs.get("num_items_in_batch") is not None:
+        raise LayoutError(
+            "DP engine: the model was called with num_items_in_batch, Hugging Face's count of "
+            "the batch's target tokens: a loss divided by it is a mean over the batch's tokens, "
+            "so one example's length changes the weight of every other example's gradient. Do "
+            f"not pass it. {LM_LOSS_FIX}"
+        )
+
+
 def coupled_loss_error(rows: str, ignored: bool) -> LayoutError:
     """The refusal of a loss the model returns whose gradient on other examples' rows moved
     when examples ``rows`` changed (``ignored``: had all their targets set to the ignore
