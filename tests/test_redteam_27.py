@@ -3,21 +3,21 @@ the invariant each guards).
 
 - Qwen3's ``q_norm``/``k_norm`` (a registered RMSNorm) see (B, T, heads, head_dim): every Qwen3
   model was refused at its first step by the op's dimension check. Now a private step equals the
-  float64 per-example reference (invariants 1 and 7).
+  float64 per-example reference (invariants 1 and 7, PRIVACY.md).
 - ``PrivateTrainer`` with a packing collator (``DataCollatorWithFlattening``): the whole Poisson
   draw in one row, clipped as ONE example (1.14 C measured for one example's influence, 2 C
-  possible; the layout verification never ran). Refused (invariant 7).
+  possible; the layout verification never ran). Refused (invariant 7, PRIVACY.md).
 - ``PrivateTrainer`` with ``neftune_noise_alpha``: NEFTune's embedding noise is scaled by the
   batch's padded length, so one long example moves every other example's gradient (1.58 C
-  measured). Refused (invariant 7).
+  measured). Refused (invariant 7, PRIVACY.md).
 - A class-level patch of a Hugging Face layer's ``forward`` made with ``functools.wraps`` passed
   the module check (the rule then described a function the model no longer computes: a Conv1D
-  doubled by the patch trained on half its gradient). Refused (invariant 1).
+  doubled by the patch trained on half its gradient). Refused (invariant 1, PRIVACY.md).
 - Gradient checkpointing was refused as "shared weights"; it is now named.
 - A model called with ``num_items_in_batch`` (Hugging Face's batch count of targets) whose head's
   ``loss_function`` was replaced by one dividing by it: not a batched input, so the verification
   could not see the coupling (1.68 C measured). Refused by name at every training forward
-  (invariant 7).
+  (invariant 7, PRIVACY.md).
 """
 
 from __future__ import annotations
