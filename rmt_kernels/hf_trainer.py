@@ -30,7 +30,10 @@ How the Trainer's loop is kept private:
   other heads are refused at construction;
 - the report: every ``log`` (training and evaluation) carries ``epsilon`` (the accountant's, for
   the steps taken) and ``delta``, so they reach ``state.log_history`` and every callback's
-  ``on_log``.
+  ``on_log``. A private run (secret seed, noise) releases nothing else of the training draws:
+  its logs hold no training loss (``loss``, ``train_loss``; ``TrainOutput.training_loss`` is 0),
+  statistics of the private batches that no accountant counts, as ``rmt-glue`` and ``rmt-lm``
+  never log them (red team 27: the Trainer logged every draw's clean mean loss).
 """
 
 from __future__ import annotations
@@ -52,7 +55,10 @@ from rmt_kernels.hf_trainer_args import (
 )
 from rmt_kernels.lm_loss import lm_loss
 
-__all__ = ["PrivacyArguments", "PrivateRun", "PrivateTrainer"]
+__all__ = ["PRIVATE_BATCH_STATISTICS", "PrivacyArguments", "PrivateRun", "PrivateTrainer"]
+
+#: What the Trainer logs of the training draws themselves: never logged by a private run.
+PRIVATE_BATCH_STATISTICS = ("loss", "train_loss")
 
 
 class PrivateRun:
@@ -430,6 +436,8 @@ class PrivateTrainer(Trainer):
             # example's output gradient back by the piece's size before clipping.
             loss.backward()
             total = total + loss.detach() * batch_size_of(piece)
+        if self._private_run():  # the clean loss of a private draw is never released
+            return torch.zeros_like(total)
         return total / examples
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -506,8 +514,17 @@ class PrivateTrainer(Trainer):
 
     # --- the report ------------------------------------------------------------------------
 
+    def _private_run(self) -> bool:
+        """Whether the run is private: a secret seed (not ``PrivacyArguments.seed``) and noise."""
+        run = self.private
+        return run is not None and self.privacy.seed is None and run.noise_multiplier > 0
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """The Trainer's ``log`` with ``epsilon`` and ``delta`` added once training started."""
+        """The Trainer's ``log`` with ``epsilon`` and ``delta`` added once training started, and
+        without the training loss in a private run (module docstring)."""
+        if self._private_run():
+            for key in PRIVATE_BATCH_STATISTICS:
+                logs.pop(key, None)
         if self.private is not None:
             logs["epsilon"] = self.private.epsilon()
             logs["delta"] = self.private.delta

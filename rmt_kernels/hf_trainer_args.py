@@ -175,6 +175,13 @@ def check_training_arguments(args: Any) -> None:
             "other example's gradient and clipping per example no longer bounds its influence by "
             "max_grad_norm (red team 27 measured 1.58 C). Leave it at None"
         )
+    tokens_seen = getattr(args, "include_num_input_tokens_seen", "no")
+    if tokens_seen not in ("no", False):
+        raise ValueError(
+            f"TrainingArguments.include_num_input_tokens_seen={tokens_seen!r} is not supported by "
+            "PrivateTrainer: the Trainer would log and checkpoint the token count of the private "
+            "draws, unnoised (one example's presence changes it by its length). Leave it at 'no'"
+        )
     refused = {
         "deepspeed": args.deepspeed,
         "fsdp": args.fsdp,

@@ -14,6 +14,10 @@ the invariant each guards).
   the module check (the rule then described a function the model no longer computes: a Conv1D
   doubled by the patch trained on half its gradient). Refused (invariant 1, PRIVACY.md).
 - Gradient checkpointing was refused as "shared weights"; it is now named.
+- A private ``PrivateTrainer`` run logged every draw's clean training loss (and, with
+  ``include_num_input_tokens_seen``, the draws' exact token counts): statistics of the private
+  batches outside the accountant. Not logged / refused (invariant 9, PRIVACY.md: a private
+  run's log holds only released or public quantities).
 - A model called with ``num_items_in_batch`` (Hugging Face's batch count of targets) whose head's
   ``loss_function`` was replaced by one dividing by it: not a batched input, so the verification
   could not see the coupling (1.68 C measured). Refused by name at every training forward
@@ -39,6 +43,7 @@ transformers = pytest.importorskip("transformers")
 
 from tests.test_hf_trainer import (  # noqa: E402
     Sentences,
+    privacy,
     tiny_llama,
     trainer,
     training_args,
@@ -263,3 +268,41 @@ def test_a_batch_token_count_passed_to_the_model_is_refused():
         model(input_ids=ids, labels=ids, num_items_in_batch=count)
     with torch.no_grad():  # evaluation: nothing is trained, nothing refused
         model(input_ids=ids, labels=ids, num_items_in_batch=count)
+
+
+def test_a_private_trainer_run_logs_no_statistic_of_its_draws(tmp_path):
+    # Before the fix: every log of a private run (secret seed, noise) held the draw's clean mean
+    # training loss ('loss', 'train_loss', TrainOutput.training_loss): a statistic of the private
+    # batches that no accountant counts.
+    private = privacy(seed=None)
+    t = trainer(
+        tmp_path,
+        model=tiny_llama(),
+        dataset=Sentences(),
+        args=training_args(tmp_path, max_steps=2),
+        privacy=private,
+    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore")
+        out = t.train()
+    assert t.private.steps == 2 and out.training_loss == 0.0
+    logged = t.state.log_history
+    assert len(logged) == 3 and all("epsilon" in entry for entry in logged)
+    assert not any(key in entry for entry in logged for key in ("loss", "train_loss"))
+    # A run with a public seed is not private: its loss is logged as before.
+    seeded = trainer(
+        tmp_path, model=tiny_llama(), dataset=Sentences(), args=training_args(tmp_path, max_steps=1)
+    )
+    _train(seeded)
+    assert "loss" in seeded.state.log_history[0]
+
+
+def test_the_token_count_of_the_draws_is_refused(tmp_path):
+    # Before the fix: logged and checkpointed unnoised (20, 57, 90 tokens after steps 1-3).
+    with pytest.raises(ValueError, match="include_num_input_tokens_seen"):
+        trainer(
+            tmp_path,
+            model=tiny_llama(),
+            dataset=Sentences(),
+            args=training_args(tmp_path, include_num_input_tokens_seen="non_padding"),
+        )
