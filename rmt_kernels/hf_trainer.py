@@ -31,9 +31,10 @@ How the Trainer's loop is kept private:
 - the report: every ``log`` (training and evaluation) carries ``epsilon`` (the accountant's, for
   the steps taken) and ``delta``, so they reach ``state.log_history`` and every callback's
   ``on_log``. A private run (secret seed, noise) releases nothing else of the training draws:
-  its logs hold no training loss (``loss``, ``train_loss``; ``TrainOutput.training_loss`` is 0),
-  statistics of the private batches that no accountant counts, as ``rmt-glue`` and ``rmt-lm``
-  never log them (red team 27: the Trainer logged every draw's clean mean loss).
+  its logs hold no training loss (``loss``, ``train_loss``; ``TrainOutput.training_loss`` is 0)
+  and its FLOP count (``total_flos``, the draws' sizes) is 0: statistics of the private batches
+  that no accountant counts, as ``rmt-glue`` and ``rmt-lm`` never log them (red team 27: the
+  Trainer logged every draw's clean mean loss).
 """
 
 from __future__ import annotations
@@ -513,6 +514,12 @@ class PrivateTrainer(Trainer):
         return None
 
     # --- the report ------------------------------------------------------------------------
+
+    def floating_point_ops(self, inputs: dict[str, Any]) -> int:
+        """The Trainer's FLOP count of a batch (6 x its tokens x the parameters), 0 in a private
+        run: summed into ``state.total_flos`` (the train metrics, ``trainer_state.json``) it is
+        the sum of the draws' sizes, a statistic of the private batches (module docstring)."""
+        return 0 if self._private_run() else super().floating_point_ops(inputs)
 
     def _private_run(self) -> bool:
         """Whether the run is private: a secret seed (not ``PrivacyArguments.seed``) and noise."""

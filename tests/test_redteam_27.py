@@ -286,6 +286,8 @@ def test_a_private_trainer_run_logs_no_statistic_of_its_draws(tmp_path):
         warnings.filterwarnings("ignore")
         out = t.train()
     assert t.private.steps == 2 and out.training_loss == 0.0
+    # total_flos was 6 x the draws' tokens x the parameters: their sizes.
+    assert t.state.total_flos == 0 and out.metrics.get("total_flos", 0) == 0
     logged = t.state.log_history
     assert len(logged) == 3 and all("epsilon" in entry for entry in logged)
     assert not any(key in entry for entry in logged for key in ("loss", "train_loss"))
@@ -294,7 +296,7 @@ def test_a_private_trainer_run_logs_no_statistic_of_its_draws(tmp_path):
         tmp_path, model=tiny_llama(), dataset=Sentences(), args=training_args(tmp_path, max_steps=1)
     )
     _train(seeded)
-    assert "loss" in seeded.state.log_history[0]
+    assert "loss" in seeded.state.log_history[0] and seeded.state.total_flos > 0
 
 
 def test_the_token_count_of_the_draws_is_refused(tmp_path):
