@@ -20,8 +20,10 @@ the invariant each guards).
   run's log holds only released or public quantities).
 - A model called with ``num_items_in_batch`` (Hugging Face's batch count of targets) whose head's
   ``loss_function`` was replaced by one dividing by it: not a batched input, so the verification
-  could not see the coupling (1.68 C measured). Refused by name at every training forward
-  (invariant 7, PRIVACY.md).
+  could not see the coupling (1.68 C measured); and a left-padded ``attention_mask`` (each
+  example's positions and the pad position predicting its first token depend on the batch's
+  padded length: 3.9 C measured for GPT-2, 2.6 C for Llama). Both refused by name at every
+  training forward (invariant 7, PRIVACY.md).
 """
 
 from __future__ import annotations
@@ -308,3 +310,18 @@ def test_the_token_count_of_the_draws_is_refused(tmp_path):
             dataset=Sentences(),
             args=training_args(tmp_path, include_num_input_tokens_seen="non_padding"),
         )
+
+
+def test_a_left_padded_training_batch_is_refused():
+    # Before the fix: trained; with left padding each example's positions (GPT-2) and the pad
+    # position predicting its first token (Llama) depend on the batch's padded length: one long
+    # example moved the clipped sum of 12 short ones by 3.9 C (GPT-2) and 2.6 C (Llama).
+    model, _, _ = _private(tiny_llama(), 3)
+    ids = torch.randint(1, 60, (3, 5), generator=torch.Generator().manual_seed(0))
+    right = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 0, 0, 0, 0]])
+    loss = rmt_kernels.lm_loss(model(input_ids=ids, attention_mask=right).logits, ids)
+    loss.backward()  # right padding: every example's rows are its own
+    with pytest.raises(LayoutError, match="left-padded"):
+        model(input_ids=ids, attention_mask=right.flip(1))
+    with torch.no_grad():  # generation pads on the left: evaluation is not refused
+        model(input_ids=ids, attention_mask=right.flip(1))

@@ -89,7 +89,7 @@ class LayoutVerifier:
         before it runs if nothing is verified yet, and keep what a re-run needs while a layer is
         unverified."""
         self.pending = None
-        loss_coupling.refuse_batch_token_count(kwargs)  # at every training forward, invisible
+        loss_coupling.refuse_coupling_arguments(kwargs)  # every training forward: not behaviour
         batch = self.capture.batch_size
         if not self.enabled or self.complete or batch is None or batch < 2:
             return

@@ -140,18 +140,23 @@ def refuse_hugging_face_token_loss(heads: list[str]) -> None:
         )
 
 
-def refuse_batch_token_count(kwargs: dict) -> None:
-    """Refuse a training forward of the model given ``num_items_in_batch``.
+def refuse_coupling_arguments(kwargs: dict) -> None:
+    """Refuse the Hugging Face keyword arguments of a training forward that couple the examples
+    in a way no perturbation of the verification can show (it changes values, never the batch's
+    shape, and never an argument computed outside the model). Checked by name at every training
+    forward (red team 27):
 
-    Hugging Face's name for the batch's count of target tokens (the Trainer computes it and
-    passes it to the model's forward and loss function): a loss divided by it is a mean over the
-    batch's tokens, coupling the examples. It is computed outside the model and is not a batched
-    input, so the verification's perturbations never move it: a head whose ``loss_function`` was
-    replaced by one dividing by it passed (red team 27: one example moved the clipped sum by
-    1.68 C). Checked by name at every training forward, as it cannot be seen by behaviour.
+    - ``num_items_in_batch``: Hugging Face's count of the batch's target tokens (the Trainer
+      passes it to the model's forward and loss function). A loss divided by it is a mean over
+      the batch's tokens; a head whose ``loss_function`` was replaced by one dividing by it
+      passed, and one example moved the clipped sum by 1.68 C.
+    - a left-padded ``attention_mask`` (a 0 before a 1 in some row): each example's positions and
+      the pad position predicting its first token then depend on the batch's padded length, i.e.
+      on the longest other example: one example moved the clipped sum of 12 others by 3.9 C
+      (GPT-2) and 2.6 C (Llama). Right padding leaves every example's rows its own.
 
     Raises:
-        LayoutError: ``kwargs`` holds ``num_items_in_batch`` other than None.
+        LayoutError: naming the argument.
     """
     if kwargs.get("num_items_in_batch") is not None:
         raise LayoutError(
@@ -159,6 +164,20 @@ def refuse_batch_token_count(kwargs: dict) -> None:
             "the batch's target tokens: a loss divided by it is a mean over the batch's tokens, "
             "so one example's length changes the weight of every other example's gradient. Do "
             f"not pass it. {LM_LOSS_FIX}"
+        )
+    mask = kwargs.get("attention_mask")
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or mask.is_floating_point():
+        return
+    real = mask != 0
+    # A 1 at or after each position of the row (a reversed running maximum).
+    later_real = real.flip(1).cummax(1).values.flip(1)
+    if bool((~real & later_real).any()):
+        raise LayoutError(
+            "DP engine: the attention_mask of this training batch is left-padded (a 0 before a "
+            "1 in a row): each example's positions, and the padding position that predicts its "
+            "first token, then depend on the batch's padded length, i.e. on the other examples' "
+            "lengths, and clipping per example no longer bounds one example's influence. Pad "
+            "on the right for training (tokenizer.padding_side = 'right')"
         )
 
 
