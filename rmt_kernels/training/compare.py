@@ -96,7 +96,8 @@ def compare(
             by_time.plot(seconds, values, **style)
     by_step.set_xlabel("optimizer step")
     by_time.set_xlabel(
-        "training time (s, evaluation excluded; private runs: step x mean time per step)"
+        # Two lines: on one, the label is wider than the axes and is cut at the figure's edge.
+        "training time (s, evaluation excluded;\nprivate runs: step x mean time per step)"
     )
     by_step.set_ylabel(metric)
     for ax in (by_step, by_time):
