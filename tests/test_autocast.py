@@ -20,6 +20,16 @@ from rmt_kernels.dp import make_private
 
 C = 1.0
 VOCAB, DIM, HIDDEN, CLASSES = 50, 16, 32, 4
+# CUDA runs in bench/gpu/run.sh (a lent GPU); on the CPU machines it is skipped.
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=pytest.mark.skipif(
+            not torch.cuda.is_available(), reason="needs CUDA (bench/gpu/run.sh)"
+        ),
+    ),
+]
 
 
 class TinyLM(nn.Module):
@@ -75,7 +85,8 @@ def per_example_grads(seen, eps: float) -> list[dict[str, torch.Tensor]]:
         ).sqrt()
         g["norm.weight"], g["norm.bias"] = (dy * xhat).sum(0), dy.sum(0)
         ids, dy = seen["ids"][b], seen["emb"]["dy"][b].double()
-        g["emb.weight"] = torch.zeros(VOCAB, DIM, dtype=torch.float64).index_add_(0, ids, dy)
+        zeros = torch.zeros(VOCAB, DIM, dtype=torch.float64, device=dy.device)
+        g["emb.weight"] = zeros.index_add_(0, ids, dy)
         grads.append(g)
     return grads
 
@@ -95,12 +106,14 @@ def private_step(
     targets: torch.Tensor,
     loud: int | None = None,
     keep: torch.Tensor | None = None,
+    device: str = "cpu",
 ):
-    """One noise-free private step under bf16 autocast: (released gradients, recorded layers,
-    the model). ``loud``: an example whose embedding rows are scaled 1e3 (a huge gradient);
-    ``keep``: the rows of the batch that take part (the same model either way)."""
+    """One noise-free private step under bf16 autocast on ``device``: (released gradients,
+    recorded layers, the model). ``loud``: an example whose embedding rows are scaled 1e3 (a
+    huge gradient); ``keep``: the rows of the batch that take part (the same model either way)."""
     torch.manual_seed(0)
-    model = TinyLM()
+    model = TinyLM().to(device)
+    ids, targets = ids.to(device), targets.to(device)
     if loud is not None:
         with torch.no_grad():
             model.emb.weight[ids[loud]] *= 1e3
@@ -123,7 +136,7 @@ def private_step(
             seed=0,
         )
     seen["on"], seen["ids"], seen["emb"] = True, ids, {}
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(device, dtype=torch.bfloat16):
         out = model(ids)
     seen["on"] = False
     torch.nn.functional.cross_entropy(out, targets, reduction="sum").backward()
@@ -141,9 +154,10 @@ def batch(n: int = 6, length: int = 5, seed: int = 0):
     )
 
 
-def test_autocast_clips_the_gradient_of_the_bf16_activations_with_float32_master_weights():
+@pytest.mark.parametrize("device", DEVICES)
+def test_autocast_clips_the_gradient_of_the_bf16_activations_with_float32_master_weights(device):
     ids, targets = batch()
-    released, seen, model = private_step(ids, targets, loud=2)
+    released, seen, model = private_step(ids, targets, loud=2, device=device)
     # The test exercises bf16: the first Linear sees the float32 embedding (autocast casts it
     # inside the product), the layers after it see bfloat16 tensors.
     assert seen["up"]["x"].dtype == torch.float32
@@ -158,13 +172,14 @@ def test_autocast_clips_the_gradient_of_the_bf16_activations_with_float32_master
         assert err < 1e-5, (name, err.item())  # float32 release of a float64 reference
 
 
-def test_autocast_sensitivity_one_example_moves_the_clipped_sum_by_at_most_c():
+@pytest.mark.parametrize("device", DEVICES)
+def test_autocast_sensitivity_one_example_moves_the_clipped_sum_by_at_most_c(device):
     ids, targets = batch(seed=1)
     loud = 3
-    with_it, _, _ = private_step(ids, targets, loud=loud)
+    with_it, _, _ = private_step(ids, targets, loud=loud, device=device)
     keep = torch.arange(len(ids)) != loud
     # The same model (its loud rows scaled as before), the loud example left out of the batch.
-    without, _, _ = private_step(ids, targets, loud=loud, keep=keep)
+    without, _, _ = private_step(ids, targets, loud=loud, keep=keep, device=device)
     moved = torch.sqrt(
         sum((with_it[n].double() - without[n].double()).square().sum() for n in with_it)
     )
