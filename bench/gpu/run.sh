@@ -40,7 +40,7 @@ echo "== GPU checks and kernel tests (CUDA)"
 timeout 90 $PY -m pytest -q -p no:cacheprovider -rs \
   tests/test_cuda_parity.py tests/test_dp_noise.py tests/test_dp_noise_tails.py \
   tests/test_linear.py tests/denoise/test_triton.py tests/test_embedding.py \
-  tests/test_opcheck.py tests/test_rmsnorm.py 2>&1 \
+  tests/test_opcheck.py tests/test_rmsnorm.py tests/test_autocast.py 2>&1 \
   | tee -a "$RESULTS/gpu-tests.txt" | tail -25
 
 echo "== all tests (CUDA)"
