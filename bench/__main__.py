@@ -2,8 +2,10 @@
 
 1. denoise: one model step of denoising on RoBERTa-base's 72 weight shapes (pytest-benchmark);
    denoise-edge: the same shapes near the Marchenko-Pastur edge and at rank 4, cold and warm-
-   started, against svd_lowrank and the full SVD, with issue 14's targets beside the measured
-   ratios (bench/denoise_edge.py; its tables also in bench/results/denoise-edge-<device>.md);
+   started, and on pure noise, against svd_lowrank and the full SVD, with issue 28's targets
+   beside the measured ratios (bench/denoise_edge.py; its tables also in
+   bench/results/denoise-edge-<device>.md); early-exit: why "nothing above the edge" is not
+   decided early (bench/early_exit.py);
 2. fused ops: per-example norms + clipped noisy sums per layer shape, ours vs Opacus
    (bench/fused_ops.py);
 3. dp step: one DP fine-tuning step, non-private vs Opacus vs ours (each in its own process);
@@ -30,7 +32,7 @@ import pytest
 from bench.report import render
 
 HERE = Path(__file__).resolve().parent
-PARTS = ("denoise", "denoise-edge", "fused-ops", "dp-step", "lm-step", "gpu-static")
+PARTS = ("denoise", "denoise-edge", "early-exit", "fused-ops", "dp-step", "lm-step", "gpu-static")
 
 
 def run_denoise(out_dir: Path) -> str:
@@ -88,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         folder = out_dir if args.quick else HERE / "results"
         edge = folder / f"denoise-edge-{device}.md"
         sections.append(run_script("bench.denoise_edge", edge, *quick))
+    if "early-exit" in parts:
+        sections.append(run_script("bench.early_exit", out_dir / "early_exit.md", *quick))
     if "fused-ops" in parts:
         sections.append(run_script("bench.fused_ops", out_dir / "fused_ops.md", *quick))
     if "dp-step" in parts:

@@ -61,3 +61,16 @@ def test_rank4_is_the_denoise_benchmarks_profile():
     values = workload_values("rank 4", 768, 3072, SIGMA)
     edge = SIGMA * (math.sqrt(768) + math.sqrt(3072))
     assert torch.allclose(values / edge, torch.linspace(1.5, 5.0, 4))
+
+
+def test_pure_noise_has_no_signal_and_is_scored_against_the_noise():
+    from bench.denoise_edge import error_ratio, errors
+
+    shape = (48, 64)
+    seq = make_sequence("pure noise", [shape], 2, seed=3)
+    (clean,), (noisy,) = seq.clean(1), seq.noisy(1)
+    assert float(clean.abs().max()) == 0.0
+    # The exact shrinker's answer (zero) has error 0; returning the noise has error 1.
+    assert errors([torch.zeros(shape)], [clean], [shape], [noisy])[0] == 0.0
+    assert errors([noisy], [clean], [shape], [noisy])[0] == pytest.approx(1.0)
+    assert error_ratio(0.0, 0.0) == 1.0 and error_ratio(0.1, 0.0) == math.inf
