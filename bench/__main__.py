@@ -9,6 +9,7 @@
 2. fused ops: per-example norms + clipped noisy sums per layer shape, ours vs Opacus
    (bench/fused_ops.py);
 3. dp step: one DP fine-tuning step, non-private vs Opacus vs ours (each in its own process);
+   dp-breakdown: where ours' time over the non-private step goes (bench/dp_step_breakdown.py);
 4. lm step: one DP step of decoder LMs (GPT-2-small shapes, a Llama-style stack), full
    fine-tuning and LoRA r = 8, non-private vs Opacus vs ours (bench/lm_step.py);
 5. gpu-static: the static GPU plan (bench/gpu_report.py): every Triton kernel built for sm_80/90/100
@@ -32,7 +33,16 @@ import pytest
 from bench.report import render
 
 HERE = Path(__file__).resolve().parent
-PARTS = ("denoise", "denoise-edge", "early-exit", "fused-ops", "dp-step", "lm-step", "gpu-static")
+PARTS = (
+    "denoise",
+    "denoise-edge",
+    "early-exit",
+    "fused-ops",
+    "dp-step",
+    "dp-breakdown",
+    "lm-step",
+    "gpu-static",
+)
 
 
 def run_denoise(out_dir: Path) -> str:
@@ -97,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     if "dp-step" in parts:
         steps = ["--steps", "3"] if args.quick else []
         sections.append(run_script("bench.dp_step", out_dir / "dp_step.md", *steps))
+    if "dp-breakdown" in parts:
+        steps = ["--steps", "2"] if args.quick else []
+        sections.append(run_script("bench.dp_step_breakdown", out_dir / "dp_breakdown.md", *steps))
     if "lm-step" in parts:
         steps = ["--steps", "2"] if args.quick else []
         sections.append(run_script("bench.lm_step", out_dir / "lm_step.md", *steps))

@@ -53,8 +53,9 @@ ROBERTA_BASE = dict(
 )
 
 
-def run_method(method: str, layers: int, batch: int, length: int, steps: int) -> dict:
-    """Time ``steps`` steps of ``method`` (after 2 warm-up steps) in this process."""
+def build_step(method: str, layers: int, batch: int, length: int):
+    """The model of ``method`` and a function running one training step of it on a fixed batch
+    (bench/dp_step_breakdown.py profiles the same step)."""
     from torch.utils.data import DataLoader, TensorDataset
     from transformers import RobertaConfig, RobertaForSequenceClassification
 
@@ -114,6 +115,14 @@ def run_method(method: str, layers: int, batch: int, length: int, steps: int) ->
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+
+    return model, step, source
+
+
+def run_method(method: str, layers: int, batch: int, length: int, steps: int) -> dict:
+    """Time ``steps`` steps of ``method`` (after 2 warm-up steps) in this process."""
+    model, step, source = build_step(method, layers, batch, length)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
 
     def sync():
         if device == "cuda":
