@@ -32,7 +32,13 @@ import torch
 
 from rmt_kernels.dp.stages.denoiser import Denoiser
 from rmt_kernels.dp.stages.options import DenoiseOptions
-from rmt_kernels.dp.stages.protocol import CallableStage, Key, PostProcessor, as_stage
+from rmt_kernels.dp.stages.protocol import (
+    CallableStage,
+    Key,
+    PostProcessor,
+    as_stage,
+    remember_initial_state,
+)
 
 __all__ = [
     "build_chain",
@@ -88,6 +94,8 @@ def build_chain(
                 "its own stage (its own running state)"
             )
         chain.append(as_stage(stage))
+    for stage in chain:  # a checkpoint refuses one whose undeclared state changes since
+        remember_initial_state(stage)
     for i, stage in enumerate(chain[:-1]):
         after = chain[i + 1]
         if stage.terminal and not after.after_direction:

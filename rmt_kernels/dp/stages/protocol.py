@@ -41,7 +41,16 @@ from typing import Any
 
 import torch
 
-__all__ = ["CallableStage", "Key", "PostProcessor", "as_stage", "checkpoint_state"]
+from rmt_kernels.dp.stages.state_digest import state_digest
+
+__all__ = [
+    "CallableStage",
+    "Key",
+    "PostProcessor",
+    "as_stage",
+    "checkpoint_state",
+    "remember_initial_state",
+]
 
 Key = Hashable
 
@@ -175,6 +184,29 @@ def _holds_tensor(value: Any, depth: int = 0) -> bool:
     return False
 
 
+# Where remember_initial_state keeps a stage's digest (left out of the digest itself).
+_INITIAL_DIGEST = "_rmt_initial_state_digest"
+
+
+def _declares_no_state(stage: PostProcessor) -> bool:
+    return type(stage).state_dict is PostProcessor.state_dict
+
+
+def _digest(stage: PostProcessor) -> str:
+    # A plain function counts by its tensors alone (state_digest.py says why).
+    arrays_only = isinstance(stage, CallableStage)
+    return state_digest(stage, skip=frozenset({_INITIAL_DIGEST}), arrays_only=arrays_only)
+
+
+def remember_initial_state(stage: PostProcessor) -> None:
+    """Note what ``stage`` reaches now (the chain is being built), so that
+    :func:`checkpoint_state` can refuse a stage with the default ``state_dict`` whose state
+    changed since (rmt_kernels/dp/stages/state_digest.py). Nothing for a stage that overrides
+    ``state_dict``: it says itself what survives."""
+    if _declares_no_state(stage):
+        object.__setattr__(stage, _INITIAL_DIGEST, _digest(stage))
+
+
 def checkpoint_state(stage: PostProcessor, position: int) -> dict[str, Any]:
     """``stage.state_dict()`` for a checkpoint, refusing a stage that would be reset silently.
 
@@ -188,10 +220,15 @@ def checkpoint_state(stage: PostProcessor, position: int) -> dict[str, Any]:
         stage: the stage.
         position: its index in the chain (for the message).
 
+    A stage with the default ``state_dict`` whose state changed in any other way since the
+    chain was built (:func:`remember_initial_state`: a deque, a plain object, a module's buffer,
+    a numpy array, a float, a generator, a closure's variable) is refused the same way.
+
     Raises:
-        TypeError: the stage has the default ``state_dict`` and tensors among its attributes.
+        TypeError: the stage has the default ``state_dict`` and tensors among its attributes,
+            or state that changed since the chain was built.
     """
-    if type(stage).state_dict is PostProcessor.state_dict:
+    if _declares_no_state(stage):
         held = sorted(name for name, v in vars(stage).items() if _holds_tensor(v))
         if held:
             raise TypeError(
@@ -199,6 +236,19 @@ def checkpoint_state(stage: PostProcessor, position: int) -> dict[str, Any]:
                 f"{held} but does not override state_dict: a checkpoint would lose them and a "
                 "resumed run would differ from an uninterrupted one; override state_dict and "
                 "load_state_dict (return {} explicitly if they are constants)"
+            )
+        initial = getattr(stage, _INITIAL_DIGEST, None)
+        if initial is not None and initial != _digest(stage):
+            what = (
+                repr(stage.function) if isinstance(stage, CallableStage) else type(stage).__name__
+            )
+            raise TypeError(
+                f"post_processors[{position}] ({what[:80]}) changed its state since the chain "
+                "was built (in its attributes, a container, an object it holds or a closure) "
+                "but does not override state_dict: a checkpoint would lose that state and a "
+                "resumed run would differ from an uninterrupted one; make it a "
+                "rmt_kernels.dp.PostProcessor that overrides state_dict and load_state_dict "
+                "(return {} explicitly if what changes need not survive a resume)"
             )
     return stage.state_dict()
 
