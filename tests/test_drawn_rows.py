@@ -19,11 +19,13 @@ from rmt_kernels.dp.drawn_batches import DrawnBatches, check_rows
 N, T, D = 64, 8, 6
 
 
-def _private(num_workers: int = 0, sample_rate_batches: int = 4):
+def _private(num_workers: int = 0, sample_rate_batches: int = 4, collate_fn=None):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(D, 5), nn.Tanh(), nn.Linear(5, 1))
     data = TensorDataset(torch.randn(N, T, D), torch.randn(N, T, 1))
-    loader = DataLoader(data, batch_size=N // sample_rate_batches, num_workers=num_workers)
+    loader = DataLoader(
+        data, batch_size=N // sample_rate_batches, num_workers=num_workers, collate_fn=collate_fn
+    )
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     return make_private(
         model,
@@ -135,3 +137,52 @@ def test_check_rows_compares_each_step_with_the_oldest_batch_drawn():
     batches.new_pass()
     with pytest.raises(RuntimeError, match="without a new batch"):
         check_rows(2, batches)
+
+
+@pytest.mark.filterwarnings("ignore:make_private. seed")
+def test_a_pass_over_the_private_loader_nested_in_an_epoch_does_not_refuse_the_epoch():
+    """Red team 28: a loss over the training loader under no_grad in the middle of an epoch,
+    and a look at one batch with next(iter(loader)), draw batches no step uses; they were
+    compared with the outer pass's next batch and the honest loop was refused."""
+    model, optimizer, loader = _private(sample_rate_batches=8)
+    steps = 0
+    for i, (x, y) in enumerate(loader):
+        _step(model, optimizer, x, y)
+        steps += 1
+        if i == 1:
+            with torch.no_grad():
+                for xe, _ in loader:  # the whole pass, never stepped on
+                    if len(xe):
+                        model(xe)
+        if i == 3:
+            next(iter(loader))  # one batch looked at, never stepped on
+    assert optimizer.engine.steps == steps > 4
+    # The nested pass's batches do not stay behind as extra steps: once the outer pass draws
+    # again, a nested batch stepped on after the outer one is refused.
+    outer = iter(loader)
+    next(outer)
+    nested_x, nested_y = next(iter(loader))
+    x, y = next(outer)
+    _step(model, optimizer, x, y)
+    with pytest.raises(RuntimeError, match="without a new batch from the private data loader"):
+        _step(model, optimizer, nested_x, nested_y)
+
+
+@pytest.mark.filterwarnings("ignore:make_private. seed")
+def test_a_collate_that_drops_or_repeats_examples_is_refused_naming_it():
+    """A collate_fn's rows are not the drawn examples (red team 28): dropping one changes the
+    count (refused, the message says what to do); repeating one and dropping another keeps it
+    (not caught: PRIVACY.md, invariant 7), 2.0 C measured for the repeated example."""
+    from torch.utils.data import default_collate
+
+    def drop_first(examples):
+        return default_collate(examples[1:] if len(examples) > 1 else examples)
+
+    def repeat_first(examples):
+        return default_collate(examples + examples[:1])
+
+    for collate in (drop_first, repeat_first):
+        model, optimizer, loader = _private(collate_fn=collate)
+        x, y = next(b for b in loader if len(b[0]) > 1)
+        with pytest.raises(RuntimeError, match="a collate_fn that drops, repeats or pads"):
+            _step(model, optimizer, x, y)

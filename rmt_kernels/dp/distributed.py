@@ -246,14 +246,14 @@ class PoissonSampler(torch.utils.data.Sampler):
         if self.position >= self.steps:
             self.epoch, self.position = self.epoch + 1, 0
         shard = self._shard()
-        self.drawn.new_pass()
+        this_pass = self.drawn.new_pass()
         while self.position < self.steps:
             mask = self._mask(len(shard))
             # Counted before the yield: after the consumer receives batch b, the state is
             # "b + 1 batches drawn", which is what a checkpoint taken after its step must record.
             self.position += 1
             batch = shard[mask].tolist()
-            self.drawn.drawn(len(batch))
+            self.drawn.drawn(len(batch), this_pass)
             yield batch
         self.epoch, self.position = self.epoch + 1, 0
 

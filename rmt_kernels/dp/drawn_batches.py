@@ -20,11 +20,17 @@ What this catches and what it cannot:
   sampler has drawn nothing: tests, and custom loops that do their own Poisson sampling, which
   the accountant then assumes);
 - the check counts rows; it cannot tell which example a row came from: a caller who keeps B/T of
-  the drawn examples and flattens those into B rows is not caught (documented in PRIVACY.md).
+  the drawn examples and flattens those into B rows is not caught, nor one who repeats an example
+  and drops another (its influence is then 2 C; documented in PRIVACY.md).
 
 The queue, not a counter, because loaders prefetch: a DataLoader with workers (or accelerate's
 one-batch look-ahead) draws several batches before the first step, and the steps consume them in
 order. A new pass over the sampler forgets the batches an abandoned pass drew and never delivered.
+So does a pass that draws again after another one did: a pass over the private loader nested in
+a pass in progress (a loss over the training loader under ``torch.no_grad()`` in the middle of
+an epoch, or ``next(iter(loader))`` to look at one batch) draws batches no step uses; when the
+outer pass goes on, its next batch is the one its step clips (red team 28: the nested pass's
+batches were compared with it and an honest loop was refused).
 """
 
 from __future__ import annotations
@@ -39,13 +45,27 @@ class DrawnBatches:
         self._sizes: deque[int] = deque()
         #: Whether the sampler has ever handed out a batch (from then on every step is checked).
         self.used = False
+        self._passes = 0  # passes started
+        self._drawing = 0  # the pass that drew the batches in the queue
 
-    def new_pass(self) -> None:
-        """A new pass over the sampler: the previous pass's undelivered batches are gone."""
+    def new_pass(self) -> int:
+        """A new pass over the sampler: the previous pass's undelivered batches are gone.
+
+        Returns:
+            The pass's number, for :meth:`drawn`.
+        """
         self._sizes.clear()
+        self._passes += 1
+        self._drawing = self._passes
+        return self._passes
 
-    def drawn(self, size: int) -> None:
-        """The sampler handed out a batch of ``size`` examples."""
+    def drawn(self, size: int, source: int | None = None) -> None:
+        """The sampler handed out a batch of ``size`` examples, in pass ``source`` (the number
+        :meth:`new_pass` returned; None: the current pass). A pass that draws after another
+        pass drew forgets that pass's batches (module docstring)."""
+        if source is not None and source != self._drawing:
+            self._sizes.clear()
+            self._drawing = source
         self._sizes.append(int(size))
         self.used = True
 
@@ -55,7 +75,7 @@ class DrawnBatches:
 
     def __getstate__(self) -> dict:
         # A copy of the sampler (a pickled loader, a worker) starts with nothing pending.
-        return {"_sizes": deque(), "used": self.used}
+        return {**self.__dict__, "_sizes": deque()}
 
 
 def check_rows(rows: int, batches: DrawnBatches | None) -> None:
@@ -86,5 +106,7 @@ def check_rows(rows: int, batches: DrawnBatches | None) -> None:
             f"{drawn} examples for it: the rows of dim 0 of the model's first tensor argument "
             "must be the loader's examples, one row each (all physical batches together). A "
             "batch flattened before the model call (x.view(B * T, d)) is clipped per token, "
-            "and one example would then move the sum by up to T * max_grad_norm"
+            "and one example would then move the sum by up to T * max_grad_norm; a collate_fn "
+            "that drops, repeats or pads examples changes the rows too (filter the dataset "
+            "before make_private instead)"
         )
