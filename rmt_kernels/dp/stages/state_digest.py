@@ -111,7 +111,10 @@ def _feed(put, value: Any, depth: int, seen: set[int], skip: frozenset[str]) -> 
     if depth >= MAX_DEPTH or id(value) in seen or isinstance(value, type):
         return  # a class's own attributes, or a cycle: not followed
     seen.add(id(value))
-    children = _children(value, skip if depth == 0 else frozenset())
+    try:
+        children = _children(value, skip if depth == 0 else frozenset())
+    except Exception:  # a proxy or an object whose attributes raise: its repr stands for it
+        children = None
     if children is None:
         put(_safe_repr(value).encode())
         return
