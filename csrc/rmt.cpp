@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include "constants.h"
+#include "cpu/linear_bf16.h"
 #include "cpu/philox.h"
 
 TORCH_LIBRARY(rmt, m) {
@@ -54,7 +55,8 @@ TORCH_LIBRARY(rmt, m) {
 // (RITZ_TOLERANCE, RITZ_WINDOW, RISE_STEPS, RISE_MARGIN, COLD_PASSES,
 // MAX_ADAPTIVE_PASSES, DIRECTION_FLOOR), BASIS_MARGIN, SHRINK_IDENTITY_ABOVE,
 // PRODUCT_CEILING, PRODUCT_FLOOR and
-// use_gram_route(T, d_in, d_out) (csrc/constants.h),
+// use_gram_route(T, d_in, d_out) (csrc/constants.h), linear_bf16_available() and
+// LINEAR_BF16_MIN_TOKENS (csrc/cpu/linear_bf16.h),
 // TAIL_BITS and NOISE_STREAM_VERSION (the noise stream's tail threshold and version,
 // csrc/cpu/philox.h).
 namespace {
@@ -65,10 +67,18 @@ PyObject* use_gram_route_py(PyObject* /*self*/, PyObject* args) {
   return PyBool_FromLong(rmt::use_gram_route(T, d_in, d_out));
 }
 
+PyObject* linear_bf16_available_py(PyObject* /*self*/, PyObject* /*args*/) {
+  return PyBool_FromLong(rmt::linear_bf16::available());
+}
+
 PyMethodDef methods[] = {
     {"use_gram_route", use_gram_route_py, METH_VARARGS,
         "use_gram_route(T, d_in, d_out) -> bool: whether the Linear norms take the Gram route "
         "(its cost T^2 (d_in + d_out) is at most the per-example route's T d_in d_out)."},
+    {"linear_bf16_available", linear_bf16_available_py, METH_NOARGS,
+        "linear_bf16_available() -> bool: whether linear_clipped_noisy_sum takes its bf16 route "
+        "(per-example bf16 GEMMs, csrc/cpu/linear_bf16.cpp) for bfloat16 x and dy with at least "
+        "LINEAR_BF16_MIN_TOKENS tokens per example on this CPU."},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace
@@ -95,6 +105,8 @@ PyObject* PyInit__C(void) {
           0 ||
       PyModule_AddObject(module, "PRODUCT_FLOOR", PyFloat_FromDouble(rmt::kProductFloor)) < 0 ||
       PyModule_AddIntConstant(module, "TAIL_BITS", rmt::philox::kTailBits) < 0 ||
+      PyModule_AddIntConstant(module, "LINEAR_BF16_MIN_TOKENS", rmt::linear_bf16::kMinTokens) <
+          0 ||
       PyModule_AddIntConstant(module, "NOISE_STREAM_VERSION", rmt::philox::kNoiseStreamVersion) <
           0) {
     Py_DECREF(module);

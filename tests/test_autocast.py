@@ -154,9 +154,17 @@ def batch(n: int = 6, length: int = 5, seed: int = 0):
     )
 
 
+# Length 40 >= LINEAR_BF16_MIN_TOKENS: the head's bf16 x and dy take the per-example bf16 GEMM
+# route of linear_clipped_noisy_sum (csrc/cpu/linear_bf16.cpp; tests/test_linear_bf16.py).
+LENGTHS = [5, 40]
+
+
+@pytest.mark.parametrize("length", LENGTHS)
 @pytest.mark.parametrize("device", DEVICES)
-def test_autocast_clips_the_gradient_of_the_bf16_activations_with_float32_master_weights(device):
-    ids, targets = batch()
+def test_autocast_clips_the_gradient_of_the_bf16_activations_with_float32_master_weights(
+    device, length
+):
+    ids, targets = batch(length=length)
     released, seen, model = private_step(ids, targets, loud=2, device=device)
     # The test exercises bf16: the first Linear sees the float32 embedding (autocast casts it
     # inside the product), the layers after it see bfloat16 tensors.
@@ -172,9 +180,10 @@ def test_autocast_clips_the_gradient_of_the_bf16_activations_with_float32_master
         assert err < 1e-5, (name, err.item())  # float32 release of a float64 reference
 
 
+@pytest.mark.parametrize("length", LENGTHS)
 @pytest.mark.parametrize("device", DEVICES)
-def test_autocast_sensitivity_one_example_moves_the_clipped_sum_by_at_most_c(device):
-    ids, targets = batch(seed=1)
+def test_autocast_sensitivity_one_example_moves_the_clipped_sum_by_at_most_c(device, length):
+    ids, targets = batch(length=length, seed=1)
     loud = 3
     with_it, _, _ = private_step(ids, targets, loud=loud, device=device)
     keep = torch.arange(len(ids)) != loud

@@ -12,6 +12,7 @@
 
 #include "constants.h"
 #include "cpu/dp_common.h"
+#include "cpu/linear_bf16.h"
 
 namespace rmt {
 namespace {
@@ -207,6 +208,13 @@ at::Tensor linear_clipped_noisy_sum_cpu(const at::Tensor& x, const at::Tensor& d
   dp::check_scale(op, scale, B);
   dp::check_noise(op, noise_std, seed, offset, d_out * d_in);
   const at::Tensor x3 = dp::as_sequence(x), dy3 = dp::as_sequence(dy);
+  // bf16 activations (autocast): per-example bf16 GEMMs, the clip factor applied in float32
+  // (linear_bf16.cpp: its proof that no operand is rounded with the factor folded in).
+  if (linear_bf16::applies(x3, dy3)) {
+    at::Tensor out = dp::noise_tensor({d_out, d_in}, x.options(), noise_std, seed, offset);
+    linear_bf16::add_clipped_sum_(out, x3, dy3, scale);
+    return out;
+  }
   const int64_t rows = B * x3.size(1);
   const at::Tensor s = scale.to(at::kFloat).view({B, 1, 1});
   // Row-scale whichever operand is narrower: the scaled copy is the only extra traffic.
