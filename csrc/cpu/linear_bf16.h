@@ -12,9 +12,12 @@ namespace linear_bf16 {
 // Fewer tokens per example than this: the per-example GEMMs (K = T) are too thin and the float32
 // route's one GEMM over the B*T rows wins. Measured 2026-12-08 (2-core Xeon with AMX, 1 thread,
 // load 5-8, medians of 7 interleaved calls, bf16 route / float32 route, clipped sum alone, RoBERTa
-// shapes, B 32): T 128 0.42-0.51x, T 64 0.58-0.64x, T 32 0.78-0.93x, T 16 1.2-1.7x, T 4 3-7x.
-// Each call has a fixed cost (~90 us measured at 256 x 512 tiles, the output tile read and
-// written once per example): below T 32 it dominates.
+// shapes, B 32, several runs): T 128 0.42-0.60x, T 64 0.53-0.77x, T 48 0.62-0.93x, T 32
+// 0.67-1.06x (3072x768 breaks even at T 32-40), T 16 1.2-1.7x, T 4 3-7x. The fixed cost is MKL's
+// per call: its update of the C tile, ~0.6 ns per element whatever K (a 256 x 256 tile: 39 us
+// at K 8 and 32, 52 us at K 128, 1 thread). oneDNN's brgemm (ATen's cpublas) with our own VNNI
+// packing and float32 epilogue was tried and was slower (0.79-1.24x the float32 route), its
+// packing being scalar loops here; a vectorised packing is what would lower the floor.
 inline constexpr int64_t kMinTokens = 32;
 // Whether this CPU and torch build have a hardware bf16 GEMM (MKL's cblas_gemm_bf16bf16f32 with
 // AVX512-BF16 or AMX) that passed the self check (alpha applied to the float32 result). Cached.
