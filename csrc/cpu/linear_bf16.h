@@ -15,9 +15,10 @@ namespace linear_bf16 {
 // shapes, B 32, several runs): T 128 0.42-0.60x, T 64 0.53-0.77x, T 48 0.62-0.93x, T 32
 // 0.67-1.06x (3072x768 breaks even at T 32-40), T 16 1.2-1.7x, T 4 3-7x. The fixed cost is MKL's
 // per call: its update of the C tile, ~0.6 ns per element whatever K (a 256 x 256 tile: 39 us
-// at K 8 and 32, 52 us at K 128, 1 thread). oneDNN's brgemm (ATen's cpublas) with our own VNNI
-// packing and float32 epilogue was tried and was slower (0.79-1.24x the float32 route), its
-// packing being scalar loops here; a vectorised packing is what would lower the floor.
+// at K 8 and 32, 52 us at K 128, 1 thread). oneDNN's brgemm (ATen's cpublas: dy^T and VNNI-packed
+// x blocks of 64 columns prepared once per example, our own float32 epilogue) was tried: in the
+// same run 0.46-1.06x the float32 route against 0.40-1.11x for MKL, no clear gain for more code
+// on ATen internals, so not kept.
 inline constexpr int64_t kMinTokens = 32;
 // Whether this CPU and torch build have a hardware bf16 GEMM (MKL's cblas_gemm_bf16bf16f32 with
 // AVX512-BF16 or AMX) that passed the self check (alpha applied to the float32 result). Cached.
