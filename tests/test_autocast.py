@@ -223,3 +223,20 @@ def test_autocast_noise_is_float32_on_the_master_weights(noise_multiplier):
     assert g.dtype == torch.float32
     # A bf16-rounded gradient has at most 8 significant bits: its values sit on a coarse grid.
     assert not torch.equal(g, g.bfloat16().float())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_spread_of_a_large_half_precision_batch_is_the_float32_norm_bit_for_bit(dtype):
+    # ReleaseGuard's row norms convert a large bf16 / fp16 CPU batch to float32 in chunks (no
+    # float32 copy of the whole batch): the same norms as one conversion, every row covered.
+    from rmt_kernels.rules.release_guard import _NORM_CHUNK_BYTES, row_norm_bounds
+
+    d = 1000  # chunks of 262 rows: 2 * 131 * 8 rows = 8 chunks, the last one partial
+    a = torch.randn(2, 131 * 8, d, generator=torch.Generator().manual_seed(3)).to(dtype)
+    assert a.numel() * 4 > 4 * _NORM_CHUNK_BYTES  # the chunked path
+    a[1, -1] *= 1e3  # the last row differs from the rest
+    n = torch.linalg.vector_norm(a, dim=-1, dtype=torch.float32).double()
+    want = ((n * n + d * 2.0**-149) * (1.0 + (d + 4) * 2.0**-24)).sqrt()
+    assert torch.equal(row_norm_bounds(a), want)
+    strided = a.transpose(0, 1).contiguous().transpose(0, 1)
+    assert not strided.is_contiguous() and torch.equal(row_norm_bounds(strided), want)
