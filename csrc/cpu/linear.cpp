@@ -51,22 +51,21 @@ constexpr int64_t kGramStrip = 32;
 // reference comparison at rtol 2e-5..1e-4 broken). Even a one-rounding-per-entry Gram leaves
 // ~2^-24 T. Hence float64 throughout, made cheap.
 // Re-measured for a hybrid (issue 28 item 3, 2026-12-08, 1 thread, load 4-5, python -m
-// bench.gram32_width): bound width / N per example, B 32, median (max): random
-// RoBERTa shapes 2.6e-4 (2.6e-4) at 768x768 T 64 to 9.8e-4 (9.9e-4) at 768x3072 T 128, bf16
-// inputs alike; a random-init 2-layer RoBERTa-base on random tokens (B 8, T 128) 9.2e-5
-// (attention query, output) to 3.7e-3 (key), FFN 2.3e-4; crafted cancelling pairs 9e3..2e4. So at 2^-20 or 1e-6
-// (what the reference tests' rtol 2e-5 allows) NO clipped example is decided on any input: only
-// "factor 1" (bound <= C^2) ones, i.e. the unclipped fraction (0.88 / 0.50 / 0.09 of examples at
-// C clipping 10% / 50% / 90%). Time, two runs: a
-// float32 Gram (full T x T bmm) 5-83 ms against 8-149 ms for these float64 norms, whose fused op
-// (norms + sum) is 27-426 ms: even with every example decided and the bound free, the hybrid
-// would save 6-22% of the fused op (bmm; strips at 62.5% of the bmm might reach ~30%); with a
-// fraction p of the examples unclipped it saves p t64 - t32, >= 15% of the fused op only for
-// p >= ~0.66 (768x768, T 128) to ~0.9 (the 3072-wide layers), never at T 64 for those.
-// DP fine-tuning usually clips most examples (p near 0), where the hybrid only adds the float32
-// pass. Not built. It would also need the engine: the factor depends on the sum of all layers'
-// bounds, so a layer can decide nothing alone (an API returning (upper, width) per layer, then a
-// float64 recomputation for the undecided examples' rows only).
+// bench.gram32_width): bound width / N per example, B 32, median (max): random RoBERTa shapes
+// 2.6e-4 (2.6e-4) at 768x768 T 64 to 9.8e-4 (9.9e-4) at 768x3072 T 128, bf16 inputs alike; a
+// random-init 2-layer RoBERTa-base on random tokens (B 8, T 128) 9.2e-5 (attention query, output)
+// to 3.7e-3 (key), FFN 2.3e-4; crafted cancelling pairs 9e3..2e4. So at 2^-20 or 1e-6 (what the
+// reference tests' rtol 2e-5 allows) NO clipped example is decided on any input: only "factor 1"
+// (bound <= C^2) ones, i.e. the unclipped fraction (0.75-0.88 / 0.44-0.50 / 0.06-0.12 at C clipping
+// 10% / 50% / 90%). Time, two runs: a float32 Gram (full T x T bmm) 5-83 ms against 8-149 ms for
+// these float64 norms, whose fused op (norms + sum) is 27-426 ms: even with every example decided
+// and the bound free, the hybrid would save 6-22% of the fused op (bmm; strips at 62.5% of the bmm
+// might reach ~30%); with a fraction p of the examples unclipped it saves p t64 - t32, >= 15% of
+// the fused op only for p >= ~0.66 (768x768, T 128) to ~0.9 (the 3072-wide layers), never at T 64
+// for those. DP fine-tuning usually clips most examples (p near 0), where the hybrid only adds the
+// float32 pass. Not built. It would also need the engine: the factor depends on the sum of all
+// layers' bounds, so a layer can decide nothing alone (an API returning (upper, width) per layer,
+// then a float64 recomputation for the undecided examples' rows only).
 struct Example64 {
   at::Tensor x, dy;      // (T, d_in), (T, d_out) float64
   at::Tensor gx, gdy;    // flat scratch for Gram strips or the per-example gradient

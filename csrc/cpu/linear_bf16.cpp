@@ -18,9 +18,9 @@
 // S_b > R ref_b (R = 2^8), so an unflagged, crafted example could move the released sum by up to
 // (1 + 2^-9 R) C' = 1.5 C'. tests/test_linear_bf16.py crafts such examples.
 //
-// Sensitivity proof (privacy invariant 6). Let X_t, D_t be example b's rows (bf16 values, exact),
-// G_b = sum_t D_t X_t^T, and s_b its float32 clip factor with s_b ||G_b|| <= C' (the certified
-// norms, clip_scales). For an example that passes the gate below:
+// Sensitivity proof (privacy invariant 6, PRIVACY.md). Let X_t, D_t be example b's rows (bf16
+// values, exact), G_b = sum_t D_t X_t^T, and s_b its float32 clip factor with s_b ||G_b|| <= C'
+// (the certified norms, clip_scales). For an example that passes the gate below:
 //  (1) Every product D_ti X_tj of two bf16 values is exact in float32 (8 x 8 significant bits).
 //  (2) The bf16 units treat subnormal inputs as zero and flush subnormal results to zero,
 //      whatever MXCSR says (measured here: 2^-130 * 2^100 gives 0, 2^-70 * 2^-70 gives 0). The
