@@ -749,8 +749,13 @@ std::tuple<at::Tensor, at::Tensor, int64_t> denoise_impl(const at::Tensor& grad,
     return {at::zeros(grad.sizes(), grad.options().memory_format(at::MemoryFormat::Contiguous)),
         new_basis, guard.passes};
   }
-  const at::Tensor left = est.left(kept) * eta.narrow(1, 0, kept).unsqueeze(2);
-  at::Tensor out = at::matmul(left.transpose(1, 2), est.right(kept));
+  // The left factor as contiguous columns (b, m, kept): MKL's batched GEMM with a transposed
+  // operand of a few columns runs up to 13x slower than the same product on a contiguous one
+  // (3072 x 768 at rank 6: 8.6 against 0.67 ms, 2.13 CPU build), which made this product a
+  // fifth of a cold call.
+  const at::Tensor left =
+      (est.left(kept) * eta.narrow(1, 0, kept).unsqueeze(2)).transpose(1, 2).contiguous();
+  at::Tensor out = at::matmul(left, est.right(kept));
   // Back to grad's units (2^e with e in [-149, 127]: a float32 power of two, an exact product).
   if (guard.scale() != 1.0) out.mul_(guard.scale());
   if (!batched) out = out.squeeze(0);
