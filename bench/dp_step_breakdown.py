@@ -117,7 +117,8 @@ def main(argv: list[str] | None = None) -> str:
         )
     lines.append(
         f"\nThe noise alone ({params / 1e6:.1f}M Gaussian coordinates, the least any DP-SGD step "
-        f"draws): {noise:.1f} ms, {100 * noise / base:.1f}% of the non-private step.\n"
+        f"draws), into a fresh tensor as the ops write it (its allocation and first-touch page "
+        f"faults included): {noise:.1f} ms, {100 * noise / base:.1f}% of the non-private step.\n"
     )
     text = "\n".join(lines)
     print(text)
