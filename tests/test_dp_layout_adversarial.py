@@ -316,6 +316,7 @@ def test_a_linear_model_that_is_itself_the_tracked_layer_trains_privately():
     torch.manual_seed(0)
     model = nn.Linear(4, 2)
     x, y = torch.randn(8, 4) * 3, torch.randint(0, 2, (8,))
+
     def loss_of(m, b):
         return nn.functional.cross_entropy(m(x[b : b + 1].double()), y[b : b + 1], reduction="sum")
 
@@ -517,6 +518,7 @@ def test_a_hook_on_the_first_layers_output_before_the_capture_changes_nothing_cl
     model = _Chain(4, 8, 1)
     x = torch.randn(8, 4) * 3
     y = torch.tensor([-4.0, 1, 2, 1, -1, 1, 3, 1])
+
     def loss_of(m, b):
         return (m(x[b : b + 1].double()) * y[b]).sum()
 
@@ -607,7 +609,6 @@ def test_an_evaluation_forward_under_no_grad_between_backward_and_step_still_wor
         private(x)
     opt.step()
     assert private.lins[0].weight.grad is not None
-
 
 
 # ---------------------------------------------------------------------------------------------

@@ -88,9 +88,7 @@ def _prv_mesh(steps: int, delta: float) -> float:
     return _PRV_EPS_ERROR / math.sqrt(steps * math.log(12 / (delta / 1000)) / 2)
 
 
-def prv_grid_points(
-    noise_multiplier: float, sample_rate: float, steps: int, delta: float
-) -> float:
+def prv_grid_points(noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
     """The number of grid points Opacus's PRV accountant discretises ``steps`` steps at
     (sigma, q) on when asked for epsilon at ``delta``: 2 L / mesh, with L from the RDP
     accountant as the PRV accountant computes it (milliseconds; no PRV evaluated)."""
