@@ -214,3 +214,30 @@ def test_a_stage_returning_a_non_finite_gradient_is_refused_before_any_is_writte
     with pytest.raises(RuntimeError, match=r"non-finite gradient for \['weight'\]"):
         optimizer.step()
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_the_refusal_names_the_users_index_when_denoise_puts_its_denoiser_first():
+    # denoise= puts a Denoiser before the user's stages; the message must still name the stage
+    # by its index in the user's post_processors (it named post_processors[1] before).
+    model = nn.Linear(4, 2)
+    data = TensorDataset(torch.randn(8, 4), torch.randint(0, 2, (8,)))
+    stage = MomentumWithoutStateDict()
+    model, optimizer, loader = make_private(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        DataLoader(data, batch_size=4),
+        target_delta=1e-5,
+        max_grad_norm=1.0,
+        noise_multiplier=1.0,
+        poisson_sampling=False,
+        seed=3,
+        accountant="rdp",
+        denoise={},
+        post_processors=[stage],
+    )
+    x, y = next(iter(loader))
+    nn.functional.cross_entropy(model(x), y).backward()
+    optimizer.step()
+    assert len(optimizer.engine.post_processors) == 2
+    with pytest.raises(TypeError, match=r"post_processors\[0\] \(MomentumWithoutStateDict\)"):
+        optimizer.engine.state_dict()

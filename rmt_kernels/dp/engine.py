@@ -54,6 +54,7 @@ from rmt_kernels.dp.noise_key import NoiseKey
 from rmt_kernels.dp.param_guards import check_not_replaced, check_updates, refuse_direct_use
 from rmt_kernels.dp.stages.chain import (
     build_chain,
+    checkpoint_states,
     first_denoiser,
     post_process,
     refuse_non_finite_output,
@@ -63,7 +64,7 @@ from rmt_kernels.dp.stages.chain import (
     take_stats,
 )
 from rmt_kernels.dp.stages.denoiser import DenoiseFilter, Denoiser, denoise_linear_weights
-from rmt_kernels.dp.stages.protocol import PostProcessor, checkpoint_state
+from rmt_kernels.dp.stages.protocol import PostProcessor
 from rmt_kernels.dp.tied_units import RuleUnits
 from rmt_kernels.ops import add_gaussian_noise, clip_scales, noise_offset
 
@@ -512,7 +513,7 @@ class PrivateEngine:
             "seed": self.noise_key.saved_seed(),
             "seed_id": self.seed_id,
             "accountant": self.accountant.state_dict(),
-            "post_processors": [checkpoint_state(p, i) for i, p in enumerate(self.post_processors)],
+            "post_processors": checkpoint_states(self.post_processors),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:

@@ -45,13 +45,14 @@ from torch.optim import Optimizer
 
 from rmt_kernels.dp.stages.chain import (
     build_chain,
+    checkpoint_states,
     first_denoiser,
     post_process,
     spectral_stages,
 )
 from rmt_kernels.dp.stages.denoiser import Denoiser
 from rmt_kernels.dp.stages.options import DenoiseOptions, check_denoise_options
-from rmt_kernels.dp.stages.protocol import PostProcessor, checkpoint_state
+from rmt_kernels.dp.stages.protocol import PostProcessor
 from rmt_kernels.ops import OFFSET_STRIDE, add_gaussian_noise, noise_offset
 
 __all__ = [
@@ -164,9 +165,7 @@ class _DenoisingMixin:
                 **state,
                 _STATE_KEY: {
                     "steps": self.denoise_steps,
-                    "post_processors": [
-                        checkpoint_state(p, i) for i, p in enumerate(self.post_processors)
-                    ],
+                    "post_processors": checkpoint_states(self.post_processors),
                 },
             }
         return state

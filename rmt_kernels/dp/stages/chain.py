@@ -37,11 +37,13 @@ from rmt_kernels.dp.stages.protocol import (
     Key,
     PostProcessor,
     as_stage,
+    checkpoint_state,
     remember_initial_state,
 )
 
 __all__ = [
     "build_chain",
+    "checkpoint_states",
     "first_denoiser",
     "post_process",
     "refuse_non_finite_output",
@@ -73,7 +75,7 @@ def build_chain(
             "post_processors must be a list of post-processors (rmt_kernels.dp.PostProcessor) "
             f"or None, got {type(post_processors).__name__}"
         )
-    chain: list[PostProcessor] = [] if denoise is None else [Denoiser(denoise)]
+    chain: list[PostProcessor] = [] if denoise is None else [_option_denoiser(denoise)]
     for i, stage in enumerate(post_processors or ()):
         if not (isinstance(stage, PostProcessor) or callable(stage)):
             raise TypeError(
@@ -104,6 +106,24 @@ def build_chain(
                 f"stage, but {after!r} follows it"
             )
     return chain
+
+
+#: Marks the Denoiser that ``denoise=`` put first in a chain: the user's ``post_processors[i]``
+#: is then the chain's stage i + 1, and messages must name the user's index.
+_FROM_DENOISE_OPTION = "_rmt_from_denoise_option"
+
+
+def _option_denoiser(denoise: Mapping[str, Any] | DenoiseOptions) -> Denoiser:
+    denoiser = Denoiser(denoise)
+    object.__setattr__(denoiser, _FROM_DENOISE_OPTION, True)
+    return denoiser
+
+
+def checkpoint_states(chain: Sequence[PostProcessor]) -> list[dict[str, Any]]:
+    """Every stage's :func:`checkpoint_state`, a refusal naming the stage by its index in the
+    user's ``post_processors`` (the Denoiser of ``denoise=`` comes first but is not in it)."""
+    offset = int(bool(chain) and getattr(chain[0], _FROM_DENOISE_OPTION, False))
+    return [checkpoint_state(stage, i - offset) for i, stage in enumerate(chain)]
 
 
 def _protocol_hooks(stage: Any) -> list[str]:
