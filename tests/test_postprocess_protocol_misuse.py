@@ -82,7 +82,7 @@ class ConstantProjection(PostProcessor):
         return {}
 
 
-def _private(stages, model=None):
+def _private(stages, model=None, **options):
     model = nn.Linear(4, 2) if model is None else model
     data = TensorDataset(torch.randn(8, 4), torch.randint(0, 2, (8,)))
     return make_private(
@@ -96,6 +96,7 @@ def _private(stages, model=None):
         seed=3,
         accountant="rdp",
         post_processors=stages,
+        **options,
     )
 
 
@@ -219,22 +220,8 @@ def test_a_stage_returning_a_non_finite_gradient_is_refused_before_any_is_writte
 def test_the_refusal_names_the_users_index_when_denoise_puts_its_denoiser_first():
     # denoise= puts a Denoiser before the user's stages; the message must still name the stage
     # by its index in the user's post_processors (it named post_processors[1] before).
-    model = nn.Linear(4, 2)
-    data = TensorDataset(torch.randn(8, 4), torch.randint(0, 2, (8,)))
     stage = MomentumWithoutStateDict()
-    model, optimizer, loader = make_private(
-        model,
-        torch.optim.SGD(model.parameters(), lr=0.1),
-        DataLoader(data, batch_size=4),
-        target_delta=1e-5,
-        max_grad_norm=1.0,
-        noise_multiplier=1.0,
-        poisson_sampling=False,
-        seed=3,
-        accountant="rdp",
-        denoise={},
-        post_processors=[stage],
-    )
+    model, optimizer, loader = _private([stage], denoise={})
     x, y = next(iter(loader))
     nn.functional.cross_entropy(model(x), y).backward()
     optimizer.step()
