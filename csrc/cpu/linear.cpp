@@ -59,8 +59,8 @@ constexpr int64_t kGramStrip = 32;
 // (bound <= C^2) ones, i.e. the unclipped fraction (0.75-0.88 / 0.44-0.50 / 0.06-0.12 at C clipping
 // 10% / 50% / 90%). Time, two runs: a float32 Gram (full T x T bmm) 5-83 ms against 8-149 ms for
 // these float64 norms, whose fused op (norms + sum) is 27-426 ms: even with every example decided
-// and the bound free, the hybrid would save 6-22% of the fused op (bmm; strips at 62.5% of the bmm
-// might reach ~30%); with a fraction p of the examples unclipped it saves p t64 - t32, >= 15% of
+// and the bound free, the hybrid would save 6-22% of the fused op (8-17% re-measured with nothing
+// else running, load 1.7; bmm; strips at 62.5% of the bmm might reach ~30%); with a fraction p of the examples unclipped it saves p t64 - t32, >= 15% of
 // the fused op only for p >= ~0.66 (768x768, T 128) to ~0.9 (the 3072-wide layers), never at T 64
 // for those. DP fine-tuning usually clips most examples (p near 0), where the hybrid only adds the
 // float32 pass. Not built. It would also need the engine: the factor depends on the sum of all
