@@ -153,7 +153,8 @@ _NORM_CHUNK_BYTES = 1 << 20
 def _float32_row_norms(a: torch.Tensor) -> torch.Tensor:
     """``vector_norm(a, dim=-1, dtype=float32)``, a large bf16 / fp16 CPU batch in chunks."""
     d = a.shape[-1]
-    if a.dtype == torch.float32 or a.device.type != "cpu" or a.numel() * 4 <= 4 * _NORM_CHUNK_BYTES:
+    small = a.numel() <= _NORM_CHUNK_BYTES  # its float32 copy is at most 4 chunks
+    if a.dtype == torch.float32 or a.device.type != "cpu" or small:
         return torch.linalg.vector_norm(a, dim=-1, dtype=torch.float32)
     rows = a.detach().reshape(-1, d)  # a bound: no gradient through it
     step = max(1, _NORM_CHUNK_BYTES // (4 * d))
